@@ -1,0 +1,289 @@
+//! Types shared by the eBPF datapath (`mwan-ebpf`) and userspace (`mwan-user`).
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding and is stored in a BPF
+//! map whose name is given by the `MAP_*` constants. Userspace writes the
+//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`);
+//! the datapath writes the state maps (`FLOWS`, `HOSTS`, `WAN_STATS`,
+//! `GLOBAL_STATS`).
+//!
+//! Addresses and ports in keys are stored exactly as they appear in the packet
+//! (network byte order); use [`FlowKey::src`] and friends to read them.
+#![no_std]
+
+/// Bump whenever the layout of a pinned map changes. A daemon that finds pinned
+/// maps with another ABI refuses to reuse them (see `mwan-user` datapath).
+pub const ABI_VERSION: u32 = 1;
+
+/// WAN ids are `0..MAX_WANS`. Marks, routing tables and rule priorities are
+/// derived from the id.
+pub const MAX_WANS: u32 = 32;
+/// "No WAN": the flow is routed by the main table (bypass) or nothing is
+/// eligible.
+pub const WAN_NONE: u8 = 0xff;
+
+/// Policy rules are matched with 64-bit masks: at most 64 rules.
+pub const MAX_RULES: u32 = 64;
+/// Policy 0 is the default policy; rule `i` (0-based) uses the policy its
+/// action names in `RULE_ACTION[i]`.
+pub const MAX_POLICIES: u32 = MAX_RULES + 1;
+pub const DEFAULT_POLICY: u32 = 0;
+
+/// Weighted choice: a policy is a table of `SLOTS` WAN ids, each WAN holding a
+/// number of slots proportional to its weight. A random slot is picked for a
+/// new flow. 1024 slots keep every share within 0.1 percentage points of the
+/// exact weight share.
+pub const SLOTS: usize = 1024;
+
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_HOSTS: &str = "HOSTS";
+pub const MAP_WANS: &str = "WANS";
+pub const MAP_WAN_NAMES: &str = "WAN_NAMES";
+pub const MAP_POLICIES: &str = "POLICIES";
+pub const MAP_SETTINGS: &str = "SETTINGS";
+pub const MAP_WAN_STATS: &str = "WAN_STATS";
+pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
+pub const MAP_RULE_SRC: &str = "RULE_SRC";
+pub const MAP_RULE_DST: &str = "RULE_DST";
+pub const MAP_RULE_SPORT: &str = "RULE_SPORT";
+pub const MAP_RULE_DPORT: &str = "RULE_DPORT";
+pub const MAP_RULE_PROTO: &str = "RULE_PROTO";
+pub const MAP_RULE_IFACE: &str = "RULE_IFACE";
+pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
+pub const MAP_BYPASS: &str = "BYPASS";
+
+/// tc program for LAN interfaces with an Ethernet header.
+pub const PROG_LAN_ETH: &str = "mwan_lan_eth";
+/// tc program for LAN interfaces without a link-layer header (tun, WireGuard).
+pub const PROG_LAN_L3: &str = "mwan_lan_l3";
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// The key of a pinned flow: the 5-tuple as seen on the LAN interface.
+/// For ICMP echo the identifier is stored as `sport` and `dport` is 0; for
+/// other protocols without ports, and for non-first fragments, both are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub saddr: u32,
+    /// Destination address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub fn src(&self) -> [u8; 4] {
+        self.saddr.to_ne_bytes()
+    }
+    pub fn dst(&self) -> [u8; 4] {
+        self.daddr.to_ne_bytes()
+    }
+    pub fn src_port(&self) -> u16 {
+        u16::from_be(self.sport)
+    }
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be(self.dport)
+    }
+}
+
+/// The value of a pinned flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first packet.
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` of the latest packet.
+    pub last_seen_ns: u64,
+    /// Packets and bytes from the LAN side (uploads).
+    pub packets: u64,
+    pub bytes: u64,
+    /// The WAN the flow is pinned to, or [`WAN_NONE`] for a main-table flow.
+    pub wan: u8,
+    /// The policy that chose the WAN; used to re-choose when the WAN dies.
+    pub policy: u8,
+    /// The WAN the flow was first pinned to, if it was moved because that WAN
+    /// went down; [`WAN_NONE`] otherwise.
+    pub moved_from: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Per-client-host pin (`sticky = "host"`). Key: the host's address (u32,
+/// network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostValue {
+    pub last_seen_ns: u64,
+    pub wan: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One entry of the `WANS` array, indexed by WAN id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WanEntry {
+    /// The mark (within `Settings::mark_mask`) routed to this WAN's table.
+    pub mark: u32,
+    /// Non-zero while pins to this WAN are valid. When 0, a flow pinned to
+    /// the WAN is re-chosen on its next packet.
+    pub alive: u32,
+}
+
+pub const POLICY_BALANCE: u32 = 0;
+pub const POLICY_ORDERED: u32 = 1;
+pub const POLICY_MAIN: u32 = 2;
+
+/// A compiled policy: what a new flow that selects it gets.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Policy {
+    /// `POLICY_BALANCE` (weighted, host stickiness applies), `POLICY_ORDERED`
+    /// (first eligible WAN of an ordered list) or `POLICY_MAIN` (no mark).
+    pub kind: u32,
+    /// Non-zero when `slots` is filled. A rule policy with no eligible WAN
+    /// falls back to the default policy; a default policy with no eligible
+    /// WAN leaves new flows unmarked (main table).
+    pub active: u32,
+    /// Bit `i` set when WAN `i` owns at least one slot.
+    pub wan_mask: u64,
+    pub slots: [u8; SLOTS],
+}
+
+impl Policy {
+    pub const EMPTY: Policy = Policy {
+        kind: POLICY_BALANCE,
+        active: 0,
+        wan_mask: 0,
+        slots: [WAN_NONE; SLOTS],
+    };
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// Global settings, `SETTINGS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub abi_version: u32,
+    /// The bits of `skb->mark` that mwan owns.
+    pub mark_mask: u32,
+    /// Non-zero for `sticky = "host"`.
+    pub sticky_host: u32,
+    /// Number of policy rules; 0 skips rule matching entirely.
+    pub rule_count: u32,
+    pub host_ttl_ns: u64,
+    /// Rules that do not constrain the LAN interface.
+    pub rule_any_iface: u64,
+    /// Rules that do not constrain source ports (used for ICMP and
+    /// portless protocols, which only match such rules).
+    pub rule_any_sport: u64,
+    /// Rules that do not constrain destination ports.
+    pub rule_any_dport: u64,
+}
+
+/// Per-WAN counters of traffic balanced from the LAN (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WanCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// New flows pinned to this WAN (including re-pins).
+    pub flows: u64,
+}
+
+/// Indices of `GLOBAL_STATS` (per-CPU u64 counters).
+pub const GS_PACKETS: u32 = 0;
+/// Flow-map hits.
+pub const GS_HITS: u32 = 1;
+/// New pins.
+pub const GS_NEW_FLOWS: u32 = 2;
+/// Pins moved because their WAN was no longer alive.
+pub const GS_REPINS: u32 = 3;
+/// New flows that reused their host's pin.
+pub const GS_HOST_HITS: u32 = 4;
+/// Packets to local or connected destinations (never pinned).
+pub const GS_BYPASS: u32 = 5;
+/// First packets of TCP flows that were not a SYN (replies to inbound
+/// connections, flows older than mwan): left to the main table.
+pub const GS_MIDSTREAM: u32 = 6;
+/// New flows while no WAN was eligible.
+pub const GS_NO_WAN: u32 = 7;
+/// Failed map inserts.
+pub const GS_INSERT_ERRORS: u32 = 8;
+/// Packets that were not IPv4 or could not be parsed.
+pub const GS_PASS: u32 = 9;
+pub const GS_COUNT: u32 = 10;
+
+/// A WAN name as stored in the `WAN_NAMES` array (NUL padded), so that a
+/// restarted daemon maps names to the same ids as the flows it inherits.
+pub const WAN_NAME_LEN: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WanName {
+    pub name: [u8; WAN_NAME_LEN],
+}
+
+impl Default for WanName {
+    fn default() -> Self {
+        Self {
+            name: [0; WAN_NAME_LEN],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for HostValue {}
+    unsafe impl aya::Pod for WanEntry {}
+    unsafe impl aya::Pod for Policy {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for WanCounters {}
+    unsafe impl aya::Pod for WanName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 40);
+        assert_eq!(size_of::<HostValue>(), 16);
+        assert_eq!(size_of::<WanEntry>(), 8);
+        assert_eq!(size_of::<Policy>(), 16 + SLOTS);
+        assert_eq!(size_of::<Settings>(), 48);
+        assert_eq!(size_of::<WanCounters>(), 24);
+    }
+
+    #[test]
+    fn flow_key_reads_network_order() {
+        let k = FlowKey {
+            saddr: u32::from_ne_bytes([192, 0, 2, 10]),
+            daddr: u32::from_ne_bytes([198, 51, 100, 1]),
+            sport: 40000u16.to_be(),
+            dport: 443u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(k.src(), [192, 0, 2, 10]);
+        assert_eq!(k.dst(), [198, 51, 100, 1]);
+        assert_eq!(k.src_port(), 40000);
+        assert_eq!(k.dst_port(), 443);
+    }
+}
