@@ -1,0 +1,1258 @@
+//! The configuration file (TOML): parsing and validation.
+//!
+//! Parsing is strict: unknown keys, duplicate names, bad addresses and values
+//! out of range are rejected with a message naming the key and the reason.
+//! [`Config::parse`] checks everything that can be checked from the text
+//! alone; [`Config::check_system`] checks it against the host's interfaces.
+//! Nothing here touches the host.
+//!
+//! See `docs/CONFIG.md` for the reference.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use mwan_common::{MAX_RULES, MAX_WANS, WAN_NAME_LEN};
+
+/// A configuration error: `key` names the offending setting as a path
+/// (`wan[1].weight`, `rule[0].dst_ports`), `reason` says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sticky {
+    /// Every connection stays on the WAN it started on.
+    #[default]
+    Connection,
+    /// Every connection of a LAN host uses the WAN of its first connection
+    /// while the host is active (see `host_ttl`).
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AllDown {
+    /// Keep sending new connections through the WANs that were up last.
+    #[default]
+    Last,
+    /// Refuse new connections (ICMP net unreachable) until a WAN is up.
+    Unreachable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    /// Connections that moved away from a failed WAN stay where they are.
+    #[default]
+    Keep,
+    /// When the WAN comes back, connections that moved away from it are reset
+    /// (conntrack entry and pin deleted) so they reconnect through it.
+    Reset,
+}
+
+/// A WAN's gateway: fixed, or learned from the kernel's routes on the
+/// interface (DHCP, PPPoE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gateway {
+    Fixed(Ipv4Addr),
+    Auto,
+}
+
+impl fmt::Display for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gateway::Fixed(a) => write!(f, "{a}"),
+            Gateway::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// One health-check target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProbeTarget {
+    /// ICMP echo to the address.
+    Icmp(Ipv4Addr),
+    /// A TCP connection to the address and port (success: connected or
+    /// actively refused, both prove the path works).
+    Tcp(SocketAddrV4),
+    /// A DNS query (for `.` NS) to a resolver; any answer with our id counts.
+    Dns(SocketAddrV4),
+}
+
+impl fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeTarget::Icmp(a) => write!(f, "{a}"),
+            ProbeTarget::Tcp(s) => write!(f, "tcp:{s}"),
+            ProbeTarget::Dns(s) if s.port() == 53 => write!(f, "dns:{}", s.ip()),
+            ProbeTarget::Dns(s) => write!(f, "dns:{s}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ProbeTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, rest) = match s.split_once(':') {
+            Some((k, r)) => (k, r),
+            None => ("icmp", s),
+        };
+        let addr = |r: &str| {
+            r.parse::<Ipv4Addr>()
+                .map_err(|_| format!("`{r}` is not an IPv4 address"))
+        };
+        let sock = |r: &str, default_port: Option<u16>| -> Result<SocketAddrV4, String> {
+            if let Ok(s) = r.parse::<SocketAddrV4>() {
+                if s.port() == 0 {
+                    return Err(format!("`{r}`: port 0 is not a valid target port"));
+                }
+                return Ok(s);
+            }
+            match default_port {
+                Some(p) => Ok(SocketAddrV4::new(addr(r)?, p)),
+                None => Err(format!("`{r}` is not ADDRESS:PORT")),
+            }
+        };
+        match kind {
+            "icmp" => Ok(ProbeTarget::Icmp(addr(rest)?)),
+            "tcp" => Ok(ProbeTarget::Tcp(sock(rest, None)?)),
+            "dns" => Ok(ProbeTarget::Dns(sock(rest, Some(53))?)),
+            other => Err(format!(
+                "unknown probe kind `{other}` in `{s}` (use ADDRESS, icmp:ADDRESS, tcp:ADDRESS:PORT or dns:ADDRESS[:PORT])"
+            )),
+        }
+    }
+}
+
+/// Health-check settings of one WAN (defaults from the top level, then the
+/// built-in defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub targets: Vec<ProbeTarget>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Targets that must answer for a round to succeed.
+    pub quorum: usize,
+    /// Consecutive failed rounds that take the WAN down.
+    pub down_after: u32,
+    /// Consecutive good rounds (then `hold_down`) that bring it back.
+    pub up_after: u32,
+    /// Minimum time a WAN stays down.
+    pub hold_down: Duration,
+    /// Rolling loss (percent) above which the WAN is `degraded`.
+    pub max_loss: Option<f64>,
+    /// Rolling mean RTT above which the WAN is `degraded`.
+    pub max_rtt: Option<Duration>,
+    /// Rounds in the rolling loss/RTT/jitter window.
+    pub window: u32,
+}
+
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(400);
+pub const DEFAULT_QUORUM: usize = 1;
+pub const DEFAULT_DOWN_AFTER: u32 = 4;
+pub const DEFAULT_UP_AFTER: u32 = 5;
+pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(5);
+pub const DEFAULT_WINDOW: u32 = 50;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wan {
+    pub name: String,
+    pub interface: String,
+    pub gateway: Gateway,
+    pub weight: u32,
+    pub tier: u32,
+    pub nat: bool,
+    /// `false`: the WAN is `disabled` (no flows, no probes).
+    pub enabled: bool,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+            Proto::Icmp => 1,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        })
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// What a matching rule does with a new flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The first eligible WAN of the list.
+    Ordered(Vec<String>),
+    /// Weighted among the eligible WANs of the list (tiers apply).
+    Balance(Vec<String>),
+    /// Not balanced: routed by the main table.
+    Main,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// Empty: any of tcp, udp, icmp and other protocols.
+    pub protos: Vec<Proto>,
+    pub src: Vec<Ipv4Net>,
+    pub dst: Vec<Ipv4Net>,
+    pub src_ports: Vec<PortRange>,
+    pub dst_ports: Vec<PortRange>,
+    pub lan_interfaces: Vec<String>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub lan_interfaces: Vec<String>,
+    pub sticky: Sticky,
+    pub host_ttl: Duration,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_flows: u32,
+    pub max_hosts: u32,
+    pub mark_mask: u32,
+    pub table_base: u32,
+    pub rule_priority: u32,
+    pub all_down: AllDown,
+    pub failback: Failback,
+    /// Command run (via `sh -c`) on every WAN state change.
+    pub on_change: Option<String>,
+    pub hook_timeout: Duration,
+    pub wans: Vec<Wan>,
+    pub rules: Vec<Rule>,
+}
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mwan";
+pub const DEFAULT_STATE_DIR: &str = "/run/mwan";
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+pub const DEFAULT_MAX_HOSTS: u32 = 65_536;
+pub const DEFAULT_MARK_MASK: u32 = 0x00ff_0000;
+pub const DEFAULT_TABLE_BASE: u32 = 1000;
+pub const DEFAULT_RULE_PRIORITY: u32 = 1000;
+pub const DEFAULT_HOST_TTL: Duration = Duration::from_secs(600);
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Raw (serde) form: everything optional, validated into `Config`.
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+// Keys are checked by `check_keys` (serde cannot combine `flatten` with
+// `deny_unknown_fields`).
+#[derive(Deserialize, Default)]
+struct RawHealth {
+    probe_targets: Option<Vec<String>>,
+    probe_interval: Option<String>,
+    probe_timeout: Option<String>,
+    quorum: Option<i64>,
+    down_after: Option<i64>,
+    up_after: Option<i64>,
+    hold_down: Option<String>,
+    max_loss: Option<f64>,
+    max_rtt: Option<String>,
+    health_window: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    lan_interfaces: Option<Vec<String>>,
+    sticky: Option<Sticky>,
+    host_ttl: Option<String>,
+    pin_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    max_flows: Option<i64>,
+    max_hosts: Option<i64>,
+    mark_mask: Option<IntOrString>,
+    table_base: Option<i64>,
+    rule_priority: Option<i64>,
+    all_down: Option<AllDown>,
+    failback: Option<Failback>,
+    on_change: Option<String>,
+    hook_timeout: Option<String>,
+    #[serde(flatten)]
+    health: RawHealth,
+    #[serde(default)]
+    wan: Vec<RawWan>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+struct RawWan {
+    name: Option<String>,
+    interface: Option<String>,
+    gateway: Option<String>,
+    weight: Option<i64>,
+    tier: Option<i64>,
+    nat: Option<bool>,
+    enabled: Option<bool>,
+    #[serde(flatten)]
+    health: RawHealth,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    proto: Option<OneOrMany<String>>,
+    src: Option<OneOrMany<String>>,
+    dst: Option<OneOrMany<String>>,
+    src_ports: Option<Vec<IntOrString>>,
+    dst_ports: Option<Vec<IntOrString>>,
+    lan_interface: Option<OneOrMany<String>>,
+    wans: Option<Vec<String>>,
+    balance: Option<Vec<String>>,
+    main: Option<bool>,
+}
+
+// serde's `flatten` and `deny_unknown_fields` do not combine; the tables are
+// therefore first read as generic TOML and unknown keys reported from here.
+const TOP_KEYS: &[&str] = &[
+    "lan_interfaces",
+    "sticky",
+    "host_ttl",
+    "pin_dir",
+    "state_dir",
+    "max_flows",
+    "max_hosts",
+    "mark_mask",
+    "table_base",
+    "rule_priority",
+    "all_down",
+    "failback",
+    "on_change",
+    "hook_timeout",
+    "wan",
+    "rule",
+];
+const HEALTH_KEYS: &[&str] = &[
+    "probe_targets",
+    "probe_interval",
+    "probe_timeout",
+    "quorum",
+    "down_after",
+    "up_after",
+    "hold_down",
+    "max_loss",
+    "max_rtt",
+    "health_window",
+];
+const WAN_KEYS: &[&str] = &[
+    "name",
+    "interface",
+    "gateway",
+    "weight",
+    "tier",
+    "nat",
+    "enabled",
+];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "proto",
+    "src",
+    "dst",
+    "src_ports",
+    "dst_ports",
+    "lan_interface",
+    "wans",
+    "balance",
+    "main",
+];
+
+fn check_keys(table: &toml::Table, allowed: &[&[&str]], at: &str) -> Result<(), ConfigError> {
+    for k in table.keys() {
+        if !allowed.iter().any(|set| set.contains(&k.as_str())) {
+            let mut all: Vec<&str> = allowed.iter().flat_map(|s| s.iter().copied()).collect();
+            all.sort_unstable();
+            let key = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            let hint = closest(k, &all)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            return Err(err(key, format!("unknown key{hint}")));
+        }
+    }
+    Ok(())
+}
+
+/// The allowed key nearest to a misspelt one, if it is close.
+fn closest<'a>(k: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    candidates
+        .iter()
+        .map(|c| (distance(k, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| {
+        err(
+            key,
+            format!("`{s}` is not a duration ({e}); write e.g. \"200ms\", \"5s\", \"10m\""),
+        )
+    })
+}
+
+fn int_in(key: &str, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
+    if v < lo || v > hi {
+        Err(err(key, format!("{v} is out of range {lo}..={hi}")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn valid_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+        return Err(err(
+            key,
+            format!("`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_ports(key: &str, items: Vec<IntOrString>) -> Result<Vec<PortRange>, ConfigError> {
+    let port = |s: &str| -> Result<u16, ConfigError> {
+        match s.trim().parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(err(key, format!("`{s}` is not a port (1..=65535)"))),
+        }
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match item {
+            IntOrString::Int(p) => {
+                let p = int_in(key, p, 1, 65535)? as u16;
+                out.push(PortRange { first: p, last: p });
+            }
+            IntOrString::Str(s) => {
+                let r = match s.split_once('-') {
+                    Some((a, b)) => PortRange {
+                        first: port(a)?,
+                        last: port(b)?,
+                    },
+                    None => {
+                        let p = port(&s)?;
+                        PortRange { first: p, last: p }
+                    }
+                };
+                if r.first > r.last {
+                    return Err(err(key, format!("range `{s}` is reversed")));
+                }
+                out.push(r);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(err(key, "is empty; leave the key out to match any port"));
+    }
+    Ok(out)
+}
+
+fn parse_nets(key: &str, items: Vec<String>) -> Result<Vec<Ipv4Net>, ConfigError> {
+    if items.is_empty() {
+        return Err(err(key, "is empty; leave the key out to match any address"));
+    }
+    items
+        .iter()
+        .map(|s| {
+            if let Ok(n) = s.parse::<Ipv4Net>() {
+                if n.network() != n.addr() {
+                    return Err(err(
+                        key,
+                        format!("`{s}` has host bits set; did you mean `{}`?", n.trunc()),
+                    ));
+                }
+                return Ok(n);
+            }
+            s.parse::<Ipv4Addr>()
+                .map(|a| Ipv4Net::new(a, 32).expect("32 is a valid prefix"))
+                .map_err(|_| err(key, format!("`{s}` is not an IPv4 address or CIDR")))
+        })
+        .collect()
+}
+
+struct HealthDefaults<'a> {
+    top: &'a RawHealth,
+}
+
+impl HealthDefaults<'_> {
+    fn resolve(&self, wan: &RawHealth, at: &str) -> Result<HealthConfig, ConfigError> {
+        // A WAN's own key wins over the top-level default.
+        macro_rules! pick {
+            ($f:ident) => {
+                match (&wan.$f, &self.top.$f) {
+                    (Some(v), _) => Some((v.clone(), format!("{at}.{}", stringify!($f)))),
+                    (None, Some(v)) => Some((v.clone(), stringify!($f).to_string())),
+                    (None, None) => None,
+                }
+            };
+        }
+        let targets = match pick!(probe_targets) {
+            Some((list, key)) => {
+                if list.is_empty() {
+                    return Err(err(key, "is empty; list at least one target"));
+                }
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                for t in &list {
+                    let target: ProbeTarget = t.parse().map_err(|e| err(&key, e))?;
+                    if !seen.insert(target.clone()) {
+                        return Err(err(&key, format!("target `{t}` is listed twice")));
+                    }
+                    out.push(target);
+                }
+                out
+            }
+            None => {
+                return Err(err(
+                    format!("{at}.probe_targets"),
+                    "missing: list the addresses to probe through this WAN (per WAN, or at the top level for all WANs)",
+                ))
+            }
+        };
+        let dur = |v: Option<(String, String)>, d: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                Some((s, key)) => {
+                    let v = duration(&key, &s)?;
+                    if v.is_zero() {
+                        return Err(err(key, "must be greater than zero"));
+                    }
+                    Ok(v)
+                }
+                None => Ok(d),
+            }
+        };
+        let interval = dur(pick!(probe_interval), DEFAULT_PROBE_INTERVAL)?;
+        let timeout = dur(pick!(probe_timeout), DEFAULT_PROBE_TIMEOUT)?;
+        let hold_down = match pick!(hold_down) {
+            Some((s, key)) => duration(&key, &s)?,
+            None => DEFAULT_HOLD_DOWN,
+        };
+        let int = |v: Option<(i64, String)>, d: i64, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+            match v {
+                Some((v, key)) => int_in(&key, v, lo, hi),
+                None => Ok(d),
+            }
+        };
+        let quorum_raw = pick!(quorum);
+        let quorum_key = quorum_raw
+            .as_ref()
+            .map(|(_, k)| k.clone())
+            .unwrap_or_else(|| format!("{at}.quorum"));
+        let quorum = int(quorum_raw, DEFAULT_QUORUM as i64, 1, 64)? as usize;
+        if quorum > targets.len() {
+            return Err(err(
+                quorum_key,
+                format!(
+                    "{quorum} is more than the {} probe target(s); the WAN could never be up",
+                    targets.len()
+                ),
+            ));
+        }
+        let down_after = int(pick!(down_after), DEFAULT_DOWN_AFTER as i64, 1, 1000)? as u32;
+        let up_after = int(pick!(up_after), DEFAULT_UP_AFTER as i64, 1, 1000)? as u32;
+        let window = int(pick!(health_window), DEFAULT_WINDOW as i64, 2, 10_000)? as u32;
+        let max_loss = match pick!(max_loss) {
+            Some((v, key)) => {
+                if !(0.0..=100.0).contains(&v) {
+                    return Err(err(key, format!("{v} is not a percentage (0..=100)")));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let max_rtt = match pick!(max_rtt) {
+            Some((s, key)) => Some(duration(&key, &s)?),
+            None => None,
+        };
+        Ok(HealthConfig {
+            targets,
+            interval,
+            timeout,
+            quorum,
+            down_after,
+            up_after,
+            hold_down,
+            max_loss,
+            max_rtt,
+            window,
+        })
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError {
+            key: e.key,
+            reason: format!("{} (in {})", e.reason, path.display()),
+        })
+    }
+
+    /// Parses and validates config text. Does not look at the host.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| err("", format!("not valid TOML: {}", e.to_string().trim())))?;
+        check_keys(&table, &[TOP_KEYS, HEALTH_KEYS], "")?;
+        for (name, keys, extra) in [("wan", WAN_KEYS, HEALTH_KEYS), ("rule", RULE_KEYS, &[][..])] {
+            match table.get(name) {
+                None => {}
+                Some(toml::Value::Array(items)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        match item {
+                            toml::Value::Table(t) => check_keys(t, &[keys, extra], &format!("{name}[{i}]"))?,
+                            _ => return Err(err(format!("{name}[{i}]"), format!("must be a table: write [[{name}]]"))),
+                        }
+                    }
+                }
+                Some(_) => return Err(err(name, format!("must be a list of tables: write [[{name}]]"))),
+            }
+        }
+        let raw: RawConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| err("", e.to_string().trim().to_string()))?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let lan_interfaces = raw.lan_interfaces.unwrap_or_default();
+        if lan_interfaces.is_empty() {
+            return Err(err(
+                "lan_interfaces",
+                "missing or empty: list the LAN-facing interfaces whose traffic mwan balances",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, l) in lan_interfaces.iter().enumerate() {
+            valid_ifname(&format!("lan_interfaces[{i}]"), l)?;
+            if !seen.insert(l.clone()) {
+                return Err(err(format!("lan_interfaces[{i}]"), format!("`{l}` is listed twice")));
+            }
+        }
+        let host_ttl = match &raw.host_ttl {
+            Some(s) => duration("host_ttl", s)?,
+            None => DEFAULT_HOST_TTL,
+        };
+        if host_ttl.is_zero() {
+            return Err(err("host_ttl", "must be greater than zero"));
+        }
+        let pin_dir = raw.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        if !pin_dir.is_absolute() {
+            return Err(err("pin_dir", format!("`{}` must be an absolute path", pin_dir.display())));
+        }
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(err("state_dir", format!("`{}` must be an absolute path", state_dir.display())));
+        }
+        let max_flows = match raw.max_flows {
+            Some(v) => int_in("max_flows", v, 1024, 64 << 20)? as u32,
+            None => DEFAULT_MAX_FLOWS,
+        };
+        let max_hosts = match raw.max_hosts {
+            Some(v) => int_in("max_hosts", v, 16, 16 << 20)? as u32,
+            None => DEFAULT_MAX_HOSTS,
+        };
+        let mark_mask = match raw.mark_mask {
+            None => DEFAULT_MARK_MASK,
+            Some(v) => {
+                let n = match v {
+                    IntOrString::Int(i) => int_in("mark_mask", i, 1, u32::MAX as i64)? as u32,
+                    IntOrString::Str(s) => {
+                        let t = s.trim();
+                        let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                            Some(h) => u32::from_str_radix(h, 16),
+                            None => t.parse::<u32>(),
+                        };
+                        parsed.map_err(|_| err("mark_mask", format!("`{s}` is not a 32-bit number")))?
+                    }
+                };
+                // The WAN number (id + 1) is stored at the mask's lowest bit.
+                let capacity = (n >> n.trailing_zeros()) as u64;
+                if n == 0 || (capacity & (capacity + 1)) != 0 {
+                    return Err(err(
+                        "mark_mask",
+                        format!("{n:#x} must be one contiguous run of bits (such as 0x00ff0000)"),
+                    ));
+                }
+                n
+            }
+        };
+        let table_base = match raw.table_base {
+            Some(v) => int_in("table_base", v, 1, 0xffff_0000)? as u32,
+            None => DEFAULT_TABLE_BASE,
+        };
+        if (table_base..table_base + MAX_WANS + 1).any(|t| (253..=255).contains(&t)) {
+            return Err(err(
+                "table_base",
+                format!("{table_base}: tables {table_base}..{} would include the kernel's tables 253-255", table_base + MAX_WANS),
+            ));
+        }
+        let rule_priority = match raw.rule_priority {
+            Some(v) => int_in("rule_priority", v, 1, 32000)? as u32,
+            None => DEFAULT_RULE_PRIORITY,
+        };
+        let hook_timeout = match &raw.hook_timeout {
+            Some(s) => duration("hook_timeout", s)?,
+            None => DEFAULT_HOOK_TIMEOUT,
+        };
+
+        if raw.wan.is_empty() {
+            return Err(err("wan", "no [[wan]] defined: mwan needs at least one WAN"));
+        }
+        if raw.wan.len() as u32 > MAX_WANS {
+            return Err(err("wan", format!("{} WANs defined; at most {MAX_WANS} are supported", raw.wan.len())));
+        }
+        let mark_capacity = mark_mask >> mark_mask.trailing_zeros();
+        if (raw.wan.len() as u32) > mark_capacity {
+            return Err(err(
+                "mark_mask",
+                format!("{mark_mask:#x} can number only {mark_capacity} WANs, {} are defined", raw.wan.len()),
+            ));
+        }
+        let defaults = HealthDefaults { top: &raw.health };
+        let mut wans: Vec<Wan> = Vec::new();
+        let mut names = HashSet::new();
+        let mut ifaces: BTreeMap<String, String> = BTreeMap::new();
+        for (i, w) in raw.wan.iter().enumerate() {
+            let at = format!("wan[{i}]");
+            let name = w.name.clone().ok_or_else(|| err(format!("{at}.name"), "missing"))?;
+            if name.is_empty()
+                || name.len() >= WAN_NAME_LEN
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("`{name}`: use 1 to {} letters, digits, '-', '_' or '.'", WAN_NAME_LEN - 1),
+                ));
+            }
+            let at = format!("wan[{i}] ({name})");
+            if !names.insert(name.clone()) {
+                return Err(err(format!("{at}.name"), format!("duplicate WAN name `{name}`")));
+            }
+            let interface = w
+                .interface
+                .clone()
+                .ok_or_else(|| err(format!("{at}.interface"), "missing"))?;
+            valid_ifname(&format!("{at}.interface"), &interface)?;
+            if let Some(other) = ifaces.insert(interface.clone(), name.clone()) {
+                return Err(err(
+                    format!("{at}.interface"),
+                    format!("`{interface}` is already used by WAN `{other}`"),
+                ));
+            }
+            if lan_interfaces.contains(&interface) {
+                return Err(err(
+                    format!("{at}.interface"),
+                    format!("`{interface}` is also listed in lan_interfaces"),
+                ));
+            }
+            let gateway = match w.gateway.as_deref() {
+                None => return Err(err(format!("{at}.gateway"), "missing: an IPv4 address or \"auto\"")),
+                Some("auto") => Gateway::Auto,
+                Some(s) => Gateway::Fixed(s.parse().map_err(|_| {
+                    err(format!("{at}.gateway"), format!("`{s}` is not an IPv4 address or \"auto\""))
+                })?),
+            };
+            if let Gateway::Fixed(a) = gateway {
+                if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+                    return Err(err(format!("{at}.gateway"), format!("`{a}` cannot be a gateway")));
+                }
+            }
+            let weight = int_in(&format!("{at}.weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
+            let tier = int_in(&format!("{at}.tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
+            let health = defaults.resolve(&w.health, &at)?;
+            wans.push(Wan {
+                name,
+                interface,
+                gateway,
+                weight,
+                tier,
+                nat: w.nat.unwrap_or(true),
+                enabled: w.enabled.unwrap_or(true),
+                health,
+            });
+        }
+
+        if raw.rule.len() as u32 > MAX_RULES {
+            return Err(err("rule", format!("{} rules defined; at most {MAX_RULES} are supported", raw.rule.len())));
+        }
+        let mut rules = Vec::new();
+        for (i, r) in raw.rule.into_iter().enumerate() {
+            let at = match &r.name {
+                Some(n) => format!("rule[{i}] ({n})"),
+                None => format!("rule[{i}]"),
+            };
+            let wan_list = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
+                if list.is_empty() {
+                    return Err(err(format!("{at}.{key}"), "is empty: name at least one WAN"));
+                }
+                let mut seen = HashSet::new();
+                for n in &list {
+                    if !names.contains(n) {
+                        return Err(err(format!("{at}.{key}"), format!("no WAN is named `{n}`")));
+                    }
+                    if !seen.insert(n) {
+                        return Err(err(format!("{at}.{key}"), format!("`{n}` is listed twice")));
+                    }
+                }
+                Ok(list)
+            };
+            let action = match (r.wans, r.balance, r.main) {
+                (Some(w), None, None | Some(false)) => Action::Ordered(wan_list("wans", w)?),
+                (None, Some(b), None | Some(false)) => Action::Balance(wan_list("balance", b)?),
+                (None, None, Some(true)) => Action::Main,
+                (None, None, _) => {
+                    return Err(err(at, "has no action: set one of wans = [..], balance = [..] or main = true"))
+                }
+                _ => return Err(err(at, "has more than one action: set only one of wans, balance and main")),
+            };
+            let mut protos = Vec::new();
+            if let Some(p) = r.proto {
+                for s in p.into_vec() {
+                    let proto = match s.to_ascii_lowercase().as_str() {
+                        "tcp" => Proto::Tcp,
+                        "udp" => Proto::Udp,
+                        "icmp" => Proto::Icmp,
+                        _ => return Err(err(format!("{at}.proto"), format!("`{s}`: use tcp, udp or icmp"))),
+                    };
+                    if !protos.contains(&proto) {
+                        protos.push(proto);
+                    }
+                }
+            }
+            let src = match r.src {
+                Some(v) => parse_nets(&format!("{at}.src"), v.into_vec())?,
+                None => vec![],
+            };
+            let dst = match r.dst {
+                Some(v) => parse_nets(&format!("{at}.dst"), v.into_vec())?,
+                None => vec![],
+            };
+            let src_ports = match r.src_ports {
+                Some(v) => parse_ports(&format!("{at}.src_ports"), v)?,
+                None => vec![],
+            };
+            let dst_ports = match r.dst_ports {
+                Some(v) => parse_ports(&format!("{at}.dst_ports"), v)?,
+                None => vec![],
+            };
+            if (!src_ports.is_empty() || !dst_ports.is_empty())
+                && !protos.is_empty()
+                && protos.iter().all(|p| *p == Proto::Icmp)
+            {
+                return Err(err(at, "matches ports but only icmp, which has none"));
+            }
+            let lan_ifaces = r.lan_interface.map(|v| v.into_vec()).unwrap_or_default();
+            for l in &lan_ifaces {
+                if !lan_interfaces.contains(l) {
+                    return Err(err(
+                        format!("{at}.lan_interface"),
+                        format!("`{l}` is not one of lan_interfaces"),
+                    ));
+                }
+            }
+            rules.push(Rule {
+                name: r.name.unwrap_or_else(|| format!("rule{i}")),
+                protos,
+                src,
+                dst,
+                src_ports,
+                dst_ports,
+                lan_interfaces: lan_ifaces,
+                action,
+            });
+        }
+
+        Ok(Config {
+            lan_interfaces,
+            sticky: raw.sticky.unwrap_or_default(),
+            host_ttl,
+            pin_dir,
+            state_dir,
+            max_flows,
+            max_hosts,
+            mark_mask,
+            table_base,
+            rule_priority,
+            all_down: raw.all_down.unwrap_or_default(),
+            failback: raw.failback.unwrap_or_default(),
+            on_change: raw.on_change,
+            hook_timeout,
+            wans,
+            rules,
+        })
+    }
+
+    /// Checks the config against the host: every LAN interface must exist;
+    /// a WAN interface must exist unless its gateway is `auto` (a PPP or
+    /// DHCP link that may appear later). `exists` answers whether an
+    /// interface exists.
+    pub fn check_system(&self, exists: &dyn Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
+        let mut warnings = Vec::new();
+        for (i, l) in self.lan_interfaces.iter().enumerate() {
+            if !exists(l) {
+                return Err(err(format!("lan_interfaces[{i}]"), format!("interface `{l}` does not exist")));
+            }
+        }
+        for (i, w) in self.wans.iter().enumerate() {
+            if !exists(&w.interface) {
+                if w.gateway == Gateway::Auto {
+                    warnings.push(format!(
+                        "wan[{i}] ({}): interface `{}` does not exist yet; the WAN stays down until it appears",
+                        w.name, w.interface
+                    ));
+                } else {
+                    return Err(err(
+                        format!("wan[{i}] ({}).interface", w.name),
+                        format!(
+                            "interface `{}` does not exist (set gateway = \"auto\" for a link that appears later, such as PPP)",
+                            w.interface
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    pub fn wan(&self, name: &str) -> Option<&Wan> {
+        self.wans.iter().find(|w| w.name == name)
+    }
+
+    /// The control socket of the daemon running this config.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join("mwan.sock")
+    }
+
+    /// Where the daemon records what it changed on the host (so a later
+    /// instance can restore it).
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// The first bit of `mark_mask`: WAN id `i` uses mark `(i + 1) << shift`.
+    pub fn mark_shift(&self) -> u32 {
+        self.mark_mask.trailing_zeros()
+    }
+
+    pub fn wan_mark(&self, id: u8) -> u32 {
+        ((id as u32) + 1) << self.mark_shift()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+lan_interfaces = ["lan0"]
+probe_targets = ["198.51.100.1", "tcp:203.0.113.9:443"]
+
+[[wan]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+weight = 3
+
+[[wan]]
+name = "isp2"
+interface = "wan2"
+gateway = "auto"
+"#;
+
+    fn parse_err(text: &str) -> ConfigError {
+        Config::parse(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn minimal_config_and_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.lan_interfaces, vec!["lan0"]);
+        assert_eq!(c.sticky, Sticky::Connection);
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
+        assert_eq!(c.wans.len(), 2);
+        let w = &c.wans[0];
+        assert_eq!(w.weight, 3);
+        assert_eq!(w.tier, 1);
+        assert!(w.nat && w.enabled);
+        assert_eq!(w.gateway, Gateway::Fixed("100.64.1.1".parse().unwrap()));
+        assert_eq!(c.wans[1].gateway, Gateway::Auto);
+        assert_eq!(w.health.interval, DEFAULT_PROBE_INTERVAL);
+        assert_eq!(w.health.down_after, DEFAULT_DOWN_AFTER);
+        assert_eq!(
+            w.health.targets,
+            vec![
+                ProbeTarget::Icmp("198.51.100.1".parse().unwrap()),
+                ProbeTarget::Tcp("203.0.113.9:443".parse().unwrap())
+            ]
+        );
+        assert_eq!(c.wan_mark(0), 0x0001_0000);
+        assert_eq!(c.wan_mark(1), 0x0002_0000);
+    }
+
+    #[test]
+    fn defaults_detect_within_a_second() {
+        // Worst case: the failure starts just after a round was answered;
+        // down_after rounds must then be sent and time out.
+        let worst = DEFAULT_PROBE_INTERVAL * DEFAULT_DOWN_AFTER + DEFAULT_PROBE_TIMEOUT;
+        assert!(worst < Duration::from_secs(1), "{worst:?}");
+        assert!(DEFAULT_DOWN_AFTER >= 2, "a single lost probe must not take a WAN down");
+    }
+
+    #[test]
+    fn per_wan_health_overrides_top_level() {
+        let text = MIN.replace(
+            "weight = 3",
+            "weight = 3\nprobe_interval = \"200ms\"\nprobe_timeout = \"500ms\"\nquorum = 2\ndown_after = 3\nup_after = 5\nhold_down = \"5s\"\nmax_loss = 20\nmax_rtt = \"150ms\"",
+        );
+        let c = Config::parse(&text).unwrap();
+        let h = &c.wans[0].health;
+        assert_eq!(h.interval, Duration::from_millis(200));
+        assert_eq!(h.timeout, Duration::from_millis(500));
+        assert_eq!(h.quorum, 2);
+        assert_eq!((h.down_after, h.up_after), (3, 5));
+        assert_eq!(h.max_loss, Some(20.0));
+        assert_eq!(h.max_rtt, Some(Duration::from_millis(150)));
+        assert_eq!(c.wans[1].health.interval, DEFAULT_PROBE_INTERVAL);
+    }
+
+    #[test]
+    fn probe_target_forms() {
+        assert_eq!("dns:198.51.100.53".parse::<ProbeTarget>().unwrap(), ProbeTarget::Dns("198.51.100.53:53".parse().unwrap()));
+        assert_eq!("dns:198.51.100.53:5353".parse::<ProbeTarget>().unwrap().to_string(), "dns:198.51.100.53:5353");
+        assert_eq!("icmp:192.0.2.1".parse::<ProbeTarget>().unwrap().to_string(), "192.0.2.1");
+        assert!("tcp:203.0.113.9".parse::<ProbeTarget>().is_err());
+        assert!("ftp:203.0.113.9:21".parse::<ProbeTarget>().unwrap_err().contains("unknown probe kind"));
+        assert!("example.com".parse::<ProbeTarget>().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_a_suggestion() {
+        let e = parse_err(&MIN.replace("weight = 3", "wieght = 3"));
+        assert_eq!(e.key, "wan[0].wieght");
+        assert!(e.reason.contains("did you mean `weight`"), "{e}");
+        let e = parse_err(&format!("stiky = \"host\"\n{MIN}"));
+        assert_eq!(e.key, "stiky");
+        let e = parse_err(&format!("{MIN}\n[[rule]]\nport = 25\nwans = [\"isp1\"]\n"));
+        assert_eq!(e.key, "rule[0].port");
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("weight = 3", "weight = 0", "wan[0] (isp1).weight"),
+            ("weight = 3", "weight = 1001", "wan[0] (isp1).weight"),
+            ("weight = 3", "tier = 0", "wan[0] (isp1).tier"),
+            ("gateway = \"100.64.1.1\"", "gateway = \"100.64.1\"", "wan[0] (isp1).gateway"),
+            ("gateway = \"100.64.1.1\"", "gateway = \"0.0.0.0\"", "wan[0] (isp1).gateway"),
+            ("name = \"isp2\"", "name = \"isp1\"", "wan[1] (isp1).name"),
+            ("interface = \"wan2\"", "interface = \"wan1\"", "wan[1] (isp2).interface"),
+            ("interface = \"wan2\"", "interface = \"lan0\"", "wan[1] (isp2).interface"),
+            ("interface = \"wan2\"", "interface = \"a-very-long-interface\"", "wan[1] (isp2).interface"),
+            ("lan_interfaces = [\"lan0\"]", "lan_interfaces = []", "lan_interfaces"),
+            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\", \"198.51.100.1\"]", "probe_targets"),
+            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\"]\nquorum = 2", "quorum"),
+            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\"]\nprobe_interval = \"fast\"", "probe_interval"),
+        ];
+        for (from, to, key) in cases {
+            assert!(MIN.contains(from), "{from}");
+            let e = parse_err(&MIN.replacen(from, to, 1));
+            assert_eq!(&e.key, key, "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_missing_pieces() {
+        let e = parse_err("lan_interfaces = [\"lan0\"]\n");
+        assert_eq!(e.key, "wan");
+        let e = parse_err("lan_interfaces = [\"lan0\"]\n[[wan]]\nname = \"a\"\ninterface = \"w\"\ngateway = \"auto\"\n");
+        assert_eq!(e.key, "wan[0] (a).probe_targets");
+        let e = parse_err(&MIN.replace("gateway = \"auto\"", ""));
+        assert_eq!(e.key, "wan[1] (isp2).gateway");
+        let e = parse_err("this is not toml");
+        assert!(e.reason.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn mark_mask_must_be_contiguous_and_large_enough() {
+        let c = Config::parse(&format!("mark_mask = \"0xff00\"\n{MIN}")).unwrap();
+        assert_eq!(c.wan_mark(0), 0x100);
+        assert_eq!(parse_err(&format!("mark_mask = \"0xf0f0\"\n{MIN}")).key, "mark_mask");
+        // One bit numbers only one WAN.
+        assert_eq!(parse_err(&format!("mark_mask = 0x100\n{MIN}")).key, "mark_mask");
+        assert_eq!(parse_err(&format!("mark_mask = \"zz\"\n{MIN}")).key, "mark_mask");
+    }
+
+    #[test]
+    fn rules_parse_and_validate() {
+        let text = format!(
+            r#"{MIN}
+[[rule]]
+name = "web"
+proto = "tcp"
+dst_ports = [80, 443, "8000-8100"]
+wans = ["isp1", "isp2"]
+
+[[rule]]
+name = "mail"
+proto = ["tcp"]
+dst_ports = [25, 110, 143, 465, 587, 993, 995]
+wans = ["isp2", "isp1"]
+
+[[rule]]
+src = ["192.0.2.128/25"]
+lan_interface = "lan0"
+balance = ["isp2"]
+
+[[rule]]
+dst = ["10.8.0.0/16", "192.0.2.77"]
+main = true
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.rules.len(), 4);
+        assert_eq!(c.rules[0].name, "web");
+        assert_eq!(c.rules[0].dst_ports[2], PortRange { first: 8000, last: 8100 });
+        assert_eq!(c.rules[1].action, Action::Ordered(vec!["isp2".into(), "isp1".into()]));
+        assert_eq!(c.rules[2].action, Action::Balance(vec!["isp2".into()]));
+        assert_eq!(c.rules[2].name, "rule2");
+        assert_eq!(c.rules[3].action, Action::Main);
+        assert_eq!(c.rules[3].dst[1].to_string(), "192.0.2.77/32");
+    }
+
+    #[test]
+    fn bad_rules_are_rejected() {
+        let rule = |body: &str| parse_err(&format!("{MIN}\n[[rule]]\n{body}\n"));
+        assert_eq!(rule("dst_ports = [25]").key, "rule[0]");
+        assert!(rule("dst_ports = [25]").reason.contains("no action"));
+        assert!(rule("wans = [\"isp1\"]\nmain = true").reason.contains("more than one action"));
+        assert_eq!(rule("wans = [\"isp9\"]").key, "rule[0].wans");
+        assert_eq!(rule("wans = []").key, "rule[0].wans");
+        assert_eq!(rule("dst_ports = [0]\nwans = [\"isp1\"]").key, "rule[0].dst_ports");
+        assert_eq!(rule("dst_ports = [\"90-80\"]\nwans = [\"isp1\"]").key, "rule[0].dst_ports");
+        assert_eq!(rule("dst = [\"192.0.2.1/24\"]\nwans = [\"isp1\"]").key, "rule[0].dst");
+        assert_eq!(rule("proto = \"sctp\"\nwans = [\"isp1\"]").key, "rule[0].proto");
+        assert_eq!(rule("lan_interface = \"eth9\"\nwans = [\"isp1\"]").key, "rule[0].lan_interface");
+        assert!(rule("proto = \"icmp\"\ndst_ports = [1]\nwans = [\"isp1\"]").reason.contains("icmp"));
+    }
+
+    #[test]
+    fn system_check_names_missing_interfaces() {
+        let c = Config::parse(MIN).unwrap();
+        let e = c.check_system(&|n| n != "lan0").unwrap_err();
+        assert_eq!(e.key, "lan_interfaces[0]");
+        let e = c.check_system(&|n| n != "wan1").unwrap_err();
+        assert_eq!(e.key, "wan[0] (isp1).interface");
+        // gateway = "auto": a warning, the WAN waits for its interface.
+        let w = c.check_system(&|n| n != "wan2").unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("wan2"));
+        assert!(c.check_system(&|_| true).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,18 @@
+//! mwan: multi-WAN load balancing and failover with an eBPF datapath.
+//!
+//! See docs/ARCHITECTURE.md for how the pieces fit.
+pub mod config;
+pub mod conntrack;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod health;
+pub mod hooks;
+pub mod nft;
+pub mod policy;
+pub mod routing;
+pub mod sysctl;
+
+/// Routing protocol number mwan tags its routes and rules with
+/// (`ip route show proto 109`).
+pub const RTPROT_MWAN: u8 = 0x6d;
