@@ -1,1 +1,73 @@
-fn main() {}
+//! Network-namespace test lab for mwan.
+//!
+//! A [`Lab`] is a router namespace with LAN host namespaces on bridges, N
+//! ISP namespaces (each behind a `wanI` veth of the router) and an internet
+//! namespace with servers. The lab itself does no NAT and no policy
+//! routing: mwan (or [`Lab::plain_routing_via`]) provides those. Each ISP
+//! can be impaired at runtime (carrier, blackhole, loss, delay, rate,
+//! renumbering). Everything is torn down when the `Lab` is dropped, also
+//! while a failing test unwinds; leftovers of killed test processes are
+//! swept when the next lab is built.
+//!
+//! ```no_run
+//! use lab::{Lab, TCP_WHOAMI};
+//! let lab = Lab::builder().lan_hosts(2).isps(2).build()?;
+//! lab.plain_routing_via(2)?;
+//! let seen = lab.host(0).tcp_whoami(TCP_WHOAMI)?;
+//! assert_eq!(lab.wan_of(*seen.ip()), Some(2));
+//! # anyhow::Ok(())
+//! ```
+
+mod client;
+mod ctx;
+mod dns;
+mod impair;
+mod isp;
+mod labdir;
+mod ns;
+mod ping;
+mod plain;
+mod proc;
+mod relay;
+mod servers;
+mod stop;
+mod sys;
+mod topology;
+
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use client::{many_tcp_whoami, Stream, StreamEnd, StreamReport, CLIENT_TIMEOUT};
+pub use dns::DnsReply;
+pub use ipnet::Ipv4Net;
+pub use isp::Isp;
+pub use ns::Netns;
+pub use ping::{ping, PingStats};
+pub use proc::{Proc, ProcOutput};
+pub use servers::ServerHandle;
+pub use topology::*;
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it
+/// held. Polls every few milliseconds at first, then every 50 ms.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if cond() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Locks `mutex`, ignoring poisoning: lab state stays usable (and
+/// droppable) after a panic in another test thread.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,324 @@
+//! Client helpers run from inside a namespace. Every call is bounded by
+//! [`CLIENT_TIMEOUT`].
+
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddrV4, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::dns::{self, DnsReply};
+use crate::lock;
+use crate::ns::Netns;
+use crate::stop::Stopper;
+
+/// An identifier (DNS id, ICMP echo id) unlikely to be used twice at once
+/// on this machine.
+pub(crate) fn unique_id() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    (std::process::id() as u16)
+        .wrapping_mul(7919)
+        .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Bound of each connect, read or exchange made by the client helpers.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// UDP exchanges are tried this many times, each waiting a third of
+/// [`CLIENT_TIMEOUT`].
+const UDP_TRIES: u32 = 3;
+
+impl Netns {
+    /// Connects to a TCP whoami server and returns the source address it
+    /// saw (after any NAT).
+    pub fn tcp_whoami(&self, server: SocketAddrV4) -> Result<SocketAddrV4> {
+        self.tcp_whoami_within(server, CLIENT_TIMEOUT)
+    }
+
+    /// [`Netns::tcp_whoami`] with connect and read each bounded by
+    /// `timeout` (short ones make expected failures quick).
+    pub fn tcp_whoami_within(
+        &self,
+        server: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<SocketAddrV4> {
+        self.run(|| tcp_whoami_here(server, timeout))
+    }
+
+    /// Asks a UDP whoami server which source address it saw.
+    pub fn udp_whoami(&self, server: SocketAddrV4) -> Result<SocketAddrV4> {
+        let answer = self.udp_exchange(server, b"whoami")?;
+        parse_whoami(&String::from_utf8_lossy(&answer))
+    }
+
+    /// Sends a DNS query for `name` and returns the parsed response.
+    pub fn dns_query(&self, server: SocketAddrV4, name: &str) -> Result<DnsReply> {
+        let id = unique_id();
+        let answer = self.udp_exchange(server, &dns::query(id, name))?;
+        let reply = dns::parse_reply(&answer)
+            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
+        if reply.id != id {
+            bail!("DNS reply id {} does not match query id {id}", reply.id);
+        }
+        Ok(reply)
+    }
+
+    /// Opens a connection to a stream server; a thread keeps reading it.
+    pub fn open_stream(&self, server: SocketAddrV4) -> Result<Stream> {
+        let (conn, source, early) = self.run(|| -> Result<_> {
+            let mut conn = TcpStream::connect_timeout(&server.into(), CLIENT_TIMEOUT)
+                .with_context(|| format!("connecting to {server}"))?;
+            conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+            let mut header = Vec::new();
+            let mut buf = [0u8; 4096];
+            let newline = loop {
+                let n = conn
+                    .read(&mut buf)
+                    .with_context(|| format!("reading header from {server}"))?;
+                if n == 0 {
+                    bail!("{server} closed before sending its header");
+                }
+                header.extend_from_slice(&buf[..n]);
+                if let Some(i) = header.iter().position(|&b| b == b'\n') {
+                    break i;
+                }
+            };
+            let source = parse_whoami(&String::from_utf8_lossy(&header[..newline]))?;
+            Ok((conn, source, (header.len() - newline - 1) as u64))
+        })?;
+        let stop = self.ctx.stopper()?;
+        let state = Arc::new(Mutex::new(StreamState {
+            bytes: early,
+            last_read: Instant::now(),
+            max_gap: Duration::ZERO,
+            end: None,
+        }));
+        let reader = conn.try_clone()?;
+        let thread = thread::Builder::new()
+            .name(format!("stream-{source}"))
+            .spawn({
+                let (state, stop) = (state.clone(), stop.clone());
+                move || read_stream(reader, &state, &stop)
+            })?;
+        Ok(Stream {
+            source,
+            conn,
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// One datagram out, one back, retried [`UDP_TRIES`] times.
+    fn udp_exchange(&self, server: SocketAddrV4, request: &[u8]) -> Result<Vec<u8>> {
+        self.run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(server)?;
+            socket.set_read_timeout(Some(CLIENT_TIMEOUT / UDP_TRIES))?;
+            let mut buf = [0u8; 2048];
+            let mut last_err = None;
+            for _ in 0..UDP_TRIES {
+                socket
+                    .send(request)
+                    .with_context(|| format!("sending to {server}"))?;
+                match socket.recv(&mut buf) {
+                    Ok(n) => return Ok(buf[..n].to_vec()),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            Err(anyhow!(last_err.expect("at least one try"))
+                .context(format!("no answer from {server}")))
+        })
+    }
+}
+
+/// [`Netns::tcp_whoami`] `n` times with `concurrency` connections at a
+/// time; results in order.
+pub fn many_tcp_whoami(
+    host: &Netns,
+    server: SocketAddrV4,
+    n: usize,
+    concurrency: usize,
+) -> Vec<Result<SocketAddrV4>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<SocketAddrV4>>>> =
+        Mutex::new((0..n).map(|_| None).collect());
+    thread::scope(|s| {
+        for _ in 0..concurrency.clamp(1, n.max(1)) {
+            s.spawn(|| {
+                let entered = host.enter();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let result = match &entered {
+                        Ok(()) => tcp_whoami_here(server, CLIENT_TIMEOUT),
+                        Err(e) => Err(anyhow!("{e:#}")),
+                    };
+                    lock(&results)[i] = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every index done"))
+        .collect()
+}
+
+fn tcp_whoami_here(server: SocketAddrV4, timeout: Duration) -> Result<SocketAddrV4> {
+    let mut conn = TcpStream::connect_timeout(&server.into(), timeout)
+        .with_context(|| format!("connecting to {server}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)
+        .with_context(|| format!("reading from {server}"))?;
+    parse_whoami(&answer)
+}
+
+fn parse_whoami(answer: &str) -> Result<SocketAddrV4> {
+    answer
+        .trim()
+        .parse()
+        .with_context(|| format!("bad whoami answer {answer:?}"))
+}
+
+/// A connection to a stream server, read continuously by its own thread.
+/// Closed when dropped.
+pub struct Stream {
+    source: SocketAddrV4,
+    conn: TcpStream,
+    state: Arc<Mutex<StreamState>>,
+    stop: Arc<Stopper>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct StreamState {
+    bytes: u64,
+    last_read: Instant,
+    max_gap: Duration,
+    end: Option<StreamEnd>,
+}
+
+/// How a stream ended by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The server closed the connection.
+    Eof,
+    /// A read failed (reset, timeout of the connection, …).
+    Error(io::ErrorKind, String),
+}
+
+/// Final numbers of a stream, from [`Stream::close`].
+#[derive(Debug, Clone)]
+pub struct StreamReport {
+    pub source: SocketAddrV4,
+    pub bytes: u64,
+    /// Longest time without data, including the time since the last read.
+    pub max_gap: Duration,
+    /// `None` if the stream was still healthy when closed.
+    pub end: Option<StreamEnd>,
+}
+
+impl Stream {
+    /// The source address the server reported (after any NAT).
+    pub fn source(&self) -> SocketAddrV4 {
+        self.source
+    }
+
+    /// Bytes received so far (after the whoami line).
+    pub fn bytes(&self) -> u64 {
+        lock(&self.state).bytes
+    }
+
+    /// Longest time without data so far, including the current wait.
+    pub fn max_gap(&self) -> Duration {
+        let state = lock(&self.state);
+        let current = if state.end.is_none() {
+            state.last_read.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        state.max_gap.max(current)
+    }
+
+    /// Forgets the gaps seen so far, e.g. to measure only after a change.
+    pub fn reset_max_gap(&self) {
+        let mut state = lock(&self.state);
+        state.max_gap = Duration::ZERO;
+        state.last_read = Instant::now();
+    }
+
+    /// How the stream ended, if it did (EOF or error).
+    pub fn end(&self) -> Option<StreamEnd> {
+        lock(&self.state).end.clone()
+    }
+
+    /// Closes the connection and returns the final numbers.
+    pub fn close(mut self) -> StreamReport {
+        self.shut();
+        StreamReport {
+            source: self.source,
+            bytes: self.bytes(),
+            max_gap: self.max_gap(),
+            end: self.end(),
+        }
+    }
+
+    fn shut(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // Record the current stall before stopping the reader.
+            let gap = self.max_gap();
+            lock(&self.state).max_gap = gap;
+            self.stop.stop();
+            let _ = self.conn.shutdown(Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn read_stream(mut conn: TcpStream, state: &Mutex<StreamState>, stop: &Stopper) {
+    // Short read timeouts so that `stop` is noticed.
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.is_stopped() {
+        let result = conn.read(&mut buf);
+        if stop.is_stopped() {
+            break;
+        }
+        let mut state = lock(state);
+        match result {
+            Ok(0) => {
+                state.end = Some(StreamEnd::Eof);
+                break;
+            }
+            Ok(n) => {
+                let now = Instant::now();
+                state.max_gap = state.max_gap.max(now - state.last_read);
+                state.last_read = now;
+                state.bytes += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                state.end = Some(StreamEnd::Error(e.kind(), e.to_string()));
+                break;
+            }
+        }
+    }
+}

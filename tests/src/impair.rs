@@ -1,0 +1,178 @@
+//! Impairments: per-ISP carrier, blackhole, loss, delay and rate, and
+//! dead targets in the internet namespace. Each is switchable at runtime.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+
+use crate::isp::{Isp, IspNode, IspState};
+use crate::lock;
+use crate::relay::DelayRelay;
+use crate::sys;
+use crate::topology::Lab;
+
+/// Name of the tun device of the delay relay in an ISP namespace.
+const DELAY_DEV: &str = "dly";
+/// Routing table (in the ISP namespace) whose default route is the tun.
+const DELAY_TABLE: u32 = 100;
+/// Priorities of the two `iif … lookup DELAY_TABLE` rules.
+const DELAY_RULE_PREF: u32 = 100;
+
+impl Isp<'_> {
+    /// Carrier of the router's `wanI`: `false` sets the ISP's end (`down`)
+    /// administratively down, so `wanI` shows NO-CARRIER.
+    pub fn set_carrier(&self, up: bool) -> Result<()> {
+        let _st = self.node.state();
+        self.node.ns.ip(&format!(
+            "link set dev down {}",
+            if up { "up" } else { "down" }
+        ))
+    }
+
+    /// Silent blackhole upstream of the gateway: the ISP drops everything it
+    /// would forward, while the gateway itself still answers ARP and ping.
+    pub fn set_blackhole(&self, on: bool) -> Result<()> {
+        let mut st = self.node.state();
+        st.blackhole = on;
+        apply_filter(self.node, &st)
+    }
+
+    /// Drops `pct`% of the packets the ISP forwards towards the router (the
+    /// downstream direction only, so a ping loses about `pct`%). 0 removes
+    /// the loss.
+    pub fn set_loss(&self, pct: u32) -> Result<()> {
+        ensure!(pct <= 100, "loss {pct}% > 100%");
+        let mut st = self.node.state();
+        st.loss_pct = pct;
+        apply_filter(self.node, &st)
+    }
+
+    /// Adds `delay` one way in each direction to traffic the ISP forwards
+    /// (so a round trip through it grows by 2 × `delay`); zero removes it.
+    /// Traffic to the gateway itself is not delayed.
+    ///
+    /// Without netem: rules send packets arriving from `down` or `up` to a
+    /// table routing everything into a tun device; a relay thread holds
+    /// each packet for `delay` and writes the same bytes back, and the
+    /// kernel routes them on from the tun device.
+    pub fn set_delay(&self, delay: Duration) -> Result<()> {
+        let mut st = self.node.state();
+        let ns = &self.node.ns;
+        if !delay.is_zero() && st.relay.is_none() {
+            let tun = ns.run(|| sys::open_tun(DELAY_DEV))?;
+            ns.ip(&format!(
+                "link set dev {DELAY_DEV} txqueuelen 10000 up\nroute replace default dev {DELAY_DEV} table {DELAY_TABLE}"
+            ))?;
+            st.relay = Some(DelayRelay::start(
+                tun,
+                ns.name(),
+                self.lab.ctx().stopper()?,
+            )?);
+        }
+        if let Some(relay) = &st.relay {
+            // Set before the rules appear; after they are gone, packets
+            // already held still leave at their release time.
+            relay.set_delay(delay);
+        }
+        let rules = |verb: &str| {
+            let pref = DELAY_RULE_PREF;
+            format!(
+                "rule {verb} pref {pref} iif down lookup {DELAY_TABLE}\nrule {verb} pref {} iif up lookup {DELAY_TABLE}",
+                pref + 1
+            )
+        };
+        match (st.delay.is_zero(), delay.is_zero()) {
+            (true, false) => ns.ip(&rules("add"))?,
+            (false, true) => ns.ip(&rules("del"))?,
+            _ => {}
+        }
+        st.delay = delay;
+        Ok(())
+    }
+
+    /// Rate limit (tbf) on both of the ISP's veths, i.e. in both
+    /// directions; `None` removes it.
+    pub fn set_rate(&self, mbit: Option<u32>) -> Result<()> {
+        ensure!(mbit != Some(0), "rate must be positive");
+        let mut st = self.node.state();
+        if mbit.is_some() || st.rate_mbit.is_some() {
+            self.node.apply_rate("down", mbit)?;
+            self.node.apply_rate("up", mbit)?;
+        }
+        st.rate_mbit = mbit;
+        Ok(())
+    }
+}
+
+impl IspNode {
+    /// Sets or removes the tbf root qdisc of `dev` in the ISP namespace.
+    pub(crate) fn apply_rate(&self, dev: &str, mbit: Option<u32>) -> Result<()> {
+        let Some(mbit) = mbit else {
+            return self
+                .ns
+                .exec(&["tc", "qdisc", "del", "dev", dev, "root"])
+                .map(drop);
+        };
+        // 10 ms worth of bytes, at least a few full-size packets.
+        let burst = (u64::from(mbit) * 1_000_000 / 8 / 100)
+            .max(16 * 1024)
+            .to_string();
+        let rate = format!("{mbit}mbit");
+        self.ns
+            .exec(&[
+                "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                &burst, "latency", "100ms",
+            ])
+            .map(drop)
+    }
+}
+
+/// Rewrites the ISP's `ip lab` nftables table (forward chain) from the
+/// blackhole and loss settings; no table when neither is on.
+fn apply_filter(node: &IspNode, st: &IspState) -> Result<()> {
+    let mut rules = String::new();
+    if st.blackhole {
+        rules += "drop\n";
+    }
+    match st.loss_pct {
+        0 => {}
+        // `numgen … mod 100` yields 0..=99: "< 100" is out of range.
+        100.. => rules += "oifname \"down\" drop\n",
+        pct => writeln!(rules, "oifname \"down\" numgen random mod 100 < {pct} drop")?,
+    }
+    node.ns.nft(&replace_table("filter hook forward", &rules))
+}
+
+/// An nft script that atomically replaces table `ip lab` with one chain
+/// of `hook` (e.g. "filter hook forward") holding `rules`, or deletes the
+/// table when `rules` is empty.
+pub(crate) fn replace_table(hook: &str, rules: &str) -> String {
+    let mut script = String::from("table ip lab {}\ndelete table ip lab\n");
+    if !rules.is_empty() {
+        let chain = hook.rsplit(' ').next().unwrap_or("main");
+        script += &format!("table ip lab {{\n chain {chain} {{\n  type {hook} priority 100; policy accept;\n{rules} }}\n}}\n");
+    }
+    script
+}
+
+impl Lab {
+    /// Makes internet address `addr` (a probe target or server) stop
+    /// answering anything, or answer again.
+    pub fn set_target_blocked(&self, addr: Ipv4Addr, blocked: bool) -> Result<()> {
+        let mut set = lock(&self.blocked);
+        if blocked {
+            set.insert(addr);
+        } else {
+            set.remove(&addr);
+        }
+        let rules = if set.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = set.iter().map(Ipv4Addr::to_string).collect();
+            format!("ip daddr {{ {} }} drop\n", list.join(", "))
+        };
+        self.inet.nft(&replace_table("filter hook input", &rules))
+    }
+}

@@ -1,0 +1,224 @@
+//! ISP namespaces and their link to the router: creation, renumbering,
+//! removal. Impairments are in `impair.rs`.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use ipnet::Ipv4Net;
+
+use crate::ctx::LabCtx;
+use crate::lock;
+use crate::ns::Netns;
+use crate::relay::DelayRelay;
+use crate::topology::{initial_gateway, initial_router_addr, uplink_addr, Lab, CGNAT};
+
+/// One ISP of the lab (namespace `<lab>iI`).
+pub(crate) struct IspNode {
+    pub(crate) index: usize,
+    pub(crate) ns: Netns,
+    state: Mutex<IspState>,
+}
+
+/// What the ISP looks like now; changed only with the lock held, which
+/// also serializes the commands that change it.
+pub(crate) struct IspState {
+    pub(crate) router_addr: Ipv4Net,
+    pub(crate) gateway: Ipv4Addr,
+    /// Every router-side subnet this ISP has used (for [`Lab::wan_of`]).
+    subnets: Vec<Ipv4Net>,
+    pub(crate) blackhole: bool,
+    pub(crate) loss_pct: u32,
+    pub(crate) rate_mbit: Option<u32>,
+    pub(crate) delay: Duration,
+    pub(crate) relay: Option<DelayRelay>,
+}
+
+impl IspNode {
+    /// Creates ISP `index`: its namespace, the uplink veth into `inet`
+    /// (configured on the internet side by the caller) and the link to the
+    /// router.
+    pub(crate) fn create(
+        ctx: &Arc<LabCtx>,
+        index: usize,
+        router: &Netns,
+        inet: &Netns,
+    ) -> Result<IspNode> {
+        let ns = Netns::create(format!("{}i{index}", ctx.name), ctx.clone())?;
+        ns.sysctls(&[("net.ipv4.ip_forward", "1")])?;
+        ns.ip(&format!(
+            "link set dev lo up\n\
+             link add name up type veth peer name isp{index} netns {inet}\n\
+             addr add {up}/24 dev up\n\
+             link set dev up up\n\
+             route add default via {internet}",
+            inet = inet.name(),
+            up = uplink_addr(index, false),
+            internet = uplink_addr(index, true),
+        ))?;
+        let router_addr = initial_router_addr(index);
+        let state = IspState {
+            router_addr,
+            gateway: initial_gateway(index),
+            subnets: vec![router_addr.trunc()],
+            blackhole: false,
+            loss_pct: 0,
+            rate_mbit: None,
+            delay: Duration::ZERO,
+            relay: None,
+        };
+        let node = IspNode {
+            index,
+            ns,
+            state: Mutex::new(state),
+        };
+        node.create_wan_link(router, &node.state())?;
+        Ok(node)
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, IspState> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn has_used(&self, addr: Ipv4Addr) -> bool {
+        self.state().subnets.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The veth `wanI` (router) ↔ `down` (ISP) with the addresses, rate
+    /// limit and router default route of `st`, as a DHCP client would set
+    /// it up.
+    fn create_wan_link(&self, router: &Netns, st: &IspState) -> Result<()> {
+        let i = self.index;
+        router.ip(&format!(
+            "link add name wan{i} type veth peer name down netns {isp}\n\
+             addr add {addr} dev wan{i}\n\
+             link set dev wan{i} up",
+            isp = self.ns.name(),
+            addr = st.router_addr,
+        ))?;
+        self.ns.ip(&format!(
+            "addr add {}/{} dev down\nlink set dev down up",
+            st.gateway,
+            st.router_addr.prefix_len()
+        ))?;
+        router.sysctls(&[(format!("net.ipv4.conf.wan{i}.rp_filter").as_str(), "2")])?;
+        router.ip(&dhcp_route(i, st.gateway))?;
+        if st.rate_mbit.is_some() {
+            self.apply_rate("down", st.rate_mbit)?;
+        }
+        Ok(())
+    }
+}
+
+/// The main-table default route a DHCP client installs for ISP `i`.
+fn dhcp_route(i: usize, gateway: Ipv4Addr) -> String {
+    format!(
+        "route replace default via {gateway} dev wan{i} proto dhcp metric {}",
+        100 + i
+    )
+}
+
+/// Handle on ISP `I` of a lab, from [`Lab::isp`]. Every setter is
+/// reversible and takes effect immediately.
+pub struct Isp<'a> {
+    pub(crate) lab: &'a Lab,
+    pub(crate) node: &'a IspNode,
+}
+
+impl<'a> Isp<'a> {
+    /// 1-based index (`wanI`, `ispI`).
+    pub fn index(&self) -> usize {
+        self.node.index
+    }
+
+    /// The ISP's namespace (`down` faces the router, `up` the internet).
+    pub fn ns(&self) -> &'a Netns {
+        &self.node.ns
+    }
+
+    /// The router's interface to this ISP: `wanI`.
+    pub fn wan_interface(&self) -> String {
+        format!("wan{}", self.node.index)
+    }
+
+    /// The router's address on the link now (initially 100.64.I.2/24).
+    pub fn router_addr(&self) -> Ipv4Net {
+        self.node.state().router_addr
+    }
+
+    /// The ISP's gateway address on the link now (initially 100.64.I.1).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.node.state().gateway
+    }
+
+    /// Renumbers the link, as a new DHCP lease would: the ISP's gateway
+    /// becomes `gateway`, the router's `wanI` gets `router_addr` and its
+    /// `proto dhcp` default route goes via the new gateway, and the
+    /// internet routes the new subnet to this ISP. Old addresses and routes
+    /// are removed. Both addresses must be in 100.64.0.0/10, e.g.
+    /// 100.64.(100+I).2/24 and 100.64.(100+I).1.
+    pub fn readdress(&self, router_addr: Ipv4Net, gateway: Ipv4Addr) -> Result<()> {
+        ensure!(
+            CGNAT.contains(&router_addr) && router_addr.contains(&gateway) && gateway != router_addr.addr(),
+            "{router_addr} / {gateway}: want a router address and a gateway in one subnet of {CGNAT}"
+        );
+        let i = self.node.index;
+        {
+            let mut st = self.node.state();
+            let (old_addr, old_gw) = (st.router_addr, st.gateway);
+            let mut isp_cmds = format!(
+                "addr replace {gateway}/{} dev down\n",
+                router_addr.prefix_len()
+            );
+            let mut inet_cmds = format!(
+                "route replace {} via {}\n",
+                router_addr.trunc(),
+                uplink_addr(i, false)
+            );
+            let mut router_cmds = format!(
+                "addr replace {router_addr} dev wan{i}\n{}\n",
+                dhcp_route(i, gateway)
+            );
+            if (old_gw, old_addr.prefix_len()) != (gateway, router_addr.prefix_len()) {
+                isp_cmds += &format!("addr del {old_gw}/{} dev down\n", old_addr.prefix_len());
+            }
+            if old_addr.trunc() != router_addr.trunc() {
+                inet_cmds += &format!(
+                    "route del {} via {}\n",
+                    old_addr.trunc(),
+                    uplink_addr(i, false)
+                );
+            }
+            if old_addr != router_addr {
+                router_cmds += &format!("addr del {old_addr} dev wan{i}\n");
+            }
+            self.node.ns.ip(&isp_cmds)?;
+            self.lab.inet.ip(&inet_cmds)?;
+            self.lab.router.ip(&router_cmds)?;
+            st.router_addr = router_addr;
+            st.gateway = gateway;
+            if !st.subnets.contains(&router_addr.trunc()) {
+                st.subnets.push(router_addr.trunc());
+            }
+        }
+        self.lab.refresh_plain_route(i)
+    }
+
+    /// Deletes the router's `wanI` (and so the ISP's `down`), as when a PPP
+    /// link is not dialled.
+    pub fn remove_wan_interface(&self) -> Result<()> {
+        let _st = self.node.state();
+        self.lab
+            .router
+            .ip(&format!("link del dev wan{}", self.node.index))
+    }
+
+    /// Recreates `wanI` after [`Isp::remove_wan_interface`], with its
+    /// current addresses, default route and rate limit, carrier up.
+    pub fn restore_wan_interface(&self) -> Result<()> {
+        self.node
+            .create_wan_link(&self.lab.router, &self.node.state())?;
+        self.lab.refresh_plain_route(self.node.index)
+    }
+}

@@ -1,0 +1,406 @@
+//! The lab topology: addresses, the builder and the [`Lab`] value.
+//!
+//! ```text
+//! LAN hosts ── lan0 (192.0.2.0/25) ─┐            ┌─ wan1 ── down [isp1] up ──┐
+//! LAN1 hosts ─ lan1 (192.0.2.128/25)┴─ [router] ─┤                          ├─ [inet] servers
+//!                                                └─ wanN ── down [ispN] up ──┘
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use ipnet::Ipv4Net;
+
+use crate::ctx::LabCtx;
+use crate::isp::{Isp, IspNode};
+use crate::labdir::LabDir;
+use crate::ns::{self, Netns, PREFIX};
+use crate::servers::ServerHandle;
+
+/// ICMP / probe targets in the internet namespace (nothing listens there
+/// but [`TCP_PROBE_PORT`]).
+pub const PROBE_TARGETS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 51, 100, 1),
+    Ipv4Addr::new(198, 51, 100, 2),
+    Ipv4Addr::new(198, 51, 100, 3),
+];
+/// The main server: TCP/UDP whoami, stream, bulk and TCP probe ports.
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// A second server address with the same services as [`SERVER`].
+pub const SERVER2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The DNS responder's address.
+pub const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
+
+pub const TCP_WHOAMI_PORT: u16 = 8080;
+pub const UDP_WHOAMI_PORT: u16 = 8081;
+/// Stream paced at [`STREAM_PACE`].
+pub const STREAM_PORT: u16 = 8082;
+/// Stream as fast as the path allows (throughput tests).
+pub const BULK_PORT: u16 = 8083;
+/// Plain TCP listener on every internet address (TCP probes).
+pub const TCP_PROBE_PORT: u16 = 443;
+pub const DNS_PORT: u16 = 53;
+
+pub const TCP_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER, TCP_WHOAMI_PORT);
+pub const UDP_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER, UDP_WHOAMI_PORT);
+pub const STREAM: SocketAddrV4 = SocketAddrV4::new(SERVER, STREAM_PORT);
+pub const BULK: SocketAddrV4 = SocketAddrV4::new(SERVER, BULK_PORT);
+pub const TCP_PROBE: SocketAddrV4 = SocketAddrV4::new(SERVER, TCP_PROBE_PORT);
+pub const DNS: SocketAddrV4 = SocketAddrV4::new(DNS_SERVER, DNS_PORT);
+/// Bytes per second sent by the stream server on [`STREAM_PORT`].
+pub const STREAM_PACE: u64 = 2 * 1024 * 1024;
+
+/// First LAN (bridge `lan0`); the router is `.1`, host i is `.(10+i)`.
+pub const LAN0: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(192, 0, 2, 0), 25);
+pub const LAN0_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// Second LAN (bridge `lan1`, see [`LabBuilder::second_lan`]); the router
+/// is `.129`, host i is `.(138+i)`.
+pub const LAN1: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(192, 0, 2, 128), 25);
+pub const LAN1_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 129);
+/// Every WAN-side address (router ↔ ISP links) is in here.
+pub const CGNAT: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
+
+/// Hosts per LAN (the /25 leaves room for this many from `.10`/`.138`).
+const MAX_HOSTS: usize = 117;
+/// ISPs use 100.64.I.0/24; readdressing suggests 100.64.(100+I).0/24.
+const MAX_ISPS: usize = 32;
+
+/// Router address of ISP `i`'s link at creation: 100.64.i.2/24.
+pub(crate) fn initial_router_addr(isp: usize) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(100, 64, isp as u8, 2), 24)
+}
+
+/// ISP `i`'s gateway address at creation: 100.64.i.1.
+pub(crate) fn initial_gateway(isp: usize) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, isp as u8, 1)
+}
+
+/// The ISP's own address on the link to the internet: 100.100.i.1 (the
+/// internet side is 100.100.i.2).
+pub(crate) fn uplink_addr(isp: usize, internet_side: bool) -> Ipv4Addr {
+    Ipv4Addr::new(100, 100, isp as u8, if internet_side { 2 } else { 1 })
+}
+
+/// Initial settings of one ISP.
+#[derive(Debug, Clone, Default)]
+pub struct IspSpec {
+    pub(crate) rate_mbit: Option<u32>,
+    pub(crate) delay: Duration,
+    pub(crate) loss_pct: u32,
+}
+
+impl IspSpec {
+    /// Rate limit in both directions ([`Isp::set_rate`]).
+    pub fn rate_mbit(mut self, mbit: u32) -> Self {
+        self.rate_mbit = Some(mbit);
+        self
+    }
+
+    /// One-way delay in each direction ([`Isp::set_delay`]).
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Downstream loss ([`Isp::set_loss`]).
+    pub fn loss(mut self, pct: u32) -> Self {
+        self.loss_pct = pct;
+        self
+    }
+}
+
+/// Describes a lab; [`LabBuilder::build`] creates it.
+#[derive(Debug, Clone)]
+pub struct LabBuilder {
+    lan_hosts: usize,
+    lan1_hosts: Option<usize>,
+    isps: Option<Vec<IspSpec>>,
+}
+
+impl LabBuilder {
+    /// Hosts on `lan0` (default 3).
+    pub fn lan_hosts(mut self, n: usize) -> Self {
+        self.lan_hosts = n;
+        self
+    }
+
+    /// Adds bridge `lan1` (192.0.2.128/25) with `hosts` hosts.
+    pub fn second_lan(mut self, hosts: usize) -> Self {
+        self.lan1_hosts = Some(hosts);
+        self
+    }
+
+    /// `n` ISPs with default settings (default 2), replacing earlier ones.
+    pub fn isps(mut self, n: usize) -> Self {
+        self.isps = Some(vec![IspSpec::default(); n]);
+        self
+    }
+
+    /// Adds one ISP.
+    pub fn isp(mut self, spec: IspSpec) -> Self {
+        self.isps.get_or_insert_with(Vec::new).push(spec);
+        self
+    }
+
+    pub fn build(self) -> Result<Lab> {
+        let isps = self.isps.unwrap_or_else(|| vec![IspSpec::default(); 2]);
+        let lan1_hosts = self.lan1_hosts.unwrap_or(0);
+        ensure!(
+            self.lan_hosts <= MAX_HOSTS && lan1_hosts <= MAX_HOSTS,
+            "at most {MAX_HOSTS} hosts per LAN"
+        );
+        ensure!((1..=MAX_ISPS).contains(&isps.len()), "1 to {MAX_ISPS} ISPs");
+
+        ns::sweep_leftovers()?;
+        crate::labdir::sweep_leftovers();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        // Locals drop in reverse order if a step fails: namespaces go
+        // before the directory.
+        let dir = LabDir::create(&name)?;
+        let ctx = Arc::new(LabCtx::new(name.clone(), dir.logs()));
+
+        let router = Netns::create(format!("{name}r"), ctx.clone())?;
+        router.sysctls(&[("net.ipv4.ip_forward", "1")])?;
+        let inet = Netns::create(format!("{name}n"), ctx.clone())?;
+
+        let mut cmds = String::from("link set dev lo up\n");
+        let lan0 = build_lan(&ctx, &mut cmds, 0, self.lan_hosts)?;
+        let lan1 = match self.lan1_hosts {
+            Some(n) => build_lan(&ctx, &mut cmds, 1, n)?,
+            None => Vec::new(),
+        };
+        router.ip(&cmds)?;
+        for host in lan0.iter().chain(&lan1) {
+            host.ip(&format!(
+                "link set dev lo up\naddr add {}/25 dev eth0\nlink set dev eth0 up\nroute add default via {}",
+                host.addr, host.gateway
+            ))?;
+        }
+
+        let isp_nodes = (1..=isps.len())
+            .map(|i| IspNode::create(&ctx, i, &router, &inet))
+            .collect::<Result<Vec<_>>>()?;
+
+        let mut cmds = String::from("link set dev lo up\n");
+        for addr in PROBE_TARGETS.iter().chain(&[SERVER, SERVER2, DNS_SERVER]) {
+            cmds += &format!("addr add {addr}/32 dev lo\n");
+        }
+        for i in 1..=isps.len() {
+            cmds += &format!(
+                "addr add {}/24 dev isp{i}\nlink set dev isp{i} up\nroute add {} via {}\n",
+                uplink_addr(i, true),
+                initial_router_addr(i).trunc(),
+                uplink_addr(i, false)
+            );
+        }
+        inet.ip(&cmds)?;
+        let servers = start_servers(&inet)?;
+
+        let lab = Lab {
+            ctx,
+            _servers: servers,
+            isps: isp_nodes,
+            lan0,
+            lan1,
+            router,
+            inet,
+            blocked: Mutex::new(BTreeSet::new()),
+            plain_via: Mutex::new(None),
+            dir,
+        };
+        for (i, spec) in isps.iter().enumerate() {
+            let isp = lab.isp(i + 1);
+            if spec.rate_mbit.is_some() {
+                isp.set_rate(spec.rate_mbit)?;
+            }
+            if !spec.delay.is_zero() {
+                isp.set_delay(spec.delay)?;
+            }
+            if spec.loss_pct > 0 {
+                isp.set_loss(spec.loss_pct)?;
+            }
+        }
+        Ok(lab)
+    }
+}
+
+/// Creates the host namespaces of LAN `lan` and appends to `cmds` the
+/// router commands for its bridge and ports.
+fn build_lan(ctx: &Arc<LabCtx>, cmds: &mut String, lan: usize, hosts: usize) -> Result<Vec<Host>> {
+    let (net, gateway, tag) = if lan == 0 {
+        (LAN0, LAN0_ROUTER, 'h')
+    } else {
+        (LAN1, LAN1_ROUTER, 'k')
+    };
+    *cmds += &format!("link add name lan{lan} type bridge\naddr add {gateway}/25 dev lan{lan}\nlink set dev lan{lan} up\n");
+    (0..hosts)
+        .map(|i| {
+            let ns = Netns::create(format!("{}{tag}{i}", ctx.name), ctx.clone())?;
+            *cmds += &format!(
+                "link add name lan{lan}p{i} type veth peer name eth0 netns {}\nlink set dev lan{lan}p{i} master lan{lan} up\n",
+                ns.name()
+            );
+            let addr = Ipv4Addr::from(u32::from(net.network()) + 10 + i as u32);
+            Ok(Host { ns, addr, gateway })
+        })
+        .collect()
+}
+
+fn start_servers(inet: &Netns) -> Result<Vec<ServerHandle>> {
+    let mut servers = Vec::new();
+    for ip in [SERVER, SERVER2] {
+        servers.push(inet.tcp_whoami_server(SocketAddrV4::new(ip, TCP_WHOAMI_PORT))?);
+        servers.push(inet.udp_whoami_server(SocketAddrV4::new(ip, UDP_WHOAMI_PORT))?);
+        servers.push(inet.stream_server(SocketAddrV4::new(ip, STREAM_PORT), Some(STREAM_PACE))?);
+        servers.push(inet.stream_server(SocketAddrV4::new(ip, BULK_PORT), None)?);
+    }
+    servers.push(inet.tcp_probe_server(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, TCP_PROBE_PORT))?);
+    servers.push(inet.dns_server(DNS)?);
+    Ok(servers)
+}
+
+/// A LAN host: its namespace (through `Deref`) and address.
+pub struct Host {
+    ns: Netns,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+}
+
+impl Host {
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The router's address on this host's LAN (its default gateway).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+}
+
+impl Deref for Host {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+/// A running lab. Dropping it (also while unwinding from a panic) stops
+/// every server, relay and process, deletes the namespaces and unmounts
+/// and deletes the lab directory.
+pub struct Lab {
+    ctx: Arc<LabCtx>,
+    // Fields drop in declaration order: servers and relays end before
+    // their namespaces are deleted, the directory (bpffs) goes last.
+    /// Held for their `Drop` (stop and join).
+    _servers: Vec<ServerHandle>,
+    pub(crate) isps: Vec<IspNode>,
+    lan0: Vec<Host>,
+    lan1: Vec<Host>,
+    pub(crate) router: Netns,
+    pub(crate) inet: Netns,
+    pub(crate) blocked: Mutex<BTreeSet<Ipv4Addr>>,
+    pub(crate) plain_via: Mutex<Option<usize>>,
+    dir: LabDir,
+}
+
+impl Lab {
+    /// Defaults: 3 LAN hosts, 2 ISPs, no second LAN.
+    pub fn builder() -> LabBuilder {
+        LabBuilder {
+            lan_hosts: 3,
+            lan1_hosts: None,
+            isps: None,
+        }
+    }
+
+    /// Unique name (`mwl{pid}x{n}`); every namespace name starts with it.
+    pub fn name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    pub fn router(&self) -> &Netns {
+        &self.router
+    }
+
+    /// The internet namespace (servers and probe targets).
+    pub fn inet(&self) -> &Netns {
+        &self.inet
+    }
+
+    /// Host `i` (0-based) of `lan0`.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.lan0[i]
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.lan0
+    }
+
+    /// Host `i` (0-based) of `lan1`.
+    pub fn lan1_host(&self, i: usize) -> &Host {
+        &self.lan1[i]
+    }
+
+    /// ISP `i` (1-based, like `wanI`). Panics if there is no such ISP.
+    pub fn isp(&self, i: usize) -> Isp<'_> {
+        let node = i.checked_sub(1).and_then(|k| self.isps.get(k));
+        let node = node.unwrap_or_else(|| panic!("no ISP {i} (lab has {})", self.isps.len()));
+        Isp { lab: self, node }
+    }
+
+    pub fn isp_count(&self) -> usize {
+        self.isps.len()
+    }
+
+    /// The ISP whose router-side subnet (current or earlier, see
+    /// [`Isp::readdress`]) contains `addr`: maps the source address an
+    /// internet server saw to the ISP the traffic used.
+    pub fn wan_of(&self, addr: Ipv4Addr) -> Option<usize> {
+        self.isps
+            .iter()
+            .find(|node| node.has_used(addr))
+            .map(|node| node.index)
+    }
+
+    /// A bpffs path for mwan's pins (not created; its parent is the lab's
+    /// private bpffs mount, which outlives any process of the lab).
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.bpf().join("mwan")
+    }
+
+    /// An empty directory for mwan's state files.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.state()
+    }
+
+    /// Where the stdout/stderr of spawned processes go.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.logs()
+    }
+
+    /// The lab's directory (`/run/mwan-lab/<name>`).
+    pub fn dir(&self) -> PathBuf {
+        self.dir.root().to_path_buf()
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<LabCtx> {
+        &self.ctx
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.ctx.shutdown();
+    }
+}

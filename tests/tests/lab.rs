@@ -1,0 +1,534 @@
+//! End-to-end proof of the lab with plain kernel routing (no mwan): every
+//! ISP carries traffic and every impairment does what it says.
+//!
+//! Needs root, `ip` (iproute2) and `nft` (nftables). Tests run in parallel,
+//! each with its own lab.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lab::*;
+
+fn build(isps: usize) -> Lab {
+    Lab::builder()
+        .lan_hosts(1)
+        .isps(isps)
+        .build()
+        .expect("lab builds")
+}
+
+fn out(ns: &Netns, argv: &[&str]) -> String {
+    String::from_utf8_lossy(&ns.exec(argv).expect("command runs").stdout).into_owned()
+}
+
+/// The ISP a TCP whoami from `host` went through.
+fn tcp_isp(lab: &Lab, host: &Netns) -> anyhow::Result<usize> {
+    let seen = host.tcp_whoami(TCP_WHOAMI)?;
+    lab.wan_of(*seen.ip())
+        .ok_or_else(|| anyhow::anyhow!("{seen} is no ISP's address"))
+}
+
+/// Whether a TCP whoami from `host` fails (within a second).
+fn fails(host: &Netns) -> bool {
+    host.tcp_whoami_within(TCP_WHOAMI, Duration::from_secs(1))
+        .is_err()
+}
+
+fn quick_ping(ns: &Netns, addr: Ipv4Addr, count: u32) -> PingStats {
+    ping(
+        ns,
+        addr,
+        count,
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+    )
+    .expect("ping runs")
+}
+
+#[test]
+fn build_and_teardown_are_quick_and_leave_nothing() {
+    let start = Instant::now();
+    let lab = Lab::builder().isps(2).build().expect("lab builds");
+    let built = start.elapsed();
+    let name = lab.name().to_string();
+    let dir = lab.dir();
+    assert!(lab.pin_dir().starts_with(&dir) && lab.state_dir().is_dir());
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts.contains(&format!("{} bpf", dir.join("bpf").display())),
+        "private bpffs mounted"
+    );
+    assert_eq!(
+        namespaces_of(&name).len(),
+        2 + 3 + 2,
+        "router, inet, 3 hosts, 2 ISPs"
+    );
+    // A process still running when the lab goes.
+    let sleeper = lab.router().spawn("sleep", &["60"], &[]).unwrap();
+
+    let start = Instant::now();
+    drop(lab);
+    let torn_down = start.elapsed();
+    println!("lab with 2 ISPs: built in {built:?}, torn down in {torn_down:?}");
+    assert!(built < Duration::from_secs(10) && torn_down < Duration::from_secs(10));
+
+    assert!(!sleeper.is_running(), "process ended with the lab");
+    assert_eq!(
+        namespaces_of(&name),
+        Vec::<String>::new(),
+        "no namespace left"
+    );
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts
+        .lines()
+        .any(|m| m.contains(&format!("{} ", dir.display()))
+            || m.contains(&format!("{}/", dir.display()))));
+    assert!(!dir.exists(), "lab directory removed");
+}
+
+/// Names of the namespaces of lab `name`: the lab name followed by a
+/// letter (`mwl1x1` is not a namespace of lab `mwl1x`…`1`).
+fn namespaces_of(name: &str) -> Vec<String> {
+    all_namespaces()
+        .into_iter()
+        .filter(|ns| {
+            ns.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_alphabetic()))
+        })
+        .collect()
+}
+
+fn all_namespaces() -> Vec<String> {
+    let o = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_panicking_test_still_tears_its_lab_down() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = thread::spawn(move || {
+        let lab = build(1);
+        let _proc = lab.isp(1).ns().spawn("sleep", &["60"], &[]).unwrap();
+        lab.isp(1).set_delay(Duration::from_millis(5)).unwrap();
+        tx.send((lab.name().to_string(), lab.dir())).unwrap();
+        panic!("test failure inside a lab");
+    })
+    .join();
+    assert!(failed.is_err());
+    let (name, dir) = rx.recv().unwrap();
+    assert_eq!(namespaces_of(&name), Vec::<String>::new());
+    assert!(!dir.exists());
+}
+
+#[test]
+fn leftovers_of_killed_tests_are_swept() {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let leftover = format!("mwl{dead}x0r");
+    let leftover_dir = Path::new("/run/mwan-lab").join(format!("mwl{dead}x0"));
+    // Best effort: a lab being built concurrently (here or in another test
+    // process) may sweep them away while they are being made.
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "add", &leftover])
+        .status();
+    let _ = fs::create_dir_all(leftover_dir.join("state"));
+
+    let _lab = build(1);
+    assert!(!all_namespaces().contains(&leftover));
+    assert!(!leftover_dir.exists());
+}
+
+#[test]
+fn topology_addresses_and_routes() {
+    let lab = Lab::builder()
+        .lan_hosts(4)
+        .second_lan(2)
+        .isp(IspSpec::default().rate_mbit(50))
+        .isp(IspSpec::default().delay(Duration::from_millis(20)))
+        .isp(IspSpec::default().loss(100))
+        .build()
+        .expect("lab builds");
+    assert_eq!(lab.hosts().len(), 4);
+    assert_eq!(lab.host(3).addr(), Ipv4Addr::new(192, 0, 2, 13));
+    assert_eq!(lab.lan1_host(1).addr(), Ipv4Addr::new(192, 0, 2, 139));
+    assert!(out(
+        lab.lan1_host(1),
+        &["ip", "-br", "addr", "show", "dev", "eth0"]
+    )
+    .contains("192.0.2.139/25"));
+    assert_eq!(quick_ping(lab.lan1_host(1), LAN1_ROUTER, 2).received, 2);
+    assert_eq!(quick_ping(lab.host(0), LAN0_ROUTER, 2).received, 2);
+
+    let routes = out(lab.router(), &["ip", "route", "show", "default"]);
+    for i in 1..=3 {
+        let isp = lab.isp(i);
+        assert_eq!(isp.router_addr().to_string(), format!("100.64.{i}.2/24"));
+        assert_eq!(isp.gateway(), Ipv4Addr::new(100, 64, i as u8, 1));
+        let want = format!(
+            "default via 100.64.{i}.1 dev wan{i} proto dhcp metric {}",
+            100 + i
+        );
+        assert!(routes.contains(&want), "{want:?} in\n{routes}");
+        assert_eq!(
+            quick_ping(lab.router(), isp.gateway(), 2).received,
+            2,
+            "router reaches gateway {i}"
+        );
+    }
+    let rp = lab
+        .router()
+        .sh("cat /proc/sys/net/ipv4/conf/wan1/rp_filter /proc/sys/net/ipv4/conf/all/rp_filter");
+    assert_eq!(
+        rp.unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["2", "0"]
+    );
+    assert!(out(lab.isp(1).ns(), &["tc", "qdisc", "show", "dev", "down"]).contains("tbf"));
+    // No NAT of the lab's own: the internet cannot answer the LAN yet.
+    assert!(fails(lab.host(0)));
+    // The specs' delay and loss are in place.
+    lab.plain_routing_via(2).unwrap();
+    let rtt = quick_ping(lab.host(0), PROBE_TARGETS[0], 3).median_rtt();
+    assert!(
+        rtt.is_some_and(|rtt| rtt >= Duration::from_millis(36)),
+        "{rtt:?}"
+    );
+    lab.plain_routing_via(3).unwrap();
+    assert_eq!(quick_ping(lab.host(0), PROBE_TARGETS[0], 3).received, 0);
+}
+
+#[test]
+fn plain_routing_through_each_isp() {
+    let lab = Lab::builder()
+        .lan_hosts(1)
+        .second_lan(1)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    for isp in 1..=2 {
+        lab.plain_routing_via(isp).unwrap();
+        let wan_addr = SocketAddrV4::new(lab.isp(isp).router_addr().addr(), 0);
+        for host in [lab.host(0), lab.lan1_host(0)] {
+            let seen = host.tcp_whoami(TCP_WHOAMI).unwrap();
+            assert_eq!(
+                (seen.ip(), lab.wan_of(*seen.ip())),
+                (wan_addr.ip(), Some(isp))
+            );
+            let seen = host
+                .tcp_whoami(SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT))
+                .unwrap();
+            assert_eq!(seen.ip(), wan_addr.ip());
+            let seen = host.udp_whoami(UDP_WHOAMI).unwrap();
+            assert_eq!(seen.ip(), wan_addr.ip());
+            let reply = host.dns_query(DNS, "probe.example").unwrap();
+            assert_eq!((reply.rcode, reply.name.as_str()), (0, "probe.example"));
+            for target in PROBE_TARGETS {
+                assert_eq!(
+                    quick_ping(host, target, 2).received,
+                    2,
+                    "{target} via ISP {isp}"
+                );
+            }
+        }
+        let stream = lab.host(0).open_stream(STREAM).unwrap();
+        assert_eq!(stream.source().ip(), wan_addr.ip());
+        assert!(
+            wait_until(Duration::from_secs(10), || stream.bytes() > 256 * 1024),
+            "stream flows"
+        );
+        let report = stream.close();
+        assert_eq!(report.end, None, "no EOF or reset while open");
+        println!(
+            "ISP {isp}: stream {} bytes, longest gap {:?}",
+            report.bytes, report.max_gap
+        );
+    }
+    lab.clear_plain_routing().unwrap();
+    assert!(fails(lab.host(0)), "no NAT without plain routing");
+}
+
+#[test]
+fn many_short_connections() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    let start = Instant::now();
+    let results = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 1000, 32);
+    println!("1000 TCP whoami through NAT in {:?}", start.elapsed());
+    let mut ports = std::collections::BTreeSet::new();
+    for result in results {
+        let seen = result.unwrap();
+        assert_eq!(lab.wan_of(*seen.ip()), Some(1));
+        ports.insert(seen.port());
+    }
+    assert_eq!(ports.len(), 1000, "1000 distinct connections");
+}
+
+#[test]
+fn loss_is_near_the_set_value() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    lab.isp(1).set_loss(30).unwrap();
+    let stats = ping(
+        lab.host(0),
+        PROBE_TARGETS[0],
+        200,
+        Duration::from_millis(5),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    println!(
+        "30% loss set: {}/{} answered, {:.1}% lost",
+        stats.received,
+        stats.sent,
+        stats.loss_pct()
+    );
+    assert_eq!(stats.sent, 200);
+    assert!(
+        (15.0..=45.0).contains(&stats.loss_pct()),
+        "loss {:.1}%",
+        stats.loss_pct()
+    );
+    lab.isp(1).set_loss(0).unwrap();
+    assert_eq!(quick_ping(lab.host(0), PROBE_TARGETS[0], 20).received, 20);
+}
+
+#[test]
+fn delay_adds_to_the_round_trip() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    let rtt = |lab: &Lab| {
+        let stats = ping(
+            lab.host(0),
+            PROBE_TARGETS[0],
+            10,
+            Duration::from_millis(20),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        stats.median_rtt().expect("some replies")
+    };
+    let base = rtt(&lab);
+    lab.isp(1).set_delay(Duration::from_millis(50)).unwrap();
+    let delayed = rtt(&lab);
+    let added = delayed.saturating_sub(base);
+    println!("50 ms one-way delay: RTT {base:?} -> {delayed:?} (+{added:?})");
+    assert!(
+        added >= Duration::from_millis(90) && added < Duration::from_millis(400),
+        "added {added:?}"
+    );
+    assert_eq!(
+        tcp_isp(&lab, lab.host(0)).unwrap(),
+        1,
+        "TCP through the relay"
+    );
+    assert!(
+        lab.host(0).dns_query(DNS, "x.example").is_ok(),
+        "UDP through the relay"
+    );
+    lab.isp(1).set_delay(Duration::ZERO).unwrap();
+    let after = rtt(&lab);
+    assert!(
+        after < base + Duration::from_millis(40),
+        "delay removed: {after:?}"
+    );
+}
+
+#[test]
+fn blackhole_drops_forwarded_traffic_but_gateway_answers() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 1);
+    lab.isp(1).set_blackhole(true).unwrap();
+    assert!(fails(lab.host(0)));
+    assert_eq!(quick_ping(lab.host(0), PROBE_TARGETS[0], 3).received, 0);
+    let gateway = lab.isp(1).gateway();
+    assert_eq!(
+        quick_ping(lab.router(), gateway, 3).received,
+        3,
+        "gateway pings from the router"
+    );
+    assert_eq!(
+        quick_ping(lab.host(0), gateway, 3).received,
+        3,
+        "gateway pings from the LAN"
+    );
+    lab.isp(1).set_blackhole(false).unwrap();
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 1);
+}
+
+#[test]
+fn carrier_down_kills_the_link_and_up_restores_it() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    let link = || out(lab.router(), &["ip", "link", "show", "dev", "wan1"]);
+    lab.isp(1).set_carrier(false).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || link().contains("NO-CARRIER")),
+        "{}",
+        link()
+    );
+    assert!(fails(lab.host(0)));
+    lab.isp(1).set_carrier(true).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !link().contains("NO-CARRIER")),
+        "{}",
+        link()
+    );
+    assert!(wait_until(Duration::from_secs(10), || tcp_isp(
+        &lab,
+        lab.host(0)
+    )
+    .is_ok_and(|i| i == 1)));
+}
+
+#[test]
+fn rate_limit_caps_throughput() {
+    const MBIT: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(2);
+    // Twice the configured rate over the window: generous for tbf's burst.
+    let ceiling = 2 * u64::from(MBIT) * 1_000_000 / 8 * WINDOW.as_secs();
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    lab.isp(1).set_rate(Some(MBIT)).unwrap();
+    let stream = lab.host(0).open_stream(BULK).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || stream.bytes() > 0));
+    let before = stream.bytes();
+    thread::sleep(WINDOW); // the measurement window
+    let limited = stream.bytes() - before;
+    println!("{MBIT} mbit limit: {limited} bytes in {WINDOW:?} (ceiling {ceiling})");
+    assert!(
+        limited < ceiling,
+        "{limited} bytes in {WINDOW:?} through {MBIT} mbit"
+    );
+
+    lab.isp(1).set_rate(None).unwrap();
+    let before = stream.bytes();
+    let start = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || stream.bytes() - before
+            > ceiling),
+        "without the limit the ceiling is passed"
+    );
+    println!("unlimited: {ceiling} bytes in {:?}", start.elapsed());
+    assert_eq!(stream.close().end, None);
+}
+
+#[test]
+fn readdress_renumbers_the_link() {
+    let lab = build(2);
+    lab.plain_routing_via(2).unwrap();
+    let new: Ipv4Net = "100.64.102.2/24".parse().unwrap();
+    lab.isp(2)
+        .readdress(new, Ipv4Addr::new(100, 64, 102, 1))
+        .unwrap();
+    let seen = lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+    assert_eq!((*seen.ip(), lab.wan_of(*seen.ip())), (new.addr(), Some(2)));
+    let routes = out(lab.router(), &["ip", "route", "show", "default"]);
+    assert!(
+        routes.contains("default via 100.64.102.1 dev wan2 proto dhcp metric 102"),
+        "{routes}"
+    );
+    assert!(!routes.contains("100.64.2.1"), "{routes}");
+    let addrs = out(lab.router(), &["ip", "-br", "addr", "show", "dev", "wan2"]);
+    assert!(
+        addrs.contains("100.64.102.2/24") && !addrs.contains("100.64.2.2"),
+        "{addrs}"
+    );
+    let gw = out(
+        lab.isp(2).ns(),
+        &["ip", "-br", "addr", "show", "dev", "down"],
+    );
+    assert!(
+        gw.contains("100.64.102.1/24") && !gw.contains("100.64.2.1"),
+        "{gw}"
+    );
+    // ISP 1 is untouched, and ISP 2 can go back.
+    lab.plain_routing_via(1).unwrap();
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 1);
+    lab.isp(2)
+        .readdress(
+            "100.64.2.2/24".parse().unwrap(),
+            Ipv4Addr::new(100, 64, 2, 1),
+        )
+        .unwrap();
+    lab.plain_routing_via(2).unwrap();
+    let seen = lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+    assert_eq!(*seen.ip(), Ipv4Addr::new(100, 64, 2, 2));
+}
+
+#[test]
+fn blocked_target_stops_answering() {
+    let lab = build(1);
+    lab.plain_routing_via(1).unwrap();
+    let [alive, dead, _] = PROBE_TARGETS;
+    assert_eq!(quick_ping(lab.host(0), dead, 3).received, 3);
+    lab.set_target_blocked(dead, true).unwrap();
+    assert_eq!(quick_ping(lab.host(0), dead, 3).received, 0);
+    assert_eq!(quick_ping(lab.host(0), alive, 3).received, 3);
+    lab.set_target_blocked(SERVER, true).unwrap();
+    assert!(fails(lab.host(0)), "blocked server refuses TCP");
+    lab.set_target_blocked(SERVER, false).unwrap();
+    lab.set_target_blocked(dead, false).unwrap();
+    assert_eq!(quick_ping(lab.host(0), dead, 3).received, 3);
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 1);
+}
+
+#[test]
+fn wan_interface_can_be_removed_and_restored() {
+    let lab = build(2);
+    lab.plain_routing_via(1).unwrap();
+    lab.isp(1).set_rate(Some(100)).unwrap();
+    lab.isp(1).remove_wan_interface().unwrap();
+    assert!(lab
+        .router()
+        .exec(&["ip", "link", "show", "dev", "wan1"])
+        .is_err());
+    // The kernel falls back to the other DHCP default route.
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 2);
+    lab.isp(1).restore_wan_interface().unwrap();
+    assert_eq!(tcp_isp(&lab, lab.host(0)).unwrap(), 1);
+    assert!(out(lab.isp(1).ns(), &["tc", "qdisc", "show", "dev", "down"]).contains("tbf"));
+}
+
+#[test]
+fn servers_and_processes_in_any_namespace() {
+    let lab = build(1);
+    let server = lab
+        .host(0)
+        .tcp_whoami_server(SocketAddrV4::new(lab.host(0).addr(), 0))
+        .unwrap();
+    let seen = lab.router().tcp_whoami(server.addr()).unwrap();
+    assert_eq!(*seen.ip(), LAN0_ROUTER);
+    drop(server);
+
+    let state = lab.state_dir().join("hello");
+    let script = format!(
+        "echo started; ip -br link; echo hi > {}; exec sleep 60",
+        state.display()
+    );
+    let proc = lab
+        .router()
+        .spawn("sh", &["-c", &script], &[("LAB_TEST", "1")])
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || proc
+        .output_so_far()
+        .stdout
+        .contains("wan1")));
+    assert!(wait_until(Duration::from_secs(5), || state.exists()));
+    proc.signal(libc::SIGTERM).unwrap();
+    assert!(
+        proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "{}",
+        proc.output_so_far()
+    );
+}
