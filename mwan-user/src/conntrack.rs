@@ -1,1 +1,393 @@
-//! (being written)
+//! Conntrack entries over ctnetlink (a `NETLINK_NETFILTER` socket): dump
+//! the IPv4 table and delete selected entries.
+//!
+//! The few messages needed are encoded and decoded here. An entry is deleted
+//! by sending back what identifies it in the dump — its original tuple
+//! exactly as the kernel encoded it, its zone and its id — so ICMP
+//! type/code, GRE keys or zone directions need no re-encoding, and an entry
+//! replaced since the dump (new id) is left alone.
+//!
+//! Blocking; the daemon calls it from `spawn_blocking`. Dumps of any size
+//! arrive in many datagrams; deletes are sent in batches and their
+//! acknowledgements collected, so hundreds of thousands of entries take
+//! about a second.
+
+use std::fmt;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+use anyhow::{bail, Context, Result};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+
+use crate::routing::{force_rcvbuf, op_error};
+
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+const NLA_HDRLEN: usize = 4;
+/// Attribute type bits (without NLA_F_NESTED and NLA_F_NET_BYTEORDER).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_MARK: u16 = 8;
+const CTA_ID: u16 = 12;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_PROTO_ICMP_ID: u16 = 4;
+
+const AF_INET: u8 = libc::AF_INET as u8;
+const PROTO_ICMP: u8 = 1;
+
+/// Requests sent per datagram (their acks must fit the receive buffer).
+const BATCH: usize = 128;
+const RCVBUF: usize = 8 << 20;
+const DUMP_ATTEMPTS: usize = 5;
+
+/// One direction of a connection. For ICMP, `sport` holds the echo id and
+/// `dport` is 0 (as in mwan's flow keys).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtTuple {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl fmt::Display for CtTuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "proto {} {}:{} -> {}:{}",
+            self.proto, self.src, self.sport, self.dst, self.dport
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CtEntry {
+    pub orig: CtTuple,
+    pub reply: CtTuple,
+    pub mark: u32,
+    /// The attributes that identify the entry to the kernel, as dumped
+    /// (original tuple, zone, id).
+    key: Vec<u8>,
+}
+
+/// The IPv4 conntrack entries of the calling thread's network namespace.
+pub fn dump() -> Result<Vec<CtEntry>> {
+    CtSocket::open()?.dump()
+}
+
+/// Deletes the IPv4 entries matching `pred`; returns how many were deleted.
+/// Entries that vanish before their turn do not count and are no error.
+pub fn delete_where(pred: impl Fn(&CtEntry) -> bool) -> Result<usize> {
+    let mut socket = CtSocket::open()?;
+    let entries = socket.dump()?;
+    let doomed: Vec<&CtEntry> = entries.iter().filter(|e| pred(e)).collect();
+    socket.delete(&doomed)
+}
+
+struct CtSocket {
+    socket: Socket,
+    seq: u32,
+}
+
+impl CtSocket {
+    fn open() -> Result<CtSocket> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
+        socket.bind_auto().context("binding the ctnetlink socket")?;
+        // Error acks without a copy of the request.
+        socket
+            .set_cap_ack(true)
+            .context("setting NETLINK_CAP_ACK")?;
+        force_rcvbuf(socket.as_raw_fd(), RCVBUF).context("sizing the ctnetlink socket")?;
+        Ok(CtSocket { socket, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn recv(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .socket
+            .recv_from_full()
+            .context("reading from ctnetlink")?
+            .0)
+    }
+
+    fn dump(&mut self) -> Result<Vec<CtEntry>> {
+        for _ in 0..DUMP_ATTEMPTS {
+            let seq = self.next_seq();
+            self.socket
+                .send(
+                    &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, &[]),
+                    0,
+                )
+                .context("requesting a conntrack dump")?;
+            let (mut entries, mut interrupted) = (Vec::new(), false);
+            'dump: loop {
+                let data = self.recv()?;
+                for m in messages(&data).filter(|m| m.seq == seq) {
+                    interrupted |= m.flags & NLM_F_DUMP_INTR != 0;
+                    match m.kind {
+                        NLMSG_DONE => break 'dump,
+                        NLMSG_ERROR => match error_code(m.payload) {
+                            0 => {}
+                            code => {
+                                return Err(op_error(
+                                    "dumping conntrack",
+                                    &io::Error::from_raw_os_error(code),
+                                ))
+                            }
+                        },
+                        k if k == msg_type(IPCTNL_MSG_CT_NEW) => {
+                            entries.extend(parse_entry(m.payload))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if !interrupted {
+                return Ok(entries);
+            }
+        }
+        bail!("dumping conntrack: the table kept changing during {DUMP_ATTEMPTS} attempts")
+    }
+
+    fn delete(&mut self, entries: &[&CtEntry]) -> Result<usize> {
+        let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
+        self.send_all(IPCTNL_MSG_CT_DELETE, 0, &keys, |i| {
+            format!("deleting conntrack entry {}", entries[i].orig)
+        })
+    }
+
+    /// Sends one request per item of `items` (its attributes),
+    /// `BATCH` per datagram, and counts the acknowledged ones.
+    /// `ENOENT` answers are skipped; another error stops after its batch and
+    /// is returned, naming the item with `describe`.
+    fn send_all(
+        &mut self,
+        ct_msg: u16,
+        flags: u16,
+        items: &[&[u8]],
+        describe: impl Fn(usize) -> String,
+    ) -> Result<usize> {
+        let mut done = 0;
+        for (b, batch) in items.chunks(BATCH).enumerate() {
+            let first = self.seq.wrapping_add(1);
+            let mut datagram = Vec::new();
+            for attrs in batch {
+                let seq = self.next_seq();
+                datagram.extend(request(
+                    ct_msg,
+                    NLM_F_REQUEST | NLM_F_ACK | flags,
+                    seq,
+                    attrs,
+                ));
+            }
+            self.socket
+                .send(&datagram, 0)
+                .context("sending ctnetlink requests")?;
+            let (mut pending, mut failure) = (batch.len(), None);
+            while pending > 0 {
+                let data = self.recv()?;
+                for m in messages(&data).filter(|m| m.kind == NLMSG_ERROR) {
+                    let i = m.seq.wrapping_sub(first) as usize;
+                    if i >= batch.len() {
+                        continue;
+                    }
+                    pending -= 1;
+                    match error_code(m.payload) {
+                        0 => done += 1,
+                        libc::ENOENT => {}
+                        code => {
+                            failure.get_or_insert((i, code));
+                        }
+                    }
+                }
+            }
+            if let Some((i, code)) = failure {
+                let op = format!("{} (after {done} done)", describe(b * BATCH + i));
+                return Err(op_error(op, &io::Error::from_raw_os_error(code)));
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn msg_type(ct_msg: u16) -> u16 {
+    (NFNL_SUBSYS_CTNETLINK << 8) | ct_msg
+}
+
+/// A ctnetlink request for IPv4: netlink header, nfgenmsg, `attrs`.
+fn request(ct_msg: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&msg_type(ct_msg).to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    m.extend_from_slice(&[AF_INET, 0, 0, 0]); // family, version 0, res_id 0
+    m.extend_from_slice(attrs);
+    m
+}
+
+struct Message<'a> {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    /// After the netlink header.
+    payload: &'a [u8],
+}
+
+/// The netlink messages of a datagram (stops at a malformed one).
+fn messages(mut data: &[u8]) -> impl Iterator<Item = Message<'_>> {
+    std::iter::from_fn(move || {
+        if data.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
+        if len < NLMSG_HDRLEN || len > data.len() {
+            return None;
+        }
+        let m = Message {
+            kind: u16::from_ne_bytes([data[4], data[5]]),
+            flags: u16::from_ne_bytes([data[6], data[7]]),
+            seq: u32::from_ne_bytes(data[8..12].try_into().unwrap()),
+            payload: &data[NLMSG_HDRLEN..len],
+        };
+        data = &data[align(len).min(data.len())..];
+        Some(m)
+    })
+}
+
+/// The errno of an NLMSG_ERROR payload (0: acknowledgement).
+fn error_code(payload: &[u8]) -> i32 {
+    payload.get(0..4).map_or(libc::EBADMSG, |b| {
+        -i32::from_ne_bytes(b.try_into().unwrap())
+    })
+}
+
+fn align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// Attributes as (type, payload, whole attribute with its padding).
+fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < NLA_HDRLEN {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
+        if len < NLA_HDRLEN || len > data.len() {
+            return None;
+        }
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & NLA_TYPE_MASK;
+        let whole = &data[..align(len).min(data.len())];
+        data = &data[whole.len()..];
+        Some((kind, &whole[NLA_HDRLEN..len], whole))
+    })
+}
+
+fn be16(b: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(..2)?.try_into().ok()?))
+}
+
+fn be32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// An entry from a ctnetlink message payload (nfgenmsg and attributes);
+/// `None` if it is not IPv4 or lacks a tuple.
+fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
+    if payload.first() != Some(&AF_INET) {
+        return None;
+    }
+    let (mut orig, mut reply, mut mark, mut key) = (None, None, 0, Vec::new());
+    for (kind, value, whole) in attrs(payload.get(NFGENMSG_LEN..)?) {
+        match kind {
+            CTA_TUPLE_ORIG => {
+                orig = parse_tuple(value);
+                key.extend_from_slice(whole);
+            }
+            CTA_TUPLE_REPLY => reply = parse_tuple(value),
+            CTA_MARK => mark = be32(value)?,
+            CTA_ZONE | CTA_ID => key.extend_from_slice(whole),
+            _ => {}
+        }
+    }
+    Some(CtEntry {
+        orig: orig?,
+        reply: reply?,
+        mark,
+        key,
+    })
+}
+
+fn parse_tuple(data: &[u8]) -> Option<CtTuple> {
+    let (mut src, mut dst, mut proto) = (None, None, None);
+    let (mut sport, mut dport, mut icmp_id) = (0, 0, 0);
+    for (kind, value, _) in attrs(data) {
+        match kind {
+            CTA_TUPLE_IP => {
+                for (kind, value, _) in attrs(value) {
+                    let addr = || Some(Ipv4Addr::from(<[u8; 4]>::try_from(value.get(..4)?).ok()?));
+                    match kind {
+                        CTA_IP_V4_SRC => src = addr(),
+                        CTA_IP_V4_DST => dst = addr(),
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (kind, value, _) in attrs(value) {
+                    match kind {
+                        CTA_PROTO_NUM => proto = value.first().copied(),
+                        CTA_PROTO_SRC_PORT => sport = be16(value)?,
+                        CTA_PROTO_DST_PORT => dport = be16(value)?,
+                        CTA_PROTO_ICMP_ID => icmp_id = be16(value)?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let proto = proto?;
+    if proto == PROTO_ICMP {
+        (sport, dport) = (icmp_id, 0);
+    }
+    Some(CtTuple {
+        proto,
+        src: src?,
+        dst: dst?,
+        sport,
+        dport,
+    })
+}
+
+#[cfg(test)]
+mod tests;

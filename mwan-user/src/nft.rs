@@ -1,1 +1,371 @@
-//! (being written)
+//! mwan's nftables table `ip mwan`: the ruleset text (pure) and its atomic
+//! replacement with `nft -f -`.
+//!
+//! * `prerouting` (filter, priority mangle): a new connection arriving on
+//!   WAN *i* gets `ct mark` mark(i); a packet in the conntrack *reply*
+//!   direction of such a connection (the LAN server answering a port
+//!   forward) gets its packet mark restored from the ct mark, so it is
+//!   routed back through WAN *i*. Both touch only the bits of the mark mask.
+//! * `postrouting` (nat, priority srcnat): `masquerade` out of each WAN with
+//!   `nat = true`.
+//!
+//! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so the
+//! restore dispatches on `ct mark & mask` with a verdict map to one chain
+//! per WAN that ORs in a constant.
+
+use std::fmt::Write as _;
+use std::process::Stdio;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// What the table needs to know about one WAN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftWan {
+    /// The WAN's name (config-validated: letters, digits, `-`, `_`, `.`),
+    /// used in chain names.
+    pub name: String,
+    /// Matched by name (`iifname`/`oifname`), so a re-created PPP link keeps
+    /// working.
+    pub interface: String,
+    pub mark: u32,
+    pub nat: bool,
+}
+
+/// The text that replaces the table atomically in one `nft -f`: the
+/// leading `add`/`delete` make it work whether or not the table exists.
+pub fn ruleset(wans: &[NftWan], mark_mask: u32) -> String {
+    let keep = !mark_mask;
+    let mut s = String::from("add table ip mwan\ndelete table ip mwan\ntable ip mwan {\n");
+    s.push_str(
+        "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
+    );
+    if !wans.is_empty() {
+        let restore = join(wans, |w| {
+            format!("{:#010x} : goto reply_{}", w.mark, w.name)
+        });
+        let _ = writeln!(
+            s,
+            "\t\tct direction reply ct mark and {mark_mask:#010x} vmap {{ {restore} }}"
+        );
+        let mark_new = join(wans, |w| {
+            format!("\"{}\" : goto new_{}", w.interface, w.name)
+        });
+        let _ = writeln!(s, "\t\tct state new iifname vmap {{ {mark_new} }}");
+    }
+    s.push_str("\t}\n");
+    for w in wans {
+        let _ = write!(
+            s,
+            "\tchain new_{name} {{\n\t\tct mark set ct mark and {keep:#010x} or {mark:#010x}\n\t}}\n\
+             \tchain reply_{name} {{\n\t\tmeta mark set meta mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
+            name = w.name,
+            mark = w.mark
+        );
+    }
+    s.push_str(
+        "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    for w in wans.iter().filter(|w| w.nat) {
+        let _ = writeln!(s, "\t\toifname \"{}\" masquerade", w.interface);
+    }
+    s.push_str("\t}\n}\n");
+    s
+}
+
+fn join(wans: &[NftWan], f: impl Fn(&NftWan) -> String) -> String {
+    wans.iter().map(f).collect::<Vec<_>>().join(", ")
+}
+
+/// Names that cannot be written into the ruleset (nft has no escapes).
+fn check(wans: &[NftWan]) -> Result<()> {
+    for w in wans {
+        if w.name.is_empty()
+            || !w
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "WAN name `{}` cannot be used in an nftables chain name",
+                w.name
+            );
+        }
+        if w.interface.is_empty() || w.interface.contains(['"', '\\']) {
+            bail!(
+                "interface name `{}` cannot be written in an nftables rule",
+                w.interface
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the table (atomically: packets see the old or the new one).
+pub async fn apply(wans: &[NftWan], mark_mask: u32) -> Result<()> {
+    check(wans)?;
+    nft(&["-f", "-"], Some(&ruleset(wans, mark_mask)))
+        .await
+        .context("replacing nftables table ip mwan")?;
+    Ok(())
+}
+
+/// Deletes the table; no error if it does not exist.
+pub async fn delete() -> Result<()> {
+    nft(
+        &["-f", "-"],
+        Some("add table ip mwan\ndelete table ip mwan\n"),
+    )
+    .await
+    .context("deleting nftables table ip mwan")?;
+    Ok(())
+}
+
+pub async fn present() -> Result<bool> {
+    let tables = nft(&["list", "tables", "ip"], None).await?;
+    Ok(tables.lines().any(|l| l.trim() == "table ip mwan"))
+}
+
+/// Runs `nft` with `args`, feeding `input` on stdin; its stdout, or an error
+/// with its stderr. The child runs in the calling thread's network
+/// namespace.
+async fn nft(args: &[&str], input: Option<&str>) -> Result<String> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!("nft not found: install the nftables package"),
+            _ => anyhow!("running nft: {e}"),
+        })?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(text.as_bytes())
+            .await
+            .context("writing to nft")?;
+    }
+    let out = child.wait_with_output().await.context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::testns::{wan_lab, TestNs};
+
+    fn wan(name: &str, interface: &str, mark: u32, nat: bool) -> NftWan {
+        NftWan {
+            name: name.into(),
+            interface: interface.into(),
+            mark,
+            nat,
+        }
+    }
+
+    #[test]
+    fn ruleset_text() {
+        let wans = [
+            wan("isp1", "wan1", 0x1_0000, true),
+            wan("lte.2", "ppp0", 0x2_0000, false),
+        ];
+        assert_eq!(
+            ruleset(&wans, 0x00ff_0000),
+            "add table ip mwan
+delete table ip mwan
+table ip mwan {
+\tchain prerouting {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct direction reply ct mark and 0x00ff0000 vmap { 0x00010000 : goto reply_isp1, 0x00020000 : goto reply_lte.2 }
+\t\tct state new iifname vmap { \"wan1\" : goto new_isp1, \"ppp0\" : goto new_lte.2 }
+\t}
+\tchain new_isp1 {
+\t\tct mark set ct mark and 0xff00ffff or 0x00010000
+\t}
+\tchain reply_isp1 {
+\t\tmeta mark set meta mark and 0xff00ffff or 0x00010000
+\t}
+\tchain new_lte.2 {
+\t\tct mark set ct mark and 0xff00ffff or 0x00020000
+\t}
+\tchain reply_lte.2 {
+\t\tmeta mark set meta mark and 0xff00ffff or 0x00020000
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname \"wan1\" masquerade
+\t}
+}
+"
+        );
+    }
+
+    #[test]
+    fn ruleset_without_wans_is_valid_and_empty() {
+        let text = ruleset(&[], 0xff);
+        assert!(
+            !text.contains("vmap") && !text.contains("masquerade"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unusable_names_are_rejected() {
+        assert!(check(&[wan("isp 1", "wan1", 1, true)]).is_err());
+        assert!(check(&[wan("isp1", "wa\"n1", 1, true)]).is_err());
+        assert!(check(&[wan("isp-1_a.b", "eth0.10", 1, true)]).is_ok());
+    }
+
+    /// Apply, replace and delete in a namespace; the `nft` children run in
+    /// the namespace of the thread that spawns them.
+    #[test]
+    fn apply_replace_delete() {
+        let ns = TestNs::new("nft");
+        let list = || ns.exec(&["nft", "list", "ruleset"]);
+        ns.block_on(|| async {
+            assert!(!present().await.unwrap());
+            delete().await.unwrap();
+            let wans = [
+                wan("isp-1", "wan1", 0x1_0000, true),
+                wan("isp.2", "wan2", 0x2_0000, true),
+            ];
+            apply(&wans, 0x00ff_0000).await.unwrap();
+            assert!(present().await.unwrap());
+            let text = list();
+            assert!(
+                text.contains("oifname \"wan2\" masquerade") && text.contains("chain reply_isp.2"),
+                "{text}"
+            );
+            apply(&wans[..1], 0x00ff_0000).await.unwrap();
+            let text = list();
+            assert!(
+                text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),
+                "{text}"
+            );
+            apply(&[], 0x00ff_0000).await.unwrap();
+            delete().await.unwrap();
+            assert!(!present().await.unwrap());
+            assert_eq!(list().trim(), "");
+            delete().await.unwrap();
+            // nft's complaint is in the error.
+            let e = nft(&["-f", "-"], Some("table ip mwan { chain c { bogus } }\n"))
+                .await
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("syntax error"), "{e:#}");
+        });
+    }
+
+    #[test]
+    fn masquerade_rewrites_the_source() {
+        let t = wan_lab("masq");
+        t.router
+            .block_on(|| async { apply(&[wan("isp1", "wan2", 0x1_0000, true)], 0x00ff_0000).await })
+            .unwrap();
+        let server = t
+            .server
+            .run(|| std::net::UdpSocket::bind("192.0.2.10:5000").unwrap());
+        t.lan.run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"ping", "192.0.2.10:5000").unwrap();
+        });
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0; 16];
+        let (_, from) = server
+            .recv_from(&mut buf)
+            .expect("datagram through the router");
+        assert_eq!(from.ip().to_string(), "203.0.113.1");
+    }
+
+    /// A port forward on wan1 (not the default route): the ct mark set on
+    /// the way in brings the LAN server's replies back out of wan1.
+    #[test]
+    fn replies_of_inbound_connections_leave_through_their_wan() {
+        use crate::routing::{wanted_rules, Net, Nexthop};
+        use std::io::{Read, Write};
+        use std::time::Duration;
+
+        let t = wan_lab("ctmark");
+        t.router.exec(&[
+            "nft",
+            "add table ip testfwd; add chain ip testfwd pre { type nat hook prerouting priority dstnat; }; \
+             add rule ip testfwd pre iifname \"wan1\" tcp dport 8080 dnat to 100.64.1.2:80",
+        ]);
+        t.router.block_on(|| async {
+            let net = Net::connect().await.unwrap();
+            let wan1 = net.link("wan1").await.unwrap().unwrap().index;
+            let gw = "198.51.100.2".parse().ok();
+            net.set_table_default(
+                1000,
+                Nexthop {
+                    gateway: gw,
+                    ifindex: wan1,
+                },
+            )
+            .await
+            .unwrap();
+            net.sync_rules(&wanted_rules(
+                1000,
+                1000,
+                0x00ff_0000,
+                &[(0, 0x1_0000, None)],
+            ))
+            .await
+            .unwrap();
+        });
+        let listener = t
+            .lan
+            .run(|| std::net::TcpListener::bind("100.64.1.2:80").unwrap());
+        let connect = || {
+            t.server.run(|| -> std::io::Result<std::net::TcpStream> {
+                use socket2::{Domain, SockAddr, Socket, Type};
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                s.bind(&SockAddr::from(
+                    "192.0.2.10:0".parse::<std::net::SocketAddr>().unwrap(),
+                ))?;
+                let to: std::net::SocketAddr = "198.51.100.1:8080".parse().unwrap();
+                s.connect_timeout(&to.into(), Duration::from_secs(1))?;
+                Ok(s.into())
+            })
+        };
+        // Without mwan's table the SYN-ACK leaves through wan2 and is dropped.
+        assert!(connect().is_err());
+
+        t.router
+            .block_on(|| async {
+                apply(&[wan("isp1", "wan1", 0x1_0000, false)], 0x00ff_0000).await
+            })
+            .unwrap();
+        let mut client = connect().expect("connection through the port forward");
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(b"hello").unwrap();
+        let mut buf = [0; 5];
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        let entries = t.router.run(crate::conntrack::dump).unwrap();
+        let e = entries
+            .iter()
+            .find(|e| e.orig.sport == client.local_addr().unwrap().port())
+            .expect("conntrack entry");
+        assert_eq!(e.mark, 0x1_0000);
+    }
+}

@@ -1,0 +1,1009 @@
+//! Routing plumbing over rtnetlink: the WAN tables, mwan's ip rules, the
+//! balance route, and what the daemon needs to know about links, addresses
+//! and gateways (including change notifications).
+//!
+//! Every route and rule mwan adds carries protocol [`RTPROT_MWAN`]
+//! (`proto 109`), so [`Net::sync_rules`] and [`Net::remove_all_mwan`] touch
+//! exactly mwan's objects and are safe to run again after a crash.
+//! Netlink errors are returned naming the operation and the object; nothing
+//! is retried or skipped silently.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+use std::os::fd::{AsRawFd, RawFd};
+
+use anyhow::{anyhow, Context, Result};
+use futures::{Stream, StreamExt};
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteProtocol,
+    RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
+
+use crate::RTPROT_MWAN;
+
+#[cfg(test)]
+pub(crate) mod testns;
+#[cfg(test)]
+mod tests;
+
+/// The kernel's main routing table.
+pub const RT_TABLE_MAIN: u32 = 254;
+const RT_TABLE_LOCAL: u32 = 255;
+
+// Multicast groups of `events()` (include/uapi/linux/rtnetlink.h).
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+
+/// Receive buffer of the event socket: room for the notifications of a few
+/// thousand route changes (a flapping PPP link with a full table) before the
+/// kernel drops some and `events()` reports [`NetEvent::Overrun`].
+const EVENT_RCVBUF: usize = 8 << 20;
+
+/// Dumps that the kernel marks inconsistent (`NLM_F_DUMP_INTR`) are retried
+/// this many times.
+const DUMP_ATTEMPTS: usize = 5;
+
+/// A network interface as mwan sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `IFF_UP`: administratively up.
+    pub admin_up: bool,
+    /// `IFF_LOWER_UP` or `IFF_RUNNING`: the link has carrier.
+    pub carrier: bool,
+    /// The link has an Ethernet header (`ARPHRD_ETHER`: Ethernet, VLAN,
+    /// bridge, veth, Wi-Fi, bond, …); `false` for L3 links (tun,
+    /// WireGuard, PPP) whose packets start with the IP header.
+    pub l2: bool,
+}
+
+/// Where a route sends packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nexthop {
+    /// `None`: a point-to-point link, the route goes via the device.
+    pub gateway: Option<Ipv4Addr>,
+    pub ifindex: u32,
+}
+
+impl fmt::Display for Nexthop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.gateway {
+            Some(gw) => write!(f, "via {gw} ifindex {}", self.ifindex),
+            None => write!(f, "ifindex {}", self.ifindex),
+        }
+    }
+}
+
+/// A change reported by [`Net::events`].
+#[derive(Clone, Debug)]
+pub enum NetEvent {
+    /// A link appeared or its flags changed.
+    Link(Link),
+    LinkRemoved {
+        index: u32,
+        name: String,
+    },
+    /// An IPv4 address was added or removed.
+    Addr {
+        index: u32,
+        addr: Ipv4Net,
+        added: bool,
+    },
+    /// An IPv4 route was added, changed or removed in `table`. Routes of the
+    /// `local` table and mwan's own routes (its echo) are not reported.
+    /// Note that the kernel does not notify the routes it drops when a link
+    /// goes down; watch `Link` events for that.
+    Route {
+        table: u32,
+        ifindex: Option<u32>,
+        default: bool,
+    },
+    /// The kernel dropped notifications (the socket buffer overflowed):
+    /// anything may have changed, re-read the state.
+    Overrun,
+}
+
+/// One of mwan's ip rules: `priority: from <selector> lookup <table>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RuleSpec {
+    pub priority: u32,
+    pub selector: Selector,
+    pub table: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Selector {
+    All,
+    /// `from all lookup main suppress_prefixlength 0`: routes of the table
+    /// except its default routes.
+    AllSuppressDefault,
+    Fwmark {
+        mark: u32,
+        mask: u32,
+    },
+    From(Ipv4Addr),
+}
+
+/// In `ip rule` syntax, for messages.
+impl fmt::Display for RuleSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ", self.priority)?;
+        match self.selector {
+            Selector::All | Selector::AllSuppressDefault => f.write_str("from all")?,
+            Selector::Fwmark { mark, mask } => write!(f, "fwmark {mark:#x}/{mask:#x}")?,
+            Selector::From(a) => write!(f, "from {a}")?,
+        }
+        match self.table {
+            RT_TABLE_MAIN => f.write_str(" lookup main")?,
+            t => write!(f, " lookup {t}")?,
+        }
+        if self.selector == Selector::AllSuppressDefault {
+            f.write_str(" suppress_prefixlength 0")?;
+        }
+        Ok(())
+    }
+}
+
+/// The rule set of a config, with `P = rule_priority`:
+///
+/// * `P`: all → main, ignoring its default routes;
+/// * `P+10+i`: fwmark mark(i)/mask → `table_base+i` for each WAN id `i`;
+/// * `P+100+i`: from the address of WAN `i` → `table_base+i`, for each WAN
+///   whose address is known;
+/// * `P+200`: all → `table_base + MAX_WANS`, the balance table.
+///
+/// `wans` holds `(id, mark, address)`. The result is sorted by priority.
+pub fn wanted_rules(
+    rule_priority: u32,
+    table_base: u32,
+    mark_mask: u32,
+    wans: &[(u8, u32, Option<Ipv4Addr>)],
+) -> Vec<RuleSpec> {
+    let p = rule_priority;
+    let mut rules = vec![
+        RuleSpec {
+            priority: p,
+            selector: Selector::AllSuppressDefault,
+            table: RT_TABLE_MAIN,
+        },
+        RuleSpec {
+            priority: p + 200,
+            selector: Selector::All,
+            table: balance_table(table_base),
+        },
+    ];
+    for &(id, mark, addr) in wans {
+        let id = u32::from(id);
+        rules.push(RuleSpec {
+            priority: p + 10 + id,
+            selector: Selector::Fwmark {
+                mark,
+                mask: mark_mask,
+            },
+            table: table_base + id,
+        });
+        if let Some(a) = addr {
+            rules.push(RuleSpec {
+                priority: p + 100 + id,
+                selector: Selector::From(a),
+                table: table_base + id,
+            });
+        }
+    }
+    rules.sort_by_key(|r| r.priority);
+    rules
+}
+
+/// The balance table of a config: after the tables of the WAN ids.
+pub fn balance_table(table_base: u32) -> u32 {
+    table_base + mwan_common::MAX_WANS
+}
+
+/// Kernel multipath weights (1..=256) for config weights (1..=1000): kept as
+/// they are when they fit, otherwise scaled so the largest becomes 256.
+pub fn kernel_weights(weights: &[u32]) -> Vec<u32> {
+    let max = weights.iter().copied().max().unwrap_or(1).max(1);
+    weights
+        .iter()
+        .map(|&w| {
+            let w = if max <= 256 {
+                w
+            } else {
+                ((u64::from(w) * 256 + u64::from(max) / 2) / u64::from(max)) as u32
+            };
+            w.clamp(1, 256)
+        })
+        .collect()
+}
+
+/// An rtnetlink connection (requests and dumps; see [`Net::events`] for
+/// notifications). Dropping it closes the connection.
+pub struct Net {
+    handle: rtnetlink::Handle,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl Net {
+    /// Opens a connection in the network namespace of the calling thread.
+    /// Must be called inside a tokio runtime.
+    pub async fn connect() -> Result<Net> {
+        // Strict checking makes the kernel filter dumps by table and
+        // interface instead of sending every route.
+        let (conn, handle, _) =
+            rtnetlink::new_connection_with_strict_check().context("opening an rtnetlink socket")?;
+        Ok(Net {
+            handle,
+            conn: tokio::spawn(conn),
+        })
+    }
+
+    /// Sends one request and returns the messages of the answer; a netlink
+    /// error becomes an `io::Error` with its errno.
+    async fn request(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        Ok(self.request_raw(msg, flags).await?.0)
+    }
+
+    /// `request`, also telling whether any answer had `NLM_F_DUMP_INTR`.
+    async fn request_raw(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<(Vec<RouteNetlinkMessage>, bool)> {
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | flags;
+        let mut answer = self
+            .handle
+            .clone()
+            .request(req)
+            .map_err(|e| io::Error::other(format!("rtnetlink connection closed: {e}")))?;
+        let (mut out, mut interrupted) = (Vec::new(), false);
+        while let Some(m) = answer.next().await {
+            interrupted |= m.header.flags & NLM_F_DUMP_INTR != 0;
+            match m.payload {
+                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                _ => {}
+            }
+        }
+        Ok((out, interrupted))
+    }
+
+    /// A dump, repeated while the kernel says it was inconsistent (the last
+    /// attempt is taken as it is).
+    async fn dump(&self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        for _ in 1..DUMP_ATTEMPTS {
+            let (out, interrupted) = self.request_raw(msg.clone(), NLM_F_DUMP).await?;
+            if !interrupted {
+                return Ok(out);
+            }
+        }
+        Ok(self.request_raw(msg, NLM_F_DUMP).await?.0)
+    }
+
+    /// The link named `name`, if it exists.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(RouteNetlinkMessage::GetLink(m), 0).await {
+            Ok(answer) => Ok(answer.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => parse_link(l),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(op_error(format!("reading link {name}"), &e)),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let answer = self
+            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+            .await
+            .map_err(|e| op_error("listing links", &e))?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => parse_link(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The IPv4 addresses of a link, primary addresses first.
+    pub async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>> {
+        let mut addrs: Vec<(bool, Ipv4Net)> = self
+            .addresses(ifindex)
+            .await?
+            .into_iter()
+            .filter(|(index, ..)| *index == ifindex)
+            .map(|(_, secondary, net)| (secondary, net))
+            .collect();
+        addrs.sort_by_key(|(secondary, _)| *secondary);
+        Ok(addrs.into_iter().map(|(_, net)| net).collect())
+    }
+
+    /// Every IPv4 address of the host with its link: local addresses and,
+    /// through their prefix length, the connected prefixes.
+    pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Net)>> {
+        Ok(self
+            .addresses(0)
+            .await?
+            .into_iter()
+            .map(|(index, _, net)| (index, net))
+            .collect())
+    }
+
+    /// `(ifindex, secondary, address)` of the IPv4 addresses of one link
+    /// (`ifindex` 0: all links).
+    async fn addresses(&self, ifindex: u32) -> Result<Vec<(u32, bool, Ipv4Net)>> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.index = ifindex;
+        let answer = self
+            .dump(RouteNetlinkMessage::GetAddress(m))
+            .await
+            .map_err(|e| op_error("listing IPv4 addresses", &e))?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => parse_addr(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The gateway of `gateway = "auto"`: a default route through `ifindex`
+    /// in any table but the local table, mwan's own routes and the tables in
+    /// `exclude`. The main table wins, then the lowest metric. A default
+    /// route via the device alone (PPP) gives a nexthop without gateway.
+    pub async fn learned_default(
+        &self,
+        ifindex: u32,
+        exclude: RangeInclusive<u32>,
+    ) -> Result<Option<Nexthop>> {
+        let routes = match self.routes(None, Some(ifindex)).await {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(op_error(format!("listing routes of ifindex {ifindex}"), &e)),
+        };
+        Ok(routes
+            .iter()
+            .filter(|r| {
+                let table = route_table(r);
+                r.header.destination_prefix_length == 0
+                    && r.header.kind == RouteType::Unicast
+                    && u8::from(r.header.protocol) != RTPROT_MWAN
+                    && table != RT_TABLE_LOCAL
+                    && !exclude.contains(&table)
+            })
+            .filter_map(|r| {
+                let nh = route_nexthops(r)
+                    .into_iter()
+                    .find(|nh| nh.ifindex == ifindex)?;
+                let table = route_table(r);
+                Some(((table != RT_TABLE_MAIN, route_metric(r), table), nh))
+            })
+            .min_by_key(|(key, _)| *key)
+            .map(|(_, nh)| nh))
+    }
+
+    /// Sets the default route of a WAN table:
+    /// `default via <gw> dev <if> table <table> proto mwan` (replacing
+    /// whatever default route the table had).
+    pub async fn set_table_default(&self, table: u32, nh: Nexthop) -> Result<()> {
+        let mut m = mwan_route(table, RouteType::Unicast);
+        match nh.gateway {
+            Some(gw) => m
+                .attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw))),
+            None => m.header.scope = RouteScope::Link,
+        }
+        m.attributes.push(RouteAttribute::Oif(nh.ifindex));
+        self.replace_route(m)
+            .await
+            .map_err(|e| op_error(format!("setting default {nh} table {table}"), &e))
+    }
+
+    /// Sets the balance table: a weighted multipath default route over
+    /// `nexthops` (config weights, scaled by [`kernel_weights`]); when empty,
+    /// an `unreachable default` route if `unreachable`, else no route.
+    pub async fn set_balance(
+        &self,
+        table: u32,
+        nexthops: &[(Nexthop, u32)],
+        unreachable: bool,
+    ) -> Result<()> {
+        if nexthops.is_empty() && !unreachable {
+            return self.delete_default(table).await;
+        }
+        let m = if nexthops.is_empty() {
+            mwan_route(table, RouteType::Unreachable)
+        } else {
+            let weights: Vec<u32> = nexthops.iter().map(|(_, w)| *w).collect();
+            let hops = nexthops
+                .iter()
+                .zip(kernel_weights(&weights))
+                .map(|((nh, _), weight)| {
+                    let mut hop = RouteNextHop::default();
+                    hop.interface_index = nh.ifindex;
+                    hop.hops = (weight - 1) as u8;
+                    if let Some(gw) = nh.gateway {
+                        hop.attributes
+                            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+                    }
+                    hop
+                })
+                .collect();
+            let mut m = mwan_route(table, RouteType::Unicast);
+            m.attributes.push(RouteAttribute::MultiPath(hops));
+            m
+        };
+        self.replace_route(m).await.map_err(|e| {
+            let what = nexthops
+                .iter()
+                .map(|(nh, w)| format!("{nh} weight {w}"))
+                .collect::<Vec<_>>();
+            let what = if what.is_empty() {
+                "unreachable".to_string()
+            } else {
+                what.join(", ")
+            };
+            op_error(
+                format!("setting balance route of table {table} ({what})"),
+                &e,
+            )
+        })
+    }
+
+    async fn replace_route(&self, m: RouteMessage) -> io::Result<()> {
+        self.request(
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes mwan's default route of `table`, whatever its type, if any.
+    async fn delete_default(&self, table: u32) -> Result<()> {
+        let mut m = mwan_route(table, RouteType::Unspec);
+        m.header.scope = RouteScope::NoWhere;
+        match self
+            .request(RouteNetlinkMessage::DelRoute(m), NLM_F_ACK)
+            .await
+        {
+            Err(e) if !gone(&e) => Err(op_error(
+                format!("deleting default route of table {table}"),
+                &e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes every route of `table`.
+    pub async fn flush_table(&self, table: u32) -> Result<()> {
+        let routes = match self.routes(Some(table), None).await {
+            Ok(r) => r,
+            // The kernel has no such table: nothing to flush.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(op_error(format!("listing routes of table {table}"), &e)),
+        };
+        for r in routes.iter().filter(|r| route_table(r) == table) {
+            // Deleting by destination, TOS and metric, like `ip route del`.
+            let mut m = RouteMessage::default();
+            m.header = r.header.clone();
+            m.header.scope = RouteScope::NoWhere;
+            m.header.kind = RouteType::Unspec;
+            m.attributes = r
+                .attributes
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        RouteAttribute::Destination(_)
+                            | RouteAttribute::Priority(_)
+                            | RouteAttribute::Table(_)
+                    )
+                })
+                .cloned()
+                .collect();
+            if let Err(e) = self
+                .request(RouteNetlinkMessage::DelRoute(m), NLM_F_ACK)
+                .await
+            {
+                if !gone(&e) {
+                    let dst = route_dst(r).map_or("?".into(), |d| d.to_string());
+                    return Err(op_error(format!("deleting route {dst} table {table}"), &e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv4 routes, filtered by the kernel by table and output interface.
+    async fn routes(&self, table: Option<u32>, oif: Option<u32>) -> io::Result<Vec<RouteMessage>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        if let Some(t) = table {
+            m.attributes.push(RouteAttribute::Table(t));
+        }
+        if let Some(i) = oif {
+            m.attributes.push(RouteAttribute::Oif(i));
+        }
+        Ok(self
+            .dump(RouteNetlinkMessage::GetRoute(m))
+            .await?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r)
+                    if r.header.address_family == AddressFamily::Inet =>
+                {
+                    Some(r)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// IPv4 rules with mwan's protocol, with their spec when they have the
+    /// shape of an mwan rule.
+    async fn owned_rules(&self) -> Result<Vec<(Option<RuleSpec>, RuleMessage)>> {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet;
+        let answer = self
+            .dump(RouteNetlinkMessage::GetRule(m))
+            .await
+            .map_err(|e| op_error("listing rules", &e))?;
+        Ok(answer
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) if is_mwan_rule(&r) => Some((parse_rule(&r), r)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// mwan's current rules (those mwan could have made).
+    pub async fn mwan_rules(&self) -> Result<Vec<RuleSpec>> {
+        Ok(self
+            .owned_rules()
+            .await?
+            .into_iter()
+            .filter_map(|(s, _)| s)
+            .collect())
+    }
+
+    /// Makes mwan's rules exactly `want`: adds the missing ones first, then
+    /// deletes the other rules with mwan's protocol. Other rules are left
+    /// alone.
+    pub async fn sync_rules(&self, want: &[RuleSpec]) -> Result<()> {
+        let have = self.owned_rules().await?;
+        for spec in want {
+            if !have.iter().any(|(s, _)| s.as_ref() == Some(spec)) {
+                let msg = RouteNetlinkMessage::NewRule(rule_message(spec));
+                match self
+                    .request(msg, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+                    .await
+                {
+                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                        return Err(op_error(format!("adding rule {spec}"), &e))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (spec, msg) in have {
+            if spec.as_ref().is_some_and(|s| want.contains(s)) {
+                continue;
+            }
+            self.delete_rule(spec, msg).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_rule(&self, spec: Option<RuleSpec>, msg: RuleMessage) -> Result<()> {
+        let priority = rule_priority(&msg);
+        match self
+            .request(RouteNetlinkMessage::DelRule(msg), NLM_F_ACK)
+            .await
+        {
+            Err(e) if !gone(&e) => {
+                let what =
+                    spec.map_or_else(|| format!("{priority} (proto mwan)"), |s| s.to_string());
+                Err(op_error(format!("deleting rule {what}"), &e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every rule with mwan's protocol and every route of `tables`.
+    /// Tries everything and reports all failures.
+    pub async fn remove_all_mwan(&self, tables: RangeInclusive<u32>) -> Result<()> {
+        let mut errors = Vec::new();
+        match self.owned_rules().await {
+            Ok(rules) => {
+                for (spec, msg) in rules {
+                    errors.extend(self.delete_rule(spec, msg).await.err());
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        for t in tables {
+            errors.extend(self.flush_table(t).await.err());
+        }
+        match errors.len() {
+            0 => Ok(()),
+            _ => Err(anyhow!(
+                "removing mwan's rules and routes: {}",
+                errors
+                    .iter()
+                    .map(|e| format!("{e:#}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        }
+    }
+
+    /// Notifications of link, IPv4 address and IPv4 route changes, from a
+    /// socket of its own opened in the calling thread's network namespace
+    /// (call inside a tokio runtime). The stream ends only if the socket
+    /// fails (logged).
+    pub fn events(&self) -> Result<impl Stream<Item = NetEvent> + Send + Unpin + 'static> {
+        let mut socket = TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .context("opening an rtnetlink event socket")?;
+        let s = socket.socket_mut();
+        s.bind_auto()
+            .context("binding the rtnetlink event socket")?;
+        for group in [RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE] {
+            s.add_membership(group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
+        }
+        force_rcvbuf(s.as_raw_fd(), EVENT_RCVBUF).context("sizing the rtnetlink event socket")?;
+        let stream = futures::stream::unfold(
+            (socket, VecDeque::new()),
+            |(socket, mut pending)| async move {
+                loop {
+                    if let Some(ev) = pending.pop_front() {
+                        return Some((ev, (socket, pending)));
+                    }
+                    match socket.recv_from_full().await {
+                        Ok((buf, _)) => pending.extend(parse_events(&buf)),
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            return Some((NetEvent::Overrun, (socket, pending)))
+                        }
+                        Err(e) => {
+                            tracing::error!("rtnetlink event socket failed: {e}");
+                            return None;
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(stream))
+    }
+}
+
+/// Sets a socket's receive buffer, beyond `rmem_max` when allowed
+/// (`SO_RCVBUFFORCE` needs CAP_NET_ADMIN).
+pub(crate) fn force_rcvbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |opt| {
+        // SAFETY: `size` outlives the call and its length is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))
+}
+
+/// "<op>: <strerror>", e.g. "adding rule 1010 …: Operation not permitted".
+pub(crate) fn op_error(op: impl fmt::Display, e: &io::Error) -> anyhow::Error {
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    anyhow!("{op}: {text}")
+}
+
+/// The object to delete is already gone.
+fn gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+}
+
+fn parse_link(m: &LinkMessage) -> Option<Link> {
+    let name = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })?;
+    let flags = m.header.flags;
+    Some(Link {
+        index: m.header.index,
+        name,
+        admin_up: flags.contains(LinkFlags::Up),
+        carrier: flags.intersects(LinkFlags::LowerUp | LinkFlags::Running),
+        l2: m.header.link_layer_type == LinkLayerType::Ether,
+    })
+}
+
+/// `(ifindex, secondary, local address/prefix)` of an IPv4 address message.
+fn parse_addr(m: &AddressMessage) -> Option<(u32, bool, Ipv4Net)> {
+    if m.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let ip = |want_local: bool| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    // IFA_LOCAL is the local address; IFA_ADDRESS is the peer's on
+    // point-to-point links.
+    let local = ip(true).or_else(|| ip(false))?;
+    let secondary = m.header.flags.contains(AddressHeaderFlags::Secondary)
+        || m.attributes.iter().any(
+            |a| matches!(a, AddressAttribute::Flags(f) if f.contains(AddressFlags::Secondary)),
+        );
+    Some((
+        m.header.index,
+        secondary,
+        Ipv4Net::new(local, m.header.prefix_len).ok()?,
+    ))
+}
+
+/// A route of mwan in `table`: `default proto mwan`, to be completed.
+fn mwan_route(table: u32, kind: RouteType) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    m.header.protocol = RouteProtocol::from(RTPROT_MWAN);
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = kind;
+    m.attributes.push(RouteAttribute::Table(table));
+    m
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn route_metric(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
+    let addr = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
+            _ => None,
+        })
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ipv4Net::new(addr, r.header.destination_prefix_length).ok()
+}
+
+fn gateway_of(attrs: &[RouteAttribute]) -> Option<Ipv4Addr> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+        _ => None,
+    })
+}
+
+/// The nexthops of a route: its multipath entries, or its gateway and
+/// output interface.
+fn route_nexthops(r: &RouteMessage) -> Vec<Nexthop> {
+    for a in &r.attributes {
+        if let RouteAttribute::MultiPath(hops) = a {
+            return hops
+                .iter()
+                .map(|h| Nexthop {
+                    gateway: gateway_of(&h.attributes),
+                    ifindex: h.interface_index,
+                })
+                .collect();
+        }
+    }
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })
+        .map(|ifindex| Nexthop {
+            gateway: gateway_of(&r.attributes),
+            ifindex,
+        })
+        .into_iter()
+        .collect()
+}
+
+fn rule_message(spec: &RuleSpec) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = AddressFamily::Inet;
+    // Without FR_ACT_TO_TBL the rule matches but looks nothing up.
+    m.header.action = RuleAction::ToTable;
+    m.header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    m.attributes.push(RuleAttribute::Table(spec.table));
+    m.attributes.push(RuleAttribute::Priority(spec.priority));
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(RTPROT_MWAN)));
+    match spec.selector {
+        Selector::All => {}
+        Selector::AllSuppressDefault => m.attributes.push(RuleAttribute::SuppressPrefixLen(0)),
+        Selector::Fwmark { mark, mask } => {
+            m.attributes.push(RuleAttribute::FwMark(mark));
+            m.attributes.push(RuleAttribute::FwMask(mask));
+        }
+        Selector::From(a) => {
+            m.header.src_len = 32;
+            m.attributes.push(RuleAttribute::Source(IpAddr::V4(a)));
+        }
+    }
+    m
+}
+
+fn is_mwan_rule(m: &RuleMessage) -> bool {
+    m.attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == RTPROT_MWAN))
+}
+
+fn rule_priority(m: &RuleMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// The spec of a rule if it is exactly of a shape `rule_message` makes.
+fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
+    let h = &m.header;
+    if h.family != AddressFamily::Inet
+        || h.action != RuleAction::ToTable
+        || h.dst_len != 0
+        || h.tos != 0
+    {
+        return None;
+    }
+    let (mut priority, mut table) = (0, u32::from(h.table));
+    let (mut mark, mut mask, mut source, mut suppress) = (None, u32::MAX, None, None);
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::FwMark(v) => mark = Some(*v),
+            RuleAttribute::FwMask(v) => mask = *v,
+            RuleAttribute::Source(IpAddr::V4(a)) if h.src_len == 32 => source = Some(*a),
+            // The kernel reports "unset" as -1.
+            RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => suppress = Some(*n),
+            RuleAttribute::SuppressPrefixLen(_) | RuleAttribute::Protocol(_) => {}
+            _ => return None,
+        }
+    }
+    let selector = match (mark, source, suppress) {
+        (None, None, None) if h.src_len == 0 => Selector::All,
+        (None, None, Some(0)) if h.src_len == 0 => Selector::AllSuppressDefault,
+        (Some(mark), None, None) if h.src_len == 0 => Selector::Fwmark { mark, mask },
+        (None, Some(a), None) => Selector::From(a),
+        _ => return None,
+    };
+    Some(RuleSpec {
+        priority,
+        selector,
+        table,
+    })
+}
+
+/// The events in one datagram of the event socket.
+fn parse_events(buf: &[u8]) -> Vec<NetEvent> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 16 || len > rest.len() {
+            break;
+        }
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
+            Ok(m) => {
+                if let NetlinkPayload::InnerMessage(m) = m.payload {
+                    out.extend(net_event(m));
+                }
+            }
+            Err(e) => tracing::debug!("ignoring an undecodable rtnetlink notification: {e}"),
+        }
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+    }
+    out
+}
+
+fn net_event(m: RouteNetlinkMessage) -> Option<NetEvent> {
+    use RouteNetlinkMessage as M;
+    match m {
+        // Bridge port notifications (AF_BRIDGE) are about the bridge, not
+        // the link: a port leaving a bridge sends a DELLINK.
+        M::NewLink(l) if l.header.interface_family == AddressFamily::Unspec => {
+            parse_link(&l).map(NetEvent::Link)
+        }
+        M::DelLink(l) if l.header.interface_family == AddressFamily::Unspec => {
+            Some(NetEvent::LinkRemoved {
+                index: l.header.index,
+                name: parse_link(&l).map(|l| l.name).unwrap_or_default(),
+            })
+        }
+        M::NewAddress(a) => addr_event(&a, true),
+        M::DelAddress(a) => addr_event(&a, false),
+        M::NewRoute(r) | M::DelRoute(r) => route_event(&r),
+        _ => None,
+    }
+}
+
+fn addr_event(a: &AddressMessage, added: bool) -> Option<NetEvent> {
+    let (index, _, addr) = parse_addr(a)?;
+    Some(NetEvent::Addr { index, addr, added })
+}
+
+fn route_event(r: &RouteMessage) -> Option<NetEvent> {
+    let table = route_table(r);
+    if r.header.address_family != AddressFamily::Inet
+        || table == RT_TABLE_LOCAL
+        || u8::from(r.header.protocol) == RTPROT_MWAN
+    {
+        return None;
+    }
+    Some(NetEvent::Route {
+        table,
+        ifindex: route_nexthops(r).first().map(|nh| nh.ifindex),
+        default: r.header.destination_prefix_length == 0,
+    })
+}

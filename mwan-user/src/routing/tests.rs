@@ -1,0 +1,583 @@
+use std::time::Duration;
+
+use netlink_packet_core::NetlinkHeader;
+
+use super::testns::{veth, TestNs};
+use super::*;
+
+fn a(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn spec(priority: u32, selector: Selector, table: u32) -> RuleSpec {
+    RuleSpec {
+        priority,
+        selector,
+        table,
+    }
+}
+
+const MASK: u32 = 0x00ff_0000;
+
+#[test]
+fn wanted_rules_follow_the_layout() {
+    let rules = wanted_rules(
+        1000,
+        1000,
+        MASK,
+        &[(0, 0x1_0000, Some(a("198.51.100.2"))), (2, 0x3_0000, None)],
+    );
+    let fw = |mark| Selector::Fwmark { mark, mask: MASK };
+    assert_eq!(
+        rules,
+        vec![
+            spec(1000, Selector::AllSuppressDefault, RT_TABLE_MAIN),
+            spec(1010, fw(0x1_0000), 1000),
+            spec(1012, fw(0x3_0000), 1002),
+            spec(1100, Selector::From(a("198.51.100.2")), 1000),
+            spec(1200, Selector::All, 1032),
+        ]
+    );
+    assert_eq!(wanted_rules(5, 7, MASK, &[]).len(), 2);
+}
+
+#[test]
+fn rules_display_like_ip_rule() {
+    let cases = [
+        (
+            spec(1000, Selector::AllSuppressDefault, 254),
+            "1000 from all lookup main suppress_prefixlength 0",
+        ),
+        (
+            spec(
+                1010,
+                Selector::Fwmark {
+                    mark: 0x1_0000,
+                    mask: MASK,
+                },
+                1000,
+            ),
+            "1010 fwmark 0x10000/0xff0000 lookup 1000",
+        ),
+        (
+            spec(1100, Selector::From(a("192.0.2.1")), 1000),
+            "1100 from 192.0.2.1 lookup 1000",
+        ),
+        (spec(1200, Selector::All, 1032), "1200 from all lookup 1032"),
+    ];
+    for (s, text) in cases {
+        assert_eq!(s.to_string(), text);
+    }
+}
+
+#[test]
+fn rule_messages_round_trip_and_look_up_a_table() {
+    for s in wanted_rules(1000, 1000, MASK, &[(0, 0x1_0000, Some(a("198.51.100.2")))]) {
+        let m = rule_message(&s);
+        assert_eq!(m.header.action, RuleAction::ToTable, "{s}");
+        assert!(is_mwan_rule(&m));
+        assert!(m.attributes.contains(&RuleAttribute::Table(s.table)));
+        assert_eq!(parse_rule(&m), Some(s));
+    }
+    // As the kernel dumps it: table 252 (compat) in the header, "no
+    // suppress_prefixlength" as -1.
+    let mut dumped = rule_message(&spec(1200, Selector::All, 1032));
+    dumped.header.table = 252;
+    dumped
+        .attributes
+        .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+    assert_eq!(parse_rule(&dumped), Some(spec(1200, Selector::All, 1032)));
+    // A rule mwan never makes is not mistaken for one.
+    let mut m = rule_message(&spec(1000, Selector::All, 1000));
+    m.attributes.push(RuleAttribute::Iifname("eth0".into()));
+    assert_eq!(parse_rule(&m), None);
+    let mut m = rule_message(&spec(1000, Selector::All, 1000));
+    m.header.action = RuleAction::Unreachable;
+    assert_eq!(parse_rule(&m), None);
+}
+
+#[test]
+fn weights_fit_the_kernel_range() {
+    assert_eq!(kernel_weights(&[3, 1]), vec![3, 1]);
+    assert_eq!(kernel_weights(&[256, 1]), vec![256, 1]);
+    assert_eq!(kernel_weights(&[1000, 500, 1]), vec![256, 128, 1]);
+    assert_eq!(kernel_weights(&[250, 1000]), vec![64, 256]);
+    assert_eq!(kernel_weights(&[300]), vec![256]);
+    assert!(kernel_weights(&[]).is_empty());
+}
+
+fn notification(msg: RouteNetlinkMessage) -> Vec<u8> {
+    let mut m = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
+    m.finalize();
+    let mut buf = vec![0; m.buffer_len()];
+    m.serialize(&mut buf);
+    buf
+}
+
+#[test]
+fn notifications_become_events() {
+    let mut link = LinkMessage::default();
+    link.header.index = 7;
+    link.header.flags = LinkFlags::Up | LinkFlags::LowerUp;
+    link.header.link_layer_type = LinkLayerType::Ether;
+    link.attributes.push(LinkAttribute::IfName("wan0".into()));
+    let mut bridge_port = link.clone();
+    bridge_port.header.interface_family = AddressFamily::Bridge;
+    let mut addr = AddressMessage::default();
+    addr.header.family = AddressFamily::Inet;
+    addr.header.index = 7;
+    addr.header.prefix_len = 24;
+    addr.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(a("198.51.100.2"))));
+    let mut route = mwan_route(254, RouteType::Unicast);
+    route.header.protocol = RouteProtocol::Dhcp;
+    route.attributes.push(RouteAttribute::Oif(7));
+    let own = mwan_route(1000, RouteType::Unicast);
+
+    let mut buf = Vec::new();
+    for m in [
+        RouteNetlinkMessage::NewLink(link.clone()),
+        RouteNetlinkMessage::DelLink(bridge_port),
+        RouteNetlinkMessage::DelAddress(addr),
+        RouteNetlinkMessage::NewRoute(own),
+        RouteNetlinkMessage::DelRoute(route),
+        RouteNetlinkMessage::DelLink(link),
+    ] {
+        buf.extend(notification(m));
+    }
+    let events = format!("{:?}", parse_events(&buf));
+    assert_eq!(
+        events,
+        "[Link(Link { index: 7, name: \"wan0\", admin_up: true, carrier: true, l2: true }), \
+         Addr { index: 7, addr: 198.51.100.2/24, added: false }, \
+         Route { table: 254, ifindex: Some(7), default: true }, \
+         LinkRemoved { index: 7, name: \"wan0\" }]"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Against the kernel, in throwaway network namespaces.
+
+/// A namespace with two "WAN" veths, `w0` (198.51.100.2/24, gateway .1) and
+/// `w1` (203.0.113.2/24, gateway .1), whose peers stay in the namespace.
+fn two_wans(tag: &str) -> TestNs {
+    let ns = TestNs::new(tag);
+    for (w, net) in [("w0", "198.51.100"), ("w1", "203.0.113")] {
+        ns.ip(&format!("link add {w} type veth peer name {w}p"));
+        ns.ip(&format!("link set {w} up"));
+        ns.ip(&format!("link set {w}p up"));
+        ns.ip(&format!("addr add {net}.2/24 dev {w}"));
+    }
+    ns
+}
+
+async fn index(net: &Net, name: &str) -> u32 {
+    net.link(name)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no link {name}"))
+        .index
+}
+
+fn route_dev(ns: &TestNs, args: &str) -> String {
+    let out = ns.ip(&format!("route get {args}"));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let dev = words
+        .iter()
+        .position(|w| *w == "dev")
+        .unwrap_or_else(|| panic!("{out}"));
+    words[dev + 1].to_string()
+}
+
+#[test]
+fn tables_and_rules_route_marked_packets() {
+    let ns = two_wans("rules");
+    // A foreign rule and a stale rule of an earlier mwan.
+    ns.ip("rule add pref 1050 from 192.0.2.9 lookup 100");
+    ns.ip("rule add pref 1015 fwmark 0x90000/0xff0000 lookup 1009 proto 109");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let (w0, w1) = (index(&net, "w0").await, index(&net, "w1").await);
+        let nh0 = Nexthop {
+            gateway: Some(a("198.51.100.1")),
+            ifindex: w0,
+        };
+        let nh1 = Nexthop {
+            gateway: Some(a("203.0.113.1")),
+            ifindex: w1,
+        };
+        net.set_table_default(1000, nh0).await.unwrap();
+        net.set_table_default(1001, nh1).await.unwrap();
+        // Replacing is idempotent.
+        net.set_table_default(1001, nh1).await.unwrap();
+        net.set_balance(1032, &[(nh0, 3), (nh1, 1)], false)
+            .await
+            .unwrap();
+        let wans = [
+            (0, 0x1_0000, Some(a("198.51.100.2"))),
+            (1, 0x2_0000, Some(a("203.0.113.2"))),
+        ];
+        let want = wanted_rules(1000, 1000, MASK, &wans);
+        net.sync_rules(&want).await.unwrap();
+
+        let rules = ns.ip("rule show");
+        for line in [
+            "1000:\tfrom all lookup main suppress_prefixlength 0 proto 109",
+            "1010:\tfrom all fwmark 0x10000/0xff0000 lookup 1000 proto 109",
+            "1011:\tfrom all fwmark 0x20000/0xff0000 lookup 1001 proto 109",
+            "1100:\tfrom 198.51.100.2 lookup 1000 proto 109",
+            "1101:\tfrom 203.0.113.2 lookup 1001 proto 109",
+            "1200:\tfrom all lookup 1032 proto 109",
+            "1050:\tfrom 192.0.2.9 lookup 100",
+        ] {
+            assert!(
+                rules.lines().any(|l| l.trim_end() == line),
+                "missing {line:?} in\n{rules}"
+            );
+        }
+        assert!(!rules.contains("1015:"), "stale rule kept:\n{rules}");
+        let mut have = net.mwan_rules().await.unwrap();
+        have.sort_by_key(|r| r.priority);
+        assert_eq!(have, want);
+
+        // The rules really steer: marks and source addresses pick the WAN,
+        // connected destinations stay on the main table.
+        assert_eq!(route_dev(&ns, "192.0.2.50 mark 0x10000"), "w0");
+        assert_eq!(route_dev(&ns, "192.0.2.50 mark 0x20000"), "w1");
+        assert_eq!(route_dev(&ns, "192.0.2.50 mark 0x20001"), "w1");
+        assert_eq!(route_dev(&ns, "192.0.2.50 from 203.0.113.2"), "w1");
+        assert_eq!(route_dev(&ns, "198.51.100.77 mark 0x20000"), "w0");
+        let balance = ns.ip("route show table 1032");
+        assert!(balance.contains("default proto 109"), "{balance}");
+        assert!(
+            balance.contains("nexthop via 198.51.100.1 dev w0 weight 3"),
+            "{balance}"
+        );
+        assert!(
+            balance.contains("nexthop via 203.0.113.1 dev w1 weight 1"),
+            "{balance}"
+        );
+        let t1 = ns.ip("route show table 1001");
+        assert_eq!(t1.trim(), "default via 203.0.113.1 dev w1 proto 109");
+
+        // Idempotent: nothing changes on a second sync.
+        net.sync_rules(&want).await.unwrap();
+        assert_eq!(ns.ip("rule show"), rules);
+
+        // A WAN losing its address loses its `from` rule only.
+        let want2 = wanted_rules(1000, 1000, MASK, &[wans[0], (1, 0x2_0000, None)]);
+        net.sync_rules(&want2).await.unwrap();
+        let rules2 = ns.ip("rule show");
+        assert!(
+            !rules2.contains("1101:") && rules2.contains("1011:") && rules2.contains("1050:"),
+            "{rules2}"
+        );
+
+        // Weights beyond the kernel's range are scaled.
+        net.set_balance(1032, &[(nh0, 1000), (nh1, 250)], false)
+            .await
+            .unwrap();
+        let balance = ns.ip("route show table 1032");
+        assert!(
+            balance.contains("dev w0 weight 256") && balance.contains("dev w1 weight 64"),
+            "{balance}"
+        );
+        net.set_balance(1032, &[(nh1, 5)], false).await.unwrap();
+        assert_eq!(route_dev(&ns, "192.0.2.50"), "w1");
+        net.set_balance(1032, &[], true).await.unwrap();
+        assert_eq!(
+            ns.ip("route show table 1032").trim(),
+            "unreachable default proto 109"
+        );
+        let unreachable = ns.exec_output(&["ip", "route", "get", "192.0.2.50"]);
+        assert!(!unreachable.status.success());
+        net.set_balance(1032, &[], false).await.unwrap();
+        net.set_balance(1032, &[], false).await.unwrap();
+        assert_eq!(ns.ip("route show table 1032").trim(), "");
+
+        // A foreign route in mwan's range goes with the tables, the foreign
+        // rule stays.
+        ns.ip("route add 192.0.2.0/24 via 198.51.100.1 table 1005");
+        net.set_balance(1032, &[(nh0, 1)], false).await.unwrap();
+        net.remove_all_mwan(1000..=1032).await.unwrap();
+        assert_eq!(ns.ip("route show table all proto 109").trim(), "");
+        for t in [1000, 1001, 1005, 1032] {
+            assert_eq!(
+                ns.ip(&format!("route show table {t}")).trim(),
+                "",
+                "table {t}"
+            );
+        }
+        let rules = ns.ip("rule show");
+        assert!(
+            !rules.contains("proto 109") && rules.contains("1050:"),
+            "{rules}"
+        );
+        net.remove_all_mwan(1000..=1032).await.unwrap();
+        net.flush_table(1000).await.unwrap();
+    });
+}
+
+#[test]
+fn errors_name_the_operation_and_object() {
+    let ns = two_wans("errors");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let w0 = index(&net, "w0").await;
+        let nh = Nexthop {
+            gateway: Some(a("192.0.2.1")),
+            ifindex: w0,
+        };
+        let e = net
+            .set_table_default(1000, nh)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "setting default via 192.0.2.1 ifindex {w0} table 1000: Network is unreachable"
+            )
+        );
+        // Without CAP_NET_ADMIN the kernel refuses changes.
+        drop_net_admin();
+        let rule = spec(
+            1010,
+            Selector::Fwmark {
+                mark: 0x1_0000,
+                mask: MASK,
+            },
+            1000,
+        );
+        let e = net.sync_rules(&[rule]).await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "adding rule 1010 fwmark 0x10000/0xff0000 lookup 1000: Operation not permitted"
+        );
+    });
+}
+
+/// Drops CAP_NET_ADMIN from the calling thread's effective capabilities.
+fn drop_net_admin() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: the kernel reads the header and fills/reads two `Data`.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !(1 << 12); // CAP_NET_ADMIN
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            0
+        );
+    }
+}
+
+#[test]
+fn links_addresses_and_learned_gateways() {
+    let ns = two_wans("learn");
+    ns.ip("addr add 198.51.100.9/24 dev w0");
+    ns.ip("route add default via 198.51.100.1 dev w0 proto dhcp metric 100");
+    ns.ip("route add default via 198.51.100.3 dev w0 metric 5 table 50");
+    ns.ip("route add default via 198.51.100.4 dev w0 table 1000");
+    ns.ip("route add default via 203.0.113.7 dev w1 metric 20 table 51");
+    ns.ip("route add default via 203.0.113.5 dev w1 metric 10 table 52");
+    ns.ip("tuntap add dev tun0 mode tun");
+    ns.ip("link set tun0 up");
+    ns.ip("route add default dev tun0 table 60");
+    ns.ip("link add lonely type veth peer name lonelyp");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let w0 = net.link("w0").await.unwrap().unwrap();
+        assert!(w0.l2 && w0.admin_up && w0.carrier, "{w0:?}");
+        let tun = net.link("tun0").await.unwrap().unwrap();
+        // No process holds the tun: up, without carrier, no L2 header.
+        assert!(!tun.l2 && tun.admin_up && !tun.carrier, "{tun:?}");
+        assert_eq!(net.link("absent0").await.unwrap(), None);
+        let links = net.links().await.unwrap();
+        assert!(links.contains(&w0) && links.contains(&tun), "{links:?}");
+        let lonely = links.iter().find(|l| l.name == "lonely").unwrap();
+        assert!(!lonely.admin_up && !lonely.carrier);
+
+        let net24 = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        assert_eq!(
+            net.ipv4_addrs(w0.index).await.unwrap(),
+            vec![net24("198.51.100.2/24"), net24("198.51.100.9/24")]
+        );
+        assert!(net.ipv4_addrs(tun.index).await.unwrap().is_empty());
+        let all = net.all_ipv4_addrs().await.unwrap();
+        assert!(
+            all.contains(&(1, net24("127.0.0.1/8")))
+                && all.contains(&(w0.index, net24("198.51.100.9/24")))
+        );
+
+        let exclude = 1000..=1032;
+        let learned = |i| net.learned_default(i, exclude.clone());
+        // The main table wins over a lower metric elsewhere; mwan's range is
+        // ignored.
+        assert_eq!(
+            learned(w0.index).await.unwrap(),
+            Some(Nexthop {
+                gateway: Some(a("198.51.100.1")),
+                ifindex: w0.index
+            })
+        );
+        let w1 = index(&net, "w1").await;
+        assert_eq!(
+            learned(w1).await.unwrap().unwrap().gateway,
+            Some(a("203.0.113.5"))
+        );
+        assert_eq!(
+            learned(tun.index).await.unwrap(),
+            Some(Nexthop {
+                gateway: None,
+                ifindex: tun.index
+            })
+        );
+        assert_eq!(learned(lonely.index).await.unwrap(), None);
+        assert_eq!(learned(999_999).await.unwrap(), None);
+        // With the main route gone, the other tables are used.
+        ns.ip("route del default via 198.51.100.1 dev w0");
+        assert_eq!(
+            learned(w0.index).await.unwrap().unwrap().gateway,
+            Some(a("198.51.100.3"))
+        );
+
+        // A default route via a point-to-point device, in a WAN table.
+        net.set_table_default(
+            1007,
+            Nexthop {
+                gateway: None,
+                ifindex: tun.index,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ns.ip("route show table 1007").trim(),
+            "default dev tun0 proto 109 scope link linkdown"
+        );
+        // And as a path of the balance route.
+        let via_w0 = Nexthop {
+            gateway: Some(a("198.51.100.1")),
+            ifindex: w0.index,
+        };
+        let ppp = Nexthop {
+            gateway: None,
+            ifindex: tun.index,
+        };
+        net.set_balance(1032, &[(ppp, 1), (via_w0, 2)], false)
+            .await
+            .unwrap();
+        let balance = ns.ip("route show table 1032");
+        assert!(
+            balance.contains("nexthop dev tun0 weight 1")
+                && balance.contains("nexthop via 198.51.100.1 dev w0 weight 2"),
+            "{balance}"
+        );
+    });
+}
+
+/// The next event matching `pred`, within a deadline.
+async fn expect_event(
+    events: &mut (impl Stream<Item = NetEvent> + Unpin),
+    what: &str,
+    pred: impl Fn(&NetEvent) -> bool,
+) -> NetEvent {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(ev) = events.next().await {
+            if pred(&ev) {
+                return ev;
+            }
+            seen.push(ev);
+        }
+        panic!("event stream ended");
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no {what} event within 5 s; saw {seen:?}"))
+}
+
+#[test]
+fn events_report_carrier_addresses_and_default_routes() {
+    let ns = TestNs::new("events");
+    let peer = TestNs::new("events-peer");
+    veth(&ns, "wa", &peer, "wb");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let a_index = index(&net, "wa").await;
+        let mut events = net.events().unwrap();
+
+        peer.ip("link set wb down");
+        let ev = expect_event(&mut events, "carrier loss", |e| {
+            matches!(e, NetEvent::Link(l) if l.name == "wa" && !l.carrier)
+        })
+        .await;
+        assert!(matches!(ev, NetEvent::Link(l) if l.admin_up && l.index == a_index));
+        peer.ip("link set wb up");
+        expect_event(&mut events, "carrier", |e| matches!(e, NetEvent::Link(l) if l.name == "wa" && l.carrier)).await;
+
+        let addr: Ipv4Net = "100.64.0.1/24".parse().unwrap();
+        ns.ip("addr add 100.64.0.1/24 dev wa");
+        expect_event(&mut events, "address added", |e| {
+            matches!(e, NetEvent::Addr { index, addr: x, added: true } if *index == a_index && *x == addr)
+        })
+        .await;
+
+        expect_event(&mut events, "connected route", |e| {
+            matches!(e, NetEvent::Route { table: 254, default: false, .. })
+        })
+        .await;
+
+        // mwan's own routes are not echoed: the next route event is the
+        // foreign default route.
+        net.set_table_default(
+            1000,
+            Nexthop {
+                gateway: Some(a("100.64.0.2")),
+                ifindex: a_index,
+            },
+        )
+        .await
+        .unwrap();
+        ns.ip("route add default via 100.64.0.2 dev wa proto dhcp");
+        let ev = expect_event(&mut events, "route", |e| matches!(e, NetEvent::Route { .. })).await;
+        assert!(
+            matches!(ev, NetEvent::Route { table: 254, ifindex: Some(i), default: true } if i == a_index),
+            "{ev:?}"
+        );
+        ns.ip("route del default via 100.64.0.2 dev wa");
+        expect_event(&mut events, "route removed", |e| {
+            matches!(e, NetEvent::Route { table: 254, default: true, .. })
+        })
+        .await;
+
+        ns.ip("addr del 100.64.0.1/24 dev wa");
+        expect_event(&mut events, "address removed", |e| {
+            matches!(e, NetEvent::Addr { addr: x, added: false, .. } if *x == addr)
+        })
+        .await;
+        ns.ip("link del wa");
+        expect_event(&mut events, "link removed", |e| {
+            matches!(e, NetEvent::LinkRemoved { index, name } if *index == a_index && name == "wa")
+        })
+        .await;
+    });
+}
