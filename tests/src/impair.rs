@@ -130,9 +130,15 @@ impl IspNode {
 }
 
 /// Rewrites the ISP's `ip lab` nftables table (forward chain) from the
-/// blackhole and loss settings; no table when neither is on.
-fn apply_filter(node: &IspNode, st: &IspState) -> Result<()> {
-    let mut rules = String::new();
+/// blackhole and loss settings, always with ingress source filtering
+/// (BCP 38): like a real ISP, it forwards from the router only packets whose
+/// source is the router's address on this link, so a reply that leaves
+/// through the wrong WAN is dropped instead of silently working.
+pub(crate) fn apply_filter(node: &IspNode, st: &IspState) -> Result<()> {
+    let mut rules = format!(
+        "iifname \"down\" ip saddr != {} drop\n",
+        st.router_addr.trunc()
+    );
     if st.blackhole {
         rules += "drop\n";
     }

@@ -74,6 +74,7 @@ impl IspNode {
             state: Mutex::new(state),
         };
         node.create_wan_link(router, &node.state())?;
+        crate::impair::apply_filter(&node, &node.state())?;
         Ok(node)
     }
 
@@ -201,6 +202,7 @@ impl<'a> Isp<'a> {
             if !st.subnets.contains(&router_addr.trunc()) {
                 st.subnets.push(router_addr.trunc());
             }
+            crate::impair::apply_filter(self.node, &st)?;
         }
         self.lab.refresh_plain_route(i)
     }

@@ -103,7 +103,7 @@ impl Netns {
     }
 
     /// Runs `ip` commands (one per line, as for `ip -batch`) here.
-    pub(crate) fn ip(&self, batch: &str) -> Result<()> {
+    pub fn ip(&self, batch: &str) -> Result<()> {
         run_cmd(
             Command::new("ip").args(["-n", &self.name, "-batch", "-"]),
             Some(batch),

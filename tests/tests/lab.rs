@@ -532,3 +532,31 @@ fn servers_and_processes_in_any_namespace() {
         proc.output_so_far()
     );
 }
+
+#[test]
+fn isps_drop_packets_with_another_isps_source() {
+    // Like real ISPs (BCP 38): a reply leaving through the wrong WAN must
+    // fail, not silently work, or tests could not tell.
+    let lab = build(2);
+    let router = lab.router();
+    let wan1 = lab.isp(1).router_addr().addr();
+    let wan2 = lab.isp(2).router_addr().addr();
+    let via2 = |src: Ipv4Addr| {
+        router
+            .ip(&format!(
+                "route replace {SERVER}/32 via {} dev wan2 src {src}",
+                lab.isp(2).gateway()
+            ))
+            .unwrap();
+    };
+    via2(wan2);
+    let seen = router.tcp_whoami(TCP_WHOAMI).expect("own source passes");
+    assert_eq!(*seen.ip(), wan2);
+    via2(wan1);
+    assert!(
+        router
+            .tcp_whoami_within(TCP_WHOAMI, Duration::from_millis(500))
+            .is_err(),
+        "ISP 2 forwarded a packet from ISP 1's address"
+    );
+}
