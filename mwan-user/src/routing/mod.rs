@@ -8,34 +8,35 @@
 //! Netlink errors are returned naming the operation and the object; nothing
 //! is retried or skipped silently.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use anyhow::{anyhow, Context, Result};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
-};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
+use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteNextHop, RouteScope, RouteType,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use crate::RTPROT_MWAN;
+use msg::{
+    is_mwan_rule, mwan_route, parse_addr, parse_link, parse_rule, route_dst, route_metric,
+    route_nexthops, route_table, rule_message, rule_priority,
+};
 
+mod events;
+mod msg;
 #[cfg(test)]
 pub(crate) mod testns;
 #[cfg(test)]
@@ -44,16 +45,6 @@ mod tests;
 /// The kernel's main routing table.
 pub const RT_TABLE_MAIN: u32 = 254;
 const RT_TABLE_LOCAL: u32 = 255;
-
-// Multicast groups of `events()` (include/uapi/linux/rtnetlink.h).
-const RTNLGRP_LINK: u32 = 1;
-const RTNLGRP_IPV4_IFADDR: u32 = 5;
-const RTNLGRP_IPV4_ROUTE: u32 = 7;
-
-/// Receive buffer of the event socket: room for the notifications of a few
-/// thousand route changes (a flapping PPP link with a full table) before the
-/// kernel drops some and `events()` reports [`NetEvent::Overrun`].
-const EVENT_RCVBUF: usize = 8 << 20;
 
 /// Dumps that the kernel marks inconsistent (`NLM_F_DUMP_INTR`) are retried
 /// this many times.
@@ -669,44 +660,6 @@ impl Net {
             )),
         }
     }
-
-    /// Notifications of link, IPv4 address and IPv4 route changes, from a
-    /// socket of its own opened in the calling thread's network namespace
-    /// (call inside a tokio runtime). The stream ends only if the socket
-    /// fails (logged).
-    pub fn events(&self) -> Result<impl Stream<Item = NetEvent> + Send + Unpin + 'static> {
-        let mut socket = TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)
-            .context("opening an rtnetlink event socket")?;
-        let s = socket.socket_mut();
-        s.bind_auto()
-            .context("binding the rtnetlink event socket")?;
-        for group in [RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE] {
-            s.add_membership(group)
-                .with_context(|| format!("joining rtnetlink group {group}"))?;
-        }
-        force_rcvbuf(s.as_raw_fd(), EVENT_RCVBUF).context("sizing the rtnetlink event socket")?;
-        let stream = futures::stream::unfold(
-            (socket, VecDeque::new()),
-            |(socket, mut pending)| async move {
-                loop {
-                    if let Some(ev) = pending.pop_front() {
-                        return Some((ev, (socket, pending)));
-                    }
-                    match socket.recv_from_full().await {
-                        Ok((buf, _)) => pending.extend(parse_events(&buf)),
-                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                            return Some((NetEvent::Overrun, (socket, pending)))
-                        }
-                        Err(e) => {
-                            tracing::error!("rtnetlink event socket failed: {e}");
-                            return None;
-                        }
-                    }
-                }
-            },
-        );
-        Ok(Box::pin(stream))
-    }
 }
 
 /// Sets a socket's receive buffer, beyond `rmem_max` when allowed
@@ -743,267 +696,4 @@ pub(crate) fn op_error(op: impl fmt::Display, e: &io::Error) -> anyhow::Error {
 /// The object to delete is already gone.
 fn gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
-}
-
-fn parse_link(m: &LinkMessage) -> Option<Link> {
-    let name = m.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.clone()),
-        _ => None,
-    })?;
-    let flags = m.header.flags;
-    Some(Link {
-        index: m.header.index,
-        name,
-        admin_up: flags.contains(LinkFlags::Up),
-        carrier: flags.intersects(LinkFlags::LowerUp | LinkFlags::Running),
-        l2: m.header.link_layer_type == LinkLayerType::Ether,
-    })
-}
-
-/// `(ifindex, secondary, local address/prefix)` of an IPv4 address message.
-fn parse_addr(m: &AddressMessage) -> Option<(u32, bool, Ipv4Net)> {
-    if m.header.family != AddressFamily::Inet {
-        return None;
-    }
-    let ip = |want_local: bool| {
-        m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
-            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
-            _ => None,
-        })
-    };
-    // IFA_LOCAL is the local address; IFA_ADDRESS is the peer's on
-    // point-to-point links.
-    let local = ip(true).or_else(|| ip(false))?;
-    let secondary = m.header.flags.contains(AddressHeaderFlags::Secondary)
-        || m.attributes.iter().any(
-            |a| matches!(a, AddressAttribute::Flags(f) if f.contains(AddressFlags::Secondary)),
-        );
-    Some((
-        m.header.index,
-        secondary,
-        Ipv4Net::new(local, m.header.prefix_len).ok()?,
-    ))
-}
-
-/// A route of mwan in `table`: `default proto mwan`, to be completed.
-fn mwan_route(table: u32, kind: RouteType) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
-    m.header.protocol = RouteProtocol::from(RTPROT_MWAN);
-    m.header.scope = RouteScope::Universe;
-    m.header.kind = kind;
-    m.attributes.push(RouteAttribute::Table(table));
-    m
-}
-
-fn route_table(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(r.header.table))
-}
-
-fn route_metric(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Priority(p) => Some(*p),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
-    let addr = r
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(*a),
-            _ => None,
-        })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    Ipv4Net::new(addr, r.header.destination_prefix_length).ok()
-}
-
-fn gateway_of(attrs: &[RouteAttribute]) -> Option<Ipv4Addr> {
-    attrs.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
-        _ => None,
-    })
-}
-
-/// The nexthops of a route: its multipath entries, or its gateway and
-/// output interface.
-fn route_nexthops(r: &RouteMessage) -> Vec<Nexthop> {
-    for a in &r.attributes {
-        if let RouteAttribute::MultiPath(hops) = a {
-            return hops
-                .iter()
-                .map(|h| Nexthop {
-                    gateway: gateway_of(&h.attributes),
-                    ifindex: h.interface_index,
-                })
-                .collect();
-        }
-    }
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        })
-        .map(|ifindex| Nexthop {
-            gateway: gateway_of(&r.attributes),
-            ifindex,
-        })
-        .into_iter()
-        .collect()
-}
-
-fn rule_message(spec: &RuleSpec) -> RuleMessage {
-    let mut m = RuleMessage::default();
-    m.header.family = AddressFamily::Inet;
-    // Without FR_ACT_TO_TBL the rule matches but looks nothing up.
-    m.header.action = RuleAction::ToTable;
-    m.header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
-    m.attributes.push(RuleAttribute::Table(spec.table));
-    m.attributes.push(RuleAttribute::Priority(spec.priority));
-    m.attributes
-        .push(RuleAttribute::Protocol(RouteProtocol::from(RTPROT_MWAN)));
-    match spec.selector {
-        Selector::All => {}
-        Selector::AllSuppressDefault => m.attributes.push(RuleAttribute::SuppressPrefixLen(0)),
-        Selector::Fwmark { mark, mask } => {
-            m.attributes.push(RuleAttribute::FwMark(mark));
-            m.attributes.push(RuleAttribute::FwMask(mask));
-        }
-        Selector::From(a) => {
-            m.header.src_len = 32;
-            m.attributes.push(RuleAttribute::Source(IpAddr::V4(a)));
-        }
-    }
-    m
-}
-
-fn is_mwan_rule(m: &RuleMessage) -> bool {
-    m.attributes
-        .iter()
-        .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == RTPROT_MWAN))
-}
-
-fn rule_priority(m: &RuleMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Priority(p) => Some(*p),
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-/// The spec of a rule if it is exactly of a shape `rule_message` makes.
-fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
-    let h = &m.header;
-    if h.family != AddressFamily::Inet
-        || h.action != RuleAction::ToTable
-        || h.dst_len != 0
-        || h.tos != 0
-    {
-        return None;
-    }
-    let (mut priority, mut table) = (0, u32::from(h.table));
-    let (mut mark, mut mask, mut source, mut suppress) = (None, u32::MAX, None, None);
-    for a in &m.attributes {
-        match a {
-            RuleAttribute::Priority(p) => priority = *p,
-            RuleAttribute::Table(t) => table = *t,
-            RuleAttribute::FwMark(v) => mark = Some(*v),
-            RuleAttribute::FwMask(v) => mask = *v,
-            RuleAttribute::Source(IpAddr::V4(a)) if h.src_len == 32 => source = Some(*a),
-            // The kernel reports "unset" as -1.
-            RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => suppress = Some(*n),
-            RuleAttribute::SuppressPrefixLen(_) | RuleAttribute::Protocol(_) => {}
-            _ => return None,
-        }
-    }
-    let selector = match (mark, source, suppress) {
-        (None, None, None) if h.src_len == 0 => Selector::All,
-        (None, None, Some(0)) if h.src_len == 0 => Selector::AllSuppressDefault,
-        (Some(mark), None, None) if h.src_len == 0 => Selector::Fwmark { mark, mask },
-        (None, Some(a), None) => Selector::From(a),
-        _ => return None,
-    };
-    Some(RuleSpec {
-        priority,
-        selector,
-        table,
-    })
-}
-
-/// The events in one datagram of the event socket.
-fn parse_events(buf: &[u8]) -> Vec<NetEvent> {
-    let mut out = Vec::new();
-    let mut rest = buf;
-    while rest.len() >= 16 {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < 16 || len > rest.len() {
-            break;
-        }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
-            Ok(m) => {
-                if let NetlinkPayload::InnerMessage(m) = m.payload {
-                    out.extend(net_event(m));
-                }
-            }
-            Err(e) => tracing::debug!("ignoring an undecodable rtnetlink notification: {e}"),
-        }
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
-    }
-    out
-}
-
-fn net_event(m: RouteNetlinkMessage) -> Option<NetEvent> {
-    use RouteNetlinkMessage as M;
-    match m {
-        // Bridge port notifications (AF_BRIDGE) are about the bridge, not
-        // the link: a port leaving a bridge sends a DELLINK.
-        M::NewLink(l) if l.header.interface_family == AddressFamily::Unspec => {
-            parse_link(&l).map(NetEvent::Link)
-        }
-        M::DelLink(l) if l.header.interface_family == AddressFamily::Unspec => {
-            Some(NetEvent::LinkRemoved {
-                index: l.header.index,
-                name: parse_link(&l).map(|l| l.name).unwrap_or_default(),
-            })
-        }
-        M::NewAddress(a) => addr_event(&a, true),
-        M::DelAddress(a) => addr_event(&a, false),
-        M::NewRoute(r) | M::DelRoute(r) => route_event(&r),
-        _ => None,
-    }
-}
-
-fn addr_event(a: &AddressMessage, added: bool) -> Option<NetEvent> {
-    let (index, _, addr) = parse_addr(a)?;
-    Some(NetEvent::Addr { index, addr, added })
-}
-
-fn route_event(r: &RouteMessage) -> Option<NetEvent> {
-    let table = route_table(r);
-    if r.header.address_family != AddressFamily::Inet
-        || table == RT_TABLE_LOCAL
-        || u8::from(r.header.protocol) == RTPROT_MWAN
-    {
-        return None;
-    }
-    Some(NetEvent::Route {
-        table,
-        ifindex: route_nexthops(r).first().map(|nh| nh.ifindex),
-        default: r.header.destination_prefix_length == 0,
-    })
 }

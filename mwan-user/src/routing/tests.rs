@@ -1,7 +1,14 @@
+use std::net::IpAddr;
 use std::time::Duration;
 
+use futures::Stream;
 use netlink_packet_core::NetlinkHeader;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkFlags, LinkLayerType};
+use netlink_packet_route::route::RouteProtocol;
+use netlink_packet_route::rule::{RuleAction, RuleAttribute};
 
+use super::events::parse_events;
 use super::testns::{veth, TestNs};
 use super::*;
 
