@@ -18,9 +18,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MWAN_EBPF_OBJ");
     if let Some(obj) = env::var_os("MWAN_EBPF_OBJ") {
         println!("cargo:rerun-if-changed={}", Path::new(&obj).display());
-        std::fs::copy(&obj, &dest).unwrap_or_else(|e| {
-            panic!("MWAN_EBPF_OBJ={}: {e}", Path::new(&obj).display())
-        });
+        std::fs::copy(&obj, &dest)
+            .unwrap_or_else(|e| panic!("MWAN_EBPF_OBJ={}: {e}", Path::new(&obj).display()));
         return;
     }
     let ebpf_dir = manifest_dir.join("../mwan-ebpf");
@@ -49,7 +48,10 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("running cargo for the eBPF crate: {e}"));
     if !status.success() {
-        eprintln!("error: building the eBPF datapath failed ({status}) with {:?}", toolchain.route);
+        eprintln!(
+            "error: building the eBPF datapath failed ({status}) with {:?}",
+            toolchain.route
+        );
         std::process::exit(1);
     }
     let obj = bpf_toolchain::Toolchain::object_path(&target_dir);

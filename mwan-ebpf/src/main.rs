@@ -11,7 +11,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::TC_ACT_UNSPEC,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -62,16 +62,20 @@ const ICMP_ECHO: u8 = 8;
 /// Refresh a host pin's activity time at most this often.
 const HOST_REFRESH_NS: u64 = 1_000_000_000;
 
+// Both programs return TC_ACT_UNSPEC: the packet continues to any later tc
+// filter (a shaper's classifier, say) and then up the stack unchanged apart
+// from its mark.
+
 #[classifier]
 pub fn mwan_lan_eth(ctx: TcContext) -> i32 {
     classify::<ETH_HLEN>(&ctx);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn mwan_lan_l3(ctx: TcContext) -> i32 {
     classify::<0>(&ctx);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]

@@ -77,7 +77,11 @@ impl std::fmt::Display for Missing {
                 BPF_LINKER_INSTALL.join(" ")
             ));
         }
-        write!(f, "missing {}. `cargo xtask build` installs them on Debian and Ubuntu", parts.join(" and "))
+        write!(
+            f,
+            "missing {}. `cargo xtask build` installs them on Debian and Ubuntu",
+            parts.join(" and ")
+        )
     }
 }
 
@@ -180,10 +184,19 @@ impl Toolchain {
             if let Some(p) = env::var_os("PATH") {
                 paths.extend(env::split_paths(&p));
             }
-            cmd.env("PATH", env::join_paths(paths).expect("PATH entries are valid"));
+            cmd.env(
+                "PATH",
+                env::join_paths(paths).expect("PATH entries are valid"),
+            );
         }
         cmd.current_dir(crate_dir)
-            .args(["--release", "--locked", "--target", BPF_TARGET, "--target-dir"])
+            .args([
+                "--release",
+                "--locked",
+                "--target",
+                BPF_TARGET,
+                "--target-dir",
+            ])
             .arg(target_dir);
         cmd
     }

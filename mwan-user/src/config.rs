@@ -503,10 +503,16 @@ fn int_in(key: &str, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
 }
 
 fn valid_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
-    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+    {
         return Err(err(
             key,
-            format!("`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"),
+            format!(
+                "`{name}` is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+            ),
         ));
     }
     Ok(())
@@ -630,12 +636,13 @@ impl HealthDefaults<'_> {
             Some((s, key)) => duration(&key, &s)?,
             None => DEFAULT_HOLD_DOWN,
         };
-        let int = |v: Option<(i64, String)>, d: i64, lo: i64, hi: i64| -> Result<i64, ConfigError> {
-            match v {
-                Some((v, key)) => int_in(&key, v, lo, hi),
-                None => Ok(d),
-            }
-        };
+        let int =
+            |v: Option<(i64, String)>, d: i64, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+                match v {
+                    Some((v, key)) => int_in(&key, v, lo, hi),
+                    None => Ok(d),
+                }
+            };
         let quorum_raw = pick!(quorum);
         let quorum_key = quorum_raw
             .as_ref()
@@ -695,9 +702,9 @@ impl Config {
 
     /// Parses and validates config text. Does not look at the host.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| err("", format!("not valid TOML: {}", e.to_string().trim())))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            err("", format!("not valid TOML: {}", e.to_string().trim()))
+        })?;
         check_keys(&table, &[TOP_KEYS, HEALTH_KEYS], "")?;
         for (name, keys, extra) in [("wan", WAN_KEYS, HEALTH_KEYS), ("rule", RULE_KEYS, &[][..])] {
             match table.get(name) {
@@ -705,12 +712,24 @@ impl Config {
                 Some(toml::Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
                         match item {
-                            toml::Value::Table(t) => check_keys(t, &[keys, extra], &format!("{name}[{i}]"))?,
-                            _ => return Err(err(format!("{name}[{i}]"), format!("must be a table: write [[{name}]]"))),
+                            toml::Value::Table(t) => {
+                                check_keys(t, &[keys, extra], &format!("{name}[{i}]"))?
+                            }
+                            _ => {
+                                return Err(err(
+                                    format!("{name}[{i}]"),
+                                    format!("must be a table: write [[{name}]]"),
+                                ))
+                            }
                         }
                     }
                 }
-                Some(_) => return Err(err(name, format!("must be a list of tables: write [[{name}]]"))),
+                Some(_) => {
+                    return Err(err(
+                        name,
+                        format!("must be a list of tables: write [[{name}]]"),
+                    ))
+                }
             }
         }
         let raw: RawConfig = toml::Value::Table(table)
@@ -731,7 +750,10 @@ impl Config {
         for (i, l) in lan_interfaces.iter().enumerate() {
             valid_ifname(&format!("lan_interfaces[{i}]"), l)?;
             if !seen.insert(l.clone()) {
-                return Err(err(format!("lan_interfaces[{i}]"), format!("`{l}` is listed twice")));
+                return Err(err(
+                    format!("lan_interfaces[{i}]"),
+                    format!("`{l}` is listed twice"),
+                ));
             }
         }
         let host_ttl = match &raw.host_ttl {
@@ -741,13 +763,23 @@ impl Config {
         if host_ttl.is_zero() {
             return Err(err("host_ttl", "must be greater than zero"));
         }
-        let pin_dir = raw.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        let pin_dir = raw
+            .pin_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
         if !pin_dir.is_absolute() {
-            return Err(err("pin_dir", format!("`{}` must be an absolute path", pin_dir.display())));
+            return Err(err(
+                "pin_dir",
+                format!("`{}` must be an absolute path", pin_dir.display()),
+            ));
         }
-        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
-            return Err(err("state_dir", format!("`{}` must be an absolute path", state_dir.display())));
+            return Err(err(
+                "state_dir",
+                format!("`{}` must be an absolute path", state_dir.display()),
+            ));
         }
         let max_flows = match raw.max_flows {
             Some(v) => int_in("max_flows", v, 1024, 64 << 20)? as u32,
@@ -768,7 +800,9 @@ impl Config {
                             Some(h) => u32::from_str_radix(h, 16),
                             None => t.parse::<u32>(),
                         };
-                        parsed.map_err(|_| err("mark_mask", format!("`{s}` is not a 32-bit number")))?
+                        parsed.map_err(|_| {
+                            err("mark_mask", format!("`{s}` is not a 32-bit number"))
+                        })?
                     }
                 };
                 // The WAN number (id + 1) is stored at the mask's lowest bit.
@@ -802,16 +836,28 @@ impl Config {
         };
 
         if raw.wan.is_empty() {
-            return Err(err("wan", "no [[wan]] defined: mwan needs at least one WAN"));
+            return Err(err(
+                "wan",
+                "no [[wan]] defined: mwan needs at least one WAN",
+            ));
         }
         if raw.wan.len() as u32 > MAX_WANS {
-            return Err(err("wan", format!("{} WANs defined; at most {MAX_WANS} are supported", raw.wan.len())));
+            return Err(err(
+                "wan",
+                format!(
+                    "{} WANs defined; at most {MAX_WANS} are supported",
+                    raw.wan.len()
+                ),
+            ));
         }
         let mark_capacity = mark_mask >> mark_mask.trailing_zeros();
         if (raw.wan.len() as u32) > mark_capacity {
             return Err(err(
                 "mark_mask",
-                format!("{mark_mask:#x} can number only {mark_capacity} WANs, {} are defined", raw.wan.len()),
+                format!(
+                    "{mark_mask:#x} can number only {mark_capacity} WANs, {} are defined",
+                    raw.wan.len()
+                ),
             ));
         }
         let defaults = HealthDefaults { top: &raw.health };
@@ -820,19 +866,30 @@ impl Config {
         let mut ifaces: BTreeMap<String, String> = BTreeMap::new();
         for (i, w) in raw.wan.iter().enumerate() {
             let at = format!("wan[{i}]");
-            let name = w.name.clone().ok_or_else(|| err(format!("{at}.name"), "missing"))?;
+            let name = w
+                .name
+                .clone()
+                .ok_or_else(|| err(format!("{at}.name"), "missing"))?;
             if name.is_empty()
                 || name.len() >= WAN_NAME_LEN
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
             {
                 return Err(err(
                     format!("{at}.name"),
-                    format!("`{name}`: use 1 to {} letters, digits, '-', '_' or '.'", WAN_NAME_LEN - 1),
+                    format!(
+                        "`{name}`: use 1 to {} letters, digits, '-', '_' or '.'",
+                        WAN_NAME_LEN - 1
+                    ),
                 ));
             }
             let at = format!("wan[{i}] ({name})");
             if !names.insert(name.clone()) {
-                return Err(err(format!("{at}.name"), format!("duplicate WAN name `{name}`")));
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("duplicate WAN name `{name}`"),
+                ));
             }
             let interface = w
                 .interface
@@ -852,15 +909,26 @@ impl Config {
                 ));
             }
             let gateway = match w.gateway.as_deref() {
-                None => return Err(err(format!("{at}.gateway"), "missing: an IPv4 address or \"auto\"")),
+                None => {
+                    return Err(err(
+                        format!("{at}.gateway"),
+                        "missing: an IPv4 address or \"auto\"",
+                    ))
+                }
                 Some("auto") => Gateway::Auto,
                 Some(s) => Gateway::Fixed(s.parse().map_err(|_| {
-                    err(format!("{at}.gateway"), format!("`{s}` is not an IPv4 address or \"auto\""))
+                    err(
+                        format!("{at}.gateway"),
+                        format!("`{s}` is not an IPv4 address or \"auto\""),
+                    )
                 })?),
             };
             if let Gateway::Fixed(a) = gateway {
                 if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
-                    return Err(err(format!("{at}.gateway"), format!("`{a}` cannot be a gateway")));
+                    return Err(err(
+                        format!("{at}.gateway"),
+                        format!("`{a}` cannot be a gateway"),
+                    ));
                 }
             }
             let weight = int_in(&format!("{at}.weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
@@ -879,7 +947,13 @@ impl Config {
         }
 
         if raw.rule.len() as u32 > MAX_RULES {
-            return Err(err("rule", format!("{} rules defined; at most {MAX_RULES} are supported", raw.rule.len())));
+            return Err(err(
+                "rule",
+                format!(
+                    "{} rules defined; at most {MAX_RULES} are supported",
+                    raw.rule.len()
+                ),
+            ));
         }
         let mut rules = Vec::new();
         for (i, r) in raw.rule.into_iter().enumerate() {
@@ -889,7 +963,10 @@ impl Config {
             };
             let wan_list = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
                 if list.is_empty() {
-                    return Err(err(format!("{at}.{key}"), "is empty: name at least one WAN"));
+                    return Err(err(
+                        format!("{at}.{key}"),
+                        "is empty: name at least one WAN",
+                    ));
                 }
                 let mut seen = HashSet::new();
                 for n in &list {
@@ -907,9 +984,17 @@ impl Config {
                 (None, Some(b), None | Some(false)) => Action::Balance(wan_list("balance", b)?),
                 (None, None, Some(true)) => Action::Main,
                 (None, None, _) => {
-                    return Err(err(at, "has no action: set one of wans = [..], balance = [..] or main = true"))
+                    return Err(err(
+                        at,
+                        "has no action: set one of wans = [..], balance = [..] or main = true",
+                    ))
                 }
-                _ => return Err(err(at, "has more than one action: set only one of wans, balance and main")),
+                _ => {
+                    return Err(err(
+                        at,
+                        "has more than one action: set only one of wans, balance and main",
+                    ))
+                }
             };
             let mut protos = Vec::new();
             if let Some(p) = r.proto {
@@ -918,7 +1003,12 @@ impl Config {
                         "tcp" => Proto::Tcp,
                         "udp" => Proto::Udp,
                         "icmp" => Proto::Icmp,
-                        _ => return Err(err(format!("{at}.proto"), format!("`{s}`: use tcp, udp or icmp"))),
+                        _ => {
+                            return Err(err(
+                                format!("{at}.proto"),
+                                format!("`{s}`: use tcp, udp or icmp"),
+                            ))
+                        }
                     };
                     if !protos.contains(&proto) {
                         protos.push(proto);
@@ -996,7 +1086,10 @@ impl Config {
         let mut warnings = Vec::new();
         for (i, l) in self.lan_interfaces.iter().enumerate() {
             if !exists(l) {
-                return Err(err(format!("lan_interfaces[{i}]"), format!("interface `{l}` does not exist")));
+                return Err(err(
+                    format!("lan_interfaces[{i}]"),
+                    format!("interface `{l}` does not exist"),
+                ));
             }
         }
         for (i, w) in self.wans.iter().enumerate() {
@@ -1102,7 +1195,10 @@ gateway = "auto"
         // down_after rounds must then be sent and time out.
         let worst = DEFAULT_PROBE_INTERVAL * DEFAULT_DOWN_AFTER + DEFAULT_PROBE_TIMEOUT;
         assert!(worst < Duration::from_secs(1), "{worst:?}");
-        assert!(DEFAULT_DOWN_AFTER >= 2, "a single lost probe must not take a WAN down");
+        assert!(
+            DEFAULT_DOWN_AFTER >= 2,
+            "a single lost probe must not take a WAN down"
+        );
     }
 
     #[test]
@@ -1124,11 +1220,26 @@ gateway = "auto"
 
     #[test]
     fn probe_target_forms() {
-        assert_eq!("dns:198.51.100.53".parse::<ProbeTarget>().unwrap(), ProbeTarget::Dns("198.51.100.53:53".parse().unwrap()));
-        assert_eq!("dns:198.51.100.53:5353".parse::<ProbeTarget>().unwrap().to_string(), "dns:198.51.100.53:5353");
-        assert_eq!("icmp:192.0.2.1".parse::<ProbeTarget>().unwrap().to_string(), "192.0.2.1");
+        assert_eq!(
+            "dns:198.51.100.53".parse::<ProbeTarget>().unwrap(),
+            ProbeTarget::Dns("198.51.100.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            "dns:198.51.100.53:5353"
+                .parse::<ProbeTarget>()
+                .unwrap()
+                .to_string(),
+            "dns:198.51.100.53:5353"
+        );
+        assert_eq!(
+            "icmp:192.0.2.1".parse::<ProbeTarget>().unwrap().to_string(),
+            "192.0.2.1"
+        );
         assert!("tcp:203.0.113.9".parse::<ProbeTarget>().is_err());
-        assert!("ftp:203.0.113.9:21".parse::<ProbeTarget>().unwrap_err().contains("unknown probe kind"));
+        assert!("ftp:203.0.113.9:21"
+            .parse::<ProbeTarget>()
+            .unwrap_err()
+            .contains("unknown probe kind"));
         assert!("example.com".parse::<ProbeTarget>().is_err());
     }
 
@@ -1149,16 +1260,52 @@ gateway = "auto"
             ("weight = 3", "weight = 0", "wan[0] (isp1).weight"),
             ("weight = 3", "weight = 1001", "wan[0] (isp1).weight"),
             ("weight = 3", "tier = 0", "wan[0] (isp1).tier"),
-            ("gateway = \"100.64.1.1\"", "gateway = \"100.64.1\"", "wan[0] (isp1).gateway"),
-            ("gateway = \"100.64.1.1\"", "gateway = \"0.0.0.0\"", "wan[0] (isp1).gateway"),
+            (
+                "gateway = \"100.64.1.1\"",
+                "gateway = \"100.64.1\"",
+                "wan[0] (isp1).gateway",
+            ),
+            (
+                "gateway = \"100.64.1.1\"",
+                "gateway = \"0.0.0.0\"",
+                "wan[0] (isp1).gateway",
+            ),
             ("name = \"isp2\"", "name = \"isp1\"", "wan[1] (isp1).name"),
-            ("interface = \"wan2\"", "interface = \"wan1\"", "wan[1] (isp2).interface"),
-            ("interface = \"wan2\"", "interface = \"lan0\"", "wan[1] (isp2).interface"),
-            ("interface = \"wan2\"", "interface = \"a-very-long-interface\"", "wan[1] (isp2).interface"),
-            ("lan_interfaces = [\"lan0\"]", "lan_interfaces = []", "lan_interfaces"),
-            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\", \"198.51.100.1\"]", "probe_targets"),
-            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\"]\nquorum = 2", "quorum"),
-            ("probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]", "probe_targets = [\"198.51.100.1\"]\nprobe_interval = \"fast\"", "probe_interval"),
+            (
+                "interface = \"wan2\"",
+                "interface = \"wan1\"",
+                "wan[1] (isp2).interface",
+            ),
+            (
+                "interface = \"wan2\"",
+                "interface = \"lan0\"",
+                "wan[1] (isp2).interface",
+            ),
+            (
+                "interface = \"wan2\"",
+                "interface = \"a-very-long-interface\"",
+                "wan[1] (isp2).interface",
+            ),
+            (
+                "lan_interfaces = [\"lan0\"]",
+                "lan_interfaces = []",
+                "lan_interfaces",
+            ),
+            (
+                "probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]",
+                "probe_targets = [\"198.51.100.1\", \"198.51.100.1\"]",
+                "probe_targets",
+            ),
+            (
+                "probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]",
+                "probe_targets = [\"198.51.100.1\"]\nquorum = 2",
+                "quorum",
+            ),
+            (
+                "probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]",
+                "probe_targets = [\"198.51.100.1\"]\nprobe_interval = \"fast\"",
+                "probe_interval",
+            ),
         ];
         for (from, to, key) in cases {
             assert!(MIN.contains(from), "{from}");
@@ -1183,10 +1330,19 @@ gateway = "auto"
     fn mark_mask_must_be_contiguous_and_large_enough() {
         let c = Config::parse(&format!("mark_mask = \"0xff00\"\n{MIN}")).unwrap();
         assert_eq!(c.wan_mark(0), 0x100);
-        assert_eq!(parse_err(&format!("mark_mask = \"0xf0f0\"\n{MIN}")).key, "mark_mask");
+        assert_eq!(
+            parse_err(&format!("mark_mask = \"0xf0f0\"\n{MIN}")).key,
+            "mark_mask"
+        );
         // One bit numbers only one WAN.
-        assert_eq!(parse_err(&format!("mark_mask = 0x100\n{MIN}")).key, "mark_mask");
-        assert_eq!(parse_err(&format!("mark_mask = \"zz\"\n{MIN}")).key, "mark_mask");
+        assert_eq!(
+            parse_err(&format!("mark_mask = 0x100\n{MIN}")).key,
+            "mark_mask"
+        );
+        assert_eq!(
+            parse_err(&format!("mark_mask = \"zz\"\n{MIN}")).key,
+            "mark_mask"
+        );
     }
 
     #[test]
@@ -1218,8 +1374,17 @@ main = true
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.rules.len(), 4);
         assert_eq!(c.rules[0].name, "web");
-        assert_eq!(c.rules[0].dst_ports[2], PortRange { first: 8000, last: 8100 });
-        assert_eq!(c.rules[1].action, Action::Ordered(vec!["isp2".into(), "isp1".into()]));
+        assert_eq!(
+            c.rules[0].dst_ports[2],
+            PortRange {
+                first: 8000,
+                last: 8100
+            }
+        );
+        assert_eq!(
+            c.rules[1].action,
+            Action::Ordered(vec!["isp2".into(), "isp1".into()])
+        );
         assert_eq!(c.rules[2].action, Action::Balance(vec!["isp2".into()]));
         assert_eq!(c.rules[2].name, "rule2");
         assert_eq!(c.rules[3].action, Action::Main);
@@ -1231,15 +1396,42 @@ main = true
         let rule = |body: &str| parse_err(&format!("{MIN}\n[[rule]]\n{body}\n"));
         assert_eq!(rule("dst_ports = [25]").key, "rule[0]");
         assert!(rule("dst_ports = [25]").reason.contains("no action"));
-        assert!(rule("wans = [\"isp1\"]\nmain = true").reason.contains("more than one action"));
+        assert!(rule("wans = [\"isp1\"]\nmain = true")
+            .reason
+            .contains("more than one action"));
         assert_eq!(rule("wans = [\"isp9\"]").key, "rule[0].wans");
         assert_eq!(rule("wans = []").key, "rule[0].wans");
-        assert_eq!(rule("dst_ports = [0]\nwans = [\"isp1\"]").key, "rule[0].dst_ports");
-        assert_eq!(rule("dst_ports = [\"90-80\"]\nwans = [\"isp1\"]").key, "rule[0].dst_ports");
-        assert_eq!(rule("dst = [\"192.0.2.1/24\"]\nwans = [\"isp1\"]").key, "rule[0].dst");
-        assert_eq!(rule("proto = \"sctp\"\nwans = [\"isp1\"]").key, "rule[0].proto");
-        assert_eq!(rule("lan_interface = \"eth9\"\nwans = [\"isp1\"]").key, "rule[0].lan_interface");
-        assert!(rule("proto = \"icmp\"\ndst_ports = [1]\nwans = [\"isp1\"]").reason.contains("icmp"));
+        assert_eq!(
+            rule("dst_ports = [0]\nwans = [\"isp1\"]").key,
+            "rule[0].dst_ports"
+        );
+        assert_eq!(
+            rule("dst_ports = [\"90-80\"]\nwans = [\"isp1\"]").key,
+            "rule[0].dst_ports"
+        );
+        assert_eq!(
+            rule("dst = [\"192.0.2.1/24\"]\nwans = [\"isp1\"]").key,
+            "rule[0].dst"
+        );
+        assert_eq!(
+            rule("proto = \"sctp\"\nwans = [\"isp1\"]").key,
+            "rule[0].proto"
+        );
+        assert_eq!(
+            rule("lan_interface = \"eth9\"\nwans = [\"isp1\"]").key,
+            "rule[0].lan_interface"
+        );
+        assert!(rule("proto = \"icmp\"\ndst_ports = [1]\nwans = [\"isp1\"]")
+            .reason
+            .contains("icmp"));
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = Config::parse(include_str!("../packaging/mwan.example.toml")).unwrap();
+        assert_eq!(c.wans.len(), 2);
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.wans[1].gateway, Gateway::Auto);
     }
 
     #[test]

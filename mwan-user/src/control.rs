@@ -1,1 +1,213 @@
-//! (being written)
+//! The control protocol between the `mwan` CLI and the daemon: one JSON
+//! request per line on a unix stream socket (`<state_dir>/mwan.sock`), one
+//! JSON response line back. The response types are also the stable `--json`
+//! output of the CLI (documented in docs/CLI.md).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    SetWeight {
+        wan: String,
+        weight: u32,
+    },
+    /// No new flows for the WAN; existing flows stay.
+    Drain {
+        wan: String,
+    },
+    /// Clears `drain` and `disable`.
+    Enable {
+        wan: String,
+    },
+    /// The WAN takes no flows at all: its flows move away.
+    Disable {
+        wan: String,
+    },
+    Reload,
+    /// Exit; `teardown` removes the datapath, otherwise it keeps running.
+    Stop {
+        teardown: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            message: Some(message.into()),
+            status: None,
+        }
+    }
+    pub fn error(e: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            message: None,
+            status: None,
+        }
+    }
+}
+
+/// `mwan status --json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub config: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: f64,
+    pub sticky: String,
+    /// No WAN takes new flows (the `all_down` policy applies).
+    pub all_down: bool,
+    pub wans: Vec<WanStatus>,
+    /// Pinned flows in the flow map (all WANs), as of `flows_counted_secs_ago`.
+    pub flows_total: u64,
+    pub flows_counted_secs_ago: Option<f64>,
+    /// Datapath counters (packets, hits, new flows, re-pins, …).
+    pub counters: std::collections::BTreeMap<String, u64>,
+    /// Most recent state changes, newest last.
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WanStatus {
+    pub name: String,
+    pub id: u8,
+    pub interface: String,
+    /// unknown, up, degraded, down, disabled
+    pub state: String,
+    /// RFC 3339 time the state began, and its age in seconds.
+    pub since: String,
+    pub since_secs: f64,
+    pub tier: u32,
+    pub weight: u32,
+    /// Share of new flows under the default policy (0..=1).
+    pub share: f64,
+    pub drained: bool,
+    pub enabled: bool,
+    /// Pins to this WAN are valid (false: its flows move on their next packet).
+    pub alive: bool,
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_pct: f64,
+    /// Flows pinned to this WAN in the flow map.
+    pub flows: u64,
+    /// Flows pinned to this WAN since the datapath was created.
+    pub new_flows: u64,
+    /// LAN traffic balanced to this WAN (datapath counters).
+    pub lan_packets: u64,
+    pub lan_bytes: u64,
+    /// Interface counters (all traffic on the link).
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub wan: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+/// One pinned flow, as `mwan flows --json` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FlowRecord {
+    pub proto: String,
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+    /// WAN name, or "main" for flows the policy left to the main table.
+    pub wan: String,
+    /// The WAN it was first pinned to, when it moved because that WAN died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<String>,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One per-host pin, as `mwan hosts --json` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostRecord {
+    pub host: String,
+    pub wan: String,
+    pub idle_secs: f64,
+    /// Seconds until the pin expires (0 when expired).
+    pub expires_in_secs: f64,
+}
+
+/// Sends one request and waits for the response.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the mwan daemon at {} (is `mwan run` running with this config?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(s);
+    let mut resp = String::new();
+    reader
+        .read_line(&mut resp)
+        .with_context(|| format!("reading the daemon's answer on {}", socket.display()))?;
+    if resp.is_empty() {
+        bail!("the daemon closed the connection without answering");
+    }
+    serde_json::from_str(&resp).context("decoding the daemon's answer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_stable() {
+        let r = Request::SetWeight {
+            wan: "isp1".into(),
+            weight: 3,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"cmd":"set-weight","wan":"isp1","weight":3}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        let back: Request = serde_json::from_str(r#"{"cmd":"stop","teardown":true}"#).unwrap();
+        assert_eq!(back, Request::Stop { teardown: true });
+    }
+}

@@ -1,1 +1,619 @@
-//! (being written)
+//! The eBPF datapath from userspace: loading the embedded object with its maps
+//! pinned in `pin_dir`, attaching the classifier to LAN interfaces, writing
+//! the configuration maps and reading the state maps.
+//!
+//! Lifetime: maps are pinned, tc filters are attached through netlink
+//! (`cls_bpf`), so both outlive the daemon. A new daemon reuses the pinned
+//! maps (the flows survive) and replaces the filters without a gap: the new
+//! program is attached at the other of two priorities before the old filter is
+//! removed (`Datapath::attach`).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::programs::links::Link;
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::Ipv4Net;
+use mwan_common::*;
+
+use crate::policy::CompiledRules;
+
+/// The datapath object, built from `mwan-ebpf` by build.rs.
+static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
+
+/// The two tc priorities mwan alternates between when it replaces its filter.
+pub const TC_PRIORITIES: [u16; 2] = [0x6d00, 0x6d01];
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Typed handles on every map, whether taken from a loaded object (daemon) or
+/// opened from the pins (CLI).
+pub struct Maps {
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub hosts: HashMap<MapData, u32, HostValue>,
+    pub wans: Array<MapData, WanEntry>,
+    pub names: Array<MapData, WanName>,
+    pub policies: Array<MapData, Policy>,
+    pub settings: Array<MapData, Settings>,
+    pub wan_stats: PerCpuArray<MapData, WanCounters>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+    pub rule_src: LpmTrie<MapData, [u8; 4], u64>,
+    pub rule_dst: LpmTrie<MapData, [u8; 4], u64>,
+    pub rule_sport: Array<MapData, u64>,
+    pub rule_dport: Array<MapData, u64>,
+    pub rule_proto: Array<MapData, u64>,
+    pub rule_iface: HashMap<MapData, u32, u64>,
+    pub rule_action: Array<MapData, u32>,
+    pub bypass: LpmTrie<MapData, [u8; 4], u8>,
+}
+
+fn typed<T: TryFrom<Map>>(map: Map, name: &str) -> Result<T>
+where
+    T::Error: std::fmt::Display,
+{
+    T::try_from(map).map_err(|e| anyhow!("map {name}: {e}"))
+}
+
+impl Maps {
+    fn build(mut take: impl FnMut(&str) -> Result<Map>) -> Result<Maps> {
+        macro_rules! m {
+            ($name:expr) => {
+                typed(take($name)?, $name)?
+            };
+        }
+        Ok(Maps {
+            flows: m!(MAP_FLOWS),
+            hosts: m!(MAP_HOSTS),
+            wans: m!(MAP_WANS),
+            names: m!(MAP_WAN_NAMES),
+            policies: m!(MAP_POLICIES),
+            settings: m!(MAP_SETTINGS),
+            wan_stats: m!(MAP_WAN_STATS),
+            global_stats: m!(MAP_GLOBAL_STATS),
+            rule_src: m!(MAP_RULE_SRC),
+            rule_dst: m!(MAP_RULE_DST),
+            rule_sport: m!(MAP_RULE_SPORT),
+            rule_dport: m!(MAP_RULE_DPORT),
+            rule_proto: m!(MAP_RULE_PROTO),
+            rule_iface: m!(MAP_RULE_IFACE),
+            rule_action: m!(MAP_RULE_ACTION),
+            bypass: m!(MAP_BYPASS),
+        })
+    }
+
+    /// Opens the maps pinned by a daemon (for the CLI: no program is loaded).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Maps> {
+        let maps = Maps::build(|name| {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening {} (is mwan running with pin_dir = {}?)",
+                    path.display(),
+                    pin_dir.display()
+                )
+            })?;
+            Map::from_map_data(data).map_err(|e| anyhow!("{}: {e}", path.display()))
+        })?;
+        maps.check_abi(pin_dir)?;
+        Ok(maps)
+    }
+
+    fn check_abi(&self, pin_dir: &Path) -> Result<()> {
+        let s = self.settings.get(&0, 0).context("reading SETTINGS")?;
+        if s.abi_version != 0 && s.abi_version != ABI_VERSION {
+            bail!(
+                "the maps pinned in {} were made by an mwan with map layout {} (this one uses {}); \
+                 run `mwan stop --teardown` with the old version first",
+                pin_dir.display(),
+                s.abi_version,
+                ABI_VERSION
+            );
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> Result<Settings> {
+        Ok(self.settings.get(&0, 0)?)
+    }
+
+    pub fn write_settings(&mut self, s: &Settings) -> Result<()> {
+        self.settings.set(0, s, 0).context("writing SETTINGS")
+    }
+
+    pub fn write_wan(&mut self, id: u8, entry: WanEntry) -> Result<()> {
+        self.wans
+            .set(id as u32, entry, 0)
+            .with_context(|| format!("writing WANS[{id}]"))
+    }
+
+    pub fn wan(&self, id: u8) -> Result<WanEntry> {
+        Ok(self.wans.get(&(id as u32), 0)?)
+    }
+
+    /// WAN names by id, as the daemon that owns the pins recorded them.
+    pub fn names(&self) -> Result<Vec<Option<String>>> {
+        (0..MAX_WANS)
+            .map(|i| {
+                let n = self.names.get(&i, 0)?;
+                let len = n.name.iter().position(|b| *b == 0).unwrap_or(WAN_NAME_LEN);
+                Ok((len > 0).then(|| String::from_utf8_lossy(&n.name[..len]).into_owned()))
+            })
+            .collect()
+    }
+
+    pub fn write_name(&mut self, id: u8, name: Option<&str>) -> Result<()> {
+        let mut n = WanName::default();
+        if let Some(name) = name {
+            let b = name.as_bytes();
+            if b.len() >= WAN_NAME_LEN {
+                bail!("WAN name `{name}` is too long");
+            }
+            n.name[..b.len()].copy_from_slice(b);
+        }
+        self.names
+            .set(id as u32, n, 0)
+            .with_context(|| format!("writing WAN_NAMES[{id}]"))
+    }
+
+    pub fn write_policies(&mut self, policies: &[Policy]) -> Result<()> {
+        for i in 0..MAX_POLICIES {
+            let p = policies.get(i as usize).copied().unwrap_or(Policy::EMPTY);
+            self.policies
+                .set(i, p, 0)
+                .with_context(|| format!("writing POLICIES[{i}]"))?;
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self, i: u32) -> Result<Policy> {
+        Ok(self.policies.get(&i, 0)?)
+    }
+
+    /// Writes the rule maps. `previous` (what the maps hold now, if known)
+    /// limits the port arrays to the entries that change. The caller then
+    /// sets `Settings::rule_count`, which switches matching on.
+    pub fn write_rules(
+        &mut self,
+        rules: &CompiledRules,
+        previous: Option<&CompiledRules>,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<()> {
+        let arrays: [(&mut Array<MapData, u64>, &Vec<u64>, Option<&Vec<u64>>, &str); 3] = [
+            (
+                &mut self.rule_proto,
+                &rules.proto,
+                previous.map(|p| &p.proto),
+                MAP_RULE_PROTO,
+            ),
+            (
+                &mut self.rule_sport,
+                &rules.sport,
+                previous.map(|p| &p.sport),
+                MAP_RULE_SPORT,
+            ),
+            (
+                &mut self.rule_dport,
+                &rules.dport,
+                previous.map(|p| &p.dport),
+                MAP_RULE_DPORT,
+            ),
+        ];
+        for (map, want, before, name) in arrays {
+            for (i, v) in want.iter().enumerate() {
+                if before.map(|b| b[i] == *v).unwrap_or(false) {
+                    continue;
+                }
+                map.set(i as u32, *v, 0)
+                    .with_context(|| format!("writing {name}[{i}]"))?;
+            }
+        }
+        for (trie, want, name) in [
+            (&mut self.rule_src, &rules.src, MAP_RULE_SRC),
+            (&mut self.rule_dst, &rules.dst, MAP_RULE_DST),
+        ] {
+            sync_trie(trie, want.iter().map(|(n, m)| (*n, *m)).collect(), name)?;
+        }
+        let mut want_iface = BTreeMap::new();
+        for (name, mask) in &rules.iface {
+            if let Some(idx) = ifindex(name) {
+                want_iface.insert(idx, *mask);
+            }
+        }
+        let stale: Vec<u32> = self
+            .rule_iface
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !want_iface.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = self.rule_iface.remove(&k);
+        }
+        for (k, v) in want_iface {
+            self.rule_iface
+                .insert(k, v, 0)
+                .with_context(|| format!("writing {MAP_RULE_IFACE}[{k}]"))?;
+        }
+        for (i, a) in rules.actions.iter().enumerate() {
+            self.rule_action
+                .set(i as u32, *a, 0)
+                .with_context(|| format!("writing {MAP_RULE_ACTION}[{i}]"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the bypass trie hold exactly `prefixes`.
+    pub fn write_bypass(&mut self, prefixes: &[Ipv4Net]) -> Result<()> {
+        sync_trie(
+            &mut self.bypass,
+            prefixes.iter().map(|p| (p.trunc(), 1u8)).collect(),
+            MAP_BYPASS,
+        )
+    }
+
+    /// Per-WAN counters summed over CPUs, by WAN id.
+    pub fn wan_counters(&self) -> Result<Vec<WanCounters>> {
+        (0..MAX_WANS)
+            .map(|i| {
+                let per_cpu = self.wan_stats.get(&i, 0)?;
+                Ok(per_cpu
+                    .iter()
+                    .fold(WanCounters::default(), |a, c| WanCounters {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                        flows: a.flows + c.flows,
+                    }))
+            })
+            .collect()
+    }
+
+    pub fn global_counters(&self) -> Result<Vec<u64>> {
+        (0..GS_COUNT)
+            .map(|i| Ok(self.global_stats.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+fn sync_trie<V: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, [u8; 4], V>,
+    want: BTreeMap<Ipv4Net, V>,
+    name: &str,
+) -> Result<()> {
+    let key = |n: &Ipv4Net| Key::new(n.prefix_len() as u32, n.network().octets());
+    let present: Vec<Key<[u8; 4]>> = trie.keys().filter_map(|k| k.ok()).collect();
+    for k in present {
+        let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8);
+        if net.map(|n| !want.contains_key(&n)).unwrap_or(true) {
+            let _ = trie.remove(&k);
+        }
+    }
+    for (net, v) in want {
+        trie.insert(&key(&net), v, 0)
+            .with_context(|| format!("writing {name}[{net}]"))?;
+    }
+    Ok(())
+}
+
+/// The loaded datapath (daemon side).
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub maps: Maps,
+    /// True when the maps were already pinned (a restart: flows inherited).
+    pub inherited: bool,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing the maps pinned in `pin_dir` or creating
+    /// and pinning them. `pin_dir` must be on bpffs (see [`ensure_bpffs`]).
+    pub fn load(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<Datapath> {
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let inherited = pin_dir.join(MAP_SETTINGS).exists();
+        if inherited {
+            // Refuse incompatible pins before the loader reuses them.
+            Maps::open_pinned(pin_dir)?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(MAP_FLOWS, max_flows)
+            .map_max_entries(MAP_HOSTS, max_hosts)
+            .load(EBPF_OBJ)
+            .with_context(|| {
+                format!("loading the eBPF datapath (maps in {})", pin_dir.display())
+            })?;
+        for name in [PROG_LAN_ETH, PROG_LAN_L3] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifying program {name}"))?;
+        }
+        let maps = Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            inherited,
+        })
+    }
+
+    /// Attaches the classifier at tc ingress of `iface` (the Ethernet or the
+    /// L3 variant), replacing a previous mwan filter without a gap. The
+    /// filter stays in the kernel after this process exits.
+    pub fn attach(&mut self, iface: &str, l2: bool) -> Result<()> {
+        let name = if l2 { PROG_LAN_ETH } else { PROG_LAN_L3 };
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            // EEXIST: the qdisc is there already.
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(anyhow!("adding clsact qdisc to {iface}: {e}"));
+            }
+        }
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        let mut attached_at = None;
+        for prio in TC_PRIORITIES {
+            let opts = TcAttachOptions::Netlink(NlOptions {
+                priority: prio,
+                handle: TC_HANDLE,
+                classid: None,
+            });
+            match prog.attach_with_options(iface, TcAttachType::Ingress, opts) {
+                Ok(id) => {
+                    // Keep the filter when this process exits.
+                    let link = prog.take_link(id)?;
+                    std::mem::forget(link);
+                    attached_at = Some(prio);
+                    break;
+                }
+                Err(e) if is_exists(&e) => continue,
+                Err(e) => {
+                    return Err(anyhow!(
+                        "attaching {name} to {iface} (tc ingress, priority {prio:#x}): {e}"
+                    ))
+                }
+            }
+        }
+        let prio = attached_at.ok_or_else(|| {
+            anyhow!("both mwan tc priorities {TC_PRIORITIES:x?} are in use on {iface}; run `mwan stop --teardown` to clear them")
+        })?;
+        for old in TC_PRIORITIES.into_iter().filter(|p| *p != prio) {
+            detach_filter(iface, old);
+        }
+        Ok(())
+    }
+}
+
+fn is_exists(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::TcError(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
+}
+
+fn detach_filter(iface: &str, prio: u16) -> bool {
+    match SchedClassifierLink::attached(iface, TcAttachType::Ingress, prio, TC_HANDLE, None) {
+        Ok(link) => link.detach().is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Removes mwan's filters from `iface` (both priorities). Returns whether
+/// one was there. Safe when the interface or the filters are gone.
+pub fn detach(iface: &str) -> bool {
+    TC_PRIORITIES
+        .iter()
+        .fold(false, |any, p| detach_filter(iface, *p) | any)
+}
+
+/// Deletes every pin in `pin_dir` and the directory (maps are freed when
+/// no program uses them any more).
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow!("reading {}: {e}", pin_dir.display())),
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        std::fs::remove_file(&p).with_context(|| format!("removing pin {}", p.display()))?;
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
+}
+
+fn statfs_magic(p: &Path) -> Option<i64> {
+    let c = CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+fn on_bpffs(p: &Path) -> bool {
+    statfs_magic(p) == Some(BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` is on a bpffs, mounting one when needed (inside
+/// `ip netns exec`, /sys/fs/bpf is not mounted). Returns the mount point
+/// mwan created, if any, so teardown can unmount it.
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<Option<PathBuf>> {
+    let existing = pin_dir
+        .ancestors()
+        .find(|a| a.exists())
+        .ok_or_else(|| anyhow!("{} has no existing ancestor", pin_dir.display()))?;
+    if on_bpffs(existing) {
+        return Ok(None);
+    }
+    // Mount at the conventional place when the pin dir is under it,
+    // otherwise on the pin dir itself.
+    let std_mount = Path::new("/sys/fs/bpf");
+    let target = if pin_dir.starts_with(std_mount) && std_mount.is_dir() {
+        std_mount.to_path_buf()
+    } else {
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        pin_dir.to_path_buf()
+    };
+    let src = CString::new("bpf").expect("no NUL");
+    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).context("mount point path")?;
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting bpffs at {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Some(target))
+}
+
+/// Unmounts a bpffs mwan mounted (pins in it are gone with it).
+pub fn unmount(target: &Path) -> Result<()> {
+    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).context("mount point path")?;
+    if unsafe { libc::umount2(tgt.as_ptr(), libc::MNT_DETACH) } != 0 {
+        bail!(
+            "unmounting {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Takes an exclusive lock on the pin directory: a second daemon for the
+/// same pins refuses to start. The lock lives as long as the returned file.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f =
+        std::fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another mwan daemon is running with pin_dir = {} (stop it first, or use another pin_dir)",
+                pin_dir.display()
+            );
+        }
+        bail!("locking {}: {e}", pin_dir.display());
+    }
+    Ok(f)
+}
+
+/// The current `bpf_ktime_get_ns()` clock (CLOCK_MONOTONIC), to age flows.
+pub fn ktime_now_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads a hash map (the flow or host map) in batches with
+/// `BPF_MAP_LOOKUP_BATCH`: one syscall per `chunk` entries instead of two per
+/// entry, so listing a million flows takes a fraction of a second and never
+/// involves the daemon.
+pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &MapData,
+    chunk: u32,
+    mut each: impl FnMut(&K, &V) -> bool,
+) -> Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut chunk = chunk.max(1);
+    let mut keys: Vec<K> = Vec::new();
+    let mut values: Vec<V> = Vec::new();
+    // The hash-map batch cursor is a bucket index (u32).
+    let mut token_in: u32 = 0;
+    let mut token_out: u32 = 0;
+    let mut first = true;
+    loop {
+        keys.resize_with(chunk as usize, K::default);
+        values.resize_with(chunk as usize, V::default);
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token_in as *mut u32 as u64
+            },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let errno = if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error()
+        } else {
+            None
+        };
+        match errno {
+            Some(libc::ENOSPC) => {
+                // One bucket holds more entries than the chunk: grow it.
+                chunk = chunk.saturating_mul(2);
+                continue;
+            }
+            Some(e) if e != libc::ENOENT => bail!(
+                "BPF_MAP_LOOKUP_BATCH: {}",
+                std::io::Error::from_raw_os_error(e)
+            ),
+            _ => {}
+        }
+        for i in 0..attr.count as usize {
+            if !each(&keys[i], &values[i]) {
+                return Ok(());
+            }
+        }
+        if errno == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Opens one pinned map by name (for batched reads).
+pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is mwan running with pin_dir = {}?)",
+            path.display(),
+            pin_dir.display()
+        )
+    })
+}

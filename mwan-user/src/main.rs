@@ -1,3 +1,463 @@
-fn main() {
-    println!("mwan (under construction)");
+//! The `mwan` command: the daemon (`mwan run`) and the tools that talk to it.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mwan::config::Config;
+use mwan::control::{self, FlowRecord, HostRecord, Request, Response};
+use mwan::{datapath, output};
+use mwan_common::{FlowKey, FlowValue, HostValue, MAP_FLOWS, MAP_HOSTS, WAN_NONE};
+
+const DEFAULT_CONFIG: &str = "/etc/mwan/mwan.toml";
+
+/// Exit codes (documented in docs/CLI.md).
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const NOT_RUNNING: u8 = 3;
+    pub const SOME_DOWN: u8 = 4;
+    pub const ALL_DOWN: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "mwan",
+    version,
+    about = "Multi-WAN load balancing and failover with an eBPF datapath"
+)]
+struct Cli {
+    /// The config file (also tells the CLI where the daemon's socket and pins are).
+    #[arg(short, long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Talk to the daemon on this socket instead of the config's.
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground.
+    Run {
+        /// On SIGTERM/SIGINT leave the datapath running (for restarts and
+        /// upgrades); by default everything mwan added is removed.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Validate the config (syntax, values, interfaces); exit 0 or 1.
+    Check,
+    /// WAN states, shares, health and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pinned flows (read from the pinned maps; works without the daemon).
+    Flows {
+        #[arg(long)]
+        json: bool,
+        /// Only flows pinned to this WAN ("main" for unbalanced flows).
+        #[arg(long)]
+        wan: Option<String>,
+        /// Only flows of this LAN host.
+        #[arg(long)]
+        host: Option<Ipv4Addr>,
+        /// At most this many flows (after sorting).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value_t = FlowSort::Recent)]
+        sort: FlowSort,
+    },
+    /// Per-host pins (sticky = "host").
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a WAN's weight at once (new flows only; until reload).
+    SetWeight { wan: String, weight: u32 },
+    /// No new flows through a WAN; its existing flows stay.
+    Drain { wan: String },
+    /// Undo `drain` and `disable`.
+    Enable { wan: String },
+    /// Take a WAN out completely: its flows move to other WANs.
+    Disable { wan: String },
+    /// Re-read the config (same as SIGHUP); an invalid config is refused.
+    Reload,
+    /// Stop the daemon. The datapath keeps forwarding (restart/upgrade)
+    /// unless --teardown, which removes everything mwan added (also when
+    /// no daemon runs).
+    Stop {
+        #[arg(long)]
+        teardown: bool,
+    },
+    /// Install this binary, the systemd unit and an example config.
+    Install {
+        /// Install under this directory instead of / (for packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlowSort {
+    /// Most recently active first.
+    Recent,
+    /// Most bytes first.
+    Bytes,
+    /// Oldest first.
+    Age,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.cmd, Cmd::Run { .. }));
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("mwan: {e:#}");
+            let code = if e.downcast_ref::<NotRunning>().is_some() {
+                exit::NOT_RUNNING
+            } else {
+                exit::FAILURE
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(daemon: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MWAN_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(if daemon { "info" } else { "warn" }));
+    // journald stamps lines itself.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
+    if under_journald {
+        b.without_time().init();
+    } else {
+        b.init();
+    }
+}
+
+#[derive(Debug)]
+struct NotRunning(String);
+impl std::fmt::Display for NotRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NotRunning {}
+
+fn socket_of(cli: &Cli) -> Result<PathBuf> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    Ok(Config::load(&cli.config)?.control_socket())
+}
+
+fn call(cli: &Cli, req: Request) -> Result<Response> {
+    let socket = socket_of(cli)?;
+    if !socket.exists() {
+        return Err(NotRunning(format!(
+            "the mwan daemon is not running (no socket at {})",
+            socket.display()
+        ))
+        .into());
+    }
+    let resp = control::call(&socket, &req, Duration::from_secs(30))
+        .map_err(|e| NotRunning(format!("{e:#}")))?;
+    if !resp.ok {
+        return Err(anyhow!(resp
+            .error
+            .unwrap_or_else(|| "the daemon refused".into())));
+    }
+    Ok(resp)
+}
+
+fn dispatch(cli: Cli) -> Result<u8> {
+    match &cli.cmd {
+        Cmd::Run { keep } => {
+            mwan::daemon::run(mwan::daemon::RunOptions {
+                config: cli.config.clone(),
+                keep: *keep,
+            })?;
+            Ok(0)
+        }
+        Cmd::Check => check(&cli.config),
+        Cmd::Status { json } => {
+            let s = call(&cli, Request::Status)?
+                .status
+                .ok_or_else(|| anyhow!("empty status"))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", output::status(&s));
+            }
+            let enabled: Vec<_> = s.wans.iter().filter(|w| w.enabled).collect();
+            Ok(if s.all_down {
+                exit::ALL_DOWN
+            } else if enabled.iter().any(|w| w.state != "up") {
+                exit::SOME_DOWN
+            } else {
+                0
+            })
+        }
+        Cmd::Flows {
+            json,
+            wan,
+            host,
+            limit,
+            sort,
+        } => {
+            let pin_dir = Config::load(&cli.config)?.pin_dir;
+            let mut flows = read_flows(&pin_dir, wan.as_deref(), *host)?;
+            match sort {
+                FlowSort::Recent => flows.sort_by(|a, b| a.idle_secs.total_cmp(&b.idle_secs)),
+                FlowSort::Bytes => flows.sort_by(|a, b| b.bytes.cmp(&a.bytes)),
+                FlowSort::Age => flows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs)),
+            }
+            if let Some(n) = limit {
+                flows.truncate(*n);
+            }
+            let out = std::io::stdout();
+            let mut out = std::io::BufWriter::new(out.lock());
+            if *json {
+                serde_json::to_writer(&mut out, &flows)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", output::flows(&flows))?;
+            }
+            Ok(0)
+        }
+        Cmd::Hosts { json } => {
+            let cfg = Config::load(&cli.config)?;
+            let hosts = read_hosts(&cfg)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+            } else {
+                print!("{}", output::hosts(&hosts));
+            }
+            Ok(0)
+        }
+        Cmd::SetWeight { wan, weight } => message(call(
+            &cli,
+            Request::SetWeight {
+                wan: wan.clone(),
+                weight: *weight,
+            },
+        )?),
+        Cmd::Drain { wan } => message(call(&cli, Request::Drain { wan: wan.clone() })?),
+        Cmd::Enable { wan } => message(call(&cli, Request::Enable { wan: wan.clone() })?),
+        Cmd::Disable { wan } => message(call(&cli, Request::Disable { wan: wan.clone() })?),
+        Cmd::Reload => message(call(&cli, Request::Reload)?),
+        Cmd::Stop { teardown } => stop(&cli, *teardown),
+        Cmd::Install { root } => install(root),
+    }
+}
+
+const UNIT: &str = include_str!("../packaging/mwan.service");
+const EXAMPLE_CONFIG: &str = include_str!("../packaging/mwan.example.toml");
+
+fn install(root: &Path) -> Result<u8> {
+    use std::os::unix::fs::PermissionsExt;
+    let put = |rel: &str, bytes: &[u8], mode: u32| -> Result<PathBuf> {
+        let p = root.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        // Write next to it and rename: a running binary can be replaced.
+        let tmp = p.with_extension("mwan-new");
+        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("installing {}", p.display()))?;
+        println!("installed {}", p.display());
+        Ok(p)
+    };
+    let exe = std::fs::read(std::env::current_exe()?).context("reading this binary")?;
+    put("usr/local/sbin/mwan", &exe, 0o755)?;
+    put("etc/systemd/system/mwan.service", UNIT.as_bytes(), 0o644)?;
+    let config = root.join("etc/mwan/mwan.toml");
+    if config.exists() {
+        put(
+            "etc/mwan/mwan.toml.example",
+            EXAMPLE_CONFIG.as_bytes(),
+            0o644,
+        )?;
+        println!("kept the existing {}", config.display());
+    } else {
+        put("etc/mwan/mwan.toml", EXAMPLE_CONFIG.as_bytes(), 0o644)?;
+    }
+    println!(
+        "\nnext: edit {} for your interfaces, then\n  mwan --config {} check\n  systemctl daemon-reload && systemctl enable --now mwan",
+        config.display(),
+        config.display()
+    );
+    Ok(0)
+}
+
+fn message(r: Response) -> Result<u8> {
+    if let Some(m) = r.message {
+        println!("{m}");
+    }
+    Ok(0)
+}
+
+fn check(path: &Path) -> Result<u8> {
+    let cfg = Config::load(path)?;
+    let names = interface_names();
+    for w in cfg.check_system(&|n| names.iter().any(|x| x == n))? {
+        println!("warning: {w}");
+    }
+    println!(
+        "{}: ok ({} WANs, {} rules, {} LAN interfaces)",
+        path.display(),
+        cfg.wans.len(),
+        cfg.rules.len(),
+        cfg.lan_interfaces.len()
+    );
+    Ok(0)
+}
+
+fn interface_names() -> Vec<String> {
+    std::fs::read_to_string("/proc/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string()))
+        .collect()
+}
+
+fn stop(cli: &Cli, teardown: bool) -> Result<u8> {
+    let socket = socket_of(cli)?;
+    if socket.exists() {
+        if let Ok(r) = control::call(
+            &socket,
+            &Request::Stop { teardown },
+            Duration::from_secs(60),
+        ) {
+            // Wait until the daemon has finished (it removes its socket).
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while socket.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return message(r);
+        }
+    }
+    if !teardown {
+        return Err(NotRunning(format!(
+            "the mwan daemon is not running (no socket at {})",
+            socket.display()
+        ))
+        .into());
+    }
+    // No daemon: remove what a previous one left behind.
+    let cfg = Config::load(&cli.config)?;
+    let host = mwan::daemon::HostState::load(&cfg.state_file())?.unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let errors = rt.block_on(async {
+        let net = mwan::routing::Net::connect().await?;
+        Ok::<_, anyhow::Error>(mwan::daemon::teardown(&cfg, &host, &net).await)
+    })?;
+    for e in &errors {
+        eprintln!("mwan: {e:#}");
+    }
+    if errors.is_empty() {
+        println!("removed everything mwan had added");
+        Ok(0)
+    } else {
+        Ok(exit::FAILURE)
+    }
+}
+
+fn wan_names(pin_dir: &Path) -> Result<Vec<Option<String>>> {
+    datapath::Maps::open_pinned(pin_dir)?.names()
+}
+
+fn name_of(names: &[Option<String>], id: u8) -> String {
+    if id == WAN_NONE {
+        return "main".into();
+    }
+    names
+        .get(id as usize)
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| format!("#{id}"))
+}
+
+fn read_flows(
+    pin_dir: &Path,
+    wan: Option<&str>,
+    host: Option<Ipv4Addr>,
+) -> Result<Vec<FlowRecord>> {
+    let names = wan_names(pin_dir)?;
+    let wan_id = match wan {
+        None => None,
+        Some("main") => Some(WAN_NONE),
+        Some(n) => Some(
+            names
+                .iter()
+                .position(|x| x.as_deref() == Some(n))
+                .ok_or_else(|| anyhow!("no WAN is named `{n}`"))? as u8,
+        ),
+    };
+    let now = datapath::ktime_now_ns();
+    let map = datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
+    let mut out = Vec::new();
+    datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 8192, |k, v| {
+        if wan_id.is_some_and(|w| w != v.wan) || host.is_some_and(|h| h.octets() != k.src()) {
+            return true;
+        }
+        out.push(FlowRecord {
+            proto: match k.proto {
+                6 => "tcp".into(),
+                17 => "udp".into(),
+                1 => "icmp".into(),
+                p => p.to_string(),
+            },
+            src: Ipv4Addr::from(k.src()).to_string(),
+            sport: k.src_port(),
+            dst: Ipv4Addr::from(k.dst()).to_string(),
+            dport: k.dst_port(),
+            wan: name_of(&names, v.wan),
+            moved_from: (v.moved_from != WAN_NONE).then(|| name_of(&names, v.moved_from)),
+            age_secs: now.saturating_sub(v.first_seen_ns) as f64 / 1e9,
+            idle_secs: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+            packets: v.packets,
+            bytes: v.bytes,
+        });
+        true
+    })
+    .context("reading the flow map")?;
+    Ok(out)
+}
+
+fn read_hosts(cfg: &Config) -> Result<Vec<HostRecord>> {
+    let names = wan_names(&cfg.pin_dir)?;
+    let now = datapath::ktime_now_ns();
+    let ttl = cfg.host_ttl.as_secs_f64();
+    let map = datapath::open_pinned_map(&cfg.pin_dir, MAP_HOSTS)?;
+    let mut out = Vec::new();
+    datapath::read_hash_batched::<u32, HostValue>(&map, 4096, |k, v| {
+        let idle = now.saturating_sub(v.last_seen_ns) as f64 / 1e9;
+        out.push(HostRecord {
+            host: Ipv4Addr::from(k.to_ne_bytes()).to_string(),
+            wan: name_of(&names, v.wan),
+            idle_secs: idle,
+            expires_in_secs: (ttl - idle).max(0.0),
+        });
+        true
+    })
+    .context("reading the host map")?;
+    out.sort_by(|a, b| a.idle_secs.total_cmp(&b.idle_secs));
+    Ok(out)
 }

@@ -1,1 +1,599 @@
-//! (being written)
+//! From WAN states and the config to what the datapath reads: the weighted
+//! slot table of every policy, the `alive` flag of every WAN, and the policy
+//! rules as per-dimension bit masks. Pure functions, unit-tested.
+//!
+//! Who takes new flows, for a set of WANs (the default policy: all WANs; a
+//! `balance` rule: its list):
+//! 1. candidates are WANs that are enabled, not drained, and `up` — or, when
+//!    no such WAN is in the set, `degraded`;
+//! 2. among them, the lowest tier wins;
+//! 3. within it, each WAN gets slots in proportion to its weight.
+//!
+//! An ordered rule (`wans = [..]`) takes the first `up` WAN of its list (or
+//! the first `degraded` one). A rule without candidates is inactive: its flows
+//! fall back to the default policy in the datapath.
+
+use std::collections::BTreeSet;
+
+use ipnet::Ipv4Net;
+use mwan_common::{
+    Policy, MAX_POLICIES, POLICY_BALANCE, POLICY_MAIN, POLICY_ORDERED, SLOTS, WAN_NONE,
+};
+
+use crate::config::{Action, AllDown, Proto, Rule};
+
+/// Health as far as balancing cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Up: takes new flows.
+    Good,
+    /// Degraded: takes new flows only when no good WAN is available.
+    Degraded,
+    /// Not proven yet (starting): existing pins stay, no new flows.
+    Unknown,
+    /// Down or disabled: pins move away.
+    Bad,
+}
+
+/// One WAN as the policy compiler sees it.
+#[derive(Clone, Debug)]
+pub struct WanView {
+    pub id: u8,
+    pub name: String,
+    pub weight: u32,
+    pub tier: u32,
+    pub health: Health,
+    /// Administratively drained: no new flows, existing ones stay.
+    pub drained: bool,
+}
+
+impl WanView {
+    fn class(&self) -> Option<u8> {
+        if self.drained {
+            return None;
+        }
+        match self.health {
+            Health::Good => Some(0),
+            Health::Degraded => Some(1),
+            Health::Unknown | Health::Bad => None,
+        }
+    }
+}
+
+/// The WANs (id, weight) that take new flows in a set, by the rules above.
+pub fn select<'a>(set: impl IntoIterator<Item = &'a WanView>) -> Vec<(u8, u32)> {
+    let members: Vec<&WanView> = set.into_iter().filter(|w| w.class().is_some()).collect();
+    let best_class = match members.iter().filter_map(|w| w.class()).min() {
+        Some(c) => c,
+        None => return vec![],
+    };
+    let in_class: Vec<&&WanView> = members
+        .iter()
+        .filter(|w| w.class() == Some(best_class))
+        .collect();
+    let tier = in_class.iter().map(|w| w.tier).min().expect("non-empty");
+    in_class
+        .iter()
+        .filter(|w| w.tier == tier)
+        .map(|w| (w.id, w.weight))
+        .collect()
+}
+
+/// Fills `SLOTS` slots in proportion to the weights (largest remainder), WANs
+/// interleaved so any contiguous run of slots is also balanced.
+pub fn slots_for(members: &[(u8, u32)]) -> [u8; SLOTS] {
+    let mut slots = [WAN_NONE; SLOTS];
+    let total: u64 = members.iter().map(|(_, w)| *w as u64).sum();
+    if members.is_empty() || total == 0 {
+        return slots;
+    }
+    // Quotas by largest remainder.
+    let mut quota: Vec<(u8, usize, u64)> = members
+        .iter()
+        .map(|(id, w)| {
+            let exact = (*w as u64) * SLOTS as u64;
+            (*id, (exact / total) as usize, exact % total)
+        })
+        .collect();
+    let assigned: usize = quota.iter().map(|q| q.1).sum();
+    let mut order: Vec<usize> = (0..quota.len()).collect();
+    order.sort_by(|a, b| quota[*b].2.cmp(&quota[*a].2).then(a.cmp(b)));
+    for i in order.into_iter().take(SLOTS - assigned) {
+        quota[i].1 += 1;
+    }
+    // Interleave: each slot goes to the WAN furthest behind its quota
+    // (a deterministic weighted round robin).
+    let mut given = vec![0usize; quota.len()];
+    for (s, slot) in slots.iter_mut().enumerate() {
+        let pos = (s + 1) as i64;
+        let best = (0..quota.len())
+            .filter(|i| given[*i] < quota[*i].1)
+            .max_by(|a, b| {
+                let lag = |i: usize| quota[i].1 as i64 * pos - (given[i] as i64) * SLOTS as i64;
+                lag(*a).cmp(&lag(*b)).then(b.cmp(a))
+            })
+            .expect("quotas sum to SLOTS");
+        given[best] += 1;
+        *slot = quota[best].0;
+    }
+    slots
+}
+
+fn balance_policy(members: &[(u8, u32)]) -> Policy {
+    let mut p = Policy::EMPTY;
+    p.kind = POLICY_BALANCE;
+    if !members.is_empty() {
+        p.active = 1;
+        p.slots = slots_for(members);
+        p.wan_mask = members.iter().fold(0u64, |m, (id, _)| m | (1u64 << id));
+    }
+    p
+}
+
+/// What the datapath needs for a set of WAN states.
+#[derive(Clone)]
+pub struct Compiled {
+    /// Index 0 is the default policy; rule `i` uses policy `i + 1`.
+    pub policies: Vec<Policy>,
+    /// `alive` per WAN view, in the order given.
+    pub alive: Vec<(u8, bool)>,
+    /// The WANs of the default policy: (id, weight). Also the balance route.
+    pub default_members: Vec<(u8, u32)>,
+    /// True when no WAN takes new flows and the last set was kept
+    /// (`all_down = "last"`).
+    pub all_down: bool,
+}
+
+/// Compiles policies. `last_default` is the default policy's members from the
+/// previous compile, used when every WAN is down under `all_down = "last"`.
+pub fn compile(
+    wans: &[WanView],
+    rules: &[Rule],
+    all_down: AllDown,
+    last_default: &[(u8, u32)],
+) -> Compiled {
+    let by_name = |n: &String| wans.iter().find(|w| &w.name == n);
+    let mut default_members = select(wans);
+    let mut everything_down = false;
+    if default_members.is_empty() {
+        everything_down = true;
+        if all_down == AllDown::Last {
+            default_members = last_default.to_vec();
+        }
+    }
+    let mut policies = vec![balance_policy(&default_members)];
+    for rule in rules {
+        let p = match &rule.action {
+            Action::Main => {
+                let mut p = Policy::EMPTY;
+                p.kind = POLICY_MAIN;
+                p.active = 1;
+                p
+            }
+            Action::Balance(list) => balance_policy(&select(list.iter().filter_map(by_name))),
+            Action::Ordered(list) => {
+                let views: Vec<&WanView> = list.iter().filter_map(by_name).collect();
+                let first = [0u8, 1]
+                    .iter()
+                    .find_map(|class| views.iter().find(|w| w.class() == Some(*class)));
+                let mut p = balance_policy(&first.map(|w| vec![(w.id, 1)]).unwrap_or_default());
+                p.kind = POLICY_ORDERED;
+                p
+            }
+        };
+        policies.push(p);
+    }
+    assert!(policies.len() <= MAX_POLICIES as usize);
+    // A WAN kept in service while everything is down must stay alive, or
+    // its pins would be re-chosen onto itself forever.
+    let kept: BTreeSet<u8> = if everything_down {
+        default_members.iter().map(|(id, _)| *id).collect()
+    } else {
+        BTreeSet::new()
+    };
+    let alive = wans
+        .iter()
+        .map(|w| (w.id, w.health != Health::Bad || kept.contains(&w.id)))
+        .collect();
+    Compiled {
+        policies,
+        alive,
+        default_members,
+        all_down: everything_down,
+    }
+}
+
+/// Share (0..=1) of new flows each WAN gets under the default policy.
+pub fn shares(policy: &Policy) -> Vec<(u8, f64)> {
+    let mut counts = std::collections::BTreeMap::new();
+    if policy.active == 0 {
+        return vec![];
+    }
+    for s in policy.slots.iter().filter(|s| **s != WAN_NONE) {
+        *counts.entry(*s).or_insert(0usize) += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(id, n)| (id, n as f64 / SLOTS as f64))
+        .collect()
+}
+
+/// Policy rules as the datapath matches them: for every dimension, the set
+/// of rules (bit i = rule i) that a packet value allows. The first matching
+/// rule is the lowest bit of the intersection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledRules {
+    pub count: u32,
+    /// Indexed by IP protocol number.
+    pub proto: Vec<u64>,
+    /// Indexed by port (host order).
+    pub sport: Vec<u64>,
+    pub dport: Vec<u64>,
+    /// LPM entries (always including 0.0.0.0/0).
+    pub src: Vec<(Ipv4Net, u64)>,
+    pub dst: Vec<(Ipv4Net, u64)>,
+    /// Per LAN interface name; interfaces not listed use `any_iface`.
+    pub iface: Vec<(String, u64)>,
+    pub any_iface: u64,
+    pub any_sport: u64,
+    pub any_dport: u64,
+    /// Policy index of each rule.
+    pub actions: Vec<u32>,
+}
+
+fn prefix_masks(rules: &[Rule], field: impl Fn(&Rule) -> &Vec<Ipv4Net>) -> Vec<(Ipv4Net, u64)> {
+    let unconstrained = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| field(r).is_empty())
+        .fold(0u64, |m, (i, _)| m | (1 << i));
+    let mut prefixes: BTreeSet<Ipv4Net> = rules
+        .iter()
+        .flat_map(|r| field(r).iter().copied())
+        .collect();
+    prefixes.insert("0.0.0.0/0".parse().expect("valid"));
+    // The longest matching prefix P must allow every rule that has a prefix
+    // containing P: any rule prefix covering the address is either P itself,
+    // shorter than P (so it contains P), or longer — impossible, since it
+    // would then be the longest match.
+    prefixes
+        .into_iter()
+        .map(|p| {
+            let m = rules.iter().enumerate().fold(unconstrained, |m, (i, r)| {
+                if field(r).iter().any(|q| q.contains(&p)) {
+                    m | (1 << i)
+                } else {
+                    m
+                }
+            });
+            (p, m)
+        })
+        .collect()
+}
+
+fn port_masks(
+    rules: &[Rule],
+    field: impl Fn(&Rule) -> &Vec<crate::config::PortRange>,
+) -> (Vec<u64>, u64) {
+    let mut any = 0u64;
+    let mut table = vec![0u64; 65536];
+    for (i, r) in rules.iter().enumerate() {
+        let bit = 1u64 << i;
+        if field(r).is_empty() {
+            any |= bit;
+            continue;
+        }
+        for range in field(r) {
+            for p in range.first..=range.last {
+                table[p as usize] |= bit;
+            }
+        }
+    }
+    for v in table.iter_mut() {
+        *v |= any;
+    }
+    (table, any)
+}
+
+pub fn compile_rules(rules: &[Rule]) -> CompiledRules {
+    assert!(rules.len() <= 64, "config validation bounds the rule count");
+    let bit = |i: usize| 1u64 << i;
+    let mut proto = vec![0u64; 256];
+    for (i, r) in rules.iter().enumerate() {
+        if r.protos.is_empty() {
+            proto.iter_mut().for_each(|m| *m |= bit(i));
+        } else {
+            for p in &r.protos {
+                proto[p.number() as usize] |= bit(i);
+            }
+        }
+    }
+    let (sport, any_sport) = port_masks(rules, |r| &r.src_ports);
+    let (dport, any_dport) = port_masks(rules, |r| &r.dst_ports);
+    let any_iface = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.lan_interfaces.is_empty())
+        .fold(0u64, |m, (i, _)| m | bit(i));
+    let names: BTreeSet<&String> = rules.iter().flat_map(|r| r.lan_interfaces.iter()).collect();
+    let iface = names
+        .into_iter()
+        .map(|n| {
+            let m = rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.lan_interfaces.contains(n))
+                .fold(any_iface, |m, (i, _)| m | bit(i));
+            (n.clone(), m)
+        })
+        .collect();
+    CompiledRules {
+        count: rules.len() as u32,
+        proto,
+        sport,
+        dport,
+        src: prefix_masks(rules, |r| &r.src),
+        dst: prefix_masks(rules, |r| &r.dst),
+        iface,
+        any_iface,
+        any_sport,
+        any_dport,
+        actions: (1..=rules.len() as u32).collect(),
+    }
+}
+
+impl CompiledRules {
+    /// The rule a packet matches, evaluated the way the datapath does
+    /// (for tests and `mwan explain`-style tooling).
+    pub fn matching_rule(
+        &self,
+        proto: u8,
+        src: std::net::Ipv4Addr,
+        dst: std::net::Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        iface: &str,
+    ) -> Option<usize> {
+        let lpm = |table: &Vec<(Ipv4Net, u64)>, a: std::net::Ipv4Addr| {
+            table
+                .iter()
+                .filter(|(n, _)| n.contains(&a))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, m)| *m)
+                .unwrap_or(0)
+        };
+        let mut m = self.proto[proto as usize];
+        m &= self
+            .iface
+            .iter()
+            .find(|(n, _)| n == iface)
+            .map(|(_, m)| *m)
+            .unwrap_or(self.any_iface);
+        m &= lpm(&self.src, src) & lpm(&self.dst, dst);
+        if proto == Proto::Tcp.number() || proto == Proto::Udp.number() {
+            m &= self.sport[sport as usize] & self.dport[dport as usize];
+        } else {
+            m &= self.any_sport & self.any_dport;
+        }
+        (m != 0).then(|| m.trailing_zeros() as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn view(id: u8, weight: u32, tier: u32, health: Health) -> WanView {
+        WanView {
+            id,
+            name: format!("isp{}", id + 1),
+            weight,
+            tier,
+            health,
+            drained: false,
+        }
+    }
+
+    fn share_of(p: &Policy, id: u8) -> f64 {
+        p.slots.iter().filter(|s| **s == id).count() as f64 / SLOTS as f64
+    }
+
+    #[test]
+    fn slots_follow_weights_closely() {
+        for weights in [
+            vec![1, 1],
+            vec![3, 1],
+            vec![5, 3, 2],
+            vec![1000, 1],
+            vec![7, 11, 13, 17],
+        ] {
+            let members: Vec<(u8, u32)> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (i as u8, *w))
+                .collect();
+            let total: u32 = weights.iter().sum();
+            let p = balance_policy(&members);
+            for (id, w) in &members {
+                let want = *w as f64 / total as f64;
+                let got = share_of(&p, *id);
+                assert!(
+                    (got - want).abs() <= 1.0 / SLOTS as f64,
+                    "{weights:?} wan {id}: {got} vs {want}"
+                );
+            }
+            assert!(p.slots.iter().all(|s| *s != WAN_NONE));
+        }
+    }
+
+    #[test]
+    fn slots_are_interleaved() {
+        let s = slots_for(&[(0, 1), (1, 1)]);
+        // Any 8 consecutive slots hold both WANs.
+        assert!(s.windows(8).all(|w| w.contains(&0) && w.contains(&1)));
+    }
+
+    #[test]
+    fn lowest_tier_wins_and_backup_takes_over() {
+        let mut wans = vec![view(0, 10, 1, Health::Good), view(1, 1, 2, Health::Good)];
+        assert_eq!(select(&wans), vec![(0, 10)]);
+        wans[0].health = Health::Bad;
+        assert_eq!(select(&wans), vec![(1, 1)]);
+        wans[0].health = Health::Good;
+        assert_eq!(select(&wans), vec![(0, 10)]);
+    }
+
+    #[test]
+    fn degraded_only_when_nothing_better() {
+        let mut wans = vec![view(0, 1, 1, Health::Degraded), view(1, 1, 1, Health::Good)];
+        assert_eq!(select(&wans), vec![(1, 1)]);
+        // A good backup tier beats a degraded primary.
+        wans[1].tier = 2;
+        assert_eq!(select(&wans), vec![(1, 1)]);
+        wans[1].health = Health::Bad;
+        assert_eq!(select(&wans), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn drained_and_unknown_take_no_new_flows_but_stay_alive() {
+        let mut wans = vec![view(0, 1, 1, Health::Good), view(1, 1, 1, Health::Unknown)];
+        wans[0].drained = true;
+        let c = compile(&wans, &[], AllDown::Last, &[]);
+        assert!(c.all_down);
+        assert_eq!(c.alive, vec![(0, true), (1, true)]);
+        assert_eq!(c.policies[0].active, 0);
+    }
+
+    #[test]
+    fn all_down_keeps_last_set_alive_or_goes_unreachable() {
+        let wans = vec![view(0, 1, 1, Health::Bad), view(1, 1, 1, Health::Bad)];
+        let last = vec![(1u8, 1u32)];
+        let c = compile(&wans, &[], AllDown::Last, &last);
+        assert!(c.all_down);
+        assert_eq!(c.default_members, last);
+        assert_eq!(c.alive, vec![(0, false), (1, true)]);
+        assert_eq!(share_of(&c.policies[0], 1), 1.0);
+        let c = compile(&wans, &[], AllDown::Unreachable, &last);
+        assert!(c.default_members.is_empty());
+        assert_eq!(c.policies[0].active, 0);
+        assert_eq!(c.alive, vec![(0, false), (1, false)]);
+    }
+
+    fn config_with_rules(rules: &str) -> Config {
+        Config::parse(&format!(
+            r#"lan_interfaces = ["lan0", "lan1"]
+probe_targets = ["198.51.100.1"]
+[[wan]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+[[wan]]
+name = "isp2"
+interface = "wan2"
+gateway = "100.64.2.1"
+{rules}"#
+        ))
+        .unwrap()
+    }
+
+    const TUTORIAL: &str = r#"
+[[rule]]
+name = "web"
+proto = ["tcp", "udp"]
+dst_ports = [80, 443, 53]
+wans = ["isp1", "isp2"]
+[[rule]]
+name = "mail"
+proto = "tcp"
+dst_ports = [25, 110, 143, 465, 587, 993, 995]
+wans = ["isp2", "isp1"]
+[[rule]]
+name = "backup-subnet"
+src = ["192.0.2.128/25"]
+wans = ["isp2"]
+[[rule]]
+name = "vpn"
+dst = ["198.51.100.0/24"]
+main = true
+"#;
+
+    #[test]
+    fn ordered_rules_take_first_eligible() {
+        let c = config_with_rules(TUTORIAL);
+        let mut wans = vec![view(0, 1, 1, Health::Good), view(1, 1, 1, Health::Good)];
+        let comp = compile(&wans, &c.rules, AllDown::Last, &[]);
+        assert_eq!(comp.policies.len(), 5);
+        assert_eq!(comp.policies[1].kind, POLICY_ORDERED);
+        assert_eq!(share_of(&comp.policies[1], 0), 1.0);
+        assert_eq!(share_of(&comp.policies[2], 1), 1.0);
+        assert_eq!(comp.policies[4].kind, POLICY_MAIN);
+        // Mail falls back to isp1 while isp2 is down, the subnet rule goes
+        // inactive (datapath falls back to the default policy).
+        wans[1].health = Health::Bad;
+        let comp = compile(&wans, &c.rules, AllDown::Last, &[]);
+        assert_eq!(share_of(&comp.policies[2], 0), 1.0);
+        assert_eq!(comp.policies[3].active, 0);
+    }
+
+    #[test]
+    fn rule_matching_is_first_match() {
+        let c = config_with_rules(TUTORIAL);
+        let r = compile_rules(&c.rules);
+        let ip = |s: &str| s.parse().unwrap();
+        let m = |proto: u8, src: &str, dst: &str, dport: u16, iface: &str| {
+            r.matching_rule(proto, ip(src), ip(dst), 40000, dport, iface)
+        };
+        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 443, "lan0"), Some(0));
+        assert_eq!(m(17, "192.0.2.10", "203.0.113.9", 53, "lan0"), Some(0));
+        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 587, "lan0"), Some(1));
+        assert_eq!(m(17, "192.0.2.10", "203.0.113.9", 587, "lan0"), None);
+        // Web from the backup subnet still matches web first.
+        assert_eq!(m(6, "192.0.2.130", "203.0.113.9", 80, "lan1"), Some(0));
+        assert_eq!(m(6, "192.0.2.130", "203.0.113.9", 8080, "lan1"), Some(2));
+        assert_eq!(m(1, "192.0.2.130", "203.0.113.9", 0, "lan1"), Some(2));
+        assert_eq!(m(6, "192.0.2.10", "198.51.100.7", 8080, "lan0"), Some(3));
+        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 8080, "lan0"), None);
+        // ICMP never matches a port rule.
+        assert_eq!(m(1, "192.0.2.10", "203.0.113.9", 0, "lan0"), None);
+    }
+
+    #[test]
+    fn nested_prefixes_and_interfaces() {
+        let c = config_with_rules(
+            r#"
+[[rule]]
+src = ["192.0.2.0/24"]
+lan_interface = "lan1"
+wans = ["isp1"]
+[[rule]]
+src = ["192.0.2.128/26"]
+wans = ["isp2"]
+[[rule]]
+dst = ["0.0.0.0/0"]
+proto = "udp"
+balance = ["isp1", "isp2"]
+"#,
+        );
+        let r = compile_rules(&c.rules);
+        let ip = |s: &str| s.parse().unwrap();
+        // An address inside the /26 also lies in the /24: rule 0 on lan1.
+        assert_eq!(
+            r.matching_rule(6, ip("192.0.2.130"), ip("203.0.113.1"), 1, 2, "lan1"),
+            Some(0)
+        );
+        assert_eq!(
+            r.matching_rule(6, ip("192.0.2.130"), ip("203.0.113.1"), 1, 2, "lan0"),
+            Some(1)
+        );
+        assert_eq!(
+            r.matching_rule(17, ip("192.0.2.10"), ip("203.0.113.1"), 1, 2, "lan0"),
+            Some(2)
+        );
+        assert_eq!(
+            r.matching_rule(6, ip("192.0.2.10"), ip("203.0.113.1"), 1, 2, "lan0"),
+            None
+        );
+        assert_eq!(r.actions, vec![1, 2, 3]);
+    }
+}

@@ -24,6 +24,7 @@ mod dns;
 mod impair;
 mod isp;
 mod labdir;
+pub mod mwan;
 mod ns;
 mod ping;
 mod plain;

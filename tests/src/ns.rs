@@ -86,6 +86,18 @@ impl Netns {
         self.exec_input(argv, None)
     }
 
+    /// Runs `argv` in this namespace and returns its output whatever its
+    /// exit status (for commands whose exit code is the point).
+    pub fn exec_status(&self, argv: &[&str]) -> Result<Output> {
+        let what = format!("{argv:?} in {}", self.name);
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {what}"))
+    }
+
     /// Like [`Netns::exec`], feeding `input` on stdin.
     pub fn exec_input(&self, argv: &[&str], input: Option<&str>) -> Result<Output> {
         run_cmd(

@@ -347,6 +347,11 @@ impl Lab {
         &self.lan0
     }
 
+    /// Whether the lab has hosts on the second LAN (`lan1`).
+    pub fn has_second_lan(&self) -> bool {
+        !self.lan1.is_empty()
+    }
+
     /// Host `i` (0-based) of `lan1`.
     pub fn lan1_host(&self, i: usize) -> &Host {
         &self.lan1[i]

@@ -1,1 +1,290 @@
-fn main() {}
+//! `cargo xtask`: build, test, run, demo, bench and install mwan.
+//!
+//! The only task that needs more than cargo is building the eBPF datapath:
+//! `build` finds a BPF toolchain the way mwan-user's build script does, and
+//! on a Debian-family machine without one installs it (apt packages and
+//! bpf-linker), saying what it does and how long it took.
+
+#[path = "../../mwan-user/build_support/bpf_toolchain.rs"]
+#[allow(dead_code)]
+mod bpf_toolchain;
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  build            build target/release/mwan (provisions the BPF toolchain when missing)
+  test [ARGS..]    build, then run every unit and namespace end-to-end test (root);
+                   ARGS go to the test binaries (e.g. a test name filter)
+  run -- ARGS      build, then run target/release/mwan ARGS
+  demo [--keep]    build, start a lab with three ISPs and show mwan balancing and failing over (root)
+  bench            measure mwan against plain routing, multipath and an nftables balancer; writes BENCHMARKS.md (root)
+  install [--prefix DIR]  install the binary, the systemd unit and an example config
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("build") => build().map(|_| ()),
+        Some("test") => test(&args[1..]),
+        Some("run") => run(&args[1..]),
+        Some("demo") => build().and_then(|bin| demo::demo(&root(), &bin, &args[1..])),
+        Some("bench") => build().and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
+        Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
+        Some("-h") | Some("--help") | Some("help") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(anyhow!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn debian_family() -> bool {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    Path::new("/usr/bin/apt-get").exists()
+        && os.lines().any(|l| {
+            (l.starts_with("ID=") || l.starts_with("ID_LIKE="))
+                && (l.contains("debian") || l.contains("ubuntu"))
+        })
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "installing {} needs root: run as root, or run: sudo apt-get install -y {}",
+            packages.join(" "),
+            packages.join(" ")
+        );
+    }
+    let t = Instant::now();
+    println!("xtask: apt-get install {}", packages.join(" "));
+    status(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    println!("xtask: apt-get done in {:.0}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Finds a BPF toolchain, installing one on Debian-family machines.
+fn ensure_bpf_toolchain() -> Result<()> {
+    let missing = match bpf_toolchain::find() {
+        Ok(t) => {
+            println!(
+                "xtask: BPF toolchain: {:?}, {}",
+                t.route,
+                t.bpf_linker.display()
+            );
+            return Ok(());
+        }
+        Err(m) => m,
+    };
+    if !debian_family() {
+        bail!(
+            "{missing}.\nOn this system install a nightly Rust with rust-src and bpf-linker:\n  \
+             rustup toolchain install nightly --component rust-src\n  cargo install bpf-linker"
+        );
+    }
+    println!("xtask: no BPF toolchain found ({missing}); provisioning it (this takes a few minutes, once)");
+    let t = Instant::now();
+    apt_install(bpf_toolchain::DEBIAN_PACKAGES)?;
+    if bpf_toolchain::find_bpf_linker().is_none() {
+        let t = Instant::now();
+        println!(
+            "xtask: cargo {}",
+            bpf_toolchain::BPF_LINKER_INSTALL.join(" ")
+        );
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![PathBuf::from(bpf_toolchain::LLVM_BIN_DIR)];
+        paths.extend(std::env::split_paths(&path));
+        status(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(bpf_toolchain::BPF_LINKER_INSTALL)
+                .env("PATH", std::env::join_paths(paths)?),
+        )?;
+        println!(
+            "xtask: bpf-linker built in {:.0}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let tc = bpf_toolchain::find().map_err(|m| anyhow!("still {m} after provisioning"))?;
+    println!(
+        "xtask: BPF toolchain ready ({:?}) after {:.0}s",
+        tc.route,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runtime tools the daemon and the lab use.
+fn ensure_runtime_tools() -> Result<()> {
+    let missing: Vec<&str> = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")]
+        .iter()
+        .filter(|(bin, _)| {
+            !["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .any(|d| Path::new(d).join(bin).exists())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !debian_family() {
+        bail!("missing runtime tools: install {}", missing.join(" "));
+    }
+    let mut pkgs = missing;
+    pkgs.dedup();
+    apt_install(&pkgs)
+}
+
+/// Builds target/release/mwan and returns its path.
+fn build() -> Result<PathBuf> {
+    ensure_bpf_toolchain()?;
+    let t = Instant::now();
+    status(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "mwan-user",
+        "--bin",
+        "mwan",
+    ]))?;
+    let bin = root().join("target/release/mwan");
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "xtask: built {} ({:.1} MB, eBPF datapath embedded) in {:.0}s",
+        bin.display(),
+        size as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(bin)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the end-to-end tests build network namespaces: run `cargo xtask test` as root");
+    }
+    ensure_runtime_tools()?;
+    let bin = build()?;
+    let t = Instant::now();
+    let mut child = cargo()
+        .args([
+            "test",
+            "--release",
+            "--locked",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+        ])
+        .args(args)
+        .env("MWAN_BIN", &bin)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output while counting the tests that ran.
+    let stdout = child.stdout.take().expect("piped");
+    let mut passed = 0u64;
+    let mut failed = 0u64;
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 12 passed; 0 failed; 1 ignored; ..."
+            let num = |word: &str| {
+                rest.split(['.', ';'])
+                    .find_map(|p| p.trim().strip_suffix(word)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += num("passed");
+            failed += num("failed");
+        }
+    }
+    let st = child.wait()?;
+    println!(
+        "xtask: {passed} tests passed, {failed} failed, in {:.0}s",
+        t.elapsed().as_secs_f64()
+    );
+    if failed > 0 || !st.success() {
+        bail!("the test run failed ({failed} test(s) failed, cargo: {st})");
+    }
+    if passed == 0 {
+        bail!("no test ran: treating that as a failure");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let bin = build()?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let st = Command::new(&bin).args(args).status()?;
+    if !st.success() {
+        bail!("mwan exited with {st}");
+    }
+    Ok(())
+}
+
+fn install(bin: &Path, args: &[String]) -> Result<()> {
+    let mut prefix = PathBuf::from("/");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--prefix" => {
+                prefix = PathBuf::from(
+                    it.next()
+                        .ok_or_else(|| anyhow!("--prefix needs a directory"))?,
+                )
+            }
+            other => bail!("install: unknown argument `{other}`"),
+        }
+    }
+    status(Command::new(bin).arg("install").arg("--root").arg(&prefix))
+}

@@ -1,0 +1,1063 @@
+//! The daemon: brings the host to the state the config describes, then keeps
+//! it there while health, links, admin commands and config change.
+//!
+//! Every change goes through a few idempotent `sync_*` steps (routes, rules,
+//! nftables, policies), so start, reload and events share one code path.
+
+mod host;
+mod status;
+mod wan;
+
+pub use host::{teardown, HostState};
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use mwan_common::{
+    FlowKey, FlowValue, Settings, WanEntry, ABI_VERSION, MAP_FLOWS, MAX_WANS, WAN_NONE,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::config::{AllDown, Config, Failback, Sticky};
+use crate::control::{Event, Request, Response};
+use crate::datapath::{self, Datapath};
+use crate::health::{Prober, RoundReport, State, Transition};
+use crate::hooks::{run_hook, HookEvent};
+use crate::policy::{self, CompiledRules};
+use crate::routing::{self, Net, NetEvent, Nexthop};
+use crate::{conntrack, nft, sysctl};
+use wan::{assign_ids, LinkInfo, WanRt};
+
+const MAX_EVENTS: usize = 100;
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Leave the datapath running on SIGTERM/SIGINT (restart, upgrade).
+    pub keep: bool,
+}
+
+/// `mwan run`: runs until SIGTERM/SIGINT or `mwan stop`.
+pub fn run(opts: RunOptions) -> Result<()> {
+    let cfg = Config::load(&opts.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let daemon = Daemon::start(cfg, opts).await?;
+        daemon.serve().await
+    })
+}
+
+struct Daemon {
+    cfg: Config,
+    opts: RunOptions,
+    dp: Datapath,
+    net: Net,
+    host: HostState,
+    wans: Vec<WanRt>,
+    rules_written: Option<CompiledRules>,
+    /// The default policy's members when something last took new flows.
+    last_default: Vec<(u8, u32)>,
+    balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
+    all_down: bool,
+    bypass_written: Vec<Ipv4Net>,
+    events: VecDeque<Event>,
+    rounds_tx: mpsc::Sender<RoundReport>,
+    rounds_rx: Option<mpsc::Receiver<RoundReport>>,
+    started: Instant,
+    flow_counts: status::FlowCounts,
+    _lock: std::fs::File,
+}
+
+/// How the main loop ends.
+enum Exit {
+    Keep,
+    Teardown,
+}
+
+impl Daemon {
+    async fn start(cfg: Config, opts: RunOptions) -> Result<Daemon> {
+        let net = Net::connect().await.context("opening rtnetlink")?;
+        let links = net.links().await.context("listing interfaces")?;
+        for w in cfg.check_system(&|n| links.iter().any(|l| l.name == n))? {
+            warn!("{w}");
+        }
+        // Nothing has been changed on the host up to here.
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+        let mounted = datapath::ensure_bpffs(&cfg.pin_dir)?;
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .with_context(|| format!("creating pin_dir {}", cfg.pin_dir.display()))?;
+        let lock = datapath::lock_pin_dir(&cfg.pin_dir)?;
+        let mut host = HostState::load(&cfg.state_file())?.unwrap_or_default();
+        if mounted.is_some() {
+            host.bpffs_mount = mounted;
+        }
+        host.pin_dir = cfg.pin_dir.clone();
+        host.table_base = cfg.table_base;
+        let dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+        let inherited = dp.inherited;
+        let (rounds_tx, rounds_rx) = mpsc::channel(256);
+        let mut d = Daemon {
+            flow_counts: status::FlowCounts::new(cfg.pin_dir.clone()),
+            cfg,
+            opts,
+            dp,
+            net,
+            host,
+            wans: Vec::new(),
+            rules_written: None,
+            last_default: Vec::new(),
+            balance_written: None,
+            all_down: false,
+            bypass_written: Vec::new(),
+            events: VecDeque::new(),
+            rounds_tx,
+            rounds_rx: Some(rounds_rx),
+            started: Instant::now(),
+            _lock: lock,
+        };
+        match d.bring_up().await {
+            Ok(()) => Ok(d),
+            Err(e) => {
+                if inherited {
+                    error!("start failed; the inherited datapath is left running as it was");
+                } else {
+                    error!("start failed; removing what was set up");
+                    for te in teardown(&d.cfg, &d.host, &d.net).await {
+                        warn!(error = %te, "cleanup after failed start");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(&mut self) -> Result<()> {
+        let inherited = self.dp.inherited;
+        let pinned_names = self.dp.maps.names()?;
+        let names: Vec<&str> = self.cfg.wans.iter().map(|w| w.name.as_str()).collect();
+        let ids = assign_ids(&names, &pinned_names);
+        if inherited {
+            // The last default policy keeps balancing continuous.
+            let p = self.dp.maps.policy(0)?;
+            self.last_default = policy::shares(&p)
+                .into_iter()
+                .map(|(id, s)| (id, ((s * 1000.0).round() as u32).max(1)))
+                .collect();
+        }
+        for (w, id) in self.cfg.wans.clone().into_iter().zip(ids) {
+            let initial = if inherited && self.dp.maps.wan(id)?.alive != 0 {
+                State::Up
+            } else if inherited {
+                State::Down
+            } else {
+                State::Unknown
+            };
+            let mark = self.cfg.wan_mark(id);
+            let mut rt = WanRt::new(w, id, mark, self.cfg.table_base, initial);
+            rt.alive = initial == State::Up;
+            self.wans.push(rt);
+        }
+        info!(
+            inherited,
+            wans = self.wans.len(),
+            pin_dir = %self.cfg.pin_dir.display(),
+            "{}",
+            if inherited { "taking over the running datapath" } else { "starting" }
+        );
+        // Ids nobody uses any more: their flows move on their next packet.
+        let used: HashSet<u8> = self.wans.iter().map(|w| w.id).collect();
+        for id in 0..MAX_WANS as u8 {
+            if !used.contains(&id) {
+                self.dp.maps.write_name(id, None)?;
+                self.dp.maps.write_wan(id, WanEntry::default())?;
+            }
+        }
+        for i in 0..self.wans.len() {
+            let (id, name, mark, alive) = {
+                let w = &self.wans[i];
+                (w.id, w.cfg.name.clone(), w.mark, w.alive)
+            };
+            self.dp.maps.write_name(id, Some(&name))?;
+            self.dp.maps.write_wan(
+                id,
+                WanEntry {
+                    mark,
+                    alive: alive as u32,
+                },
+            )?;
+        }
+        self.sync_settings_and_rules()?;
+        self.apply_sysctls()?;
+        self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
+        self.host.save(&self.cfg.state_file())?;
+        self.refresh_links(true).await?;
+        self.sync_nft().await?;
+        self.attach_lans().await?;
+        self.start_probers();
+        Ok(())
+    }
+
+    fn apply_sysctls(&mut self) -> Result<()> {
+        let ifaces: Vec<String> = self.cfg.wans.iter().map(|w| w.interface.clone()).collect();
+        let per_iface: HashSet<String> = ifaces
+            .iter()
+            .map(|i| sysctl::iface_key(i, "rp_filter"))
+            .collect();
+        for (k, v) in sysctl::router_settings(&ifaces) {
+            if let Err(e) = sysctl::set(&mut self.host.sysctls, &k, &v) {
+                if per_iface.contains(&k) {
+                    // A WAN interface that does not exist yet gets its
+                    // setting when it appears.
+                    warn!(key = %k, error = %e, "sysctl not set (interface missing?)");
+                } else {
+                    return Err(e.context(format!("setting {k}={v}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn settings(&self, rule_count: u32, rules: &CompiledRules) -> Settings {
+        Settings {
+            abi_version: ABI_VERSION,
+            mark_mask: self.cfg.mark_mask,
+            sticky_host: (self.cfg.sticky == Sticky::Host) as u32,
+            rule_count,
+            host_ttl_ns: self.cfg.host_ttl.as_nanos() as u64,
+            rule_any_iface: rules.any_iface,
+            rule_any_sport: rules.any_sport,
+            rule_any_dport: rules.any_dport,
+        }
+    }
+
+    /// Rules are written with matching switched off (rule_count 0), then
+    /// switched on: a half-written rule set is never used.
+    fn sync_settings_and_rules(&mut self) -> Result<()> {
+        let rules = policy::compile_rules(&self.cfg.rules);
+        if self.rules_written.as_ref() == Some(&rules) {
+            let s = self.settings(rules.count, &rules);
+            return self.dp.maps.write_settings(&s);
+        }
+        let off = self.settings(0, &rules);
+        self.dp.maps.write_settings(&off)?;
+        let indexes = self.ifindexes();
+        self.dp
+            .maps
+            .write_rules(&rules, self.rules_written.as_ref(), &|n| {
+                indexes.get(n).copied()
+            })?;
+        let on = self.settings(rules.count, &rules);
+        self.dp.maps.write_settings(&on)?;
+        self.rules_written = Some(rules);
+        Ok(())
+    }
+
+    fn ifindexes(&self) -> BTreeMap<String, u32> {
+        self.cfg
+            .lan_interfaces
+            .iter()
+            .filter_map(|n| nix_ifindex(n).map(|i| (n.clone(), i)))
+            .collect()
+    }
+
+    async fn attach_lans(&mut self) -> Result<()> {
+        for lan in self.cfg.lan_interfaces.clone() {
+            let link = self
+                .net
+                .link(&lan)
+                .await?
+                .ok_or_else(|| anyhow!("LAN interface {lan} does not exist"))?;
+            self.dp.attach(&lan, link.l2)?;
+            info!(interface = %lan, l2 = link.l2, "classifier attached");
+        }
+        Ok(())
+    }
+
+    fn start_probers(&mut self) {
+        for w in self.wans.iter_mut() {
+            if w.cfg.enabled && w.prober.is_none() {
+                w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
+            }
+        }
+    }
+
+    /// Re-reads every WAN's link, address and gateway from the kernel and
+    /// applies what changed. `force` rewrites routes and rules regardless.
+    async fn refresh_links(&mut self, force: bool) -> Result<()> {
+        let exclude = self.cfg.table_base..=self.cfg.table_base + MAX_WANS;
+        let mut rules_dirty = force;
+        for i in 0..self.wans.len() {
+            let iface = self.wans[i].cfg.interface.clone();
+            let mut info = LinkInfo::default();
+            if let Some(l) = self.net.link(&iface).await? {
+                info.ifindex = Some(l.index);
+                info.admin_up = l.admin_up;
+                info.carrier = l.carrier;
+                info.addr = self.net.ipv4_addrs(l.index).await?.into_iter().next();
+                info.nexthop = match self.wans[i].cfg.gateway {
+                    crate::config::Gateway::Fixed(gw) => Some(Nexthop {
+                        gateway: Some(gw),
+                        ifindex: l.index,
+                    }),
+                    crate::config::Gateway::Auto => {
+                        self.net.learned_default(l.index, exclude.clone()).await?
+                    }
+                };
+            }
+            let old = std::mem::replace(&mut self.wans[i].link, info.clone());
+            let w = &self.wans[i];
+            if force || old.nexthop != info.nexthop {
+                match info.nexthop {
+                    Some(nh) => {
+                        self.net
+                            .set_table_default(w.table, nh)
+                            .await
+                            .with_context(|| {
+                                format!("WAN {}: setting table {}", w.cfg.name, w.table)
+                            })?
+                    }
+                    None => self.net.flush_table(w.table).await?,
+                }
+                if !force {
+                    info!(wan = %w.cfg.name, nexthop = ?info.nexthop, "gateway changed");
+                }
+            }
+            if old.addr != info.addr {
+                rules_dirty = true;
+                if !force {
+                    info!(wan = %w.cfg.name, address = ?info.addr.map(|a| a.to_string()), "address changed");
+                }
+            }
+            if info.ifindex.is_some() && old.ifindex != info.ifindex {
+                if old.ifindex.is_some() {
+                    // The interface was re-created (PPP redial): sockets
+                    // bound to the old one are dead.
+                    let spec = w.probe_spec();
+                    let tx = self.rounds_tx.clone();
+                    if let Some(p) = self.wans[i].prober.as_mut() {
+                        *p = Prober::spawn(spec, tx);
+                    }
+                }
+                if !force {
+                    // A new interface needs its sysctls (rp_filter).
+                    self.apply_sysctls()?;
+                }
+            }
+            let reason = info.unusable_reason(&self.wans[i].cfg);
+            let was_usable =
+                old.unusable_reason(&self.wans[i].cfg).is_none() && old.ifindex.is_some();
+            let usable = reason.is_none();
+            if force || usable != was_usable {
+                let reason = reason.unwrap_or_else(|| format!("interface {iface} usable"));
+                if let Some(t) = self.wans[i]
+                    .machine
+                    .on_link(usable, &reason, Instant::now())
+                {
+                    self.on_transition(i, t);
+                }
+            }
+        }
+        if rules_dirty {
+            self.sync_rules().await?;
+        }
+        self.sync_bypass().await?;
+        self.sync_policies().await
+    }
+
+    async fn sync_rules(&mut self) -> Result<()> {
+        let wans: Vec<(u8, u32, Option<Ipv4Addr>)> = self
+            .wans
+            .iter()
+            .map(|w| (w.id, w.mark, w.link.address()))
+            .collect();
+        let want = routing::wanted_rules(
+            self.cfg.rule_priority,
+            self.cfg.table_base,
+            self.cfg.mark_mask,
+            &wans,
+        );
+        self.net
+            .sync_rules(&want)
+            .await
+            .context("installing ip rules")
+    }
+
+    async fn sync_nft(&mut self) -> Result<()> {
+        let wans: Vec<nft::NftWan> = self
+            .wans
+            .iter()
+            .map(|w| nft::NftWan {
+                name: w.cfg.name.clone(),
+                interface: w.cfg.interface.clone(),
+                mark: w.mark,
+                nat: w.cfg.nat,
+            })
+            .collect();
+        nft::apply(&wans, self.cfg.mark_mask)
+            .await
+            .context("applying nftables table ip mwan")
+    }
+
+    /// Local addresses and connected prefixes: never pinned to a WAN.
+    async fn sync_bypass(&mut self) -> Result<()> {
+        let mut prefixes: Vec<Ipv4Net> = self
+            .net
+            .all_ipv4_addrs()
+            .await?
+            .into_iter()
+            .flat_map(|(_, a)| {
+                [
+                    a.trunc(),
+                    Ipv4Net::new(a.addr(), 32).expect("32 is a valid prefix"),
+                ]
+            })
+            .filter(|n| n.prefix_len() > 0)
+            .collect();
+        prefixes.push("127.0.0.0/8".parse().expect("valid"));
+        prefixes.sort();
+        prefixes.dedup();
+        if prefixes != self.bypass_written {
+            self.dp.maps.write_bypass(&prefixes)?;
+            self.bypass_written = prefixes;
+        }
+        Ok(())
+    }
+
+    /// Recomputes who takes new flows and which pins stay valid, and writes it
+    /// all: policies, `alive` flags, the balance route. Deletes conntrack
+    /// entries of WANs that died.
+    async fn sync_policies(&mut self) -> Result<()> {
+        let views: Vec<_> = self.wans.iter().map(|w| w.view()).collect();
+        let c = policy::compile(
+            &views,
+            &self.cfg.rules,
+            self.cfg.all_down,
+            &self.last_default,
+        );
+        if !c.all_down {
+            self.last_default = c.default_members.clone();
+        }
+        self.dp.maps.write_policies(&c.policies)?;
+        let mut died = Vec::new();
+        let mut revived = Vec::new();
+        for (id, alive) in &c.alive {
+            let w = self
+                .wans
+                .iter_mut()
+                .find(|w| w.id == *id)
+                .expect("view of a WAN");
+            if w.alive != *alive {
+                self.dp.maps.write_wan(
+                    w.id,
+                    WanEntry {
+                        mark: w.mark,
+                        alive: *alive as u32,
+                    },
+                )?;
+                if *alive {
+                    revived.push(w.id);
+                } else {
+                    died.push(w.id);
+                }
+                w.alive = *alive;
+            }
+        }
+        let started = self
+            .wans
+            .iter()
+            .any(|w| w.machine.state() != State::Unknown);
+        if c.all_down != self.all_down && started {
+            if c.all_down {
+                error!(
+                    policy = ?self.cfg.all_down,
+                    kept = ?c.default_members.iter().map(|(id, _)| self.wan_name(*id)).collect::<Vec<_>>(),
+                    "ALL WANs ARE DOWN: {}",
+                    match self.cfg.all_down {
+                        AllDown::Last => "new connections keep using the WANs that were up last",
+                        AllDown::Unreachable => "new connections are refused (unreachable)",
+                    }
+                );
+            } else {
+                info!("a WAN is up again; traffic is balanced normally");
+            }
+        }
+        self.all_down = c.all_down;
+        let nexthops: Vec<(Nexthop, u32)> = c
+            .default_members
+            .iter()
+            .filter_map(|(id, weight)| {
+                let w = self.wans.iter().find(|w| w.id == *id)?;
+                Some((w.link.nexthop?, *weight))
+            })
+            .collect();
+        let unreachable = c.all_down && self.cfg.all_down == AllDown::Unreachable;
+        let want = (nexthops, unreachable);
+        if self.balance_written.as_ref() != Some(&want) {
+            self.net
+                .set_balance(self.cfg.table_base + MAX_WANS, &want.0, want.1)
+                .await
+                .context("setting the balance route")?;
+            self.balance_written = Some(want);
+        }
+        for id in died {
+            self.flush_conntrack(id);
+        }
+        if self.cfg.failback == Failback::Reset {
+            for id in revived {
+                self.reset_moved_flows(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn wan_name(&self, id: u8) -> String {
+        self.wans
+            .iter()
+            .find(|w| w.id == id)
+            .map(|w| w.cfg.name.clone())
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    /// Deletes the conntrack entries of a dead WAN's connections (and only
+    /// those), so applications see a reset at once instead of hanging on a
+    /// NAT binding to a dead link: connections masqueraded to its address,
+    /// inbound ones it marked, and every flow pinned to it.
+    fn flush_conntrack(&self, id: u8) {
+        if let Some(w) = self.wans.iter().find(|w| w.id == id) {
+            self.flush_conntrack_of(w);
+        }
+    }
+
+    fn flush_conntrack_of(&self, w: &WanRt) {
+        let id = w.id;
+        let name = w.cfg.name.clone();
+        let addr = w.link.address();
+        let mark = w.mark;
+        let mask = self.cfg.mark_mask;
+        let pin_dir = self.cfg.pin_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let tuples = match pinned_flows(&pin_dir, |_, v| v.wan == id || v.moved_from == id) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(wan = %name, error = %e, "reading flows for conntrack cleanup");
+                    HashSet::new()
+                }
+            };
+            let result = conntrack::delete_where(|e| {
+                addr.is_some_and(|a| e.reply.dst == a)
+                    || (e.mark & mask) == mark
+                    || tuples.contains(&tuple_of(&e.orig))
+            });
+            match result {
+                Ok(n) => {
+                    info!(wan = %name, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted")
+                }
+                Err(e) => warn!(wan = %name, error = %e, "deleting conntrack entries"),
+            }
+        });
+    }
+
+    /// `failback = "reset"`: flows that moved away from WAN `id` when it died
+    /// are pinned back to it and their conntrack entries deleted, so they
+    /// reconnect through it.
+    fn reset_moved_flows(&self, id: u8) {
+        let name = self.wan_name(id);
+        let pin_dir = self.cfg.pin_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = (|| -> Result<usize> {
+                let mut moved = Vec::new();
+                datapath::read_hash_batched::<FlowKey, FlowValue>(
+                    &datapath::open_pinned_map(&pin_dir, MAP_FLOWS)?,
+                    4096,
+                    |k, v| {
+                        if v.moved_from == id {
+                            moved.push((*k, *v));
+                        }
+                        true
+                    },
+                )?;
+                let data = datapath::open_pinned_map(&pin_dir, MAP_FLOWS)?;
+                let mut flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
+                    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+                let mut tuples = HashSet::new();
+                for (k, mut v) in moved {
+                    v.wan = id;
+                    v.moved_from = WAN_NONE;
+                    flows.insert(k, v, 0)?;
+                    tuples.insert(key_tuple(&k));
+                }
+                conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
+                Ok(tuples.len())
+            })();
+            match res {
+                Ok(n) => info!(wan = %name, flows = n, "failback: moved flows reset to their WAN"),
+                Err(e) => warn!(wan = %name, error = %e, "failback reset"),
+            }
+        });
+    }
+
+    fn record(&mut self, i: usize, t: Option<Transition>) {
+        if let Some(t) = t {
+            self.on_transition(i, t);
+        }
+    }
+
+    fn on_transition(&mut self, i: usize, t: Transition) {
+        let w = &mut self.wans[i];
+        w.state_since = SystemTime::now();
+        let m = &t.measurements;
+        info!(
+            wan = %w.cfg.name,
+            interface = %w.cfg.interface,
+            from = %t.from,
+            to = %t.to,
+            reason = %t.reason,
+            loss_pct = m.loss_pct,
+            rtt_ms = ?m.rtt_ms,
+            jitter_ms = ?m.jitter_ms,
+            failed_targets = ?m.failed_targets,
+            "wan state changed"
+        );
+        let ev = Event {
+            time: status::rfc3339(SystemTime::now()),
+            wan: w.cfg.name.clone(),
+            from: t.from.to_string(),
+            to: t.to.to_string(),
+            reason: t.reason.clone(),
+        };
+        if let Some(cmd) = &self.cfg.on_change {
+            run_hook(
+                cmd,
+                &HookEvent {
+                    wan: w.cfg.name.clone(),
+                    interface: w.cfg.interface.clone(),
+                    old: t.from.to_string(),
+                    new: t.to.to_string(),
+                    reason: t.reason.clone(),
+                    loss_pct: m.loss_pct,
+                    rtt_ms: m.rtt_ms,
+                    time: SystemTime::now(),
+                },
+                self.cfg.hook_timeout,
+            );
+        }
+        self.events.push_back(ev);
+        while self.events.len() > MAX_EVENTS {
+            self.events.pop_front();
+        }
+    }
+
+    async fn on_round(&mut self, r: RoundReport) -> Result<()> {
+        let Some(i) = self.wans.iter().position(|w| w.id as usize == r.wan) else {
+            return Ok(());
+        };
+        if let Some(t) = self.wans[i].machine.on_round(&r, Instant::now()) {
+            self.on_transition(i, t);
+            self.sync_policies().await?;
+        }
+        Ok(())
+    }
+
+    fn wan_index(&self, name: &str) -> Result<usize> {
+        self.wans
+            .iter()
+            .position(|w| w.cfg.name == name)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no WAN is named `{name}` (known: {})",
+                    self.wans
+                        .iter()
+                        .map(|w| w.cfg.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    async fn handle(&mut self, req: Request) -> (Response, Option<Exit>) {
+        if let Request::Stop { teardown } = req {
+            return if teardown {
+                (
+                    Response::ok("stopping and removing the datapath"),
+                    Some(Exit::Teardown),
+                )
+            } else {
+                (
+                    Response::ok("stopping; the datapath keeps forwarding"),
+                    Some(Exit::Keep),
+                )
+            };
+        }
+        match self.command(req).await {
+            Ok(r) => (r, None),
+            Err(e) => (Response::error(format!("{e:#}")), None),
+        }
+    }
+
+    async fn command(&mut self, req: Request) -> Result<Response> {
+        Ok(match req {
+            Request::Status => {
+                let mut r = Response::ok("status");
+                r.status = Some(self.status().await?);
+                r
+            }
+            Request::SetWeight { wan, weight } => {
+                if !(1..=1000).contains(&weight) {
+                    bail!("weight {weight} is out of range 1..=1000");
+                }
+                let i = self.wan_index(&wan)?;
+                let old = std::mem::replace(&mut self.wans[i].weight, weight);
+                info!(wan = %wan, old, new = weight, "weight changed");
+                self.sync_policies().await?;
+                Response::ok(format!("{wan}: weight {old} -> {weight} (new flows only)"))
+            }
+            Request::Drain { wan } => {
+                let i = self.wan_index(&wan)?;
+                self.wans[i].drained = true;
+                info!(wan = %wan, "drained: no new flows, existing flows stay");
+                self.sync_policies().await?;
+                Response::ok(format!(
+                    "{wan}: drained (no new flows; existing flows stay)"
+                ))
+            }
+            Request::Enable { wan } => {
+                let i = self.wan_index(&wan)?;
+                self.wans[i].drained = false;
+                let t = self.wans[i].machine.set_disabled(false, Instant::now());
+                self.record(i, t);
+                if self.wans[i].prober.is_none() {
+                    self.wans[i].prober = Some(Prober::spawn(
+                        self.wans[i].probe_spec(),
+                        self.rounds_tx.clone(),
+                    ));
+                }
+                self.sync_policies().await?;
+                Response::ok(format!("{wan}: enabled"))
+            }
+            Request::Disable { wan } => {
+                let i = self.wan_index(&wan)?;
+                let t = self.wans[i].machine.set_disabled(true, Instant::now());
+                self.record(i, t);
+                self.wans[i].prober = None;
+                self.sync_policies().await?;
+                Response::ok(format!("{wan}: disabled (its flows move to other WANs)"))
+            }
+            Request::Reload => Response::ok(self.reload().await?),
+            Request::Stop { .. } => unreachable!("handled by handle()"),
+        })
+    }
+
+    /// Applies a changed config file. Refused (old config kept) when the new
+    /// one is invalid or changes settings that need a restart.
+    async fn reload(&mut self) -> Result<String> {
+        let new = Config::load(&self.opts.config)?;
+        let links = self.net.links().await?;
+        for w in new.check_system(&|n| links.iter().any(|l| l.name == n))? {
+            warn!("{w}");
+        }
+        let fixed: [(&str, bool); 7] = [
+            ("pin_dir", new.pin_dir != self.cfg.pin_dir),
+            ("state_dir", new.state_dir != self.cfg.state_dir),
+            ("mark_mask", new.mark_mask != self.cfg.mark_mask),
+            ("table_base", new.table_base != self.cfg.table_base),
+            ("rule_priority", new.rule_priority != self.cfg.rule_priority),
+            ("max_flows", new.max_flows != self.cfg.max_flows),
+            ("max_hosts", new.max_hosts != self.cfg.max_hosts),
+        ];
+        if let Some((k, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            bail!("{k} changed: restart mwan to apply it (the running config is unchanged)");
+        }
+        let pinned = self.dp.maps.names()?;
+        // Keep ids of WANs that stay; new ones avoid every id in use.
+        let mut current: Vec<Option<String>> = pinned.clone();
+        for w in &self.wans {
+            current[w.id as usize] = Some(w.cfg.name.clone());
+        }
+        let names: Vec<&str> = new.wans.iter().map(|w| w.name.as_str()).collect();
+        let ids = assign_ids(&names, &current);
+        let mut old: Vec<WanRt> = std::mem::take(&mut self.wans);
+        let mut summary = Vec::new();
+        for (wcfg, id) in new.wans.iter().cloned().zip(ids) {
+            let mark = new.wan_mark(id);
+            match old.iter().position(|w| w.cfg.name == wcfg.name) {
+                Some(p) => {
+                    let mut w = old.swap_remove(p);
+                    let probe_changed =
+                        w.cfg.health != wcfg.health || w.cfg.interface != wcfg.interface;
+                    let enabled_changed = w.cfg.enabled != wcfg.enabled;
+                    if w.cfg != wcfg {
+                        summary.push(format!("changed {}", wcfg.name));
+                    }
+                    w.machine.set_config(&wcfg.health);
+                    w.weight = wcfg.weight;
+                    w.drained = false;
+                    w.cfg = wcfg;
+                    let t = if enabled_changed {
+                        w.machine.set_disabled(!w.cfg.enabled, Instant::now())
+                    } else {
+                        None
+                    };
+                    if !w.cfg.enabled {
+                        w.prober = None;
+                    } else if probe_changed || w.prober.is_none() {
+                        w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
+                    }
+                    self.wans.push(w);
+                    self.record(self.wans.len() - 1, t);
+                }
+                None => {
+                    summary.push(format!("added {}", wcfg.name));
+                    self.dp.maps.write_name(id, Some(&wcfg.name))?;
+                    self.dp.maps.write_wan(id, WanEntry { mark, alive: 0 })?;
+                    let mut w = WanRt::new(wcfg, id, mark, new.table_base, State::Unknown);
+                    if w.cfg.enabled {
+                        w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
+                    }
+                    self.wans.push(w);
+                }
+            }
+        }
+        for w in old {
+            summary.push(format!("removed {}", w.cfg.name));
+            info!(wan = %w.cfg.name, "WAN removed by reload; its flows move");
+            self.dp.maps.write_wan(w.id, WanEntry::default())?;
+            self.dp.maps.write_name(w.id, None)?;
+            self.net.flush_table(w.table).await?;
+            // Its pins are no longer alive; delete its connections.
+            self.flush_conntrack_of(&w);
+        }
+        self.wans.sort_by_key(|w| w.id);
+        let removed_lans: Vec<String> = self
+            .cfg
+            .lan_interfaces
+            .iter()
+            .filter(|l| !new.lan_interfaces.contains(l))
+            .cloned()
+            .collect();
+        if new.rules != self.cfg.rules {
+            summary.push("rules changed".into());
+        }
+        self.cfg = new;
+        for l in removed_lans {
+            datapath::detach(&l);
+            summary.push(format!("detached {l}"));
+        }
+        self.sync_settings_and_rules()?;
+        self.apply_sysctls()?;
+        self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
+        self.host.save(&self.cfg.state_file())?;
+        self.balance_written = None;
+        self.refresh_links(true).await?;
+        self.sync_nft().await?;
+        self.attach_lans().await?;
+        let msg = if summary.is_empty() {
+            "reloaded: nothing changed".to_string()
+        } else {
+            format!("reloaded: {}", summary.join(", "))
+        };
+        info!("{msg}");
+        Ok(msg)
+    }
+
+    async fn serve(mut self) -> Result<()> {
+        let socket = self.cfg.control_socket();
+        let listener = bind_control(&socket)?;
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(16);
+        tokio::spawn(accept_loop(listener, ctl_tx));
+        let mut net_events = self.net.events().context("subscribing to netlink events")?;
+        let mut rounds = self.rounds_rx.take().expect("serve runs once");
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        status::notify("READY=1");
+        info!(socket = %socket.display(), "ready");
+        let exit = loop {
+            let mut net_dirty = false;
+            tokio::select! {
+                Some(r) = rounds.recv() => {
+                    if let Err(e) = self.on_round(r).await {
+                        error!(error = %format!("{e:#}"), "applying a health change");
+                    }
+                }
+                Some(ev) = net_events.next() => {
+                    net_dirty = relevant(&ev, &self);
+                    // Take the whole burst before acting once.
+                    while let Some(Some(ev)) = futures::FutureExt::now_or_never(net_events.next()) {
+                        net_dirty |= relevant(&ev, &self);
+                    }
+                }
+                Some((req, reply)) = ctl_rx.recv() => {
+                    let is_reload = req == Request::Reload;
+                    if is_reload { status::notify("RELOADING=1"); }
+                    let (resp, exit) = self.handle(req).await;
+                    if is_reload { status::notify("READY=1"); }
+                    let _ = reply.send(resp);
+                    if let Some(e) = exit { break e; }
+                }
+                _ = sighup.recv() => {
+                    status::notify("RELOADING=1");
+                    match self.reload().await {
+                        Ok(msg) => info!("SIGHUP: {msg}"),
+                        Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: reload refused; the running config is unchanged"),
+                    }
+                    status::notify("READY=1");
+                }
+                _ = sigterm.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
+                _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
+                _ = tick.tick() => {
+                    // A safety net for missed netlink events (ENOBUFS).
+                    net_dirty = true;
+                    self.flow_counts.refresh_if_stale();
+                }
+            }
+            if net_dirty {
+                if let Err(e) = self.refresh_links(false).await {
+                    error!(error = %format!("{e:#}"), "applying a link change");
+                }
+            }
+        };
+        status::notify("STOPPING=1");
+        for w in self.wans.iter_mut() {
+            w.prober = None;
+        }
+        let _ = std::fs::remove_file(&socket);
+        match exit {
+            Exit::Keep => {
+                info!(pin_dir = %self.cfg.pin_dir.display(), "stopped; the datapath keeps forwarding (run `mwan run` to take it over, `mwan stop --teardown` to remove it)");
+                Ok(())
+            }
+            Exit::Teardown => {
+                let errors = teardown(&self.cfg, &self.host, &self.net).await;
+                for e in &errors {
+                    error!(error = %format!("{e:#}"), "teardown");
+                }
+                if errors.is_empty() {
+                    info!("stopped; everything mwan added was removed");
+                    Ok(())
+                } else {
+                    bail!("teardown finished with {} error(s)", errors.len())
+                }
+            }
+        }
+    }
+}
+
+/// Whether a netlink event can matter: one of our WAN or LAN interfaces, an
+/// address anywhere (bypass trie), or a default route (gateway = "auto").
+fn relevant(ev: &NetEvent, d: &Daemon) -> bool {
+    match ev {
+        NetEvent::Link(l) => {
+            d.cfg.wans.iter().any(|w| w.interface == l.name)
+                || d.cfg.lan_interfaces.contains(&l.name)
+        }
+        NetEvent::LinkRemoved { name, .. } => {
+            d.cfg.wans.iter().any(|w| &w.interface == name) || d.cfg.lan_interfaces.contains(name)
+        }
+        NetEvent::Addr { .. } => true,
+        NetEvent::Route { table, default, .. } => {
+            *default && !(d.cfg.table_base..=d.cfg.table_base + MAX_WANS).contains(table)
+        }
+        // Events were lost: re-read everything.
+        NetEvent::Overrun => true,
+    }
+}
+
+fn bind_control(socket: &Path) -> Result<UnixListener> {
+    if socket.exists() {
+        // A live daemon would hold the pin-dir lock, so this is stale.
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
+    }
+    let l = UnixListener::bind(socket)
+        .with_context(|| format!("binding control socket {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (rtx, rrx) = oneshot::channel();
+                        if tx.send((req, rtx)).await.is_err() {
+                            return;
+                        }
+                        rrx.await
+                            .unwrap_or_else(|_| Response::error("daemon stopping"))
+                    }
+                    Err(e) => Response::error(format!("bad request: {e}")),
+                };
+                let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                out.push('\n');
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// (proto, src, dst, sport, dport) in host order.
+type Tuple5 = (u8, Ipv4Addr, Ipv4Addr, u16, u16);
+
+fn key_tuple(k: &FlowKey) -> Tuple5 {
+    (
+        k.proto,
+        Ipv4Addr::from(k.src()),
+        Ipv4Addr::from(k.dst()),
+        k.src_port(),
+        k.dst_port(),
+    )
+}
+
+fn tuple_of(t: &conntrack::CtTuple) -> Tuple5 {
+    (t.proto, t.src, t.dst, t.sport, t.dport)
+}
+
+fn pinned_flows(
+    pin_dir: &Path,
+    pred: impl Fn(&FlowKey, &FlowValue) -> bool,
+) -> Result<HashSet<Tuple5>> {
+    let map = datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
+    let mut out = HashSet::new();
+    datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 4096, |k, v| {
+        if pred(k, v) {
+            out.insert(key_tuple(k));
+        }
+        true
+    })?;
+    Ok(out)
+}
+
+fn nix_ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}

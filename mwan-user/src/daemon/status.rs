@@ -1,0 +1,217 @@
+//! `mwan status`: assembling the report, counting flows off the main loop,
+//! interface counters, and systemd readiness notifications.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use mwan_common::{FlowKey, FlowValue, MAP_FLOWS, WAN_NONE};
+use tracing::warn;
+
+use super::Daemon;
+use crate::control::{Status, WanStatus};
+use crate::datapath;
+use crate::policy;
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Sends a notification to systemd (`Type=notify`) when started by it.
+pub fn notify(msg: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        warn!(error = %e, "notifying systemd");
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    at: Option<Instant>,
+    by_wan: BTreeMap<u8, u64>,
+    total: u64,
+    running: bool,
+}
+
+/// Pinned flows per WAN, counted by a blocking task with batched map reads
+/// at most every few seconds, so neither status requests nor a million flows
+/// ever stall the daemon.
+pub struct FlowCounts {
+    pin_dir: PathBuf,
+    inner: Arc<Mutex<Counts>>,
+}
+
+const STALE: Duration = Duration::from_secs(4);
+
+impl FlowCounts {
+    pub fn new(pin_dir: PathBuf) -> FlowCounts {
+        FlowCounts {
+            pin_dir,
+            inner: Arc::default(),
+        }
+    }
+
+    pub fn refresh_if_stale(&self) {
+        {
+            let mut c = self.inner.lock().expect("not poisoned");
+            if c.running || c.at.is_some_and(|at| at.elapsed() < STALE) {
+                return;
+            }
+            c.running = true;
+        }
+        let inner = self.inner.clone();
+        let pin_dir = self.pin_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut by_wan = BTreeMap::new();
+            let mut total = 0u64;
+            let res = datapath::open_pinned_map(&pin_dir, MAP_FLOWS).and_then(|m| {
+                datapath::read_hash_batched::<FlowKey, FlowValue>(&m, 8192, |_, v| {
+                    total += 1;
+                    if v.wan != WAN_NONE {
+                        *by_wan.entry(v.wan).or_insert(0u64) += 1;
+                    }
+                    true
+                })
+            });
+            let mut c = inner.lock().expect("not poisoned");
+            c.running = false;
+            match res {
+                Ok(()) => {
+                    c.by_wan = by_wan;
+                    c.total = total;
+                    c.at = Some(Instant::now());
+                }
+                Err(e) => warn!(error = %e, "counting flows"),
+            }
+        });
+    }
+
+    fn get(&self) -> (BTreeMap<u8, u64>, u64, Option<f64>) {
+        let c = self.inner.lock().expect("not poisoned");
+        (
+            c.by_wan.clone(),
+            c.total,
+            c.at.map(|a| a.elapsed().as_secs_f64()),
+        )
+    }
+}
+
+/// rx/tx counters of every interface in this network namespace, from
+/// /proc/net/dev: (rx_bytes, rx_packets, tx_bytes, tx_packets).
+fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (v.len() >= 10).then(|| (name.trim().to_string(), (v[0], v[1], v[8], v[9])))
+        })
+        .collect()
+}
+
+const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
+    "packets",
+    "flow_hits",
+    "new_flows",
+    "repins",
+    "host_pin_hits",
+    "bypass",
+    "midstream_unpinned",
+    "no_wan",
+    "insert_errors",
+    "not_ipv4",
+];
+
+impl Daemon {
+    pub(super) async fn status(&mut self) -> Result<Status> {
+        self.flow_counts.refresh_if_stale();
+        let (by_wan, total, counted_ago) = self.flow_counts.get();
+        let counters = self.dp.maps.wan_counters()?;
+        let global = self.dp.maps.global_counters()?;
+        let shares: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(0)?)
+            .into_iter()
+            .collect();
+        let ifstats = interface_counters();
+        let now = SystemTime::now();
+        let wans = self
+            .wans
+            .iter()
+            .map(|w| {
+                let m = w.machine.measurements();
+                let c = counters.get(w.id as usize).copied().unwrap_or_default();
+                let (rxb, rxp, txb, txp) =
+                    ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
+                WanStatus {
+                    name: w.cfg.name.clone(),
+                    id: w.id,
+                    interface: w.cfg.interface.clone(),
+                    state: w.machine.state().to_string(),
+                    since: rfc3339(w.state_since),
+                    since_secs: now
+                        .duration_since(w.state_since)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                    tier: w.cfg.tier,
+                    weight: w.weight,
+                    share: shares.get(&w.id).copied().unwrap_or(0.0),
+                    drained: w.drained,
+                    enabled: w.machine.state() != crate::health::State::Disabled,
+                    alive: w.alive,
+                    address: w.link.addr.map(|a| a.to_string()),
+                    gateway: w.link.nexthop.map(|n| match n.gateway {
+                        Some(g) => g.to_string(),
+                        None => format!("dev {}", w.cfg.interface),
+                    }),
+                    rtt_ms: m.rtt_ms,
+                    jitter_ms: m.jitter_ms,
+                    loss_pct: m.loss_pct,
+                    flows: by_wan.get(&w.id).copied().unwrap_or(0),
+                    new_flows: c.flows,
+                    lan_packets: c.packets,
+                    lan_bytes: c.bytes,
+                    rx_bytes: rxb,
+                    rx_packets: rxp,
+                    tx_bytes: txb,
+                    tx_packets: txp,
+                }
+            })
+            .collect();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            config: self.opts.config.display().to_string(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            sticky: format!("{:?}", self.cfg.sticky).to_lowercase(),
+            all_down: self.all_down,
+            wans,
+            flows_total: total,
+            flows_counted_secs_ago: counted_ago,
+            counters: COUNTER_NAMES
+                .iter()
+                .zip(global)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            events: self.events.iter().cloned().collect(),
+        })
+    }
+}

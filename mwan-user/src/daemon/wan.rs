@@ -1,0 +1,179 @@
+//! One WAN at run time: its config, id, what the kernel says about its link,
+//! its health machine and prober, and the admin overrides.
+
+use std::net::Ipv4Addr;
+use std::time::{Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use mwan_common::MAX_WANS;
+
+use crate::config::{self, Gateway};
+use crate::health::{Machine, ProbeSpec, Prober, State};
+use crate::policy::{Health, WanView};
+use crate::routing::Nexthop;
+
+pub struct WanRt {
+    pub cfg: config::Wan,
+    pub id: u8,
+    pub mark: u32,
+    pub table: u32,
+    /// What netlink reported last.
+    pub link: LinkInfo,
+    pub machine: Machine,
+    pub prober: Option<Prober>,
+    /// Runtime overrides (`mwan set-weight`, `drain`, `disable`), reset by a
+    /// reload to what the config says.
+    pub weight: u32,
+    pub drained: bool,
+    /// `alive` as last written to the datapath.
+    pub alive: bool,
+    pub state_since: SystemTime,
+}
+
+/// The kernel's view of a WAN's link.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub ifindex: Option<u32>,
+    pub admin_up: bool,
+    pub carrier: bool,
+    pub addr: Option<Ipv4Net>,
+    pub nexthop: Option<Nexthop>,
+}
+
+impl LinkInfo {
+    /// Why the link cannot carry traffic, if it cannot.
+    pub fn unusable_reason(&self, cfg: &config::Wan) -> Option<String> {
+        if self.ifindex.is_none() {
+            return Some(format!("interface {} does not exist", cfg.interface));
+        }
+        if !self.admin_up {
+            return Some(format!(
+                "interface {} is administratively down",
+                cfg.interface
+            ));
+        }
+        if !self.carrier {
+            return Some(format!("interface {} has no carrier", cfg.interface));
+        }
+        if self.addr.is_none() {
+            return Some(format!("interface {} has no IPv4 address", cfg.interface));
+        }
+        if self.nexthop.is_none() {
+            return Some(match cfg.gateway {
+                Gateway::Auto => format!(
+                    "no default route learned on {} yet (gateway = \"auto\")",
+                    cfg.interface
+                ),
+                Gateway::Fixed(g) => format!("gateway {g} unusable"),
+            });
+        }
+        None
+    }
+
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.addr.map(|a| a.addr())
+    }
+}
+
+impl WanRt {
+    pub fn new(cfg: config::Wan, id: u8, mark: u32, table_base: u32, initial: State) -> WanRt {
+        assert!((id as u32) < MAX_WANS);
+        let initial = if cfg.enabled {
+            initial
+        } else {
+            State::Disabled
+        };
+        let machine = Machine::new(&cfg.health, initial, Instant::now());
+        WanRt {
+            weight: cfg.weight,
+            cfg,
+            id,
+            mark,
+            table: table_base + id as u32,
+            link: LinkInfo::default(),
+            machine,
+            prober: None,
+            drained: false,
+            alive: false,
+            state_since: SystemTime::now(),
+        }
+    }
+
+    pub fn probe_spec(&self) -> ProbeSpec {
+        let h = &self.cfg.health;
+        ProbeSpec {
+            wan: self.id as usize,
+            name: self.cfg.name.clone(),
+            interface: self.cfg.interface.clone(),
+            mark: self.mark,
+            targets: h.targets.clone(),
+            interval: h.interval,
+            timeout: h.timeout,
+            quorum: h.quorum,
+        }
+    }
+
+    pub fn view(&self) -> WanView {
+        WanView {
+            id: self.id,
+            name: self.cfg.name.clone(),
+            weight: self.weight,
+            tier: self.cfg.tier,
+            health: match self.machine.state() {
+                State::Up => Health::Good,
+                State::Degraded => Health::Degraded,
+                State::Unknown => Health::Unknown,
+                State::Down | State::Disabled => Health::Bad,
+            },
+            drained: self.drained,
+        }
+    }
+}
+
+/// Stable WAN ids: a WAN keeps the id recorded in the pinned `WAN_NAMES`
+/// (its flows refer to it); new WANs take the lowest id that no configured
+/// WAN holds. `pinned[i]` is the name recorded for id `i`.
+pub fn assign_ids(names: &[&str], pinned: &[Option<String>]) -> Vec<u8> {
+    let mut taken = vec![false; MAX_WANS as usize];
+    let mut ids = vec![None; names.len()];
+    for (i, n) in names.iter().enumerate() {
+        if let Some(id) = pinned.iter().position(|p| p.as_deref() == Some(*n)) {
+            ids[i] = Some(id as u8);
+            taken[id] = true;
+        }
+    }
+    // Prefer ids no pinned WAN used: a removed WAN's stale flows then never
+    // land on a new WAN's id by accident.
+    let pinned_used = |id: usize| pinned.get(id).map(|p| p.is_some()).unwrap_or(false);
+    for slot in ids.iter_mut().filter(|s| s.is_none()) {
+        let id = (0..MAX_WANS as usize)
+            .find(|id| !taken[*id] && !pinned_used(*id))
+            .or_else(|| (0..MAX_WANS as usize).find(|id| !taken[*id]))
+            .expect("config validation bounds the number of WANs");
+        taken[id] = true;
+        *slot = Some(id as u8);
+    }
+    ids.into_iter().map(|i| i.expect("assigned")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_across_restarts_and_reloads() {
+        assert_eq!(assign_ids(&["a", "b", "c"], &[]), vec![0, 1, 2]);
+        let pinned = vec![
+            Some("a".to_string()),
+            Some("b".to_string()),
+            Some("c".to_string()),
+        ];
+        // b removed, d added: d must not inherit b's id (b's flows must move).
+        assert_eq!(assign_ids(&["c", "a", "d"], &pinned), vec![2, 0, 3]);
+        // Reordered config keeps ids.
+        assert_eq!(assign_ids(&["b", "a"], &pinned), vec![1, 0]);
+        // When every id was used once, a free one is reused.
+        let full: Vec<Option<String>> = (0..MAX_WANS).map(|i| Some(format!("w{i}"))).collect();
+        assert_eq!(assign_ids(&["w3", "new"], &full), vec![3, 0]);
+    }
+}

@@ -1,0 +1,226 @@
+//! Terminal output of the CLI: aligned tables and human units. Pure.
+
+use crate::control::{FlowRecord, HostRecord, Status};
+
+/// Formats rows as left-aligned columns separated by two spaces (numbers are
+/// right-aligned). The first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let numeric = |c: usize| {
+        rows.iter().skip(1).filter_map(|r| r.get(c)).all(|s| {
+            let t = s.trim_end_matches(['%', 's', 'B', 'k', 'M', 'G', 'T', 'm']);
+            !s.is_empty() && (s == "-" || t.parse::<f64>().is_ok())
+        }) && rows.len() > 1
+    };
+    let right: Vec<bool> = (0..cols).map(numeric).collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            let pad = width[c].saturating_sub(cell.chars().count());
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if right[c] {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if c + 1 < r.len() {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// 1536 → "1.5k", binary-free decimal units as `ip -h` prints them.
+pub fn human(n: u64) -> String {
+    const UNITS: [(&str, f64); 4] = [("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)];
+    for (u, f) in UNITS {
+        if n as f64 >= f {
+            return format!("{:.1}{u}", n as f64 / f);
+        }
+    }
+    n.to_string()
+}
+
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else if s < 86400.0 {
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    } else {
+        format!(
+            "{}d{:02}h",
+            (s / 86400.0) as u64,
+            ((s % 86400.0) / 3600.0) as u64
+        )
+    }
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+pub fn status(s: &Status) -> String {
+    let mut rows = vec![[
+        "WAN", "STATE", "SINCE", "TIER", "WEIGHT", "SHARE", "RTT(ms)", "JITTER", "LOSS", "FLOWS",
+        "NEW", "LAN-OUT", "RX", "TX", "ADDRESS", "GATEWAY",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for w in &s.wans {
+        let mut state = w.state.clone();
+        if w.drained {
+            state.push_str(",drained");
+        }
+        rows.push(vec![
+            format!("{} ({})", w.name, w.interface),
+            state,
+            duration(w.since_secs),
+            w.tier.to_string(),
+            w.weight.to_string(),
+            format!("{:.0}%", w.share * 100.0),
+            opt_ms(w.rtt_ms),
+            opt_ms(w.jitter_ms),
+            format!("{:.1}%", w.loss_pct),
+            w.flows.to_string(),
+            human(w.new_flows),
+            format!("{}B", human(w.lan_bytes)),
+            format!("{}B", human(w.rx_bytes)),
+            format!("{}B", human(w.tx_bytes)),
+            w.address.clone().unwrap_or_else(|| "-".into()),
+            w.gateway.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut out = table(&rows);
+    if s.all_down {
+        out.push_str("\n!! ALL WANs ARE DOWN: the all_down policy applies\n");
+    }
+    out.push_str(&format!(
+        "\nflows pinned: {}   uptime: {}   sticky: {}   datapath: {} packets, {} new flows, {} re-pinned\n",
+        s.flows_total,
+        duration(s.uptime_secs),
+        s.sticky,
+        human(*s.counters.get("packets").unwrap_or(&0)),
+        human(*s.counters.get("new_flows").unwrap_or(&0)),
+        human(*s.counters.get("repins").unwrap_or(&0)),
+    ));
+    if !s.events.is_empty() {
+        out.push_str("\nrecent events:\n");
+        for e in s.events.iter().rev().take(10) {
+            out.push_str(&format!(
+                "  {}  {:<10} {} -> {}  ({})\n",
+                e.time, e.wan, e.from, e.to, e.reason
+            ));
+        }
+    }
+    out
+}
+
+pub fn flows(flows: &[FlowRecord]) -> String {
+    let mut rows = vec![[
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "WAN",
+        "AGE",
+        "IDLE",
+        "PACKETS",
+        "BYTES",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for f in flows {
+        let wan = match &f.moved_from {
+            Some(m) => format!("{} (from {m})", f.wan),
+            None => f.wan.clone(),
+        };
+        let ep = |a: &str, p: u16| {
+            if p == 0 {
+                a.to_string()
+            } else {
+                format!("{a}:{p}")
+            }
+        };
+        rows.push(vec![
+            f.proto.clone(),
+            ep(&f.src, f.sport),
+            ep(&f.dst, f.dport),
+            wan,
+            duration(f.age_secs),
+            duration(f.idle_secs),
+            human(f.packets),
+            format!("{}B", human(f.bytes)),
+        ]);
+    }
+    table(&rows)
+}
+
+pub fn hosts(hosts: &[HostRecord]) -> String {
+    let mut rows = vec![["HOST", "WAN", "IDLE", "EXPIRES IN"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for h in hosts {
+        rows.push(vec![
+            h.host.clone(),
+            h.wan.clone(),
+            duration(h.idle_secs),
+            if h.expires_in_secs > 0.0 {
+                duration(h.expires_in_secs)
+            } else {
+                "expired".into()
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_right_align_numbers() {
+        let t = table(&[
+            vec!["NAME".into(), "N".into(), "NOTE".into()],
+            vec!["isp1".into(), "5".into(), "x".into()],
+            vec!["backup".into(), "1234".into(), "yy".into()],
+        ]);
+        assert_eq!(t, "NAME       N  NOTE\nisp1       5  x\nbackup  1234  yy\n");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human(999), "999");
+        assert_eq!(human(1536), "1.5k");
+        assert_eq!(human(2_500_000_000), "2.5G");
+        assert_eq!(duration(5.25), "5.2s");
+        assert_eq!(duration(125.0), "2m05s");
+        assert_eq!(duration(7300.0), "2h01m");
+        assert_eq!(duration(90000.0), "1d01h");
+    }
+}

@@ -1,0 +1,307 @@
+//! Running the real `mwan` binary in a lab's router namespace.
+//!
+//! ```no_run
+//! use lab::{Lab, mwan::{Mwan, config}};
+//! let lab = Lab::builder().isps(2).build()?;
+//! let mwan = Mwan::start(&lab, &config(&lab, ""))?;
+//! mwan.wait_all_up(std::time::Duration::from_secs(5))?;
+//! # anyhow::Ok(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+pub use mwan::control::{FlowRecord, Status, WanStatus};
+
+use crate::proc::Proc;
+use crate::topology::{Lab, PROBE_TARGETS};
+use crate::wait_until;
+
+/// The mwan binary under test: `$MWAN_BIN`, else the workspace's release
+/// build, else its debug build (`cargo xtask test` sets `MWAN_BIN`).
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MWAN_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("mwan");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("no mwan binary: run `cargo xtask build` (or set MWAN_BIN)");
+}
+
+/// A config for `lab`: every ISP as a WAN (`isp1`, `isp2`, … on `wan1`, …
+/// with fixed gateways, weight 1), the LAN bridges, the lab's pin and state
+/// directories, ICMP probes to the internet's probe targets, and `extra`
+/// appended (more top-level keys must go *before* the WANs: use
+/// [`config_with`]).
+pub fn config(lab: &Lab, extra: &str) -> String {
+    config_with(lab, "", &|_| String::new(), extra)
+}
+
+/// Like [`config`], with `top` inserted at the top level and `per_wan(i)`
+/// inserted into the table of WAN `i` (1-based).
+pub fn config_with(lab: &Lab, top: &str, per_wan: &dyn Fn(usize) -> String, extra: &str) -> String {
+    let mut lans = vec!["\"lan0\""];
+    if lab.has_second_lan() {
+        lans.push("\"lan1\"");
+    }
+    let targets: Vec<String> = PROBE_TARGETS.iter().map(|t| format!("\"{t}\"")).collect();
+    let mut text = format!(
+        "lan_interfaces = [{}]\npin_dir = \"{}\"\nstate_dir = \"{}\"\nprobe_targets = [{}]\n{top}\n",
+        lans.join(", "),
+        lab.pin_dir().display(),
+        lab.state_dir().display(),
+        targets.join(", "),
+    );
+    for i in 1..=lab.isp_count() {
+        text += &format!(
+            "\n[[wan]]\nname = \"isp{i}\"\ninterface = \"wan{i}\"\ngateway = \"{}\"\n{}\n",
+            lab.isp(i).gateway(),
+            per_wan(i)
+        );
+    }
+    text + extra
+}
+
+/// The mwan daemon of a lab. Ended with SIGTERM (full teardown) when
+/// dropped, unless already stopped.
+pub struct Mwan<'l> {
+    lab: &'l Lab,
+    pub config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl<'l> Mwan<'l> {
+    /// Writes `config_text` to the lab directory and starts `mwan run` in
+    /// the router namespace; returns once the control socket answers.
+    pub fn start(lab: &'l Lab, config_text: &str) -> Result<Mwan<'l>> {
+        Self::start_with(lab, config_text, &[])
+    }
+
+    /// Like [`Mwan::start`] with extra `run` arguments (e.g. `--keep`).
+    pub fn start_with(lab: &'l Lab, config_text: &str, run_args: &[&str]) -> Result<Mwan<'l>> {
+        let config = lab.dir().join("mwan.toml");
+        std::fs::write(&config, config_text)?;
+        let mut m = Mwan {
+            lab,
+            config,
+            proc: None,
+        };
+        m.launch(run_args)?;
+        Ok(m)
+    }
+
+    /// Starts another daemon on the same config (after a keep-mode stop).
+    pub fn launch(&mut self, run_args: &[&str]) -> Result<()> {
+        let bin = binary();
+        let config = self.config.display().to_string();
+        let mut args = vec!["--config", &config, "run"];
+        args.extend_from_slice(run_args);
+        let proc = self.lab.router().spawn(
+            bin.to_str().expect("utf-8 path"),
+            &args,
+            &[("MWAN_LOG", "info")],
+        )?;
+        let socket = self.lab.state_dir().join("mwan.sock");
+        let ready = wait_until(Duration::from_secs(15), || {
+            !proc.is_running() || (socket.exists() && self.try_status().is_ok())
+        });
+        if !proc.is_running() || !ready {
+            bail!("mwan did not start:\n{}", proc.output_so_far());
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Runs `mwan --config <config> ARGS` in the router namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let bin = binary();
+        let config = self.config.display().to_string();
+        let mut argv = vec![bin.to_str().expect("utf-8 path"), "--config", &config];
+        argv.extend_from_slice(args);
+        self.lab.router().exec_status(&argv)
+    }
+
+    /// `cli` that must succeed; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "mwan {args:?} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn try_status(&self) -> Result<Status> {
+        let out = self.cli(&["status", "--json"])?;
+        // Exit codes 4 and 5 report WANs down; the JSON is still printed.
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "mwan status --json ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        self.try_status().expect("mwan status")
+    }
+
+    pub fn wan(&self, name: &str) -> WanStatus {
+        self.status()
+            .wans
+            .into_iter()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no WAN {name} in status"))
+    }
+
+    /// Waits until WAN `name` is in `state`.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<()> {
+        if wait_until(timeout, || {
+            self.try_status()
+                .is_ok_and(|s| s.wans.iter().any(|w| w.name == name && w.state == state))
+        }) {
+            return Ok(());
+        }
+        Err(anyhow!(
+            "WAN {name} not {state} within {timeout:?}; status: {:?}\nlog:\n{}",
+            self.try_status().map(|s| s
+                .wans
+                .into_iter()
+                .map(|w| (w.name, w.state))
+                .collect::<Vec<_>>()),
+            self.log()
+        ))
+    }
+
+    pub fn wait_all_up(&self, timeout: Duration) -> Result<()> {
+        let ok = wait_until(timeout, || {
+            self.try_status().is_ok_and(|s| {
+                s.wans
+                    .iter()
+                    .all(|w| w.state == "up" || w.state == "disabled")
+            })
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "WANs not up within {timeout:?}: {:?}\nlog:\n{}",
+                self.try_status().map(|s| s
+                    .wans
+                    .into_iter()
+                    .map(|w| (w.name, w.state))
+                    .collect::<Vec<_>>()),
+                self.log()
+            ))
+        }
+    }
+
+    /// `mwan flows --json` with extra arguments.
+    pub fn flows(&self, args: &[&str]) -> Vec<FlowRecord> {
+        let mut a = vec!["flows", "--json"];
+        a.extend_from_slice(args);
+        let out = self.cli_ok(&a).expect("mwan flows");
+        serde_json::from_str(&out).expect("flows JSON")
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.proc
+            .as_ref()
+            .map(|p| p.output_so_far().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid())
+    }
+
+    /// Sends `sig` and waits for the daemon to exit; returns its log.
+    pub fn stop_with(&mut self, sig: libc::c_int) -> Result<String> {
+        let proc = self
+            .proc
+            .take()
+            .ok_or_else(|| anyhow!("mwan is not running"))?;
+        proc.signal(sig)?;
+        let status = proc
+            .wait_timeout(Duration::from_secs(20))
+            .ok_or_else(|| anyhow!("mwan did not exit after signal {sig}"))?;
+        let log = proc.output_so_far().to_string();
+        if !status.success() {
+            bail!("mwan exited with {status}:\n{log}");
+        }
+        Ok(log)
+    }
+
+    /// Whether the daemon process is alive.
+    pub fn is_running(&self) -> bool {
+        self.proc.as_ref().is_some_and(|p| p.is_running())
+    }
+
+    /// Forgets the process (after `mwan stop` made it exit).
+    pub fn forget(&mut self) -> Option<Proc> {
+        self.proc.take()
+    }
+}
+
+impl Drop for Mwan<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let _ = p.signal(libc::SIGTERM);
+            let _ = p.wait_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Share of `seen` source addresses per ISP (1-based index → fraction).
+pub fn shares(lab: &Lab, seen: &[SocketAddrV4]) -> BTreeMap<usize, f64> {
+    let mut counts = BTreeMap::new();
+    for s in seen {
+        let isp = lab.wan_of(*s.ip()).unwrap_or(0);
+        *counts.entry(isp).or_insert(0usize) += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(k, v)| (k, v as f64 / seen.len().max(1) as f64))
+        .collect()
+}
+
+/// Everything on the router that mwan could have touched, as text, to
+/// compare before and after: rules, all routes, nftables, tc filters,
+/// the sysctls mwan sets, and the pin directory.
+pub fn router_snapshot(lab: &Lab) -> String {
+    let r = lab.router();
+    let mut out = String::new();
+    for cmd in [
+        "ip rule show",
+        "ip route show table all | grep -v '^local\\|^broadcast\\|table local'",
+        "nft list ruleset",
+        "for d in $(ls /sys/class/net); do echo \"== $d\"; tc filter show dev $d ingress; done",
+        "sysctl net.ipv4.ip_forward net.ipv4.fib_multipath_hash_policy net.ipv4.conf.all.rp_filter; for d in $(ls /sys/class/net); do sysctl net.ipv4.conf.$d.rp_filter; done",
+    ] {
+        out += &format!("$ {cmd}\n{}\n", r.sh(cmd).unwrap_or_else(|e| e.to_string()));
+    }
+    out += &format!(
+        "pins: {:?}\n",
+        std::fs::read_dir(lab.pin_dir())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    );
+    out
+}
