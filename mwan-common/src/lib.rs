@@ -222,7 +222,11 @@ pub const GS_NO_WAN: u32 = 7;
 pub const GS_INSERT_ERRORS: u32 = 8;
 /// Packets that were not IPv4 or could not be parsed.
 pub const GS_PASS: u32 = 9;
-pub const GS_COUNT: u32 = 10;
+/// Packets that already carried an mwan mark (restored from conntrack for
+/// a reply of an inbound connection, where br_netfilter runs nftables
+/// before tc ingress): left as they are.
+pub const GS_PREMARKED: u32 = 10;
+pub const GS_COUNT: u32 = 11;
 
 /// A WAN name as stored in the `WAN_NAMES` array (NUL padded), so that a
 /// restarted daemon maps names to the same ids as the flows it inherits.

@@ -214,6 +214,14 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         Some(s) => s,
         None => return,
     };
+    // A packet whose mark already names a WAN was steered before us: with
+    // br_netfilter, nftables prerouting (which restores the mark of replies
+    // to inbound connections from conntrack) runs at the bridge port, before
+    // tc ingress of the bridge. Respect it.
+    if unsafe { (*ctx.skb.skb).mark } & settings.mark_mask != 0 {
+        count(GS_PREMARKED);
+        return;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(flow) = FLOWS.get_ptr_mut(&pkt.key) {

@@ -140,6 +140,7 @@ const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
     "no_wan",
     "insert_errors",
     "not_ipv4",
+    "premarked",
 ];
 
 impl Daemon {

@@ -1,0 +1,413 @@
+//! End-to-end proof of the connection-sticky balancer (issue 3): weighted
+//! spreading, connections that never change WAN, per-host stickiness,
+//! inbound connections answered through the WAN they came in on, the
+//! router's own traffic, and clean start/stop.
+//!
+//! Every test runs the real `mwan` binary in a namespace lab; the internet
+//! servers report the source address they saw, which names the WAN.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lab::mwan::{config, config_with, router_snapshot, shares, Mwan};
+use lab::*;
+
+const UP: Duration = Duration::from_secs(5);
+
+/// New TCP connections from every LAN host (in parallel), `per_host` each;
+/// returns the sources the server saw. Panics if any connection fails.
+fn connections(lab: &Lab, per_host: usize) -> Vec<SocketAddrV4> {
+    let results: Vec<Vec<_>> = thread::scope(|s| {
+        let handles: Vec<_> = lab
+            .hosts()
+            .iter()
+            .map(|h| s.spawn(move || many_tcp_whoami(h, TCP_WHOAMI, per_host, 16)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    results
+        .into_iter()
+        .flatten()
+        .map(|r| r.expect("connection through mwan"))
+        .collect()
+}
+
+/// Asserts each ISP's share of `seen` is within 3 percentage points of its
+/// weight share.
+fn assert_shares(lab: &Lab, seen: &[SocketAddrV4], weights: &[u32]) {
+    let got = shares(lab, seen);
+    let total: u32 = weights.iter().sum();
+    for (i, w) in weights.iter().enumerate() {
+        let want = *w as f64 / total as f64;
+        let have = got.get(&(i + 1)).copied().unwrap_or(0.0);
+        assert!(
+            (have - want).abs() <= 0.03,
+            "ISP {} got {:.1}% of {} connections, weight share {:.1}% (all: {got:?})",
+            i + 1,
+            have * 100.0,
+            seen.len(),
+            want * 100.0
+        );
+    }
+    assert_eq!(
+        got.get(&0),
+        None,
+        "connections from unknown sources: {got:?}"
+    );
+}
+
+#[test]
+fn new_connections_follow_the_weights() {
+    let lab = Lab::builder().lan_hosts(4).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    // 4000 connections: one standard deviation of a 50% share is 0.8
+    // points, so 3 points is a safe bound that still catches real skew.
+    let seen = connections(&lab, 1000);
+    assert_shares(&lab, &seen, &[1, 1]);
+    // Live weight change: new flows follow at once, no reload.
+    mwan.cli_ok(&["set-weight", "isp1", "3"]).unwrap();
+    let seen = connections(&lab, 1000);
+    assert_shares(&lab, &seen, &[3, 1]);
+    let status = mwan.status();
+    assert!(
+        (status.wans[0].share - 0.75).abs() < 0.01,
+        "{:?}",
+        status.wans[0]
+    );
+    assert!(
+        status.wans.iter().all(|w| w.new_flows > 1000),
+        "{:?}",
+        status.wans
+    );
+}
+
+#[test]
+fn three_wans_at_5_3_2() {
+    let lab = Lab::builder().lan_hosts(4).isps(3).build().unwrap();
+    let weights = [5, 3, 2];
+    let text = config_with(&lab, "", &|i| format!("weight = {}", weights[i - 1]), "");
+    let mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let seen = connections(&lab, 1000);
+    assert_shares(&lab, &seen, &weights);
+}
+
+#[test]
+fn a_stream_keeps_its_wan_while_weights_and_eligibility_change() {
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let stream = lab.host(0).open_stream(STREAM).unwrap();
+    let isp = lab
+        .wan_of(*stream.source().ip())
+        .expect("stream source is a WAN");
+    let other = 3 - isp;
+    let grows = |what: &str| {
+        let before = stream.bytes();
+        assert!(
+            wait_until(Duration::from_secs(3), || stream.bytes()
+                > before + 512 * 1024),
+            "stream stalled after {what}"
+        );
+        assert_eq!(stream.end(), None, "stream ended after {what}");
+    };
+    grows("start");
+    let name = |i: usize| format!("isp{i}");
+    for (cmd, args) in [
+        ("set-weight", vec![name(isp), "1000".into()]),
+        ("set-weight", vec![name(other), "1000".into()]),
+        ("set-weight", vec![name(isp), "1".into()]),
+        ("disable", vec![name(other)]),
+        ("enable", vec![name(other)]),
+        ("drain", vec![name(isp)]),
+        ("enable", vec![name(isp)]),
+    ] {
+        let mut argv = vec![cmd];
+        argv.extend(args.iter().map(String::as_str));
+        mwan.cli_ok(&argv).unwrap();
+        grows(&argv.join(" "));
+        // New connections still work throughout.
+        lab.host(1).tcp_whoami(TCP_WHOAMI).unwrap();
+    }
+    // A drained WAN takes no new flows but keeps its stream.
+    mwan.cli_ok(&["drain", &name(isp)]).unwrap();
+    let seen = connections(&lab, 50);
+    assert_eq!(shares(&lab, &seen).get(&other), Some(&1.0));
+    grows("drain");
+    // The flow map shows the stream on its WAN.
+    let flows = mwan.flows(&["--host", &lab.host(0).addr().to_string()]);
+    let f = flows
+        .iter()
+        .find(|f| f.dport == STREAM_PORT && f.sport == stream.source().port())
+        .or_else(|| flows.iter().find(|f| f.dport == STREAM_PORT))
+        .unwrap_or_else(|| panic!("stream not in mwan flows: {flows:?}"));
+    assert_eq!(f.wan, name(isp));
+    assert!(f.packets > 10, "{f:?}");
+    let report = stream.close();
+    assert_eq!(lab.wan_of(*report.source.ip()), Some(isp));
+    assert!(
+        report.max_gap < Duration::from_secs(1),
+        "longest gap {:?}",
+        report.max_gap
+    );
+}
+
+#[test]
+fn sticky_host_keeps_every_connection_of_a_host_on_one_wan() {
+    let lab = Lab::builder().lan_hosts(12).isps(2).build().unwrap();
+    let mwan = Mwan::start(
+        &lab,
+        &config_with(
+            &lab,
+            "sticky = \"host\"\nhost_ttl = \"1m\"",
+            &|_| String::new(),
+            "",
+        ),
+    )
+    .unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let mut hosts_per_isp: BTreeMap<usize, usize> = BTreeMap::new();
+    for h in lab.hosts() {
+        let seen = many_tcp_whoami(h, TCP_WHOAMI, 30, 4);
+        let mut isps: Vec<usize> = seen
+            .iter()
+            .map(|r| {
+                lab.wan_of(*r.as_ref().expect("connection").ip())
+                    .expect("WAN source")
+            })
+            .collect();
+        // UDP too: a host's pin covers every protocol.
+        isps.push(lab.wan_of(*h.udp_whoami(UDP_WHOAMI).unwrap().ip()).unwrap());
+        isps.dedup();
+        assert_eq!(
+            isps.len(),
+            1,
+            "host {} used several WANs: {isps:?}",
+            h.addr()
+        );
+        *hosts_per_isp.entry(isps[0]).or_default() += 1;
+    }
+    // Twelve hosts at 1:1: both WANs get hosts (all on one: p = 1/2048).
+    assert_eq!(hosts_per_isp.len(), 2, "hosts per ISP: {hosts_per_isp:?}");
+    let hosts = mwan.cli_ok(&["hosts", "--json"]).unwrap();
+    let hosts: Vec<serde_json::Value> = serde_json::from_str(&hosts).unwrap();
+    assert_eq!(hosts.len(), 12, "{hosts:?}");
+}
+
+/// A port forward as an admin writes it: WAN port 9000 to a LAN server.
+fn port_forward(lab: &Lab, to: Ipv4Addr) {
+    lab.router()
+        .exec_input(
+            &["nft", "-f", "-"],
+            Some(&format!(
+                "table ip portfwd {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n  \
+                 iifname {{ \"wan1\", \"wan2\" }} tcp dport 9000 dnat to {to}:9000\n  \
+                 iifname {{ \"wan1\", \"wan2\" }} udp dport 9001 dnat to {to}:9001\n }}\n}}\n"
+            )),
+        )
+        .unwrap();
+}
+
+#[test]
+fn inbound_connections_are_answered_through_the_wan_they_came_in_on() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let server = lab.host(0);
+    let _tcp = server
+        .tcp_whoami_server(SocketAddrV4::new(server.addr(), 9000))
+        .unwrap();
+    let _udp = server
+        .udp_whoami_server(SocketAddrV4::new(server.addr(), 9001))
+        .unwrap();
+    // A service on the router itself (like SSH on the WAN address).
+    let _own = lab
+        .router()
+        .tcp_whoami_server(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 2222))
+        .unwrap();
+    port_forward(&lab, server.addr());
+    // The ISPs drop packets with another ISP's source (BCP 38), so a reply
+    // that left through the wrong WAN would never arrive. With 1:1 weights,
+    // 20 connections per WAN all succeeding rules out chance. Both hook
+    // orders: with br_netfilter (the LAN is a bridge) nftables prerouting
+    // runs before the bridge's tc ingress, without it after.
+    for (br_nf, isp) in [("1", 1), ("1", 2), ("0", 1), ("0", 2)] {
+        lab.router()
+            .sysctls(&[("net.bridge.bridge-nf-call-iptables", br_nf)])
+            .unwrap();
+        let wan = lab.isp(isp).router_addr().addr();
+        for n in 0..20 {
+            let seen = lab
+                .inet()
+                .tcp_whoami(SocketAddrV4::new(wan, 9000))
+                .unwrap_or_else(|e| {
+                    panic!("port forward via ISP {isp} (br_netfilter {br_nf}), try {n}: {e:#}")
+                });
+            assert_eq!(
+                lab.wan_of(*seen.ip()),
+                None,
+                "the LAN server sees the internet client"
+            );
+            lab.inet()
+                .udp_whoami(SocketAddrV4::new(wan, 9001))
+                .unwrap_or_else(|e| {
+                    panic!("UDP port forward via ISP {isp} (br_netfilter {br_nf}), try {n}: {e:#}")
+                });
+            lab.inet()
+                .tcp_whoami(SocketAddrV4::new(wan, 2222))
+                .unwrap_or_else(|e| {
+                    panic!("router service via ISP {isp} (br_netfilter {br_nf}), try {n}: {e:#}")
+                });
+        }
+    }
+}
+
+#[test]
+fn the_routers_own_traffic_uses_every_wan() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let seen: Vec<SocketAddrV4> = many_tcp_whoami(lab.router(), TCP_WHOAMI, 200, 8)
+        .into_iter()
+        .map(|r| r.expect("router's own connection"))
+        .collect();
+    let got = shares(&lab, &seen);
+    assert!(
+        got.get(&1).is_some_and(|s| *s > 0.2) && got.get(&2).is_some_and(|s| *s > 0.2),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn sigterm_removes_everything_mwan_added() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let before = router_snapshot(&lab);
+    let text = config_with(
+        &lab,
+        "sticky = \"host\"",
+        &|_| String::new(),
+        "\n[[rule]]\ndst_ports = [25]\nwans = [\"isp2\"]\n",
+    );
+    let mut mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let during = router_snapshot(&lab);
+    assert_ne!(before, during);
+    for needle in ["proto 109", "table ip mwan", "mwan_lan_eth", "FLOWS"] {
+        assert!(
+            during.contains(needle),
+            "{needle} missing while running:\n{during}"
+        );
+    }
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+    let log = mwan.stop_with(libc::SIGTERM).unwrap();
+    assert!(log.contains("everything mwan added was removed"), "{log}");
+    let after = router_snapshot(&lab);
+    assert_eq!(before, after, "SIGTERM left changes behind");
+    assert!(!lab.state_dir().join("mwan.sock").exists());
+    // Ctrl-C (SIGINT) does the same.
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    mwan.stop_with(libc::SIGINT).unwrap();
+    assert_eq!(before, router_snapshot(&lab), "SIGINT left changes behind");
+}
+
+#[test]
+fn a_broken_config_is_refused_and_changes_nothing() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let before = router_snapshot(&lab);
+    let good = config(&lab, "");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace("name = \"isp2\"", "name = \"isp2\"\nwieght = 2"),
+            "wan[1].wieght: unknown key (did you mean `weight`?)",
+        ),
+        (
+            good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = 0"),
+            "wan[1] (isp2).weight: 0 is out of range 1..=1000",
+        ),
+        (
+            good.replace("name = \"isp2\"", "name = \"isp1\""),
+            "duplicate WAN name `isp1`",
+        ),
+        (
+            good.replace("interface = \"wan2\"", "interface = \"wan9\""),
+            "interface `wan9` does not exist",
+        ),
+        (
+            good.replace("lan0", "lan7"),
+            "lan_interfaces[0]: interface `lan7` does not exist",
+        ),
+        (
+            good.replace(&lab.isp(2).gateway().to_string(), "100.64.2"),
+            "is not an IPv4 address",
+        ),
+    ];
+    let path = lab.dir().join("bad.toml");
+    for (text, reason) in &cases {
+        std::fs::write(&path, text).unwrap();
+        let p = path.display().to_string();
+        for cmd in [&["--config", &p, "check"][..], &["--config", &p, "run"][..]] {
+            let mut argv = vec![lab::mwan::binary().display().to_string()];
+            argv.extend(cmd.iter().map(|s| s.to_string()));
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = lab.router().exec_status(&argv).unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{cmd:?} with {reason}: {stderr}"
+            );
+            assert!(
+                stderr.contains(reason),
+                "{cmd:?}: expected `{reason}` in: {stderr}"
+            );
+        }
+        assert_eq!(
+            before,
+            router_snapshot(&lab),
+            "a refused config ({reason}) changed the router"
+        );
+    }
+    std::fs::write(&path, &good).unwrap();
+    let p = path.display().to_string();
+    let out = lab
+        .router()
+        .exec_status(&[
+            lab::mwan::binary().to_str().unwrap(),
+            "--config",
+            &p,
+            "check",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_pins_refuses_to_start() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let during = router_snapshot(&lab);
+    let started = Instant::now();
+    let out = mwan.cli(&["run"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another mwan daemon is running"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(mwan.is_running());
+    assert_eq!(
+        during,
+        router_snapshot(&lab),
+        "the refused daemon changed something"
+    );
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+}
