@@ -61,6 +61,8 @@ const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO: u8 = 8;
 /// Refresh a host pin's activity time at most this often.
 const HOST_REFRESH_NS: u64 = 1_000_000_000;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 
 // Both programs return TC_ACT_UNSPEC: the packet continues to any later tc
 // filter (a shaper's classifier, say) and then up the stack unchanged apart
@@ -85,7 +87,6 @@ fn count(idx: u32) {
         unsafe { *p += 1 };
     }
 }
-
 
 struct Packet {
     key: FlowKey,
@@ -197,7 +198,10 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         None => {
             // Headers may sit in paged data: pull them into the linear area
             // once and retry.
-            if ctx.pull_data((L3 + 60 + 16).min(ctx.len() as usize) as u32).is_err() {
+            if ctx
+                .pull_data((L3 + 60 + 16).min(ctx.len() as usize) as u32)
+                .is_err()
+            {
                 count(GS_PASS);
                 return;
             }
@@ -263,7 +267,10 @@ fn classify<const L3: usize>(ctx: &TcContext) {
     }
 
     // First packet of a flow (as far as the map knows).
-    if BYPASS.get(Key::new(32, pkt.key.daddr.to_ne_bytes())).is_some() {
+    if BYPASS
+        .get(Key::new(32, pkt.key.daddr.to_ne_bytes()))
+        .is_some()
+    {
         count(GS_BYPASS);
         return;
     }
@@ -372,17 +379,16 @@ fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
         };
     }
     let sticky = settings.sticky_host != 0 && policy.kind == POLICY_BALANCE;
+    let mut stale_pin = false;
     if sticky {
         if let Some(h) = HOSTS.get_ptr_mut(&saddr) {
             let h = unsafe { &mut *h };
-            let fresh = now.wrapping_sub(h.last_seen_ns) < settings.host_ttl_ns;
-            if fresh && (h.wan as u32) < 64 && policy.wan_mask & (1u64 << h.wan) != 0 {
-                if alive_wan(h.wan).is_some() {
-                    h.last_seen_ns = now;
-                    count(GS_HOST_HITS);
-                    return h.wan;
-                }
+            if host_pin_usable(h, policy, settings, now) {
+                h.last_seen_ns = now;
+                count(GS_HOST_HITS);
+                return h.wan;
             }
+            stale_pin = true;
         }
     }
     let slot = (unsafe { bpf_get_prandom_u32() } as usize) & (SLOTS - 1);
@@ -393,9 +399,30 @@ fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
             wan,
             _pad: [0; 7],
         };
-        let _ = HOSTS.insert(&saddr, &h, 0);
+        // A host's first connections often start together on several CPUs
+        // (a browser opening a page): only the first creates the pin, the
+        // others adopt it.
+        let flags = if stale_pin { BPF_ANY } else { BPF_NOEXIST };
+        if HOSTS.insert(&saddr, &h, flags).is_err() {
+            if let Some(h) = HOSTS.get_ptr_mut(&saddr) {
+                let h = unsafe { &*h };
+                if host_pin_usable(h, policy, settings, now) {
+                    count(GS_HOST_HITS);
+                    return h.wan;
+                }
+            }
+        }
     }
     wan
+}
+
+#[inline(always)]
+fn host_pin_usable(h: &HostValue, policy: &Policy, settings: &Settings, now: u64) -> bool {
+    let fresh = now.wrapping_sub(h.last_seen_ns) < settings.host_ttl_ns;
+    fresh
+        && (h.wan as u32) < 64
+        && policy.wan_mask & (1u64 << h.wan) != 0
+        && alive_wan(h.wan).is_some()
 }
 
 /// First-match rule evaluation with one bit per rule: each dimension yields

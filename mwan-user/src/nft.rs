@@ -325,6 +325,7 @@ table ip mwan {
                 1000,
                 0x00ff_0000,
                 &[(0, 0x1_0000, None)],
+                false,
             ))
             .await
             .unwrap();

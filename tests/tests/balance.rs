@@ -174,7 +174,8 @@ fn sticky_host_keeps_every_connection_of_a_host_on_one_wan() {
     mwan.wait_all_up(UP).unwrap();
     let mut hosts_per_isp: BTreeMap<usize, usize> = BTreeMap::new();
     for h in lab.hosts() {
-        let seen = many_tcp_whoami(h, TCP_WHOAMI, 30, 4);
+        // Several connections at once, like a browser: the first ones race.
+        let seen = many_tcp_whoami(h, TCP_WHOAMI, 30, 8);
         let mut isps: Vec<usize> = seen
             .iter()
             .map(|r| {

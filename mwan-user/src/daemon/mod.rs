@@ -382,11 +382,13 @@ impl Daemon {
             .iter()
             .map(|w| (w.id, w.mark, w.link.address()))
             .collect();
+        let refuse = self.all_down && self.cfg.all_down == AllDown::Unreachable;
         let want = routing::wanted_rules(
             self.cfg.rule_priority,
             self.cfg.table_base,
             self.cfg.mark_mask,
             &wans,
+            refuse,
         );
         self.net
             .sync_rules(&want)
@@ -493,7 +495,12 @@ impl Daemon {
                 info!("a WAN is up again; traffic is balanced normally");
             }
         }
+        let refuse_changed =
+            c.all_down != self.all_down && self.cfg.all_down == AllDown::Unreachable;
         self.all_down = c.all_down;
+        if refuse_changed {
+            self.sync_rules().await?;
+        }
         let nexthops: Vec<(Nexthop, u32)> = c
             .default_members
             .iter()

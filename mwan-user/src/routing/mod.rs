@@ -130,6 +130,8 @@ pub enum Selector {
         mask: u32,
     },
     From(Ipv4Addr),
+    /// `iif lo`: packets the router itself sends.
+    Local,
 }
 
 /// In `ip rule` syntax, for messages.
@@ -140,6 +142,7 @@ impl fmt::Display for RuleSpec {
             Selector::All | Selector::AllSuppressDefault => f.write_str("from all")?,
             Selector::Fwmark { mark, mask } => write!(f, "fwmark {mark:#x}/{mask:#x}")?,
             Selector::From(a) => write!(f, "from {a}")?,
+            Selector::Local => f.write_str("from all iif lo")?,
         }
         match self.table {
             RT_TABLE_MAIN => f.write_str(" lookup main")?,
@@ -158,14 +161,18 @@ impl fmt::Display for RuleSpec {
 /// * `P+10+i`: fwmark mark(i)/mask → `table_base+i` for each WAN id `i`;
 /// * `P+100+i`: from the address of WAN `i` → `table_base+i`, for each WAN
 ///   whose address is known;
-/// * `P+200`: all → `table_base + MAX_WANS`, the balance table.
-///
-/// `wans` holds `(id, mark, address)`. The result is sorted by priority.
+/// * `P+199`: all → the balance table, only when `refuse_forwarded` (every
+///   WAN down under `all_down = "unreachable"`: the table then holds an
+///   unreachable route, so forwarded connections are refused too);
+/// * `P+200`: `iif lo` → the balance table `table_base + MAX_WANS`: the
+///   router's own traffic. Forwarded traffic without a mark (a `main = true`
+///   rule) is routed by the main table.
 pub fn wanted_rules(
     rule_priority: u32,
     table_base: u32,
     mark_mask: u32,
     wans: &[(u8, u32, Option<Ipv4Addr>)],
+    refuse_forwarded: bool,
 ) -> Vec<RuleSpec> {
     let p = rule_priority;
     let mut rules = vec![
@@ -176,10 +183,17 @@ pub fn wanted_rules(
         },
         RuleSpec {
             priority: p + 200,
-            selector: Selector::All,
+            selector: Selector::Local,
             table: balance_table(table_base),
         },
     ];
+    if refuse_forwarded {
+        rules.push(RuleSpec {
+            priority: p + 199,
+            selector: Selector::All,
+            table: balance_table(table_base),
+        });
+    }
     for &(id, mark, addr) in wans {
         let id = u32::from(id);
         rules.push(RuleSpec {

@@ -158,6 +158,7 @@ pub(super) fn rule_message(spec: &RuleSpec) -> RuleMessage {
             m.header.src_len = 32;
             m.attributes.push(RuleAttribute::Source(IpAddr::V4(a)));
         }
+        Selector::Local => m.attributes.push(RuleAttribute::Iifname("lo".into())),
     }
     m
 }
@@ -190,6 +191,7 @@ pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
     }
     let (mut priority, mut table) = (0, u32::from(h.table));
     let (mut mark, mut mask, mut source, mut suppress) = (None, u32::MAX, None, None);
+    let mut local = false;
     for a in &m.attributes {
         match a {
             RuleAttribute::Priority(p) => priority = *p,
@@ -197,6 +199,7 @@ pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
             RuleAttribute::FwMark(v) => mark = Some(*v),
             RuleAttribute::FwMask(v) => mask = *v,
             RuleAttribute::Source(IpAddr::V4(a)) if h.src_len == 32 => source = Some(*a),
+            RuleAttribute::Iifname(n) if n == "lo" => local = true,
             // The kernel reports "unset" as -1.
             RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => suppress = Some(*n),
             RuleAttribute::SuppressPrefixLen(_) | RuleAttribute::Protocol(_) => {}
@@ -204,6 +207,8 @@ pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
         }
     }
     let selector = match (mark, source, suppress) {
+        (None, None, None) if h.src_len == 0 && local => Selector::Local,
+        _ if local => return None,
         (None, None, None) if h.src_len == 0 => Selector::All,
         (None, None, Some(0)) if h.src_len == 0 => Selector::AllSuppressDefault,
         (Some(mark), None, None) if h.src_len == 0 => Selector::Fwmark { mark, mask },

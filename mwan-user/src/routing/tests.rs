@@ -33,6 +33,7 @@ fn wanted_rules_follow_the_layout() {
         1000,
         MASK,
         &[(0, 0x1_0000, Some(a("198.51.100.2"))), (2, 0x3_0000, None)],
+        false,
     );
     let fw = |mark| Selector::Fwmark { mark, mask: MASK };
     assert_eq!(
@@ -42,10 +43,12 @@ fn wanted_rules_follow_the_layout() {
             spec(1010, fw(0x1_0000), 1000),
             spec(1012, fw(0x3_0000), 1002),
             spec(1100, Selector::From(a("198.51.100.2")), 1000),
-            spec(1200, Selector::All, 1032),
+            spec(1200, Selector::Local, 1032),
         ]
     );
-    assert_eq!(wanted_rules(5, 7, MASK, &[]).len(), 2);
+    assert_eq!(wanted_rules(5, 7, MASK, &[], false).len(), 2);
+    let refusing = wanted_rules(1000, 1000, MASK, &[], true);
+    assert_eq!(refusing[1], spec(1199, Selector::All, 1032));
 }
 
 #[test]
@@ -71,6 +74,10 @@ fn rules_display_like_ip_rule() {
             "1100 from 192.0.2.1 lookup 1000",
         ),
         (spec(1200, Selector::All, 1032), "1200 from all lookup 1032"),
+        (
+            spec(1200, Selector::Local, 1032),
+            "1200 from all iif lo lookup 1032",
+        ),
     ];
     for (s, text) in cases {
         assert_eq!(s.to_string(), text);
@@ -79,7 +86,13 @@ fn rules_display_like_ip_rule() {
 
 #[test]
 fn rule_messages_round_trip_and_look_up_a_table() {
-    for s in wanted_rules(1000, 1000, MASK, &[(0, 0x1_0000, Some(a("198.51.100.2")))]) {
+    for s in wanted_rules(
+        1000,
+        1000,
+        MASK,
+        &[(0, 0x1_0000, Some(a("198.51.100.2")))],
+        false,
+    ) {
         let m = rule_message(&s);
         assert_eq!(m.header.action, RuleAction::ToTable, "{s}");
         assert!(is_mwan_rule(&m));
@@ -224,7 +237,7 @@ fn tables_and_rules_route_marked_packets() {
             (0, 0x1_0000, Some(a("198.51.100.2"))),
             (1, 0x2_0000, Some(a("203.0.113.2"))),
         ];
-        let want = wanted_rules(1000, 1000, MASK, &wans);
+        let want = wanted_rules(1000, 1000, MASK, &wans, false);
         net.sync_rules(&want).await.unwrap();
 
         let rules = ns.ip("rule show");
@@ -234,7 +247,7 @@ fn tables_and_rules_route_marked_packets() {
             "1011:\tfrom all fwmark 0x20000/0xff0000 lookup 1001 proto 109",
             "1100:\tfrom 198.51.100.2 lookup 1000 proto 109",
             "1101:\tfrom 203.0.113.2 lookup 1001 proto 109",
-            "1200:\tfrom all lookup 1032 proto 109",
+            "1200:\tfrom all iif lo lookup 1032 proto 109",
             "1050:\tfrom 192.0.2.9 lookup 100",
         ] {
             assert!(
@@ -272,7 +285,7 @@ fn tables_and_rules_route_marked_packets() {
         assert_eq!(ns.ip("rule show"), rules);
 
         // A WAN losing its address loses its `from` rule only.
-        let want2 = wanted_rules(1000, 1000, MASK, &[wans[0], (1, 0x2_0000, None)]);
+        let want2 = wanted_rules(1000, 1000, MASK, &[wans[0], (1, 0x2_0000, None)], false);
         net.sync_rules(&want2).await.unwrap();
         let rules2 = ns.ip("rule show");
         assert!(
