@@ -1,0 +1,297 @@
+//! End-to-end proof of what an admin runs for years (issue 5): restarting
+//! the daemon without breaking connections, live reload, uplinks whose
+//! address and gateway change, links that appear late, and refused reloads.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use lab::mwan::{config, config_with, shares, Mwan};
+use lab::*;
+
+const UP: Duration = Duration::from_secs(5);
+
+/// Asserts every stream is healthy and still grows by `bytes` within a
+/// deadline.
+fn all_flowing(streams: &[Stream], what: &str) {
+    let before: Vec<u64> = streams.iter().map(|s| s.bytes()).collect();
+    let ok = wait_until(Duration::from_secs(5), || {
+        streams
+            .iter()
+            .zip(&before)
+            .all(|(s, b)| s.bytes() > b + 256 * 1024)
+    });
+    for (i, s) in streams.iter().enumerate() {
+        assert_eq!(s.end(), None, "stream {i} ended {what}");
+    }
+    assert!(ok, "a stream stalled {what}");
+}
+
+fn open_streams(lab: &Lab, per_host: usize) -> Vec<Stream> {
+    lab.hosts()
+        .iter()
+        .flat_map(|h| (0..per_host).map(move |_| h.open_stream(STREAM).expect("stream")))
+        .collect()
+}
+
+#[test]
+fn restart_keeps_every_connection_on_its_wan() {
+    let lab = Lab::builder().lan_hosts(4).isps(2).build().unwrap();
+    let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let streams = open_streams(&lab, 5);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    let isps: Vec<usize> = sources
+        .iter()
+        .map(|s| lab.wan_of(*s.ip()).unwrap())
+        .collect();
+    assert!(
+        isps.contains(&1) && isps.contains(&2),
+        "streams on one WAN only: {isps:?}"
+    );
+    all_flowing(&streams, "before the restart");
+    let flows_before = mwan.flows(&["--limit", "1000"]).len();
+
+    // `mwan stop` (no --teardown): the daemon exits, the datapath stays.
+    let msg = mwan.cli_ok(&["stop"]).unwrap();
+    assert!(msg.contains("keeps forwarding"), "{msg}");
+    let proc = mwan.forget().expect("daemon process");
+    assert!(
+        proc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        proc.output_so_far()
+    );
+    // Five seconds without a daemon: streams flow, new connections work.
+    let away = Instant::now();
+    while away.elapsed() < Duration::from_secs(5) {
+        all_flowing(&streams, "while the daemon was away");
+        lab.host(0)
+            .tcp_whoami(TCP_WHOAMI)
+            .expect("new connection while the daemon is away");
+    }
+    // A new daemon takes over the running datapath.
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert!(
+        mwan.log().contains("taking over the running datapath"),
+        "{}",
+        mwan.log()
+    );
+    all_flowing(&streams, "after the restart");
+    assert!(mwan.flows(&["--limit", "1000"]).len() >= flows_before.min(20));
+    for (s, before) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!(r.source, before, "a stream changed source address");
+        assert_eq!(r.end, None);
+        assert!(
+            r.max_gap < Duration::from_secs(1),
+            "stream gap {:?}",
+            r.max_gap
+        );
+    }
+    // Balancing works as before.
+    let seen: Vec<_> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 200, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2);
+}
+
+#[test]
+fn reload_changes_weights_and_adds_a_wan_without_moving_streams() {
+    let lab = Lab::builder().lan_hosts(4).isps(3).build().unwrap();
+    // The daemon first knows only ISPs 1 and 2.
+    let two = config(&lab, "");
+    let two = two[..two
+        .find("\n[[wan]]\nname = \"isp3\"")
+        .expect("isp3 section")]
+        .to_string();
+    let mwan = Mwan::start(&lab, &two).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert_eq!(mwan.status().wans.len(), 2);
+    let streams = open_streams(&lab, 3);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+
+    let weights = [3, 1, 2];
+    std::fs::write(
+        &mwan.config,
+        config_with(&lab, "", &|i| format!("weight = {}", weights[i - 1]), ""),
+    )
+    .unwrap();
+    let msg = mwan.cli_ok(&["reload"]).unwrap();
+    assert!(
+        msg.contains("added isp3") && msg.contains("changed isp1"),
+        "{msg}"
+    );
+    mwan.wait_state("isp3", "up", UP).unwrap();
+    all_flowing(&streams, "after the reload");
+    let seen: Vec<SocketAddrV4> = lab
+        .hosts()
+        .iter()
+        .flat_map(|h| many_tcp_whoami(h, TCP_WHOAMI, 750, 16))
+        .map(|r| r.unwrap())
+        .collect();
+    let got = shares(&lab, &seen);
+    for (i, w) in weights.iter().enumerate() {
+        let want = *w as f64 / 6.0;
+        let have = got.get(&(i + 1)).copied().unwrap_or(0.0);
+        assert!(
+            (have - want).abs() <= 0.03,
+            "ISP {}: {have:.3} vs {want:.3} ({got:?})",
+            i + 1
+        );
+    }
+    for (s, before) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!(
+            (r.source, r.end),
+            (before, None),
+            "a stream moved or ended on reload"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let good = std::fs::read_to_string(&mwan.config).unwrap();
+    std::fs::write(
+        &mwan.config,
+        good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = 5000"),
+    )
+    .unwrap();
+    let out = mwan.cli(&["reload"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("wan[1] (isp2).weight: 5000 is out of range"),
+        "{err}"
+    );
+    // SIGHUP with the same file: logged, refused.
+    mwan.cli_ok(&["status"]).ok();
+    let pid = mwan.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    assert!(
+        wait_until(Duration::from_secs(5), || mwan
+            .log()
+            .contains("reload refused")),
+        "{}",
+        mwan.log()
+    );
+    // A restart-only setting is refused on reload.
+    std::fs::write(
+        &mwan.config,
+        good.replace("probe_targets", "table_base = 2000\nprobe_targets"),
+    )
+    .unwrap();
+    let out = mwan.cli(&["reload"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("table_base changed: restart mwan"));
+    // Still running the old config.
+    assert!(mwan.is_running());
+    assert_eq!(
+        mwan.status()
+            .wans
+            .iter()
+            .map(|w| w.weight)
+            .collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 100, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2);
+}
+
+#[test]
+fn a_new_address_and_gateway_are_followed_within_a_second() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    // ISP 2 is a DHCP line: its gateway is learned, not configured.
+    let text = config_with(&lab, "", &|_| String::new(), "").replace(
+        &format!("gateway = \"{}\"", lab.isp(2).gateway()),
+        "gateway = \"auto\"",
+    );
+    let mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    // A stream on ISP 1 must not notice anything.
+    mwan.cli_ok(&["drain", "isp2"]).unwrap();
+    let stream = lab.host(0).open_stream(STREAM).unwrap();
+    assert_eq!(lab.wan_of(*stream.source().ip()), Some(1));
+    mwan.cli_ok(&["enable", "isp2"]).unwrap();
+    mwan.cli_ok(&["drain", "isp1"]).unwrap();
+    let old = lab.isp(2).router_addr().addr();
+    assert_eq!(*lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap().ip(), old);
+
+    let new_addr: Ipv4Net = "100.64.102.2/24".parse().unwrap();
+    lab.isp(2)
+        .readdress(new_addr, "100.64.102.1".parse().unwrap())
+        .unwrap();
+    let changed = Instant::now();
+    let mut first_ok = None;
+    while changed.elapsed() < Duration::from_secs(3) {
+        if let Ok(seen) = lab
+            .host(0)
+            .tcp_whoami_within(TCP_WHOAMI, Duration::from_millis(200))
+        {
+            if *seen.ip() == new_addr.addr() {
+                first_ok = Some(changed.elapsed());
+                break;
+            }
+        }
+    }
+    let took = first_ok.expect("no connection left with the new address within 3 s");
+    println!("new address used after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for _ in 0..20 {
+        assert_eq!(
+            *lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap().ip(),
+            new_addr.addr()
+        );
+    }
+    let w = mwan.wan("isp2");
+    assert_eq!(w.address.as_deref(), Some("100.64.102.2/24"));
+    assert_eq!(w.gateway.as_deref(), Some("100.64.102.1"));
+    assert_eq!(w.state, "up");
+    let r = stream.close();
+    assert_eq!((lab.wan_of(*r.source.ip()), r.end), (Some(1), None));
+    assert!(r.max_gap < Duration::from_secs(1));
+}
+
+#[test]
+fn a_link_that_is_not_dialled_yet_is_down_until_it_appears() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    lab.isp(2).remove_wan_interface().unwrap();
+    let text = config_with(&lab, "hold_down = \"1s\"", &|_| String::new(), "").replace(
+        &format!("gateway = \"{}\"", lab.isp(2).gateway()),
+        "gateway = \"auto\"",
+    );
+    let mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_state("isp1", "up", UP).unwrap();
+    mwan.wait_state("isp2", "down", UP).unwrap();
+    assert!(mwan.log().contains("does not exist yet"), "{}", mwan.log());
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 50, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).get(&1), Some(&1.0));
+    // The link comes up (PPP dialled, DHCP lease): the WAN joins.
+    lab.isp(2).restore_wan_interface().unwrap();
+    mwan.wait_state("isp2", "up", Duration::from_secs(10))
+        .unwrap();
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 200, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2, "{:?}", shares(&lab, &seen));
+    // And it goes again: down at once, traffic stays on ISP 1.
+    lab.isp(2).remove_wan_interface().unwrap();
+    mwan.wait_state("isp2", "down", Duration::from_secs(1))
+        .unwrap();
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 50, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).get(&1), Some(&1.0));
+}
