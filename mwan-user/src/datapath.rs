@@ -415,19 +415,51 @@ pub fn detach(iface: &str) -> bool {
         .fold(false, |any, p| detach_filter(iface, *p) | any)
 }
 
-/// Deletes every pin in `pin_dir` and the directory (maps are freed when
-/// no program uses them any more).
+/// Every map mwan pins, by name.
+pub const PINNED_MAPS: [&str; 16] = [
+    MAP_FLOWS,
+    MAP_HOSTS,
+    MAP_WANS,
+    MAP_WAN_NAMES,
+    MAP_POLICIES,
+    MAP_SETTINGS,
+    MAP_WAN_STATS,
+    MAP_GLOBAL_STATS,
+    MAP_RULE_SRC,
+    MAP_RULE_DST,
+    MAP_RULE_SPORT,
+    MAP_RULE_DPORT,
+    MAP_RULE_PROTO,
+    MAP_RULE_IFACE,
+    MAP_RULE_ACTION,
+    MAP_BYPASS,
+];
+
+/// Deletes mwan's pins in `pin_dir` (maps are freed when no program uses
+/// them any more) and the directory when it is empty. Anything else there
+/// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    let entries = match std::fs::read_dir(pin_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(anyhow!("reading {}: {e}", pin_dir.display())),
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        std::fs::remove_file(&p).with_context(|| format!("removing pin {}", p.display()))?;
+    for name in PINNED_MAPS {
+        let p = pin_dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow!("removing pin {}: {e}", p.display())),
+        }
     }
-    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        // Gone already, not empty, or a mount point mwan will unmount.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTEMPTY | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("removing {}: {e}", pin_dir.display())),
+    }
 }
 
 fn statfs_magic(p: &Path) -> Option<i64> {

@@ -412,3 +412,67 @@ fn a_second_daemon_on_the_same_pins_refuses_to_start() {
     );
     lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
 }
+
+#[test]
+fn mwan_mounts_bpffs_itself_when_the_pin_dir_is_not_on_one() {
+    // Inside `ip netns exec` /sys/fs/bpf is not mounted; a pin_dir on an
+    // ordinary filesystem gets a bpffs mounted by mwan.
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let pin_dir = lab.dir().join("plain-pins");
+    let text = config(&lab, "").replace(
+        &format!("pin_dir = \"{}\"", lab.pin_dir().display()),
+        &format!("pin_dir = \"{}\"", pin_dir.display()),
+    );
+    assert!(text.contains("plain-pins"));
+    let mut mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+    // The CLI, in another `ip netns exec`, does not see that mount: it says
+    // so clearly instead of failing obscurely.
+    let out = mwan.cli(&["flows"]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is mwan running with pin_dir"),
+        "{out:?}"
+    );
+    mwan.stop_with(libc::SIGTERM).unwrap();
+}
+
+#[test]
+fn install_puts_binary_unit_and_example_config_in_place() {
+    let lab = Lab::builder().lan_hosts(1).isps(1).build().unwrap();
+    let root = lab.dir().join("root");
+    let bin = lab::mwan::binary();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = run(&["install", "--root", root.to_str().unwrap()]);
+    assert!(said.contains("systemctl daemon-reload"), "{said}");
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/mwan.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "ExecStart=/usr/local/sbin/mwan --config /etc/mwan/mwan.toml run",
+    ] {
+        assert!(unit.contains(line), "unit lacks {line}");
+    }
+    let installed = root.join("usr/local/sbin/mwan");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(&bin).unwrap()
+    );
+    // The example config parses (its interfaces are not this machine's).
+    let example = root.join("etc/mwan/mwan.toml");
+    ::mwan::config::Config::load(&example).expect("the installed example config is valid");
+    // A second install keeps the admin's config and adds the example beside it.
+    std::fs::write(&example, "# edited\n").unwrap();
+    run(&["install", "--root", root.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&example).unwrap(), "# edited\n");
+    assert!(root.join("etc/mwan/mwan.toml.example").is_file());
+}

@@ -81,6 +81,8 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
         if let Err(e) = datapath::unmount(m) {
             errors.push(e);
         }
+        // The mount point mwan created, empty now.
+        let _ = std::fs::remove_dir(&cfg.pin_dir);
     }
     for p in [cfg.state_file(), cfg.control_socket()] {
         let _ = std::fs::remove_file(p);
