@@ -318,19 +318,27 @@ impl Daemon {
             }
             let old = std::mem::replace(&mut self.wans[i].link, info.clone());
             let w = &self.wans[i];
-            if force || old.nexthop != info.nexthop {
+            // The kernel deletes the table's route when the interface goes
+            // administratively down or loses its last address, and refuses
+            // it meanwhile: it is (re)installed when the link is usable.
+            let usable_now = info.unusable_reason(&w.cfg).is_none();
+            let revived = usable_now && old.unusable_reason(&w.cfg).is_some();
+            if force || old.nexthop != info.nexthop || revived {
                 match info.nexthop {
                     Some(nh) => {
-                        self.net
-                            .set_table_default(w.table, nh)
-                            .await
-                            .with_context(|| {
+                        let set = self.net.set_table_default(w.table, nh).await;
+                        match set {
+                            Err(e) if !usable_now => {
+                                warn!(wan = %w.cfg.name, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
+                            }
+                            r => r.with_context(|| {
                                 format!("WAN {}: setting table {}", w.cfg.name, w.table)
-                            })?
+                            })?,
+                        }
                     }
                     None => self.net.flush_table(w.table).await?,
                 }
-                if !force {
+                if !force && old.nexthop != info.nexthop {
                     info!(wan = %w.cfg.name, nexthop = ?info.nexthop, "gateway changed");
                 }
             }
