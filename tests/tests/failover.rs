@@ -905,4 +905,34 @@ fn wan_interface_set_down_and_up_comes_back() {
         up.at - down.at
     );
     both("interface down and up again");
+
+    // Down and up faster than mwan may look, and the route deleted behind
+    // its back: it is put back either way, at the latest by the periodic
+    // check (every 5 s).
+    let table = format!("{}", 1000 + u32::from(mwan.wan("isp1").id));
+    let route = || {
+        lab.router()
+            .sh(&format!("ip route show table {table} default proto 109"))
+            .unwrap()
+            .contains("dev wan1")
+    };
+    for what in ["quick down and up", "flushed"] {
+        let cmd = match what {
+            "flushed" => format!("ip route flush table {table}"),
+            _ => "ip link set dev wan1 down; ip link set dev wan1 up".to_string(),
+        };
+        for _ in 0..3 {
+            lab.router().sh(&cmd).unwrap();
+            let t = Instant::now();
+            assert!(
+                wait_until(Duration::from_secs(8), route),
+                "{what}: table {table} route not put back\n{}",
+                mwan.log()
+            );
+            println!("{what}: route back after {:?}", t.elapsed());
+        }
+    }
+    mwan.wait_state("isp1", "up", Duration::from_secs(10))
+        .unwrap();
+    both("after quick toggles and a flushed table");
 }

@@ -318,12 +318,19 @@ impl Daemon {
             }
             let old = std::mem::replace(&mut self.wans[i].link, info.clone());
             let w = &self.wans[i];
-            // The kernel deletes the table's route when the interface goes
-            // administratively down or loses its last address, and refuses
-            // it meanwhile: it is (re)installed when the link is usable.
+            // The kernel deletes the table's route, without a notification,
+            // when the interface goes administratively down or loses its
+            // last address, and refuses it meanwhile: while the link is
+            // usable, the route is checked and put back if it is gone.
             let usable_now = info.unusable_reason(&w.cfg).is_none();
-            let revived = usable_now && old.unusable_reason(&w.cfg).is_some();
-            if force || old.nexthop != info.nexthop || revived {
+            let mut install = force || old.nexthop != info.nexthop;
+            if !install && usable_now && info.nexthop.is_some() {
+                install = self.net.table_default(w.table).await? != info.nexthop;
+                if install {
+                    info!(wan = %w.cfg.name, table = w.table, "the WAN's table route was gone (interface set down, address removed?); putting it back");
+                }
+            }
+            if install {
                 match info.nexthop {
                     Some(nh) => {
                         let set = self.net.set_table_default(w.table, nh).await;

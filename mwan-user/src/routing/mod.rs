@@ -435,6 +435,25 @@ impl Net {
             .map_err(|e| op_error(format!("setting default {nh} table {table}"), &e))
     }
 
+    /// The nexthop of mwan's default route in `table`, if it has one. The
+    /// kernel deletes it without a notification when its interface goes
+    /// administratively down or loses its last address.
+    pub async fn table_default(&self, table: u32) -> Result<Option<Nexthop>> {
+        let routes = match self.routes(Some(table), None).await {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(op_error(format!("listing routes of table {table}"), &e)),
+        };
+        Ok(routes
+            .iter()
+            .find(|r| {
+                route_table(r) == table
+                    && r.header.destination_prefix_length == 0
+                    && u8::from(r.header.protocol) == RTPROT_MWAN
+            })
+            .and_then(|r| route_nexthops(r).into_iter().next()))
+    }
+
     /// Sets the balance table: a weighted multipath default route over
     /// `nexthops` (config weights, scaled by [`kernel_weights`]); when empty,
     /// an `unreachable default` route if `unreachable`, else no route.

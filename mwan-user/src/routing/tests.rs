@@ -338,6 +338,42 @@ fn tables_and_rules_route_marked_packets() {
     });
 }
 
+/// What the daemon relies on to put a WAN's table route back: the kernel
+/// drops it (silently) with an interface set down or its last address, does
+/// not restore it, and `table_default` sees that.
+#[test]
+fn a_table_route_dropped_by_the_kernel_is_seen() {
+    let ns = two_wans("tabledef");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let w0 = index(&net, "w0").await;
+        let nh0 = Nexthop {
+            gateway: Some(a("198.51.100.1")),
+            ifindex: w0,
+        };
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        // Not mwan's: a foreign default route in the table.
+        ns.ip("route add default via 198.51.100.1 dev w0 table 1000");
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        net.set_table_default(1000, nh0).await.unwrap();
+        assert_eq!(net.table_default(1000).await.unwrap(), Some(nh0));
+
+        ns.ip("link set dev w0 down");
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert!(net.set_table_default(1000, nh0).await.is_err());
+        ns.ip("link set dev w0 up");
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        net.set_table_default(1000, nh0).await.unwrap();
+        assert_eq!(net.table_default(1000).await.unwrap(), Some(nh0));
+
+        ns.ip("addr del 198.51.100.2/24 dev w0");
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        ns.ip("addr add 198.51.100.2/24 dev w0");
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        net.flush_table(1000).await.unwrap();
+    });
+}
+
 #[test]
 fn errors_name_the_operation_and_object() {
     let ns = two_wans("errors");
