@@ -52,7 +52,7 @@ impl HookEvent {
             ),
             (
                 "MWAN_TIME",
-                humantime::format_rfc3339_seconds(self.time).to_string(),
+                humantime::format_rfc3339_millis(self.time).to_string(),
             ),
         ]
     }
@@ -225,7 +225,7 @@ mod tests {
         let got = wait_lines(&out, 1).await;
         assert_eq!(
             got[0],
-            "env-test|wan1|up|down|4 consecutive failed rounds|12.5|23.3|2023-11-14T22:13:20Z"
+            "env-test|wan1|up|down|4 consecutive failed rounds|12.5|23.3|2023-11-14T22:13:20.000Z"
         );
     }
 

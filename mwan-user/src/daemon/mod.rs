@@ -942,8 +942,12 @@ impl Daemon {
                 _ = sigterm.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = tick.tick() => {
-                    // A safety net for missed netlink events (ENOBUFS).
+                    // A safety net for missed netlink events (ENOBUFS),
+                    // and for routes the kernel dropped without telling
+                    // (a single-nexthop balance route on a quick down/up):
+                    // the balance route is rewritten too.
                     net_dirty = true;
+                    self.balance_written = None;
                     self.flow_counts.refresh_if_stale();
                 }
             }

@@ -16,7 +16,7 @@ use crate::datapath;
 use crate::policy;
 
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Sends a notification to systemd (`Type=notify`) when started by it.
