@@ -23,8 +23,10 @@ commands:
   test [ARGS..]    build, then run every unit and namespace end-to-end test (root);
                    ARGS go to the test binaries (e.g. a test name filter)
   run -- ARGS      build, then run target/release/mwan ARGS
-  demo [--keep]    build, start a lab with three ISPs and show mwan balancing and failing over (root)
-  bench            measure mwan against plain routing, multipath and an nftables balancer; writes BENCHMARKS.md (root)
+  demo [--keep]    build, start a lab with three ISPs and show mwan balancing and failing over (root);
+                   --keep leaves the lab running afterwards to try mwan's commands by hand
+  bench [--quick]  measure mwan against plain routing, multipath and an nftables balancer; writes
+                   BENCHMARKS.md (root; about 8 minutes, --quick about 2 and writes target/BENCHMARKS-quick.md)
   install [--prefix DIR]  install the binary, the systemd unit and an example config
 ";
 

@@ -1,0 +1,15 @@
+//! `mwan-bench`: mwan against plain routing, a multipath route and an
+//! nftables ct-mark balancer, side by side in one namespace lab. Run with
+//! `cargo xtask bench` (see BENCHMARKS.md for what it measures and how).
+
+pub mod bpf;
+pub mod failover;
+pub mod footprint;
+pub mod forwarding;
+pub mod report;
+pub mod scale;
+pub mod sig;
+pub mod stats;
+pub mod sysinfo;
+pub mod traffic;
+pub mod variants;

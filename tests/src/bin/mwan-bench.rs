@@ -1,0 +1,208 @@
+//! `cargo xtask bench [--quick]`: measures mwan against plain routing, a
+//! multipath route and an nftables ct-mark balancer in the namespace lab,
+//! prints a table and writes BENCHMARKS.md. Needs root.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use bench::report::Results;
+use bench::traffic::Window;
+use bench::{failover, footprint, forwarding, report, scale, sig, sysinfo};
+
+const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
+
+  --quick          fewer rounds, trials and flows (about 2 minutes); the
+                   report goes to target/BENCHMARKS-quick.md unless --out is given
+  --out FILE       where to write the Markdown report (default: BENCHMARKS.md
+                   at the workspace root; with --quick target/BENCHMARKS-quick.md)
+  --only SECTIONS  comma-separated subset of: forwarding, failover, scale, footprint
+
+Runs as root; builds network namespaces only (nothing on the host's own
+network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
+
+struct Args {
+    quick: bool,
+    out: PathBuf,
+    sections: Vec<String>,
+}
+
+/// Nice value of the bench (inherited by the mwan daemons it starts).
+const NICE: i32 = -10;
+
+const SECTIONS: [&str; 4] = ["forwarding", "failover", "scale", "footprint"];
+
+fn parse_args() -> Result<Option<Args>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut quick = false;
+    let mut out = None;
+    let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = Some(PathBuf::from(it.next().unwrap_or_default())),
+            "--only" => {
+                sections = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if let Some(bad) = sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    bail!("unknown section `{bad}`\n\n{USAGE}");
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => bail!("unknown argument `{other}`\n\n{USAGE}"),
+        }
+    }
+    let out = out.unwrap_or_else(|| {
+        if quick {
+            root.join("target/BENCHMARKS-quick.md")
+        } else {
+            root.join("BENCHMARKS.md")
+        }
+    });
+    Ok(Some(Args {
+        quick,
+        out,
+        sections,
+    }))
+}
+
+fn main() -> ExitCode {
+    sig::install();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if sig::stopped() {
+                eprintln!("mwan-bench: interrupted; the lab has been removed");
+                return ExitCode::from(130);
+            }
+            eprintln!("mwan-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks build network namespaces: run as root (sudo cargo xtask bench)");
+    }
+    let started = Instant::now();
+    let cpu0 = sysinfo::cpu_sample();
+    let load_at_start = sysinfo::loadavg();
+    // Other processes on the machine (builds, tests) skew every figure; a
+    // higher priority for the bench and what it starts keeps them from
+    // stealing the CPUs the lab runs on. It favours no variant.
+    let nice = if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) } == 0 {
+        NICE
+    } else {
+        0
+    };
+    let bin = lab::mwan::binary();
+    let machine = sysinfo::machine(&bin);
+    println!(
+        "mwan-bench{}: {} ({} CPUs), {}, Linux {}; mwan {}",
+        if args.quick { " --quick" } else { "" },
+        machine.cpu,
+        machine.cpus,
+        machine.os,
+        machine.kernel,
+        bin.display()
+    );
+    let log = |s: String| println!("{s}");
+    let want = |s: &str| args.sections.iter().any(|x| x == s);
+    let q = args.quick;
+    let mut results = Results {
+        date: sysinfo::utc_now(),
+        machine,
+        quick: q,
+        forwarding: None,
+        failover: None,
+        scale: None,
+        footprint: None,
+        total_secs: 0.0,
+        load_at_start,
+        background: 0.0,
+        nice,
+    };
+    if load_at_start > 1.0 {
+        println!(
+            "note: load average {load_at_start:.1}: other processes are busy; the figures will be noisier"
+        );
+    }
+    let window = Window {
+        warmup: Duration::from_millis(300),
+        measure: Duration::from_millis(if q { 600 } else { 1000 }),
+    };
+    if want("forwarding") {
+        println!("\n1-2. Forwarding cost and new connections per second");
+        results.forwarding = Some(forwarding::run(
+            &forwarding::Params {
+                rounds: if q { 3 } else { 10 },
+                window,
+                tcp_streams: 4,
+                udp_flows: 256,
+                cps_threads: 2,
+            },
+            &log,
+        )?);
+    }
+    if want("failover") {
+        println!("\n3. Failover and recovery (silent upstream blackhole)");
+        results.failover = Some(failover::run(
+            if q { 5 } else { 20 },
+            if q { 2 } else { 5 },
+            &log,
+        )?);
+    }
+    if want("scale") {
+        println!("\n4. Scale: a full flow map");
+        results.scale = Some(scale::run(
+            &scale::Params {
+                max_flows: if q { 262_144 } else { 1_048_576 },
+                reps: if q { 1 } else { 5 },
+                window,
+                udp_flows: 256,
+                fill_pps: 250_000,
+            },
+            &log,
+        )?);
+    }
+    if want("footprint") {
+        println!("\n5. Daemon footprint");
+        results.footprint = Some(footprint::run(
+            8,
+            Duration::from_secs(if q { 5 } else { 20 }),
+            &log,
+        )?);
+    }
+    results.total_secs = started.elapsed().as_secs_f64();
+    results.background = sysinfo::background_share(cpu0, sysinfo::cpu_sample());
+    println!("\n{}", report::table(&results));
+    let md = report::markdown(&results);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, md)?;
+    let out = args.out.canonicalize().unwrap_or(args.out);
+    println!(
+        "wrote {} (total {:.0} s)",
+        out.display(),
+        results.total_secs
+    );
+    Ok(())
+}
