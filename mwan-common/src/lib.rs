@@ -201,32 +201,30 @@ pub struct WanCounters {
     pub flows: u64,
 }
 
-/// Indices of `GLOBAL_STATS` (per-CPU u64 counters).
-pub const GS_PACKETS: u32 = 0;
-/// Flow-map hits.
-pub const GS_HITS: u32 = 1;
+/// Indices of `GLOBAL_STATS` (per-CPU u64 counters of events off the hot
+/// path; per-packet totals are in `WAN_STATS`).
 /// New pins.
-pub const GS_NEW_FLOWS: u32 = 2;
+pub const GS_NEW_FLOWS: u32 = 0;
 /// Pins moved because their WAN was no longer alive.
-pub const GS_REPINS: u32 = 3;
+pub const GS_REPINS: u32 = 1;
 /// New flows that reused their host's pin.
-pub const GS_HOST_HITS: u32 = 4;
+pub const GS_HOST_HITS: u32 = 2;
 /// Packets to local or connected destinations (never pinned).
-pub const GS_BYPASS: u32 = 5;
+pub const GS_BYPASS: u32 = 3;
 /// First packets of TCP flows that were not a SYN (replies to inbound
 /// connections, flows older than mwan): left to the main table.
-pub const GS_MIDSTREAM: u32 = 6;
+pub const GS_MIDSTREAM: u32 = 4;
 /// New flows while no WAN was eligible.
-pub const GS_NO_WAN: u32 = 7;
+pub const GS_NO_WAN: u32 = 5;
 /// Failed map inserts.
-pub const GS_INSERT_ERRORS: u32 = 8;
+pub const GS_INSERT_ERRORS: u32 = 6;
 /// Packets that were not IPv4 or could not be parsed.
-pub const GS_PASS: u32 = 9;
+pub const GS_PASS: u32 = 7;
 /// Packets that already carried an mwan mark (restored from conntrack for
 /// a reply of an inbound connection, where br_netfilter runs nftables
 /// before tc ingress): left as they are.
-pub const GS_PREMARKED: u32 = 10;
-pub const GS_COUNT: u32 = 11;
+pub const GS_PREMARKED: u32 = 8;
+pub const GS_COUNT: u32 = 9;
 
 /// A WAN name as stored in the `WAN_NAMES` array (NUL padded), so that a
 /// restarted daemon maps names to the same ids as the flows it inherits.

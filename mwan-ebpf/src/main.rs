@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -61,6 +61,10 @@ const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO: u8 = 8;
 /// Refresh a host pin's activity time at most this often.
 const HOST_REFRESH_NS: u64 = 1_000_000_000;
+/// A non-TCP flow idle this long has lost its conntrack entry (and NAT
+/// binding; conntrack's UDP stream timeout is 120 s): the next packet is a
+/// new connection.
+const STALE_NS: u64 = 180_000_000_000;
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
@@ -192,7 +196,6 @@ fn parse<const L3: usize>(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn classify<const L3: usize>(ctx: &TcContext) {
-    count(GS_PACKETS);
     let pkt = match parse::<L3>(ctx) {
         Some(p) => p,
         None => {
@@ -226,44 +229,50 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         count(GS_PREMARKED);
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (CLOCK_MONOTONIC at tick resolution) is enough for
+    // idle times and host TTLs, and cheaper per packet.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let opening = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     if let Some(flow) = FLOWS.get_ptr_mut(&pkt.key) {
-        count(GS_HITS);
         let flow = unsafe { &mut *flow };
-        // Plain adds: a flow's packets are normally handled by one CPU (RSS),
-        // so lost updates are rare; the counters are statistics, not state.
-        flow.last_seen_ns = now;
-        flow.packets += 1;
-        flow.bytes += pkt.len as u64;
-        if flow.wan == WAN_NONE {
-            return;
-        }
-        if let Some(wan) = alive_wan(flow.wan) {
-            if settings.sticky_host != 0 {
-                refresh_host(pkt.key.saddr, flow.wan, now);
+        if !starts_anew(flow, pkt.key.proto == PROTO_TCP, opening, now) {
+            // Plain adds: a flow's packets are normally handled by one CPU
+            // (RSS), so lost updates are rare; the counters are statistics.
+            flow.last_seen_ns = now;
+            flow.packets += 1;
+            flow.bytes += pkt.len as u64;
+            if flow.wan == WAN_NONE {
+                return;
             }
-            account(flow.wan, pkt.len, false);
-            set_mark(ctx, settings, wan.mark);
+            if let Some(wan) = alive_wan(flow.wan) {
+                if settings.sticky_host != 0 {
+                    refresh_host(pkt.key.saddr, flow.wan, now);
+                }
+                account(flow.wan, pkt.len, false);
+                set_mark(ctx, settings, wan.mark);
+                return;
+            }
+            // The WAN died: choose again with the policy that chose it.
+            let old = flow.wan;
+            let new = choose(flow.policy as u32, pkt.key.saddr, settings, now);
+            if new == WAN_NONE {
+                count(GS_NO_WAN);
+                return;
+            }
+            count(GS_REPINS);
+            flow.wan = new;
+            if flow.moved_from == WAN_NONE {
+                flow.moved_from = old;
+            }
+            if let Some(wan) = alive_wan(new) {
+                account(new, pkt.len, true);
+                set_mark(ctx, settings, wan.mark);
+            }
             return;
         }
-        // The WAN died: choose again with the policy that chose it.
-        let old = flow.wan;
-        let new = choose(flow.policy as u32, pkt.key.saddr, settings, now);
-        if new == WAN_NONE {
-            count(GS_NO_WAN);
-            return;
-        }
-        count(GS_REPINS);
-        flow.wan = new;
-        if flow.moved_from == WAN_NONE {
-            flow.moved_from = old;
-        }
-        if let Some(wan) = alive_wan(new) {
-            account(new, pkt.len, true);
-            set_mark(ctx, settings, wan.mark);
-        }
-        return;
+        // A new connection reusing the 5-tuple of a finished one: it is
+        // placed afresh below (and overwrites the old pin).
     }
 
     // First packet of a flow (as far as the map knows).
@@ -274,7 +283,7 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         count(GS_BYPASS);
         return;
     }
-    if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if pkt.key.proto == PROTO_TCP && !opening {
         // Not a connection opening: a reply of a connection that came in
         // through a WAN (nftables restores its mark from conntrack) or a
         // connection older than mwan. Leave it to the routing tables.
@@ -313,6 +322,25 @@ fn classify<const L3: usize>(ctx: &TcContext) {
     if let Some(entry) = WANS.get(wan as u32) {
         account(wan, pkt.len, true);
         set_mark(ctx, settings, entry.mark);
+    }
+}
+
+/// Whether the packet that hit `flow` really starts a new connection that
+/// should be placed by today's policy rather than follow an old pin: a
+/// non-TCP flow idle longer than conntrack keeps its NAT binding, or a TCP
+/// SYN whose pinned WAN its policy no longer offers (drained, a better tier
+/// back, rules changed). A retransmitted SYN keeps its WAN otherwise.
+#[inline(always)]
+fn starts_anew(flow: &FlowValue, tcp: bool, opening: bool, now: u64) -> bool {
+    if !opening {
+        return !tcp && now.wrapping_sub(flow.last_seen_ns) > STALE_NS;
+    }
+    if flow.wan == WAN_NONE {
+        return true;
+    }
+    match POLICIES.get(flow.policy as u32) {
+        Some(p) => p.kind == POLICY_MAIN || p.wan_mask & (1u64 << (flow.wan & 63)) == 0,
+        None => true,
     }
 }
 

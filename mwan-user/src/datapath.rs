@@ -348,16 +348,16 @@ impl Datapath {
 
     /// Attaches the classifier at tc ingress of `iface` (the Ethernet or the
     /// L3 variant), replacing a previous mwan filter without a gap. The
-    /// filter stays in the kernel after this process exits.
-    pub fn attach(&mut self, iface: &str, l2: bool) -> Result<()> {
+    /// filter stays in the kernel after this process exits. Returns whether
+    /// mwan had to add the `clsact` qdisc (teardown removes it again).
+    pub fn attach(&mut self, iface: &str, l2: bool) -> Result<bool> {
         let name = if l2 { PROG_LAN_ETH } else { PROG_LAN_L3 };
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
+        let added_qdisc = match tc::qdisc_add_clsact(iface) {
+            Ok(()) => true,
             // EEXIST: the qdisc is there already.
-            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(anyhow!("adding clsact qdisc to {iface}: {e}"));
-            }
-        }
+            Err(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(e) => return Err(anyhow!("adding clsact qdisc to {iface}: {e}")),
+        };
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -392,7 +392,7 @@ impl Datapath {
         for old in TC_PRIORITIES.into_iter().filter(|p| *p != prio) {
             detach_filter(iface, old);
         }
-        Ok(())
+        Ok(added_qdisc)
     }
 }
 
@@ -648,4 +648,11 @@ pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<MapData> {
             pin_dir.display()
         )
     })
+}
+
+/// The index of interface `name`, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }

@@ -119,11 +119,11 @@ pub fn status(s: &Status) -> String {
         out.push_str("\n!! ALL WANs ARE DOWN: the all_down policy applies\n");
     }
     out.push_str(&format!(
-        "\nflows pinned: {}   uptime: {}   sticky: {}   datapath: {} packets, {} new flows, {} re-pinned\n",
+        "\nflows pinned: {}   uptime: {}   sticky: {}   datapath: {} LAN packets balanced, {} new flows, {} re-pinned\n",
         s.flows_total,
         duration(s.uptime_secs),
         s.sticky,
-        human(*s.counters.get("packets").unwrap_or(&0)),
+        human(s.wans.iter().map(|w| w.lan_packets).sum()),
         human(*s.counters.get("new_flows").unwrap_or(&0)),
         human(*s.counters.get("repins").unwrap_or(&0)),
     ));

@@ -292,7 +292,7 @@ pub fn router_snapshot(lab: &Lab) -> String {
         "ip rule show",
         "ip route show table all | grep -v '^local\\|^broadcast\\|table local'",
         "nft list ruleset",
-        "for d in $(ls /sys/class/net); do echo \"== $d\"; tc filter show dev $d ingress; done",
+        "for d in $(ls /sys/class/net); do echo \"== $d\"; tc qdisc show dev $d; tc filter show dev $d ingress; done",
         "sysctl net.ipv4.ip_forward net.ipv4.fib_multipath_hash_policy net.ipv4.conf.all.rp_filter; for d in $(ls /sys/class/net); do sysctl net.ipv4.conf.$d.rp_filter; done",
     ] {
         out += &format!("$ {cmd}\n{}\n", r.sh(cmd).unwrap_or_else(|e| e.to_string()));

@@ -476,3 +476,43 @@ fn install_puts_binary_unit_and_example_config_in_place() {
     assert_eq!(std::fs::read_to_string(&example).unwrap(), "# edited\n");
     assert!(root.join("etc/mwan/mwan.toml.example").is_file());
 }
+
+/// A TCP whoami from `host` with a fixed source port.
+fn whoami_from_port(host: &Netns, port: u16) -> SocketAddrV4 {
+    host.run(|| {
+        use socket2::{Domain, Socket, Type};
+        use std::io::Read;
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+            .unwrap();
+        s.connect_timeout(&TCP_WHOAMI.into(), Duration::from_secs(3))
+            .unwrap();
+        let mut conn: std::net::TcpStream = s.into();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer.trim().parse().unwrap()
+    })
+}
+
+#[test]
+fn a_reused_tuple_follows_todays_policy_not_an_old_pin() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let first = lab
+        .wan_of(*whoami_from_port(lab.host(0), 40123).ip())
+        .unwrap();
+    // Same 5-tuple while nothing changed: the pin is kept.
+    assert_eq!(
+        lab.wan_of(*whoami_from_port(lab.host(0), 40123).ip()),
+        Some(first)
+    );
+    // The pinned WAN is drained: a new connection on the old tuple goes to
+    // the other WAN instead of following the stale pin.
+    mwan.cli_ok(&["drain", &format!("isp{first}")]).unwrap();
+    assert_eq!(
+        lab.wan_of(*whoami_from_port(lab.host(0), 40123).ip()),
+        Some(3 - first)
+    );
+}

@@ -21,6 +21,9 @@ pub struct HostState {
     pub bpffs_mount: Option<PathBuf>,
     /// LAN interfaces that carry mwan's tc filter.
     pub lan_interfaces: Vec<String>,
+    /// LAN interfaces on which mwan added the `clsact` qdisc.
+    #[serde(default)]
+    pub clsact_added: Vec<String>,
     pub pin_dir: PathBuf,
     pub table_base: u32,
 }
@@ -62,6 +65,17 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
     for lan in lans {
         if datapath::detach(lan) {
             info!(interface = %lan, "removed tc filter");
+        }
+        if !host.clsact_added.contains(lan) {
+            continue;
+        }
+        let Some(index) = datapath::ifindex(lan) else {
+            continue;
+        };
+        match net.remove_clsact_if_unused(index).await {
+            Ok(true) => info!(interface = %lan, "removed the clsact qdisc mwan had added"),
+            Ok(false) => {}
+            Err(e) => errors.push(e),
         }
     }
     if let Err(e) = nft::delete().await {

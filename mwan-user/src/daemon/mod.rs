@@ -268,7 +268,7 @@ impl Daemon {
         self.cfg
             .lan_interfaces
             .iter()
-            .filter_map(|n| nix_ifindex(n).map(|i| (n.clone(), i)))
+            .filter_map(|n| datapath::ifindex(n).map(|i| (n.clone(), i)))
             .collect()
     }
 
@@ -279,7 +279,10 @@ impl Daemon {
                 .link(&lan)
                 .await?
                 .ok_or_else(|| anyhow!("LAN interface {lan} does not exist"))?;
-            self.dp.attach(&lan, link.l2)?;
+            if self.dp.attach(&lan, link.l2)? && !self.host.clsact_added.contains(&lan) {
+                self.host.clsact_added.push(lan.clone());
+                self.host.save(&self.cfg.state_file())?;
+            }
             info!(interface = %lan, l2 = link.l2, "classifier attached");
         }
         Ok(())
@@ -948,7 +951,7 @@ impl Daemon {
                     // the balance route is rewritten too.
                     net_dirty = true;
                     self.balance_written = None;
-                    self.flow_counts.refresh_if_stale();
+                    let _ = self.flow_counts.refresh_if_stale();
                 }
             }
             if net_dirty {
@@ -1080,10 +1083,4 @@ fn pinned_flows(
         true
     })?;
     Ok(out)
-}
-
-fn nix_ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
 }

@@ -67,17 +67,19 @@ impl FlowCounts {
         }
     }
 
-    pub fn refresh_if_stale(&self) {
+    /// Starts a count unless a recent one exists or one is running; returns
+    /// its task.
+    pub fn refresh_if_stale(&self) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut c = self.inner.lock().expect("not poisoned");
             if c.running || c.at.is_some_and(|at| at.elapsed() < STALE) {
-                return;
+                return None;
             }
             c.running = true;
         }
         let inner = self.inner.clone();
         let pin_dir = self.pin_dir.clone();
-        tokio::task::spawn_blocking(move || {
+        Some(tokio::task::spawn_blocking(move || {
             let mut by_wan = BTreeMap::new();
             let mut total = 0u64;
             let res = datapath::open_pinned_map(&pin_dir, MAP_FLOWS).and_then(|m| {
@@ -99,7 +101,11 @@ impl FlowCounts {
                 }
                 Err(e) => warn!(error = %e, "counting flows"),
             }
-        });
+        }))
+    }
+
+    fn never_counted(&self) -> bool {
+        self.inner.lock().expect("not poisoned").at.is_none()
     }
 
     fn get(&self) -> (BTreeMap<u8, u64>, u64, Option<f64>) {
@@ -130,8 +136,6 @@ fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
 }
 
 const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
-    "packets",
-    "flow_hits",
     "new_flows",
     "repins",
     "host_pin_hits",
@@ -145,7 +149,14 @@ const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
 
 impl Daemon {
     pub(super) async fn status(&mut self) -> Result<Status> {
-        self.flow_counts.refresh_if_stale();
+        let task = self.flow_counts.refresh_if_stale();
+        if self.flow_counts.never_counted() {
+            // The first answer should not say "0 flows": wait for the count
+            // (a blocking task; the event loop only awaits it once).
+            if let Some(t) = task {
+                let _ = t.await;
+            }
+        }
         let (by_wan, total, counted_ago) = self.flow_counts.get();
         let counters = self.dp.maps.wan_counters()?;
         let global = self.dp.maps.global_counters()?;

@@ -530,6 +530,56 @@ impl Net {
         }
     }
 
+    /// Deletes the `clsact` qdisc of `ifindex` when no tc filter is left on
+    /// it (mwan added it; other programs' filters keep it). Returns whether
+    /// it was removed.
+    pub async fn remove_clsact_if_unused(&self, ifindex: u32) -> Result<bool> {
+        use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+        for minor in [TcHandle::MIN_INGRESS, TcHandle::MIN_EGRESS] {
+            let mut m = TcMessage::default();
+            m.header.index = ifindex as i32;
+            m.header.parent = TcHandle {
+                major: 0xffff,
+                minor,
+            };
+            match self
+                .request(RouteNetlinkMessage::GetTrafficFilter(m), NLM_F_DUMP)
+                .await
+            {
+                Ok(filters) if !filters.is_empty() => return Ok(false),
+                Ok(_) => {}
+                // No clsact qdisc (any more): nothing to remove.
+                Err(_) => return Ok(false),
+            }
+        }
+        let mut m = TcMessage::default();
+        m.header.index = ifindex as i32;
+        m.header.parent = TcHandle::CLSACT;
+        m.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        m.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self
+            .request(RouteNetlinkMessage::DelQueueDiscipline(m), NLM_F_ACK)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(op_error(
+                format!("deleting the clsact qdisc of interface {ifindex}"),
+                &e,
+            )),
+        }
+    }
+
     /// Deletes every route of `table`.
     pub async fn flush_table(&self, table: u32) -> Result<()> {
         let routes = match self.routes(Some(table), None).await {
