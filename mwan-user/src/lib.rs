@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod health;
 pub mod hooks;
 pub mod nft;
+pub mod nudge;
 pub mod output;
 pub mod policy;
 pub mod routing;

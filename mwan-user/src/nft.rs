@@ -6,6 +6,8 @@
 //!   direction of such a connection (the LAN server answering a port
 //!   forward) gets its packet mark restored from the ct mark, so it is
 //!   routed back through WAN *i*. Both touch only the bits of the mark mask.
+//! * `output` (filter, priority raw): mwan's nudge segments (mark
+//!   [`NUDGE_MARK`]) are not tracked;
 //! * `postrouting` (nat, priority srcnat): `masquerade` out of each WAN with
 //!   `nat = true`.
 //!
@@ -35,6 +37,9 @@ pub struct NftWan {
 
 /// The text that replaces the table atomically in one `nft -f`: the
 /// leading `add`/`delete` make it work whether or not the table exists.
+/// The packet mark of mwan's own nudge segments ("mnud").
+pub const NUDGE_MARK: u32 = 0x6d6e_7564;
+
 pub fn ruleset(wans: &[NftWan], mark_mask: u32) -> String {
     let keep = !mark_mask;
     let mut s = String::from("add table ip mwan\ndelete table ip mwan\ntable ip mwan {\n");
@@ -64,6 +69,12 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32) -> String {
             mark = w.mark
         );
     }
+    // The segments mwan sends to wake up LAN clients whose TCP connections
+    // died with their WAN (see `nudge`) must not create conntrack entries.
+    let _ = write!(
+        s,
+        "\tchain output {{\n\t\ttype filter hook output priority raw; policy accept;\n\t\tmeta mark {NUDGE_MARK:#010x} notrack\n\t}}\n"
+    );
     s.push_str(
         "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
     );
@@ -205,6 +216,10 @@ table ip mwan {
 \t}
 \tchain reply_lte.2 {
 \t\tmeta mark set meta mark and 0xff00ffff or 0x00020000
+\t}
+\tchain output {
+\t\ttype filter hook output priority raw; policy accept;
+\t\tmeta mark 0x6d6e7564 notrack
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;

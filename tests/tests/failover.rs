@@ -936,3 +936,42 @@ fn wan_interface_set_down_and_up_comes_back() {
         .unwrap();
     both("after quick toggles and a flushed table");
 }
+
+#[test]
+fn a_download_on_the_dead_wan_is_reset_at_once_not_left_hanging() {
+    // A download only receives: when its WAN dies it sends nothing that
+    // could meet the deleted conntrack entry. mwan nudges the client, whose
+    // answer leaves through the other WAN and draws the server's reset.
+    let lab = build();
+    let mwan = start(&lab, &config(&lab, ""));
+    mwan.cli_ok(&["drain", "isp2"]).unwrap();
+    let download = lab.host(0).open_stream(STREAM).unwrap();
+    assert_eq!(isp_of(&lab, download.source()), 1);
+    mwan.cli_ok(&["enable", "isp2"]).unwrap();
+    let before = download.bytes();
+    assert!(wait_until(Duration::from_secs(3), || download.bytes()
+        > before + 256 * 1024));
+
+    lab.isp(1).set_blackhole(true).unwrap();
+    let t0 = Instant::now();
+    mwan.wait_state("isp1", "down", Duration::from_secs(3))
+        .unwrap();
+    let ended = wait_until(Duration::from_secs(3), || download.end().is_some());
+    let took = t0.elapsed();
+    assert!(
+        ended,
+        "the download still hangs 3 s after its WAN went down:\n{}",
+        mwan.log()
+    );
+    match download.end() {
+        Some(StreamEnd::Error(kind, msg)) => {
+            assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "{msg}")
+        }
+        other => panic!("the download ended with {other:?}, not a reset"),
+    }
+    println!("download reset {took:?} after the blackhole");
+    assert!(mwan.log().contains("nudged to reconnect"), "{}", mwan.log());
+    // The application reconnects at once, through ISP 2.
+    let again = lab.host(0).open_stream(STREAM).unwrap();
+    assert_eq!(isp_of(&lab, again.source()), 2);
+}

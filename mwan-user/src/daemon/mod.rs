@@ -10,7 +10,7 @@ mod wan;
 
 pub use host::{teardown, HostState};
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -34,10 +34,14 @@ use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
-use crate::{conntrack, nft, sysctl};
+use crate::{conntrack, nft, nudge, sysctl};
 use wan::{assign_ids, LinkInfo, WanRt};
 
 const MAX_EVENTS: usize = 100;
+/// Only TCP connections active this recently are nudged when their WAN
+/// dies (older pins are mostly finished connections).
+const NUDGE_RECENT_NS: u64 = 600_000_000_000;
+const MAX_NUDGES: usize = 65_536;
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -578,19 +582,37 @@ impl Daemon {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(wan = %name, error = %e, "reading flows for conntrack cleanup");
-                    HashSet::new()
+                    HashMap::new()
                 }
             };
             let result = conntrack::delete_where(|e| {
                 addr.is_some_and(|a| e.reply.dst == a)
                     || (e.mark & mask) == mark
-                    || tuples.contains(&tuple_of(&e.orig))
+                    || tuples.contains_key(&tuple_of(&e.orig))
             });
             match result {
                 Ok(n) => {
                     info!(wan = %name, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted")
                 }
                 Err(e) => warn!(wan = %name, error = %e, "deleting conntrack entries"),
+            }
+            // TCP connections active lately: make their clients speak, so
+            // the server's reset reaches them now (see `nudge`).
+            let now = datapath::ktime_now_ns();
+            let conns: Vec<nudge::Conn> = tuples
+                .iter()
+                .filter(|((proto, ..), seen)| {
+                    *proto == 6 && now.saturating_sub(**seen) < NUDGE_RECENT_NS
+                })
+                .map(|((_, src, dst, sport, dport), _)| nudge::conn(*src, *sport, *dst, *dport))
+                .take(MAX_NUDGES)
+                .collect();
+            match nudge::nudge(&conns) {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(wan = %name, connections = n, "TCP clients of the dead WAN nudged to reconnect")
+                }
+                Err(e) => warn!(wan = %name, error = %e, "nudging TCP clients"),
             }
         });
     }
@@ -1070,15 +1092,17 @@ fn tuple_of(t: &conntrack::CtTuple) -> Tuple5 {
     (t.proto, t.src, t.dst, t.sport, t.dport)
 }
 
+/// Flows of the flow map that `pred` selects, with their last activity
+/// (`bpf_ktime` ns).
 fn pinned_flows(
     pin_dir: &Path,
     pred: impl Fn(&FlowKey, &FlowValue) -> bool,
-) -> Result<HashSet<Tuple5>> {
+) -> Result<HashMap<Tuple5, u64>> {
     let map = datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
-    let mut out = HashSet::new();
+    let mut out = HashMap::new();
     datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 4096, |k, v| {
         if pred(k, v) {
-            out.insert(key_tuple(k));
+            out.insert(key_tuple(k), v.last_seen_ns);
         }
         true
     })?;
