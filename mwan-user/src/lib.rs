@@ -1,6 +1,7 @@
 //! mwan: multi-WAN load balancing and failover with an eBPF datapath.
 //!
 //! See docs/ARCHITECTURE.md for how the pieces fit.
+pub mod checksum;
 pub mod config;
 pub mod conntrack;
 pub mod control;

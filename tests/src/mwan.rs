@@ -172,44 +172,38 @@ impl<'l> Mwan<'l> {
 
     /// Waits until WAN `name` is in `state`.
     pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<()> {
-        if wait_until(timeout, || {
-            self.try_status()
-                .is_ok_and(|s| s.wans.iter().any(|w| w.name == name && w.state == state))
-        }) {
-            return Ok(());
-        }
-        Err(anyhow!(
-            "WAN {name} not {state} within {timeout:?}; status: {:?}\nlog:\n{}",
-            self.try_status().map(|s| s
-                .wans
-                .into_iter()
-                .map(|w| (w.name, w.state))
-                .collect::<Vec<_>>()),
-            self.log()
-        ))
+        self.wait_wans(&format!("WAN {name} not {state}"), timeout, |w| {
+            w.iter().any(|w| w.name == name && w.state == state)
+        })
     }
 
     pub fn wait_all_up(&self, timeout: Duration) -> Result<()> {
-        let ok = wait_until(timeout, || {
-            self.try_status().is_ok_and(|s| {
-                s.wans
-                    .iter()
-                    .all(|w| w.state == "up" || w.state == "disabled")
-            })
-        });
-        if ok {
-            Ok(())
-        } else {
-            Err(anyhow!(
-                "WANs not up within {timeout:?}: {:?}\nlog:\n{}",
-                self.try_status().map(|s| s
-                    .wans
-                    .into_iter()
-                    .map(|w| (w.name, w.state))
-                    .collect::<Vec<_>>()),
-                self.log()
-            ))
+        self.wait_wans("WANs not up", timeout, |w| {
+            w.iter().all(|w| w.state == "up" || w.state == "disabled")
+        })
+    }
+
+    /// Waits until `cond` holds for the WANs of `mwan status`; on timeout
+    /// the error shows the states and the daemon's log.
+    fn wait_wans(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&[WanStatus]) -> bool,
+    ) -> Result<()> {
+        if wait_until(timeout, || self.try_status().is_ok_and(|s| cond(&s.wans))) {
+            return Ok(());
         }
+        let states = self.try_status().map(|s| {
+            s.wans
+                .into_iter()
+                .map(|w| (w.name, w.state))
+                .collect::<Vec<_>>()
+        });
+        Err(anyhow!(
+            "{what} within {timeout:?}: {states:?}\nlog:\n{}",
+            self.log()
+        ))
     }
 
     /// `mwan flows --json` with extra arguments.

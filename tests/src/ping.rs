@@ -119,16 +119,8 @@ fn echo_reply_seq(packet: &[u8], from: Ipv4Addr, id: u16) -> Option<u16> {
         .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
 }
 
-/// The Internet checksum (RFC 1071).
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    mwan::checksum::internet(&[data])
 }
 
 #[cfg(test)]

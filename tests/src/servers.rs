@@ -94,7 +94,9 @@ impl Netns {
         })
     }
 
-    fn bind_tcp(&self, bind: SocketAddrV4) -> Result<(TcpListener, SocketAddrV4)> {
+    /// A nonblocking TCP listener on `bind` in this namespace (address
+    /// reuse on, backlog 1024), with the address it got.
+    pub fn bind_tcp(&self, bind: SocketAddrV4) -> Result<(TcpListener, SocketAddrV4)> {
         let listener: TcpListener = self
             .run(|| -> io::Result<TcpListener> {
                 let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;

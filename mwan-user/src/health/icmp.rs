@@ -102,16 +102,8 @@ fn echo_request(id: u16, seq: u16) -> [u8; 16] {
     p
 }
 
-/// The Internet checksum (RFC 1071).
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    crate::checksum::internet(&[data])
 }
 
 /// Parses an IPv4 packet as received on a raw socket: an echo reply's

@@ -3,7 +3,7 @@
 //! flag or on Ctrl-C.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ pub struct TcpSink {
 
 impl TcpSink {
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<TcpSink> {
-        let listener = listen(ns, addr)?;
+        let (listener, _) = ns.bind_tcp(addr)?;
         let stop = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
         let acceptor = thread::Builder::new().name("tcp-sink".into()).spawn({
@@ -84,18 +84,6 @@ impl Drop for TcpSink {
             let _ = a.join();
         }
     }
-}
-
-fn listen(ns: &Netns, addr: SocketAddrV4) -> Result<TcpListener> {
-    ns.run(|| -> io::Result<TcpListener> {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        s.set_reuse_address(true)?;
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        s.set_nonblocking(true)?;
-        Ok(s.into())
-    })
-    .with_context(|| format!("listening on {addr} in {}", ns.name()))
 }
 
 fn drain(mut conn: TcpStream, stop: &AtomicBool, bytes: &AtomicU64) {
@@ -324,7 +312,7 @@ impl CpsServer {
         for ip in ips {
             for port in ports.clone() {
                 let addr = SocketAddrV4::new(*ip, port);
-                listeners.push(listen(ns, addr)?);
+                listeners.push(ns.bind_tcp(addr)?.0);
                 addrs.push(addr);
             }
         }
