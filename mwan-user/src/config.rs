@@ -63,7 +63,7 @@ pub enum AllDown {
     /// Keep sending new connections through the WANs that were up last.
     #[default]
     Last,
-    /// Refuse new connections (ICMP net unreachable) until a WAN is up.
+    /// Refuse new connections (ICMP host unreachable) until a WAN is up.
     Unreachable,
 }
 

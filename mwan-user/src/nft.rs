@@ -6,6 +6,13 @@
 //!   direction of such a connection (the LAN server answering a port
 //!   forward) gets its packet mark restored from the ct mark, so it is
 //!   routed back through WAN *i*. Both touch only the bits of the mark mask.
+//!   While every WAN is down under `all_down = "unreachable"`, new
+//!   connections from the LAN interfaces that would hit mwan's
+//!   `unreachable` route are refused here, before routing: TCP with a reset
+//!   (the application sees "connection refused" at once), the rest with
+//!   ICMP host unreachable. The route alone would answer with ICMP errors
+//!   only, which the kernel rate-limits per host: a browser's third
+//!   connection would hang until its SYN retries give up.
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
 //!   [`NUDGE_MARK`]) are not tracked;
 //! * `postrouting` (nat, priority srcnat): `masquerade` out of each WAN with
@@ -40,7 +47,7 @@ pub struct NftWan {
 /// The packet mark of mwan's own nudge segments ("mnud").
 pub const NUDGE_MARK: u32 = 0x6d6e_7564;
 
-pub fn ruleset(wans: &[NftWan], mark_mask: u32) -> String {
+pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> String {
     let keep = !mark_mask;
     let mut s = String::from("add table ip mwan\ndelete table ip mwan\ntable ip mwan {\n");
     s.push_str(
@@ -58,6 +65,22 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32) -> String {
             format!("\"{}\" : goto new_{}", w.interface, w.name)
         });
         let _ = writeln!(s, "\t\tct state new iifname vmap {{ {mark_new} }}");
+    }
+    if !refuse_from.is_empty() {
+        // `fib daddr oif missing`: the route lookup (as the router's own
+        // traffic, which mwan's rules send to the same table) fails, i.e.
+        // hits the `unreachable` route. Local destinations are exempt: the
+        // lookup reports no interface for them either.
+        let lans = refuse_from
+            .iter()
+            .map(|l| format!("\"{l}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let doomed = format!(
+            "iifname {{ {lans} }} ct state new fib daddr type != local fib daddr oif missing"
+        );
+        let _ = writeln!(s, "\t\t{doomed} meta l4proto tcp reject with tcp reset");
+        let _ = writeln!(s, "\t\t{doomed} reject with icmp type host-unreachable");
     }
     s.push_str("\t}\n");
     for w in wans {
@@ -90,7 +113,13 @@ fn join(wans: &[NftWan], f: impl Fn(&NftWan) -> String) -> String {
 }
 
 /// Names that cannot be written into the ruleset (nft has no escapes).
-fn check(wans: &[NftWan]) -> Result<()> {
+fn check(wans: &[NftWan], lans: &[String]) -> Result<()> {
+    if let Some(l) = lans
+        .iter()
+        .find(|l| l.is_empty() || l.contains(['"', '\\']))
+    {
+        bail!("interface name `{l}` cannot be written in an nftables rule");
+    }
     for w in wans {
         if w.name.is_empty()
             || !w
@@ -114,9 +143,12 @@ fn check(wans: &[NftWan]) -> Result<()> {
 }
 
 /// Replaces the table (atomically: packets see the old or the new one).
-pub async fn apply(wans: &[NftWan], mark_mask: u32) -> Result<()> {
-    check(wans)?;
-    nft(&["-f", "-"], Some(&ruleset(wans, mark_mask)))
+/// `refuse_from`: the LAN interfaces whose new connections to unreachable
+/// destinations are refused (empty unless every WAN is down under
+/// `all_down = "unreachable"`).
+pub async fn apply(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Result<()> {
+    check(wans, refuse_from)?;
+    nft(&["-f", "-"], Some(&ruleset(wans, mark_mask, refuse_from)))
         .await
         .context("replacing nftables table ip mwan")?;
     Ok(())
@@ -196,7 +228,7 @@ mod tests {
             wan("lte.2", "ppp0", 0x2_0000, false),
         ];
         assert_eq!(
-            ruleset(&wans, 0x00ff_0000),
+            ruleset(&wans, 0x00ff_0000, &[]),
             "add table ip mwan
 delete table ip mwan
 table ip mwan {
@@ -231,8 +263,25 @@ table ip mwan {
     }
 
     #[test]
+    fn refusing_adds_the_reject_rules_for_the_lans_only() {
+        let wans = [wan("isp1", "wan1", 0x1_0000, true)];
+        let lans = ["lan0".to_string(), "br-guest".to_string()];
+        let text = ruleset(&wans, 0x00ff_0000, &lans);
+        let doomed = "iifname { \"lan0\", \"br-guest\" } ct state new fib daddr type != local fib daddr oif missing";
+        assert!(
+            text.contains(&format!(
+                "{doomed} meta l4proto tcp reject with tcp reset\n"
+            )) && text.contains(&format!(
+                "{doomed} reject with icmp type host-unreachable\n"
+            )),
+            "{text}"
+        );
+        assert!(!ruleset(&wans, 0x00ff_0000, &[]).contains("reject"));
+    }
+
+    #[test]
     fn ruleset_without_wans_is_valid_and_empty() {
-        let text = ruleset(&[], 0xff);
+        let text = ruleset(&[], 0xff, &[]);
         assert!(
             !text.contains("vmap") && !text.contains("masquerade"),
             "{text}"
@@ -241,9 +290,10 @@ table ip mwan {
 
     #[test]
     fn unusable_names_are_rejected() {
-        assert!(check(&[wan("isp 1", "wan1", 1, true)]).is_err());
-        assert!(check(&[wan("isp1", "wa\"n1", 1, true)]).is_err());
-        assert!(check(&[wan("isp-1_a.b", "eth0.10", 1, true)]).is_ok());
+        assert!(check(&[wan("isp 1", "wan1", 1, true)], &[]).is_err());
+        assert!(check(&[wan("isp1", "wa\"n1", 1, true)], &[]).is_err());
+        assert!(check(&[], &["la\"n".into()]).is_err());
+        assert!(check(&[wan("isp-1_a.b", "eth0.10", 1, true)], &["br-lan".into()]).is_ok());
     }
 
     /// Apply, replace and delete in a namespace; the `nft` children run in
@@ -259,20 +309,20 @@ table ip mwan {
                 wan("isp-1", "wan1", 0x1_0000, true),
                 wan("isp.2", "wan2", 0x2_0000, true),
             ];
-            apply(&wans, 0x00ff_0000).await.unwrap();
+            apply(&wans, 0x00ff_0000, &[]).await.unwrap();
             assert!(present().await.unwrap());
             let text = list();
             assert!(
                 text.contains("oifname \"wan2\" masquerade") && text.contains("chain reply_isp.2"),
                 "{text}"
             );
-            apply(&wans[..1], 0x00ff_0000).await.unwrap();
+            apply(&wans[..1], 0x00ff_0000, &[]).await.unwrap();
             let text = list();
             assert!(
                 text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),
                 "{text}"
             );
-            apply(&[], 0x00ff_0000).await.unwrap();
+            apply(&[], 0x00ff_0000, &[]).await.unwrap();
             delete().await.unwrap();
             assert!(!present().await.unwrap());
             assert_eq!(list().trim(), "");
@@ -289,7 +339,9 @@ table ip mwan {
     fn masquerade_rewrites_the_source() {
         let t = wan_lab("masq");
         t.router
-            .block_on(|| async { apply(&[wan("isp1", "wan2", 0x1_0000, true)], 0x00ff_0000).await })
+            .block_on(|| async {
+                apply(&[wan("isp1", "wan2", 0x1_0000, true)], 0x00ff_0000, &[]).await
+            })
             .unwrap();
         let server = t
             .server
@@ -365,7 +417,7 @@ table ip mwan {
 
         t.router
             .block_on(|| async {
-                apply(&[wan("isp1", "wan1", 0x1_0000, false)], 0x00ff_0000).await
+                apply(&[wan("isp1", "wan1", 0x1_0000, false)], 0x00ff_0000, &[]).await
             })
             .unwrap();
         let mut client = connect().expect("connection through the port forward");

@@ -79,6 +79,8 @@ pub struct Mwan<'l> {
     lab: &'l Lab,
     pub config: PathBuf,
     proc: Option<Proc>,
+    /// Extra environment of the daemon (besides `MWAN_LOG`).
+    env: Vec<(String, String)>,
 }
 
 impl<'l> Mwan<'l> {
@@ -90,12 +92,27 @@ impl<'l> Mwan<'l> {
 
     /// Like [`Mwan::start`] with extra `run` arguments (e.g. `--keep`).
     pub fn start_with(lab: &'l Lab, config_text: &str, run_args: &[&str]) -> Result<Mwan<'l>> {
+        Self::start_env(lab, config_text, run_args, &[])
+    }
+
+    /// Like [`Mwan::start_with`], with `env` added to the daemon's
+    /// environment (also for later [`Mwan::launch`]es).
+    pub fn start_env(
+        lab: &'l Lab,
+        config_text: &str,
+        run_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Mwan<'l>> {
         let config = lab.dir().join("mwan.toml");
         std::fs::write(&config, config_text)?;
         let mut m = Mwan {
             lab,
             config,
             proc: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.launch(run_args)?;
         Ok(m)
@@ -107,11 +124,12 @@ impl<'l> Mwan<'l> {
         let config = self.config.display().to_string();
         let mut args = vec!["--config", &config, "run"];
         args.extend_from_slice(run_args);
-        let proc = self.lab.router().spawn(
-            bin.to_str().expect("utf-8 path"),
-            &args,
-            &[("MWAN_LOG", "info")],
-        )?;
+        let mut env = vec![("MWAN_LOG", "info")];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let proc = self
+            .lab
+            .router()
+            .spawn(bin.to_str().expect("utf-8 path"), &args, &env)?;
         let socket = self.lab.state_dir().join("mwan.sock");
         let ready = wait_until(Duration::from_secs(15), || {
             !proc.is_running() || (socket.exists() && self.try_status().is_ok())

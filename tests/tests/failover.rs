@@ -975,3 +975,246 @@ fn a_download_on_the_dead_wan_is_reset_at_once_not_left_hanging() {
     let again = lab.host(0).open_stream(STREAM).unwrap();
     assert_eq!(isp_of(&lab, again.source()), 2);
 }
+
+/// `max_rtt` and `max_loss`: a slow or lossy WAN is `degraded`. It takes no
+/// new connections while a healthy WAN is up, takes them again when it is
+/// the best that is left, and is `up` once the impairment is gone.
+#[test]
+fn a_slow_or_lossy_wan_is_degraded_and_used_only_when_nothing_better() {
+    let lab = build();
+    // A short window so that the mean RTT follows the delay within a
+    // second or two; hold_down short so that the phases do not wait long.
+    let per_wan = |i: usize| {
+        if i == 1 {
+            "max_rtt = \"40ms\"\nmax_loss = 10.0\nhealth_window = 10".to_string()
+        } else {
+            String::new()
+        }
+    };
+    let mwan = start(&lab, &config_with(&lab, "hold_down = \"1s\"", &per_wan, ""));
+    let all_via = |want: usize, what: &str| {
+        let isps = connection_isps(&lab, lab.host(0), 30);
+        assert_eq!(count(&isps, want), isps.len(), "{what}: {isps:?}");
+    };
+
+    // 2 × 50 ms one way: a round trip of about 100 ms, over max_rtt.
+    let t0 = wall();
+    lab.isp(1).set_delay(Duration::from_millis(50)).unwrap();
+    let degraded = wait_change(&mwan, "isp1", "degraded", t0, Duration::from_secs(10));
+    println!(
+        "100 ms RTT: isp1 degraded after {:.2} s ({})",
+        degraded.at - t0,
+        degraded.reason
+    );
+    assert!(degraded.reason.contains("rtt"), "{degraded:?}");
+    let isp1 = mwan.wan("isp1");
+    assert_eq!((isp1.share, isp1.alive), (0.0, true), "{isp1:?}");
+    all_via(2, "isp1 degraded, isp2 up");
+
+    // The healthy WAN dies: the degraded one is the best that is left.
+    let t1 = wall();
+    lab.isp(2).set_blackhole(true).unwrap();
+    wait_change(&mwan, "isp2", "down", t1, Duration::from_secs(5));
+    assert_eq!(mwan.wan("isp1").state, "degraded");
+    assert_eq!(mwan.wan("isp1").share, 1.0);
+    all_via(1, "isp2 down, isp1 degraded");
+    lab.isp(2).set_blackhole(false).unwrap();
+    wait_change(&mwan, "isp2", "up", t1, Duration::from_secs(10));
+    all_via(2, "isp2 repaired, isp1 still degraded");
+
+    // The delay goes: isp1 is up again and takes its share.
+    let t2 = wall();
+    lab.isp(1).set_delay(Duration::ZERO).unwrap();
+    let up = wait_change(&mwan, "isp1", "up", t2, Duration::from_secs(10));
+    println!(
+        "delay removed: isp1 up after {:.2} s ({})",
+        up.at - t2,
+        up.reason
+    );
+    let isps = connection_isps(&lab, lab.host(0), 40);
+    assert!(count(&isps, 1) > 0 && count(&isps, 2) > 0, "{isps:?}");
+
+    // 40% loss: rounds still pass (three targets, quorum 1), but the
+    // measured loss is over max_loss.
+    let t3 = wall();
+    lab.isp(1).set_loss(40).unwrap();
+    let degraded = wait_change(&mwan, "isp1", "degraded", t3, Duration::from_secs(10));
+    println!(
+        "40% loss: isp1 degraded after {:.2} s ({})",
+        degraded.at - t3,
+        degraded.reason
+    );
+    assert!(degraded.reason.contains("loss"), "{degraded:?}");
+    assert_eq!(mwan.wan("isp2").state, "up");
+    all_via(2, "isp1 lossy");
+    lab.isp(1).set_loss(0).unwrap();
+    wait_change(&mwan, "isp1", "up", t3, Duration::from_secs(10));
+}
+
+/// A UDP flow through ISP 1 moves to ISP 2 when ISP 1 dies. After the
+/// repair it stays on ISP 2 under `failback = "keep"` (the default) and is
+/// sent back through ISP 1 under `failback = "reset"`.
+fn failback(mode: &str) -> (usize, usize) {
+    let lab = build();
+    let top = format!("hold_down = \"1s\"\nfailback = \"{mode}\"");
+    let mwan = start(&lab, &config_with(&lab, &top, &|_| String::new(), ""));
+    let socket = udp_socket_via(&lab, lab.host(0), 1);
+
+    let t0 = wall();
+    lab.isp(1).set_blackhole(true).unwrap();
+    wait_change(&mwan, "isp1", "down", t0, Duration::from_secs(5));
+    let moved = udp_exchange(&socket).expect("the UDP flow continues");
+    assert_eq!(isp_of(&lab, moved), 2, "after the failure");
+
+    lab.isp(1).set_blackhole(false).unwrap();
+    wait_change(&mwan, "isp1", "up", t0, Duration::from_secs(10));
+    if mode == "reset" {
+        assert!(
+            wait_until(Duration::from_secs(3), || mwan
+                .log()
+                .contains("moved flows reset to their WAN")),
+            "no failback reset logged:\n{}",
+            mwan.log()
+        );
+    }
+    // Whatever the mode, the flow answers; where from is the point.
+    let after = udp_exchange(&socket).expect("the UDP flow continues after the repair");
+    let flows = mwan.flows(&["--wan", "isp1"]);
+    println!(
+        "failback {mode}: the flow is on ISP {}",
+        isp_of(&lab, after)
+    );
+    (isp_of(&lab, after), flows.len())
+}
+
+#[test]
+fn failback_keep_leaves_moved_flows_where_they_are() {
+    let (isp, _) = failback("keep");
+    assert_eq!(isp, 2, "failback = keep moved the flow back");
+}
+
+#[test]
+fn failback_reset_sends_moved_flows_back_through_the_repaired_wan() {
+    let (isp, on_isp1) = failback("reset");
+    assert_eq!(isp, 1, "failback = reset left the flow on ISP 2");
+    assert!(on_isp1 >= 1, "no flow pinned to isp1 after the reset");
+}
+
+/// Every WAN down while the links still forward (all probe targets
+/// silent): `all_down = "last"` keeps new connections going through the
+/// WANs that were up last, loudly logged; `"unreachable"` refuses them at
+/// once with an ICMP error. Both recover when a WAN is up again.
+fn all_wans_down(mode: &str) -> Vec<Result<usize, (String, Duration)>> {
+    let lab = build();
+    let top = format!("hold_down = \"1s\"\nall_down = \"{mode}\"");
+    let mwan = start(&lab, &config_with(&lab, &top, &|_| String::new(), ""));
+    let t0 = wall();
+    for t in PROBE_TARGETS {
+        lab.set_target_blocked(t, true).unwrap();
+    }
+    for wan in ["isp1", "isp2"] {
+        wait_change(&mwan, wan, "down", t0, Duration::from_secs(5));
+    }
+    assert!(mwan.status().all_down);
+    assert!(
+        wait_until(Duration::from_secs(2), || mwan
+            .log()
+            .contains("ALL WANs ARE DOWN")),
+        "{}",
+        mwan.log()
+    );
+    // From a LAN host and from the router itself.
+    let spaces: [&Netns; 3] = [lab.host(0), lab.host(1), lab.router()];
+    let results = spaces
+        .iter()
+        .flat_map(|ns| (0..5).map(move |_| ns))
+        .map(|ns| {
+            let t = Instant::now();
+            connect_isp(&lab, ns, Duration::from_secs(2))
+                .map_err(|e| (format!("{e:#}"), t.elapsed()))
+        })
+        .collect();
+
+    let t1 = wall();
+    for t in PROBE_TARGETS {
+        lab.set_target_blocked(t, false).unwrap();
+    }
+    wait_change(&mwan, "isp1", "up", t1, Duration::from_secs(10));
+    wait_change(&mwan, "isp2", "up", t1, Duration::from_secs(10));
+    assert!(!mwan.status().all_down);
+    let isps = connection_isps(&lab, lab.host(0), 20);
+    assert!(isps.iter().all(|i| *i == 1 || *i == 2), "{isps:?}");
+    results
+}
+
+#[test]
+fn all_down_last_keeps_new_connections_on_the_last_wans() {
+    let results = all_wans_down("last");
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(1) | Ok(2))),
+        "new connections while every WAN is down: {results:?}"
+    );
+}
+
+/// Every one of them, not just the first few: ICMP errors alone are
+/// rate-limited per host by the kernel, so mwan refuses LAN connections
+/// with a TCP reset ("connection refused"); the router's own fail in the
+/// route lookup ("no route to host").
+#[test]
+fn all_down_unreachable_refuses_new_connections_at_once() {
+    let results = all_wans_down("unreachable");
+    for (i, r) in results.iter().enumerate() {
+        let want = if i < 10 {
+            "Connection refused"
+        } else {
+            "No route to host"
+        };
+        match r {
+            Err((msg, took)) => {
+                assert!(
+                    msg.contains(want),
+                    "attempt {i}: {msg}, not {want}; all: {results:#?}"
+                );
+                assert!(
+                    *took < Duration::from_millis(500),
+                    "attempt {i} refused after {took:?}"
+                );
+            }
+            Ok(isp) => panic!("a new connection went through ISP {isp}: {results:?}"),
+        }
+    }
+}
+
+/// TCP-connect and DNS probes (no ICMP at all), both required (quorum 2):
+/// the WANs come up only if both kinds work through each WAN, and a silent
+/// blackhole takes one down within a second.
+#[test]
+fn tcp_and_dns_probes_detect_a_failure() {
+    let lab = build();
+    let targets = format!(
+        "probe_targets = [\"tcp:{}:{}\", \"dns:{}\"]\nquorum = 2",
+        TCP_PROBE.ip(),
+        TCP_PROBE.port(),
+        DNS.ip()
+    );
+    let cfg = config_with(&lab, "", &|_| targets.clone(), "");
+    let mwan = start(&lab, &cfg);
+    for w in mwan.status().wans {
+        println!("{}: {} rtt {:?} ms", w.name, w.state, w.rtt_ms);
+        assert!(w.rtt_ms.is_some_and(|r| r > 0.0), "{w:?}");
+    }
+    let t0 = wall();
+    lab.isp(1).set_blackhole(true).unwrap();
+    let down = wait_change(&mwan, "isp1", "down", t0, Duration::from_secs(5));
+    println!(
+        "blackhole: isp1 down after {:.0} ms ({})",
+        (down.at - t0) * 1000.0,
+        down.reason
+    );
+    assert!(down.at - t0 < FAILOVER.as_secs_f64(), "{down:?}");
+    assert_eq!(mwan.wan("isp2").state, "up");
+    let isps = connection_isps(&lab, lab.host(0), 20);
+    assert_eq!(count(&isps, 2), isps.len(), "{isps:?}");
+    lab.isp(1).set_blackhole(false).unwrap();
+    wait_change(&mwan, "isp1", "up", t0, Duration::from_secs(10));
+}

@@ -295,3 +295,61 @@ fn a_link_that_is_not_dialled_yet_is_down_until_it_appears() {
         .collect();
     assert_eq!(shares(&lab, &seen).get(&1), Some(&1.0));
 }
+
+/// systemd's `Type=notify` protocol, as the shipped unit uses it: the
+/// daemon says `READY=1` once it forwards and answers, `RELOADING=1` then
+/// `READY=1` around a reload (`mwan reload` or SIGHUP, what `systemctl
+/// reload` sends), and `STOPPING=1` on SIGTERM.
+#[test]
+fn systemd_is_told_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let path = lab.dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Messages until one equals `want` (within 10 s); returns them all.
+    let until = |want: &str| -> Vec<String> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = msg.lines().any(|l| l == want);
+                got.push(msg);
+                if done {
+                    return got;
+                }
+            }
+        }
+        panic!("no {want} within 10 s; got {got:?}");
+    };
+    let notify = path.display().to_string();
+    let mut mwan = Mwan::start_env(
+        &lab,
+        &config(&lab, ""),
+        &[],
+        &[("NOTIFY_SOCKET", notify.as_str())],
+    )
+    .unwrap();
+    let got = until("READY=1");
+    // Ready means serving: the control socket answers and a LAN host's
+    // connection goes out.
+    mwan.status();
+    mwan.wait_all_up(UP).unwrap();
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
+    println!("start: {got:?}");
+
+    mwan.cli_ok(&["reload"]).unwrap();
+    let got = until("READY=1");
+    assert!(got.iter().any(|m| m == "RELOADING=1"), "{got:?}");
+    let pid = mwan.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let got = until("READY=1");
+    assert!(got.iter().any(|m| m == "RELOADING=1"), "SIGHUP: {got:?}");
+
+    // The datagram waits in the socket after the daemon has exited.
+    mwan.stop_with(libc::SIGTERM).unwrap();
+    until("STOPPING=1");
+}

@@ -398,13 +398,20 @@ impl Daemon {
         self.sync_policies().await
     }
 
+    /// Every WAN is down and `all_down = "unreachable"`: new connections
+    /// are refused (an `unreachable` route and rule, and a reset or ICMP
+    /// error from nftables for the LAN's).
+    fn refusing(&self) -> bool {
+        self.all_down && self.cfg.all_down == AllDown::Unreachable
+    }
+
     async fn sync_rules(&mut self) -> Result<()> {
         let wans: Vec<(u8, u32, Option<Ipv4Addr>)> = self
             .wans
             .iter()
             .map(|w| (w.id, w.mark, w.link.address()))
             .collect();
-        let refuse = self.all_down && self.cfg.all_down == AllDown::Unreachable;
+        let refuse = self.refusing();
         let want = routing::wanted_rules(
             self.cfg.rule_priority,
             self.cfg.table_base,
@@ -429,7 +436,12 @@ impl Daemon {
                 nat: w.cfg.nat,
             })
             .collect();
-        nft::apply(&wans, self.cfg.mark_mask)
+        let refuse: &[String] = if self.refusing() {
+            &self.cfg.lan_interfaces
+        } else {
+            &[]
+        };
+        nft::apply(&wans, self.cfg.mark_mask, refuse)
             .await
             .context("applying nftables table ip mwan")
     }
@@ -522,6 +534,7 @@ impl Daemon {
         self.all_down = c.all_down;
         if refuse_changed {
             self.sync_rules().await?;
+            self.sync_nft().await?;
         }
         let nexthops: Vec<(Nexthop, u32)> = c
             .default_members
@@ -531,8 +544,7 @@ impl Daemon {
                 Some((w.link.nexthop?, *weight))
             })
             .collect();
-        let unreachable = c.all_down && self.cfg.all_down == AllDown::Unreachable;
-        let want = (nexthops, unreachable);
+        let want = (nexthops, self.refusing());
         if self.balance_written.as_ref() != Some(&want) {
             self.net
                 .set_balance(self.cfg.table_base + MAX_WANS, &want.0, want.1)
