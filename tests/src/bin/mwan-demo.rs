@@ -132,7 +132,10 @@ impl Screen {
             self.drawn = lines.len();
         } else if self
             .last_plain
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(4))
+            // The first block after 2 s, once there are rates to show.
+            .get_or_insert_with(|| Instant::now() - Duration::from_secs(2))
+            .elapsed()
+            >= Duration::from_secs(4)
         {
             self.last_plain = Some(Instant::now());
             for l in lines {
