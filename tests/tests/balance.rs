@@ -477,17 +477,30 @@ fn install_puts_binary_unit_and_example_config_in_place() {
     assert!(root.join("etc/mwan/mwan.toml.example").is_file());
 }
 
-/// A TCP whoami from `host` with a fixed source port.
+/// A TCP whoami from `host` with a fixed source port. The previous
+/// connection on that port may still be closing (LAST_ACK) for a moment:
+/// until it is gone, connect fails with EADDRNOTAVAIL and is tried again.
 fn whoami_from_port(host: &Netns, port: u16) -> SocketAddrV4 {
-    host.run(|| {
+    host.run(move || {
         use socket2::{Domain, Socket, Type};
         use std::io::Read;
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-            .unwrap();
-        s.connect_timeout(&TCP_WHOAMI.into(), Duration::from_secs(3))
-            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let s = loop {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+                .unwrap();
+            match s.connect_timeout(&TCP_WHOAMI.into(), Duration::from_secs(3)) {
+                Ok(()) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                        && Instant::now() < deadline =>
+                {
+                    thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("connect from port {port}: {e}"),
+            }
+        };
         let mut conn: std::net::TcpStream = s.into();
         let mut answer = String::new();
         conn.read_to_string(&mut answer).unwrap();
