@@ -22,14 +22,18 @@ use crate::topology::{Lab, PROBE_TARGETS};
 use crate::wait_until;
 
 /// The mwan binary under test: `$MWAN_BIN`, else the workspace's release
-/// build, else its debug build (`cargo xtask test` sets `MWAN_BIN`).
+/// build, else its debug build (`cargo xtask test` sets `MWAN_BIN`). A
+/// relative `MWAN_BIN` is taken from the workspace root (cargo runs test
+/// binaries in their package's directory, not where it was started).
 pub fn binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     if let Some(p) = std::env::var_os("MWAN_BIN") {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        return if p.is_relative() { root.join(p) } else { p };
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        .unwrap_or_else(|| root.join("target"));
     for profile in ["release", "debug"] {
         let p = target.join(profile).join("mwan");
         if p.is_file() {
