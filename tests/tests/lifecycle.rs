@@ -5,7 +5,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config, config_with, shares, Mwan};
+use lab::mwan::{config, config_with, router_snapshot, shares, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -95,6 +95,61 @@ fn restart_keeps_every_connection_on_its_wan() {
         .map(|r| r.unwrap())
         .collect();
     assert_eq!(shares(&lab, &seen).len(), 2);
+}
+
+/// A crashed daemon (SIGKILL: no cleanup at all) leaves the datapath
+/// forwarding; the daemon systemd starts again takes it over, with the
+/// stale control socket of the dead one in its way, and moves nothing. A
+/// later SIGTERM still removes everything, the crashed run's too.
+#[test]
+fn a_crashed_daemon_is_taken_over_by_the_next_one() {
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let before = router_snapshot(&lab);
+    let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let streams = open_streams(&lab, 3);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    all_flowing(&streams, "before the crash");
+
+    let proc = mwan.forget().expect("daemon process");
+    proc.signal(libc::SIGKILL).unwrap();
+    assert!(
+        proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "mwan survived SIGKILL"
+    );
+    assert!(
+        lab.state_dir().join("mwan.sock").exists(),
+        "the dead daemon's socket is gone: nothing stale to test"
+    );
+    all_flowing(&streams, "with the daemon dead");
+    lab.host(0)
+        .tcp_whoami(TCP_WHOAMI)
+        .expect("new connection with the daemon dead");
+
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert!(
+        mwan.log().contains("taking over the running datapath"),
+        "{}",
+        mwan.log()
+    );
+    all_flowing(&streams, "after the takeover");
+    let seen: Vec<_> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 100, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2, "balancing after the takeover");
+    for (s, was) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!((r.source, r.end), (was, None), "a stream moved or broke");
+    }
+
+    mwan.stop_with(libc::SIGTERM).unwrap();
+    assert_eq!(
+        router_snapshot(&lab),
+        before,
+        "something mwan added is left after the crash and the final stop"
+    );
 }
 
 #[test]
