@@ -99,8 +99,9 @@ fn restart_keeps_every_connection_on_its_wan() {
 
 /// A crashed daemon (SIGKILL: no cleanup at all) leaves the datapath
 /// forwarding; the daemon systemd starts again takes it over, with the
-/// stale control socket of the dead one in its way, and moves nothing. A
-/// later SIGTERM still removes everything, the crashed run's too.
+/// stale control socket of the dead one in its way, and moves nothing.
+/// `mwan stop --teardown` then removes everything, with the daemon running
+/// or (after another crash) without one.
 #[test]
 fn a_crashed_daemon_is_taken_over_by_the_next_one() {
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
@@ -144,11 +145,35 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         assert_eq!((r.source, r.end), (was, None), "a stream moved or broke");
     }
 
-    mwan.stop_with(libc::SIGTERM).unwrap();
+    // `mwan stop --teardown` with the daemon running: it exits and takes
+    // everything with it, the crashed run's leftovers too.
+    mwan.cli_ok(&["stop", "--teardown"]).unwrap();
+    let proc = mwan.forget().expect("daemon process");
+    assert!(
+        proc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        proc.output_so_far()
+    );
     assert_eq!(
         router_snapshot(&lab),
         before,
-        "something mwan added is left after the crash and the final stop"
+        "left after a crash, a takeover and `stop --teardown`"
+    );
+
+    // Another crash, and no daemon at all: `stop --teardown` alone cleans up.
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let proc = mwan.forget().expect("daemon process");
+    proc.signal(libc::SIGKILL).unwrap();
+    assert!(proc.wait_timeout(Duration::from_secs(5)).is_some());
+    assert_ne!(router_snapshot(&lab), before, "a crash removed things");
+    let out = mwan.cli_ok(&["stop", "--teardown"]).unwrap();
+    println!("stop --teardown without a daemon: {}", out.trim());
+    assert_eq!(
+        router_snapshot(&lab),
+        before,
+        "left after a crash and `stop --teardown` without a daemon"
     );
 }
 
