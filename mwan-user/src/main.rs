@@ -337,23 +337,37 @@ fn interface_names() -> Vec<String> {
 
 fn stop(cli: &Cli, teardown: bool) -> Result<u8> {
     let socket = socket_of(cli)?;
-    if socket.exists() {
-        if let Ok(r) = control::call(
+    // Connecting tells a live daemon from a stale socket (a crashed one's).
+    let live = socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    if live {
+        let answer = control::call(
             &socket,
             &Request::Stop { teardown },
             Duration::from_secs(60),
-        ) {
-            // Wait until the daemon has finished (it removes its socket).
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while socket.exists() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            return message(r);
+        );
+        // Wait until the daemon has finished (it removes its socket last).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while socket.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
+        return match answer {
+            Ok(r) => message(r),
+            // The request went out; the daemon is gone: it stopped.
+            Err(_) if !socket.exists() => {
+                println!("stopped");
+                Ok(0)
+            }
+            Err(e) => Err(e.context("stopping the daemon")),
+        };
     }
     if !teardown {
+        let why = if socket.exists() {
+            "a stale socket: it crashed or was killed"
+        } else {
+            "no socket"
+        };
         return Err(NotRunning(format!(
-            "the mwan daemon is not running (no socket at {})",
+            "the mwan daemon is not running ({why} at {})",
             socket.display()
         ))
         .into());

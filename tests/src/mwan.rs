@@ -158,11 +158,15 @@ impl<'l> Mwan<'l> {
     pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;
         if !out.status.success() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             bail!(
-                "mwan {args:?} failed ({}): {}{}",
+                "mwan {args:?} failed ({}): {}{}\ndaemon running: {}; the end of its log:\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&out.stderr),
+                self.is_running(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -168,6 +168,10 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
     proc.signal(libc::SIGKILL).unwrap();
     assert!(proc.wait_timeout(Duration::from_secs(5)).is_some());
     assert_ne!(router_snapshot(&lab), before, "a crash removed things");
+    let out = mwan.cli(&["stop"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("not running (a stale socket"), "{err}");
     let out = mwan.cli_ok(&["stop", "--teardown"]).unwrap();
     println!("stop --teardown without a daemon: {}", out.trim());
     assert_eq!(

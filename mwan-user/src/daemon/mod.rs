@@ -934,7 +934,7 @@ impl Daemon {
     async fn serve(mut self) -> Result<()> {
         let socket = self.cfg.control_socket();
         let listener = bind_control(&socket)?;
-        let (ctl_tx, mut ctl_rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(16);
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<(Request, oneshot::Sender<Reply>)>(16);
         tokio::spawn(accept_loop(listener, ctl_tx));
         let mut net_events = self.net.events().context("subscribing to netlink events")?;
         let mut rounds = self.rounds_rx.take().expect("serve runs once");
@@ -965,8 +965,19 @@ impl Daemon {
                     if is_reload { status::notify("RELOADING=1"); }
                     let (resp, exit) = self.handle(req).await;
                     if is_reload { status::notify("READY=1"); }
-                    let _ = reply.send(resp);
-                    if let Some(e) = exit { break e; }
+                    if let Some(e) = exit {
+                        // `mwan stop`: its answer must reach the CLI before
+                        // the runtime (and the connection's task) is gone.
+                        let (written_tx, written_rx) = oneshot::channel();
+                        let _ = reply.send(Reply { resp, written: Some(written_tx) });
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            written_rx,
+                        )
+                        .await;
+                        break e;
+                    }
+                    let _ = reply.send(Reply { resp, written: None });
                 }
                 _ = sighup.recv() => {
                     status::notify("RELOADING=1");
@@ -1053,10 +1064,14 @@ fn bind_control(socket: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-async fn accept_loop(
-    listener: UnixListener,
-    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
-) {
+/// The daemon's answer to one control request; `written` is told once it
+/// has been written to the connection.
+struct Reply {
+    resp: Response,
+    written: Option<oneshot::Sender<()>>,
+}
+
+async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<(Request, oneshot::Sender<Reply>)>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -1066,20 +1081,29 @@ async fn accept_loop(
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<Request>(&line) {
+                let reply = match serde_json::from_str::<Request>(&line) {
                     Ok(req) => {
                         let (rtx, rrx) = oneshot::channel();
                         if tx.send((req, rtx)).await.is_err() {
                             return;
                         }
-                        rrx.await
-                            .unwrap_or_else(|_| Response::error("daemon stopping"))
+                        rrx.await.unwrap_or_else(|_| Reply {
+                            resp: Response::error("daemon stopping"),
+                            written: None,
+                        })
                     }
-                    Err(e) => Response::error(format!("bad request: {e}")),
+                    Err(e) => Reply {
+                        resp: Response::error(format!("bad request: {e}")),
+                        written: None,
+                    },
                 };
-                let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                let mut out = serde_json::to_string(&reply.resp).unwrap_or_default();
                 out.push('\n');
-                if wr.write_all(out.as_bytes()).await.is_err() {
+                let ok = wr.write_all(out.as_bytes()).await.is_ok();
+                if let Some(w) = reply.written {
+                    let _ = w.send(());
+                }
+                if !ok {
                     return;
                 }
             }
