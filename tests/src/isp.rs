@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use crate::ctx::LabCtx;
 use crate::lock;
 use crate::ns::Netns;
-use crate::relay::DelayRelay;
+use crate::relay::{DelayRelay, TunWire};
 use crate::topology::{initial_gateway, initial_router_addr, uplink_addr, Lab, CGNAT};
 
 /// One ISP of the lab (namespace `<lab>iI`).
@@ -33,6 +33,9 @@ pub(crate) struct IspState {
     pub(crate) rate_mbit: Option<u32>,
     pub(crate) delay: Duration,
     pub(crate) relay: Option<DelayRelay>,
+    /// A dialled point-to-point link replacing the veth (see
+    /// [`Isp::dial_point_to_point`]).
+    ppp: Option<TunWire>,
 }
 
 impl IspNode {
@@ -67,6 +70,7 @@ impl IspNode {
             rate_mbit: None,
             delay: Duration::ZERO,
             relay: None,
+            ppp: None,
         };
         let node = IspNode {
             index,
@@ -214,6 +218,45 @@ impl<'a> Isp<'a> {
         self.lab
             .router
             .ip(&format!("link del dev wan{}", self.node.index))
+    }
+
+    /// Dials a PPP-like session: the router's link to this ISP becomes a
+    /// point-to-point tun device `name` (no Ethernet, no ARP) with the
+    /// router's current address and the gateway as its peer, and a main
+    /// table `default dev NAME` route without a gateway, as pppd installs
+    /// it. `wanI` must be gone ([`Isp::remove_wan_interface`]). Blackhole,
+    /// loss and delay work as on the veth; carrier, rate, readdressing
+    /// and `remove/restore_wan_interface` do not apply to it.
+    pub fn dial_point_to_point(&self, name: &str) -> Result<()> {
+        let mut st = self.node.state();
+        ensure!(
+            st.ppp.is_none(),
+            "ISP {} is already dialled",
+            self.node.index
+        );
+        let wire = TunWire::between(&self.lab.router, name, &self.node.ns, "down")?;
+        let (addr, gw) = (st.router_addr.addr(), st.gateway);
+        self.node.ns.ip(&format!(
+            "addr add {gw} peer {addr} dev down
+link set dev down up"
+        ))?;
+        self.lab.router.ip(&format!(
+            "addr add {addr} peer {gw} dev {name}
+link set dev {name} up
+             route replace default dev {name} proto boot metric {}",
+            100 + self.node.index
+        ))?;
+        st.ppp = Some(wire);
+        Ok(())
+    }
+
+    /// Hangs the session of [`Isp::dial_point_to_point`] up: both tun
+    /// devices (and the router's routes through them) disappear.
+    pub fn hang_up(&self) -> Result<()> {
+        let wire = self.node.state().ppp.take();
+        ensure!(wire.is_some(), "ISP {} is not dialled", self.node.index);
+        drop(wire);
+        Ok(())
     }
 
     /// Recreates `wanI` after [`Isp::remove_wan_interface`], with its

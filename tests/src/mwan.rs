@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub use mwan::control::{FlowRecord, Status, WanStatus};
 
 use crate::proc::Proc;
-use crate::topology::{Lab, PROBE_TARGETS};
+use crate::topology::{Lab, PROBE_TARGETS, TUNNEL_IFACE};
 use crate::wait_until;
 
 /// The mwan binary under test: `$MWAN_BIN`, else the workspace's release
@@ -58,6 +58,10 @@ pub fn config_with(lab: &Lab, top: &str, per_wan: &dyn Fn(usize) -> String, extr
     let mut lans = vec!["\"lan0\""];
     if lab.has_second_lan() {
         lans.push("\"lan1\"");
+    }
+    let tunnel = format!("\"{TUNNEL_IFACE}\"");
+    if lab.tunnel_host().is_some() {
+        lans.push(&tunnel);
     }
     let targets: Vec<String> = PROBE_TARGETS.iter().map(|t| format!("\"{t}\"")).collect();
     let mut text = format!(

@@ -1,7 +1,12 @@
-//! Delay emulation without netem: packets routed into a tun device are read
-//! by a thread of the test process, held for the configured delay and
-//! written back unchanged, so the kernel receives them on the tun device
-//! and routes them on.
+//! Relays between tun devices, run by threads of the test process.
+//!
+//! * Delay emulation without netem ([`DelayRelay`]): packets routed into a
+//!   tun device are read, held for the configured delay and written back
+//!   unchanged, so the kernel receives them on the tun device and routes
+//!   them on.
+//! * Point-to-point links ([`TunWire`]): two tun devices, in two
+//!   namespaces, joined back to back, as a PPP session or a tunnel joins
+//!   two hosts: no Ethernet header, no ARP, no gateway.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::ns::Netns;
 use crate::stop::{Stopper, Wake};
+use crate::sys;
 
 /// Packets held at once; more are dropped (a full queue, as in a router).
 const MAX_QUEUE: usize = 20_000;
@@ -102,6 +109,81 @@ fn relay(mut tun: File, delay_ns: &AtomicU64, stop: &Stopper) -> io::Result<()> 
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Two tun devices joined back to back: what the kernel sends into one
+/// comes out of the other. Stops (and closes both devices, which removes
+/// them) when dropped.
+pub(crate) struct TunWire {
+    stop: Arc<Stopper>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TunWire {
+    /// Starts carrying packets between `a` and `b` (non-blocking tun fds).
+    pub(crate) fn start(a: File, b: File, name: &str, stop: Arc<Stopper>) -> Result<TunWire> {
+        let thread = thread::Builder::new().name(format!("wire-{name}")).spawn({
+            let stop = stop.clone();
+            move || {
+                if let Err(e) = wire(a, b, &stop) {
+                    eprintln!("lab: point-to-point wire failed: {e}");
+                }
+            }
+        })?;
+        Ok(TunWire {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl TunWire {
+    /// Creates tun device `a_name` in `a` and `b_name` in `b` (down, no
+    /// addresses) and joins them.
+    pub(crate) fn between(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<TunWire> {
+        let ta = a.run(|| sys::open_tun(a_name))?;
+        let tb = b.run(|| sys::open_tun(b_name))?;
+        TunWire::start(ta, tb, a_name, a.ctx.stopper()?)
+    }
+}
+
+impl Drop for TunWire {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn wire(mut a: File, mut b: File, stop: &Stopper) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Some(ready) = stop.wait_any(&[a.as_raw_fd(), b.as_raw_fd()], None)? else {
+            return Ok(());
+        };
+        if ready[0] {
+            pump(&mut a, &mut b, &mut buf)?;
+        }
+        if ready[1] {
+            pump(&mut b, &mut a, &mut buf)?;
+        }
+    }
+}
+
+/// Moves every packet waiting on `from` to `to`; a packet `to` cannot take
+/// is lost, as on a real link.
+fn pump(from: &mut File, to: &mut File, buf: &mut [u8]) -> io::Result<()> {
+    loop {
+        match from.read(buf) {
+            Ok(len) => {
+                let _ = to.write(&buf[..len]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }

@@ -42,16 +42,28 @@ impl Stopper {
     /// Waits until `fd` is readable, the stopper fires, or `timeout` (None =
     /// no limit) passes. A stop wins over readability.
     pub(crate) fn wait_readable(&self, fd: RawFd, timeout: Option<Duration>) -> io::Result<Wake> {
-        if self.is_stopped() {
-            return Ok(Wake::Stopped);
-        }
-        let ready = sys::poll_readable(&[fd, self.event.as_raw_fd()], timeout)?;
-        Ok(if ready[1] || self.is_stopped() {
-            Wake::Stopped
-        } else if ready[0] {
-            Wake::Readable
-        } else {
-            Wake::TimedOut
+        Ok(match self.wait_any(&[fd], timeout)? {
+            None => Wake::Stopped,
+            Some(ready) if ready[0] => Wake::Readable,
+            Some(_) => Wake::TimedOut,
         })
+    }
+
+    /// Waits until one of `fds` is readable, the stopper fires, or
+    /// `timeout` passes: which of `fds` are readable (none: timed out), or
+    /// `None` once stopped.
+    pub(crate) fn wait_any(
+        &self,
+        fds: &[RawFd],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Vec<bool>>> {
+        if self.is_stopped() {
+            return Ok(None);
+        }
+        let mut all = fds.to_vec();
+        all.push(self.event.as_raw_fd());
+        let mut ready = sys::poll_readable(&all, timeout)?;
+        let stopped = ready.pop().unwrap_or(false);
+        Ok((!stopped && !self.is_stopped()).then_some(ready))
     }
 }

@@ -21,6 +21,7 @@ use crate::ctx::LabCtx;
 use crate::isp::{Isp, IspNode};
 use crate::labdir::LabDir;
 use crate::ns::{self, Netns, PREFIX};
+use crate::relay::TunWire;
 use crate::servers::ServerHandle;
 
 /// ICMP / probe targets in the internet namespace (nothing listens there
@@ -63,6 +64,12 @@ pub const LAN0_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// is `.129`, host i is `.(138+i)`.
 pub const LAN1: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(192, 0, 2, 128), 25);
 pub const LAN1_ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 129);
+/// The point-to-point LAN of [`LabBuilder::tunnel_host`]: the router's
+/// `tun0` is this address, its peer (the host) [`TUNNEL_HOST`].
+pub const TUNNEL_ROUTER: Ipv4Addr = Ipv4Addr::new(100, 64, 250, 1);
+pub const TUNNEL_HOST: Ipv4Addr = Ipv4Addr::new(100, 64, 250, 2);
+/// The router's end of the point-to-point LAN.
+pub const TUNNEL_IFACE: &str = "tun0";
 /// Every WAN-side address (router ↔ ISP links) is in here.
 pub const CGNAT: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
 
@@ -121,9 +128,18 @@ pub struct LabBuilder {
     lan_hosts: usize,
     lan1_hosts: Option<usize>,
     isps: Option<Vec<IspSpec>>,
+    tunnel_host: bool,
 }
 
 impl LabBuilder {
+    /// Adds a host behind a point-to-point link (router `tun0`
+    /// [`TUNNEL_ROUTER`] ↔ host `eth0` [`TUNNEL_HOST`], no Ethernet), as a
+    /// VPN or a routed tunnel brings clients to the router.
+    pub fn tunnel_host(mut self) -> Self {
+        self.tunnel_host = true;
+        self
+    }
+
     /// Hosts on `lan0` (default 3).
     pub fn lan_hosts(mut self, n: usize) -> Self {
         self.lan_hosts = n;
@@ -188,6 +204,12 @@ impl LabBuilder {
             ))?;
         }
 
+        let tunnel = if self.tunnel_host {
+            Some(build_tunnel(&ctx, &router)?)
+        } else {
+            None
+        };
+
         let isp_nodes = (1..=isps.len())
             .map(|i| IspNode::create(&ctx, i, &router, &inet))
             .collect::<Result<Vec<_>>>()?;
@@ -210,6 +232,7 @@ impl LabBuilder {
         let lab = Lab {
             ctx,
             _servers: servers,
+            tunnel,
             isps: isp_nodes,
             lan0,
             lan1,
@@ -255,6 +278,36 @@ fn build_lan(ctx: &Arc<LabCtx>, cmds: &mut String, lan: usize, hosts: usize) -> 
             Ok(Host { ns, addr, gateway })
         })
         .collect()
+}
+
+/// The host of [`LabBuilder::tunnel_host`] and its link to the router.
+fn build_tunnel(ctx: &Arc<LabCtx>, router: &Netns) -> Result<TunnelLan> {
+    let ns = Netns::create(format!("{}t0", ctx.name), ctx.clone())?;
+    let wire = TunWire::between(router, TUNNEL_IFACE, &ns, "eth0")?;
+    router.ip(&format!(
+        "addr add {TUNNEL_ROUTER} peer {TUNNEL_HOST} dev {TUNNEL_IFACE}
+link set dev {TUNNEL_IFACE} up"
+    ))?;
+    ns.ip(&format!(
+        "link set dev lo up
+addr add {TUNNEL_HOST} peer {TUNNEL_ROUTER} dev eth0
+link set dev eth0 up
+route add default dev eth0"
+    ))?;
+    Ok(TunnelLan {
+        _wire: wire,
+        host: Host {
+            ns,
+            addr: TUNNEL_HOST,
+            gateway: TUNNEL_ROUTER,
+        },
+    })
+}
+
+/// The link stops before the host's namespace goes.
+struct TunnelLan {
+    _wire: TunWire,
+    host: Host,
 }
 
 fn start_servers(inet: &Netns) -> Result<Vec<ServerHandle>> {
@@ -304,6 +357,7 @@ pub struct Lab {
     // their namespaces are deleted, the directory (bpffs) goes last.
     /// Held for their `Drop` (stop and join).
     _servers: Vec<ServerHandle>,
+    tunnel: Option<TunnelLan>,
     pub(crate) isps: Vec<IspNode>,
     lan0: Vec<Host>,
     lan1: Vec<Host>,
@@ -321,6 +375,7 @@ impl Lab {
             lan_hosts: 3,
             lan1_hosts: None,
             isps: None,
+            tunnel_host: false,
         }
     }
 
@@ -350,6 +405,11 @@ impl Lab {
     /// Whether the lab has hosts on the second LAN (`lan1`).
     pub fn has_second_lan(&self) -> bool {
         !self.lan1.is_empty()
+    }
+
+    /// The host of [`LabBuilder::tunnel_host`], if the lab has one.
+    pub fn tunnel_host(&self) -> Option<&Host> {
+        self.tunnel.as_ref().map(|t| &t.host)
     }
 
     /// Host `i` (0-based) of `lan1`.

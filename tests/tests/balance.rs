@@ -87,6 +87,45 @@ fn new_connections_follow_the_weights() {
     );
 }
 
+/// A LAN interface without Ethernet (a tun device, as VPN and routed
+/// tunnel clients arrive): mwan's L3 classifier balances and pins it too.
+#[test]
+fn a_point_to_point_lan_is_balanced_and_pinned() {
+    let lab = Lab::builder()
+        .lan_hosts(1)
+        .tunnel_host()
+        .isps(2)
+        .build()
+        .unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert!(
+        mwan.log().contains("interface=tun0 l2=false"),
+        "{}",
+        mwan.log()
+    );
+    let host = lab.tunnel_host().unwrap();
+    let seen: Vec<_> = many_tcp_whoami(host, TCP_WHOAMI, 1000, 16)
+        .into_iter()
+        .map(|r| r.expect("connection from the tunnel host"))
+        .collect();
+    assert_shares(&lab, &seen, &[1, 1]);
+    let flows = mwan.flows(&["--host", &TUNNEL_HOST.to_string()]);
+    assert!(
+        flows.iter().any(|f| f.wan == "isp1") && flows.iter().any(|f| f.wan == "isp2"),
+        "{flows:?}"
+    );
+    // Pinned: a stream keeps its WAN while weights swing.
+    let stream = host.open_stream(STREAM).unwrap();
+    for w in ["1000", "1"] {
+        mwan.cli_ok(&["set-weight", "isp1", w]).unwrap();
+        let before = stream.bytes();
+        assert!(wait_until(Duration::from_secs(5), || stream.bytes()
+            > before + 256 * 1024));
+    }
+    assert_eq!(stream.close().end, None);
+}
+
 #[test]
 fn three_wans_at_5_3_2() {
     let lab = Lab::builder().lan_hosts(4).isps(3).build().unwrap();

@@ -257,6 +257,39 @@ fn plain_routing_through_each_isp() {
     assert!(fails(lab.host(0)), "no NAT without plain routing");
 }
 
+/// A host behind a point-to-point tun link (no Ethernet, no ARP) reaches
+/// the internet through the router like any LAN host; dropping the lab
+/// takes its namespace and link with it.
+#[test]
+fn a_tunnel_host_reaches_the_internet_point_to_point() {
+    let lab = Lab::builder()
+        .lan_hosts(1)
+        .tunnel_host()
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    let host = lab.tunnel_host().expect("the tunnel host");
+    assert_eq!(host.addr(), TUNNEL_HOST);
+    let link = lab
+        .router()
+        .sh(&format!("ip -o link show dev {TUNNEL_IFACE}"))
+        .unwrap();
+    assert!(
+        link.contains("POINTOPOINT") && link.contains("link/none"),
+        "{link}"
+    );
+    assert_eq!(quick_ping(host, TUNNEL_ROUTER, 2).received, 2);
+    lab.plain_routing_via(2).unwrap();
+    let seen = host.tcp_whoami(TCP_WHOAMI).unwrap();
+    assert_eq!(lab.wan_of(*seen.ip()), Some(2));
+    let stream = host.open_stream(STREAM).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || stream.bytes() > 256 * 1024));
+    assert_eq!(stream.close().end, None);
+    let name = lab.name().to_string();
+    drop(lab);
+    assert!(namespaces_of(&name).is_empty());
+}
+
 #[test]
 fn many_short_connections() {
     let lab = build(1);

@@ -380,6 +380,57 @@ fn a_link_that_is_not_dialled_yet_is_down_until_it_appears() {
     assert_eq!(shares(&lab, &seen).get(&1), Some(&1.0));
 }
 
+/// A PPP uplink: a point-to-point device with no gateway, a `default dev
+/// ppp0` route, and an address that only exists while dialled. With
+/// `gateway = "auto"` the WAN is down until dialled, comes up and takes its
+/// share routed via the device, is down at once when the session hangs up,
+/// and returns when it is dialled again.
+#[test]
+fn a_ppp_uplink_is_followed_through_dial_and_hang_up() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    lab.isp(2).remove_wan_interface().unwrap();
+    let text = config_with(&lab, "hold_down = \"1s\"", &|_| String::new(), "")
+        .replace(
+            &format!("gateway = \"{}\"", lab.isp(2).gateway()),
+            "gateway = \"auto\"",
+        )
+        .replace("interface = \"wan2\"", "interface = \"ppp0\"");
+    let mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_state("isp1", "up", UP).unwrap();
+    mwan.wait_state("isp2", "down", UP).unwrap();
+
+    let spread = |n: usize| -> std::collections::BTreeMap<usize, f64> {
+        let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, n, 8)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        shares(&lab, &seen)
+    };
+    for round in 1..=2 {
+        lab.isp(2).dial_point_to_point("ppp0").unwrap();
+        mwan.wait_state("isp2", "up", Duration::from_secs(10))
+            .unwrap();
+        let isp2 = mwan.wan("isp2");
+        assert_eq!(isp2.interface, "ppp0");
+        // No gateway: the route goes via the device.
+        assert_eq!(isp2.gateway.as_deref(), Some("dev ppp0"), "{isp2:?}");
+        let table = lab
+            .router()
+            .sh("ip route show table all | grep 'dev ppp0' | grep -v local")
+            .unwrap();
+        println!("dial {round}: {table}");
+        let s = spread(200);
+        assert_eq!(s.len(), 2, "dial {round}: {s:?}");
+        // Hang up: the device and its address vanish; down at once.
+        let t = Instant::now();
+        lab.isp(2).hang_up().unwrap();
+        mwan.wait_state("isp2", "down", Duration::from_secs(1))
+            .unwrap();
+        println!("hang up {round}: isp2 down after {:?}", t.elapsed());
+        assert_eq!(spread(50).get(&1), Some(&1.0), "after hang up {round}");
+    }
+}
+
 /// systemd's `Type=notify` protocol, as the shipped unit uses it: the
 /// daemon says `READY=1` once it forwards and answers, `RELOADING=1` then
 /// `READY=1` around a reload (`mwan reload` or SIGHUP, what `systemctl
