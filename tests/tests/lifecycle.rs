@@ -26,6 +26,18 @@ fn all_flowing(streams: &[Stream], what: &str) {
     assert!(ok, "a stream stalled {what}");
 }
 
+/// Starts a new daemon on the same config, which must take over the
+/// datapath the previous one left running.
+fn take_over(mwan: &mut Mwan) {
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert!(
+        mwan.log().contains("taking over the running datapath"),
+        "{}",
+        mwan.log()
+    );
+}
+
 fn open_streams(lab: &Lab, per_host: usize) -> Vec<Stream> {
     lab.hosts()
         .iter()
@@ -69,14 +81,7 @@ fn restart_keeps_every_connection_on_its_wan() {
             .tcp_whoami(TCP_WHOAMI)
             .expect("new connection while the daemon is away");
     }
-    // A new daemon takes over the running datapath.
-    mwan.launch(&[]).unwrap();
-    mwan.wait_all_up(UP).unwrap();
-    assert!(
-        mwan.log().contains("taking over the running datapath"),
-        "{}",
-        mwan.log()
-    );
+    take_over(&mut mwan);
     all_flowing(&streams, "after the restart");
     assert!(mwan.flows(&["--limit", "1000"]).len() >= flows_before.min(20));
     for (s, before) in streams.into_iter().zip(sources) {
@@ -127,13 +132,7 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         .tcp_whoami(TCP_WHOAMI)
         .expect("new connection with the daemon dead");
 
-    mwan.launch(&[]).unwrap();
-    mwan.wait_all_up(UP).unwrap();
-    assert!(
-        mwan.log().contains("taking over the running datapath"),
-        "{}",
-        mwan.log()
-    );
+    take_over(&mut mwan);
     all_flowing(&streams, "after the takeover");
     let seen: Vec<_> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 100, 8)
         .into_iter()
