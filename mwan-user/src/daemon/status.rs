@@ -44,20 +44,28 @@ pub fn notify(msg: &str) {
 #[derive(Default)]
 struct Counts {
     at: Option<Instant>,
+    /// How long the last count took.
+    took: Duration,
     by_wan: BTreeMap<u8, u64>,
     total: u64,
     running: bool,
 }
 
-/// Pinned flows per WAN, counted by a blocking task with batched map reads
-/// at most every few seconds, so neither status requests nor a million flows
-/// ever stall the daemon.
+/// Pinned flows per WAN, counted by a blocking task with batched map reads,
+/// so neither status requests nor a million flows ever stall the daemon. A
+/// large map is counted at most every few seconds and a status request
+/// gets the last count; a small one (a count under [`QUICK`]) is counted
+/// afresh for each request that finds it older than [`FRESH`], and the
+/// request waits for it.
 pub struct FlowCounts {
     pin_dir: PathBuf,
     inner: Arc<Mutex<Counts>>,
 }
 
 const STALE: Duration = Duration::from_secs(4);
+/// A count this quick (some thousands of flows) is worth waiting for.
+const QUICK: Duration = Duration::from_millis(5);
+const FRESH: Duration = Duration::from_millis(250);
 
 impl FlowCounts {
     pub fn new(pin_dir: PathBuf) -> FlowCounts {
@@ -72,7 +80,8 @@ impl FlowCounts {
     pub fn refresh_if_stale(&self) -> Option<tokio::task::JoinHandle<()>> {
         {
             let mut c = self.inner.lock().expect("not poisoned");
-            if c.running || c.at.is_some_and(|at| at.elapsed() < STALE) {
+            let stale = if c.took < QUICK { FRESH } else { STALE };
+            if c.running || c.at.is_some_and(|at| at.elapsed() < stale) {
                 return None;
             }
             c.running = true;
@@ -80,6 +89,7 @@ impl FlowCounts {
         let inner = self.inner.clone();
         let pin_dir = self.pin_dir.clone();
         Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let mut by_wan = BTreeMap::new();
             let mut total = 0u64;
             let res = datapath::open_pinned_map(&pin_dir, MAP_FLOWS).and_then(|m| {
@@ -98,14 +108,19 @@ impl FlowCounts {
                     c.by_wan = by_wan;
                     c.total = total;
                     c.at = Some(Instant::now());
+                    c.took = started.elapsed();
                 }
                 Err(e) => warn!(error = %e, "counting flows"),
             }
         }))
     }
 
-    fn never_counted(&self) -> bool {
-        self.inner.lock().expect("not poisoned").at.is_none()
+    /// Whether a status request should wait for a count that is running:
+    /// the first one (an answer should not say "0 flows"), and the quick
+    /// ones.
+    fn worth_waiting(&self) -> bool {
+        let c = self.inner.lock().expect("not poisoned");
+        c.at.is_none() || c.took < QUICK
     }
 
     fn get(&self) -> (BTreeMap<u8, u64>, u64, Option<f64>) {
@@ -150,9 +165,9 @@ const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
 impl Daemon {
     pub(super) async fn status(&mut self) -> Result<Status> {
         let task = self.flow_counts.refresh_if_stale();
-        if self.flow_counts.never_counted() {
-            // The first answer should not say "0 flows": wait for the count
-            // (a blocking task; the event loop only awaits it once).
+        if self.flow_counts.worth_waiting() {
+            // A blocking task: the event loop waits for it only the first
+            // time, or for a few milliseconds.
             if let Some(t) = task {
                 let _ = t.await;
             }
