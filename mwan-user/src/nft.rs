@@ -69,15 +69,16 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
     if !refuse_from.is_empty() {
         // `fib daddr oif missing`: the route lookup (as the router's own
         // traffic, which mwan's rules send to the same table) fails, i.e.
-        // hits the `unreachable` route. Local destinations are exempt: the
-        // lookup reports no interface for them either.
+        // hits the `unreachable` route. Only unicast destinations: the
+        // router's own addresses (for which the lookup reports no
+        // interface either), broadcasts and multicast are left alone.
         let lans = refuse_from
             .iter()
             .map(|l| format!("\"{l}\""))
             .collect::<Vec<_>>()
             .join(", ");
         let doomed = format!(
-            "iifname {{ {lans} }} ct state new fib daddr type != local fib daddr oif missing"
+            "iifname {{ {lans} }} ct state new fib daddr type unicast fib daddr oif missing"
         );
         let _ = writeln!(s, "\t\t{doomed} meta l4proto tcp reject with tcp reset");
         let _ = writeln!(s, "\t\t{doomed} reject with icmp type host-unreachable");
@@ -267,7 +268,7 @@ table ip mwan {
         let wans = [wan("isp1", "wan1", 0x1_0000, true)];
         let lans = ["lan0".to_string(), "br-guest".to_string()];
         let text = ruleset(&wans, 0x00ff_0000, &lans);
-        let doomed = "iifname { \"lan0\", \"br-guest\" } ct state new fib daddr type != local fib daddr oif missing";
+        let doomed = "iifname { \"lan0\", \"br-guest\" } ct state new fib daddr type unicast fib daddr oif missing";
         assert!(
             text.contains(&format!(
                 "{doomed} meta l4proto tcp reject with tcp reset\n"
