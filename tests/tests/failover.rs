@@ -1123,6 +1123,11 @@ fn all_wans_down(mode: &str) -> Vec<Result<usize, (String, Duration)>> {
         "{}",
         mwan.log()
     );
+    // The LAN still reaches the router itself, by unicast and broadcast
+    // (a local DNS resolver, DHCP).
+    for to in [LAN0_ROUTER, Ipv4Addr::new(192, 0, 2, 127)] {
+        assert!(lan_reaches_router(&lab, to), "LAN datagram to {to} lost");
+    }
     // From a LAN host and from the router itself.
     let spaces: [&Netns; 3] = [lab.host(0), lab.host(1), lab.router()];
     let results = spaces
@@ -1145,6 +1150,30 @@ fn all_wans_down(mode: &str) -> Vec<Result<usize, (String, Duration)>> {
     let isps = connection_isps(&lab, lab.host(0), 20);
     assert!(isps.iter().all(|i| *i == 1 || *i == 2), "{isps:?}");
     results
+}
+
+/// Whether a UDP datagram from LAN host 0 to `to` (the router's address or
+/// the LAN broadcast) reaches a socket of the router.
+fn lan_reaches_router(lab: &Lab, to: Ipv4Addr) -> bool {
+    let rx = lab
+        .router()
+        .run(|| -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind(SocketAddrV4::new(to, 9999))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(s)
+        })
+        .expect("router socket");
+    lab.host(0)
+        .run(|| -> std::io::Result<()> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_broadcast(true)?;
+            s.send_to(b"hello router", SocketAddrV4::new(to, 9999))?;
+            Ok(())
+        })
+        .expect("LAN datagram sent");
+    let mut buf = [0u8; 64];
+    rx.recv(&mut buf)
+        .is_ok_and(|n| &buf[..n] == b"hello router")
 }
 
 #[test]
