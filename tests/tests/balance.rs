@@ -38,20 +38,35 @@ fn connections(lab: &Lab, per_host: usize) -> Vec<SocketAddrV4> {
 }
 
 /// Asserts each ISP's share of `seen` is within 3 percentage points of its
-/// weight share.
-fn assert_shares(lab: &Lab, seen: &[SocketAddrV4], weights: &[u32]) {
+/// weight share. On failure, what the daemon logged beyond its routine
+/// lines (state changes, warnings) and its counters are shown too.
+fn assert_shares(lab: &Lab, mwan: &Mwan, seen: &[SocketAddrV4], weights: &[u32]) {
     let got = shares(lab, seen);
+    println!("weights {weights:?}: shares {got:?}");
     let total: u32 = weights.iter().sum();
+    let context = || {
+        let log = mwan.log();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains(" INFO ") || l.contains("state changed"))
+            .collect();
+        format!(
+            "daemon log (state changes, warnings):\n{}\nstatus: {:?}",
+            notable.join("\n"),
+            mwan.status().wans
+        )
+    };
     for (i, w) in weights.iter().enumerate() {
         let want = *w as f64 / total as f64;
         let have = got.get(&(i + 1)).copied().unwrap_or(0.0);
         assert!(
             (have - want).abs() <= 0.03,
-            "ISP {} got {:.1}% of {} connections, weight share {:.1}% (all: {got:?})",
+            "ISP {} got {:.1}% of {} connections, weight share {:.1}% (all: {got:?})\n{}",
             i + 1,
             have * 100.0,
             seen.len(),
-            want * 100.0
+            want * 100.0,
+            context()
         );
     }
     assert_eq!(
@@ -69,11 +84,11 @@ fn new_connections_follow_the_weights() {
     // 4000 connections: one standard deviation of a 50% share is 0.8
     // points, so 3 points is a safe bound that still catches real skew.
     let seen = connections(&lab, 1000);
-    assert_shares(&lab, &seen, &[1, 1]);
+    assert_shares(&lab, &mwan, &seen, &[1, 1]);
     // Live weight change: new flows follow at once, no reload.
     mwan.cli_ok(&["set-weight", "isp1", "3"]).unwrap();
     let seen = connections(&lab, 1000);
-    assert_shares(&lab, &seen, &[3, 1]);
+    assert_shares(&lab, &mwan, &seen, &[3, 1]);
     let status = mwan.status();
     assert!(
         (status.wans[0].share - 0.75).abs() < 0.01,
@@ -109,7 +124,7 @@ fn a_point_to_point_lan_is_balanced_and_pinned() {
         .into_iter()
         .map(|r| r.expect("connection from the tunnel host"))
         .collect();
-    assert_shares(&lab, &seen, &[1, 1]);
+    assert_shares(&lab, &mwan, &seen, &[1, 1]);
     let flows = mwan.flows(&["--host", &TUNNEL_HOST.to_string()]);
     assert!(
         flows.iter().any(|f| f.wan == "isp1") && flows.iter().any(|f| f.wan == "isp2"),
@@ -134,7 +149,7 @@ fn three_wans_at_5_3_2() {
     let mwan = Mwan::start(&lab, &text).unwrap();
     mwan.wait_all_up(UP).unwrap();
     let seen = connections(&lab, 1000);
-    assert_shares(&lab, &seen, &weights);
+    assert_shares(&lab, &mwan, &seen, &weights);
 }
 
 #[test]
