@@ -42,7 +42,10 @@ fn connections(lab: &Lab, per_host: usize) -> Vec<SocketAddrV4> {
 /// lines (state changes, warnings) and its counters are shown too.
 fn assert_shares(lab: &Lab, mwan: &Mwan, seen: &[SocketAddrV4], weights: &[u32]) {
     let got = shares(lab, seen);
-    println!("weights {weights:?}: shares {got:?}");
+    println!(
+        "weights {weights:?}: shares {got:?}; datapath counters {:?}",
+        mwan.status().counters
+    );
     let total: u32 = weights.iter().sum();
     let context = || {
         let log = mwan.log();
@@ -50,10 +53,12 @@ fn assert_shares(lab: &Lab, mwan: &Mwan, seen: &[SocketAddrV4], weights: &[u32])
             .lines()
             .filter(|l| !l.contains(" INFO ") || l.contains("state changed"))
             .collect();
+        let st = mwan.status();
         format!(
-            "daemon log (state changes, warnings):\n{}\nstatus: {:?}",
+            "daemon log (state changes, warnings):\n{}\ndatapath counters: {:?}\nWANs: {:?}",
             notable.join("\n"),
-            mwan.status().wans
+            st.counters,
+            st.wans
         )
     };
     for (i, w) in weights.iter().enumerate() {
@@ -120,7 +125,9 @@ fn a_point_to_point_lan_is_balanced_and_pinned() {
         mwan.log()
     );
     let host = lab.tunnel_host().unwrap();
-    let seen: Vec<_> = many_tcp_whoami(host, TCP_WHOAMI, 1000, 16)
+    // 4000 connections, as in the other share tests: 3 points is then
+    // almost 4 standard deviations.
+    let seen: Vec<_> = many_tcp_whoami(host, TCP_WHOAMI, 4000, 16)
         .into_iter()
         .map(|r| r.expect("connection from the tunnel host"))
         .collect();
