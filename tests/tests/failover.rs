@@ -996,16 +996,19 @@ fn a_slow_or_lossy_wan_is_degraded_and_used_only_when_nothing_better() {
         let isps = connection_isps(&lab, lab.host(0), 30);
         assert_eq!(count(&isps, want), isps.len(), "{what}: {isps:?}");
     };
+    // Applies `impair` to ISP 1 and waits for isp1 to go `to`.
+    let isp1_goes = |to: &str, what: &str, impair: &dyn Fn()| -> Change {
+        let t = wall();
+        impair();
+        let c = wait_change(&mwan, "isp1", to, t, Duration::from_secs(10));
+        println!("{what}: isp1 {to} after {:.2} s ({})", c.at - t, c.reason);
+        c
+    };
 
     // 2 × 50 ms one way: a round trip of about 100 ms, over max_rtt.
-    let t0 = wall();
-    lab.isp(1).set_delay(Duration::from_millis(50)).unwrap();
-    let degraded = wait_change(&mwan, "isp1", "degraded", t0, Duration::from_secs(10));
-    println!(
-        "100 ms RTT: isp1 degraded after {:.2} s ({})",
-        degraded.at - t0,
-        degraded.reason
-    );
+    let degraded = isp1_goes("degraded", "100 ms RTT", &|| {
+        lab.isp(1).set_delay(Duration::from_millis(50)).unwrap()
+    });
     assert!(degraded.reason.contains("rtt"), "{degraded:?}");
     let isp1 = mwan.wan("isp1");
     assert_eq!((isp1.share, isp1.alive), (0.0, true), "{isp1:?}");
@@ -1023,32 +1026,19 @@ fn a_slow_or_lossy_wan_is_degraded_and_used_only_when_nothing_better() {
     all_via(2, "isp2 repaired, isp1 still degraded");
 
     // The delay goes: isp1 is up again and takes its share.
-    let t2 = wall();
-    lab.isp(1).set_delay(Duration::ZERO).unwrap();
-    let up = wait_change(&mwan, "isp1", "up", t2, Duration::from_secs(10));
-    println!(
-        "delay removed: isp1 up after {:.2} s ({})",
-        up.at - t2,
-        up.reason
-    );
+    isp1_goes("up", "delay removed", &|| {
+        lab.isp(1).set_delay(Duration::ZERO).unwrap()
+    });
     let isps = connection_isps(&lab, lab.host(0), 40);
     assert!(count(&isps, 1) > 0 && count(&isps, 2) > 0, "{isps:?}");
 
     // 40% loss: rounds still pass (three targets, quorum 1), but the
     // measured loss is over max_loss.
-    let t3 = wall();
-    lab.isp(1).set_loss(40).unwrap();
-    let degraded = wait_change(&mwan, "isp1", "degraded", t3, Duration::from_secs(10));
-    println!(
-        "40% loss: isp1 degraded after {:.2} s ({})",
-        degraded.at - t3,
-        degraded.reason
-    );
+    let degraded = isp1_goes("degraded", "40% loss", &|| lab.isp(1).set_loss(40).unwrap());
     assert!(degraded.reason.contains("loss"), "{degraded:?}");
     assert_eq!(mwan.wan("isp2").state, "up");
     all_via(2, "isp1 lossy");
-    lab.isp(1).set_loss(0).unwrap();
-    wait_change(&mwan, "isp1", "up", t3, Duration::from_secs(10));
+    isp1_goes("up", "loss removed", &|| lab.isp(1).set_loss(0).unwrap());
 }
 
 /// A UDP flow through ISP 1 moves to ISP 2 when ISP 1 dies. After the

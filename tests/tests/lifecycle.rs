@@ -26,6 +26,14 @@ fn all_flowing(streams: &[Stream], what: &str) {
     assert!(ok, "a stream stalled {what}");
 }
 
+/// Without a daemon: the streams flow and a new connection works.
+fn still_forwarding(lab: &Lab, streams: &[Stream], what: &str) {
+    all_flowing(streams, what);
+    lab.host(0)
+        .tcp_whoami(TCP_WHOAMI)
+        .unwrap_or_else(|e| panic!("new connection {what}: {e:#}"));
+}
+
 /// Starts a new daemon on the same config, which must take over the
 /// datapath the previous one left running.
 fn take_over(mwan: &mut Mwan) {
@@ -76,10 +84,7 @@ fn restart_keeps_every_connection_on_its_wan() {
     // Five seconds without a daemon: streams flow, new connections work.
     let away = Instant::now();
     while away.elapsed() < Duration::from_secs(5) {
-        all_flowing(&streams, "while the daemon was away");
-        lab.host(0)
-            .tcp_whoami(TCP_WHOAMI)
-            .expect("new connection while the daemon is away");
+        still_forwarding(&lab, &streams, "while the daemon was away");
     }
     take_over(&mut mwan);
     all_flowing(&streams, "after the restart");
@@ -127,10 +132,7 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         lab.state_dir().join("mwan.sock").exists(),
         "the dead daemon's socket is gone: nothing stale to test"
     );
-    all_flowing(&streams, "with the daemon dead");
-    lab.host(0)
-        .tcp_whoami(TCP_WHOAMI)
-        .expect("new connection with the daemon dead");
+    still_forwarding(&lab, &streams, "with the daemon dead");
 
     take_over(&mut mwan);
     all_flowing(&streams, "after the takeover");

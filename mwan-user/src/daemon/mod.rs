@@ -529,10 +529,9 @@ impl Daemon {
                 info!("a WAN is up again; traffic is balanced normally");
             }
         }
-        let refuse_changed =
-            c.all_down != self.all_down && self.cfg.all_down == AllDown::Unreachable;
+        let was_refusing = self.refusing();
         self.all_down = c.all_down;
-        if refuse_changed {
+        if self.refusing() != was_refusing {
             self.sync_rules().await?;
             self.sync_nft().await?;
         }
