@@ -26,6 +26,20 @@ fn all_flowing(streams: &[Stream], what: &str) {
     assert!(ok, "a stream stalled {what}");
 }
 
+/// Runs a `mwan stop …` command line and waits for the daemon to exit
+/// cleanly; returns what the command printed.
+fn stop_by_cli(mwan: &mut Mwan, args: &[&str]) -> String {
+    let msg = mwan.cli_ok(args).unwrap();
+    let proc = mwan.forget().expect("daemon process");
+    assert!(
+        proc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        proc.output_so_far()
+    );
+    msg
+}
+
 /// Without a daemon: the streams flow and a new connection works.
 fn still_forwarding(lab: &Lab, streams: &[Stream], what: &str) {
     all_flowing(streams, what);
@@ -72,15 +86,8 @@ fn restart_keeps_every_connection_on_its_wan() {
     let flows_before = mwan.flows(&["--limit", "1000"]).len();
 
     // `mwan stop` (no --teardown): the daemon exits, the datapath stays.
-    let msg = mwan.cli_ok(&["stop"]).unwrap();
+    let msg = stop_by_cli(&mut mwan, &["stop"]);
     assert!(msg.contains("keeps forwarding"), "{msg}");
-    let proc = mwan.forget().expect("daemon process");
-    assert!(
-        proc.wait_timeout(Duration::from_secs(10))
-            .is_some_and(|s| s.success()),
-        "{}",
-        proc.output_so_far()
-    );
     // Five seconds without a daemon: streams flow, new connections work.
     let away = Instant::now();
     while away.elapsed() < Duration::from_secs(5) {
@@ -148,14 +155,7 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
 
     // `mwan stop --teardown` with the daemon running: it exits and takes
     // everything with it, the crashed run's leftovers too.
-    mwan.cli_ok(&["stop", "--teardown"]).unwrap();
-    let proc = mwan.forget().expect("daemon process");
-    assert!(
-        proc.wait_timeout(Duration::from_secs(10))
-            .is_some_and(|s| s.success()),
-        "{}",
-        proc.output_so_far()
-    );
+    stop_by_cli(&mut mwan, &["stop", "--teardown"]);
     assert_eq!(
         router_snapshot(&lab),
         before,
