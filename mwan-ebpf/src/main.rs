@@ -222,13 +222,11 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         None => return,
     };
     // A packet whose mark already names a WAN was steered before us: with
-    // br_netfilter, nftables prerouting (which restores the mark of replies
-    // to inbound connections from conntrack) runs at the bridge port, before
-    // tc ingress of the bridge. Respect it.
-    if unsafe { (*ctx.skb.skb).mark } & settings.mark_mask != 0 {
-        count(GS_PREMARKED);
-        return;
-    }
+    // br_netfilter, nftables prerouting (which gives every packet of an
+    // established connection the mark recorded in its conntrack entry)
+    // runs at the bridge port, before tc ingress of the bridge. Respect
+    // it; a pinned flow's packets are still counted.
+    let premarked = unsafe { (*ctx.skb.skb).mark } & settings.mark_mask != 0;
     // The coarse clock (CLOCK_MONOTONIC at tick resolution) is enough for
     // idle times and host TTLs, and cheaper per packet.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -236,13 +234,17 @@ fn classify<const L3: usize>(ctx: &TcContext) {
 
     if let Some(flow) = FLOWS.get_ptr_mut(&pkt.key) {
         let flow = unsafe { &mut *flow };
-        if !starts_anew(flow, pkt.key.proto == PROTO_TCP, opening, now) {
+        if premarked || !starts_anew(flow, pkt.key.proto == PROTO_TCP, opening, now) {
             // Plain adds: a flow's packets are normally handled by one CPU
             // (RSS), so lost updates are rare; the counters are statistics.
             flow.last_seen_ns = now;
             flow.packets += 1;
             flow.bytes += pkt.len as u64;
             if flow.wan == WAN_NONE {
+                return;
+            }
+            if premarked {
+                account(flow.wan, pkt.len, false);
                 return;
             }
             if let Some(wan) = alive_wan(flow.wan) {
@@ -275,6 +277,10 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         // placed afresh below (and overwrites the old pin).
     }
 
+    if premarked {
+        count(GS_PREMARKED);
+        return;
+    }
     // First packet of a flow (as far as the map knows).
     if BYPASS
         .get(Key::new(32, pkt.key.daddr.to_ne_bytes()))

@@ -1,5 +1,5 @@
 //! Conntrack entries over ctnetlink (a `NETLINK_NETFILTER` socket): dump
-//! the IPv4 table and delete selected entries.
+//! the IPv4 table, delete selected entries and set their marks.
 //!
 //! The few messages needed are encoded and decoded here. An entry is deleted
 //! by sending back what identifies it in the dump — its original tuple
@@ -105,6 +105,40 @@ pub fn delete_where(pred: impl Fn(&CtEntry) -> bool) -> Result<usize> {
     let entries = socket.dump()?;
     let doomed: Vec<&CtEntry> = entries.iter().filter(|e| pred(e)).collect();
     socket.delete(&doomed)
+}
+
+/// Sets the `mask` bits of the ct mark of every IPv4 entry for which
+/// `mark_of` names a mark (the other bits stay as dumped); returns how many
+/// entries changed. Used to record the WAN of connections older than
+/// mwan's nftables rules (see `nft`).
+pub fn mark_where(mask: u32, mark_of: impl Fn(&CtEntry) -> Option<u32>) -> Result<usize> {
+    let mut socket = CtSocket::open()?;
+    let entries = socket.dump()?;
+    let mut changed = Vec::new();
+    let mut requests = Vec::new();
+    for e in &entries {
+        let Some(mark) = mark_of(e) else { continue };
+        let new = (e.mark & !mask) | (mark & mask);
+        if new != e.mark {
+            let mut attrs = e.key.clone();
+            push_attr(&mut attrs, CTA_MARK, &new.to_be_bytes());
+            requests.push(attrs);
+            changed.push(e);
+        }
+    }
+    let items: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    socket.send_all(IPCTNL_MSG_CT_NEW, 0, &items, |i| {
+        format!("setting the mark of conntrack entry {}", changed[i].orig)
+    })
+}
+
+/// Appends a netlink attribute (header, value, padding).
+fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = NLA_HDRLEN + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len() + align(len) - len, 0);
 }
 
 struct CtSocket {

@@ -312,6 +312,7 @@ impl Datapath {
     /// Loads the programs, reusing the maps pinned in `pin_dir` or creating
     /// and pinning them. `pin_dir` must be on bpffs (see [`ensure_bpffs`]).
     pub fn load(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<Datapath> {
+        check_kernel(kernel_release().as_deref())?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating {}", pin_dir.display()))?;
         let inherited = pin_dir.join(MAP_SETTINGS).exists();
@@ -638,6 +639,42 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
     }
 }
 
+/// The oldest kernel the datapath loads on: `bpf_ktime_get_coarse_ns`
+/// came with Linux 5.11.
+pub const MIN_KERNEL: (u32, u32) = (5, 11);
+
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> Option<String> {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let r = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    Some(r.to_string_lossy().into_owned())
+}
+
+/// Refuses kernels older than [`MIN_KERNEL`] with a message saying so (the
+/// verifier's own complaint would name an unknown helper). An unreadable
+/// release is let through: the verifier has the last word.
+fn check_kernel(release: Option<&str>) -> Result<()> {
+    let Some(release) = release else {
+        return Ok(());
+    };
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    if let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) {
+        if (major, minor) < MIN_KERNEL {
+            bail!(
+                "mwan needs Linux {}.{} or later (its datapath uses bpf_ktime_get_coarse_ns); this kernel is {release}",
+                MIN_KERNEL.0,
+                MIN_KERNEL.1
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens one pinned map by name (for batched reads).
 pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<MapData> {
     let path = pin_dir.join(name);
@@ -655,4 +692,22 @@ pub fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (i != 0).then_some(i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_floor() {
+        for ok in ["5.11.0", "6.18.3-amd64", "6.1.0-26-cloud-amd64", "10.0"] {
+            check_kernel(Some(ok)).unwrap();
+        }
+        check_kernel(None).unwrap();
+        check_kernel(Some("weird")).unwrap();
+        for old in ["5.10.0-33-amd64", "4.19.0", "5.4"] {
+            let e = check_kernel(Some(old)).unwrap_err().to_string();
+            assert!(e.contains("Linux 5.11") && e.contains(old), "{e}");
+        }
+    }
 }

@@ -1,24 +1,40 @@
 //! mwan's nftables table `ip mwan`: the ruleset text (pure) and its atomic
 //! replacement with `nft -f -`.
 //!
-//! * `prerouting` (filter, priority mangle): a new connection arriving on
-//!   WAN *i* gets `ct mark` mark(i); a packet in the conntrack *reply*
-//!   direction of such a connection (the LAN server answering a port
-//!   forward) gets its packet mark restored from the ct mark, so it is
-//!   routed back through WAN *i*. Both touch only the bits of the mark mask.
-//!   While every WAN is down under `all_down = "unreachable"`, new
-//!   connections from the LAN interfaces that would hit mwan's
-//!   `unreachable` route are refused here, before routing: TCP with a reset
-//!   (the application sees "connection refused" at once), the rest with
-//!   ICMP host unreachable. The route alone would answer with ICMP errors
-//!   only, which the kernel rate-limits per host: a browser's third
-//!   connection would hang until its SYN retries give up.
+//! The conntrack entry is where a connection's WAN is recorded for its
+//! whole life: `ct mark` = mark(i) for every connection that uses WAN *i*,
+//! whoever chose it (the classifier's pin, the balance route, a port
+//! forward). Every later packet of the connection, in both directions,
+//! gets its packet mark from there. So a connection keeps its WAN when its
+//! pin is evicted or deleted, when it is older than the daemon, or when a
+//! new daemon takes over, and replies carry the mark their WAN's table
+//! routes (the reverse-path filter checks them with `src_valid_mark`,
+//! which matters on routers with no main-table default route).
+//!
+//! * `prerouting` (filter, priority mangle, after tc ingress where the
+//!   classifier marked a new flow): a new connection arriving on WAN *i*
+//!   gets `ct mark` mark(i); then every packet whose connection's ct mark
+//!   names a WAN gets that packet mark (both directions; a new LAN
+//!   connection has no ct mark yet and keeps the classifier's). Both touch
+//!   only the bits of the mark mask. The first packet of an inbound
+//!   connection thus carries its WAN's mark too, and passes the
+//!   reverse-path check on a router without a main-table default route. While every WAN is down under
+//!   `all_down = "unreachable"`, new connections from the LAN interfaces
+//!   that would hit mwan's `unreachable` route are refused here, before
+//!   routing: TCP with a reset (the application sees "connection refused"
+//!   at once), the rest with ICMP host unreachable. The route alone would
+//!   answer with ICMP errors only, which the kernel rate-limits per host: a
+//!   browser's third connection would hang until its SYN retries give up.
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
-//!   [`NUDGE_MARK`]) are not tracked;
-//! * `postrouting` (nat, priority srcnat): `masquerade` out of each WAN with
+//!   [`NUDGE_MARK`]) are not tracked. Nothing restores marks in `output`:
+//!   the router's own sockets (and mwan's probes) choose their route
+//!   themselves.
+//! * `postrouting` (nat, priority srcnat; only the first packet of each
+//!   connection passes a nat chain): a new connection leaving through WAN
+//!   *i* gets `ct mark` mark(i), then `masquerade` out of each WAN with
 //!   `nat = true`.
 //!
-//! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so the
+//! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so a
 //! restore dispatches on `ct mark & mask` with a verdict map to one chain
 //! per WAN that ORs in a constant.
 
@@ -54,17 +70,14 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
         "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
     );
     if !wans.is_empty() {
+        let inbound = join(wans, |w| {
+            format!("\"{}\" : jump conn_{}", w.interface, w.name)
+        });
+        let _ = writeln!(s, "\t\tct state new iifname vmap {{ {inbound} }}");
         let restore = join(wans, |w| {
-            format!("{:#010x} : goto reply_{}", w.mark, w.name)
+            format!("{:#010x} : goto route_{}", w.mark, w.name)
         });
-        let _ = writeln!(
-            s,
-            "\t\tct direction reply ct mark and {mark_mask:#010x} vmap {{ {restore} }}"
-        );
-        let mark_new = join(wans, |w| {
-            format!("\"{}\" : goto new_{}", w.interface, w.name)
-        });
-        let _ = writeln!(s, "\t\tct state new iifname vmap {{ {mark_new} }}");
+        let _ = writeln!(s, "\t\tct mark and {mark_mask:#010x} vmap {{ {restore} }}");
     }
     if !refuse_from.is_empty() {
         // `fib daddr oif missing`: the route lookup (as the router's own
@@ -84,11 +97,13 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
         let _ = writeln!(s, "\t\t{doomed} reject with icmp type host-unreachable");
     }
     s.push_str("\t}\n");
+    // conn_X: this connection uses WAN X; route_X: route this packet
+    // through WAN X.
     for w in wans {
         let _ = write!(
             s,
-            "\tchain new_{name} {{\n\t\tct mark set ct mark and {keep:#010x} or {mark:#010x}\n\t}}\n\
-             \tchain reply_{name} {{\n\t\tmeta mark set meta mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
+            "\tchain conn_{name} {{\n\t\tct mark set ct mark and {keep:#010x} or {mark:#010x}\n\t}}\n\
+             \tchain route_{name} {{\n\t\tmeta mark set meta mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
             name = w.name,
             mark = w.mark
         );
@@ -102,6 +117,12 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
     s.push_str(
         "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
     );
+    if !wans.is_empty() {
+        let outbound = join(wans, |w| {
+            format!("\"{}\" : jump conn_{}", w.interface, w.name)
+        });
+        let _ = writeln!(s, "\t\toifname vmap {{ {outbound} }}");
+    }
     for w in wans.iter().filter(|w| w.nat) {
         let _ = writeln!(s, "\t\toifname \"{}\" masquerade", w.interface);
     }
@@ -235,19 +256,19 @@ delete table ip mwan
 table ip mwan {
 \tchain prerouting {
 \t\ttype filter hook prerouting priority mangle; policy accept;
-\t\tct direction reply ct mark and 0x00ff0000 vmap { 0x00010000 : goto reply_isp1, 0x00020000 : goto reply_lte.2 }
-\t\tct state new iifname vmap { \"wan1\" : goto new_isp1, \"ppp0\" : goto new_lte.2 }
+\t\tct state new iifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
+\t\tct mark and 0x00ff0000 vmap { 0x00010000 : goto route_isp1, 0x00020000 : goto route_lte.2 }
 \t}
-\tchain new_isp1 {
+\tchain conn_isp1 {
 \t\tct mark set ct mark and 0xff00ffff or 0x00010000
 \t}
-\tchain reply_isp1 {
+\tchain route_isp1 {
 \t\tmeta mark set meta mark and 0xff00ffff or 0x00010000
 \t}
-\tchain new_lte.2 {
+\tchain conn_lte.2 {
 \t\tct mark set ct mark and 0xff00ffff or 0x00020000
 \t}
-\tchain reply_lte.2 {
+\tchain route_lte.2 {
 \t\tmeta mark set meta mark and 0xff00ffff or 0x00020000
 \t}
 \tchain output {
@@ -256,6 +277,7 @@ table ip mwan {
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\toifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
 \t\toifname \"wan1\" masquerade
 \t}
 }
@@ -314,7 +336,7 @@ table ip mwan {
             assert!(present().await.unwrap());
             let text = list();
             assert!(
-                text.contains("oifname \"wan2\" masquerade") && text.contains("chain reply_isp.2"),
+                text.contains("oifname \"wan2\" masquerade") && text.contains("chain route_isp.2"),
                 "{text}"
             );
             apply(&wans[..1], 0x00ff_0000, &[]).await.unwrap();

@@ -112,13 +112,16 @@ pub fn restore(saved: &SavedSysctls) -> Vec<anyhow::Error> {
 ///   the maximum of `conf.all` and the interface's value, so 2 on the WAN is
 ///   enough even when `all` is 1 (strict): `all`, and with it strict
 ///   filtering on the LAN side, is left alone.
+/// * `src_valid_mark = 1` on each WAN: the reverse-path check of a packet
+///   arriving from a WAN looks the route back up with the packet's mark,
+///   which nftables restored from the connection's ct mark, so it finds
+///   the WAN's own table. Without it the check uses the main table, and a
+///   router with no main-table default route (static uplinks, the default
+///   route left to the balancer) drops every reply to a forwarded
+///   connection: even a loose check needs some route back. The kernel ORs
+///   `conf.all` with the interface's value.
 ///
-/// `src_valid_mark` is not needed: packets arriving from a WAN carry no mark
-/// (the classifier runs on LAN ingress, the ct mark restore only touches
-/// reply-direction packets, which arrive from the LAN), and the loose check
-/// passes with or without the mark.
-///
-/// A WAN interface that does not exist yet (PPP) gets its setting when it
+/// A WAN interface that does not exist yet (PPP) gets its settings when it
 /// appears.
 pub fn router_settings(wan_ifaces: &[String]) -> Vec<(String, String)> {
     let mut out = vec![
@@ -128,13 +131,16 @@ pub fn router_settings(wan_ifaces: &[String]) -> Vec<(String, String)> {
             "1".to_string(),
         ),
     ];
-    out.extend(
-        wan_ifaces
-            .iter()
-            .map(|i| (iface_key(i, "rp_filter"), "2".to_string())),
-    );
+    for i in wan_ifaces {
+        for (name, value) in WAN_IFACE_SETTINGS {
+            out.push((iface_key(i, name), value.to_string()));
+        }
+    }
     out
 }
+
+/// The per-interface settings of every WAN (see [`router_settings`]).
+pub const WAN_IFACE_SETTINGS: [(&str, &str); 2] = [("rp_filter", "2"), ("src_valid_mark", "1")];
 
 #[cfg(test)]
 mod tests {
@@ -176,7 +182,9 @@ mod tests {
                 ("net.ipv4.ip_forward", "1"),
                 ("net.ipv4.fib_multipath_hash_policy", "1"),
                 ("net.ipv4.conf.wan1.rp_filter", "2"),
+                ("net.ipv4.conf.wan1.src_valid_mark", "1"),
                 ("net/ipv4/conf/eth0.10/rp_filter", "2"),
+                ("net/ipv4/conf/eth0.10/src_valid_mark", "1"),
             ]
         );
     }

@@ -117,21 +117,53 @@ impl Netns {
         self.run(|| {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.connect(server)?;
-            socket.set_read_timeout(Some(CLIENT_TIMEOUT / UDP_TRIES))?;
-            let mut buf = [0u8; 2048];
-            let mut last_err = None;
-            for _ in 0..UDP_TRIES {
-                socket
-                    .send(request)
-                    .with_context(|| format!("sending to {server}"))?;
-                match socket.recv(&mut buf) {
-                    Ok(n) => return Ok(buf[..n].to_vec()),
-                    Err(e) => last_err = Some(e),
-                }
-            }
-            Err(anyhow!(last_err.expect("at least one try"))
-                .context(format!("no answer from {server}")))
+            udp_exchange_on(&socket, request)
         })
+    }
+
+    /// A UDP "connection": one socket (one source port) in this namespace
+    /// talking to a UDP whoami server, for as long as the value lives.
+    pub fn udp_flow(&self, server: SocketAddrV4) -> Result<UdpFlow> {
+        let socket = self.run(|| -> Result<UdpSocket> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(server)?;
+            Ok(socket)
+        })?;
+        Ok(UdpFlow { socket, server })
+    }
+}
+
+/// Sends `request` on a connected socket and returns the answer, trying
+/// [`UDP_TRIES`] times within [`CLIENT_TIMEOUT`].
+fn udp_exchange_on(socket: &UdpSocket, request: &[u8]) -> Result<Vec<u8>> {
+    socket.set_read_timeout(Some(CLIENT_TIMEOUT / UDP_TRIES))?;
+    let mut buf = [0u8; 2048];
+    let mut last_err = None;
+    for _ in 0..UDP_TRIES {
+        socket
+            .send(request)
+            .with_context(|| format!("sending to {:?}", socket.peer_addr()))?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(buf[..n].to_vec()),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(anyhow!(last_err.expect("at least one try"))
+        .context(format!("no answer from {:?}", socket.peer_addr())))
+}
+
+/// A UDP flow of [`Netns::udp_flow`]: every exchange uses the same 5-tuple.
+pub struct UdpFlow {
+    socket: UdpSocket,
+    server: SocketAddrV4,
+}
+
+impl UdpFlow {
+    /// The source address the whoami server saw for this exchange.
+    pub fn whoami(&self) -> Result<SocketAddrV4> {
+        let answer = udp_exchange_on(&self.socket, b"whoami")
+            .with_context(|| format!("UDP flow to {}", self.server))?;
+        parse_whoami(&String::from_utf8_lossy(&answer))
     }
 }
 

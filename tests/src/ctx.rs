@@ -13,6 +13,8 @@ use crate::stop::Stopper;
 
 pub(crate) struct LabCtx {
     pub(crate) name: String,
+    /// How the router's main table is set up for the WANs.
+    pub(crate) kind: crate::topology::RouterKind,
     pub(crate) log_dir: PathBuf,
     procs: Mutex<Vec<Arc<ProcInner>>>,
     stoppers: Mutex<Vec<Weak<Stopper>>>,
@@ -20,9 +22,10 @@ pub(crate) struct LabCtx {
 }
 
 impl LabCtx {
-    pub(crate) fn new(name: String, log_dir: PathBuf) -> Self {
+    pub(crate) fn new(name: String, kind: crate::topology::RouterKind, log_dir: PathBuf) -> Self {
         LabCtx {
             name,
+            kind,
             log_dir,
             procs: Mutex::new(Vec::new()),
             stoppers: Mutex::new(Vec::new()),

@@ -91,8 +91,8 @@ impl IspNode {
     }
 
     /// The veth `wanI` (router) ↔ `down` (ISP) with the addresses, rate
-    /// limit and router default route of `st`, as a DHCP client would set
-    /// it up.
+    /// limit and the main-table default route of the lab's
+    /// [`RouterKind`](crate::topology::RouterKind).
     fn create_wan_link(&self, router: &Netns, st: &IspState) -> Result<()> {
         let i = self.index;
         router.ip(&format!(
@@ -108,20 +108,15 @@ impl IspNode {
             st.router_addr.prefix_len()
         ))?;
         router.sysctls(&[(format!("net.ipv4.conf.wan{i}.rp_filter").as_str(), "2")])?;
-        router.ip(&dhcp_route(i, st.gateway))?;
+        let route = self.ns.ctx.kind.default_route(i, st.gateway);
+        if !route.is_empty() {
+            router.ip(&route)?;
+        }
         if st.rate_mbit.is_some() {
             self.apply_rate("down", st.rate_mbit)?;
         }
         Ok(())
     }
-}
-
-/// The main-table default route a DHCP client installs for ISP `i`.
-fn dhcp_route(i: usize, gateway: Ipv4Addr) -> String {
-    format!(
-        "route replace default via {gateway} dev wan{i} proto dhcp metric {}",
-        100 + i
-    )
 }
 
 /// Handle on ISP `I` of a lab, from [`Lab::isp`]. Every setter is
@@ -183,7 +178,7 @@ impl<'a> Isp<'a> {
             );
             let mut router_cmds = format!(
                 "addr replace {router_addr} dev wan{i}\n{}\n",
-                dhcp_route(i, gateway)
+                self.lab.ctx().kind.default_route(i, gateway)
             );
             if (old_gw, old_addr.prefix_len()) != (gateway, router_addr.prefix_len()) {
                 isp_cmds += &format!("addr del {old_gw}/{} dev down\n", old_addr.prefix_len());

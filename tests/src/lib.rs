@@ -39,7 +39,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use client::{many_tcp_whoami, Stream, StreamEnd, StreamReport, CLIENT_TIMEOUT};
+pub use client::{many_tcp_whoami, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT};
 pub use dns::DnsReply;
 pub use ipnet::Ipv4Net;
 pub use isp::Isp;

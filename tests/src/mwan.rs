@@ -245,6 +245,22 @@ impl<'l> Mwan<'l> {
     }
 
     /// What the daemon logged so far.
+    /// Deletes every pin from the datapath's flow map behind the daemon's
+    /// back, as an admin with bpftool could and as an LRU eviction does;
+    /// returns how many there were.
+    pub fn delete_pins(&self) -> Result<usize> {
+        use mwan_common::{FlowKey, FlowValue, MAP_FLOWS};
+        let data = mwan::datapath::open_pinned_map(&self.lab.pin_dir(), MAP_FLOWS)?;
+        let mut map: aya::maps::HashMap<_, FlowKey, FlowValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+        let keys: Vec<FlowKey> = map.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            // A pin the datapath replaced meanwhile is gone already.
+            let _ = map.remove(k);
+        }
+        Ok(keys.len())
+    }
+
     pub fn log(&self) -> String {
         self.proc
             .as_ref()

@@ -33,6 +33,17 @@ impl Lab {
 
     /// Undoes [`Lab::plain_routing_via`].
     pub fn clear_plain_routing(&self) -> Result<()> {
+        self.remove_plain_routing()?;
+        self.router
+            .run(sys::flush_conntrack)
+            .context("flushing the router's conntrack table")
+    }
+
+    /// Removes the route and the masquerade rule of
+    /// [`Lab::plain_routing_via`] but keeps the conntrack table: the
+    /// connections made meanwhile live on with their NAT bindings, as when
+    /// an admin replaces hand-made rules by mwan.
+    pub fn remove_plain_routing(&self) -> Result<()> {
         let mut via = lock(&self.plain_via);
         if via.take().is_some() {
             // The route is already gone if its interface was removed.
@@ -40,11 +51,7 @@ impl Lab {
                 .router
                 .ip(&format!("route del default metric {PLAIN_METRIC}"));
         }
-        self.router
-            .nft(&replace_table("nat hook postrouting", ""))?;
-        self.router
-            .run(sys::flush_conntrack)
-            .context("flushing the router's conntrack table")
+        self.router.nft(&replace_table("nat hook postrouting", ""))
     }
 
     /// Re-installs the plain-routing route if it goes through ISP `isp`

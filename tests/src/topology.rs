@@ -122,6 +122,50 @@ impl IspSpec {
     }
 }
 
+/// How the router's main routing table is set up for its uplinks, as the
+/// admins of the tutorials set theirs up. mwan must work on every kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    /// A DHCP client per uplink: a `proto dhcp` default route via each
+    /// ISP's gateway, metric 100+I.
+    Dhcp,
+    /// Static addresses and no default route in the main table (the seeds'
+    /// `route del default`: the balancer owns the default route).
+    Static,
+    /// One static default route, via ISP 1 only (the seeds' primary line;
+    /// the tests make it the dead one).
+    SingleDefault,
+}
+
+impl RouterKind {
+    /// The kind named by `$MWAN_LAB_ROUTER` (`dhcp`, `static` or
+    /// `single-default`), [`RouterKind::Dhcp`] when unset. `cargo xtask
+    /// test` runs the core suites once per kind.
+    pub fn from_env() -> RouterKind {
+        match std::env::var("MWAN_LAB_ROUTER").as_deref() {
+            Ok("static") => RouterKind::Static,
+            Ok("single-default") => RouterKind::SingleDefault,
+            Ok("dhcp") | Ok("") | Err(_) => RouterKind::Dhcp,
+            Ok(other) => panic!("MWAN_LAB_ROUTER={other}: want dhcp, static or single-default"),
+        }
+    }
+
+    /// The main-table default route the router has for ISP `i` with
+    /// `gateway`, as `ip route` commands (empty for none).
+    pub(crate) fn default_route(self, i: usize, gateway: Ipv4Addr) -> String {
+        match self {
+            RouterKind::Dhcp => format!(
+                "route replace default via {gateway} dev wan{i} proto dhcp metric {}",
+                100 + i
+            ),
+            RouterKind::SingleDefault if i == 1 => {
+                format!("route replace default via {gateway} dev wan{i} proto static")
+            }
+            RouterKind::Static | RouterKind::SingleDefault => String::new(),
+        }
+    }
+}
+
 /// Describes a lab; [`LabBuilder::build`] creates it.
 #[derive(Debug, Clone)]
 pub struct LabBuilder {
@@ -129,9 +173,18 @@ pub struct LabBuilder {
     lan1_hosts: Option<usize>,
     isps: Option<Vec<IspSpec>>,
     tunnel_host: bool,
+    kind: RouterKind,
 }
 
 impl LabBuilder {
+    /// The router's kind (default: [`RouterKind::from_env`]). Tests of a
+    /// DHCP client's behaviour (`gateway = "auto"`, renumbering) set
+    /// [`RouterKind::Dhcp`] themselves.
+    pub fn router_kind(mut self, kind: RouterKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
     /// Adds a host behind a point-to-point link (router `tun0`
     /// [`TUNNEL_ROUTER`] ↔ host `eth0` [`TUNNEL_HOST`], no Ethernet), as a
     /// VPN or a routed tunnel brings clients to the router.
@@ -184,7 +237,7 @@ impl LabBuilder {
         // Locals drop in reverse order if a step fails: namespaces go
         // before the directory.
         let dir = LabDir::create(&name)?;
-        let ctx = Arc::new(LabCtx::new(name.clone(), dir.logs()));
+        let ctx = Arc::new(LabCtx::new(name.clone(), self.kind, dir.logs()));
 
         let router = Netns::create(format!("{name}r"), ctx.clone())?;
         router.sysctls(&[("net.ipv4.ip_forward", "1")])?;
@@ -376,6 +429,7 @@ impl Lab {
             lan1_hosts: None,
             isps: None,
             tunnel_host: false,
+            kind: RouterKind::from_env(),
         }
     }
 
@@ -457,6 +511,11 @@ impl Lab {
     /// The lab's directory (`/run/mwan-lab/<name>`).
     pub fn dir(&self) -> PathBuf {
         self.dir.root().to_path_buf()
+    }
+
+    /// How the router's main table routes the uplinks.
+    pub fn router_kind(&self) -> RouterKind {
+        self.ctx.kind
     }
 
     pub(crate) fn ctx(&self) -> &Arc<LabCtx> {

@@ -590,3 +590,161 @@ fn a_reused_tuple_follows_todays_policy_not_an_old_pin() {
         Some(3 - first)
     );
 }
+
+/// `n` long downloads from host 0 and UDP flows from host 1, each with the
+/// WAN it started on.
+struct LiveConnections {
+    streams: Vec<(Stream, usize)>,
+    udp: Vec<(UdpFlow, SocketAddrV4)>,
+}
+
+impl LiveConnections {
+    fn open(lab: &Lab, streams: usize, udp: usize) -> LiveConnections {
+        let streams = (0..streams)
+            .map(|_| {
+                let s = lab.host(0).open_stream(STREAM).unwrap();
+                let isp = lab.wan_of(*s.source().ip()).expect("a WAN address");
+                (s, isp)
+            })
+            .collect();
+        let udp = (0..udp)
+            .map(|_| {
+                let f = lab.host(1).udp_flow(UDP_WHOAMI).unwrap();
+                let seen = f.whoami().unwrap();
+                (f, seen)
+            })
+            .collect();
+        LiveConnections { streams, udp }
+    }
+
+    /// Every download still flows (another 256 KiB within 3 s) and every
+    /// UDP flow is still seen from the same address and port.
+    fn check(&self, lab: &Lab, after: &str) {
+        for (i, (s, isp)) in self.streams.iter().enumerate() {
+            let before = s.bytes();
+            assert!(
+                wait_until(Duration::from_secs(3), || s.bytes() > before + 256 * 1024),
+                "download {i} (ISP {isp}) stalled after {after}: {:?}",
+                s.end()
+            );
+            assert_eq!(s.end(), None, "download {i} ended after {after}");
+        }
+        for (i, (f, seen)) in self.udp.iter().enumerate() {
+            let now = f
+                .whoami()
+                .unwrap_or_else(|e| panic!("UDP flow {i} after {after}: {e:#}"));
+            assert_eq!(
+                (now, lab.wan_of(*now.ip())),
+                (*seen, lab.wan_of(*seen.ip())),
+                "UDP flow {i} changed address after {after}"
+            );
+        }
+    }
+
+    /// Closes the downloads: none was reset, each kept its source.
+    fn close(self, lab: &Lab) {
+        for (s, isp) in self.streams {
+            let r = s.close();
+            assert_eq!((lab.wan_of(*r.source.ip()), r.end), (Some(isp), None));
+        }
+    }
+}
+
+/// The WAN of a connection is recorded in its conntrack entry at its first
+/// packet, so it survives its pin. Ten rounds of deleting every pin: a UDP
+/// flow whose next packet were placed afresh would pick the other WAN half
+/// the time (eight flows, ten rounds: all staying by chance is 2^-80).
+#[test]
+fn connections_keep_their_wan_when_their_pins_are_deleted() {
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let live = LiveConnections::open(&lab, 4, 8);
+    live.check(&lab, "start");
+    for round in 0..10 {
+        // Both hook orders: with br_netfilter, nftables gives the packets
+        // their recorded mark before the classifier sees them (no new pin
+        // is made); without it, the classifier pins a UDP flow afresh and
+        // nftables overrides its choice with the recorded WAN.
+        let br_nf = if round % 2 == 0 { "0" } else { "1" };
+        lab.router()
+            .sysctls(&[("net.bridge.bridge-nf-call-iptables", br_nf)])
+            .unwrap();
+        let n = mwan.delete_pins().unwrap();
+        assert!(round > 0 || n >= 12, "only {n} pins to delete");
+        live.check(
+            &lab,
+            &format!("deleting the pins (round {round}, br_netfilter {br_nf})"),
+        );
+    }
+    live.close(&lab);
+}
+
+/// A flood of new flows far beyond `max_flows` evicts pins (status shows
+/// it); live connections keep their WAN regardless.
+#[test]
+fn connections_keep_their_wan_when_the_flow_map_overflows() {
+    let lab = Lab::builder().lan_hosts(3).isps(2).build().unwrap();
+    let mwan = Mwan::start(
+        &lab,
+        &config_with(&lab, "max_flows = 1024", &|_| String::new(), ""),
+    )
+    .unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let live = LiveConnections::open(&lab, 4, 8);
+    // 20 000 flows (distinct destination ports), bounded in time too.
+    let sent = lab.host(2).run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut sent = 0u32;
+        for port in 20_000..40_000u16 {
+            if Instant::now() > deadline {
+                break;
+            }
+            if s.send_to(b"flood", SocketAddrV4::new(SERVER2, port))
+                .is_ok()
+            {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    assert!(sent > 10_000, "only {sent} flood datagrams sent");
+    live.check(&lab, "the flood");
+    let evicted = |m: &Mwan| {
+        m.status()
+            .counters
+            .get("evicted_pins")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(6), || evicted(&mwan) > 5_000),
+        "evictions not shown: {:?}",
+        mwan.status().counters
+    );
+    live.close(&lab);
+}
+
+/// Connections made before mwan started (through the main table and an
+/// admin's own masquerade, since removed) keep their WAN once mwan runs:
+/// mwan records the WAN of each in conntrack from its NAT address.
+#[test]
+fn connections_older_than_mwan_keep_their_wan() {
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    lab.plain_routing_via(2).unwrap();
+    let live = LiveConnections::open(&lab, 2, 8);
+    assert!(live.streams.iter().all(|(_, isp)| *isp == 2));
+    lab.remove_plain_routing().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    live.check(&lab, "mwan started");
+    // New connections are balanced as usual meanwhile.
+    let seen: Vec<SocketAddrV4> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 40, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2, "{seen:?}");
+    live.check(&lab, "new connections");
+    live.close(&lab);
+}

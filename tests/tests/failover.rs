@@ -1237,3 +1237,49 @@ fn tcp_and_dns_probes_detect_a_failure() {
     lab.isp(1).set_blackhole(false).unwrap();
     wait_change(&mwan, "isp1", "up", t0, Duration::from_secs(10));
 }
+
+/// A router whose only default route (static, in the main table) goes
+/// through the line that dies, as in the seeds' primary/backup setups: the
+/// LAN, the router's own connections and inbound connections all move to
+/// ISP 2, and mwan leaves that route where it is.
+#[test]
+fn a_single_default_route_through_the_dead_wan_does_not_matter() {
+    let lab = Lab::builder()
+        .lan_hosts(2)
+        .isps(2)
+        .router_kind(RouterKind::SingleDefault)
+        .build()
+        .expect("lab builds");
+    let main_routes = || lab.router().sh("ip route show table main").unwrap();
+    let before = main_routes();
+    let mwan = start(
+        &lab,
+        &config_with(&lab, "hold_down = \"2s\"", &|_| String::new(), ""),
+    );
+    let _own = lab
+        .router()
+        .tcp_whoami_server(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 2222))
+        .unwrap();
+    let t0 = wall();
+    lab.isp(1).set_blackhole(true).unwrap();
+    wait_change(&mwan, "isp1", "down", t0, Duration::from_secs(5));
+    let lan = connection_isps(&lab, lab.host(0), 20);
+    assert!(lan.iter().all(|i| *i == 2), "LAN connections: {lan:?}");
+    let own: Vec<_> = (0..20)
+        .map(|_| connect_isp(&lab, lab.router(), Duration::from_millis(500)))
+        .collect();
+    assert!(
+        own.iter().all(|r| matches!(r, Ok(2))),
+        "router's own: {own:?}"
+    );
+    for n in 0..10 {
+        lab.inet()
+            .tcp_whoami(SocketAddrV4::new(wan_addr(&lab, 2), 2222))
+            .unwrap_or_else(|e| panic!("inbound via ISP 2, try {n}: {e:#}"));
+    }
+    lab.isp(1).set_blackhole(false).unwrap();
+    wait_change(&mwan, "isp1", "up", t0, Duration::from_secs(10));
+    let lan: BTreeSet<usize> = connection_isps(&lab, lab.host(1), 40).into_iter().collect();
+    assert_eq!(lan, BTreeSet::from([1, 2]), "after the repair");
+    assert_eq!(main_routes(), before, "mwan changed the main table");
+}

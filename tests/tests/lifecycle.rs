@@ -292,7 +292,13 @@ fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
 
 #[test]
 fn a_new_address_and_gateway_are_followed_within_a_second() {
-    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    // A DHCP client's routes are what `gateway = "auto"` follows.
+    let lab = Lab::builder()
+        .lan_hosts(1)
+        .isps(2)
+        .router_kind(RouterKind::Dhcp)
+        .build()
+        .unwrap();
     // ISP 2 is a DHCP line: its gateway is learned, not configured.
     let text = config_with(&lab, "", &|_| String::new(), "").replace(
         &format!("gateway = \"{}\"", lab.isp(2).gateway()),
@@ -346,7 +352,14 @@ fn a_new_address_and_gateway_are_followed_within_a_second() {
 
 #[test]
 fn a_link_that_is_not_dialled_yet_is_down_until_it_appears() {
-    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    // The restored link gets a DHCP client's default route: what `auto`
+    // learns.
+    let lab = Lab::builder()
+        .lan_hosts(1)
+        .isps(2)
+        .router_kind(RouterKind::Dhcp)
+        .build()
+        .unwrap();
     lab.isp(2).remove_wan_interface().unwrap();
     let text = config_with(&lab, "hold_down = \"1s\"", &|_| String::new(), "").replace(
         &format!("gateway = \"{}\"", lab.isp(2).gateway()),

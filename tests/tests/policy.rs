@@ -131,8 +131,17 @@ main = true
     let got = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 200, 8);
     let seen: Vec<SocketAddrV4> = got.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(shares(&lab, &seen).len(), 2);
-    // `main = true`: the main table decides (the lab's DHCP default route
-    // with the lowest metric is ISP 1), and the flow shows as "main".
+    // `main = true`: the main table decides, and the flow shows as "main".
+    // On a DHCP-like router its default route with the lowest metric is
+    // ISP 1; on a static one, the admin's own route to that server.
+    if lab.router_kind() != RouterKind::Dhcp {
+        lab.router()
+            .ip(&format!(
+                "route add {SERVER2}/32 via {} dev wan1",
+                lab.isp(1).gateway()
+            ))
+            .unwrap();
+    }
     for r in many_tcp_whoami(
         lab.host(0),
         SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT),

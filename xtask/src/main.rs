@@ -210,6 +210,12 @@ fn build() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The suites that run once more for each further kind of router the lab
+/// models (`MWAN_LAB_ROUTER`, see the lab's `RouterKind`): the first pass
+/// runs everything on a DHCP-like router.
+const CORE_SUITES: [&str; 4] = ["balance", "failover", "policy", "lifecycle"];
+const MORE_ROUTER_KINDS: [&str; 1] = ["static"];
+
 fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the end-to-end tests build network namespaces: run `cargo xtask test` as root");
@@ -217,24 +223,70 @@ fn test(args: &[String]) -> Result<()> {
     ensure_runtime_tools()?;
     let bin = build()?;
     let t = Instant::now();
+    let mut total = Counts::default();
+    let mut failures = Vec::new();
+    let mut passes: Vec<(String, Vec<String>)> = vec![("dhcp".into(), vec!["--workspace".into()])];
+    for kind in MORE_ROUTER_KINDS {
+        let mut sel = vec!["-p".to_string(), "mwan-tests".to_string()];
+        for suite in CORE_SUITES {
+            sel.extend(["--test".to_string(), suite.to_string()]);
+        }
+        passes.push((kind.to_string(), sel));
+    }
+    for (kind, selection) in passes {
+        println!(
+            "xtask: router kind `{kind}`: cargo test {}",
+            selection.join(" ")
+        );
+        let (counts, ok) = cargo_test(&selection, args, &bin, &kind)?;
+        total.passed += counts.passed;
+        total.failed += counts.failed;
+        if !ok || counts.failed > 0 {
+            failures.push(format!("router kind `{kind}`: {} failed", counts.failed));
+        }
+    }
+    println!(
+        "xtask: {} tests passed, {} failed, in {:.0}s",
+        total.passed,
+        total.failed,
+        t.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        bail!("the test run failed ({})", failures.join("; "));
+    }
+    if total.passed == 0 {
+        bail!("no test ran: treating that as a failure");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test` on `selection` with the lab's router kind `kind`,
+/// echoing its output while counting the tests; returns the counts and
+/// whether cargo succeeded.
+fn cargo_test(
+    selection: &[String],
+    args: &[String],
+    bin: &Path,
+    kind: &str,
+) -> Result<(Counts, bool)> {
     let mut child = cargo()
-        .args([
-            "test",
-            "--release",
-            "--locked",
-            "--workspace",
-            "--no-fail-fast",
-            "--",
-        ])
+        .args(["test", "--release", "--locked", "--no-fail-fast"])
+        .args(selection)
+        .arg("--")
         .args(args)
-        .env("MWAN_BIN", &bin)
+        .env("MWAN_BIN", bin)
+        .env("MWAN_LAB_ROUTER", kind)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
-    // Echo the output while counting the tests that ran.
     let stdout = child.stdout.take().expect("piped");
-    let mut passed = 0u64;
-    let mut failed = 0u64;
+    let mut counts = Counts::default();
     use std::io::BufRead;
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
@@ -246,22 +298,12 @@ fn test(args: &[String]) -> Result<()> {
                     .find_map(|p| p.trim().strip_suffix(word)?.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
-            passed += num("passed");
-            failed += num("failed");
+            counts.passed += num("passed");
+            counts.failed += num("failed");
         }
     }
     let st = child.wait()?;
-    println!(
-        "xtask: {passed} tests passed, {failed} failed, in {:.0}s",
-        t.elapsed().as_secs_f64()
-    );
-    if failed > 0 || !st.success() {
-        bail!("the test run failed ({failed} test(s) failed, cargo: {st})");
-    }
-    if passed == 0 {
-        bail!("no test ran: treating that as a failure");
-    }
-    Ok(())
+    Ok((counts, st.success()))
 }
 
 fn run(args: &[String]) -> Result<()> {

@@ -242,6 +242,8 @@ fn deletes_only_matching_entries_of_real_traffic() {
         (tcp.reply.src, tcp.reply.dst),
         (ip("192.0.2.10"), ip("203.0.113.1"))
     );
+    // mwan's nftables table recorded the WAN of each new connection.
+    assert!(entries.iter().all(|e| e.mark == 0x2_0000), "{entries:?}");
 
     let gone = ports[0];
     let n = t
@@ -273,6 +275,27 @@ fn deletes_only_matching_entries_of_real_traffic() {
             .unwrap(),
         0
     );
+
+    // Marks: only the masked bits change, only where asked, only once.
+    let kept = ports[1];
+    let remark = || {
+        t.router.run(|| {
+            mark_where(0x00ff_0000, |e| {
+                (e.orig.proto == 17 && e.orig.sport == kept).then_some(0x0005_0000)
+            })
+        })
+    };
+    assert_eq!(remark().unwrap(), 1);
+    assert_eq!(remark().unwrap(), 0);
+    let entries = t.router.run(dump).unwrap();
+    for e in &entries {
+        let want = if e.orig.proto == 17 {
+            0x5_0000
+        } else {
+            0x2_0000
+        };
+        assert_eq!(e.mark, want, "{e:?}");
+    }
 }
 
 /// 100 000 entries: a dump of many datagrams and deletes in batches.

@@ -208,16 +208,60 @@ impl Daemon {
         self.host.save(&self.cfg.state_file())?;
         self.refresh_links(true).await?;
         self.sync_nft().await?;
+        self.adopt_connections().await;
         self.attach_lans().await?;
         self.start_probers();
         Ok(())
+    }
+
+    /// Connections older than mwan's nftables table (made before mwan
+    /// started, by the main table's routes) carry no WAN in their ct mark:
+    /// record the WAN whose address they use (the masqueraded source of a
+    /// LAN connection, the router's own source, the destination of an
+    /// inbound one), so that they keep that WAN whatever happens to the
+    /// pins (see `nft`). Connections whose ct mark names a WAN already are
+    /// left alone.
+    async fn adopt_connections(&self) {
+        let mask = self.cfg.mark_mask;
+        let wans: Vec<(Ipv4Addr, u32)> = self
+            .wans
+            .iter()
+            .filter_map(|w| Some((w.link.address()?, w.mark)))
+            .collect();
+        if wans.is_empty() {
+            return;
+        }
+        let res = tokio::task::spawn_blocking(move || {
+            conntrack::mark_where(mask, |e| {
+                if e.mark & mask != 0 {
+                    return None;
+                }
+                let uses =
+                    |a: Ipv4Addr| [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst].contains(&a);
+                wans.iter().find(|(a, _)| uses(*a)).map(|(_, m)| *m)
+            })
+        })
+        .await;
+        match res {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                connections = n,
+                "existing connections adopted: their WAN recorded in conntrack"
+            ),
+            Ok(Err(e)) => warn!(error = %e, "recording the WAN of existing connections"),
+            Err(e) => warn!(error = %e, "recording the WAN of existing connections"),
+        }
     }
 
     fn apply_sysctls(&mut self) -> Result<()> {
         let ifaces: Vec<String> = self.cfg.wans.iter().map(|w| w.interface.clone()).collect();
         let per_iface: HashSet<String> = ifaces
             .iter()
-            .map(|i| sysctl::iface_key(i, "rp_filter"))
+            .flat_map(|i| {
+                sysctl::WAN_IFACE_SETTINGS
+                    .iter()
+                    .map(move |(name, _)| sysctl::iface_key(i, name))
+            })
             .collect();
         for (k, v) in sysctl::router_settings(&ifaces) {
             if let Err(e) = sysctl::set(&mut self.host.sysctls, &k, &v) {

@@ -233,11 +233,18 @@ impl Daemon {
             wans,
             flows_total: total,
             flows_counted_secs_ago: counted_ago,
-            counters: COUNTER_NAMES
-                .iter()
-                .zip(global)
-                .map(|(n, v)| (n.to_string(), v))
-                .collect(),
+            counters: {
+                let mut c: BTreeMap<String, u64> = COUNTER_NAMES
+                    .iter()
+                    .zip(global)
+                    .map(|(n, v)| (n.to_string(), v))
+                    .collect();
+                // The LRU map evicts silently: pins made that the map no
+                // longer holds (as of the flow count's time).
+                let made = c.get("new_flows").copied().unwrap_or(0);
+                c.insert("evicted_pins".into(), made.saturating_sub(total));
+                c
+            },
             events: self.events.iter().cloned().collect(),
         })
     }
