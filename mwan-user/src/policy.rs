@@ -13,11 +13,12 @@
 //! the first `degraded` one). A rule without candidates is inactive: its flows
 //! fall back to the default policy in the datapath.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use mwan_common::{
-    Policy, MAX_POLICIES, POLICY_BALANCE, POLICY_MAIN, POLICY_ORDERED, SLOTS, WAN_NONE,
+    Policy, DEFAULT_POLICY, MAX_POLICIES, MAX_RULES, POLICY_BALANCE, POLICY_MAIN, POLICY_ORDERED,
+    SLOTS, WAN_NONE,
 };
 
 use crate::config::{Action, AllDown, Proto, Rule};
@@ -133,7 +134,8 @@ fn balance_policy(members: &[(u8, u32)]) -> Policy {
 /// What the datapath needs for a set of WAN states.
 #[derive(Clone)]
 pub struct Compiled {
-    /// Index 0 is the default policy; rule `i` uses policy `i + 1`.
+    /// Index 0 is the default policy; rule `i` uses its stable id (see
+    /// [`assign_rule_policies`]); every id up to `MAX_POLICIES` is present.
     pub policies: Vec<Policy>,
     /// `alive` per WAN view, in the order given.
     pub alive: Vec<(u8, bool)>,
@@ -144,11 +146,15 @@ pub struct Compiled {
     pub all_down: bool,
 }
 
-/// Compiles policies. `last_default` is the default policy's members from the
-/// previous compile, used when every WAN is down under `all_down = "last"`.
+/// Compiles policies: the default policy at index 0, rule `i`'s at
+/// `policy_ids[i]`, unused ids empty (a flow of a removed rule falls back to
+/// the default policy). `last_default` is the default policy's members from
+/// the previous compile, used when every WAN is down under
+/// `all_down = "last"`.
 pub fn compile(
     wans: &[WanView],
     rules: &[Rule],
+    policy_ids: &[u8],
     all_down: AllDown,
     last_default: &[(u8, u32)],
 ) -> Compiled {
@@ -161,8 +167,9 @@ pub fn compile(
             default_members = last_default.to_vec();
         }
     }
-    let mut policies = vec![balance_policy(&default_members)];
-    for rule in rules {
+    let mut policies = vec![Policy::EMPTY; MAX_POLICIES as usize];
+    policies[DEFAULT_POLICY as usize] = balance_policy(&default_members);
+    for (rule, id) in rules.iter().zip(policy_ids) {
         let p = match &rule.action {
             Action::Main => {
                 let mut p = Policy::EMPTY;
@@ -181,9 +188,8 @@ pub fn compile(
                 p
             }
         };
-        policies.push(p);
+        policies[*id as usize] = p;
     }
-    assert!(policies.len() <= MAX_POLICIES as usize);
     // A WAN kept in service while everything is down must stay alive, or
     // its pins would be re-chosen onto itself forever.
     let kept: BTreeSet<u8> = if everything_down {
@@ -205,7 +211,7 @@ pub fn compile(
 
 /// Share (0..=1) of new flows each WAN gets under the default policy.
 pub fn shares(policy: &Policy) -> Vec<(u8, f64)> {
-    let mut counts = std::collections::BTreeMap::new();
+    let mut counts = BTreeMap::new();
     if policy.active == 0 {
         return vec![];
     }
@@ -295,8 +301,44 @@ fn port_masks(
     (table, any)
 }
 
-pub fn compile_rules(rules: &[Rule]) -> CompiledRules {
+/// Stable policy ids for the rules, by name: a rule keeps the id it had in
+/// `previous` (flows it pinned record that id, and re-choose with it when
+/// their WAN dies, whatever the rules' order is after a reload); a new
+/// rule takes the lowest id in `1..=MAX_RULES` that no rule holds,
+/// preferring ids `previous` did not use (a removed rule's flows then fall
+/// back to the default policy instead of landing on another rule's).
+pub fn assign_rule_policies(names: &[&str], previous: &BTreeMap<String, u8>) -> Vec<u8> {
+    let mut taken = BTreeSet::new();
+    let mut ids: Vec<Option<u8>> = names
+        .iter()
+        .map(|n| {
+            let id = previous
+                .get(*n)
+                .copied()
+                .filter(|id| (1..=MAX_RULES as u8).contains(id) && !taken.contains(id))?;
+            taken.insert(id);
+            Some(id)
+        })
+        .collect();
+    let used_before: BTreeSet<u8> = previous.values().copied().collect();
+    for slot in ids.iter_mut().filter(|s| s.is_none()) {
+        let free = |id: &u8| !taken.contains(id);
+        let id = (1..=MAX_RULES as u8)
+            .filter(free)
+            .find(|id| !used_before.contains(id))
+            .or_else(|| (1..=MAX_RULES as u8).find(free))
+            .expect("config validation bounds the rule count");
+        taken.insert(id);
+        *slot = Some(id);
+    }
+    ids.into_iter().map(|i| i.expect("assigned")).collect()
+}
+
+/// Compiles the rules' match tables; rule `i` selects policy
+/// `policy_ids[i]` (see [`assign_rule_policies`]).
+pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
     assert!(rules.len() <= 64, "config validation bounds the rule count");
+    assert_eq!(rules.len(), policy_ids.len(), "one policy id per rule");
     let bit = |i: usize| 1u64 << i;
     let mut proto = vec![0u64; 256];
     for (i, r) in rules.iter().enumerate() {
@@ -338,7 +380,7 @@ pub fn compile_rules(rules: &[Rule]) -> CompiledRules {
         any_iface,
         any_sport,
         any_dport,
-        actions: (1..=rules.len() as u32).collect(),
+        actions: policy_ids.iter().map(|id| *id as u32).collect(),
     }
 }
 
@@ -459,7 +501,7 @@ mod tests {
     fn drained_and_unknown_take_no_new_flows_but_stay_alive() {
         let mut wans = vec![view(0, 1, 1, Health::Good), view(1, 1, 1, Health::Unknown)];
         wans[0].drained = true;
-        let c = compile(&wans, &[], AllDown::Last, &[]);
+        let c = compile(&wans, &[], &[], AllDown::Last, &[]);
         assert!(c.all_down);
         assert_eq!(c.alive, vec![(0, true), (1, true)]);
         assert_eq!(c.policies[0].active, 0);
@@ -469,12 +511,12 @@ mod tests {
     fn all_down_keeps_last_set_alive_or_goes_unreachable() {
         let wans = vec![view(0, 1, 1, Health::Bad), view(1, 1, 1, Health::Bad)];
         let last = vec![(1u8, 1u32)];
-        let c = compile(&wans, &[], AllDown::Last, &last);
+        let c = compile(&wans, &[], &[], AllDown::Last, &last);
         assert!(c.all_down);
         assert_eq!(c.default_members, last);
         assert_eq!(c.alive, vec![(0, false), (1, true)]);
         assert_eq!(share_of(&c.policies[0], 1), 1.0);
-        let c = compile(&wans, &[], AllDown::Unreachable, &last);
+        let c = compile(&wans, &[], &[], AllDown::Unreachable, &last);
         assert!(c.default_members.is_empty());
         assert_eq!(c.policies[0].active, 0);
         assert_eq!(c.alive, vec![(0, false), (1, false)]);
@@ -518,12 +560,46 @@ dst = ["198.51.100.0/24"]
 main = true
 "#;
 
+    /// Policy ids as a fresh daemon assigns them: rule `i` gets `i + 1`.
+    fn positions(rules: &[Rule]) -> Vec<u8> {
+        let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        assign_rule_policies(&names, &BTreeMap::new())
+    }
+
+    #[test]
+    fn rule_policy_ids_follow_the_rule_not_its_position() {
+        let none = BTreeMap::new();
+        assert_eq!(
+            assign_rule_policies(&["web", "mail", "vpn"], &none),
+            vec![1, 2, 3]
+        );
+        let before: BTreeMap<String, u8> = [("web", 1), ("mail", 2), ("vpn", 3)]
+            .map(|(n, i)| (n.to_string(), i))
+            .into();
+        // Reordered: each rule keeps its id.
+        assert_eq!(
+            assign_rule_policies(&["vpn", "web", "mail"], &before),
+            vec![3, 1, 2]
+        );
+        // "mail" removed, "games" added first: games avoids mail's id.
+        assert_eq!(
+            assign_rule_policies(&["games", "web", "vpn"], &before),
+            vec![4, 1, 3]
+        );
+        // Only when every id was used is a freed one reused.
+        let full: BTreeMap<String, u8> = (1..=MAX_RULES as u8)
+            .map(|i| (format!("r{i}"), i))
+            .collect();
+        assert_eq!(assign_rule_policies(&["r7", "new"], &full), vec![7, 1]);
+    }
+
     #[test]
     fn ordered_rules_take_first_eligible() {
         let c = config_with_rules(TUTORIAL);
         let mut wans = vec![view(0, 1, 1, Health::Good), view(1, 1, 1, Health::Good)];
-        let comp = compile(&wans, &c.rules, AllDown::Last, &[]);
-        assert_eq!(comp.policies.len(), 5);
+        let comp = compile(&wans, &c.rules, &positions(&c.rules), AllDown::Last, &[]);
+        assert_eq!(comp.policies.len(), MAX_POLICIES as usize);
+        assert_eq!(comp.policies[5].active, 0);
         assert_eq!(comp.policies[1].kind, POLICY_ORDERED);
         assert_eq!(share_of(&comp.policies[1], 0), 1.0);
         assert_eq!(share_of(&comp.policies[2], 1), 1.0);
@@ -531,7 +607,7 @@ main = true
         // Mail falls back to isp1 while isp2 is down, the subnet rule goes
         // inactive (datapath falls back to the default policy).
         wans[1].health = Health::Bad;
-        let comp = compile(&wans, &c.rules, AllDown::Last, &[]);
+        let comp = compile(&wans, &c.rules, &positions(&c.rules), AllDown::Last, &[]);
         assert_eq!(share_of(&comp.policies[2], 0), 1.0);
         assert_eq!(comp.policies[3].active, 0);
     }
@@ -539,7 +615,7 @@ main = true
     #[test]
     fn rule_matching_is_first_match() {
         let c = config_with_rules(TUTORIAL);
-        let r = compile_rules(&c.rules);
+        let r = compile_rules(&c.rules, &positions(&c.rules));
         let ip = |s: &str| s.parse().unwrap();
         let m = |proto: u8, src: &str, dst: &str, dport: u16, iface: &str| {
             r.matching_rule(proto, ip(src), ip(dst), 40000, dport, iface)
@@ -575,7 +651,7 @@ proto = "udp"
 balance = ["isp1", "isp2"]
 "#,
         );
-        let r = compile_rules(&c.rules);
+        let r = compile_rules(&c.rules, &positions(&c.rules));
         let ip = |s: &str| s.parse().unwrap();
         // An address inside the /26 also lies in the /24: rule 0 on lan1.
         assert_eq!(

@@ -236,6 +236,40 @@ fn reload_changes_weights_and_adds_a_wan_without_moving_streams() {
     }
 }
 
+/// `mark_mask = "0x300"` numbers exactly three WANs. Replacing one on
+/// reload (a renamed uplink) must give the new WAN a mark inside the mask
+/// (the freed id), or its traffic would never reach its table.
+#[test]
+fn a_wan_replaced_on_reload_gets_a_mark_inside_the_mask() {
+    let lab = Lab::builder().lan_hosts(2).isps(3).build().unwrap();
+    let text = config_with(&lab, "mark_mask = \"0x300\"", &|_| String::new(), "");
+    let mwan = Mwan::start(&lab, &text).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    std::fs::write(
+        &mwan.config,
+        text.replace("name = \"isp3\"", "name = \"fibre\""),
+    )
+    .unwrap();
+    let msg = mwan.cli_ok(&["reload"]).unwrap();
+    assert!(
+        msg.contains("added fibre") && msg.contains("removed isp3"),
+        "{msg}"
+    );
+    mwan.wait_state("fibre", "up", UP).unwrap();
+    let rules = lab.router().sh("ip rule show").unwrap();
+    assert!(
+        !rules.contains("0x400"),
+        "a mark outside the mask:\n{rules}"
+    );
+    let seen: Vec<SocketAddrV4> = lab
+        .hosts()
+        .iter()
+        .flat_map(|h| many_tcp_whoami(h, TCP_WHOAMI, 150, 8))
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 3, "{:?}", shares(&lab, &seen));
+}
+
 #[test]
 fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();

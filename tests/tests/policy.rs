@@ -190,3 +190,36 @@ fn a_rule_change_on_reload_applies_to_new_connections_only() {
     let report = stream.close();
     assert_eq!(lab.wan_of(*report.source.ip()), Some(2));
 }
+
+/// A pinned flow re-chooses with the rule that pinned it, whatever the
+/// rules' order after a reload (pins record a rule's stable policy id, not
+/// its position). The UDP flow matches "udp-whoami" (ISP 1, then ISP 3);
+/// after the reload "other" (ISP 2 only) stands first. When ISP 1 dies the
+/// flow must continue through ISP 3, not ISP 2.
+#[test]
+fn a_moved_flow_keeps_its_rule_after_the_rules_are_reordered() {
+    let lab = Lab::builder().lan_hosts(1).isps(3).build().unwrap();
+    let whoami = format!(
+        "[[rule]]\nname = \"udp-whoami\"\nproto = \"udp\"\ndst_ports = [{UDP_WHOAMI_PORT}]\nwans = [\"isp1\", \"isp3\"]\n"
+    );
+    let other = "[[rule]]\nname = \"other\"\ndst_ports = [9999]\nwans = [\"isp2\"]\n";
+    let cfg = |rules: &str| config_with(&lab, "hold_down = \"1s\"", &|_| String::new(), rules);
+    let mwan = Mwan::start(&lab, &cfg(&format!("{whoami}{other}"))).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let flow = lab.host(0).udp_flow(UDP_WHOAMI).unwrap();
+    assert_eq!(lab.wan_of(*flow.whoami().unwrap().ip()), Some(1));
+    std::fs::write(&mwan.config, cfg(&format!("{other}{whoami}"))).unwrap();
+    let msg = mwan.cli_ok(&["reload"]).unwrap();
+    assert!(msg.contains("rules changed"), "{msg}");
+    assert_eq!(lab.wan_of(*flow.whoami().unwrap().ip()), Some(1));
+    lab.isp(1).set_carrier(false).unwrap();
+    mwan.wait_state("isp1", "down", UP).unwrap();
+    let moved = wait_until(Duration::from_secs(3), || {
+        flow.whoami()
+            .is_ok_and(|seen| lab.wan_of(*seen.ip()) != Some(1))
+    });
+    assert!(moved, "the UDP flow did not leave the dead ISP 1");
+    for _ in 0..5 {
+        assert_eq!(lab.wan_of(*flow.whoami().unwrap().ip()), Some(3));
+    }
+}

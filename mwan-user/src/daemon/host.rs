@@ -2,6 +2,7 @@
 //! so that a later daemon (restart in keep mode) or `mwan stop --teardown`
 //! without a daemon can undo it, and the teardown itself.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -26,6 +27,11 @@ pub struct HostState {
     pub clsact_added: Vec<String>,
     pub pin_dir: PathBuf,
     pub table_base: u32,
+    /// The policy id of each rule, by name (see
+    /// `policy::assign_rule_policies`): pins record it, so it must outlive
+    /// a restart.
+    #[serde(default)]
+    pub rule_policies: BTreeMap<String, u8>,
 }
 
 impl HostState {

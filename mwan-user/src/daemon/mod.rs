@@ -35,7 +35,7 @@ use crate::hooks::{run_hook, HookEvent};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
 use crate::{conntrack, nft, nudge, sysctl};
-use wan::{assign_ids, LinkInfo, WanRt};
+use wan::{assign_ids, id_capacity, LinkInfo, WanRt};
 
 const MAX_EVENTS: usize = 100;
 /// Only TCP connections active this recently are nudged when their WAN
@@ -151,7 +151,7 @@ impl Daemon {
         let inherited = self.dp.inherited;
         let pinned_names = self.dp.maps.names()?;
         let names: Vec<&str> = self.cfg.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &pinned_names);
+        let ids = assign_ids(&names, &pinned_names, id_capacity(self.cfg.mark_mask));
         if inherited {
             // The last default policy keeps balancing continuous.
             let p = self.dp.maps.policy(0)?;
@@ -293,7 +293,14 @@ impl Daemon {
     /// Rules are written with matching switched off (rule_count 0), then
     /// switched on: a half-written rule set is never used.
     fn sync_settings_and_rules(&mut self) -> Result<()> {
-        let rules = policy::compile_rules(&self.cfg.rules);
+        let names: Vec<&str> = self.cfg.rules.iter().map(|r| r.name.as_str()).collect();
+        let ids = policy::assign_rule_policies(&names, &self.host.rule_policies);
+        self.host.rule_policies = names
+            .iter()
+            .zip(&ids)
+            .map(|(n, id)| (n.to_string(), *id))
+            .collect();
+        let rules = policy::compile_rules(&self.cfg.rules, &ids);
         if self.rules_written.as_ref() == Some(&rules) {
             let s = self.settings(rules.count, &rules);
             return self.dp.maps.write_settings(&s);
@@ -520,40 +527,64 @@ impl Daemon {
     /// entries of WANs that died.
     async fn sync_policies(&mut self) -> Result<()> {
         let views: Vec<_> = self.wans.iter().map(|w| w.view()).collect();
+        let ids: Vec<u8> = self
+            .cfg
+            .rules
+            .iter()
+            .map(|r| self.host.rule_policies[&r.name])
+            .collect();
         let c = policy::compile(
             &views,
             &self.cfg.rules,
+            &ids,
             self.cfg.all_down,
             &self.last_default,
         );
         if !c.all_down {
             self.last_default = c.default_members.clone();
         }
-        self.dp.maps.write_policies(&c.policies)?;
+        // Order matters to the datapath, which reads these maps between any
+        // two writes: a WAN coming back is alive before a policy hands it
+        // new flows (else a flow pinned in between is re-pinned on its
+        // second packet); a dying WAN leaves the policies before its pins
+        // are invalidated (else a new flow could still be pinned to it).
+        let changed: Vec<(usize, bool)> = c
+            .alive
+            .iter()
+            .filter_map(|(id, alive)| {
+                let i = self
+                    .wans
+                    .iter()
+                    .position(|w| w.id == *id)
+                    .expect("view of a WAN");
+                (self.wans[i].alive != *alive).then_some((i, *alive))
+            })
+            .collect();
+        let write_alive = |dp: &mut Datapath, wans: &mut [WanRt], i: usize, alive: bool| {
+            let w = &mut wans[i];
+            w.alive = alive;
+            dp.maps.write_wan(
+                w.id,
+                WanEntry {
+                    mark: w.mark,
+                    alive: alive as u32,
+                },
+            )
+        };
         let mut died = Vec::new();
-        let mut revived = Vec::new();
-        for (id, alive) in &c.alive {
-            let w = self
-                .wans
-                .iter_mut()
-                .find(|w| w.id == *id)
-                .expect("view of a WAN");
-            if w.alive != *alive {
-                self.dp.maps.write_wan(
-                    w.id,
-                    WanEntry {
-                        mark: w.mark,
-                        alive: *alive as u32,
-                    },
-                )?;
-                if *alive {
-                    revived.push(w.id);
-                } else {
-                    died.push(w.id);
-                }
-                w.alive = *alive;
-            }
+        for &(i, _) in changed.iter().filter(|(_, alive)| *alive) {
+            write_alive(&mut self.dp, &mut self.wans, i, true)?;
         }
+        self.dp.maps.write_policies(&c.policies)?;
+        for &(i, _) in changed.iter().filter(|(_, alive)| !*alive) {
+            write_alive(&mut self.dp, &mut self.wans, i, false)?;
+            died.push(self.wans[i].id);
+        }
+        let revived: Vec<u8> = changed
+            .iter()
+            .filter(|(_, alive)| *alive)
+            .map(|(i, _)| self.wans[*i].id)
+            .collect();
         let started = self
             .wans
             .iter()
@@ -889,9 +920,22 @@ impl Daemon {
             current[w.id as usize] = Some(w.cfg.name.clone());
         }
         let names: Vec<&str> = new.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &current);
-        let mut old: Vec<WanRt> = std::mem::take(&mut self.wans);
+        let ids = assign_ids(&names, &current, id_capacity(new.mark_mask));
+        // Removed WANs go first: a new WAN may take a removed one's id (the
+        // mark mask numbers only so many), and must not be cleared after.
+        let (mut old, removed): (Vec<WanRt>, Vec<WanRt>) = std::mem::take(&mut self.wans)
+            .into_iter()
+            .partition(|w| names.contains(&w.cfg.name.as_str()));
         let mut summary = Vec::new();
+        for w in removed {
+            summary.push(format!("removed {}", w.cfg.name));
+            info!(wan = %w.cfg.name, "WAN removed by reload; its flows move");
+            self.dp.maps.write_wan(w.id, WanEntry::default())?;
+            self.dp.maps.write_name(w.id, None)?;
+            self.net.flush_table(w.table).await?;
+            // Its pins are no longer alive; delete its connections.
+            self.flush_conntrack_of(&w);
+        }
         for (wcfg, id) in new.wans.iter().cloned().zip(ids) {
             let mark = new.wan_mark(id);
             match old.iter().position(|w| w.cfg.name == wcfg.name) {
@@ -931,15 +975,6 @@ impl Daemon {
                     self.wans.push(w);
                 }
             }
-        }
-        for w in old {
-            summary.push(format!("removed {}", w.cfg.name));
-            info!(wan = %w.cfg.name, "WAN removed by reload; its flows move");
-            self.dp.maps.write_wan(w.id, WanEntry::default())?;
-            self.dp.maps.write_name(w.id, None)?;
-            self.net.flush_table(w.table).await?;
-            // Its pins are no longer alive; delete its connections.
-            self.flush_conntrack_of(&w);
         }
         self.wans.sort_by_key(|w| w.id);
         let removed_lans: Vec<String> = self

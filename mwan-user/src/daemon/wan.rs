@@ -130,14 +130,28 @@ impl WanRt {
     }
 }
 
-/// Stable WAN ids: a WAN keeps the id recorded in the pinned `WAN_NAMES`
-/// (its flows refer to it); new WANs take the lowest id that no configured
-/// WAN holds. `pinned[i]` is the name recorded for id `i`.
-pub fn assign_ids(names: &[&str], pinned: &[Option<String>]) -> Vec<u8> {
-    let mut taken = vec![false; MAX_WANS as usize];
+/// How many WAN ids `mark_mask` can number: id `i` uses mark
+/// `(i + 1) << shift`, which must stay inside the mask (and below
+/// [`MAX_WANS`]).
+pub fn id_capacity(mark_mask: u32) -> usize {
+    let marks = mark_mask >> mark_mask.trailing_zeros();
+    (marks as usize).min(MAX_WANS as usize)
+}
+
+/// Stable WAN ids below `capacity` (see [`id_capacity`]): a WAN keeps the
+/// id recorded in the pinned `WAN_NAMES` (its flows refer to it); new WANs
+/// take the lowest id that no configured WAN holds. `pinned[i]` is the
+/// name recorded for id `i`.
+pub fn assign_ids(names: &[&str], pinned: &[Option<String>], capacity: usize) -> Vec<u8> {
+    let capacity = capacity.min(MAX_WANS as usize);
+    let mut taken = vec![false; capacity];
     let mut ids = vec![None; names.len()];
     for (i, n) in names.iter().enumerate() {
-        if let Some(id) = pinned.iter().position(|p| p.as_deref() == Some(*n)) {
+        if let Some(id) = pinned
+            .iter()
+            .take(capacity)
+            .position(|p| p.as_deref() == Some(*n))
+        {
             ids[i] = Some(id as u8);
             taken[id] = true;
         }
@@ -146,10 +160,10 @@ pub fn assign_ids(names: &[&str], pinned: &[Option<String>]) -> Vec<u8> {
     // land on a new WAN's id by accident.
     let pinned_used = |id: usize| pinned.get(id).map(|p| p.is_some()).unwrap_or(false);
     for slot in ids.iter_mut().filter(|s| s.is_none()) {
-        let id = (0..MAX_WANS as usize)
+        let id = (0..capacity)
             .find(|id| !taken[*id] && !pinned_used(*id))
-            .or_else(|| (0..MAX_WANS as usize).find(|id| !taken[*id]))
-            .expect("config validation bounds the number of WANs");
+            .or_else(|| (0..capacity).find(|id| !taken[*id]))
+            .expect("config validation bounds the number of WANs by the mark mask");
         taken[id] = true;
         *slot = Some(id as u8);
     }
@@ -162,18 +176,37 @@ mod tests {
 
     #[test]
     fn ids_are_stable_across_restarts_and_reloads() {
-        assert_eq!(assign_ids(&["a", "b", "c"], &[]), vec![0, 1, 2]);
+        const ALL: usize = MAX_WANS as usize;
+        assert_eq!(assign_ids(&["a", "b", "c"], &[], ALL), vec![0, 1, 2]);
         let pinned = vec![
             Some("a".to_string()),
             Some("b".to_string()),
             Some("c".to_string()),
         ];
         // b removed, d added: d must not inherit b's id (b's flows must move).
-        assert_eq!(assign_ids(&["c", "a", "d"], &pinned), vec![2, 0, 3]);
+        assert_eq!(assign_ids(&["c", "a", "d"], &pinned, ALL), vec![2, 0, 3]);
         // Reordered config keeps ids.
-        assert_eq!(assign_ids(&["b", "a"], &pinned), vec![1, 0]);
+        assert_eq!(assign_ids(&["b", "a"], &pinned, ALL), vec![1, 0]);
         // When every id was used once, a free one is reused.
         let full: Vec<Option<String>> = (0..MAX_WANS).map(|i| Some(format!("w{i}"))).collect();
-        assert_eq!(assign_ids(&["w3", "new"], &full), vec![3, 0]);
+        assert_eq!(assign_ids(&["w3", "new"], &full, ALL), vec![3, 0]);
+    }
+
+    /// `mark_mask = "0x300"` numbers three WANs (marks 0x100, 0x200,
+    /// 0x300): replacing one on reload reuses the freed id rather than
+    /// handing out id 3 (mark 0x400, outside the mask).
+    #[test]
+    fn ids_stay_within_the_mark_mask() {
+        assert_eq!(id_capacity(0x300), 3);
+        assert_eq!(id_capacity(0x00ff_0000), MAX_WANS as usize);
+        assert_eq!(id_capacity(0x1), 1);
+        let pinned = vec![
+            Some("a".to_string()),
+            Some("b".to_string()),
+            Some("c".to_string()),
+        ];
+        assert_eq!(assign_ids(&["a", "b", "d"], &pinned, 3), vec![0, 1, 2]);
+        // A pinned id the mask no longer numbers is not kept.
+        assert_eq!(assign_ids(&["c", "a"], &pinned, 2), vec![1, 0]);
     }
 }
