@@ -32,6 +32,7 @@ use crate::control::{Event, Request, Response};
 use crate::datapath::{self, Datapath};
 use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
+use crate::logfield::shown;
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
 use crate::{conntrack, nft, nudge, sysctl};
@@ -353,13 +354,13 @@ impl Daemon {
                     None => self.net.flush_table(w.table).await?,
                 }
                 if !force && old.nexthop != info.nexthop {
-                    info!(wan = %w.cfg.name, nexthop = ?info.nexthop, "gateway changed");
+                    info!(wan = %w.cfg.name, gateway = info.gateway_text(&w.cfg), "gateway changed");
                 }
             }
             if old.addr != info.addr {
                 rules_dirty = true;
                 if !force {
-                    info!(wan = %w.cfg.name, address = ?info.addr.map(|a| a.to_string()), "address changed");
+                    info!(wan = %w.cfg.name, address = shown(info.addr), "address changed");
                 }
             }
             if info.ifindex.is_some() && old.ifindex != info.ifindex {
@@ -684,8 +685,8 @@ impl Daemon {
             to = %t.to,
             reason = %t.reason,
             loss_pct = m.loss_pct,
-            rtt_ms = ?m.rtt_ms,
-            jitter_ms = ?m.jitter_ms,
+            rtt_ms = m.rtt_ms,
+            jitter_ms = m.jitter_ms,
             failed_targets = ?m.failed_targets,
             "wan state changed"
         );
