@@ -3,8 +3,8 @@
 //! A field given to `tracing` with `?` prints its `Debug` form, so an
 //! `Option` reads `rtt_ms=Some(4.1)` or `rtt_ms=None`. tracing records an
 //! `Option` of a field value as the value when present and leaves the field
-//! out when absent: pass numbers and strings as they are (`rtt_ms = m.rtt_ms`)
-//! and anything else printable through [`shown`].
+//! out when absent: pass optional numbers as they are and anything else
+//! (strings too, which would otherwise be quoted) through [`shown`].
 
 use std::fmt;
 
@@ -14,6 +14,12 @@ use tracing::field::{display, DisplayValue};
 /// left out of the line when absent.
 pub fn shown<T: fmt::Display>(v: Option<T>) -> Option<DisplayValue<T>> {
     v.map(display)
+}
+
+/// An optional time in milliseconds, to two decimals (`rtt_ms=4.79`), left
+/// out when absent.
+pub fn millis(v: Option<f64>) -> Option<DisplayValue<String>> {
+    shown(v.map(|v| format!("{v:.2}")))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config, config_with, router_snapshot, shares, Mwan};
+use lab::mwan::{config, config_with, router_snapshot, shares, with_state_dir, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -350,12 +350,15 @@ fn the_routers_own_traffic_uses_every_wan() {
 fn sigterm_removes_everything_mwan_added() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let before = router_snapshot(&lab);
+    // A state_dir mwan creates itself (as /run/mwan).
+    let state = lab.state_dir().join("mwan");
     let text = config_with(
         &lab,
         "sticky = \"host\"",
         &|_| String::new(),
         "\n[[rule]]\ndst_ports = [25]\nwans = [\"isp2\"]\n",
     );
+    let text = with_state_dir(&lab, &text, &state);
     let mut mwan = Mwan::start(&lab, &text).unwrap();
     mwan.wait_all_up(UP).unwrap();
     let during = router_snapshot(&lab);
@@ -371,12 +374,18 @@ fn sigterm_removes_everything_mwan_added() {
     assert!(log.contains("everything mwan added was removed"), "{log}");
     let after = router_snapshot(&lab);
     assert_eq!(before, after, "SIGTERM left changes behind");
-    assert!(!lab.state_dir().join("mwan.sock").exists());
-    // Ctrl-C (SIGINT) does the same.
+    assert!(!state.exists(), "SIGTERM left the state_dir mwan created");
+    // Ctrl-C (SIGINT) does the same; a state_dir the admin made stays.
+    std::fs::create_dir(&state).unwrap();
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
     mwan.stop_with(libc::SIGINT).unwrap();
     assert_eq!(before, router_snapshot(&lab), "SIGINT left changes behind");
+    let left: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "mwan's files left in the state_dir: {left:?}"
+    );
 }
 
 #[test]
