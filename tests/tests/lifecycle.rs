@@ -312,21 +312,28 @@ fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
         good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = 5000"),
     )
     .unwrap();
+    let bad = std::fs::read_to_string(&mwan.config).unwrap();
+    let line = bad[..bad.find("weight = 5000").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    let want = format!(
+        "{}:{line}: wan[1] (isp2).weight: 5000 is out of range",
+        mwan.config.display()
+    );
     let out = mwan.cli(&["reload"]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("wan[1] (isp2).weight: 5000 is out of range"),
-        "{err}"
-    );
-    // SIGHUP with the same file: logged, refused.
+    assert!(err.contains(&want), "{err}");
+    // SIGHUP with the same file: logged, refused, with the same place.
     mwan.cli_ok(&["status"]).ok();
     let pid = mwan.pid().unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     assert!(
         wait_until(Duration::from_secs(5), || mwan
             .log()
-            .contains("reload refused")),
+            .lines()
+            .any(|l| l.contains("reload refused") && l.contains(&want))),
         "{}",
         mwan.log()
     );
