@@ -417,6 +417,14 @@ fn stop(cli: &Cli, teardown: bool) -> Result<u8> {
     }
     // No daemon: remove what a previous one left behind.
     let cfg = Config::load(&cli.config)?;
+    // A running daemon holds the pin_dir lock, also one whose socket was
+    // removed. The lock is let go at once: a bpffs mwan mounted there
+    // cannot be unmounted while it is held open.
+    if cfg.pin_dir.is_dir() {
+        let lock = datapath::lock_pin_dir(&cfg.pin_dir)
+            .map_err(|e| anyhow!("{e:#}; nothing was torn down"))?;
+        drop(lock);
+    }
     let host = mwan::daemon::HostState::load(&cfg.state_file())?.unwrap_or_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -201,7 +201,8 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
 
 /// A user without the right to the control socket is told so (exit code
 /// 6), not that the daemon is not running; `mwan stop --teardown` from that
-/// user leaves the daemon and everything it set up in place.
+/// user, or from root when the daemon's socket was deleted, leaves the
+/// daemon and everything it set up in place.
 #[test]
 fn a_user_without_rights_to_the_socket_is_told_so_and_tears_nothing_down() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
@@ -245,6 +246,20 @@ fn a_user_without_rights_to_the_socket_is_told_so_and_tears_nothing_down() {
         .collect();
     assert_eq!(shares(&lab, &seen).len(), 2);
     assert!(!mwan.log().contains("teardown"), "{}", mwan.log());
+
+    // Root, with the daemon's socket deleted: the daemon still holds its
+    // pin_dir, and `stop --teardown` must not pull the datapath away.
+    std::fs::remove_file(mwan.socket()).unwrap();
+    let out = mwan.cli(&["stop", "--teardown"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another mwan daemon is running") && err.contains("nothing was torn down"),
+        "{err}"
+    );
+    assert!(mwan.is_running(), "{}", mwan.log());
+    assert_eq!(router_snapshot(&lab), running, "torn down beside a daemon");
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
 }
 
 #[test]
