@@ -183,7 +183,8 @@ fn unreachable(socket: &Path, reach: control::Reach, more: &str) -> anyhow::Erro
     use control::Reach;
     let at = socket.display();
     match reach {
-        Reach::Connected(_) | Reach::NoSocket => {
+        // (Never called with `Connected`.)
+        Reach::NoSocket | Reach::Connected(_) => {
             NotRunning(format!("the mwan daemon is not running (no socket at {at}){more}")).into()
         }
         Reach::Stale => NotRunning(format!(
