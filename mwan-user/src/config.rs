@@ -1,7 +1,9 @@
 //! The configuration file (TOML): parsing and validation.
 //!
-//! Parsing is strict: unknown keys, duplicate names, bad addresses and values
-//! out of range are rejected with a message naming the key and the reason.
+//! Parsing is strict: syntax errors, unknown keys, values of the wrong type,
+//! duplicate names, bad addresses and values out of range are rejected with
+//! a message naming the file, the line (found from toml_edit's spans), the
+//! key and the reason.
 //! [`Config::parse`] checks everything that can be checked from the text
 //! alone; [`Config::check_system`] checks it against the host's interfaces.
 //! Nothing here touches the host.
