@@ -1,7 +1,9 @@
 //! The configuration file (TOML): parsing and validation.
 //!
-//! Parsing is strict: unknown keys, duplicate names, bad addresses and values
-//! out of range are rejected with a message naming the key and the reason.
+//! Parsing is strict: syntax errors, unknown keys, values of the wrong type,
+//! duplicate names, bad addresses and values out of range are rejected with
+//! a message naming the file, the line (found from toml_edit's spans), the
+//! key and the reason.
 //! [`Config::parse`] checks everything that can be checked from the text
 //! alone; [`Config::check_system`] checks it against the host's interfaces.
 //! Nothing here touches the host.
@@ -19,30 +21,180 @@ use serde::Deserialize;
 
 use mwan_common::{MAX_RULES, MAX_WANS, WAN_NAME_LEN};
 
-/// A configuration error: `key` names the offending setting as a path
-/// (`wan[1].weight`, `rule[0].dst_ports`), `reason` says what is wrong.
+/// A configuration error: where it is (`file`, `line`), which setting
+/// (`key`, a path such as `wan[1] (isp2).weight` or `rule[0].dst_ports`)
+/// and what is wrong (`reason`). Displayed as
+/// `mwan.toml:14: wan[1] (isp2).weight: 0 is out of range 1..=1000`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The config file, when the text came from one.
+    pub file: Option<PathBuf>,
+    /// 1-based line of the setting, or of its table when the key is
+    /// missing; none for what has no place in the text (no `[[wan]]` at all).
+    pub line: Option<usize>,
     pub key: String,
     pub reason: String,
+    path: KeyPath,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}", self.reason)
-        } else {
-            write!(f, "{}: {}", self.key, self.reason)
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, Some(line)) => write!(f, "line {line}: ")?,
+            (None, None) => {}
         }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.reason)
     }
 }
 
 impl std::error::Error for ConfigError {}
 
-fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+impl ConfigError {
+    /// Fills in the line from the document the error was found in.
+    fn locate(mut self, text: &str) -> ConfigError {
+        if self.line.is_none() {
+            if let Ok(doc) = toml_edit::ImDocument::parse(text) {
+                self.line = self
+                    .path
+                    .offset_in(&doc)
+                    .map(|at| line_of(text.as_bytes(), at));
+            }
+        }
+        self
+    }
+}
+
+fn err(key: impl Into<KeyPath>, reason: impl Into<String>) -> ConfigError {
+    let path = key.into();
     ConfigError {
-        key: key.into(),
+        file: None,
+        line: None,
+        key: path.to_string(),
         reason: reason.into(),
+        path,
+    }
+}
+
+/// 1-based line of byte offset `at` in `text`.
+fn line_of(text: &[u8], at: usize) -> usize {
+    text[..at.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Where a setting is: keys and list indexes from the top of the document,
+/// with the name of a WAN or rule shown beside its index
+/// (`wan[1] (isp2).weight`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct KeyPath(Vec<Seg>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+    /// Shown only; not part of the document's structure.
+    Label(String),
+}
+
+impl KeyPath {
+    fn with(&self, seg: Seg) -> KeyPath {
+        let mut p = self.clone();
+        p.0.push(seg);
+        p
+    }
+    fn key(&self, k: &str) -> KeyPath {
+        self.with(Seg::Key(k.to_string()))
+    }
+    fn index(&self, i: usize) -> KeyPath {
+        self.with(Seg::Index(i))
+    }
+    fn label(&self, name: &str) -> KeyPath {
+        self.with(Seg::Label(name.to_string()))
+    }
+
+    /// Byte offset of the setting in `doc`: its key (or list item), else
+    /// the deepest enclosing table or key that exists (a missing key is
+    /// reported at its table's header).
+    fn offset_in(&self, doc: &toml_edit::ImDocument<&str>) -> Option<usize> {
+        use toml_edit::{Item, Table, TableLike, Value};
+        enum At<'a> {
+            Item(&'a Item),
+            Table(&'a Table),
+        }
+        let mut at = At::Table(doc.as_table());
+        let mut found = None;
+        for seg in &self.0 {
+            match seg {
+                Seg::Label(_) => {}
+                Seg::Key(k) => {
+                    let table: &dyn TableLike = match at {
+                        At::Table(t) => t,
+                        At::Item(i) => match i.as_table_like() {
+                            Some(t) => t,
+                            None => break,
+                        },
+                    };
+                    let Some(next) = table.get(k) else { break };
+                    let span = table.key(k).and_then(|k| k.span()).or_else(|| next.span());
+                    found = span.map(|s| s.start).or(found);
+                    at = At::Item(next);
+                }
+                Seg::Index(i) => match at {
+                    At::Item(Item::ArrayOfTables(a)) => {
+                        // An `[[wan]]` table: its header.
+                        let Some(t) = a.get(*i) else { break };
+                        found = t.span().map(|s| s.start).or(found);
+                        at = At::Table(t);
+                    }
+                    At::Item(Item::Value(Value::Array(a))) => {
+                        if let Some(v) = a.get(*i) {
+                            found = v.span().map(|s| s.start).or(found);
+                        }
+                        break;
+                    }
+                    _ => break,
+                },
+            }
+        }
+        found
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => f.write_str(k)?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+                Seg::Label(l) => write!(f, " ({l})")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A top-level key (`"mark_mask"`); `""` is the whole file.
+impl From<&str> for KeyPath {
+    fn from(k: &str) -> KeyPath {
+        if k.is_empty() {
+            KeyPath::default()
+        } else {
+            KeyPath::default().key(k)
+        }
+    }
+}
+
+impl From<&KeyPath> for KeyPath {
+    fn from(p: &KeyPath) -> KeyPath {
+        p.clone()
     }
 }
 
@@ -283,6 +435,38 @@ pub struct Config {
     pub hook_timeout: Duration,
     pub wans: Vec<Wan>,
     pub rules: Vec<Rule>,
+    /// The text it was parsed from, to place errors found later.
+    source: Source,
+}
+
+/// Where a config came from, to give errors found after parsing (an
+/// interface that does not exist) their file and line. Not part of the
+/// config's meaning: any two compare equal.
+#[derive(Clone, Default)]
+struct Source {
+    file: Option<PathBuf>,
+    text: std::sync::Arc<str>,
+}
+
+impl PartialEq for Source {
+    fn eq(&self, _: &Source) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Source({:?})", self.file)
+    }
+}
+
+impl Source {
+    fn place(&self, e: ConfigError) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            ..e.locate(&self.text)
+        }
+    }
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mwan";
@@ -321,9 +505,9 @@ enum IntOrString {
     Str(String),
 }
 
-// Keys are checked by `check_keys` (serde cannot combine `flatten` with
-// `deny_unknown_fields`).
-#[derive(Deserialize, Default)]
+// Each key is read on its own (`get`), so that a value of the wrong type is
+// reported with its key path; unknown keys are reported by `check_keys`.
+#[derive(Default)]
 struct RawHealth {
     probe_targets: Option<Vec<String>>,
     probe_interval: Option<String>,
@@ -337,7 +521,6 @@ struct RawHealth {
     health_window: Option<i64>,
 }
 
-#[derive(Deserialize)]
 struct RawConfig {
     lan_interfaces: Option<Vec<String>>,
     sticky: Option<Sticky>,
@@ -353,15 +536,11 @@ struct RawConfig {
     failback: Option<Failback>,
     on_change: Option<String>,
     hook_timeout: Option<String>,
-    #[serde(flatten)]
     health: RawHealth,
-    #[serde(default)]
     wan: Vec<RawWan>,
-    #[serde(default)]
     rule: Vec<RawRule>,
 }
 
-#[derive(Deserialize)]
 struct RawWan {
     name: Option<String>,
     interface: Option<String>,
@@ -370,12 +549,9 @@ struct RawWan {
     tier: Option<i64>,
     nat: Option<bool>,
     enabled: Option<bool>,
-    #[serde(flatten)]
     health: RawHealth,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRule {
     name: Option<String>,
     proto: Option<OneOrMany<String>>,
@@ -387,6 +563,142 @@ struct RawRule {
     wans: Option<Vec<String>>,
     balance: Option<Vec<String>>,
     main: Option<bool>,
+}
+
+const INT: &str = "an integer";
+const BOOL: &str = "true or false";
+const STRING: &str = "a string";
+const DURATION: &str = "a duration such as \"5s\"";
+const STRINGS: &str = "a string or a list of strings";
+const WAN_NAMES: &str = "a list of WAN names";
+const PORTS: &str = "a list of ports and ranges such as [25, \"8000-8100\"]";
+
+/// Reads key `k` of `table` (at `at`) as a `T`; a value of another type is
+/// an error naming the key and what it must be.
+fn get<T: serde::de::DeserializeOwned>(
+    table: &toml::Table,
+    at: &KeyPath,
+    k: &str,
+    expected: &str,
+) -> Result<Option<T>, ConfigError> {
+    let Some(v) = table.get(k) else {
+        return Ok(None);
+    };
+    v.clone().try_into::<T>().map(Some).map_err(|e| {
+        let msg = e.message().trim();
+        let wrong_type = ["invalid type", "data did not match", "invalid length"]
+            .iter()
+            .any(|p| msg.starts_with(p));
+        let reason = if wrong_type {
+            let shown = match v {
+                toml::Value::Table(_) => "a table".to_string(),
+                v => v.to_string(),
+            };
+            format!("must be {expected}, not {shown}")
+        } else {
+            // An unknown enum variant: serde's message lists the choices.
+            msg.to_string()
+        };
+        err(at.key(k), reason)
+    })
+}
+
+impl RawHealth {
+    fn read(t: &toml::Table, at: &KeyPath) -> Result<RawHealth, ConfigError> {
+        Ok(RawHealth {
+            probe_targets: get(
+                t,
+                at,
+                "probe_targets",
+                "a list of targets such as [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]",
+            )?,
+            probe_interval: get(t, at, "probe_interval", DURATION)?,
+            probe_timeout: get(t, at, "probe_timeout", DURATION)?,
+            quorum: get(t, at, "quorum", INT)?,
+            down_after: get(t, at, "down_after", INT)?,
+            up_after: get(t, at, "up_after", INT)?,
+            hold_down: get(t, at, "hold_down", DURATION)?,
+            max_loss: get(t, at, "max_loss", "a number (percent)")?,
+            max_rtt: get(t, at, "max_rtt", DURATION)?,
+            health_window: get(t, at, "health_window", INT)?,
+        })
+    }
+}
+
+/// The tables of a `[[name]]` list (checked to be tables by `parse`).
+fn tables<'a>(top: &'a toml::Table, name: &str) -> Vec<&'a toml::Table> {
+    match top.get(name) {
+        Some(toml::Value::Array(items)) => items.iter().filter_map(|i| i.as_table()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `at` with the item's `name` shown beside its index, when it has one.
+fn labelled(t: &toml::Table, at: KeyPath) -> KeyPath {
+    match t.get("name").and_then(|n| n.as_str()) {
+        Some(n) => at.label(n),
+        None => at,
+    }
+}
+
+impl RawConfig {
+    fn read(t: &toml::Table) -> Result<RawConfig, ConfigError> {
+        let top = KeyPath::default();
+        let at = &top;
+        let mut raw = RawConfig {
+            lan_interfaces: get(t, at, "lan_interfaces", "a list of interface names")?,
+            sticky: get(t, at, "sticky", "\"connection\" or \"host\"")?,
+            host_ttl: get(t, at, "host_ttl", DURATION)?,
+            pin_dir: get(t, at, "pin_dir", "a path")?,
+            state_dir: get(t, at, "state_dir", "a path")?,
+            max_flows: get(t, at, "max_flows", INT)?,
+            max_hosts: get(t, at, "max_hosts", INT)?,
+            mark_mask: get(
+                t,
+                at,
+                "mark_mask",
+                "an integer or a string such as \"0x00ff0000\"",
+            )?,
+            table_base: get(t, at, "table_base", INT)?,
+            rule_priority: get(t, at, "rule_priority", INT)?,
+            all_down: get(t, at, "all_down", "\"last\" or \"unreachable\"")?,
+            failback: get(t, at, "failback", "\"keep\" or \"reset\"")?,
+            on_change: get(t, at, "on_change", "a command (a string)")?,
+            hook_timeout: get(t, at, "hook_timeout", DURATION)?,
+            health: RawHealth::read(t, at)?,
+            wan: Vec::new(),
+            rule: Vec::new(),
+        };
+        for (i, w) in tables(t, "wan").into_iter().enumerate() {
+            let at = &labelled(w, KeyPath::from("wan").index(i));
+            raw.wan.push(RawWan {
+                name: get(w, at, "name", STRING)?,
+                interface: get(w, at, "interface", "an interface name")?,
+                gateway: get(w, at, "gateway", "an IPv4 address or \"auto\"")?,
+                weight: get(w, at, "weight", INT)?,
+                tier: get(w, at, "tier", INT)?,
+                nat: get(w, at, "nat", BOOL)?,
+                enabled: get(w, at, "enabled", BOOL)?,
+                health: RawHealth::read(w, at)?,
+            });
+        }
+        for (i, r) in tables(t, "rule").into_iter().enumerate() {
+            let at = &labelled(r, KeyPath::from("rule").index(i));
+            raw.rule.push(RawRule {
+                name: get(r, at, "name", STRING)?,
+                proto: get(r, at, "proto", STRINGS)?,
+                src: get(r, at, "src", STRINGS)?,
+                dst: get(r, at, "dst", STRINGS)?,
+                src_ports: get(r, at, "src_ports", PORTS)?,
+                dst_ports: get(r, at, "dst_ports", PORTS)?,
+                lan_interface: get(r, at, "lan_interface", STRINGS)?,
+                wans: get(r, at, "wans", WAN_NAMES)?,
+                balance: get(r, at, "balance", WAN_NAMES)?,
+                main: get(r, at, "main", BOOL)?,
+            });
+        }
+        Ok(raw)
+    }
 }
 
 // serde's `flatten` and `deny_unknown_fields` do not combine; the tables are
@@ -443,16 +755,12 @@ const RULE_KEYS: &[&str] = &[
     "main",
 ];
 
-fn check_keys(table: &toml::Table, allowed: &[&[&str]], at: &str) -> Result<(), ConfigError> {
+fn check_keys(table: &toml::Table, allowed: &[&[&str]], at: &KeyPath) -> Result<(), ConfigError> {
     for k in table.keys() {
         if !allowed.iter().any(|set| set.contains(&k.as_str())) {
             let mut all: Vec<&str> = allowed.iter().flat_map(|s| s.iter().copied()).collect();
             all.sort_unstable();
-            let key = if at.is_empty() {
-                k.clone()
-            } else {
-                format!("{at}.{k}")
-            };
+            let key = at.key(k);
             let hint = closest(k, &all)
                 .map(|c| format!(" (did you mean `{c}`?)"))
                 .unwrap_or_default();
@@ -485,7 +793,8 @@ fn closest<'a>(k: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .map(|(_, c)| c)
 }
 
-fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+fn duration(key: impl Into<KeyPath>, s: &str) -> Result<Duration, ConfigError> {
+    let key = key.into();
     humantime::parse_duration(s).map_err(|e| {
         err(
             key,
@@ -494,7 +803,7 @@ fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-fn int_in(key: &str, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
+fn int_in(key: impl Into<KeyPath>, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
     if v < lo || v > hi {
         Err(err(key, format!("{v} is out of range {lo}..={hi}")))
     } else {
@@ -502,7 +811,7 @@ fn int_in(key: &str, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
     }
 }
 
-fn valid_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
+fn valid_ifname(key: impl Into<KeyPath>, name: &str) -> Result<(), ConfigError> {
     if name.is_empty()
         || name.len() > 15
         || name.contains('/')
@@ -518,7 +827,11 @@ fn valid_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_ports(key: &str, items: Vec<IntOrString>) -> Result<Vec<PortRange>, ConfigError> {
+fn parse_ports(
+    key: impl Into<KeyPath>,
+    items: Vec<IntOrString>,
+) -> Result<Vec<PortRange>, ConfigError> {
+    let key = &key.into();
     let port = |s: &str| -> Result<u16, ConfigError> {
         match s.trim().parse::<u32>() {
             Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
@@ -556,7 +869,8 @@ fn parse_ports(key: &str, items: Vec<IntOrString>) -> Result<Vec<PortRange>, Con
     Ok(out)
 }
 
-fn parse_nets(key: &str, items: Vec<String>) -> Result<Vec<Ipv4Net>, ConfigError> {
+fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<Ipv4Net>, ConfigError> {
+    let key = &key.into();
     if items.is_empty() {
         return Err(err(key, "is empty; leave the key out to match any address"));
     }
@@ -584,13 +898,13 @@ struct HealthDefaults<'a> {
 }
 
 impl HealthDefaults<'_> {
-    fn resolve(&self, wan: &RawHealth, at: &str) -> Result<HealthConfig, ConfigError> {
+    fn resolve(&self, wan: &RawHealth, at: &KeyPath) -> Result<HealthConfig, ConfigError> {
         // A WAN's own key wins over the top-level default.
         macro_rules! pick {
             ($f:ident) => {
                 match (&wan.$f, &self.top.$f) {
-                    (Some(v), _) => Some((v.clone(), format!("{at}.{}", stringify!($f)))),
-                    (None, Some(v)) => Some((v.clone(), stringify!($f).to_string())),
+                    (Some(v), _) => Some((v.clone(), at.key(stringify!($f)))),
+                    (None, Some(v)) => Some((v.clone(), KeyPath::from(stringify!($f)))),
                     (None, None) => None,
                 }
             };
@@ -613,12 +927,12 @@ impl HealthDefaults<'_> {
             }
             None => {
                 return Err(err(
-                    format!("{at}.probe_targets"),
+                    at.key("probe_targets"),
                     "missing: list the addresses to probe through this WAN (per WAN, or at the top level for all WANs)",
                 ))
             }
         };
-        let dur = |v: Option<(String, String)>, d: Duration| -> Result<Duration, ConfigError> {
+        let dur = |v: Option<(String, KeyPath)>, d: Duration| -> Result<Duration, ConfigError> {
             match v {
                 Some((s, key)) => {
                     let v = duration(&key, &s)?;
@@ -637,7 +951,7 @@ impl HealthDefaults<'_> {
             None => DEFAULT_HOLD_DOWN,
         };
         let int =
-            |v: Option<(i64, String)>, d: i64, lo: i64, hi: i64| -> Result<i64, ConfigError> {
+            |v: Option<(i64, KeyPath)>, d: i64, lo: i64, hi: i64| -> Result<i64, ConfigError> {
                 match v {
                     Some((v, key)) => int_in(&key, v, lo, hi),
                     None => Ok(d),
@@ -647,7 +961,7 @@ impl HealthDefaults<'_> {
         let quorum_key = quorum_raw
             .as_ref()
             .map(|(_, k)| k.clone())
-            .unwrap_or_else(|| format!("{at}.quorum"));
+            .unwrap_or_else(|| at.key("quorum"));
         let quorum = int(quorum_raw, DEFAULT_QUORUM as i64, 1, 64)? as usize;
         if quorum > targets.len() {
             return Err(err(
@@ -690,22 +1004,69 @@ impl HealthDefaults<'_> {
 }
 
 impl Config {
-    /// Reads and parses a config file.
+    /// Reads and parses a config file; errors name the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
-        Config::parse(&text).map_err(|e| ConfigError {
-            key: e.key,
-            reason: format!("{} (in {})", e.reason, path.display()),
-        })
+        let in_file = |e: ConfigError| ConfigError {
+            file: Some(path.to_path_buf()),
+            ..e
+        };
+        let bytes =
+            std::fs::read(path).map_err(|e| in_file(err("", format!("cannot read it: {e}"))))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            in_file(ConfigError {
+                line: Some(line_of(bytes, at)),
+                ..err(
+                    "",
+                    format!(
+                        "not UTF-8 text: byte {at} (0x{:02x}) is not valid UTF-8 (a binary file?)",
+                        bytes[at]
+                    ),
+                )
+            })
+        })?;
+        let mut c = Config::parse(&text).map_err(in_file)?;
+        c.source.file = Some(path.to_path_buf());
+        Ok(c)
     }
 
-    /// Parses and validates config text. Does not look at the host.
+    /// Parses and validates config text. Does not look at the host. Errors
+    /// carry the line (see [`ConfigError`]).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Self::parse_unlocated(text).map_err(|e| e.locate(text))?;
+        c.source = Source {
+            file: None,
+            text: text.into(),
+        };
+        Ok(c)
+    }
+
+    fn parse_unlocated(text: &str) -> Result<Config, ConfigError> {
+        // toml_edit tells where a syntax error is.
+        if let Err(e) = toml_edit::ImDocument::parse(text) {
+            let start = e.span().map(|s| s.start.min(text.len()));
+            let column = start.map(|at| {
+                let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
+                format!(" at column {}", text[line_start..at].chars().count() + 1)
+            });
+            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+            return Err(ConfigError {
+                line: start.map(|at| line_of(text.as_bytes(), at)),
+                ..err(
+                    "",
+                    format!(
+                        "not valid TOML{}: {}",
+                        column.unwrap_or_default(),
+                        message.join("; ")
+                    ),
+                )
+            });
+        }
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            err("", format!("not valid TOML: {}", e.to_string().trim()))
+            err("", format!("not valid TOML: {}", e.message().trim()))
         })?;
-        check_keys(&table, &[TOP_KEYS, HEALTH_KEYS], "")?;
+        check_keys(&table, &[TOP_KEYS, HEALTH_KEYS], &KeyPath::default())?;
         for (name, keys, extra) in [("wan", WAN_KEYS, HEALTH_KEYS), ("rule", RULE_KEYS, &[][..])] {
             match table.get(name) {
                 None => {}
@@ -713,11 +1074,11 @@ impl Config {
                     for (i, item) in items.iter().enumerate() {
                         match item {
                             toml::Value::Table(t) => {
-                                check_keys(t, &[keys, extra], &format!("{name}[{i}]"))?
+                                check_keys(t, &[keys, extra], &KeyPath::from(name).index(i))?
                             }
                             _ => {
                                 return Err(err(
-                                    format!("{name}[{i}]"),
+                                    KeyPath::from(name).index(i),
                                     format!("must be a table: write [[{name}]]"),
                                 ))
                             }
@@ -732,10 +1093,7 @@ impl Config {
                 }
             }
         }
-        let raw: RawConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| err("", e.to_string().trim().to_string()))?;
-        Self::validate(raw)
+        Self::validate(RawConfig::read(&table)?)
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -748,12 +1106,10 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, l) in lan_interfaces.iter().enumerate() {
-            valid_ifname(&format!("lan_interfaces[{i}]"), l)?;
+            let at = KeyPath::from("lan_interfaces").index(i);
+            valid_ifname(&at, l)?;
             if !seen.insert(l.clone()) {
-                return Err(err(
-                    format!("lan_interfaces[{i}]"),
-                    format!("`{l}` is listed twice"),
-                ));
+                return Err(err(at, format!("`{l}` is listed twice")));
             }
         }
         let host_ttl = match &raw.host_ttl {
@@ -865,11 +1221,11 @@ impl Config {
         let mut names = HashSet::new();
         let mut ifaces: BTreeMap<String, String> = BTreeMap::new();
         for (i, w) in raw.wan.iter().enumerate() {
-            let at = format!("wan[{i}]");
+            let at = KeyPath::from("wan").index(i);
             let name = w
                 .name
                 .clone()
-                .ok_or_else(|| err(format!("{at}.name"), "missing"))?;
+                .ok_or_else(|| err(at.key("name"), "missing"))?;
             if name.is_empty()
                 || name.len() >= WAN_NAME_LEN
                 || !name
@@ -877,62 +1233,56 @@ impl Config {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
             {
                 return Err(err(
-                    format!("{at}.name"),
+                    at.key("name"),
                     format!(
                         "`{name}`: use 1 to {} letters, digits, '-', '_' or '.'",
                         WAN_NAME_LEN - 1
                     ),
                 ));
             }
-            let at = format!("wan[{i}] ({name})");
+            let at = at.label(&name);
             if !names.insert(name.clone()) {
-                return Err(err(
-                    format!("{at}.name"),
-                    format!("duplicate WAN name `{name}`"),
-                ));
+                return Err(err(at.key("name"), format!("duplicate WAN name `{name}`")));
             }
             let interface = w
                 .interface
                 .clone()
-                .ok_or_else(|| err(format!("{at}.interface"), "missing"))?;
-            valid_ifname(&format!("{at}.interface"), &interface)?;
+                .ok_or_else(|| err(at.key("interface"), "missing"))?;
+            valid_ifname(at.key("interface"), &interface)?;
             if let Some(other) = ifaces.insert(interface.clone(), name.clone()) {
                 return Err(err(
-                    format!("{at}.interface"),
+                    at.key("interface"),
                     format!("`{interface}` is already used by WAN `{other}`"),
                 ));
             }
             if lan_interfaces.contains(&interface) {
                 return Err(err(
-                    format!("{at}.interface"),
+                    at.key("interface"),
                     format!("`{interface}` is also listed in lan_interfaces"),
                 ));
             }
             let gateway = match w.gateway.as_deref() {
                 None => {
                     return Err(err(
-                        format!("{at}.gateway"),
+                        at.key("gateway"),
                         "missing: an IPv4 address or \"auto\"",
                     ))
                 }
                 Some("auto") => Gateway::Auto,
                 Some(s) => Gateway::Fixed(s.parse().map_err(|_| {
                     err(
-                        format!("{at}.gateway"),
+                        at.key("gateway"),
                         format!("`{s}` is not an IPv4 address or \"auto\""),
                     )
                 })?),
             };
             if let Gateway::Fixed(a) = gateway {
                 if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
-                    return Err(err(
-                        format!("{at}.gateway"),
-                        format!("`{a}` cannot be a gateway"),
-                    ));
+                    return Err(err(at.key("gateway"), format!("`{a}` cannot be a gateway")));
                 }
             }
-            let weight = int_in(&format!("{at}.weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
-            let tier = int_in(&format!("{at}.tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
+            let weight = int_in(at.key("weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
+            let tier = int_in(at.key("tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
             let health = defaults.resolve(&w.health, &at)?;
             wans.push(Wan {
                 name,
@@ -958,23 +1308,20 @@ impl Config {
         let mut rules = Vec::new();
         for (i, r) in raw.rule.into_iter().enumerate() {
             let at = match &r.name {
-                Some(n) => format!("rule[{i}] ({n})"),
-                None => format!("rule[{i}]"),
+                Some(n) => KeyPath::from("rule").index(i).label(n),
+                None => KeyPath::from("rule").index(i),
             };
             let wan_list = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
                 if list.is_empty() {
-                    return Err(err(
-                        format!("{at}.{key}"),
-                        "is empty: name at least one WAN",
-                    ));
+                    return Err(err(at.key(key), "is empty: name at least one WAN"));
                 }
                 let mut seen = HashSet::new();
                 for n in &list {
                     if !names.contains(n) {
-                        return Err(err(format!("{at}.{key}"), format!("no WAN is named `{n}`")));
+                        return Err(err(at.key(key), format!("no WAN is named `{n}`")));
                     }
                     if !seen.insert(n) {
-                        return Err(err(format!("{at}.{key}"), format!("`{n}` is listed twice")));
+                        return Err(err(at.key(key), format!("`{n}` is listed twice")));
                     }
                 }
                 Ok(list)
@@ -985,13 +1332,13 @@ impl Config {
                 (None, None, Some(true)) => Action::Main,
                 (None, None, _) => {
                     return Err(err(
-                        at,
+                        &at,
                         "has no action: set one of wans = [..], balance = [..] or main = true",
                     ))
                 }
                 _ => {
                     return Err(err(
-                        at,
+                        &at,
                         "has more than one action: set only one of wans, balance and main",
                     ))
                 }
@@ -1005,7 +1352,7 @@ impl Config {
                         "icmp" => Proto::Icmp,
                         _ => {
                             return Err(err(
-                                format!("{at}.proto"),
+                                at.key("proto"),
                                 format!("`{s}`: use tcp, udp or icmp"),
                             ))
                         }
@@ -1016,32 +1363,32 @@ impl Config {
                 }
             }
             let src = match r.src {
-                Some(v) => parse_nets(&format!("{at}.src"), v.into_vec())?,
+                Some(v) => parse_nets(at.key("src"), v.into_vec())?,
                 None => vec![],
             };
             let dst = match r.dst {
-                Some(v) => parse_nets(&format!("{at}.dst"), v.into_vec())?,
+                Some(v) => parse_nets(at.key("dst"), v.into_vec())?,
                 None => vec![],
             };
             let src_ports = match r.src_ports {
-                Some(v) => parse_ports(&format!("{at}.src_ports"), v)?,
+                Some(v) => parse_ports(at.key("src_ports"), v)?,
                 None => vec![],
             };
             let dst_ports = match r.dst_ports {
-                Some(v) => parse_ports(&format!("{at}.dst_ports"), v)?,
+                Some(v) => parse_ports(at.key("dst_ports"), v)?,
                 None => vec![],
             };
             if (!src_ports.is_empty() || !dst_ports.is_empty())
                 && !protos.is_empty()
                 && protos.iter().all(|p| *p == Proto::Icmp)
             {
-                return Err(err(at, "matches ports but only icmp, which has none"));
+                return Err(err(&at, "matches ports but only icmp, which has none"));
             }
             let lan_ifaces = r.lan_interface.map(|v| v.into_vec()).unwrap_or_default();
             for l in &lan_ifaces {
                 if !lan_interfaces.contains(l) {
                     return Err(err(
-                        format!("{at}.lan_interface"),
+                        at.key("lan_interface"),
                         format!("`{l}` is not one of lan_interfaces"),
                     ));
                 }
@@ -1075,6 +1422,7 @@ impl Config {
             hook_timeout,
             wans,
             rules,
+            source: Source::default(),
         })
     }
 
@@ -1083,11 +1431,19 @@ impl Config {
     /// DHCP link that may appear later). `exists` answers whether an
     /// interface exists.
     pub fn check_system(&self, exists: &dyn Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
+        self.check_system_unlocated(exists)
+            .map_err(|e| self.source.place(e))
+    }
+
+    fn check_system_unlocated(
+        &self,
+        exists: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<String>, ConfigError> {
         let mut warnings = Vec::new();
         for (i, l) in self.lan_interfaces.iter().enumerate() {
             if !exists(l) {
                 return Err(err(
-                    format!("lan_interfaces[{i}]"),
+                    KeyPath::from("lan_interfaces").index(i),
                     format!("interface `{l}` does not exist"),
                 ));
             }
@@ -1101,7 +1457,7 @@ impl Config {
                     ));
                 } else {
                     return Err(err(
-                        format!("wan[{i}] ({}).interface", w.name),
+                        KeyPath::from("wan").index(i).label(&w.name).key("interface"),
                         format!(
                             "interface `{}` does not exist (set gateway = \"auto\" for a link that appears later, such as PPP)",
                             w.interface
@@ -1324,6 +1680,185 @@ gateway = "auto"
         assert_eq!(e.key, "wan[1] (isp2).gateway");
         let e = parse_err("this is not toml");
         assert!(e.reason.contains("not valid TOML"), "{e}");
+    }
+
+    /// Every kind of error names the line (MIN's lines: 2 lan_interfaces,
+    /// 3 probe_targets, 5 and 11 the `[[wan]]` headers, 6-9 isp1's keys,
+    /// 12-14 isp2's) and the key, with the WAN's or rule's index and name.
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        const RULE: &str = "\n[[rule]]\nname = \"mail\"\ndst_ports = [25]\nwans = [\"isp1\"]\n";
+        let cases: &[(&str, &str, &str)] = &[
+            // TOML syntax.
+            (
+                "weight = 3",
+                "weight = = 3",
+                "line 9: not valid TOML at column 10: invalid string; expected `\"`, `'`",
+            ),
+            (
+                "name = \"isp2\"",
+                "name = \"isp2",
+                "line 12: not valid TOML at column 13: invalid basic string",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nweight = 4",
+                "line 10: not valid TOML at column 1: duplicate key `weight` in table `wan`",
+            ),
+            // Unknown keys.
+            (
+                "weight = 3",
+                "wieght = 3",
+                "line 9: wan[0].wieght: unknown key (did you mean `weight`?)",
+            ),
+            (
+                "probe_targets",
+                "stiky = \"host\"\nprobe_targets",
+                "line 3: stiky: unknown key (did you mean `sticky`?)",
+            ),
+            // Types.
+            (
+                "gateway = \"auto\"",
+                "gateway = \"auto\"\nweight = \"3\"",
+                "line 15: wan[1] (isp2).weight: must be an integer, not \"3\"",
+            ),
+            (
+                "lan_interfaces = [\"lan0\"]",
+                "lan_interfaces = \"lan0\"",
+                "line 2: lan_interfaces: must be a list of interface names, not \"lan0\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nnat = \"no\"",
+                "line 10: wan[0] (isp1).nat: must be true or false, not \"no\"",
+            ),
+            (
+                "probe_targets",
+                "sticky = \"hosts\"\nprobe_targets",
+                "line 3: sticky: unknown variant `hosts`, expected `connection` or `host`",
+            ),
+            // Values.
+            (
+                "weight = 3",
+                "weight = 0",
+                "line 9: wan[0] (isp1).weight: 0 is out of range 1..=1000",
+            ),
+            (
+                "name = \"isp2\"",
+                "name = \"isp1\"",
+                "line 12: wan[1] (isp1).name: duplicate WAN name `isp1`",
+            ),
+            (
+                "gateway = \"100.64.1.1\"",
+                "gateway = \"100.64.1\"",
+                "line 8: wan[0] (isp1).gateway: `100.64.1` is not an IPv4 address or \"auto\"",
+            ),
+            (
+                "interface = \"wan2\"",
+                "interface = \"wan1\"",
+                "line 13: wan[1] (isp2).interface: `wan1` is already used by WAN `isp1`",
+            ),
+            (
+                "lan_interfaces = [\"lan0\"]",
+                "lan_interfaces = [\n  \"lan0\",\n  \"lan0\",\n]",
+                "line 4: lan_interfaces[1]: `lan0` is listed twice",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nprobe_interval = \"fast\"",
+                "line 10: wan[0] (isp1).probe_interval: `fast` is not a duration",
+            ),
+            (
+                "probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\"]",
+                "probe_targets = [\"198.51.100.1\", \"198.51.100.1\"]",
+                "line 3: probe_targets: target `198.51.100.1` is listed twice",
+            ),
+            (
+                "probe_targets",
+                "mark_mask = \"zz\"\nprobe_targets",
+                "line 3: mark_mask: `zz` is not a 32-bit number",
+            ),
+            // A missing key: the line of its table.
+            (
+                "gateway = \"auto\"",
+                "",
+                "line 11: wan[1] (isp2).gateway: missing: an IPv4 address or \"auto\"",
+            ),
+            // Rules (lines 16 [[rule]], 17 name, 18 dst_ports, 19 wans).
+            (
+                "gateway = \"auto\"\n",
+                &format!("gateway = \"auto\"\n{}", RULE.replace("isp1", "isp9")),
+                "line 19: rule[0] (mail).wans: no WAN is named `isp9`",
+            ),
+            (
+                "gateway = \"auto\"\n",
+                &format!("gateway = \"auto\"\n{}", RULE.replace("[25]", "[70000]")),
+                "line 18: rule[0] (mail).dst_ports: 70000 is out of range 1..=65535",
+            ),
+            (
+                "gateway = \"auto\"\n",
+                &format!(
+                    "gateway = \"auto\"\n{}",
+                    RULE.replace("wans = [\"isp1\"]", "")
+                ),
+                "line 16: rule[0] (mail): has no action",
+            ),
+            (
+                "gateway = \"auto\"\n",
+                &format!("gateway = \"auto\"\n{}", RULE.replace("[25]", "25")),
+                "line 18: rule[0] (mail).dst_ports: must be a list of ports",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(MIN.contains(from), "{from}");
+            let text = MIN.replacen(from, to, 1);
+            let e = parse_err(&text).to_string();
+            assert!(e.starts_with(want), "{to:?}:\n got: {e}\nwant: {want}");
+        }
+        // Nothing in the text to point at.
+        let e = parse_err("lan_interfaces = [\"lan0\"]\n");
+        assert_eq!((e.line, e.key.as_str()), (None, "wan"));
+    }
+
+    #[test]
+    fn errors_of_a_file_name_it() {
+        let dir = std::env::temp_dir().join(format!("mwan-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("mwan.toml");
+        let at = path.display();
+        std::fs::write(&path, MIN.replace("weight = 3", "weight = 1001")).unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap_err().to_string(),
+            format!("{at}:9: wan[0] (isp1).weight: 1001 is out of range 1..=1000")
+        );
+        // Found after parsing: a missing interface.
+        std::fs::write(&path, MIN).unwrap();
+        let c = Config::load(&path).unwrap();
+        let e = c.check_system(&|n| n != "wan1").unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{at}:7: wan[0] (isp1).interface: interface `wan1` does not exist"
+            )),
+            "{e}"
+        );
+        // Not text: the line and byte offset of the first bad byte.
+        let mut bytes = MIN.as_bytes().to_vec();
+        let offset = MIN.find("wan1").unwrap();
+        bytes[offset] = 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap_err().to_string(),
+            format!(
+                "{at}:7: not UTF-8 text: byte {offset} (0xff) is not valid UTF-8 (a binary file?)"
+            )
+        );
+        let e = Config::load(&dir.join("missing.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("missing.toml: cannot read it: "),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -165,14 +165,65 @@ pub struct HostRecord {
     pub expires_in_secs: f64,
 }
 
+/// What connecting to the control socket tells about the daemon.
+#[derive(Debug)]
+pub enum Reach {
+    /// A daemon listens: the connection to send a request on.
+    Connected(UnixStream),
+    /// No socket (ENOENT): no daemon runs with this config.
+    NoSocket,
+    /// A socket nobody listens on (ECONNREFUSED): its daemon crashed or was
+    /// killed.
+    Stale,
+    /// EACCES/EPERM: this user may not use the socket (or its directory). A
+    /// daemon may well be running.
+    Denied(std::io::Error),
+    /// Any other error (a full backlog, …): whether a daemon runs is unknown.
+    Unknown(std::io::Error),
+}
+
+impl Reach {
+    /// Only a missing or refusing socket proves that no daemon runs; every
+    /// other answer means one runs or may run.
+    pub fn no_daemon(&self) -> bool {
+        matches!(self, Reach::NoSocket | Reach::Stale)
+    }
+}
+
+/// Connects to the control socket and classifies the outcome.
+pub fn reach(socket: &Path) -> Reach {
+    use std::io::ErrorKind;
+    match UnixStream::connect(socket) {
+        Ok(s) => Reach::Connected(s),
+        Err(e) => match e.kind() {
+            ErrorKind::NotFound => Reach::NoSocket,
+            ErrorKind::ConnectionRefused => Reach::Stale,
+            // std maps both EACCES and EPERM here.
+            ErrorKind::PermissionDenied => Reach::Denied(e),
+            _ => Reach::Unknown(e),
+        },
+    }
+}
+
 /// Sends one request and waits for the response.
 pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
+    let s = UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the mwan daemon at {} (is `mwan run` running with this config?)",
             socket.display()
         )
     })?;
+    call_on(s, socket, req, timeout)
+}
+
+/// Sends one request on a connection made by [`reach`] and waits for the
+/// response.
+pub fn call_on(
+    mut s: UnixStream,
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req)?;
@@ -209,5 +260,24 @@ mod tests {
         );
         let back: Request = serde_json::from_str(r#"{"cmd":"stop","teardown":true}"#).unwrap();
         assert_eq!(back, Request::Stop { teardown: true });
+    }
+
+    #[test]
+    fn only_a_missing_or_refusing_socket_means_no_daemon() {
+        let dir = std::env::temp_dir().join(format!("mwan-reach-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let socket = dir.join("mwan.sock");
+        assert!(matches!(reach(&socket), Reach::NoSocket));
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let r = reach(&socket);
+        assert!(matches!(r, Reach::Connected(_)) && !r.no_daemon(), "{r:?}");
+        drop(listener);
+        // The socket file outlives its listener: a crashed daemon's.
+        let r = reach(&socket);
+        assert!(matches!(r, Reach::Stale) && r.no_daemon(), "{r:?}");
+        assert!(!Reach::Denied(std::io::Error::from_raw_os_error(libc::EACCES)).no_daemon());
+        assert!(!Reach::Unknown(std::io::Error::from_raw_os_error(libc::EAGAIN)).no_daemon());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

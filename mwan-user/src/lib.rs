@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod hooks;
+pub mod logfield;
 pub mod nft;
 pub mod nudge;
 pub mod output;

@@ -21,6 +21,7 @@ mod exit {
     pub const NOT_RUNNING: u8 = 3;
     pub const SOME_DOWN: u8 = 4;
     pub const ALL_DOWN: u8 = 5;
+    pub const DENIED: u8 = 6;
 }
 
 #[derive(Parser)]
@@ -121,6 +122,8 @@ fn main() -> ExitCode {
             eprintln!("mwan: {e:#}");
             let code = if e.downcast_ref::<NotRunning>().is_some() {
                 exit::NOT_RUNNING
+            } else if e.downcast_ref::<Denied>().is_some() {
+                exit::DENIED
             } else {
                 exit::FAILURE
             };
@@ -163,16 +166,56 @@ fn socket_of(cli: &Cli) -> Result<PathBuf> {
     Ok(Config::load(&cli.config)?.control_socket())
 }
 
+/// This user may not use the control socket (exit code 6): a daemon may be
+/// running, so nothing may be concluded from it.
+#[derive(Debug)]
+struct Denied(String);
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Denied {}
+
+/// Why the daemon on `socket` cannot be asked (`reach` is not `Connected`),
+/// `more` appended to the message.
+fn unreachable(socket: &Path, reach: control::Reach, more: &str) -> anyhow::Error {
+    use control::Reach;
+    let at = socket.display();
+    match reach {
+        // (Never called with `Connected`.)
+        Reach::NoSocket | Reach::Connected(_) => {
+            NotRunning(format!("the mwan daemon is not running (no socket at {at}){more}")).into()
+        }
+        Reach::Stale => NotRunning(format!(
+            "the mwan daemon is not running (a stale socket at {at}: it crashed or was killed){more}"
+        ))
+        .into(),
+        Reach::Denied(_) => {
+            use std::os::unix::fs::MetadataExt;
+            let who = match std::fs::metadata(socket) {
+                Ok(m) => format!(
+                    "the control socket is open to uid {} only, mode {:04o}",
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+                Err(_) => "its directory is closed to this user".into(),
+            };
+            Denied(format!("permission denied on {at}: run as root ({who}){more}")).into()
+        }
+        Reach::Unknown(e) => {
+            NotRunning(format!("the mwan daemon does not answer on {at}: {e}{more}")).into()
+        }
+    }
+}
+
 fn call(cli: &Cli, req: Request) -> Result<Response> {
     let socket = socket_of(cli)?;
-    if !socket.exists() {
-        return Err(NotRunning(format!(
-            "the mwan daemon is not running (no socket at {})",
-            socket.display()
-        ))
-        .into());
-    }
-    let resp = control::call(&socket, &req, Duration::from_secs(30))
+    let stream = match control::reach(&socket) {
+        control::Reach::Connected(s) => s,
+        other => return Err(unreachable(&socket, other, "")),
+    };
+    let resp = control::call_on(stream, &socket, &req, Duration::from_secs(30))
         .map_err(|e| NotRunning(format!("{e:#}")))?;
     if !resp.ok {
         return Err(anyhow!(resp
@@ -338,9 +381,10 @@ fn interface_names() -> Vec<String> {
 fn stop(cli: &Cli, teardown: bool) -> Result<u8> {
     let socket = socket_of(cli)?;
     // Connecting tells a live daemon from a stale socket (a crashed one's).
-    let live = socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok();
-    if live {
-        let answer = control::call(
+    let reach = control::reach(&socket);
+    if let control::Reach::Connected(stream) = reach {
+        let answer = control::call_on(
+            stream,
             &socket,
             &Request::Stop { teardown },
             Duration::from_secs(60),
@@ -360,20 +404,28 @@ fn stop(cli: &Cli, teardown: bool) -> Result<u8> {
             Err(e) => Err(e.context("stopping the daemon")),
         };
     }
+    // Only a missing or refusing socket proves that no daemon runs: a
+    // teardown beside a running daemon would pull its datapath away.
     if !teardown {
-        let why = if socket.exists() {
-            "a stale socket: it crashed or was killed"
-        } else {
-            "no socket"
-        };
-        return Err(NotRunning(format!(
-            "the mwan daemon is not running ({why} at {})",
-            socket.display()
-        ))
-        .into());
+        return Err(unreachable(&socket, reach, ""));
+    }
+    if !reach.no_daemon() {
+        return Err(unreachable(
+            &socket,
+            reach,
+            "; nothing was torn down (a daemon may be running)",
+        ));
     }
     // No daemon: remove what a previous one left behind.
     let cfg = Config::load(&cli.config)?;
+    // A running daemon holds the pin_dir lock, also one whose socket was
+    // removed. The lock is let go at once: a bpffs mwan mounted there
+    // cannot be unmounted while it is held open.
+    if cfg.pin_dir.is_dir() {
+        let lock = datapath::lock_pin_dir(&cfg.pin_dir)
+            .map_err(|e| anyhow!("{e:#}; nothing was torn down"))?;
+        drop(lock);
+    }
     let host = mwan::daemon::HostState::load(&cfg.state_file())?.unwrap_or_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -81,6 +81,14 @@ pub fn config_with(lab: &Lab, top: &str, per_wan: &dyn Fn(usize) -> String, extr
     text + extra
 }
 
+/// `text` (a config made by [`config`] or [`config_with`]) with `state_dir`
+/// moved to `dir`: a directory mwan itself creates when `dir` does not exist.
+pub fn with_state_dir(lab: &Lab, text: &str, dir: &Path) -> String {
+    let lab_dir = format!("state_dir = \"{}\"", lab.state_dir().display());
+    assert!(text.contains(&lab_dir), "no {lab_dir} in the config");
+    text.replace(&lab_dir, &format!("state_dir = \"{}\"", dir.display()))
+}
+
 /// The mwan daemon of a lab. Ended with SIGTERM (full teardown) when
 /// dropped, unless already stopped.
 pub struct Mwan<'l> {
@@ -138,7 +146,7 @@ impl<'l> Mwan<'l> {
             .lab
             .router()
             .spawn(bin.to_str().expect("utf-8 path"), &args, &env)?;
-        let socket = self.lab.state_dir().join("mwan.sock");
+        let socket = self.socket();
         let ready = wait_until(Duration::from_secs(15), || {
             !proc.is_running() || (socket.exists() && self.try_status().is_ok())
         });
@@ -149,11 +157,36 @@ impl<'l> Mwan<'l> {
         Ok(())
     }
 
+    /// The daemon's control socket (in the config's `state_dir`).
+    pub fn socket(&self) -> PathBuf {
+        mwan::config::Config::load(&self.config)
+            .map(|c| c.control_socket())
+            .unwrap_or_else(|_| self.lab.state_dir().join("mwan.sock"))
+    }
+
     /// Runs `mwan --config <config> ARGS` in the router namespace.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        self.cli_via(&[], args)
+    }
+
+    /// Like [`Mwan::cli`], as the unprivileged user nobody (uid and gid
+    /// 65534, no supplementary groups).
+    pub fn cli_unprivileged(&self, args: &[&str]) -> Result<Output> {
+        let user = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ];
+        self.cli_via(&user, args)
+    }
+
+    /// `mwan --config <config> ARGS` run through the command `via`.
+    fn cli_via(&self, via: &[&str], args: &[&str]) -> Result<Output> {
         let bin = binary();
         let config = self.config.display().to_string();
-        let mut argv = vec![bin.to_str().expect("utf-8 path"), "--config", &config];
+        let mut argv = via.to_vec();
+        argv.extend([bin.to_str().expect("utf-8 path"), "--config", &config]);
         argv.extend_from_slice(args);
         self.lab.router().exec_status(&argv)
     }

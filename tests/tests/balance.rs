@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config, config_with, router_snapshot, shares, Mwan};
+use lab::mwan::{config, config_with, router_snapshot, shares, with_state_dir, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -350,12 +350,15 @@ fn the_routers_own_traffic_uses_every_wan() {
 fn sigterm_removes_everything_mwan_added() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let before = router_snapshot(&lab);
+    // A state_dir mwan creates itself (as /run/mwan).
+    let state = lab.state_dir().join("mwan");
     let text = config_with(
         &lab,
         "sticky = \"host\"",
         &|_| String::new(),
         "\n[[rule]]\ndst_ports = [25]\nwans = [\"isp2\"]\n",
     );
+    let text = with_state_dir(&lab, &text, &state);
     let mut mwan = Mwan::start(&lab, &text).unwrap();
     mwan.wait_all_up(UP).unwrap();
     let during = router_snapshot(&lab);
@@ -371,12 +374,18 @@ fn sigterm_removes_everything_mwan_added() {
     assert!(log.contains("everything mwan added was removed"), "{log}");
     let after = router_snapshot(&lab);
     assert_eq!(before, after, "SIGTERM left changes behind");
-    assert!(!lab.state_dir().join("mwan.sock").exists());
-    // Ctrl-C (SIGINT) does the same.
+    assert!(!state.exists(), "SIGTERM left the state_dir mwan created");
+    // Ctrl-C (SIGINT) does the same; a state_dir the admin made stays.
+    std::fs::create_dir(&state).unwrap();
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
     mwan.stop_with(libc::SIGINT).unwrap();
     assert_eq!(before, router_snapshot(&lab), "SIGINT left changes behind");
+    let left: Vec<_> = std::fs::read_dir(&state).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "mwan's files left in the state_dir: {left:?}"
+    );
 }
 
 #[test]
@@ -384,36 +393,69 @@ fn a_broken_config_is_refused_and_changes_nothing() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let before = router_snapshot(&lab);
     let good = config(&lab, "");
-    let cases: Vec<(String, &str)> = vec![
+    // (config, text on the line the error must name, the error after
+    // `FILE:LINE: `)
+    let cases: Vec<(String, &str, &str)> = vec![
         (
             good.replace("name = \"isp2\"", "name = \"isp2\"\nwieght = 2"),
+            "wieght",
             "wan[1].wieght: unknown key (did you mean `weight`?)",
         ),
         (
             good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = 0"),
+            "weight = 0",
             "wan[1] (isp2).weight: 0 is out of range 1..=1000",
         ),
         (
+            good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = \"2\""),
+            "weight =",
+            "wan[1] (isp2).weight: must be an integer, not \"2\"",
+        ),
+        (
             good.replace("name = \"isp2\"", "name = \"isp1\""),
-            "duplicate WAN name `isp1`",
+            "name = \"isp1\"",
+            "wan[1] (isp1).name: duplicate WAN name `isp1`",
         ),
         (
             good.replace("interface = \"wan2\"", "interface = \"wan9\""),
-            "interface `wan9` does not exist",
+            "wan9",
+            "wan[1] (isp2).interface: interface `wan9` does not exist",
         ),
         (
             good.replace("lan0", "lan7"),
+            "lan7",
             "lan_interfaces[0]: interface `lan7` does not exist",
         ),
         (
             good.replace(&lab.isp(2).gateway().to_string(), "100.64.2"),
-            "is not an IPv4 address",
+            "100.64.2\"",
+            "wan[1] (isp2).gateway: `100.64.2` is not an IPv4 address",
+        ),
+        (
+            good.replace("name = \"isp2\"", "name = \"isp2"),
+            "name = \"isp2",
+            "not valid TOML at column ",
+        ),
+        (
+            good.replace("name = \"isp2\"", "name = \"isp2\u{fffd}\""),
+            "\u{fffd}",
+            "not UTF-8 text: byte ",
         ),
     ];
     let path = lab.dir().join("bad.toml");
-    for (text, reason) in &cases {
-        std::fs::write(&path, text).unwrap();
+    for (text, at, reason) in &cases {
+        let mut bytes = text.clone().into_bytes();
+        if let Some(i) = text.find('\u{fffd}') {
+            // Not text at all: a byte that is not UTF-8.
+            bytes.splice(i..i + '\u{fffd}'.len_utf8(), [0xff]);
+        }
+        std::fs::write(&path, &bytes).unwrap();
         let p = path.display().to_string();
+        let line = text[..text.rfind(at).expect("the line of the error")]
+            .matches('\n')
+            .count()
+            + 1;
+        let want = format!("mwan: {p}:{line}: {reason}");
         for cmd in [&["--config", &p, "check"][..], &["--config", &p, "run"][..]] {
             let mut argv = vec![lab::mwan::binary().display().to_string()];
             argv.extend(cmd.iter().map(|s| s.to_string()));
@@ -426,8 +468,8 @@ fn a_broken_config_is_refused_and_changes_nothing() {
                 "{cmd:?} with {reason}: {stderr}"
             );
             assert!(
-                stderr.contains(reason),
-                "{cmd:?}: expected `{reason}` in: {stderr}"
+                stderr.contains(&want),
+                "{cmd:?}: expected `{want}` in: {stderr}"
             );
         }
         assert_eq!(

@@ -5,7 +5,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config, config_with, router_snapshot, shares, Mwan};
+use lab::mwan::{config, config_with, router_snapshot, shares, with_state_dir, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -123,7 +123,10 @@ fn restart_keeps_every_connection_on_its_wan() {
 fn a_crashed_daemon_is_taken_over_by_the_next_one() {
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
     let before = router_snapshot(&lab);
-    let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    // A state_dir mwan creates itself (as /run/mwan): the teardown removes it.
+    let state = lab.state_dir().join("mwan");
+    let text = with_state_dir(&lab, &config(&lab, ""), &state);
+    let mut mwan = Mwan::start(&lab, &text).unwrap();
     mwan.wait_all_up(UP).unwrap();
     let streams = open_streams(&lab, 3);
     let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
@@ -136,7 +139,7 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         "mwan survived SIGKILL"
     );
     assert!(
-        lab.state_dir().join("mwan.sock").exists(),
+        state.join("mwan.sock").exists(),
         "the dead daemon's socket is gone: nothing stale to test"
     );
     still_forwarding(&lab, &streams, "with the daemon dead");
@@ -161,6 +164,11 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         before,
         "left after a crash, a takeover and `stop --teardown`"
     );
+    assert!(!state.exists(), "the state_dir mwan created is left");
+    assert!(
+        lab.state_dir().is_dir(),
+        "the directory above it was not mwan's"
+    );
 
     // Another crash, and no daemon at all: `stop --teardown` alone cleans up.
     mwan.launch(&[]).unwrap();
@@ -169,6 +177,14 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
     proc.signal(libc::SIGKILL).unwrap();
     assert!(proc.wait_timeout(Duration::from_secs(5)).is_some());
     assert_ne!(router_snapshot(&lab), before, "a crash removed things");
+    // A user without the right to the (stale) socket cannot tell whether a
+    // daemon runs: it must not tear anything down.
+    let crashed = router_snapshot(&lab);
+    let out = mwan.cli_unprivileged(&["stop", "--teardown"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("nothing was torn down"), "{err}");
+    assert_eq!(router_snapshot(&lab), crashed, "an unprivileged teardown");
     let out = mwan.cli(&["stop"]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -180,6 +196,70 @@ fn a_crashed_daemon_is_taken_over_by_the_next_one() {
         before,
         "left after a crash and `stop --teardown` without a daemon"
     );
+    assert!(!state.exists(), "the state_dir mwan created is left");
+}
+
+/// A user without the right to the control socket is told so (exit code
+/// 6), not that the daemon is not running; `mwan stop --teardown` from that
+/// user, or from root when the daemon's socket was deleted, leaves the
+/// daemon and everything it set up in place.
+#[test]
+fn a_user_without_rights_to_the_socket_is_told_so_and_tears_nothing_down() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let running = router_snapshot(&lab);
+    let denied = format!(
+        "permission denied on {}: run as root",
+        mwan.socket().display()
+    );
+    let commands: [&[&str]; 5] = [
+        &["status"],
+        &["reload"],
+        &["drain", "isp1"],
+        &["stop"],
+        &["stop", "--teardown"],
+    ];
+    for args in commands {
+        let out = mwan.cli_unprivileged(args).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        println!("mwan {args:?} as nobody: {}", err.trim());
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {err}");
+        assert!(err.contains(&denied), "{args:?}: {err}");
+        assert!(!err.contains("not running"), "{args:?}: {err}");
+    }
+    // The daemon still runs, answers, balances, and nothing was removed.
+    assert!(mwan.is_running(), "{}", mwan.log());
+    assert!(mwan
+        .status()
+        .wans
+        .iter()
+        .all(|w| w.state == "up" && !w.drained));
+    assert_eq!(
+        router_snapshot(&lab),
+        running,
+        "changed by an unprivileged user"
+    );
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 100, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2);
+    assert!(!mwan.log().contains("teardown"), "{}", mwan.log());
+
+    // Root, with the daemon's socket deleted: the daemon still holds its
+    // pin_dir, and `stop --teardown` must not pull the datapath away.
+    std::fs::remove_file(mwan.socket()).unwrap();
+    let out = mwan.cli(&["stop", "--teardown"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another mwan daemon is running") && err.contains("nothing was torn down"),
+        "{err}"
+    );
+    assert!(mwan.is_running(), "{}", mwan.log());
+    assert_eq!(router_snapshot(&lab), running, "torn down beside a daemon");
+    lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
 }
 
 #[test]
@@ -281,21 +361,28 @@ fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
         good.replace("name = \"isp2\"", "name = \"isp2\"\nweight = 5000"),
     )
     .unwrap();
+    let bad = std::fs::read_to_string(&mwan.config).unwrap();
+    let line = bad[..bad.find("weight = 5000").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    let want = format!(
+        "{}:{line}: wan[1] (isp2).weight: 5000 is out of range",
+        mwan.config.display()
+    );
     let out = mwan.cli(&["reload"]).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("wan[1] (isp2).weight: 5000 is out of range"),
-        "{err}"
-    );
-    // SIGHUP with the same file: logged, refused.
+    assert!(err.contains(&want), "{err}");
+    // SIGHUP with the same file: logged, refused, with the same place.
     mwan.cli_ok(&["status"]).ok();
     let pid = mwan.pid().unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     assert!(
         wait_until(Duration::from_secs(5), || mwan
             .log()
-            .contains("reload refused")),
+            .lines()
+            .any(|l| l.contains("reload refused") && l.contains(&want))),
         "{}",
         mwan.log()
     );
@@ -382,6 +469,22 @@ fn a_new_address_and_gateway_are_followed_within_a_second() {
     let r = stream.close();
     assert_eq!((lab.wan_of(*r.source.ip()), r.end), (Some(1), None));
     assert!(r.max_gap < Duration::from_secs(1));
+    // The log's fields carry plain values, absent ones left out.
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            let log = mwan.log();
+            log.contains("address changed wan=isp2 address=100.64.102.2/24")
+                && log.contains("gateway changed wan=isp2 gateway=100.64.102.1")
+        }),
+        "{}",
+        mwan.log()
+    );
+    let log = mwan.log();
+    assert!(
+        log.contains("wan state changed") && log.contains(" rtt_ms="),
+        "{log}"
+    );
+    assert!(!log.contains("=Some(") && !log.contains("=None"), "{log}");
 }
 
 #[test]

@@ -32,6 +32,11 @@ pub struct HostState {
     /// a restart.
     #[serde(default)]
     pub rule_policies: BTreeMap<String, u8>,
+    /// Directories mwan created for `state_dir`, outermost first: the
+    /// teardown removes them once mwan's files are gone, if nothing else is
+    /// in them (a directory the admin made is left alone).
+    #[serde(default)]
+    pub created_dirs: Vec<PathBuf>,
 }
 
 impl HostState {
@@ -44,6 +49,17 @@ impl HostState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// Records directories mwan created (see [`create_dirs`]); those a
+    /// previous daemon created stay recorded.
+    pub fn note_created(&mut self, dirs: Vec<PathBuf>) {
+        for d in dirs {
+            if !self.created_dirs.contains(&d) {
+                self.created_dirs.push(d);
+            }
+        }
+        self.created_dirs.sort_by_key(|d| d.components().count());
     }
 
     /// Written atomically (temp file + rename): a crash never leaves a
@@ -104,8 +120,80 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
         // The mount point mwan created, empty now.
         let _ = std::fs::remove_dir(&cfg.pin_dir);
     }
-    for p in [cfg.state_file(), cfg.control_socket()] {
+    for p in [
+        cfg.state_file(),
+        cfg.state_file().with_extension("json.tmp"),
+        cfg.control_socket(),
+    ] {
         let _ = std::fs::remove_file(p);
     }
+    remove_created_dirs(&host.created_dirs);
     errors
+}
+
+/// Creates `dir` and its missing parents; returns the directories it
+/// created, outermost first, so that mwan removes only what it made.
+pub fn create_dirs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok() {
+            break;
+        }
+        missing.push(p.to_path_buf());
+        d = p.parent();
+    }
+    missing.reverse();
+    std::fs::create_dir_all(dir)?;
+    Ok(missing)
+}
+
+/// Removes the directories mwan created, innermost first, each only if it
+/// is empty: anything someone else put there keeps it.
+pub fn remove_created_dirs(dirs: &[PathBuf]) {
+    for d in dirs.iter().rev() {
+        match std::fs::remove_dir(d) {
+            Ok(()) => info!(dir = %d.display(), "removed the directory mwan had created"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %d.display(), error = %e, "left the directory mwan had created (not empty?)");
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_directories_mwan_created_are_removed_and_only_when_empty() {
+        let base = std::env::temp_dir().join(format!("mwan-dirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir(&base).unwrap();
+        // The admin made `base`; mwan makes `base/a/b`.
+        let dir = base.join("a").join("b");
+        let created = create_dirs(&dir).unwrap();
+        assert_eq!(created, vec![base.join("a"), dir.clone()]);
+        assert!(
+            create_dirs(&dir).unwrap().is_empty(),
+            "existing: nothing created"
+        );
+        let mut host = HostState::default();
+        host.note_created(vec![dir.clone()]);
+        host.note_created(created);
+        assert_eq!(host.created_dirs, vec![base.join("a"), dir.clone()]);
+        // Something not mwan's in `a`: `b` goes, `a` stays.
+        std::fs::write(base.join("a").join("admin.txt"), "x").unwrap();
+        remove_created_dirs(&host.created_dirs);
+        assert!(!dir.exists() && base.join("a").is_dir());
+        std::fs::remove_file(base.join("a").join("admin.txt")).unwrap();
+        remove_created_dirs(&host.created_dirs);
+        assert!(
+            !base.join("a").exists() && base.is_dir(),
+            "the admin's directory stays"
+        );
+        std::fs::remove_dir(&base).unwrap();
+    }
 }

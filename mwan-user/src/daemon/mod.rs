@@ -8,6 +8,7 @@ mod host;
 mod status;
 mod wan;
 
+use host::{create_dirs, remove_created_dirs};
 pub use host::{teardown, HostState};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -32,6 +33,7 @@ use crate::control::{Event, Request, Response};
 use crate::datapath::{self, Datapath};
 use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
+use crate::logfield::{millis, shown};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
 use crate::{conntrack, nft, nudge, sysctl};
@@ -97,19 +99,31 @@ impl Daemon {
             warn!("{w}");
         }
         // Nothing has been changed on the host up to here.
-        std::fs::create_dir_all(&cfg.state_dir)
+        let created = create_dirs(&cfg.state_dir)
             .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
-        let mounted = datapath::ensure_bpffs(&cfg.pin_dir)?;
-        std::fs::create_dir_all(&cfg.pin_dir)
-            .with_context(|| format!("creating pin_dir {}", cfg.pin_dir.display()))?;
-        let lock = datapath::lock_pin_dir(&cfg.pin_dir)?;
-        let mut host = HostState::load(&cfg.state_file())?.unwrap_or_default();
-        if mounted.is_some() {
-            host.bpffs_mount = mounted;
-        }
-        host.pin_dir = cfg.pin_dir.clone();
-        host.table_base = cfg.table_base;
-        let dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+        let prepared = (|| {
+            let mounted = datapath::ensure_bpffs(&cfg.pin_dir)?;
+            std::fs::create_dir_all(&cfg.pin_dir)
+                .with_context(|| format!("creating pin_dir {}", cfg.pin_dir.display()))?;
+            let lock = datapath::lock_pin_dir(&cfg.pin_dir)?;
+            let mut host = HostState::load(&cfg.state_file())?.unwrap_or_default();
+            if mounted.is_some() {
+                host.bpffs_mount = mounted;
+            }
+            host.note_created(created.clone());
+            host.pin_dir = cfg.pin_dir.clone();
+            host.table_base = cfg.table_base;
+            let dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+            Ok::<_, anyhow::Error>((lock, host, dp))
+        })();
+        let (lock, host, dp) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Not even started: leave no empty state_dir behind.
+                remove_created_dirs(&created);
+                return Err(e);
+            }
+        };
         let inherited = dp.inherited;
         let (rounds_tx, rounds_rx) = mpsc::channel(256);
         let mut d = Daemon {
@@ -404,13 +418,13 @@ impl Daemon {
                     None => self.net.flush_table(w.table).await?,
                 }
                 if !force && old.nexthop != info.nexthop {
-                    info!(wan = %w.cfg.name, nexthop = ?info.nexthop, "gateway changed");
+                    info!(wan = %w.cfg.name, gateway = shown(info.gateway_text(&w.cfg)), "gateway changed");
                 }
             }
             if old.addr != info.addr {
                 rules_dirty = true;
                 if !force {
-                    info!(wan = %w.cfg.name, address = ?info.addr.map(|a| a.to_string()), "address changed");
+                    info!(wan = %w.cfg.name, address = shown(info.addr), "address changed");
                 }
             }
             if info.ifindex.is_some() && old.ifindex != info.ifindex {
@@ -759,9 +773,9 @@ impl Daemon {
             to = %t.to,
             reason = %t.reason,
             loss_pct = m.loss_pct,
-            rtt_ms = ?m.rtt_ms,
-            jitter_ms = ?m.jitter_ms,
-            failed_targets = ?m.failed_targets,
+            rtt_ms = millis(m.rtt_ms),
+            jitter_ms = millis(m.jitter_ms),
+            failed_targets = (!m.failed_targets.is_empty()).then(|| debug(&m.failed_targets)),
             "wan state changed"
         );
         let ev = Event {

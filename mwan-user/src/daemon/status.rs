@@ -205,10 +205,7 @@ impl Daemon {
                     enabled: w.machine.state() != crate::health::State::Disabled,
                     alive: w.alive,
                     address: w.link.addr.map(|a| a.to_string()),
-                    gateway: w.link.nexthop.map(|n| match n.gateway {
-                        Some(g) => g.to_string(),
-                        None => format!("dev {}", w.cfg.interface),
-                    }),
+                    gateway: w.link.gateway_text(&w.cfg),
                     rtt_ms: m.rtt_ms,
                     jitter_ms: m.jitter_ms,
                     loss_pct: m.loss_pct,

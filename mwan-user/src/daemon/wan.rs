@@ -73,6 +73,15 @@ impl LinkInfo {
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.addr.map(|a| a.addr())
     }
+
+    /// The next hop as status and the logs show it: the gateway's address,
+    /// or `dev IFACE` for a point-to-point link without one.
+    pub fn gateway_text(&self, cfg: &config::Wan) -> Option<String> {
+        self.nexthop.map(|n| match n.gateway {
+            Some(g) => g.to_string(),
+            None => format!("dev {}", cfg.interface),
+        })
+    }
 }
 
 impl WanRt {
