@@ -34,6 +34,7 @@ use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
+use crate::web::Web;
 use crate::{conntrack, nft, nudge, sysctl};
 use wan::{assign_ids, LinkInfo, WanRt};
 
@@ -80,6 +81,13 @@ struct Daemon {
     rounds_rx: Option<mpsc::Receiver<RoundReport>>,
     started: Instant,
     flow_counts: status::FlowCounts,
+    /// The metrics and status page listener (`metrics_listen`).
+    web: Option<Web>,
+    /// Something changed that the listener's snapshot should show now.
+    web_dirty: bool,
+    started_wall: SystemTime,
+    reloads_ok: u64,
+    reloads_failed: u64,
     _lock: std::fs::File,
 }
 
@@ -96,6 +104,10 @@ impl Daemon {
         for w in cfg.check_system(&|n| links.iter().any(|l| l.name == n))? {
             warn!("{w}");
         }
+        let web = match cfg.metrics_listen {
+            Some(addr) => Some(Web::start(addr).await?),
+            None => None,
+        };
         // Nothing has been changed on the host up to here.
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
@@ -129,6 +141,11 @@ impl Daemon {
             rounds_tx,
             rounds_rx: Some(rounds_rx),
             started: Instant::now(),
+            web,
+            web_dirty: true,
+            started_wall: SystemTime::now(),
+            reloads_ok: 0,
+            reloads_failed: 0,
             _lock: lock,
         };
         match d.bring_up().await {
@@ -674,8 +691,10 @@ impl Daemon {
     }
 
     fn on_transition(&mut self, i: usize, t: Transition) {
+        self.web_dirty = true;
         let w = &mut self.wans[i];
         w.state_since = SystemTime::now();
+        w.stats.on_transition(&t);
         let m = &t.measurements;
         info!(
             wan = %w.cfg.name,
@@ -722,6 +741,7 @@ impl Daemon {
         let Some(i) = self.wans.iter().position(|w| w.id as usize == r.wan) else {
             return Ok(());
         };
+        self.wans[i].stats.on_round(&r);
         if let Some(t) = self.wans[i].machine.on_round(&r, Instant::now()) {
             self.on_transition(i, t);
             self.sync_policies().await?;
@@ -821,12 +841,22 @@ impl Daemon {
     /// Applies a changed config file. Refused (old config kept) when the new
     /// one is invalid or changes settings that need a restart.
     async fn reload(&mut self) -> Result<String> {
+        let r = self.apply_reload().await;
+        match r {
+            Ok(_) => self.reloads_ok += 1,
+            Err(_) => self.reloads_failed += 1,
+        }
+        self.web_dirty = true;
+        r
+    }
+
+    async fn apply_reload(&mut self) -> Result<String> {
         let new = Config::load(&self.opts.config)?;
         let links = self.net.links().await?;
         for w in new.check_system(&|n| links.iter().any(|l| l.name == n))? {
             warn!("{w}");
         }
-        let fixed: [(&str, bool); 7] = [
+        let fixed: [(&str, bool); 8] = [
             ("pin_dir", new.pin_dir != self.cfg.pin_dir),
             ("state_dir", new.state_dir != self.cfg.state_dir),
             ("mark_mask", new.mark_mask != self.cfg.mark_mask),
@@ -834,6 +864,10 @@ impl Daemon {
             ("rule_priority", new.rule_priority != self.cfg.rule_priority),
             ("max_flows", new.max_flows != self.cfg.max_flows),
             ("max_hosts", new.max_hosts != self.cfg.max_hosts),
+            (
+                "metrics_listen",
+                new.metrics_listen != self.cfg.metrics_listen,
+            ),
         ];
         if let Some((k, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("{k} changed: restart mwan to apply it (the running config is unchanged)");
@@ -860,6 +894,7 @@ impl Daemon {
                         summary.push(format!("changed {}", wcfg.name));
                     }
                     w.machine.set_config(&wcfg.health);
+                    w.stats.set_targets(&wcfg.health.targets);
                     w.weight = wcfg.weight;
                     w.drained = false;
                     w.cfg = wcfg;
@@ -942,6 +977,10 @@ impl Daemon {
         let mut sighup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The listener's snapshot and history: once a second, when enabled.
+        let mut web_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        web_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let web_on = self.web.is_some();
         status::notify("READY=1");
         info!(socket = %socket.display(), "ready");
         let exit = loop {
@@ -977,6 +1016,7 @@ impl Daemon {
                         break e;
                     }
                     let _ = reply.send(Reply { resp, written: None });
+                    self.web_dirty = true;
                 }
                 _ = sighup.recv() => {
                     status::notify("RELOADING=1");
@@ -988,6 +1028,7 @@ impl Daemon {
                 }
                 _ = sigterm.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
+                _ = web_tick.tick(), if web_on => self.publish(true),
                 _ = tick.tick() => {
                     // A safety net for missed netlink events (ENOBUFS),
                     // and for routes the kernel dropped without telling
@@ -1003,8 +1044,12 @@ impl Daemon {
                     error!(error = %format!("{e:#}"), "applying a link change");
                 }
             }
+            if self.web_dirty && web_on {
+                self.publish(false);
+            }
         };
         status::notify("STOPPING=1");
+        self.web = None;
         for w in self.wans.iter_mut() {
             w.prober = None;
         }
