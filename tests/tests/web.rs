@@ -550,3 +550,44 @@ fn a_taken_address_is_refused_at_start_and_changes_nothing() {
         .run(|| TcpStream::connect_timeout(&listen(), Duration::from_secs(2)));
     assert!(refused.is_err(), "nothing listens on {LISTEN} by default");
 }
+
+#[test]
+fn listens_on_ipv6_too() {
+    let lab = build();
+    // The lab's namespaces start without IPv6; the router's loopback gets it.
+    lab.router()
+        .sysctls(&[
+            ("net.ipv6.conf.all.disable_ipv6", "0"),
+            ("net.ipv6.conf.lo.disable_ipv6", "0"),
+        ])
+        .expect("IPv6 on the router's loopback");
+    let addr: SocketAddr = "[::1]:9849".parse().expect("valid address");
+    let text = config_with(
+        &lab,
+        &format!("metrics_listen = \"{addr}\""),
+        &|_| String::new(),
+        "",
+    );
+    let mwan = Mwan::start(&lab, &text).expect("mwan starts");
+    mwan.wait_all_up(UP).expect("WANs up");
+    let up = wait_until(Duration::from_secs(5), || {
+        lab.router().http_get(addr, "/metrics").is_ok_and(|r| {
+            r.status == 200
+                && r.text()
+                    .contains("mwan_wan_up{wan=\"isp1\",interface=\"wan1\"} 1")
+        })
+    });
+    assert!(
+        up,
+        "/metrics over IPv6: {:?}",
+        lab.router().http_get(addr, "/metrics")
+    );
+    let status: Status = serde_json::from_slice(
+        &lab.router()
+            .http_get(addr, "/api/status")
+            .expect("GET")
+            .body,
+    )
+    .expect("status JSON");
+    assert_eq!(status.wans.len(), 2);
+}
