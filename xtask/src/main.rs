@@ -165,20 +165,26 @@ fn ensure_bpf_toolchain() -> Result<()> {
 }
 
 /// Runtime tools the daemon and the lab use.
-/// Programs the tests run, with the Debian packages that have them: the
-/// lab's network tools, and Prometheus (`promtool` and the server) and
-/// Chromium for the metrics endpoint and status page tests.
-const RUNTIME_TOOLS: [(&str, &str); 6] = [
-    ("nft", "nftables"),
-    ("ip", "iproute2"),
-    ("tc", "iproute2"),
+/// Programs the lab needs (tests, demo, bench), with the Debian packages
+/// that have them.
+const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")];
+
+/// Programs only the tests need: Prometheus (`promtool` and the server) and
+/// Chromium, for the metrics endpoint and status page tests.
+const TEST_TOOLS: [(&str, &str); 3] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
 ];
 
 fn ensure_runtime_tools() -> Result<()> {
-    let mut missing: Vec<&str> = RUNTIME_TOOLS
+    ensure_tools(&LAB_TOOLS)
+}
+
+/// Installs the Debian packages of the `tools` (program, package) that are
+/// not found, on a Debian-family machine; elsewhere says what to install.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| {
             !["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
@@ -258,6 +264,7 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the end-to-end tests build network namespaces: run `cargo xtask test` as root");
     }
     ensure_runtime_tools()?;
+    ensure_tools(&TEST_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut child = cargo()
