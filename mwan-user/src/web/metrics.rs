@@ -16,7 +16,7 @@ const DATAPATH: [(&str, &str, &str); 9] = [
     (
         "new_flows",
         "mwan_datapath_new_pins_total",
-        "Flows pinned to a WAN by the datapath (new flows and re-pins).",
+        "New flows the datapath placed (their first packet; re-pins are counted apart).",
     ),
     (
         "repins",
@@ -366,7 +366,7 @@ pub fn render(s: &Snapshot) -> String {
         s,
         "mwan_wan_new_flows_total",
         "counter",
-        "Flows pinned to the WAN since the datapath was created.",
+        "Flows pinned to the WAN since the datapath was created (re-pins included).",
         |i| Some(wans[i].new_flows as f64),
     );
     o.per_wan(
