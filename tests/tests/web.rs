@@ -591,3 +591,33 @@ fn listens_on_ipv6_too() {
     .expect("status JSON");
     assert_eq!(status.wans.len(), 2);
 }
+
+#[test]
+fn reloads_and_hook_runs_are_counted() {
+    let lab = build();
+    // A hook that fails for isp2 only.
+    let top =
+        format!("metrics_listen = \"{LISTEN}\"\non_change = \"test \\\"$MWAN_WAN\\\" = isp1\"");
+    let mwan =
+        Mwan::start(&lab, &config_with(&lab, &top, &|_| String::new(), "")).expect("mwan starts");
+    mwan.wait_all_up(UP).expect("WANs up");
+    // unknown -> up for both WANs: two runs, isp2's failed.
+    let hooks = wait_until(Duration::from_secs(10), || {
+        let m = scrape(&lab);
+        m["mwan_hook_runs_total"] == 2.0 && m["mwan_hook_failures_total"] == 1.0
+    });
+    assert!(hooks, "hook runs: {:?}\n{}", scrape(&lab), mwan.log());
+
+    mwan.cli_ok(&["reload"]).expect("reload");
+    let text = std::fs::read_to_string(&mwan.config).expect("config");
+    std::fs::write(&mwan.config, text.replace("[[wan]]", "[[wan]]\nweight = 0")).expect("write");
+    // The CLI cannot read the broken file either: SIGHUP, as systemctl does.
+    let pid = mwan.pid().expect("running");
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let failed = wait_until(Duration::from_secs(5), || {
+        scrape(&lab)["mwan_config_reloads_total{result=\"failure\"}"] == 1.0
+    });
+    assert!(failed, "the refused reload is counted:\n{}", mwan.log());
+    let m = scrape(&lab);
+    assert_eq!(m["mwan_config_reloads_total{result=\"success\"}"], 1.0);
+}

@@ -1000,9 +1000,14 @@ impl Daemon {
                 }
                 Some((req, reply)) = ctl_rx.recv() => {
                     let is_reload = req == Request::Reload;
+                    let changes = req != Request::Status;
                     if is_reload { status::notify("RELOADING=1"); }
                     let (resp, exit) = self.handle(req).await;
                     if is_reload { status::notify("READY=1"); }
+                    if changes && web_on {
+                        // Shown by the listener once the command returns.
+                        self.publish(false);
+                    }
                     if let Some(e) = exit {
                         // `mwan stop`: its answer must reach the CLI before
                         // the runtime (and the connection's task) is gone.
@@ -1016,7 +1021,6 @@ impl Daemon {
                         break e;
                     }
                     let _ = reply.send(Reply { resp, written: None });
-                    self.web_dirty = true;
                 }
                 _ = sighup.recv() => {
                     status::notify("RELOADING=1");
