@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -433,6 +433,9 @@ pub struct Config {
     /// Command run (via `sh -c`) on every WAN state change.
     pub on_change: Option<String>,
     pub hook_timeout: Duration,
+    /// Where the read-only web listener (`/metrics`, status page, JSON API)
+    /// listens; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     pub wans: Vec<Wan>,
     pub rules: Vec<Rule>,
     /// The text it was parsed from, to place errors found later.
@@ -536,6 +539,7 @@ struct RawConfig {
     failback: Option<Failback>,
     on_change: Option<String>,
     hook_timeout: Option<String>,
+    metrics_listen: Option<String>,
     health: RawHealth,
     wan: Vec<RawWan>,
     rule: Vec<RawRule>,
@@ -665,6 +669,7 @@ impl RawConfig {
             failback: get(t, at, "failback", "\"keep\" or \"reset\"")?,
             on_change: get(t, at, "on_change", "a command (a string)")?,
             hook_timeout: get(t, at, "hook_timeout", DURATION)?,
+            metrics_listen: get(t, at, "metrics_listen", "an address and port (a string)")?,
             health: RawHealth::read(t, at)?,
             wan: Vec::new(),
             rule: Vec::new(),
@@ -718,6 +723,7 @@ const TOP_KEYS: &[&str] = &[
     "failback",
     "on_change",
     "hook_timeout",
+    "metrics_listen",
     "wan",
     "rule",
 ];
@@ -801,6 +807,23 @@ fn duration(key: impl Into<KeyPath>, s: &str) -> Result<Duration, ConfigError> {
             format!("`{s}` is not a duration ({e}); write e.g. \"200ms\", \"5s\", \"10m\""),
         )
     })
+}
+
+/// An `ADDRESS:PORT` to listen on, IPv4 or IPv6 (`[::1]:9849`).
+fn listen_addr(key: impl Into<KeyPath>, s: &str) -> Result<SocketAddr, ConfigError> {
+    let key: KeyPath = key.into();
+    let a: SocketAddr = s.parse().map_err(|_| {
+        err(
+            key.clone(),
+            format!(
+                "`{s}` is not an address and port: write e.g. \"127.0.0.1:9849\" or \"[::1]:9849\""
+            ),
+        )
+    })?;
+    if a.port() == 0 {
+        return Err(err(key, format!("`{s}`: port 0 is not a fixed port")));
+    }
+    Ok(a)
 }
 
 fn int_in(key: impl Into<KeyPath>, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
@@ -1190,6 +1213,10 @@ impl Config {
             Some(s) => duration("hook_timeout", s)?,
             None => DEFAULT_HOOK_TIMEOUT,
         };
+        let metrics_listen = match &raw.metrics_listen {
+            Some(s) => Some(listen_addr("metrics_listen", s)?),
+            None => None,
+        };
 
         if raw.wan.is_empty() {
             return Err(err(
@@ -1420,6 +1447,7 @@ impl Config {
             failback: raw.failback.unwrap_or_default(),
             on_change: raw.on_change,
             hook_timeout,
+            metrics_listen,
             wans,
             rules,
             source: Source::default(),
@@ -1543,6 +1571,25 @@ gateway = "auto"
         );
         assert_eq!(c.wan_mark(0), 0x0001_0000);
         assert_eq!(c.wan_mark(1), 0x0002_0000);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_takes_v4_and_v6() {
+        assert_eq!(Config::parse(MIN).unwrap().metrics_listen, None);
+        for a in ["127.0.0.1:9849", "[::1]:9849", "0.0.0.0:80", "[::]:9849"] {
+            let c = Config::parse(&format!("metrics_listen = \"{a}\"\n{MIN}")).unwrap();
+            assert_eq!(c.metrics_listen, Some(a.parse().unwrap()));
+        }
+        for bad in [
+            "localhost:9849",
+            "127.0.0.1",
+            "9849",
+            "127.0.0.1:0",
+            "::1:9849",
+        ] {
+            let e = parse_err(&format!("metrics_listen = \"{bad}\"\n{MIN}"));
+            assert_eq!(e.key, "metrics_listen", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -75,6 +76,19 @@ enum Outcome {
     Failed(std::io::Error),
 }
 
+/// Hooks that ended (whatever the outcome), and those that failed (non-zero
+/// exit, killed at the timeout, or not started): the `mwan_hook_*` metrics.
+static RUNS: AtomicU64 = AtomicU64::new(0);
+static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// (hooks run, hooks failed) since the daemon started.
+pub fn counts() -> (u64, u64) {
+    (
+        RUNS.load(Ordering::Relaxed),
+        FAILURES.load(Ordering::Relaxed),
+    )
+}
+
 /// The queue of each WAN's hooks (its worker task holds the receiver).
 static QUEUES: Mutex<Option<HashMap<String, mpsc::Sender<Job>>>> = Mutex::new(None);
 
@@ -110,7 +124,12 @@ pub fn run_hook(command: &str, event: &HookEvent, timeout: Duration) {
 async fn worker(mut rx: mpsc::Receiver<Job>) {
     while let Some(job) = rx.recv().await {
         let (wan, new) = (&job.event.wan, &job.event.new);
-        match execute(&job.command, &job.event, job.timeout).await {
+        let outcome = execute(&job.command, &job.event, job.timeout).await;
+        RUNS.fetch_add(1, Ordering::Relaxed);
+        if !matches!(&outcome, Outcome::Exited(s) if s.success()) {
+            FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+        match outcome {
             Outcome::Exited(s) if s.success() => {
                 info!(wan = %wan, new = %new, "on_change hook done")
             }

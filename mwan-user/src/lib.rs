@@ -16,6 +16,7 @@ pub mod output;
 pub mod policy;
 pub mod routing;
 pub mod sysctl;
+pub mod web;
 
 /// Routing protocol number mwan tags its routes and rules with
 /// (`ip route show proto 109`).

@@ -21,6 +21,7 @@
 mod client;
 mod ctx;
 mod dns;
+pub mod http;
 mod impair;
 mod isp;
 mod labdir;

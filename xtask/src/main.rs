@@ -165,8 +165,26 @@ fn ensure_bpf_toolchain() -> Result<()> {
 }
 
 /// Runtime tools the daemon and the lab use.
+/// Programs the lab needs (tests, demo, bench), with the Debian packages
+/// that have them.
+const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")];
+
+/// Programs only the tests need: Prometheus (`promtool` and the server) and
+/// Chromium, for the metrics endpoint and status page tests.
+const TEST_TOOLS: [(&str, &str); 3] = [
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
+];
+
 fn ensure_runtime_tools() -> Result<()> {
-    let missing: Vec<&str> = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")]
+    ensure_tools(&LAB_TOOLS)
+}
+
+/// Installs the Debian packages of the `tools` (program, package) that are
+/// not found, on a Debian-family machine; elsewhere says what to install.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| {
             !["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
@@ -178,12 +196,43 @@ fn ensure_runtime_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    missing.dedup();
     if !debian_family() {
         bail!("missing runtime tools: install {}", missing.join(" "));
     }
-    let mut pkgs = missing;
-    pkgs.dedup();
-    apt_install(&pkgs)
+    without_service_starts(|| apt_install(&missing))?;
+    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
+        // The package enables its service for the next boot; the tests
+        // start their own Prometheus in a lab namespace.
+        println!("xtask: disabling prometheus.service (installed for the tests only)");
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "--quiet", "prometheus.service"])
+            .status();
+    }
+    Ok(())
+}
+
+/// Runs `install` with Debian's service starts refused (a `policy-rc.d`
+/// that says no, unless the machine has one already): the prometheus
+/// package would otherwise start a Prometheus server on the host, and
+/// installing must work without systemd too.
+fn without_service_starts(install: impl FnOnce() -> Result<()>) -> Result<()> {
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask: no service starts while it installs test tools\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", policy.display()))?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let res = install();
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    res
 }
 
 /// Builds target/release/mwan and returns its path.
@@ -221,6 +270,7 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the end-to-end tests build network namespaces: run `cargo xtask test` as root");
     }
     ensure_runtime_tools()?;
+    ensure_tools(&TEST_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut total = Counts::default();

@@ -36,6 +36,7 @@ use crate::hooks::{run_hook, HookEvent};
 use crate::logfield::{millis, shown};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
+use crate::web::Web;
 use crate::{conntrack, nft, nudge, sysctl};
 use wan::{assign_ids, id_capacity, LinkInfo, WanRt};
 
@@ -82,6 +83,13 @@ struct Daemon {
     rounds_rx: Option<mpsc::Receiver<RoundReport>>,
     started: Instant,
     flow_counts: status::FlowCounts,
+    /// The metrics and status page listener (`metrics_listen`).
+    web: Option<Web>,
+    /// Something changed that the listener's snapshot should show now.
+    web_dirty: bool,
+    started_wall: SystemTime,
+    reloads_ok: u64,
+    reloads_failed: u64,
     _lock: std::fs::File,
 }
 
@@ -98,6 +106,10 @@ impl Daemon {
         for w in cfg.check_system(&|n| links.iter().any(|l| l.name == n))? {
             warn!("{w}");
         }
+        let web = match cfg.metrics_listen {
+            Some(addr) => Some(Web::start(addr).await?),
+            None => None,
+        };
         // Nothing has been changed on the host up to here.
         let created = create_dirs(&cfg.state_dir)
             .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
@@ -143,6 +155,11 @@ impl Daemon {
             rounds_tx,
             rounds_rx: Some(rounds_rx),
             started: Instant::now(),
+            web,
+            web_dirty: true,
+            started_wall: SystemTime::now(),
+            reloads_ok: 0,
+            reloads_failed: 0,
             _lock: lock,
         };
         match d.bring_up().await {
@@ -763,8 +780,10 @@ impl Daemon {
     }
 
     fn on_transition(&mut self, i: usize, t: Transition) {
+        self.web_dirty = true;
         let w = &mut self.wans[i];
         w.state_since = SystemTime::now();
+        w.stats.on_transition(&t);
         let m = &t.measurements;
         info!(
             wan = %w.cfg.name,
@@ -811,6 +830,7 @@ impl Daemon {
         let Some(i) = self.wans.iter().position(|w| w.id as usize == r.wan) else {
             return Ok(());
         };
+        self.wans[i].stats.on_round(&r);
         if let Some(t) = self.wans[i].machine.on_round(&r, Instant::now()) {
             self.on_transition(i, t);
             self.sync_policies().await?;
@@ -910,12 +930,22 @@ impl Daemon {
     /// Applies a changed config file. Refused (old config kept) when the new
     /// one is invalid or changes settings that need a restart.
     async fn reload(&mut self) -> Result<String> {
+        let r = self.apply_reload().await;
+        match r {
+            Ok(_) => self.reloads_ok += 1,
+            Err(_) => self.reloads_failed += 1,
+        }
+        self.web_dirty = true;
+        r
+    }
+
+    async fn apply_reload(&mut self) -> Result<String> {
         let new = Config::load(&self.opts.config)?;
         let links = self.net.links().await?;
         for w in new.check_system(&|n| links.iter().any(|l| l.name == n))? {
             warn!("{w}");
         }
-        let fixed: [(&str, bool); 7] = [
+        let fixed: [(&str, bool); 8] = [
             ("pin_dir", new.pin_dir != self.cfg.pin_dir),
             ("state_dir", new.state_dir != self.cfg.state_dir),
             ("mark_mask", new.mark_mask != self.cfg.mark_mask),
@@ -923,6 +953,10 @@ impl Daemon {
             ("rule_priority", new.rule_priority != self.cfg.rule_priority),
             ("max_flows", new.max_flows != self.cfg.max_flows),
             ("max_hosts", new.max_hosts != self.cfg.max_hosts),
+            (
+                "metrics_listen",
+                new.metrics_listen != self.cfg.metrics_listen,
+            ),
         ];
         if let Some((k, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("{k} changed: restart mwan to apply it (the running config is unchanged)");
@@ -962,6 +996,7 @@ impl Daemon {
                         summary.push(format!("changed {}", wcfg.name));
                     }
                     w.machine.set_config(&wcfg.health);
+                    w.stats.set_targets(&wcfg.health.targets);
                     w.weight = wcfg.weight;
                     w.drained = false;
                     w.cfg = wcfg;
@@ -1035,6 +1070,10 @@ impl Daemon {
         let mut sighup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The listener's snapshot and history: once a second, when enabled.
+        let mut web_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        web_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let web_on = self.web.is_some();
         status::notify("READY=1");
         info!(socket = %socket.display(), "ready");
         let exit = loop {
@@ -1054,9 +1093,14 @@ impl Daemon {
                 }
                 Some((req, reply)) = ctl_rx.recv() => {
                     let is_reload = req == Request::Reload;
+                    let changes = req != Request::Status;
                     if is_reload { status::notify("RELOADING=1"); }
                     let (resp, exit) = self.handle(req).await;
                     if is_reload { status::notify("READY=1"); }
+                    if changes && web_on {
+                        // Shown by the listener once the command returns.
+                        self.publish(false);
+                    }
                     if let Some(e) = exit {
                         // `mwan stop`: its answer must reach the CLI before
                         // the runtime (and the connection's task) is gone.
@@ -1081,6 +1125,7 @@ impl Daemon {
                 }
                 _ = sigterm.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
+                _ = web_tick.tick(), if web_on => self.publish(true),
                 _ = tick.tick() => {
                     // A safety net for missed netlink events (ENOBUFS),
                     // and for routes the kernel dropped without telling
@@ -1096,8 +1141,12 @@ impl Daemon {
                     error!(error = %format!("{e:#}"), "applying a link change");
                 }
             }
+            if self.web_dirty && web_on {
+                self.publish(false);
+            }
         };
         status::notify("STOPPING=1");
+        self.web = None;
         for w in self.wans.iter_mut() {
             w.prober = None;
         }

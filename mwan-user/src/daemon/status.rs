@@ -14,6 +14,7 @@ use super::Daemon;
 use crate::control::{Status, WanStatus};
 use crate::datapath;
 use crate::policy;
+use crate::web::Snapshot;
 
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -172,6 +173,12 @@ impl Daemon {
                 let _ = t.await;
             }
         }
+        self.build_status()
+    }
+
+    /// The status from what is at hand: the last flow count, the maps'
+    /// counters. Never waits.
+    fn build_status(&self) -> Result<Status> {
         let (by_wan, total, counted_ago) = self.flow_counts.get();
         let counters = self.dp.maps.wan_counters()?;
         let global = self.dp.maps.global_counters()?;
@@ -244,5 +251,38 @@ impl Daemon {
             },
             events: self.events.iter().cloned().collect(),
         })
+    }
+
+    /// Hands the listener a fresh snapshot (and, once a second, a history
+    /// sample). The flow count it shows is the background one, started here
+    /// when stale and never waited for.
+    pub(super) fn publish(&mut self, sample: bool) {
+        self.web_dirty = false;
+        let Some(web) = &self.web else {
+            return;
+        };
+        let _ = self.flow_counts.refresh_if_stale();
+        let status = match self.build_status() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the datapath for the metrics");
+                return;
+            }
+        };
+        let (hook_runs, hook_failures) = crate::hooks::counts();
+        web.publish(
+            Snapshot {
+                status,
+                health: self.wans.iter().map(|w| w.stats.clone()).collect(),
+                taken: SystemTime::now(),
+                start_time: self.started_wall,
+                reloads_ok: self.reloads_ok,
+                reloads_failed: self.reloads_failed,
+                hook_runs,
+                hook_failures,
+                max_flows: self.cfg.max_flows,
+            },
+            sample,
+        );
     }
 }

@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 use mwan_common::MAX_WANS;
 
 use crate::config::{self, Gateway};
-use crate::health::{Machine, ProbeSpec, Prober, State};
+use crate::health::{HealthStats, Machine, ProbeSpec, Prober, State};
 use crate::policy::{Health, WanView};
 use crate::routing::Nexthop;
 
@@ -28,6 +28,8 @@ pub struct WanRt {
     /// `alive` as last written to the datapath.
     pub alive: bool,
     pub state_since: SystemTime,
+    /// Probe and state-change totals for the metrics.
+    pub stats: HealthStats,
 }
 
 /// The kernel's view of a WAN's link.
@@ -94,6 +96,7 @@ impl WanRt {
         };
         let machine = Machine::new(&cfg.health, initial, Instant::now());
         WanRt {
+            stats: HealthStats::new(&cfg.health.targets),
             weight: cfg.weight,
             cfg,
             id,

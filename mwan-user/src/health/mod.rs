@@ -11,6 +11,7 @@ mod dns;
 mod icmp;
 pub mod machine;
 pub mod probe;
+pub mod stats;
 mod tcp;
 
 #[cfg(test)]
@@ -18,3 +19,4 @@ mod netns_tests;
 
 pub use machine::{Machine, Measurements, State, Transition};
 pub use probe::{ProbeSpec, Prober, RoundReport, TargetResult};
+pub use stats::{HealthStats, TargetStats};

@@ -1,11 +1,14 @@
 //! Section 5: the daemon's resident memory and CPU with eight WANs probing
-//! at the default interval, read from /proc over a measured interval with
-//! nothing else asking the daemon anything.
+//! at the default interval, read from /proc over a measured interval: with
+//! nothing else asking the daemon anything, and with its metrics endpoint
+//! (`metrics_listen`) scraped every second, as a Prometheus server would.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lab::mwan::{config, Mwan};
+use lab::http::http_get;
+use lab::mwan::{config_with, Mwan};
 use lab::{Lab, PROBE_TARGETS};
 
 use super::sig;
@@ -23,11 +26,24 @@ pub struct Footprint {
     pub cpu_pct: f64,
     pub user_pct: f64,
     pub sys_pct: f64,
+    /// With `metrics_listen`: the scrapes of `/metrics` answered during
+    /// the measurement, and the size of the last one.
+    pub scrapes: Option<(u64, usize)>,
 }
 
-pub fn run(wans: usize, secs: Duration, log: &dyn Fn(String)) -> Result<Footprint> {
+/// Where the scraped variant listens (in the lab's router namespace).
+const LISTEN: &str = "127.0.0.1:9849";
+
+/// Measures the daemon over `secs`; `scraped`: with the metrics endpoint
+/// on and `/metrics` fetched every second meanwhile.
+pub fn run(wans: usize, secs: Duration, scraped: bool, log: &dyn Fn(String)) -> Result<Footprint> {
     let lab = Lab::builder().lan_hosts(1).isps(wans).build()?;
-    let text = config(&lab, "");
+    let top = if scraped {
+        format!("metrics_listen = \"{LISTEN}\"")
+    } else {
+        String::new()
+    };
+    let text = config_with(&lab, &top, &|_| String::new(), "");
     let parsed = mwan::config::Config::parse(&text)?;
     let mwan = Mwan::start(&lab, &text)?;
     mwan.wait_all_up(Duration::from_secs(20))?;
@@ -39,11 +55,22 @@ pub fn run(wans: usize, secs: Duration, log: &dyn Fn(String)) -> Result<Footprin
         bail!("pid {pid} is {comm:?}, not the mwan daemon");
     }
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let (u0, s0) = cpu_ticks(pid)?;
-    let t0 = Instant::now();
-    sig::sleep(secs)?;
-    let (u1, s1) = cpu_ticks(pid)?;
-    let el = t0.elapsed().as_secs_f64();
+    let stop = AtomicBool::new(false);
+    let (measured, scrapes) = std::thread::scope(|s| {
+        let scraper = scraped.then(|| s.spawn(|| lab.router().run(|| scrape_every_second(&stop))));
+        let measured = (|| -> Result<_> {
+            let (u0, s0) = cpu_ticks(pid)?;
+            let t0 = Instant::now();
+            sig::sleep(secs)?;
+            let (u1, s1) = cpu_ticks(pid)?;
+            Ok((u0, s0, u1, s1, t0.elapsed().as_secs_f64()))
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let scrapes = scraper.map(|h| h.join().expect("scraper thread"));
+        (measured, scrapes)
+    });
+    let (u0, s0, u1, s1, el) = measured?;
+    let scrapes = scrapes.transpose()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> u64 {
         status
@@ -65,15 +92,41 @@ pub fn run(wans: usize, secs: Duration, log: &dyn Fn(String)) -> Result<Footprin
         cpu_pct: user_pct + sys_pct,
         user_pct,
         sys_pct,
+        scrapes,
     };
     log(format!(
-        "  {wans} WANs: RSS {:.1} MiB, CPU {:.2} % of one core over {:.0} s",
+        "  {wans} WANs{}: RSS {:.1} MiB, CPU {:.2} % of one core over {:.0} s",
+        match scrapes {
+            Some((n, bytes)) => format!(", /metrics scraped {n} times ({bytes} bytes each)"),
+            None => String::new(),
+        },
         out.rss_kib as f64 / 1024.0,
         out.cpu_pct,
         el
     ));
     drop(mwan);
     Ok(out)
+}
+
+/// GETs `/metrics` once a second until `stop`; returns the scrapes that
+/// succeeded and the size of the last.
+fn scrape_every_second(stop: &AtomicBool) -> Result<(u64, usize)> {
+    let addr = LISTEN.parse().expect("valid address");
+    let (mut ok, mut size) = (0, 0);
+    let mut next = Instant::now();
+    while !stop.load(Ordering::SeqCst) && !sig::stopped() {
+        let r = http_get(addr, "/metrics")?;
+        if r.status != 200 {
+            bail!("/metrics answered {}: {}", r.status, r.text());
+        }
+        ok += 1;
+        size = r.body.len();
+        next += Duration::from_secs(1);
+        while Instant::now() < next && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok((ok, size))
 }
 
 /// utime and stime (clock ticks) of the whole process.

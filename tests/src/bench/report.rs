@@ -18,6 +18,8 @@ pub struct Results {
     pub failover: Option<Failover>,
     pub scale: Option<Scale>,
     pub footprint: Option<Footprint>,
+    /// The same with the metrics endpoint scraped every second.
+    pub footprint_scraped: Option<Footprint>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -283,6 +285,14 @@ pub fn table(r: &Results) -> String {
             f.threads
         );
     }
+    if let Some(f) = &r.footprint_scraped {
+        let _ = writeln!(
+            o,
+            "Footprint with /metrics scraped every second: RSS {:.1} MiB, CPU {:.2} % of one core",
+            f.rss_kib as f64 / 1024.0,
+            f.cpu_pct
+        );
+    }
     o
 }
 
@@ -346,7 +356,7 @@ pub fn markdown(r: &Results) -> String {
         markdown_scale(&mut o, s);
     }
     if let Some(f) = &r.footprint {
-        markdown_footprint(&mut o, f);
+        markdown_footprint(&mut o, f, r.footprint_scraped.as_ref());
     }
     o += METHOD;
     o
@@ -436,11 +446,19 @@ fn markdown_summary(o: &mut String, r: &Results) {
     if let Some(f) = &r.footprint {
         let _ = writeln!(
             o,
-            "The daemon with {} WANs probing every {} ms: {:.1} MiB resident, {:.1} % of one CPU.\n",
+            "The daemon with {} WANs probing every {} ms: {:.1} MiB resident, {:.1} % of one CPU{}.\n",
             f.wans,
             ms(f.probe_interval),
             f.rss_kib as f64 / 1024.0,
-            f.cpu_pct
+            f.cpu_pct,
+            match &r.footprint_scraped {
+                Some(s) => format!(
+                    "; with its metrics endpoint scraped every second, {:.1} MiB and {:.1} %",
+                    s.rss_kib as f64 / 1024.0,
+                    s.cpu_pct
+                ),
+                None => String::new(),
+            }
         );
     }
 }
@@ -725,32 +743,54 @@ fn markdown_scale(o: &mut String, s: &Scale) {
     );
 }
 
-fn markdown_footprint(o: &mut String, f: &Footprint) {
+fn markdown_footprint(o: &mut String, f: &Footprint, scraped: Option<&Footprint>) {
     let _ = writeln!(o, "## 5. Daemon footprint\n");
     let _ = writeln!(
         o,
         "mwan with {} WANs at the default probe interval ({} ms, {} ICMP targets per WAN: {:.0} \
-         probes per second), all up, nothing asking it anything; /proc/<pid>/stat and \
-         /proc/<pid>/status over {:.0} s.\n",
+         probes per second), all up; /proc/<pid>/stat and /proc/<pid>/status over {:.0} s. \
+         *Idle*: nothing asks it anything. *Scraped*: `metrics_listen` on and `/metrics` \
+         fetched every second meanwhile{}.\n",
         f.wans,
         ms(f.probe_interval),
         f.targets_per_wan,
         f.wans as f64 * f.targets_per_wan as f64 * 1000.0 / ms(f.probe_interval),
-        f.secs
+        f.secs,
+        match scraped.and_then(|s| s.scrapes) {
+            Some((n, bytes)) => format!(" ({n} scrapes of {:.1} kB)", bytes as f64 / 1e3),
+            None => String::new(),
+        }
     );
-    let _ = writeln!(o, "| | |\n|---|---|");
+    let all: Vec<&Footprint> = std::iter::once(f).chain(scraped).collect();
+    let row = |o: &mut String, what: &str, cell: &dyn Fn(&Footprint) -> String| {
+        let cells: Vec<String> = all.iter().map(|f| cell(f)).collect();
+        let _ = writeln!(o, "| {what} | {} |", cells.join(" | "));
+    };
     let _ = writeln!(
         o,
-        "| resident memory (VmRSS) | {:.1} MiB (peak {:.1} MiB) |",
-        f.rss_kib as f64 / 1024.0,
-        f.hwm_kib as f64 / 1024.0
+        "| | idle |{}\n|---|---|{}",
+        if scraped.is_some() {
+            " scraped every second |"
+        } else {
+            ""
+        },
+        if scraped.is_some() { "---|" } else { "" }
     );
-    let _ = writeln!(
-        o,
-        "| CPU (utime + stime) | {:.2} % of one core ({:.2} % user, {:.2} % system) |",
-        f.cpu_pct, f.user_pct, f.sys_pct
-    );
-    let _ = writeln!(o, "| threads | {} |\n", f.threads);
+    row(o, "resident memory (VmRSS)", &|f| {
+        format!(
+            "{:.1} MiB (peak {:.1} MiB)",
+            f.rss_kib as f64 / 1024.0,
+            f.hwm_kib as f64 / 1024.0
+        )
+    });
+    row(o, "CPU (utime + stime)", &|f| {
+        format!(
+            "{:.2} % of one core ({:.2} % user, {:.2} % system)",
+            f.cpu_pct, f.user_pct, f.sys_pct
+        )
+    });
+    row(o, "threads", &|f| f.threads.to_string());
+    o.push('\n');
 }
 
 const METHOD: &str = "## Method

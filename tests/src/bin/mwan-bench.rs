@@ -134,6 +134,7 @@ fn run() -> Result<()> {
         failover: None,
         scale: None,
         footprint: None,
+        footprint_scraped: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -184,11 +185,9 @@ fn run() -> Result<()> {
     }
     if want("footprint") {
         println!("\n5. Daemon footprint");
-        results.footprint = Some(footprint::run(
-            8,
-            Duration::from_secs(if q { 5 } else { 20 }),
-            &log,
-        )?);
+        let secs = Duration::from_secs(if q { 5 } else { 20 });
+        results.footprint = Some(footprint::run(8, secs, false, &log)?);
+        results.footprint_scraped = Some(footprint::run(8, secs, true, &log)?);
     }
     results.total_secs = started.elapsed().as_secs_f64();
     results.background = sysinfo::background_share(cpu0, sysinfo::cpu_sample());

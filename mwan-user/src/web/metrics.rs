@@ -1,0 +1,486 @@
+//! `/metrics`: the snapshot in the Prometheus text exposition format
+//! (version 0.0.4). Every family has `# HELP` and `# TYPE`, units are in
+//! the names, and the series are bounded: per WAN, per probe target and
+//! global, never per flow or per host. docs/METRICS.md lists them.
+
+use std::fmt::Write;
+
+use super::Snapshot;
+use crate::health::stats::HealthStats;
+use crate::web::history::unix_secs;
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The datapath's global counters (`Status::counters` keys) as families.
+const DATAPATH: [(&str, &str, &str); 9] = [
+    (
+        "new_flows",
+        "mwan_datapath_new_pins_total",
+        "New flows the datapath placed (their first packet; re-pins are counted apart).",
+    ),
+    (
+        "repins",
+        "mwan_datapath_repins_total",
+        "Pinned flows moved to another WAN because theirs was no longer alive.",
+    ),
+    (
+        "host_pin_hits",
+        "mwan_datapath_host_pin_hits_total",
+        "New flows that reused their LAN host's pin (sticky = \"host\").",
+    ),
+    (
+        "bypass",
+        "mwan_datapath_bypass_packets_total",
+        "Packets to local or connected destinations, never pinned.",
+    ),
+    (
+        "midstream_unpinned",
+        "mwan_datapath_midstream_unpinned_total",
+        "First packets of TCP flows that were not a SYN, left to the main table.",
+    ),
+    (
+        "no_wan",
+        "mwan_datapath_no_wan_total",
+        "New flows while no WAN was eligible (left to the main table or refused by all_down).",
+    ),
+    (
+        "insert_errors",
+        "mwan_datapath_insert_errors_total",
+        "Failed flow or host map inserts.",
+    ),
+    (
+        "not_ipv4",
+        "mwan_datapath_not_ipv4_packets_total",
+        "Packets that were not IPv4 or could not be parsed (passed unchanged).",
+    ),
+    (
+        "premarked",
+        "mwan_datapath_premarked_packets_total",
+        "Packets that already carried an mwan mark (replies of inbound connections).",
+    ),
+];
+
+const STATES: [&str; 5] = ["unknown", "up", "degraded", "down", "disabled"];
+
+/// Writes families: `# HELP`, `# TYPE`, then the samples.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
+            }
+            self.0.push('}');
+        }
+        self.0.push(' ');
+        push_value(&mut self.0, value);
+        self.0.push('\n');
+    }
+
+    /// A family with one sample per WAN (labels `wan`, `interface`); WANs
+    /// for which `value` is `None` have no sample.
+    fn per_wan(
+        &mut self,
+        s: &Snapshot,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(usize) -> Option<f64>,
+    ) {
+        self.family(name, kind, help);
+        for (i, w) in s.status.wans.iter().enumerate() {
+            if let Some(v) = value(i) {
+                self.sample(name, &[("wan", &w.name), ("interface", &w.interface)], v);
+            }
+        }
+    }
+
+    /// A family with one sample per probe target of every WAN.
+    fn per_target(
+        &mut self,
+        s: &Snapshot,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&crate::health::TargetStats) -> Option<f64>,
+    ) {
+        self.family(name, kind, help);
+        for (w, h) in s.status.wans.iter().zip(&s.health) {
+            for t in &h.targets {
+                if let Some(v) = value(t) {
+                    let labels = [
+                        ("wan", w.name.as_str()),
+                        ("interface", &w.interface),
+                        ("target", &t.target),
+                    ];
+                    self.sample(name, &labels, v);
+                }
+            }
+        }
+    }
+}
+
+fn push_value(out: &mut String, v: f64) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn health(s: &Snapshot, i: usize) -> &HealthStats {
+    &s.health[i]
+}
+
+/// The whole exposition.
+pub fn render(s: &Snapshot) -> String {
+    let mut o = Out(String::with_capacity(16 * 1024));
+    let st = &s.status;
+    let wans = &st.wans;
+
+    o.family(
+        "mwan_build_info",
+        "gauge",
+        "Always 1; the labels name the running mwan.",
+    );
+    o.sample("mwan_build_info", &[("version", &st.version)], 1.0);
+    o.family(
+        "mwan_start_time_seconds",
+        "gauge",
+        "When the daemon started, in seconds since the Unix epoch.",
+    );
+    o.sample(
+        "mwan_start_time_seconds",
+        &[],
+        (unix_secs(s.start_time) * 1000.0).round() / 1000.0,
+    );
+    o.family(
+        "mwan_config_reloads_total",
+        "counter",
+        "Config reloads (mwan reload, SIGHUP) by result; a failed reload keeps the running config.",
+    );
+    o.sample(
+        "mwan_config_reloads_total",
+        &[("result", "success")],
+        s.reloads_ok as f64,
+    );
+    o.sample(
+        "mwan_config_reloads_total",
+        &[("result", "failure")],
+        s.reloads_failed as f64,
+    );
+    o.family(
+        "mwan_hook_runs_total",
+        "counter",
+        "on_change hook runs that ended.",
+    );
+    o.sample("mwan_hook_runs_total", &[], s.hook_runs as f64);
+    o.family(
+        "mwan_hook_failures_total",
+        "counter",
+        "on_change hook runs that failed: non-zero exit, killed at hook_timeout, or not started.",
+    );
+    o.sample("mwan_hook_failures_total", &[], s.hook_failures as f64);
+    o.family(
+        "mwan_all_down",
+        "gauge",
+        "1 while no WAN takes new flows (the all_down policy applies).",
+    );
+    o.sample("mwan_all_down", &[], f64::from(u8::from(st.all_down)));
+    o.family(
+        "mwan_flows",
+        "gauge",
+        "Flows pinned in the flow map (all WANs), from the daemon's background count.",
+    );
+    o.sample("mwan_flows", &[], st.flows_total as f64);
+    o.family("mwan_flows_max", "gauge", "Capacity of the flow map (max_flows); when full, the least recently used pins are evicted.");
+    o.sample("mwan_flows_max", &[], f64::from(s.max_flows));
+    if let Some(age) = st.flows_counted_secs_ago {
+        o.family(
+            "mwan_flows_count_age_seconds",
+            "gauge",
+            "Age of the background flow count behind mwan_flows and mwan_wan_flows.",
+        );
+        o.sample(
+            "mwan_flows_count_age_seconds",
+            &[],
+            (age * 1000.0).round() / 1000.0,
+        );
+    }
+    for (key, name, help) in DATAPATH {
+        o.family(name, "counter", help);
+        o.sample(name, &[], st.counters.get(key).copied().unwrap_or(0) as f64);
+    }
+
+    o.family(
+        "mwan_wan_state",
+        "gauge",
+        "1 for the WAN's current state, 0 for the others.",
+    );
+    for w in wans {
+        for state in STATES {
+            let labels = [
+                ("wan", w.name.as_str()),
+                ("interface", &w.interface),
+                ("state", state),
+            ];
+            o.sample(
+                "mwan_wan_state",
+                &labels,
+                f64::from(u8::from(w.state == state)),
+            );
+        }
+    }
+    let flag = |b: bool| Some(f64::from(u8::from(b)));
+    o.per_wan(
+        s,
+        "mwan_wan_up",
+        "gauge",
+        "1 when the WAN is up or degraded (usable), 0 otherwise.",
+        |i| flag(wans[i].state == "up" || wans[i].state == "degraded"),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_state_since_timestamp_seconds",
+        "gauge",
+        "When the WAN entered its current state, in seconds since the Unix epoch.",
+        |i| Some(((unix_secs(s.taken) - wans[i].since_secs) * 1000.0).round() / 1000.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_weight",
+        "gauge",
+        "The WAN's weight (config or mwan set-weight).",
+        |i| Some(f64::from(wans[i].weight)),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_tier",
+        "gauge",
+        "The WAN's tier (1 is primary).",
+        |i| Some(f64::from(wans[i].tier)),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_share_ratio",
+        "gauge",
+        "Share of new flows the default policy gives the WAN now (0 to 1).",
+        |i| Some(wans[i].share),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_drained",
+        "gauge",
+        "1 while the WAN is drained (mwan drain: no new flows).",
+        |i| flag(wans[i].drained),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_rtt_seconds",
+        "gauge",
+        "Mean probe RTT over the health window (absent when no probe was answered).",
+        |i| wans[i].rtt_ms.map(|r| r / 1000.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_jitter_seconds",
+        "gauge",
+        "Mean absolute difference of consecutive RTTs of each target over the health window.",
+        |i| wans[i].jitter_ms.map(|r| r / 1000.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_loss_ratio",
+        "gauge",
+        "Lost probes over the health window (0 to 1).",
+        |i| Some(wans[i].loss_pct / 100.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_probe_rounds_total",
+        "counter",
+        "Probing rounds decided.",
+        |i| Some(health(s, i).rounds as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_probe_rounds_failed_total",
+        "counter",
+        "Probing rounds that failed (fewer than quorum targets answered).",
+        |i| Some(health(s, i).rounds_failed as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_last_probe_round_success",
+        "gauge",
+        "1 if the latest probing round succeeded, 0 if it failed (absent before the first).",
+        |i| health(s, i).last_round_ok.and_then(flag),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_state_changes_total",
+        "counter",
+        "State changes of the WAN since the daemon started.",
+        |i| Some(health(s, i).state_changes as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_failovers_total",
+        "counter",
+        "Times the WAN went from up or degraded to down or disabled (its flows moved).",
+        |i| Some(health(s, i).failovers as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_flows",
+        "gauge",
+        "Flows pinned to the WAN in the flow map (background count).",
+        |i| Some(wans[i].flows as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_new_flows_total",
+        "counter",
+        "Flows pinned to the WAN since the datapath was created (re-pins included).",
+        |i| Some(wans[i].new_flows as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_lan_packets_total",
+        "counter",
+        "LAN packets the datapath sent to the WAN.",
+        |i| Some(wans[i].lan_packets as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_lan_bytes_total",
+        "counter",
+        "LAN bytes the datapath sent to the WAN.",
+        |i| Some(wans[i].lan_bytes as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_receive_bytes_total",
+        "counter",
+        "Bytes received on the WAN's interface (all traffic).",
+        |i| Some(wans[i].rx_bytes as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_transmit_bytes_total",
+        "counter",
+        "Bytes sent on the WAN's interface (all traffic).",
+        |i| Some(wans[i].tx_bytes as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_receive_packets_total",
+        "counter",
+        "Packets received on the WAN's interface.",
+        |i| Some(wans[i].rx_packets as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_transmit_packets_total",
+        "counter",
+        "Packets sent on the WAN's interface.",
+        |i| Some(wans[i].tx_packets as f64),
+    );
+
+    o.per_target(
+        s,
+        "mwan_probe_sent_total",
+        "counter",
+        "Probes sent to the target through the WAN.",
+        |t| Some(t.sent as f64),
+    );
+    o.per_target(
+        s,
+        "mwan_probe_answered_total",
+        "counter",
+        "Probes the target answered in time.",
+        |t| Some(t.answered as f64),
+    );
+    o.per_target(
+        s,
+        "mwan_probe_rtt_seconds",
+        "gauge",
+        "RTT of the target's latest answered probe.",
+        |t| t.last_rtt.map(|d| d.as_secs_f64()),
+    );
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::web::tests::snapshot;
+
+    #[test]
+    fn every_family_has_help_and_type_and_samples_follow_their_family() {
+        let text = render(&snapshot());
+        let mut family = String::new();
+        let mut families = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                family = rest.split(' ').next().unwrap().to_string();
+                assert!(!families.contains(&family), "{family} twice");
+                families.push(family.clone());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(name, family);
+                assert!(kind == "gauge" || kind == "counter", "{line}");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(name, family, "sample outside its family: {line}");
+            }
+        }
+        assert!(families.len() > 40, "{families:?}");
+        assert!(
+            text.contains("mwan_wan_state{wan=\"isp1\",interface=\"wan1\",state=\"down\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("mwan_wan_state{wan=\"isp1\",interface=\"wan1\",state=\"up\"} 0\n"));
+        assert!(text.contains("mwan_wan_loss_ratio{wan=\"isp1\",interface=\"wan1\"} 0.25\n"));
+        assert!(text.contains("mwan_wan_rtt_seconds{wan=\"isp1\",interface=\"wan1\"} 0.0125\n"));
+        assert!(text.contains("mwan_probe_answered_total{wan=\"isp1\",interface=\"wan1\",target=\"198.51.100.1\"} 2\n"));
+        assert!(text.contains("mwan_datapath_repins_total 7\n"));
+    }
+
+    #[test]
+    fn label_values_and_help_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut s = String::new();
+        for v in [1.0, 0.5, f64::NAN, f64::INFINITY, 1e20] {
+            push_value(&mut s, v);
+            s.push(' ');
+        }
+        assert_eq!(s, "1 0.5 NaN +Inf 100000000000000000000 ");
+    }
+}
