@@ -150,18 +150,6 @@ fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
         .collect()
 }
 
-const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
-    "new_flows",
-    "repins",
-    "host_pin_hits",
-    "bypass",
-    "midstream_unpinned",
-    "no_wan",
-    "insert_errors",
-    "not_ipv4",
-    "premarked",
-];
-
 impl Daemon {
     pub(super) async fn status(&mut self) -> Result<Status> {
         let task = self.flow_counts.refresh_if_stale();
@@ -233,7 +221,7 @@ impl Daemon {
             wans,
             flows_total: total,
             flows_counted_secs_ago: counted_ago,
-            counters: COUNTER_NAMES
+            counters: datapath::COUNTER_NAMES
                 .iter()
                 .zip(global)
                 .map(|(n, v)| (n.to_string(), v))
