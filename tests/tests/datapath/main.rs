@@ -11,12 +11,16 @@
 //! counts in `FLOWS`, the host pin in `HOSTS`, and the exact `GLOBAL_STATS`
 //! deltas (every other counter unchanged).
 //!
-//! The kernel gives the program a linear skb: the pull of headers from paged
-//! data cannot be provoked here (the lab's traffic tests run through it).
+//! `BPF_PROG_TEST_RUN` gives the program a linear skb, so the one case
+//! without a fixture is headers in paged data (pulled, then parsed again).
+//! What the kernel does before tc ingress and a crafted skb cannot show
+//! (fragments arriving one by one, a VLAN tag moved into the skb) is tested
+//! with traffic through the running daemon in [`traffic`].
 
 mod fixtures;
 mod packet;
 mod rig;
+mod traffic;
 
 use anyhow::{bail, Result};
 use lab::Lab;

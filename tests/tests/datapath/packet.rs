@@ -244,13 +244,19 @@ impl Body {
         }
     }
 
+    /// The frame with made-up MAC addresses (BPF_PROG_TEST_RUN).
     pub fn frame(&self) -> Vec<u8> {
+        self.frame_between([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 0x0a])
+    }
+
+    /// The frame from MAC `src` to MAC `dst`.
+    pub fn frame_between(&self, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
         let (ethertype, bytes) = match self {
             Body::Ip(p) => (ETH_P_IP, p.bytes()),
             Body::Other { ethertype, bytes } => (*ethertype, bytes.clone()),
         };
-        // The router's LAN address as destination, a host's as source.
-        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 0x0a];
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&src);
         f.extend_from_slice(&ethertype.to_be_bytes());
         f.extend_from_slice(&bytes);
         f
@@ -294,7 +300,7 @@ pub fn arp_request() -> Body {
     }
 }
 
-/// A TCP SYN inside an 802.1Q tag (VLAN 10).
+/// `p` inside an 802.1Q tag (VLAN 10).
 pub fn vlan_tagged(p: Pkt) -> Body {
     let mut b = vec![0, 10];
     b.extend_from_slice(&ETH_P_IP.to_be_bytes());
