@@ -12,7 +12,7 @@
 
 /// Bump whenever the layout of a pinned map changes. A daemon that finds pinned
 /// maps with another ABI refuses to reuse them (see `mwan-user` datapath).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// WAN ids are `0..MAX_WANS`. Marks, routing tables and rule priorities are
 /// derived from the id.
@@ -62,7 +62,8 @@ pub const PROTO_UDP: u8 = 17;
 
 /// The key of a pinned flow: the 5-tuple as seen on the LAN interface.
 /// For ICMP echo the identifier is stored as `sport` and `dport` is 0; for
-/// other protocols without ports, and for non-first fragments, both are 0.
+/// other protocols without ports both are 0. Non-first fragments have no
+/// key: they are never pinned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -218,13 +219,23 @@ pub const GS_MIDSTREAM: u32 = 4;
 pub const GS_NO_WAN: u32 = 5;
 /// Failed map inserts.
 pub const GS_INSERT_ERRORS: u32 = 6;
-/// Packets that were not IPv4 or could not be parsed.
+/// Packets that are not mwan's business, left untouched: not IPv4 (IPv6,
+/// ARP, VLAN-tagged frames on the parent interface), ICMP other than echo
+/// requests, and packets whose headers could not be pulled into the linear
+/// area.
 pub const GS_PASS: u32 = 7;
 /// Packets that already carried an mwan mark (restored from conntrack for
 /// a reply of an inbound connection, where br_netfilter runs nftables
 /// before tc ingress): left as they are.
 pub const GS_PREMARKED: u32 = 8;
-pub const GS_COUNT: u32 = 9;
+/// IPv4 frames the kernel drops later (version not 4, header length under
+/// 20, total length shorter than the header or longer than the frame, an L4
+/// header cut short): no pin, no mark.
+pub const GS_MALFORMED: u32 = 9;
+/// Non-first IPv4 fragments: no pin, no mark (conntrack reassembles them
+/// with the first fragment, which is classified).
+pub const GS_FRAGMENTS: u32 = 10;
+pub const GS_COUNT: u32 = 11;
 
 /// A WAN name as stored in the `WAN_NAMES` array (NUL padded), so that a
 /// restarted daemon maps names to the same ids as the flows it inherits.

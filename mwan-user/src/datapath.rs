@@ -23,6 +23,7 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::Ipv4Net;
 use mwan_common::*;
 
+use crate::config::{Config, Sticky};
 use crate::policy::CompiledRules;
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
@@ -248,6 +249,25 @@ impl Maps {
         Ok(())
     }
 
+    /// Writes SETTINGS for `cfg` and the rule maps for `rules` (compiled from
+    /// `cfg`). `previous` is what the rule maps hold now, if known: equal
+    /// rules are not written again. Rules are written with matching switched
+    /// off (`rule_count` 0), then switched on: a half-written rule set is
+    /// never used.
+    pub fn write_rules_and_settings(
+        &mut self,
+        cfg: &Config,
+        rules: &CompiledRules,
+        previous: Option<&CompiledRules>,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<()> {
+        if previous != Some(rules) {
+            self.write_settings(&settings(cfg, rules, 0))?;
+            self.write_rules(rules, previous, ifindex)?;
+        }
+        self.write_settings(&settings(cfg, rules, rules.count))
+    }
+
     /// Makes the bypass trie hold exactly `prefixes`.
     pub fn write_bypass(&mut self, prefixes: &[Ipv4Net]) -> Result<()> {
         sync_trie(
@@ -273,10 +293,42 @@ impl Maps {
             .collect()
     }
 
+    /// `GLOBAL_STATS` summed over CPUs, by index (see [`COUNTER_NAMES`]).
     pub fn global_counters(&self) -> Result<Vec<u64>> {
         (0..GS_COUNT)
             .map(|i| Ok(self.global_stats.get(&i, 0)?.iter().sum()))
             .collect()
+    }
+}
+
+/// The names of the `GLOBAL_STATS` counters, by index, as `mwan status`
+/// shows them.
+pub const COUNTER_NAMES: [&str; GS_COUNT as usize] = [
+    "new_flows",
+    "repins",
+    "host_pin_hits",
+    "bypass",
+    "midstream_unpinned",
+    "no_wan",
+    "insert_errors",
+    "not_ipv4",
+    "premarked",
+    "malformed",
+    "fragments",
+];
+
+/// The `SETTINGS` entry for `cfg`, whose rules compiled to `rules`;
+/// `rule_count` 0 switches rule matching off.
+pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Settings {
+    Settings {
+        abi_version: ABI_VERSION,
+        mark_mask: cfg.mark_mask,
+        sticky_host: (cfg.sticky == Sticky::Host) as u32,
+        rule_count,
+        host_ttl_ns: cfg.host_ttl.as_nanos() as u64,
+        rule_any_iface: rules.any_iface,
+        rule_any_sport: rules.any_sport,
+        rule_any_dport: rules.any_dport,
     }
 }
 
@@ -345,6 +397,16 @@ impl Datapath {
             maps,
             inherited,
         })
+    }
+
+    /// A loaded classifier by name ([`PROG_LAN_ETH`] or [`PROG_LAN_L3`]),
+    /// e.g. to run it on crafted packets (`BPF_PROG_TEST_RUN`).
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()
+            .map_err(|e| anyhow!("program {name}: {e}"))
     }
 
     /// Attaches the classifier at tc ingress of `iface` (the Ethernet or the

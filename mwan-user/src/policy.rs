@@ -21,7 +21,7 @@ use mwan_common::{
     SLOTS, WAN_NONE,
 };
 
-use crate::config::{Action, AllDown, Proto, Rule};
+use crate::config::{Action, AllDown, Rule};
 
 /// Health as far as balancing cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,7 +226,8 @@ pub fn shares(policy: &Policy) -> Vec<(u8, f64)> {
 
 /// Policy rules as the datapath matches them: for every dimension, the set
 /// of rules (bit i = rule i) that a packet value allows. The first matching
-/// rule is the lowest bit of the intersection.
+/// rule is the lowest bit of the intersection. The matching itself is tested
+/// on the datapath, packet by packet (tests/tests/datapath).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledRules {
     pub count: u32,
@@ -381,43 +382,6 @@ pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
         any_sport,
         any_dport,
         actions: policy_ids.iter().map(|id| *id as u32).collect(),
-    }
-}
-
-impl CompiledRules {
-    /// The rule a packet matches, evaluated the way the datapath does
-    /// (for tests and `mwan explain`-style tooling).
-    pub fn matching_rule(
-        &self,
-        proto: u8,
-        src: std::net::Ipv4Addr,
-        dst: std::net::Ipv4Addr,
-        sport: u16,
-        dport: u16,
-        iface: &str,
-    ) -> Option<usize> {
-        let lpm = |table: &Vec<(Ipv4Net, u64)>, a: std::net::Ipv4Addr| {
-            table
-                .iter()
-                .filter(|(n, _)| n.contains(&a))
-                .max_by_key(|(n, _)| n.prefix_len())
-                .map(|(_, m)| *m)
-                .unwrap_or(0)
-        };
-        let mut m = self.proto[proto as usize];
-        m &= self
-            .iface
-            .iter()
-            .find(|(n, _)| n == iface)
-            .map(|(_, m)| *m)
-            .unwrap_or(self.any_iface);
-        m &= lpm(&self.src, src) & lpm(&self.dst, dst);
-        if proto == Proto::Tcp.number() || proto == Proto::Udp.number() {
-            m &= self.sport[sport as usize] & self.dport[dport as usize];
-        } else {
-            m &= self.any_sport & self.any_dport;
-        }
-        (m != 0).then(|| m.trailing_zeros() as usize)
     }
 }
 
@@ -610,66 +574,5 @@ main = true
         let comp = compile(&wans, &c.rules, &positions(&c.rules), AllDown::Last, &[]);
         assert_eq!(share_of(&comp.policies[2], 0), 1.0);
         assert_eq!(comp.policies[3].active, 0);
-    }
-
-    #[test]
-    fn rule_matching_is_first_match() {
-        let c = config_with_rules(TUTORIAL);
-        let r = compile_rules(&c.rules, &positions(&c.rules));
-        let ip = |s: &str| s.parse().unwrap();
-        let m = |proto: u8, src: &str, dst: &str, dport: u16, iface: &str| {
-            r.matching_rule(proto, ip(src), ip(dst), 40000, dport, iface)
-        };
-        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 443, "lan0"), Some(0));
-        assert_eq!(m(17, "192.0.2.10", "203.0.113.9", 53, "lan0"), Some(0));
-        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 587, "lan0"), Some(1));
-        assert_eq!(m(17, "192.0.2.10", "203.0.113.9", 587, "lan0"), None);
-        // Web from the backup subnet still matches web first.
-        assert_eq!(m(6, "192.0.2.130", "203.0.113.9", 80, "lan1"), Some(0));
-        assert_eq!(m(6, "192.0.2.130", "203.0.113.9", 8080, "lan1"), Some(2));
-        assert_eq!(m(1, "192.0.2.130", "203.0.113.9", 0, "lan1"), Some(2));
-        assert_eq!(m(6, "192.0.2.10", "198.51.100.7", 8080, "lan0"), Some(3));
-        assert_eq!(m(6, "192.0.2.10", "203.0.113.9", 8080, "lan0"), None);
-        // ICMP never matches a port rule.
-        assert_eq!(m(1, "192.0.2.10", "203.0.113.9", 0, "lan0"), None);
-    }
-
-    #[test]
-    fn nested_prefixes_and_interfaces() {
-        let c = config_with_rules(
-            r#"
-[[rule]]
-src = ["192.0.2.0/24"]
-lan_interface = "lan1"
-wans = ["isp1"]
-[[rule]]
-src = ["192.0.2.128/26"]
-wans = ["isp2"]
-[[rule]]
-dst = ["0.0.0.0/0"]
-proto = "udp"
-balance = ["isp1", "isp2"]
-"#,
-        );
-        let r = compile_rules(&c.rules, &positions(&c.rules));
-        let ip = |s: &str| s.parse().unwrap();
-        // An address inside the /26 also lies in the /24: rule 0 on lan1.
-        assert_eq!(
-            r.matching_rule(6, ip("192.0.2.130"), ip("203.0.113.1"), 1, 2, "lan1"),
-            Some(0)
-        );
-        assert_eq!(
-            r.matching_rule(6, ip("192.0.2.130"), ip("203.0.113.1"), 1, 2, "lan0"),
-            Some(1)
-        );
-        assert_eq!(
-            r.matching_rule(17, ip("192.0.2.10"), ip("203.0.113.1"), 1, 2, "lan0"),
-            Some(2)
-        );
-        assert_eq!(
-            r.matching_rule(6, ip("192.0.2.10"), ip("203.0.113.1"), 1, 2, "lan0"),
-            None
-        );
-        assert_eq!(r.actions, vec![1, 2, 3]);
     }
 }

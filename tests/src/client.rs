@@ -50,7 +50,15 @@ impl Netns {
 
     /// Asks a UDP whoami server which source address it saw.
     pub fn udp_whoami(&self, server: SocketAddrV4) -> Result<SocketAddrV4> {
-        let answer = self.udp_exchange(server, b"whoami")?;
+        self.udp_whoami_sized(server, 0)
+    }
+
+    /// [`Netns::udp_whoami`] with the request padded to `len` bytes: beyond
+    /// the path MTU the host sends it in fragments.
+    pub fn udp_whoami_sized(&self, server: SocketAddrV4, len: usize) -> Result<SocketAddrV4> {
+        let mut request = b"whoami".to_vec();
+        request.resize(len.max(request.len()), b'.');
+        let answer = self.udp_exchange(server, &request)?;
         parse_whoami(&String::from_utf8_lossy(&answer))
     }
 

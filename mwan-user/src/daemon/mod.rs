@@ -19,16 +19,14 @@ use std::time::{Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
-use mwan_common::{
-    FlowKey, FlowValue, Settings, WanEntry, ABI_VERSION, MAP_FLOWS, MAX_WANS, WAN_NONE,
-};
+use mwan_common::{FlowKey, FlowValue, WanEntry, MAP_FLOWS, MAX_WANS, WAN_NONE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{AllDown, Config, Failback, Sticky};
+use crate::config::{AllDown, Config, Failback};
 use crate::control::{Event, Request, Response};
 use crate::datapath::{self, Datapath};
 use crate::health::{Prober, RoundReport, State, Transition};
@@ -308,21 +306,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn settings(&self, rule_count: u32, rules: &CompiledRules) -> Settings {
-        Settings {
-            abi_version: ABI_VERSION,
-            mark_mask: self.cfg.mark_mask,
-            sticky_host: (self.cfg.sticky == Sticky::Host) as u32,
-            rule_count,
-            host_ttl_ns: self.cfg.host_ttl.as_nanos() as u64,
-            rule_any_iface: rules.any_iface,
-            rule_any_sport: rules.any_sport,
-            rule_any_dport: rules.any_dport,
-        }
-    }
-
-    /// Rules are written with matching switched off (rule_count 0), then
-    /// switched on: a half-written rule set is never used.
+    /// Writes SETTINGS and, when they changed, the rule maps.
     fn sync_settings_and_rules(&mut self) -> Result<()> {
         let names: Vec<&str> = self.cfg.rules.iter().map(|r| r.name.as_str()).collect();
         let ids = policy::assign_rule_policies(&names, &self.host.rule_policies);
@@ -332,20 +316,13 @@ impl Daemon {
             .map(|(n, id)| (n.to_string(), *id))
             .collect();
         let rules = policy::compile_rules(&self.cfg.rules, &ids);
-        if self.rules_written.as_ref() == Some(&rules) {
-            let s = self.settings(rules.count, &rules);
-            return self.dp.maps.write_settings(&s);
-        }
-        let off = self.settings(0, &rules);
-        self.dp.maps.write_settings(&off)?;
         let indexes = self.ifindexes();
-        self.dp
-            .maps
-            .write_rules(&rules, self.rules_written.as_ref(), &|n| {
-                indexes.get(n).copied()
-            })?;
-        let on = self.settings(rules.count, &rules);
-        self.dp.maps.write_settings(&on)?;
+        self.dp.maps.write_rules_and_settings(
+            &self.cfg,
+            &rules,
+            self.rules_written.as_ref(),
+            &|n| indexes.get(n).copied(),
+        )?;
         self.rules_written = Some(rules);
         Ok(())
     }

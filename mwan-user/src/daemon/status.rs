@@ -151,18 +151,6 @@ fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
         .collect()
 }
 
-const COUNTER_NAMES: [&str; mwan_common::GS_COUNT as usize] = [
-    "new_flows",
-    "repins",
-    "host_pin_hits",
-    "bypass",
-    "midstream_unpinned",
-    "no_wan",
-    "insert_errors",
-    "not_ipv4",
-    "premarked",
-];
-
 impl Daemon {
     pub(super) async fn status(&mut self) -> Result<Status> {
         let task = self.flow_counts.refresh_if_stale();
@@ -238,7 +226,7 @@ impl Daemon {
             flows_total: total,
             flows_counted_secs_ago: counted_ago,
             counters: {
-                let mut c: BTreeMap<String, u64> = COUNTER_NAMES
+                let mut c: BTreeMap<String, u64> = datapath::COUNTER_NAMES
                     .iter()
                     .zip(global)
                     .map(|(n, v)| (n.to_string(), v))

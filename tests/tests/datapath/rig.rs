@@ -1,0 +1,481 @@
+//! The datapath loaded in the lab's router namespace, configured by the
+//! daemon's code, and the checks of one packet against its expectations.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use aya::{TestRun, TestRunOptions};
+use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
+use mwan::config::Config;
+use mwan::datapath::{self, Datapath, COUNTER_NAMES};
+use mwan::policy::{self, CompiledRules, Health, WanView};
+use mwan_common::*;
+
+use crate::fixtures::*;
+use crate::packet::*;
+
+/// `struct __sk_buff` (uapi) as `BPF_PROG_TEST_RUN` reads and writes it:
+/// the kernel accepts `mark`, `priority`, `ingress_ifindex`, `ifindex` (the
+/// device the skb comes from), `cb`, `tstamp`, `wire_len`, `gso_*` and
+/// `hwtstamp` in `ctx_in`, every other byte must be 0.
+const SKB_SIZE: usize = 192;
+const SKB_MARK: usize = 8;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_IFINDEX: usize = 40;
+/// `TC_ACT_UNSPEC`, which both programs return.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+
+/// The loaded datapath and the configuration it was given.
+pub struct Rig {
+    dp: Datapath,
+    /// LAN interface name → ifindex in the router namespace.
+    ifindex: HashMap<String, u32>,
+    cfg: Config,
+    health: Vec<Health>,
+    last_default: Vec<(u8, u32)>,
+    rules_written: Option<CompiledRules>,
+    /// Each rule's policy id (see `policy::assign_rule_policies`).
+    policy_ids: Vec<u8>,
+}
+
+impl Rig {
+    pub fn load(pin_dir: &Path) -> Result<Rig> {
+        let dp = Datapath::load(pin_dir, 4096, 1024).context("loading the datapath")?;
+        let ifindex = ["lan0", "lan1", TUNNEL_IFACE]
+            .iter()
+            .map(|n| {
+                datapath::ifindex(n)
+                    .map(|i| (n.to_string(), i))
+                    .ok_or_else(|| anyhow!("no interface {n} in the router namespace"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Rig {
+            dp,
+            ifindex,
+            cfg: Config::parse(&config("", TIERED, ""))?,
+            health: vec![],
+            last_default: vec![],
+            rules_written: None,
+            policy_ids: vec![],
+        })
+    }
+
+    /// Applies `text` with the daemon's writers (the rule maps change only
+    /// where they differ from the previous fixture's, as on a reload), every
+    /// WAN up and no last eligible set (a fresh start), and empties the flow
+    /// and host maps.
+    fn configure(&mut self, text: &str) -> Result<()> {
+        self.cfg = Config::parse(text).map_err(|e| anyhow!("fixture config: {e}"))?;
+        // Policy ids as a freshly started daemon assigns them.
+        let names: Vec<&str> = self.cfg.rules.iter().map(|r| r.name.as_str()).collect();
+        self.policy_ids = policy::assign_rule_policies(&names, &Default::default());
+        let rules = policy::compile_rules(&self.cfg.rules, &self.policy_ids);
+        let ifindex = self.ifindex.clone();
+        self.dp.maps.write_rules_and_settings(
+            &self.cfg,
+            &rules,
+            self.rules_written.as_ref(),
+            &|n| ifindex.get(n).copied(),
+        )?;
+        self.rules_written = Some(rules);
+        for id in self.cfg.wans.len() as u32..MAX_WANS {
+            self.dp.maps.write_wan(id as u8, WanEntry::default())?;
+        }
+        self.health = vec![Health::Good; self.cfg.wans.len()];
+        self.last_default.clear();
+        self.sync_policies()?;
+        // The router's connected subnets and addresses, and loopback.
+        let bypass: Vec<Ipv4Net> = [
+            LAN0,
+            LAN1,
+            "100.64.1.0/24".parse()?,
+            Ipv4Net::new(TUNNEL_ROUTER, 32)?,
+            "127.0.0.0/8".parse()?,
+        ]
+        .to_vec();
+        self.dp.maps.write_bypass(&bypass)?;
+        let keys: Vec<FlowKey> = self.dp.maps.flows.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.dp.maps.flows.remove(&k)?;
+        }
+        let hosts: Vec<u32> = self.dp.maps.hosts.keys().collect::<Result<_, _>>()?;
+        for h in hosts {
+            self.dp.maps.hosts.remove(&h)?;
+        }
+        Ok(())
+    }
+
+    fn wan_id(&self, name: &str) -> Result<u8> {
+        self.cfg
+            .wans
+            .iter()
+            .position(|w| w.name == name)
+            .map(|i| i as u8)
+            .ok_or_else(|| anyhow!("no WAN {name} in the fixture's config"))
+    }
+
+    fn set_health(&mut self, changes: &[(&str, Health)]) -> Result<()> {
+        for (name, h) in changes {
+            let id = self.wan_id(name)?;
+            self.health[id as usize] = *h;
+        }
+        self.sync_policies()
+    }
+
+    /// Compiles the policies for the current health and writes them and
+    /// every WAN's mark and `alive` flag, as the daemon's `sync_policies`.
+    fn sync_policies(&mut self) -> Result<()> {
+        let views: Vec<WanView> = self
+            .cfg
+            .wans
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WanView {
+                id: i as u8,
+                name: w.name.clone(),
+                weight: w.weight,
+                tier: w.tier,
+                health: self.health[i],
+                drained: false,
+            })
+            .collect();
+        let c = policy::compile(
+            &views,
+            &self.cfg.rules,
+            &self.policy_ids,
+            self.cfg.all_down,
+            &self.last_default,
+        );
+        if !c.all_down {
+            self.last_default = c.default_members.clone();
+        }
+        self.dp.maps.write_policies(&c.policies)?;
+        for (id, alive) in c.alive {
+            self.dp.maps.write_wan(
+                id,
+                WanEntry {
+                    mark: self.cfg.wan_mark(id),
+                    alive: alive as u32,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs the classifier of `input.on` on the frame; returns the mark the
+    /// packet leaves with.
+    fn run(&self, input: &Input, frame: &[u8]) -> Result<u32> {
+        let prog = if input.on == TUNNEL_IFACE {
+            PROG_LAN_L3
+        } else {
+            PROG_LAN_ETH
+        };
+        let ifindex = self.ifindex[input.on];
+        let mut ctx_in = [0u8; SKB_SIZE];
+        let mut put = |off: usize, v: u32| ctx_in[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        put(SKB_MARK, input.mark);
+        put(SKB_INGRESS_IFINDEX, ifindex);
+        put(SKB_IFINDEX, ifindex);
+        let mut ctx_out = [0u8; SKB_SIZE];
+        // The kernel builds the skb on the device of `ifindex` and hands
+        // the program the whole frame, Ethernet header included (also for
+        // tun0: see the L3 fixture).
+        let res = self
+            .dp
+            .program(prog)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..Default::default()
+            })
+            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN of {prog}: {e:?}"))?;
+        ensure!(
+            res.return_value == TC_ACT_UNSPEC,
+            "{prog} returned {} instead of TC_ACT_UNSPEC",
+            res.return_value as i32
+        );
+        let at = |off: usize| u32::from_ne_bytes(ctx_out[off..off + 4].try_into().unwrap());
+        ensure!(
+            at(SKB_IFINDEX) == ifindex,
+            "the packet ran on ifindex {} instead of {} ({})",
+            at(SKB_IFINDEX),
+            ifindex,
+            input.on
+        );
+        Ok(at(SKB_MARK))
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot {
+            flows: self.dp.maps.flows.iter().collect::<Result<_, _>>()?,
+            hosts: self.dp.maps.hosts.iter().collect::<Result<_, _>>()?,
+            counters: self.dp.maps.global_counters()?,
+        })
+    }
+
+    fn wan_name(&self, id: u8) -> String {
+        match self.cfg.wans.get(id as usize) {
+            Some(w) => w.name.clone(),
+            None if id == WAN_NONE => "main table".into(),
+            None => format!("WAN id {id}"),
+        }
+    }
+
+    /// Sends one packet and checks everything it must and must not do.
+    fn check(&self, input: &Input, want: &Expect) -> Result<()> {
+        let frame = input.body.frame();
+        let before = self.snapshot()?;
+        let mark = self.run(input, &frame)?;
+        let after = self.snapshot()?;
+        let src = match &input.body {
+            Body::Ip(p) => u32::from_ne_bytes(p.src.octets()),
+            Body::Other { .. } => 0,
+        };
+        let resolve = |w: W| -> Result<u8> {
+            match w {
+                W::Named(n) => self.wan_id(n),
+                W::HostPin => after
+                    .hosts
+                    .get(&src)
+                    .map(|h| h.wan)
+                    .ok_or_else(|| anyhow!("no host pin for the packet's source")),
+            }
+        };
+        check_counters(&before, &after, &want.counters)?;
+        self.check_hosts(&before, &after, src, want.host, &resolve)?;
+        let want_mark = match want.mark {
+            Mark::Kept => input.mark,
+            Mark::Wan(w) => (input.mark & !self.cfg.mark_mask) | self.cfg.wan_mark(resolve(w)?),
+        };
+        ensure!(
+            mark == want_mark,
+            "mark {mark:#x}, expected {want_mark:#x} ({:?})",
+            want.mark
+        );
+        self.check_flows(
+            &before,
+            &after,
+            input,
+            frame.len() as u64,
+            want.flow,
+            &resolve,
+        )
+    }
+
+    /// Only the expected host pin appears or changes WAN (a refreshed
+    /// activity time is no change).
+    fn check_hosts(
+        &self,
+        before: &Snapshot,
+        after: &Snapshot,
+        src: u32,
+        want: HostPin,
+        resolve: &dyn Fn(W) -> Result<u8>,
+    ) -> Result<()> {
+        let changed: Vec<(u32, Option<u8>)> = after
+            .hosts
+            .iter()
+            .filter(|(k, v)| before.hosts.get(k).map(|o| o.wan) != Some(v.wan))
+            .map(|(k, v)| (*k, Some(v.wan)))
+            .chain(
+                before
+                    .hosts
+                    .keys()
+                    .filter(|k| !after.hosts.contains_key(k))
+                    .map(|k| (*k, None)),
+            )
+            .collect();
+        let show = |v: &[(u32, Option<u8>)]| {
+            v.iter()
+                .map(|(k, w)| {
+                    let wan = w.map(|w| self.wan_name(w));
+                    format!(
+                        "{} -> {}",
+                        Ipv4Addr::from(k.to_ne_bytes()),
+                        wan.unwrap_or("gone".into())
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected = match want {
+            HostPin::Unchanged => vec![],
+            HostPin::Set(w) => vec![(src, Some(resolve(w)?))],
+        };
+        ensure!(
+            changed == expected,
+            "host pins changed: {:?}, expected {:?}",
+            show(&changed),
+            show(&expected)
+        );
+        Ok(())
+    }
+
+    /// Only the packet's own pin may change, and as expected.
+    fn check_flows(
+        &self,
+        before: &Snapshot,
+        after: &Snapshot,
+        input: &Input,
+        len: u64,
+        want: Flow,
+        resolve: &dyn Fn(W) -> Result<u8>,
+    ) -> Result<()> {
+        let changed: Vec<FlowKey> = after
+            .flows
+            .iter()
+            .filter(|(k, v)| before.flows.get(k) != Some(v))
+            .map(|(k, _)| *k)
+            .chain(
+                before
+                    .flows
+                    .keys()
+                    .filter(|k| !after.flows.contains_key(k))
+                    .copied(),
+            )
+            .collect();
+        let show = |k: &FlowKey| {
+            let v = after.flows.get(k).or_else(|| before.flows.get(k));
+            format!(
+                "{} {}:{} -> {}:{} on {}",
+                k.proto,
+                Ipv4Addr::from(k.src()),
+                k.src_port(),
+                Ipv4Addr::from(k.dst()),
+                k.dst_port(),
+                v.map(|v| self.wan_name(v.wan)).unwrap_or_default()
+            )
+        };
+        if let Flow::Unchanged = want {
+            let all: Vec<String> = changed.iter().map(show).collect();
+            ensure!(changed.is_empty(), "pins changed: {all:?}");
+            return Ok(());
+        }
+        let Body::Ip(pkt) = &input.body else {
+            bail!("a pin expected for a frame that is not IPv4");
+        };
+        let key = pkt.key();
+        ensure!(
+            changed == vec![key],
+            "pins changed: {:?}, expected only {}",
+            changed.iter().map(show).collect::<Vec<_>>(),
+            show(&key)
+        );
+        let now = after
+            .flows
+            .get(&key)
+            .ok_or_else(|| anyhow!("the pin {} is gone", show(&key)))?;
+        if let Flow::New(w) = want {
+            let id = match w {
+                Some(w) => resolve(w)?,
+                None => WAN_NONE,
+            };
+            ensure!(
+                now.wan == id && now.packets == 1 && now.bytes == len && now.moved_from == WAN_NONE,
+                "new pin {}: {now:?}, expected WAN {} with 1 packet of {len} bytes",
+                show(&key),
+                self.wan_name(id)
+            );
+            return Ok(());
+        }
+        let was = before
+            .flows
+            .get(&key)
+            .ok_or_else(|| anyhow!("{} was not pinned before", show(&key)))?;
+        let (wan, moved_from) = match want {
+            Flow::Moved { to, from } => (resolve(to)?, self.wan_id(from)?),
+            _ => (was.wan, was.moved_from),
+        };
+        ensure!(
+            now.packets == was.packets + 1
+                && now.bytes == was.bytes + len
+                && now.wan == wan
+                && now.moved_from == moved_from
+                && now.first_seen_ns == was.first_seen_ns,
+            "pin {}: {was:?} became {now:?}; expected one more packet of {len} bytes on {} \
+             (moved from {})",
+            show(&key),
+            self.wan_name(wan),
+            self.wan_name(moved_from)
+        );
+        Ok(())
+    }
+
+    /// Moves the pin of `p`'s flow `secs` into the past.
+    fn age(&mut self, p: &Pkt, secs: u64) -> Result<()> {
+        let key = p.key();
+        let mut v = self
+            .dp
+            .maps
+            .flows
+            .get(&key, 0)
+            .context("aging a pin that does not exist")?;
+        v.last_seen_ns = v.last_seen_ns.saturating_sub(secs * 1_000_000_000);
+        self.dp.maps.flows.insert(key, v, 0)?;
+        Ok(())
+    }
+
+    pub fn run_fixture(&mut self, f: &Fixture) -> Result<()> {
+        self.configure(&f.config)?;
+        for (i, step) in f.steps.iter().enumerate() {
+            let res = match step {
+                Step::Send(input, want) => self.check(input, want).with_context(|| {
+                    format!(
+                        "step {}: {} on {} (mark {:#x})",
+                        i + 1,
+                        input.body.describe(),
+                        input.on,
+                        input.mark
+                    )
+                }),
+                Step::Health(changes) => self.set_health(changes),
+                Step::Age(p, secs) => self.age(p, *secs),
+            };
+            res?;
+        }
+        Ok(())
+    }
+}
+
+/// The state maps around one packet.
+struct Snapshot {
+    flows: HashMap<FlowKey, FlowValue>,
+    hosts: HashMap<u32, HostValue>,
+    counters: Vec<u64>,
+}
+
+/// The counters moved by exactly `want` (every other one unchanged).
+fn check_counters(before: &Snapshot, after: &Snapshot, want: &[(u32, u64)]) -> Result<()> {
+    let mut want_delta = vec![0u64; GS_COUNT as usize];
+    for (i, n) in want {
+        want_delta[*i as usize] += n;
+    }
+    let delta: Vec<u64> = after
+        .counters
+        .iter()
+        .zip(&before.counters)
+        .map(|(a, b)| a - b)
+        .collect();
+    let named = |d: &[u64]| {
+        let v: Vec<String> = d
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n != 0)
+            .map(|(i, n)| format!("{} +{n}", COUNTER_NAMES[i]))
+            .collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    ensure!(
+        delta == want_delta,
+        "counters: {} (expected {})",
+        named(&delta),
+        named(&want_delta)
+    );
+    Ok(())
+}
