@@ -768,19 +768,23 @@ fn connections_keep_their_wan_when_the_flow_map_overflows() {
     live.close(&lab);
 }
 
-/// Connections made before mwan started (through the main table and an
-/// admin's own masquerade, since removed) keep their WAN once mwan runs:
-/// mwan records the WAN of each in conntrack from its NAT address.
+/// Connections made before mwan started (through an admin's own default
+/// route via ISP 2 and masquerade) keep their WAN once mwan runs and the
+/// admin's route is gone: mwan recorded the WAN of each in conntrack from
+/// its NAT address. (Removing the route before mwan starts would leave the
+/// downloads without a route for the daemon's start-up time, and their
+/// TCP retransmission backoff would outlast the check.)
 #[test]
 fn connections_older_than_mwan_keep_their_wan() {
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
     lab.plain_routing_via(2).unwrap();
     let live = LiveConnections::open(&lab, 2, 8);
     assert!(live.streams.iter().all(|(_, isp)| *isp == 2));
-    lab.remove_plain_routing().unwrap();
     let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
     mwan.wait_all_up(UP).unwrap();
     live.check(&lab, "mwan started");
+    lab.remove_plain_routing().unwrap();
+    live.check(&lab, "the admin's route and masquerade removed");
     // New connections are balanced as usual meanwhile.
     let seen: Vec<SocketAddrV4> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 40, 8)
         .into_iter()
