@@ -1333,11 +1333,18 @@ impl Config {
             ));
         }
         let mut rules = Vec::new();
+        let mut rule_names = HashSet::new();
         for (i, r) in raw.rule.into_iter().enumerate() {
             let at = match &r.name {
                 Some(n) => KeyPath::from("rule").index(i).label(n),
                 None => KeyPath::from("rule").index(i),
             };
+            // A rule's name is its identity across reloads (its flows
+            // re-choose with it): names must be unique.
+            let name = r.name.clone().unwrap_or_else(|| format!("rule{i}"));
+            if !rule_names.insert(name.clone()) {
+                return Err(err(at.key("name"), format!("duplicate rule name `{name}`")));
+            }
             let wan_list = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
                 if list.is_empty() {
                     return Err(err(at.key(key), "is empty: name at least one WAN"));
@@ -1421,7 +1428,7 @@ impl Config {
                 }
             }
             rules.push(Rule {
-                name: r.name.unwrap_or_else(|| format!("rule{i}")),
+                name,
                 protos,
                 src,
                 dst,
@@ -1849,6 +1856,11 @@ gateway = "auto"
                     RULE.replace("wans = [\"isp1\"]", "")
                 ),
                 "line 16: rule[0] (mail): has no action",
+            ),
+            (
+                "gateway = \"auto\"\n",
+                &format!("gateway = \"auto\"\n{RULE}{RULE}"),
+                "line 22: rule[1] (mail).name: duplicate rule name `mail`",
             ),
             (
                 "gateway = \"auto\"\n",

@@ -308,13 +308,13 @@ fn port_masks(
 /// rule takes the lowest id in `1..=MAX_RULES` that no rule holds,
 /// preferring ids `previous` did not use (a removed rule's flows then fall
 /// back to the default policy instead of landing on another rule's).
-pub fn assign_rule_policies(names: &[&str], previous: &BTreeMap<String, u8>) -> Vec<u8> {
+pub fn assign_rule_policies(rules: &[Rule], previous: &BTreeMap<String, u8>) -> Vec<u8> {
     let mut taken = BTreeSet::new();
-    let mut ids: Vec<Option<u8>> = names
+    let mut ids: Vec<Option<u8>> = rules
         .iter()
-        .map(|n| {
+        .map(|r| {
             let id = previous
-                .get(*n)
+                .get(&r.name)
                 .copied()
                 .filter(|id| (1..=MAX_RULES as u8).contains(id) && !taken.contains(id))?;
             taken.insert(id);
@@ -526,15 +526,23 @@ main = true
 
     /// Policy ids as a fresh daemon assigns them: rule `i` gets `i + 1`.
     fn positions(rules: &[Rule]) -> Vec<u8> {
-        let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
-        assign_rule_policies(&names, &BTreeMap::new())
+        assign_rule_policies(rules, &BTreeMap::new())
+    }
+
+    /// Rules with these names (the action does not matter here).
+    fn named(names: &[&str]) -> Vec<Rule> {
+        let text: String = names
+            .iter()
+            .map(|n| format!("[[rule]]\nname = \"{n}\"\nmain = true\n"))
+            .collect();
+        config_with_rules(&text).rules
     }
 
     #[test]
     fn rule_policy_ids_follow_the_rule_not_its_position() {
         let none = BTreeMap::new();
         assert_eq!(
-            assign_rule_policies(&["web", "mail", "vpn"], &none),
+            assign_rule_policies(&named(&["web", "mail", "vpn"]), &none),
             vec![1, 2, 3]
         );
         let before: BTreeMap<String, u8> = [("web", 1), ("mail", 2), ("vpn", 3)]
@@ -542,19 +550,22 @@ main = true
             .into();
         // Reordered: each rule keeps its id.
         assert_eq!(
-            assign_rule_policies(&["vpn", "web", "mail"], &before),
+            assign_rule_policies(&named(&["vpn", "web", "mail"]), &before),
             vec![3, 1, 2]
         );
         // "mail" removed, "games" added first: games avoids mail's id.
         assert_eq!(
-            assign_rule_policies(&["games", "web", "vpn"], &before),
+            assign_rule_policies(&named(&["games", "web", "vpn"]), &before),
             vec![4, 1, 3]
         );
         // Only when every id was used is a freed one reused.
         let full: BTreeMap<String, u8> = (1..=MAX_RULES as u8)
             .map(|i| (format!("r{i}"), i))
             .collect();
-        assert_eq!(assign_rule_policies(&["r7", "new"], &full), vec![7, 1]);
+        assert_eq!(
+            assign_rule_policies(&named(&["r7", "new"]), &full),
+            vec![7, 1]
+        );
     }
 
     #[test]

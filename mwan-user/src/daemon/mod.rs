@@ -308,12 +308,13 @@ impl Daemon {
 
     /// Writes SETTINGS and, when they changed, the rule maps.
     fn sync_settings_and_rules(&mut self) -> Result<()> {
-        let names: Vec<&str> = self.cfg.rules.iter().map(|r| r.name.as_str()).collect();
-        let ids = policy::assign_rule_policies(&names, &self.host.rule_policies);
-        self.host.rule_policies = names
+        let ids = policy::assign_rule_policies(&self.cfg.rules, &self.host.rule_policies);
+        self.host.rule_policies = self
+            .cfg
+            .rules
             .iter()
             .zip(&ids)
-            .map(|(n, id)| (n.to_string(), *id))
+            .map(|(r, id)| (r.name.clone(), *id))
             .collect();
         let rules = policy::compile_rules(&self.cfg.rules, &ids);
         let indexes = self.ifindexes();

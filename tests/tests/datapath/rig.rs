@@ -69,8 +69,7 @@ impl Rig {
     fn configure(&mut self, text: &str) -> Result<()> {
         self.cfg = Config::parse(text).map_err(|e| anyhow!("fixture config: {e}"))?;
         // Policy ids as a freshly started daemon assigns them.
-        let names: Vec<&str> = self.cfg.rules.iter().map(|r| r.name.as_str()).collect();
-        self.policy_ids = policy::assign_rule_policies(&names, &Default::default());
+        self.policy_ids = policy::assign_rule_policies(&self.cfg.rules, &Default::default());
         let rules = policy::compile_rules(&self.cfg.rules, &self.policy_ids);
         let ifindex = self.ifindex.clone();
         self.dp.maps.write_rules_and_settings(
