@@ -6,7 +6,9 @@
 //! (`cls_bpf`), so both outlive the daemon. A new daemon reuses the pinned
 //! maps (the flows survive) and replaces the filters without a gap: the new
 //! program is attached at the other of two priorities before the old filter is
-//! removed (`Datapath::attach`).
+//! removed (`Datapath::attach`). Pinned maps are compared with the object
+//! before they are reused; a map of another size is replaced and its entries
+//! migrated, another layout is refused ([`migrate`]).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -24,6 +26,9 @@ use ipnet::Ipv4Net;
 use mwan_common::*;
 
 use crate::policy::CompiledRules;
+
+mod migrate;
+pub use migrate::{pinned_geometry, Geometry};
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
 static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
@@ -105,16 +110,20 @@ impl Maps {
         Ok(maps)
     }
 
+    /// For the CLI: refuses maps of another layout version (the daemon
+    /// checks every map's geometry too, see [`migrate`]).
     fn check_abi(&self, pin_dir: &Path) -> Result<()> {
-        let s = self.settings.get(&0, 0).context("reading SETTINGS")?;
-        if s.abi_version != 0 && s.abi_version != ABI_VERSION {
-            bail!(
-                "the maps pinned in {} were made by an mwan with map layout {} (this one uses {}); \
-                 run `mwan stop --teardown` with the old version first",
-                pin_dir.display(),
-                s.abi_version,
-                ABI_VERSION
-            );
+        let want = migrate::expected(EBPF_OBJ, &[])?;
+        let plan = migrate::Plan::read(pin_dir, &want)?;
+        if let migrate::Stored::Marker(v) | migrate::Stored::Settings(v) = plan.stored {
+            if v != ABI_VERSION {
+                bail!(
+                    "the maps pinned in {} were made by an mwan with map layout {v} (this one uses {}); \
+                     use the mwan that made them, or run `mwan stop --teardown` first",
+                    pin_dir.display(),
+                    ABI_VERSION
+                );
+            }
         }
         Ok(())
     }
@@ -306,19 +315,56 @@ pub struct Datapath {
     pub maps: Maps,
     /// True when the maps were already pinned (a restart: flows inherited).
     pub inherited: bool,
+    /// The number of flows the flow map holds at most (its max_entries).
+    pub flow_capacity: u32,
+    /// Maps replaced at this start (another size): their old maps stay
+    /// until the new program has replaced the old filter.
+    migration: migrate::Migration,
 }
 
 impl Datapath {
     /// Loads the programs, reusing the maps pinned in `pin_dir` or creating
     /// and pinning them. `pin_dir` must be on bpffs (see [`ensure_bpffs`]).
+    /// Pins of another layout are refused before anything is changed; maps
+    /// of another size are replaced, their entries copied (call
+    /// [`Datapath::finish_migration`] once every filter is attached, or
+    /// [`Datapath::abort_migration`] when the start fails).
     pub fn load(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<Datapath> {
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating {}", pin_dir.display()))?;
-        let inherited = pin_dir.join(MAP_SETTINGS).exists();
-        if inherited {
-            // Refuse incompatible pins before the loader reuses them.
-            Maps::open_pinned(pin_dir)?;
+        let want = migrate::expected(EBPF_OBJ, &[(MAP_FLOWS, max_flows), (MAP_HOSTS, max_hosts)])?;
+        // Read-only: refuse incompatible pins before the loader reuses them.
+        let plan = migrate::Plan::read(pin_dir, &want)?;
+        if let Some(w) = plan.check(pin_dir)? {
+            tracing::warn!("{w}");
         }
+        let inherited = plan.inherited();
+        let mut migration = migrate::Migration::prepare(pin_dir, &plan)?;
+        let loaded = Self::load_object(pin_dir, max_flows, max_hosts).and_then(|(ebpf, maps)| {
+            migration.copy()?;
+            migrate::write_marker(pin_dir)?;
+            Ok((ebpf, maps))
+        });
+        let (ebpf, maps) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                migration.abort();
+                return Err(e);
+            }
+        };
+        let flow_capacity = pinned_geometry(&pin_dir.join(MAP_FLOWS))?
+            .map(|g| g.max_entries)
+            .unwrap_or(max_flows);
+        Ok(Datapath {
+            ebpf,
+            maps,
+            inherited,
+            flow_capacity,
+            migration,
+        })
+    }
+
+    fn load_object(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<(Ebpf, Maps)> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(MAP_FLOWS, max_flows)
@@ -339,11 +385,20 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         })?;
-        Ok(Datapath {
-            ebpf,
-            maps,
-            inherited,
-        })
+        Ok((ebpf, maps))
+    }
+
+    /// Once the new program has replaced the old filter on every LAN
+    /// interface: copies what the old program pinned meanwhile and removes
+    /// the replaced maps' old pins.
+    pub fn finish_migration(&mut self) {
+        self.migration.finish();
+    }
+
+    /// A failed start: the replaced maps' old pins are put back, so the old
+    /// program's maps are the pinned ones again.
+    pub fn abort_migration(&mut self) {
+        self.migration.abort();
     }
 
     /// Attaches the classifier at tc ingress of `iface` (the Ethernet or the
@@ -416,7 +471,8 @@ pub fn detach(iface: &str) -> bool {
 }
 
 /// Every map mwan pins, by name.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
+    MAP_ABI,
     MAP_FLOWS,
     MAP_HOSTS,
     MAP_WANS,
@@ -440,11 +496,13 @@ pub const PINNED_MAPS: [&str; 16] = [
 /// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     for name in PINNED_MAPS {
-        let p = pin_dir.join(name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(anyhow!("removing pin {}: {e}", p.display())),
+        // `<name>.old`: a map being replaced when a daemon died.
+        for p in [pin_dir.join(name), pin_dir.join(format!("{name}.old"))] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow!("removing pin {}: {e}", p.display())),
+            }
         }
     }
     match std::fs::remove_dir(pin_dir) {
@@ -563,6 +621,28 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
     mut each: impl FnMut(&K, &V) -> bool,
 ) -> Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    read_batched_raw(fd, ks, vs, chunk, |k, v| {
+        // SAFETY: the slices hold exactly one K and one V (Pod: any bytes).
+        let (k, v) = unsafe {
+            (
+                std::ptr::read_unaligned(k.as_ptr() as *const K),
+                std::ptr::read_unaligned(v.as_ptr() as *const V),
+            )
+        };
+        each(&k, &v)
+    })
+}
+
+/// [`read_hash_batched`] on raw keys and values of the given sizes.
+fn read_batched_raw(
+    fd: std::os::fd::RawFd,
+    key_size: usize,
+    value_size: usize,
+    chunk: u32,
+    mut each: impl FnMut(&[u8], &[u8]) -> bool,
+) -> Result<()> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     #[repr(C)]
     #[derive(Default)]
@@ -576,17 +656,17 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
         elem_flags: u64,
         flags: u64,
     }
-    let fd = map.fd().as_fd().as_raw_fd();
     let mut chunk = chunk.max(1);
-    let mut keys: Vec<K> = Vec::new();
-    let mut values: Vec<V> = Vec::new();
+    // u64 storage: 8-byte aligned buffers.
+    let mut keys: Vec<u64> = Vec::new();
+    let mut values: Vec<u64> = Vec::new();
     // The hash-map batch cursor is a bucket index (u32).
     let mut token_in: u32 = 0;
     let mut token_out: u32 = 0;
     let mut first = true;
     loop {
-        keys.resize_with(chunk as usize, K::default);
-        values.resize_with(chunk as usize, V::default);
+        keys.resize((chunk as usize * key_size).div_ceil(8), 0);
+        values.resize((chunk as usize * value_size).div_ceil(8), 0);
         let mut attr = BatchAttr {
             in_batch: if first {
                 0
@@ -625,8 +705,14 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
             ),
             _ => {}
         }
+        // SAFETY: plain bytes of the u64 buffers.
+        let kb = unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const u8, keys.len() * 8) };
+        let vb =
+            unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 8) };
         for i in 0..attr.count as usize {
-            if !each(&keys[i], &values[i]) {
+            let k = &kb[i * key_size..(i + 1) * key_size];
+            let v = &vb[i * value_size..(i + 1) * value_size];
+            if !each(k, v) {
                 return Ok(());
             }
         }

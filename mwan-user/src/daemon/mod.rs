@@ -135,6 +135,7 @@ impl Daemon {
             Ok(()) => Ok(d),
             Err(e) => {
                 if inherited {
+                    d.dp.abort_migration();
                     error!("start failed; the inherited datapath is left running as it was");
                 } else {
                     error!("start failed; removing what was set up");
@@ -209,6 +210,9 @@ impl Daemon {
         self.refresh_links(true).await?;
         self.sync_nft().await?;
         self.attach_lans().await?;
+        // The old program is gone from every LAN: the maps it used and this
+        // start replaced (another size) can go.
+        self.dp.finish_migration();
         self.start_probers();
         Ok(())
     }

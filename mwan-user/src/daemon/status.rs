@@ -233,6 +233,7 @@ impl Daemon {
             wans,
             flows_total: total,
             flows_counted_secs_ago: counted_ago,
+            flow_capacity: self.dp.flow_capacity,
             counters: COUNTER_NAMES
                 .iter()
                 .zip(global)
