@@ -496,8 +496,8 @@ pub const PINNED_MAPS: [&str; 17] = [
 /// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     for name in PINNED_MAPS {
-        // `<name>.old`: a map being replaced when a daemon died.
-        for p in [pin_dir.join(name), pin_dir.join(format!("{name}.old"))] {
+        // `<name>_OLD`: a map being replaced when a daemon died.
+        for p in [pin_dir.join(name), migrate::aside_path(pin_dir, name)] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

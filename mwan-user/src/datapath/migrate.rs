@@ -9,7 +9,7 @@
 //!
 //! * same geometry: the map is reused as it is;
 //! * only `max_entries` differs (`max_flows` changed, a longer array): the
-//!   pin is moved aside to `<name>.old`, the loader creates and pins a map
+//!   pin is moved aside to `<name>_OLD`, the loader creates and pins a map
 //!   of the new size, and the entries are copied into it (the newest ones
 //!   when it is smaller) before the new program replaces the old filter;
 //!   entries the old program writes meanwhile are copied once more after
@@ -147,12 +147,13 @@ fn geometry_of(info: &MapInfo) -> Result<Geometry> {
     })
 }
 
-/// Where a pin is kept while its map is replaced.
-fn aside_path(pin_dir: &Path, name: &str) -> PathBuf {
-    pin_dir.join(format!("{name}.old"))
+/// Where a pin is kept while its map is replaced (bpffs refuses names
+/// with a dot).
+pub fn aside_path(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(format!("{name}_OLD"))
 }
 
-/// The pin a daemon would take over: `<name>`, or `<name>.old` left alone
+/// The pin a daemon would take over: `<name>`, or `<name>_OLD` left alone
 /// by a daemon that died while replacing the map.
 fn current_pin(pin_dir: &Path, name: &str) -> PathBuf {
     let pin = pin_dir.join(name);
@@ -162,6 +163,12 @@ fn current_pin(pin_dir: &Path, name: &str) -> PathBuf {
     } else {
         pin
     }
+}
+
+/// Renames a pin (atomic: the map stays pinned throughout).
+fn move_pin(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("renaming {} to {}", from.display(), to.display()))
 }
 
 /// How one inherited map is taken over.
@@ -245,10 +252,10 @@ impl Plan {
     pub fn check(&self, pin_dir: &Path) -> Result<Option<String>> {
         let what_to_do = format!(
             "Nothing was changed: the running datapath keeps forwarding as it is. \
-             To switch, run `mwan stop --teardown` (with the mwan that made the pins, \
-             or this one), which removes the old datapath, its rules and pins \
-             (connections through mwan start over), then start this mwan; or keep \
-             running the mwan that made them (or remove the pins in {} by hand).",
+             To switch, run `mwan stop --teardown` (the mwan that made the pins or this \
+             one), which removes the old datapath with its rules, filters and the pins \
+             in {} (connections through mwan start over), then start this mwan; or go \
+             on running the mwan that made them.",
             pin_dir.display()
         );
         let this = format!(
@@ -378,7 +385,7 @@ pub struct Migration {
 
 impl Migration {
     /// Finishes what a daemon that died while replacing maps left, then
-    /// moves aside the pins of the maps `plan` replaces. Call after
+    /// moves aside the pins of the maps `plan` replaces (`<name>_OLD`). Call after
     /// [`Plan::check`]; the loader then creates the new maps.
     pub fn prepare(pin_dir: &Path, plan: &Plan) -> Result<Migration> {
         for name in PINNED_MAPS {
@@ -392,8 +399,7 @@ impl Migration {
                     map = name,
                     "a previous start died while replacing this map; its old pin is put back"
                 );
-                std::fs::rename(&aside, &pin)
-                    .with_context(|| format!("renaming {} back", aside.display()))?;
+                move_pin(&aside, &pin)?;
                 continue;
             }
             // Both pins: the new map may be in use already, or not yet.
@@ -425,8 +431,7 @@ impl Migration {
                 .map_err(|e| anyhow!("{}: {e}", pin.display()))
                 .and_then(|old| {
                     let g = geometry_of(&old.info()?)?;
-                    std::fs::rename(&pin, aside_path(pin_dir, name))
-                        .with_context(|| format!("moving {} aside", pin.display()))?;
+                    move_pin(&pin, &aside_path(pin_dir, name))?;
                     Ok((old, g))
                 });
             match moved {
@@ -451,7 +456,7 @@ impl Migration {
         for a in self.asides.drain(..) {
             let pin = self.pin_dir.join(a.name);
             let _ = std::fs::remove_file(&pin);
-            if let Err(e) = std::fs::rename(aside_path(&self.pin_dir, a.name), &pin) {
+            if let Err(e) = move_pin(&aside_path(&self.pin_dir, a.name), &pin) {
                 warn!(map = a.name, error = %e, "putting the old pin back");
             }
         }
