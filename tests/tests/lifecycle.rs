@@ -559,9 +559,40 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
 
     stop_by_cli(&mut mwan, &["stop"]);
     std::fs::write(&mwan.config, text(65_536)).unwrap();
-    take_over(&mut mwan);
+    // Connections keep opening through the takeover: those the old program
+    // pins after the copy are copied again after the filter swap.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let during = std::thread::scope(|s| {
+        let opener = s.spawn(|| {
+            let mut out = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && out.len() < 5000 {
+                out.push(lab.host(2).tcp_whoami(TCP_WHOAMI));
+            }
+            out
+        });
+        take_over(&mut mwan);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        opener.join().unwrap()
+    });
+    let failed: Vec<String> = during
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    println!(
+        "{} connections opened during the takeover, {} failed",
+        during.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
     let (line, migrated) = resized(&mwan, 8192, 65_536);
     println!("grow: {line}");
+    if let Some(l) = mwan
+        .log()
+        .lines()
+        .find(|l| l.contains("during the takeover ("))
+    {
+        println!("{l}");
+    }
     assert!(migrated >= 3, "{line}");
     assert!(!line.contains("dropped"), "{line}");
     assert_eq!(mwan.status().flow_capacity, 65_536);
@@ -581,7 +612,7 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
 
     // Smaller than the flows pinned: the most recently used fit (the
     // streams), the oldest are dropped and counted.
-    let pinned = mwan.status().flows_total;
+    let pinned = mwan.flows(&["--limit", "100000"]).len() as u64;
     assert!(pinned > 1024 + 100, "only {pinned} pins");
     stop_by_cli(&mut mwan, &["stop"]);
     std::fs::write(&mwan.config, text(1024)).unwrap();
@@ -612,19 +643,17 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     }
 }
 
-/// Moves the lab's pin `name` to `<name>_SAVED` and pins a new, empty map
-/// of the given geometry in its place (as another mwan version would have
-/// left it). The running datapath keeps using the map it has.
+/// Moves the lab's pin `name` to `keep_as` and pins a new, empty map of
+/// the given geometry in its place (as another mwan version would have left
+/// it). The running datapath keeps using the map it has.
 fn replace_pin(
     lab: &Lab,
     name: &str,
-    map_type: u32,
-    key: u32,
-    value: u32,
-    entries: u32,
+    keep_as: &str,
+    (map_type, key, value, entries): (u32, u32, u32, u32),
 ) -> aya::maps::MapData {
     let pin = lab.pin_dir().join(name);
-    std::fs::rename(&pin, lab.pin_dir().join(format!("{name}_SAVED"))).unwrap();
+    std::fs::rename(&pin, lab.pin_dir().join(keep_as)).unwrap();
     let def = aya_obj::Map::new_from_params(map_type, key, value, entries, 0);
     let map = aya::maps::MapData::create(def, name, None).unwrap();
     map.pin(&pin).unwrap();
@@ -689,7 +718,7 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
 
     // A map of another value size under the same marker (a layout change
     // without a version bump).
-    let _settings = replace_pin(&lab, MAP_SETTINGS, 2, 4, 56, 1);
+    let _settings = replace_pin(&lab, MAP_SETTINGS, "SETTINGS_SAVED", (2, 4, 56, 1));
     let before = router_snapshot(&lab);
     let out = run_refused(&lab, &mwan);
     println!("another value size:\n{out}");
@@ -742,8 +771,8 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
 /// counters, another value layout starts from zero; both are logged.
 #[test]
 fn counters_of_another_geometry_are_migrated_or_reset() {
-    use aya::maps::{Map, PerCpuArray, PerCpuValues};
-    use mwan_common::{GS_COUNT, MAP_GLOBAL_STATS, MAP_WAN_STATS};
+    use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
+    use mwan_common::{ABI_VERSION, GS_COUNT, MAP_ABI, MAP_GLOBAL_STATS, MAP_WAN_STATS};
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
     mwan.wait_all_up(UP).unwrap();
@@ -752,21 +781,33 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     // An older version with fewer global counters, and per-WAN counters of
     // another size.
     let short = GS_COUNT - 2;
-    let gs = replace_pin(&lab, MAP_GLOBAL_STATS, 6, 4, 8, short);
+    let gs = replace_pin(
+        &lab,
+        MAP_GLOBAL_STATS,
+        "GLOBAL_STATS_SAVED",
+        (6, 4, 8, short),
+    );
     let mut gs: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(gs)).unwrap();
     let cpus = aya::util::nr_cpus().unwrap();
     for i in 0..short {
         let v = PerCpuValues::try_from(vec![1000 + i as u64; cpus]).unwrap();
         gs.set(i, v, 0).unwrap();
     }
-    replace_pin(&lab, MAP_WAN_STATS, 6, 4, 16, 32);
+    replace_pin(&lab, MAP_WAN_STATS, "WAN_STATS_SAVED", (6, 4, 16, 32));
     // The maps they replaced, used by nothing after the takeover.
     for name in [MAP_GLOBAL_STATS, MAP_WAN_STATS] {
         std::fs::remove_file(lab.pin_dir().join(format!("{name}_SAVED"))).unwrap();
     }
+    // Pins of the release before the ABI map: the version is read from
+    // SETTINGS, and the marker is created.
+    std::fs::remove_file(lab.pin_dir().join(MAP_ABI)).unwrap();
 
     take_over(&mut mwan);
     let log = mwan.log();
+    assert!(!log.contains("no layout version"), "{log}");
+    let abi = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
+    let abi: Array<MapData, u32> = Array::try_from(Map::Array(abi)).unwrap();
+    assert_eq!(abi.get(&0, 0).unwrap(), ABI_VERSION);
     assert!(
         log.contains(&format!(
             "GLOBAL_STATS resized from {short} to {GS_COUNT} entries, {short} counters migrated"
@@ -791,4 +832,68 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     // Per-WAN counters count again from zero.
     let flows: u64 = mwan.status().wans.iter().map(|w| w.new_flows).sum();
     assert!((100..1000).contains(&flows), "{flows}");
+}
+
+/// A daemon that died while replacing the flow map leaves its old pin as
+/// `FLOWS_OLD`, alone or beside a new, not yet filled `FLOWS`: the next
+/// daemon finishes the job without losing a pin or moving a stream.
+#[test]
+fn an_interrupted_resize_is_finished_by_the_next_daemon() {
+    use mwan_common::MAP_FLOWS;
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let text = |n: u32| config_with(&lab, &format!("max_flows = {n}"), &|_| String::new(), "");
+    let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let streams = open_streams(&lab, 2);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    let pinned = |mwan: &Mwan| {
+        let flows = mwan.flows(&["--limit", "100000"]);
+        streams.iter().all(|s| {
+            let l = s.local();
+            flows
+                .iter()
+                .any(|f| f.src == l.ip().to_string() && f.sport == l.port())
+        })
+    };
+    let old = lab.pin_dir().join("FLOWS_OLD");
+
+    // Died right after moving the pin aside.
+    stop_by_cli(&mut mwan, &["stop"]);
+    std::fs::rename(lab.pin_dir().join(MAP_FLOWS), &old).unwrap();
+    std::fs::write(&mwan.config, text(16_384)).unwrap();
+    take_over(&mut mwan);
+    assert!(
+        mwan.log().contains("its old pin is put back"),
+        "{}",
+        mwan.log()
+    );
+    let (line, n) = resized(&mwan, 8192, 16_384);
+    assert!(n >= 4, "{line}");
+    assert!(!old.exists());
+    assert!(pinned(&mwan), "a stream's pin was lost");
+    all_flowing(&streams, "after the first interrupted resize");
+
+    // Died after the loader pinned the new map, before copying into it.
+    stop_by_cli(&mut mwan, &["stop"]);
+    replace_pin(&lab, MAP_FLOWS, "FLOWS_OLD", (9, 16, 40, 32_768));
+    std::fs::write(&mwan.config, text(32_768)).unwrap();
+    take_over(&mut mwan);
+    assert!(
+        mwan.log().contains("merging its old entries"),
+        "{}",
+        mwan.log()
+    );
+    assert!(!old.exists());
+    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 32_768);
+    assert!(pinned(&mwan), "a stream's pin was lost");
+    all_flowing(&streams, "after the second interrupted resize");
+    for (s, was) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!((r.source, r.end), (was, None), "a stream moved or broke");
+        assert!(
+            r.max_gap < Duration::from_secs(1),
+            "stream gap {:?}",
+            r.max_gap
+        );
+    }
 }

@@ -328,10 +328,12 @@ fn read_stored(pin_dir: &Path, have: &BTreeMap<&'static str, Option<Geometry>>) 
     };
     match have.get(MAP_ABI).copied().flatten() {
         Some(g) if g == abi_geometry => {
-            return Ok(match read_u32(MAP_ABI)? {
-                0 => Stored::Unknown,
-                v => Stored::Marker(v),
-            })
+            // 0: created, never written (a start that failed): the legacy
+            // field below may still tell.
+            let v = read_u32(MAP_ABI)?;
+            if v != 0 {
+                return Ok(Stored::Marker(v));
+            }
         }
         Some(g) => bail!(
             "{} is {g}, not the layout marker mwan expects ({abi_geometry}): \
@@ -480,10 +482,10 @@ impl Migration {
                         _ => "entries",
                     };
                     let dropped = old_count.saturating_sub(kept);
-                    let tail = if dropped > 0 {
-                        format!(", {dropped} least recently used dropped (no room)")
-                    } else {
-                        String::new()
+                    let tail = match dropped {
+                        0 => String::new(),
+                        _ if a.old_geometry.is_array() => format!(", the last {dropped} dropped"),
+                        _ => format!(", {dropped} least recently used dropped (no room)"),
                     };
                     info!(
                         "{} resized from {from} to {to} entries, {kept} {unit} migrated{tail}",
@@ -518,10 +520,10 @@ impl Migration {
                         catch_up(a.name, &a.old, a.old_geometry, &new, ng, since)
                     });
                 match res {
-                    Ok(0) => {}
                     Ok(n) => info!(
                         map = a.name,
-                        "{n} entries the old datapath wrote during the takeover copied too"
+                        "{n} entries the old datapath wrote during the takeover ({} ms from the first copy to the filter swap) copied too",
+                        super::ktime_now_ns().saturating_sub(self.copied_at_ns) / 1_000_000
                     ),
                     Err(e) => {
                         warn!(map = a.name, error = %format!("{e:#}"), "copying the takeover's last entries")
