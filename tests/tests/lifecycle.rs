@@ -524,7 +524,11 @@ fn pinned_entries(lab: &Lab, name: &str) -> u32 {
 fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream() {
     use mwan_common::MAP_FLOWS;
     let lab = Lab::builder().lan_hosts(3).isps(2).build().unwrap();
-    let text = |n: u32| config_with(&lab, &format!("max_flows = {n}"), &|_| String::new(), "");
+    // The host map (unused here: sticky = "connection") is resized alike.
+    let text = |n: u32| {
+        let top = format!("max_flows = {n}\nmax_hosts = {}", n / 2);
+        config_with(&lab, &top, &|_| String::new(), "")
+    };
     let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
     mwan.wait_all_up(UP).unwrap();
     assert_eq!(mwan.status().flow_capacity, 8192);
@@ -595,6 +599,13 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     }
     assert!(migrated >= 3, "{line}");
     assert!(!line.contains("dropped"), "{line}");
+    assert!(
+        mwan.log()
+            .contains("HOSTS resized from 4096 to 32768 entries, 0 host pins migrated"),
+        "{}",
+        mwan.log()
+    );
+    assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOSTS), 32_768);
     assert_eq!(mwan.status().flow_capacity, 65_536);
     assert_eq!(pinned_entries(&lab, MAP_FLOWS), 65_536);
     assert!(
