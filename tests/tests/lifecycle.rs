@@ -588,6 +588,30 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
         failed.len()
     );
     assert!(failed.is_empty(), "{failed:?}");
+    // …and every one of them is pinned to the WAN it used (those opened
+    // between the copy and the filter swap only by the second copy).
+    let flows = mwan.flows(&[
+        "--limit",
+        "100000",
+        "--host",
+        &lab.host(2).addr().to_string(),
+    ]);
+    let unpinned: Vec<String> = during
+        .iter()
+        .map(|r| *r.as_ref().unwrap())
+        .filter(|seen| {
+            let wan = format!("isp{}", lab.wan_of(*seen.ip()).unwrap());
+            !flows
+                .iter()
+                .any(|f| f.proto == "tcp" && f.sport == seen.port() && f.wan == wan)
+        })
+        .map(|seen| seen.to_string())
+        .collect();
+    assert!(
+        unpinned.is_empty(),
+        "{} connections opened during the takeover have no pin (or another WAN's): {unpinned:?}",
+        unpinned.len()
+    );
     let (line, migrated) = resized(&mwan, 8192, 65_536);
     println!("grow: {line}");
     if let Some(l) = mwan
