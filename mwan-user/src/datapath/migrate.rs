@@ -474,6 +474,7 @@ impl Migration {
             let ng = geometry_of(&new.info()?)?;
             match &a.verdict {
                 Verdict::Resize { from, to } => {
+                    let t = std::time::Instant::now();
                     let (old_count, kept) = copy_entries(a.name, &a.old, a.old_geometry, &new, ng)?;
                     let unit = match a.name {
                         MAP_FLOWS => "pins",
@@ -488,8 +489,9 @@ impl Migration {
                         _ => format!(", {dropped} least recently used dropped (no room)"),
                     };
                     info!(
-                        "{} resized from {from} to {to} entries, {kept} {unit} migrated{tail}",
-                        a.name
+                        "{} resized from {from} to {to} entries, {kept} {unit} migrated{tail} ({} ms)",
+                        a.name,
+                        t.elapsed().as_millis()
                     );
                 }
                 Verdict::Reset { from, to } => {
@@ -512,7 +514,8 @@ impl Migration {
         let since = self.copied_at_ns.saturating_sub(50_000_000);
         for a in self.asides.drain(..) {
             let pin = self.pin_dir.join(a.name);
-            if matches!(a.verdict, Verdict::Resize { .. }) {
+            // Only the datapath's state maps change under the old program.
+            if matches!(a.verdict, Verdict::Resize { .. }) && recency_offset(a.name).is_some() {
                 let res = MapData::from_pin(&pin)
                     .map_err(|e| anyhow!("{}: {e}", pin.display()))
                     .and_then(|new| {
@@ -560,30 +563,27 @@ fn copy_entries(
         }
         return Ok((og.max_entries as u64, n as u64));
     }
-    let mut entries = read_all(ofd, og)?;
+    let entries = read_all(ofd, og)?;
     let total = entries.len() as u64;
+    let mut order: Vec<usize> = (0..entries.len()).collect();
     if let Some(off) = recency_offset(name) {
         // Oldest first: should the new map evict, it evicts the oldest.
-        entries.sort_by_key(|(_, v)| last_seen(v, off));
-        let skip = entries.len().saturating_sub(ng.max_entries as usize);
-        entries.drain(..skip);
+        order.sort_by_key(|i| last_seen(entries.value(*i), off));
+        let skip = order.len().saturating_sub(ng.max_entries as usize);
+        order.drain(..skip);
     }
-    let mut copied = 0u64;
-    for (k, v) in &entries {
-        match update(nfd, k, v, 0) {
-            Ok(()) => copied += 1,
-            // A full non-LRU map.
-            Err(e) if e.raw_os_error() == Some(libc::E2BIG) => break,
-            Err(e) => return Err(anyhow!("writing {name}: {e}")),
-        }
-    }
+    let mut copied = write_all(nfd, &entries, &order).with_context(|| format!("writing {name}"))?;
     if matches!(
         ng.map_type,
         BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LRU_PERCPU_HASH
     ) {
         // An LRU map may evict before it is full (per-CPU free lists):
         // count what is there.
-        copied = read_all(nfd, ng)?.len() as u64;
+        copied = 0;
+        super::read_batched_raw(nfd, ng.key_size as usize, value_len(&ng)?, 4096, |_, _| {
+            copied += 1;
+            true
+        })?;
     }
     Ok((total, copied))
 }
@@ -606,18 +606,20 @@ fn catch_up(
     let nfd = new.fd().as_fd().as_raw_fd();
     let mut n = 0;
     let mut current = vec![0u8; value_len(&ng)?];
-    for (k, v) in read_all(old.fd().as_fd().as_raw_fd(), og)? {
-        if last_seen(&v, off) < since_ns {
+    let entries = read_all(old.fd().as_fd().as_raw_fd(), og)?;
+    for i in 0..entries.len() {
+        let (k, v) = (entries.key(i), entries.value(i));
+        if last_seen(v, off) < since_ns {
             continue;
         }
-        let write = match lookup(nfd, &k, &mut current) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Some((v, BPF_NOEXIST)),
+        let write = match lookup(nfd, k, &mut current) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Some((v.to_vec(), BPF_NOEXIST)),
             Err(e) => return Err(anyhow!("reading {name}: {e}")),
-            Ok(()) if name == MAP_FLOWS => merge_flow(&v, &current).map(|m| (m, BPF_EXIST)),
+            Ok(()) if name == MAP_FLOWS => merge_flow(v, &current).map(|m| (m, BPF_EXIST)),
             Ok(()) => None,
         };
         if let Some((value, flags)) = write {
-            if update(nfd, &k, &value, flags).is_ok() {
+            if update(nfd, k, &value, flags).is_ok() {
                 n += 1;
             }
         }
@@ -679,14 +681,43 @@ fn value_len(g: &Geometry) -> Result<usize> {
     }
 }
 
+/// Keys and values read from a map, back to back.
+struct Entries {
+    key_size: usize,
+    value_size: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.keys.len() / self.key_size.max(1)
+    }
+    fn key(&self, i: usize) -> &[u8] {
+        &self.keys[i * self.key_size..(i + 1) * self.key_size]
+    }
+    fn value(&self, i: usize) -> &[u8] {
+        &self.values[i * self.value_size..(i + 1) * self.value_size]
+    }
+    fn push(&mut self, k: &[u8], v: &[u8]) {
+        self.keys.extend_from_slice(k);
+        self.values.extend_from_slice(v);
+    }
+}
+
 /// Every (key, value) of a non-array map: batched for hashes, key by key
 /// otherwise (tries).
-fn read_all(fd: RawFd, g: Geometry) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
+fn read_all(fd: RawFd, g: Geometry) -> Result<Entries> {
     let (ks, vs) = (g.key_size as usize, value_len(&g)?);
+    let mut out = Entries {
+        key_size: ks,
+        value_size: vs,
+        keys: Vec::new(),
+        values: Vec::new(),
+    };
     if matches!(g.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH) {
         super::read_batched_raw(fd, ks, vs, 4096, |k, v| {
-            out.push((k.to_vec(), v.to_vec()));
+            out.push(k, v);
             true
         })?;
         return Ok(out);
@@ -701,13 +732,80 @@ fn read_all(fd: RawFd, g: Geometry) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         }
         let mut value = vec![0u8; vs];
         match lookup(fd, &next, &mut value) {
-            Ok(()) => out.push((next.clone(), value)),
+            Ok(()) => out.push(&next, &value),
             // Deleted meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => bail!("BPF_MAP_LOOKUP_ELEM: {e}"),
         }
         key = Some(next);
     }
+}
+
+/// Writes `entries` in `order` into a fresh map: `BPF_MAP_UPDATE_BATCH`
+/// (one syscall per 4096 entries: a million pins are read, sorted and
+/// copied in about a second),
+/// entry by entry where the kernel has no batch for the map. Stops when a
+/// (non-LRU) map is full. Returns how many were written.
+fn write_all(fd: RawFd, entries: &Entries, order: &[usize]) -> Result<u64> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const CHUNK: usize = 4096;
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut written = 0usize;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for chunk in order.chunks(CHUNK) {
+        keys.clear();
+        values.clear();
+        for i in chunk {
+            keys.extend_from_slice(entries.key(*i));
+            values.extend_from_slice(entries.value(*i));
+        }
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc == 0 {
+            written += chunk.len();
+            continue;
+        }
+        // The kernel reports how many it wrote when it stopped midway, and
+        // leaves `count` as it was when it has no batch for the map (then
+        // rewriting is harmless). The rest one by one.
+        let done = match attr.count as usize {
+            n if n < chunk.len() => n,
+            _ => 0,
+        };
+        written += done;
+        for i in &chunk[done..] {
+            match update(fd, entries.key(*i), entries.value(*i), 0) {
+                Ok(()) => written += 1,
+                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => return Ok(written as u64),
+                Err(e) => bail!("{e}"),
+            }
+        }
+    }
+    Ok(written as u64)
 }
 
 /// `bpf_attr` of the element commands.
