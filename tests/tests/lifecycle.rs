@@ -722,8 +722,8 @@ fn run_refused(lab: &Lab, mwan: &Mwan) -> String {
     let status = proc.wait_timeout(Duration::from_secs(20));
     let out = proc.output_so_far().to_string();
     assert!(
-        status.is_some_and(|s| !s.success()),
-        "mwan run did not fail ({status:?}):\n{out}"
+        status.is_some_and(|s| s.code() == Some(1)),
+        "mwan run did not fail with exit code 1 ({status:?}):\n{out}"
     );
     out
 }
