@@ -28,6 +28,7 @@ use mwan_common::*;
 use crate::policy::CompiledRules;
 
 mod migrate;
+mod raw;
 pub use migrate::{pinned_geometry, Geometry};
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
@@ -623,7 +624,7 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
     use std::os::fd::{AsFd, AsRawFd};
     let fd = map.fd().as_fd().as_raw_fd();
     let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
-    read_batched_raw(fd, ks, vs, chunk, |k, v| {
+    raw::read_batched(fd, ks, vs, chunk, |k, v| {
         // SAFETY: the slices hold exactly one K and one V (Pod: any bytes).
         let (k, v) = unsafe {
             (
@@ -633,95 +634,6 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
         };
         each(&k, &v)
     })
-}
-
-/// [`read_hash_batched`] on raw keys and values of the given sizes.
-fn read_batched_raw(
-    fd: std::os::fd::RawFd,
-    key_size: usize,
-    value_size: usize,
-    chunk: u32,
-    mut each: impl FnMut(&[u8], &[u8]) -> bool,
-) -> Result<()> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut chunk = chunk.max(1);
-    // u64 storage: 8-byte aligned buffers.
-    let mut keys: Vec<u64> = Vec::new();
-    let mut values: Vec<u64> = Vec::new();
-    // The hash-map batch cursor is a bucket index (u32).
-    let mut token_in: u32 = 0;
-    let mut token_out: u32 = 0;
-    let mut first = true;
-    loop {
-        keys.resize((chunk as usize * key_size).div_ceil(8), 0);
-        values.resize((chunk as usize * value_size).div_ceil(8), 0);
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut token_in as *mut u32 as u64
-            },
-            out_batch: &mut token_out as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let errno = if rc < 0 {
-            std::io::Error::last_os_error().raw_os_error()
-        } else {
-            None
-        };
-        match errno {
-            Some(libc::ENOSPC) => {
-                // One bucket holds more entries than the chunk: grow it.
-                chunk = chunk.saturating_mul(2);
-                continue;
-            }
-            Some(e) if e != libc::ENOENT => bail!(
-                "BPF_MAP_LOOKUP_BATCH: {}",
-                std::io::Error::from_raw_os_error(e)
-            ),
-            _ => {}
-        }
-        // SAFETY: plain bytes of the u64 buffers.
-        let kb = unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const u8, keys.len() * 8) };
-        let vb =
-            unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 8) };
-        for i in 0..attr.count as usize {
-            let k = &kb[i * key_size..(i + 1) * key_size];
-            let v = &vb[i * value_size..(i + 1) * value_size];
-            if !each(k, v) {
-                return Ok(());
-            }
-        }
-        if errno == Some(libc::ENOENT) {
-            return Ok(());
-        }
-        token_in = token_out;
-        first = false;
-    }
 }
 
 /// Opens one pinned map by name (for batched reads).

@@ -33,6 +33,9 @@ use aya::maps::{MapData, MapInfo};
 use mwan_common::*;
 use tracing::{info, warn};
 
+use super::raw::{
+    lookup, read_batched, read_keyed, update, write_all, Entries, BPF_EXIST, BPF_NOEXIST,
+};
 use super::PINNED_MAPS;
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -42,9 +45,6 @@ const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
-/// Update flags: only a new key, only an existing one.
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 /// Per-CPU counters: a value layout change resets them instead of refusing.
 const COUNTER_MAPS: [&str; 2] = [MAP_WAN_STATS, MAP_GLOBAL_STATS];
@@ -580,7 +580,7 @@ fn copy_entries(
         // An LRU map may evict before it is full (per-CPU free lists):
         // count what is there.
         copied = 0;
-        super::read_batched_raw(nfd, ng.key_size as usize, value_len(&ng)?, 4096, |_, _| {
+        read_batched(nfd, ng.key_size as usize, value_len(&ng)?, 4096, |_, _| {
             copied += 1;
             true
         })?;
@@ -681,198 +681,19 @@ fn value_len(g: &Geometry) -> Result<usize> {
     }
 }
 
-/// Keys and values read from a map, back to back.
-struct Entries {
-    key_size: usize,
-    value_size: usize,
-    keys: Vec<u8>,
-    values: Vec<u8>,
-}
-
-impl Entries {
-    fn len(&self) -> usize {
-        self.keys.len() / self.key_size.max(1)
-    }
-    fn key(&self, i: usize) -> &[u8] {
-        &self.keys[i * self.key_size..(i + 1) * self.key_size]
-    }
-    fn value(&self, i: usize) -> &[u8] {
-        &self.values[i * self.value_size..(i + 1) * self.value_size]
-    }
-    fn push(&mut self, k: &[u8], v: &[u8]) {
-        self.keys.extend_from_slice(k);
-        self.values.extend_from_slice(v);
-    }
-}
-
 /// Every (key, value) of a non-array map: batched for hashes, key by key
 /// otherwise (tries).
 fn read_all(fd: RawFd, g: Geometry) -> Result<Entries> {
     let (ks, vs) = (g.key_size as usize, value_len(&g)?);
-    let mut out = Entries {
-        key_size: ks,
-        value_size: vs,
-        keys: Vec::new(),
-        values: Vec::new(),
-    };
     if matches!(g.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH) {
-        super::read_batched_raw(fd, ks, vs, 4096, |k, v| {
+        let mut out = Entries::new(ks, vs);
+        read_batched(fd, ks, vs, 4096, |k, v| {
             out.push(k, v);
             true
         })?;
         return Ok(out);
     }
-    let mut key: Option<Vec<u8>> = None;
-    loop {
-        let mut next = vec![0u8; ks];
-        match next_key(fd, key.as_deref(), &mut next) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Err(e) => bail!("BPF_MAP_GET_NEXT_KEY: {e}"),
-        }
-        let mut value = vec![0u8; vs];
-        match lookup(fd, &next, &mut value) {
-            Ok(()) => out.push(&next, &value),
-            // Deleted meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => bail!("BPF_MAP_LOOKUP_ELEM: {e}"),
-        }
-        key = Some(next);
-    }
-}
-
-/// Writes `entries` in `order` into a fresh map: `BPF_MAP_UPDATE_BATCH`
-/// (one syscall per 4096 entries: a million pins are read, sorted and
-/// copied in about a second),
-/// entry by entry where the kernel has no batch for the map. Stops when a
-/// (non-LRU) map is full. Returns how many were written.
-fn write_all(fd: RawFd, entries: &Entries, order: &[usize]) -> Result<u64> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    const CHUNK: usize = 4096;
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut written = 0usize;
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    for chunk in order.chunks(CHUNK) {
-        keys.clear();
-        values.clear();
-        for i in chunk {
-            keys.extend_from_slice(entries.key(*i));
-            values.extend_from_slice(entries.value(*i));
-        }
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        if rc == 0 {
-            written += chunk.len();
-            continue;
-        }
-        // The kernel reports how many it wrote when it stopped midway, and
-        // leaves `count` as it was when it has no batch for the map (then
-        // rewriting is harmless). The rest one by one.
-        let done = match attr.count as usize {
-            n if n < chunk.len() => n,
-            _ => 0,
-        };
-        written += done;
-        for i in &chunk[done..] {
-            match update(fd, entries.key(*i), entries.value(*i), 0) {
-                Ok(()) => written += 1,
-                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => return Ok(written as u64),
-                Err(e) => bail!("{e}"),
-            }
-        }
-    }
-    Ok(written as u64)
-}
-
-/// `bpf_attr` of the element commands.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-fn elem_cmd(
-    cmd: libc::c_long,
-    fd: RawFd,
-    key: *const u8,
-    value: u64,
-    flags: u64,
-) -> std::io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: key as u64,
-        value,
-        flags,
-    };
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn lookup(fd: RawFd, key: &[u8], value: &mut [u8]) -> std::io::Result<()> {
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    elem_cmd(
-        BPF_MAP_LOOKUP_ELEM,
-        fd,
-        key.as_ptr(),
-        value.as_mut_ptr() as u64,
-        0,
-    )
-}
-
-fn update(fd: RawFd, key: &[u8], value: &[u8], flags: u64) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    elem_cmd(
-        BPF_MAP_UPDATE_ELEM,
-        fd,
-        key.as_ptr(),
-        value.as_ptr() as u64,
-        flags,
-    )
-}
-
-fn next_key(fd: RawFd, key: Option<&[u8]>, next: &mut [u8]) -> std::io::Result<()> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let k = key.map(|k| k.as_ptr()).unwrap_or(std::ptr::null());
-    elem_cmd(BPF_MAP_GET_NEXT_KEY, fd, k, next.as_mut_ptr() as u64, 0)
+    read_keyed(fd, ks, vs)
 }
 
 #[cfg(test)]
