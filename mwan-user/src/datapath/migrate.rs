@@ -250,6 +250,10 @@ impl Plan {
     /// Returns a warning to log when the pins are accepted without a
     /// version.
     pub fn check(&self, pin_dir: &Path) -> Result<Option<String>> {
+        if !self.inherited() {
+            // Nothing to take over (at most a stray marker, overwritten).
+            return Ok(None);
+        }
         let what_to_do = format!(
             "Nothing was changed: the running datapath keeps forwarding as it is. \
              To switch, run `mwan stop --teardown` (the mwan that made the pins or this \
@@ -295,7 +299,7 @@ impl Plan {
                 pin_dir.display(),
                 bad.join("; ")
             ),
-            None if self.inherited() => Ok(Some(format!(
+            None => Ok(Some(format!(
                 "the maps pinned in {} carry no layout version; taken over because every \
                  map's type, key and value size match layout {ABI_VERSION}",
                 pin_dir.display()
@@ -895,6 +899,12 @@ mod tests {
         );
         assert!(!fresh.inherited());
         assert_eq!(fresh.check(dir).unwrap(), None);
+        // …also beside a stray marker of another version.
+        let stray = plan(
+            Stored::Marker(other),
+            vec![(MAP_ABI, Verdict::Keep), (MAP_FLOWS, Verdict::Missing)],
+        );
+        assert_eq!(stray.check(dir).unwrap(), None);
     }
 
     #[test]
