@@ -2,7 +2,8 @@
 //!
 //! Every type here is `#[repr(C)]`, has explicit padding and is stored in a BPF
 //! map whose name is given by the `MAP_*` constants. Userspace writes the
-//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`);
+//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`)
+//! and the layout marker (`ABI`);
 //! the datapath writes the state maps (`FLOWS`, `HOSTS`, `WAN_STATS`,
 //! `GLOBAL_STATS`).
 //!

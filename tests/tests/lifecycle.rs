@@ -561,8 +561,15 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
         .collect();
     assert_eq!(pins(&mwan, "before the restart"), wans);
 
-    stop_by_cli(&mut mwan, &["stop"]);
+    // A reload cannot resize: it says how.
     std::fs::write(&mwan.config, text(65_536)).unwrap();
+    let out = mwan.cli(&["reload"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_flows changed: restart mwan to apply it (`mwan stop`, then `mwan run`"),
+        "{err}"
+    );
+    stop_by_cli(&mut mwan, &["stop"]);
     // Connections keep opening through the takeover: those the old program
     // pins after the copy are copied again after the filter swap.
     let done = std::sync::atomic::AtomicBool::new(false);

@@ -840,7 +840,12 @@ impl Daemon {
             ("max_hosts", new.max_hosts != self.cfg.max_hosts),
         ];
         if let Some((k, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            bail!("{k} changed: restart mwan to apply it (the running config is unchanged)");
+            let how = if k.starts_with("max_") {
+                " (`mwan stop`, then `mwan run`: the map is resized, no connection moves)"
+            } else {
+                ""
+            };
+            bail!("{k} changed: restart mwan to apply it{how} (the running config is unchanged)");
         }
         let pinned = self.dp.maps.names()?;
         // Keep ids of WANs that stay; new ones avoid every id in use.
