@@ -2,7 +2,8 @@
 //!
 //! Every type here is `#[repr(C)]`, has explicit padding and is stored in a BPF
 //! map whose name is given by the `MAP_*` constants. Userspace writes the
-//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`);
+//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`)
+//! and the layout marker (`ABI`);
 //! the datapath writes the state maps (`FLOWS`, `HOSTS`, `WAN_STATS`,
 //! `GLOBAL_STATS`).
 //!
@@ -10,9 +11,15 @@
 //! (network byte order); use [`FlowKey::src`] and friends to read them.
 #![no_std]
 
-/// Bump whenever the layout of a pinned map changes. A daemon that finds pinned
-/// maps with another ABI refuses to reuse them (see `mwan-user` datapath).
-pub const ABI_VERSION: u32 = 2;
+/// The version of the layout and meaning of the pinned maps' keys and values,
+/// stored in the [`MAP_ABI`] map when the maps are created (and, for older
+/// daemons, in `Settings::abi_version`). Bump it whenever a key or value type
+/// changes (size, field order, meaning): a daemon that finds pins of another
+/// version refuses to take them over. A change of a map's size alone
+/// (`max_entries`: `MAX_WANS`, `GS_COUNT`, a trie's capacity) needs no bump:
+/// the new daemon moves the entries into a map of the new size (see
+/// `mwan-user` datapath, `migrate`).
+pub const ABI_VERSION: u32 = 1;
 
 /// WAN ids are `0..MAX_WANS`. Marks, routing tables and rule priorities are
 /// derived from the id.
@@ -34,6 +41,9 @@ pub const DEFAULT_POLICY: u32 = 0;
 /// exact weight share.
 pub const SLOTS: usize = 1024;
 
+/// `ABI`: an array of one `u32`, [`ABI_VERSION`] of the maps pinned beside
+/// it. Its own layout never changes, so any daemon can read it.
+pub const MAP_ABI: &str = "ABI";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_HOSTS: &str = "HOSTS";
 pub const MAP_WANS: &str = "WANS";
@@ -203,7 +213,8 @@ pub struct WanCounters {
 }
 
 /// Indices of `GLOBAL_STATS` (per-CPU u64 counters of events off the hot
-/// path; per-packet totals are in `WAN_STATS`).
+/// path; per-packet totals are in `WAN_STATS`). Indices are only ever
+/// appended: a daemon with a larger `GS_COUNT` keeps the inherited counters.
 /// New pins.
 pub const GS_NEW_FLOWS: u32 = 0;
 /// Pins moved because their WAN was no longer alive.
@@ -255,6 +266,63 @@ impl Default for WanName {
     }
 }
 
+// The layouts are shared with the datapath and pinned across daemon versions:
+// any change of a size or field offset below is a layout change (bump
+// `ABI_VERSION`), and the build fails until these assertions are updated.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(offset_of!(FlowKey, saddr) == 0);
+    assert!(offset_of!(FlowKey, daddr) == 4);
+    assert!(offset_of!(FlowKey, sport) == 8);
+    assert!(offset_of!(FlowKey, dport) == 10);
+    assert!(offset_of!(FlowKey, proto) == 12);
+    assert!(offset_of!(FlowKey, _pad) == 13);
+
+    assert!(size_of::<FlowValue>() == 40);
+    assert!(offset_of!(FlowValue, first_seen_ns) == 0);
+    assert!(offset_of!(FlowValue, last_seen_ns) == 8);
+    assert!(offset_of!(FlowValue, packets) == 16);
+    assert!(offset_of!(FlowValue, bytes) == 24);
+    assert!(offset_of!(FlowValue, wan) == 32);
+    assert!(offset_of!(FlowValue, policy) == 33);
+    assert!(offset_of!(FlowValue, moved_from) == 34);
+    assert!(offset_of!(FlowValue, _pad) == 35);
+
+    assert!(size_of::<HostValue>() == 16);
+    assert!(offset_of!(HostValue, last_seen_ns) == 0);
+    assert!(offset_of!(HostValue, wan) == 8);
+    assert!(offset_of!(HostValue, _pad) == 9);
+
+    assert!(size_of::<WanEntry>() == 8);
+    assert!(offset_of!(WanEntry, mark) == 0);
+    assert!(offset_of!(WanEntry, alive) == 4);
+
+    assert!(size_of::<Policy>() == 16 + SLOTS);
+    assert!(offset_of!(Policy, kind) == 0);
+    assert!(offset_of!(Policy, active) == 4);
+    assert!(offset_of!(Policy, wan_mask) == 8);
+    assert!(offset_of!(Policy, slots) == 16);
+
+    assert!(size_of::<Settings>() == 48);
+    assert!(offset_of!(Settings, abi_version) == 0);
+    assert!(offset_of!(Settings, mark_mask) == 4);
+    assert!(offset_of!(Settings, sticky_host) == 8);
+    assert!(offset_of!(Settings, rule_count) == 12);
+    assert!(offset_of!(Settings, host_ttl_ns) == 16);
+    assert!(offset_of!(Settings, rule_any_iface) == 24);
+    assert!(offset_of!(Settings, rule_any_sport) == 32);
+    assert!(offset_of!(Settings, rule_any_dport) == 40);
+
+    assert!(size_of::<WanCounters>() == 24);
+    assert!(offset_of!(WanCounters, packets) == 0);
+    assert!(offset_of!(WanCounters, bytes) == 8);
+    assert!(offset_of!(WanCounters, flows) == 16);
+
+    assert!(size_of::<WanName>() == WAN_NAME_LEN);
+    assert!(offset_of!(WanName, name) == 0);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -271,19 +339,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<FlowValue>(), 40);
-        assert_eq!(size_of::<HostValue>(), 16);
-        assert_eq!(size_of::<WanEntry>(), 8);
-        assert_eq!(size_of::<Policy>(), 16 + SLOTS);
-        assert_eq!(size_of::<Settings>(), 48);
-        assert_eq!(size_of::<WanCounters>(), 24);
-    }
-
     #[test]
     fn flow_key_reads_network_order() {
         let k = FlowKey {

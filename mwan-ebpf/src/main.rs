@@ -19,6 +19,10 @@ use aya_ebpf::{
 };
 use mwan_common::*;
 
+/// The layout version of the maps beside it (written by userspace when the
+/// maps are created, read by the next daemon before it takes them over).
+#[map(name = "ABI")]
+static ABI: Array<u32> = Array::pinned(1, 0);
 // Sizes of FLOWS and HOSTS are set by the loader from the config; the values
 // here are the defaults.
 #[map(name = "FLOWS")]

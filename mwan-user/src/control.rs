@@ -83,6 +83,10 @@ pub struct Status {
     /// Pinned flows in the flow map (all WANs), as of `flows_counted_secs_ago`.
     pub flows_total: u64,
     pub flows_counted_secs_ago: Option<f64>,
+    /// The most flows the flow map holds (`max_flows` when the map was
+    /// created; a restart with another `max_flows` resizes it).
+    #[serde(default)]
+    pub flow_capacity: u32,
     /// Datapath counters (packets, hits, new flows, re-pins, …).
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Most recent state changes, newest last.

@@ -6,7 +6,9 @@
 //! (`cls_bpf`), so both outlive the daemon. A new daemon reuses the pinned
 //! maps (the flows survive) and replaces the filters without a gap: the new
 //! program is attached at the other of two priorities before the old filter is
-//! removed (`Datapath::attach`).
+//! removed (`Datapath::attach`). Pinned maps are compared with the object
+//! before they are reused; a map of another size is replaced and its entries
+//! migrated, another layout is refused ([`migrate`]).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -25,6 +27,10 @@ use mwan_common::*;
 
 use crate::config::{Config, Sticky};
 use crate::policy::CompiledRules;
+
+mod migrate;
+mod raw;
+pub use migrate::{pinned_geometry, Geometry};
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
 static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
@@ -106,16 +112,20 @@ impl Maps {
         Ok(maps)
     }
 
+    /// For the CLI: refuses maps of another layout version (the daemon
+    /// checks every map's geometry too, see [`migrate`]).
     fn check_abi(&self, pin_dir: &Path) -> Result<()> {
-        let s = self.settings.get(&0, 0).context("reading SETTINGS")?;
-        if s.abi_version != 0 && s.abi_version != ABI_VERSION {
-            bail!(
-                "the maps pinned in {} were made by an mwan with map layout {} (this one uses {}); \
-                 run `mwan stop --teardown` with the old version first",
-                pin_dir.display(),
-                s.abi_version,
-                ABI_VERSION
-            );
+        let want = migrate::expected(EBPF_OBJ, &[])?;
+        let plan = migrate::Plan::read(pin_dir, &want)?;
+        if let migrate::Stored::Marker(v) | migrate::Stored::Settings(v) = plan.stored {
+            if v != ABI_VERSION {
+                bail!(
+                    "the maps pinned in {} were made by an mwan with map layout {v} (this one uses {}); \
+                     use the mwan that made them, or run `mwan stop --teardown` first",
+                    pin_dir.display(),
+                    ABI_VERSION
+                );
+            }
         }
         Ok(())
     }
@@ -358,20 +368,57 @@ pub struct Datapath {
     pub maps: Maps,
     /// True when the maps were already pinned (a restart: flows inherited).
     pub inherited: bool,
+    /// The number of flows the flow map holds at most (its max_entries).
+    pub flow_capacity: u32,
+    /// Maps replaced at this start (another size): their old maps stay
+    /// until the new program has replaced the old filter.
+    migration: migrate::Migration,
 }
 
 impl Datapath {
     /// Loads the programs, reusing the maps pinned in `pin_dir` or creating
     /// and pinning them. `pin_dir` must be on bpffs (see [`ensure_bpffs`]).
+    /// Pins of another layout are refused before anything is changed; maps
+    /// of another size are replaced, their entries copied (call
+    /// [`Datapath::finish_migration`] once every filter is attached, or
+    /// [`Datapath::abort_migration`] when the start fails).
     pub fn load(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<Datapath> {
         check_kernel(kernel_release().as_deref())?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating {}", pin_dir.display()))?;
-        let inherited = pin_dir.join(MAP_SETTINGS).exists();
-        if inherited {
-            // Refuse incompatible pins before the loader reuses them.
-            Maps::open_pinned(pin_dir)?;
+        let want = migrate::expected(EBPF_OBJ, &[(MAP_FLOWS, max_flows), (MAP_HOSTS, max_hosts)])?;
+        // Read-only: refuse incompatible pins before the loader reuses them.
+        let plan = migrate::Plan::read(pin_dir, &want)?;
+        if let Some(w) = plan.check(pin_dir)? {
+            tracing::warn!("{w}");
         }
+        let inherited = plan.inherited();
+        let mut migration = migrate::Migration::prepare(pin_dir, &plan)?;
+        let loaded = Self::load_object(pin_dir, max_flows, max_hosts).and_then(|(ebpf, maps)| {
+            migration.copy()?;
+            migrate::write_marker(pin_dir)?;
+            Ok((ebpf, maps))
+        });
+        let (ebpf, maps) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                migration.abort();
+                return Err(e);
+            }
+        };
+        let flow_capacity = pinned_geometry(&pin_dir.join(MAP_FLOWS))?
+            .map(|g| g.max_entries)
+            .unwrap_or(max_flows);
+        Ok(Datapath {
+            ebpf,
+            maps,
+            inherited,
+            flow_capacity,
+            migration,
+        })
+    }
+
+    fn load_object(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<(Ebpf, Maps)> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(MAP_FLOWS, max_flows)
@@ -392,11 +439,20 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         })?;
-        Ok(Datapath {
-            ebpf,
-            maps,
-            inherited,
-        })
+        Ok((ebpf, maps))
+    }
+
+    /// Once the new program has replaced the old filter on every LAN
+    /// interface: copies what the old program pinned meanwhile and removes
+    /// the replaced maps' old pins.
+    pub fn finish_migration(&mut self) {
+        self.migration.finish();
+    }
+
+    /// A failed start: the replaced maps' old pins are put back, so the old
+    /// program's maps are the pinned ones again.
+    pub fn abort_migration(&mut self) {
+        self.migration.abort();
     }
 
     /// A loaded classifier by name ([`PROG_LAN_ETH`] or [`PROG_LAN_L3`]),
@@ -479,7 +535,8 @@ pub fn detach(iface: &str) -> bool {
 }
 
 /// Every map mwan pins, by name.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
+    MAP_ABI,
     MAP_FLOWS,
     MAP_HOSTS,
     MAP_WANS,
@@ -503,11 +560,13 @@ pub const PINNED_MAPS: [&str; 16] = [
 /// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     for name in PINNED_MAPS {
-        let p = pin_dir.join(name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(anyhow!("removing pin {}: {e}", p.display())),
+        // `<name>_OLD`: a map being replaced when a daemon died.
+        for p in [pin_dir.join(name), migrate::aside_path(pin_dir, name)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(anyhow!("removing pin {}: {e}", p.display())),
+            }
         }
     }
     match std::fs::remove_dir(pin_dir) {
@@ -626,79 +685,18 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
     mut each: impl FnMut(&K, &V) -> bool,
 ) -> Result<()> {
     use std::os::fd::{AsFd, AsRawFd};
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     let fd = map.fd().as_fd().as_raw_fd();
-    let mut chunk = chunk.max(1);
-    let mut keys: Vec<K> = Vec::new();
-    let mut values: Vec<V> = Vec::new();
-    // The hash-map batch cursor is a bucket index (u32).
-    let mut token_in: u32 = 0;
-    let mut token_out: u32 = 0;
-    let mut first = true;
-    loop {
-        keys.resize_with(chunk as usize, K::default);
-        values.resize_with(chunk as usize, V::default);
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut token_in as *mut u32 as u64
-            },
-            out_batch: &mut token_out as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
+    let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
+    raw::read_batched(fd, ks, vs, chunk, |k, v| {
+        // SAFETY: the slices hold exactly one K and one V (Pod: any bytes).
+        let (k, v) = unsafe {
+            (
+                std::ptr::read_unaligned(k.as_ptr() as *const K),
+                std::ptr::read_unaligned(v.as_ptr() as *const V),
             )
         };
-        let errno = if rc < 0 {
-            std::io::Error::last_os_error().raw_os_error()
-        } else {
-            None
-        };
-        match errno {
-            Some(libc::ENOSPC) => {
-                // One bucket holds more entries than the chunk: grow it.
-                chunk = chunk.saturating_mul(2);
-                continue;
-            }
-            Some(e) if e != libc::ENOENT => bail!(
-                "BPF_MAP_LOOKUP_BATCH: {}",
-                std::io::Error::from_raw_os_error(e)
-            ),
-            _ => {}
-        }
-        for i in 0..attr.count as usize {
-            if !each(&keys[i], &values[i]) {
-                return Ok(());
-            }
-        }
-        if errno == Some(libc::ENOENT) {
-            return Ok(());
-        }
-        token_in = token_out;
-        first = false;
-    }
+        each(&k, &v)
+    })
 }
 
 /// The oldest kernel the datapath loads on: `bpf_ktime_get_coarse_ns`

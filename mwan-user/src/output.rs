@@ -119,8 +119,9 @@ pub fn status(s: &Status) -> String {
         out.push_str("\n!! ALL WANs ARE DOWN: the all_down policy applies\n");
     }
     out.push_str(&format!(
-        "\nflows pinned: {}   uptime: {}   sticky: {}   datapath: {} LAN packets balanced, {} new flows, {} re-pinned\n",
+        "\nflows pinned: {} of {}   uptime: {}   sticky: {}   datapath: {} LAN packets balanced, {} new flows, {} re-pinned\n",
         s.flows_total,
+        s.flow_capacity,
         duration(s.uptime_secs),
         s.sticky,
         human(s.wans.iter().map(|w| w.lan_packets).sum()),

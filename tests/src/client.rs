@@ -104,6 +104,10 @@ impl Netns {
             max_gap: Duration::ZERO,
             end: None,
         }));
+        let local = match conn.local_addr()? {
+            std::net::SocketAddr::V4(a) => a,
+            a => bail!("stream from {a}: not IPv4"),
+        };
         let reader = conn.try_clone()?;
         let thread = thread::Builder::new()
             .name(format!("stream-{source}"))
@@ -113,6 +117,7 @@ impl Netns {
             })?;
         Ok(Stream {
             source,
+            local,
             conn,
             state,
             stop,
@@ -233,6 +238,7 @@ fn parse_whoami(answer: &str) -> Result<SocketAddrV4> {
 /// Closed when dropped.
 pub struct Stream {
     source: SocketAddrV4,
+    local: SocketAddrV4,
     conn: TcpStream,
     state: Arc<Mutex<StreamState>>,
     stop: Arc<Stopper>,
@@ -270,6 +276,11 @@ impl Stream {
     /// The source address the server reported (after any NAT).
     pub fn source(&self) -> SocketAddrV4 {
         self.source
+    }
+
+    /// The client's own address and port (the LAN side of the flow).
+    pub fn local(&self) -> SocketAddrV4 {
+        self.local
     }
 
     /// Bytes received so far (after the whoami line).

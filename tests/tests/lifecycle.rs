@@ -639,3 +639,453 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     mwan.stop_with(libc::SIGTERM).unwrap();
     until("STOPPING=1");
 }
+
+/// The last `FLOWS resized from {from} to {to} entries, N pins migrated…`
+/// line of the daemon's log, and N.
+fn resized(mwan: &Mwan, from: u32, to: u32) -> (String, u64) {
+    let log = mwan.log();
+    let what = format!("FLOWS resized from {from} to {to} entries, ");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&what))
+        .unwrap_or_else(|| panic!("no `{what}` in the log:\n{log}"))
+        .to_string();
+    let n = line[line.find(&what).unwrap() + what.len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    (line, n)
+}
+
+/// The max_entries of the map pinned as `name` in the lab, from the kernel.
+fn pinned_entries(lab: &Lab, name: &str) -> u32 {
+    ::mwan::datapath::pinned_geometry(&lab.pin_dir().join(name))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} is not pinned"))
+        .max_entries
+}
+
+/// Issue 10: `max_flows` changed across a restart takes effect (the flow
+/// map is replaced by one of the new size, its pins copied) without moving
+/// a connection; a smaller one keeps the most recently used pins.
+#[test]
+fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream() {
+    use mwan_common::MAP_FLOWS;
+    let lab = Lab::builder().lan_hosts(3).isps(2).build().unwrap();
+    // The host map (unused here: sticky = "connection") is resized alike.
+    let text = |n: u32| {
+        let top = format!("max_flows = {n}\nmax_hosts = {}", n / 2);
+        config_with(&lab, &top, &|_| String::new(), "")
+    };
+    let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert_eq!(mwan.status().flow_capacity, 8192);
+    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 8192);
+    let streams = open_streams(&lab, 1);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    all_flowing(&streams, "before the restart");
+
+    // Each stream's pin, as `mwan flows` lists it: its WAN.
+    let pins = |mwan: &Mwan, what: &str| -> Vec<String> {
+        let flows = mwan.flows(&["--limit", "100000"]);
+        streams
+            .iter()
+            .map(|s| {
+                let l = s.local();
+                flows
+                    .iter()
+                    .find(|f| {
+                        f.proto == "tcp" && f.src == l.ip().to_string() && f.sport == l.port()
+                    })
+                    .unwrap_or_else(|| panic!("no pin for the stream from {l} {what}"))
+                    .wan
+                    .clone()
+            })
+            .collect()
+    };
+    let wans: Vec<String> = sources
+        .iter()
+        .map(|s| format!("isp{}", lab.wan_of(*s.ip()).unwrap()))
+        .collect();
+    assert_eq!(pins(&mwan, "before the restart"), wans);
+
+    // A reload cannot resize: it says how.
+    std::fs::write(&mwan.config, text(65_536)).unwrap();
+    let out = mwan.cli(&["reload"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_flows changed: restart mwan to apply it (`mwan stop`, then `mwan run`"),
+        "{err}"
+    );
+    stop_by_cli(&mut mwan, &["stop"]);
+    // Connections keep opening through the takeover: those the old program
+    // pins after the copy are copied again after the filter swap.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let during = std::thread::scope(|s| {
+        let opener = s.spawn(|| {
+            let mut out = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && out.len() < 5000 {
+                out.push(lab.host(2).tcp_whoami(TCP_WHOAMI));
+            }
+            out
+        });
+        take_over(&mut mwan);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        opener.join().unwrap()
+    });
+    let failed: Vec<String> = during
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    println!(
+        "{} connections opened during the takeover, {} failed",
+        during.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    // …and every one of them is pinned to the WAN it used (those opened
+    // between the copy and the filter swap only by the second copy).
+    let flows = mwan.flows(&[
+        "--limit",
+        "100000",
+        "--host",
+        &lab.host(2).addr().to_string(),
+    ]);
+    let unpinned: Vec<String> = during
+        .iter()
+        .map(|r| *r.as_ref().unwrap())
+        .filter(|seen| {
+            let wan = format!("isp{}", lab.wan_of(*seen.ip()).unwrap());
+            !flows
+                .iter()
+                .any(|f| f.proto == "tcp" && f.sport == seen.port() && f.wan == wan)
+        })
+        .map(|seen| seen.to_string())
+        .collect();
+    assert!(
+        unpinned.is_empty(),
+        "{} connections opened during the takeover have no pin (or another WAN's): {unpinned:?}",
+        unpinned.len()
+    );
+    let (line, migrated) = resized(&mwan, 8192, 65_536);
+    println!("grow: {line}");
+    if let Some(l) = mwan
+        .log()
+        .lines()
+        .find(|l| l.contains("during the takeover ("))
+    {
+        println!("{l}");
+    }
+    assert!(migrated >= 3, "{line}");
+    assert!(!line.contains("dropped"), "{line}");
+    assert!(
+        mwan.log()
+            .contains("HOSTS resized from 4096 to 32768 entries, 0 host pins migrated"),
+        "{}",
+        mwan.log()
+    );
+    assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOSTS), 32_768);
+    assert_eq!(mwan.status().flow_capacity, 65_536);
+    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 65_536);
+    assert!(
+        !lab.pin_dir().join("FLOWS_OLD").exists(),
+        "the old map's pin is left"
+    );
+    all_flowing(&streams, "after the restart");
+    assert_eq!(pins(&mwan, "after the restart"), wans);
+    // New connections are pinned and balanced in the new map.
+    let seen: Vec<_> = many_tcp_whoami(lab.host(1), TCP_WHOAMI, 1500, 16)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2, "balancing after the resize");
+
+    // Smaller than the flows pinned: the most recently used fit (the
+    // streams), the oldest are dropped and counted.
+    let pinned = mwan.flows(&["--limit", "100000"]).len() as u64;
+    assert!(pinned > 1024 + 100, "only {pinned} pins");
+    stop_by_cli(&mut mwan, &["stop"]);
+    std::fs::write(&mwan.config, text(1024)).unwrap();
+    take_over(&mut mwan);
+    let (line, migrated) = resized(&mwan, 65_536, 1024);
+    println!("shrink from {pinned} pins: {line}");
+    assert!(migrated <= 1024 && migrated > 512, "{line}");
+    assert!(
+        line.contains(&format!(
+            "{} least recently used dropped",
+            pinned - migrated
+        )),
+        "{line}"
+    );
+    assert_eq!(mwan.status().flow_capacity, 1024);
+    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 1024);
+    all_flowing(&streams, "after shrinking");
+    assert_eq!(pins(&mwan, "after shrinking"), wans);
+
+    for (s, before) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!((r.source, r.end), (before, None), "a stream moved or broke");
+        assert!(
+            r.max_gap < Duration::from_secs(1),
+            "stream gap {:?}",
+            r.max_gap
+        );
+    }
+}
+
+/// Moves the lab's pin `name` to `keep_as` and pins a new, empty map of
+/// the given geometry in its place (as another mwan version would have left
+/// it). The running datapath keeps using the map it has.
+fn replace_pin(
+    lab: &Lab,
+    name: &str,
+    keep_as: &str,
+    (map_type, key, value, entries): (u32, u32, u32, u32),
+) -> aya::maps::MapData {
+    let pin = lab.pin_dir().join(name);
+    std::fs::rename(&pin, lab.pin_dir().join(keep_as)).unwrap();
+    let def = aya_obj::Map::new_from_params(map_type, key, value, entries, 0);
+    let map = aya::maps::MapData::create(def, name, None).unwrap();
+    map.pin(&pin).unwrap();
+    map
+}
+
+/// Undoes [`replace_pin`].
+fn restore_pin(lab: &Lab, name: &str) {
+    let pin = lab.pin_dir().join(name);
+    std::fs::remove_file(&pin).unwrap();
+    let saved = lab.pin_dir().join(format!("{name}_SAVED"));
+    aya::maps::MapData::from_pin(&saved)
+        .unwrap()
+        .pin(&pin)
+        .unwrap();
+    std::fs::remove_file(&saved).unwrap();
+}
+
+/// `mwan run` that must refuse to start: returns its output.
+fn run_refused(lab: &Lab, mwan: &Mwan) -> String {
+    let config = mwan.config.display().to_string();
+    let bin = lab::mwan::binary();
+    let proc = lab
+        .router()
+        .spawn(
+            bin.to_str().unwrap(),
+            &["--config", &config, "run"],
+            &[("MWAN_LOG", "info")],
+        )
+        .unwrap();
+    let status = proc.wait_timeout(Duration::from_secs(20));
+    let out = proc.output_so_far().to_string();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "mwan run did not fail with exit code 1 ({status:?}):\n{out}"
+    );
+    out
+}
+
+/// Issue 10: pins of another map layout (another version's ABI marker, a
+/// map of another value size) are refused by `mwan run` with a message
+/// saying what to do, before anything is changed: the running datapath,
+/// rules, routes, filters and pins stay exactly as they were, and the
+/// streams never notice.
+#[test]
+fn pins_of_another_layout_are_refused_before_anything_changes() {
+    use aya::maps::{Array, Map, MapData};
+    use mwan_common::{ABI_VERSION, MAP_ABI, MAP_SETTINGS};
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let clean = router_snapshot(&lab);
+    let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let streams = open_streams(&lab, 2);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    stop_by_cli(&mut mwan, &["stop"]);
+
+    let write_abi = |v: u32| {
+        let data = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
+        let mut abi: Array<MapData, u32> = Array::try_from(Map::Array(data)).unwrap();
+        abi.set(0, v, 0).unwrap();
+    };
+
+    // A map of another value size under the same marker (a layout change
+    // without a version bump).
+    let _settings = replace_pin(&lab, MAP_SETTINGS, "SETTINGS_SAVED", (2, 4, 56, 1));
+    let before = router_snapshot(&lab);
+    let out = run_refused(&lab, &mwan);
+    println!("another value size:\n{out}");
+    assert!(
+        out.contains("SETTINGS is array, key 4 B, value 56 B, 1 entries, this mwan needs array, key 4 B, value 48 B"),
+        "{out}"
+    );
+    assert_eq!(
+        router_snapshot(&lab),
+        before,
+        "a refused start changed the router"
+    );
+    still_forwarding(&lab, &streams, "after a refused start");
+    restore_pin(&lab, MAP_SETTINGS);
+
+    // Another version's marker.
+    let other = ABI_VERSION + 1;
+    write_abi(other);
+    let before = router_snapshot(&lab);
+    let out = run_refused(&lab, &mwan);
+    println!("another version:\n{out}");
+    assert!(out.contains(&format!("have map layout {other}")), "{out}");
+    assert!(out.contains(&format!("uses layout {ABI_VERSION}")), "{out}");
+    assert!(out.contains("mwan stop --teardown"), "{out}");
+    assert_eq!(
+        router_snapshot(&lab),
+        before,
+        "a refused start changed the router"
+    );
+    still_forwarding(&lab, &streams, "after the second refused start");
+    write_abi(ABI_VERSION);
+
+    // With the pins as they were, the next daemon takes over, nothing moved.
+    take_over(&mut mwan);
+    all_flowing(&streams, "after the takeover");
+    for (s, was) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!((r.source, r.end), (was, None), "a stream moved or broke");
+    }
+    // What the message advises works with this mwan and pins it refuses.
+    stop_by_cli(&mut mwan, &["stop"]);
+    write_abi(other);
+    run_refused(&lab, &mwan);
+    mwan.cli_ok(&["stop", "--teardown"]).unwrap();
+    assert_eq!(router_snapshot(&lab), clean, "left after `stop --teardown`");
+}
+
+/// Counters of another geometry (a version with more `GLOBAL_STATS`
+/// counters, another `WanCounters`): a longer array keeps the inherited
+/// counters, another value layout starts from zero; both are logged.
+#[test]
+fn counters_of_another_geometry_are_migrated_or_reset() {
+    use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
+    use mwan_common::{ABI_VERSION, GS_COUNT, MAP_ABI, MAP_GLOBAL_STATS, MAP_WAN_STATS};
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    stop_by_cli(&mut mwan, &["stop"]);
+
+    // An older version with fewer global counters, and per-WAN counters of
+    // another size.
+    let short = GS_COUNT - 2;
+    let gs = replace_pin(
+        &lab,
+        MAP_GLOBAL_STATS,
+        "GLOBAL_STATS_SAVED",
+        (6, 4, 8, short),
+    );
+    let mut gs: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(gs)).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for i in 0..short {
+        let v = PerCpuValues::try_from(vec![1000 + i as u64; cpus]).unwrap();
+        gs.set(i, v, 0).unwrap();
+    }
+    replace_pin(&lab, MAP_WAN_STATS, "WAN_STATS_SAVED", (6, 4, 16, 32));
+    // The maps they replaced, used by nothing after the takeover.
+    for name in [MAP_GLOBAL_STATS, MAP_WAN_STATS] {
+        std::fs::remove_file(lab.pin_dir().join(format!("{name}_SAVED"))).unwrap();
+    }
+    // Pins of the release before the ABI map: the version is read from
+    // SETTINGS, and the marker is created.
+    std::fs::remove_file(lab.pin_dir().join(MAP_ABI)).unwrap();
+
+    take_over(&mut mwan);
+    let log = mwan.log();
+    assert!(!log.contains("no layout version"), "{log}");
+    let abi = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
+    let abi: Array<MapData, u32> = Array::try_from(Map::Array(abi)).unwrap();
+    assert_eq!(abi.get(&0, 0).unwrap(), ABI_VERSION);
+    assert!(
+        log.contains(&format!(
+            "GLOBAL_STATS resized from {short} to {GS_COUNT} entries, {short} counters migrated"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("WAN_STATS changed layout (per-CPU array, key 4 B, value 16 B, 32 entries → per-CPU array, key 4 B, value 24 B, 32 entries): its counters start again from zero"),
+        "{log}"
+    );
+    let counters = mwan.status().counters;
+    // The first counters are the inherited ones (summed over CPUs), plus
+    // whatever the new datapath counted since.
+    assert!(counters["new_flows"] >= 1000 * cpus as u64, "{counters:?}");
+    assert!(counters["repins"] >= 1001 * cpus as u64, "{counters:?}");
+    assert_eq!(pinned_entries(&lab, MAP_GLOBAL_STATS), GS_COUNT);
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 100, 8)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2);
+    // Per-WAN counters count again from zero.
+    let flows: u64 = mwan.status().wans.iter().map(|w| w.new_flows).sum();
+    assert!((100..1000).contains(&flows), "{flows}");
+}
+
+/// A daemon that died while replacing the flow map leaves its old pin as
+/// `FLOWS_OLD`, alone or beside a new, not yet filled `FLOWS`: the next
+/// daemon finishes the job without losing a pin or moving a stream.
+#[test]
+fn an_interrupted_resize_is_finished_by_the_next_daemon() {
+    use mwan_common::MAP_FLOWS;
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let text = |n: u32| config_with(&lab, &format!("max_flows = {n}"), &|_| String::new(), "");
+    let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let streams = open_streams(&lab, 2);
+    let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
+    let pinned = |mwan: &Mwan| {
+        let flows = mwan.flows(&["--limit", "100000"]);
+        streams.iter().all(|s| {
+            let l = s.local();
+            flows
+                .iter()
+                .any(|f| f.src == l.ip().to_string() && f.sport == l.port())
+        })
+    };
+    let old = lab.pin_dir().join("FLOWS_OLD");
+
+    // Died right after moving the pin aside.
+    stop_by_cli(&mut mwan, &["stop"]);
+    std::fs::rename(lab.pin_dir().join(MAP_FLOWS), &old).unwrap();
+    std::fs::write(&mwan.config, text(16_384)).unwrap();
+    take_over(&mut mwan);
+    assert!(
+        mwan.log().contains("its old pin is put back"),
+        "{}",
+        mwan.log()
+    );
+    let (line, n) = resized(&mwan, 8192, 16_384);
+    assert!(n >= 4, "{line}");
+    assert!(!old.exists());
+    assert!(pinned(&mwan), "a stream's pin was lost");
+    all_flowing(&streams, "after the first interrupted resize");
+
+    // Died after the loader pinned the new map, before copying into it.
+    stop_by_cli(&mut mwan, &["stop"]);
+    replace_pin(&lab, MAP_FLOWS, "FLOWS_OLD", (9, 16, 40, 32_768));
+    std::fs::write(&mwan.config, text(32_768)).unwrap();
+    take_over(&mut mwan);
+    assert!(
+        mwan.log().contains("merging its old entries"),
+        "{}",
+        mwan.log()
+    );
+    assert!(!old.exists());
+    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 32_768);
+    assert!(pinned(&mwan), "a stream's pin was lost");
+    all_flowing(&streams, "after the second interrupted resize");
+    for (s, was) in streams.into_iter().zip(sources) {
+        let r = s.close();
+        assert_eq!((r.source, r.end), (was, None), "a stream moved or broke");
+        assert!(
+            r.max_gap < Duration::from_secs(1),
+            "stream gap {:?}",
+            r.max_gap
+        );
+    }
+}

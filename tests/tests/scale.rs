@@ -53,7 +53,7 @@ fn flows_lists_a_million_pins_while_forwarding_continues() {
             ),
         )
         .unwrap();
-    let mwan = Mwan::start(
+    let mut mwan = Mwan::start(
         &lab,
         &config_with(&lab, "max_flows = 1200000", &|_| String::new(), ""),
     )
@@ -118,4 +118,35 @@ fn flows_lists_a_million_pins_while_forwarding_continues() {
         .status()
         .flows_total
         >= FLOWS as u64));
+
+    // A restart with a larger max_flows copies the million pins into a new
+    // map (issue 10).
+    mwan.cli_ok(&["stop"]).unwrap();
+    let old = mwan.forget().expect("daemon process");
+    assert!(old
+        .wait_timeout(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    std::fs::write(
+        &mwan.config,
+        config_with(&lab, "max_flows = 2000000", &|_| String::new(), ""),
+    )
+    .unwrap();
+    let t = Instant::now();
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(Duration::from_secs(30)).unwrap();
+    let log = mwan.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("FLOWS resized from 1200000 to 2000000 entries, "))
+        .unwrap_or_else(|| panic!("{log}"));
+    println!("takeover in {:?}: {line}", t.elapsed());
+    let migrated: u64 = line
+        .split("entries, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(migrated >= FLOWS as u64, "{line}");
+    assert_eq!(mwan.status().flow_capacity, 2_000_000);
+    lab.host(1).tcp_whoami(TCP_WHOAMI).unwrap();
 }

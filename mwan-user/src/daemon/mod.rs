@@ -164,6 +164,7 @@ impl Daemon {
             Ok(()) => Ok(d),
             Err(e) => {
                 if inherited {
+                    d.dp.abort_migration();
                     error!("start failed; the inherited datapath is left running as it was");
                 } else {
                     error!("start failed; removing what was set up");
@@ -239,6 +240,9 @@ impl Daemon {
         self.sync_nft().await?;
         self.adopt_connections().await;
         self.attach_lans().await?;
+        // The old program is gone from every LAN: the maps it used and this
+        // start replaced (another size) can go.
+        self.dp.finish_migration();
         self.start_probers();
         Ok(())
     }
@@ -937,7 +941,12 @@ impl Daemon {
             ),
         ];
         if let Some((k, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            bail!("{k} changed: restart mwan to apply it (the running config is unchanged)");
+            let how = if k.starts_with("max_") {
+                " (`mwan stop`, then `mwan run`: the map is resized, no connection moves)"
+            } else {
+                ""
+            };
+            bail!("{k} changed: restart mwan to apply it{how} (the running config is unchanged)");
         }
         let pinned = self.dp.maps.names()?;
         // Keep ids of WANs that stay; new ones avoid every id in use.

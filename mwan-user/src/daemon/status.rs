@@ -225,6 +225,7 @@ impl Daemon {
             wans,
             flows_total: total,
             flows_counted_secs_ago: counted_ago,
+            flow_capacity: self.dp.flow_capacity,
             counters: {
                 let mut c: BTreeMap<String, u64> = datapath::COUNTER_NAMES
                     .iter()

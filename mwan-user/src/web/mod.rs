@@ -400,6 +400,7 @@ pub(crate) mod tests {
                 wans: vec![w1, w2],
                 flows_total: 3,
                 flows_counted_secs_ago: Some(0.5),
+                flow_capacity: 262_144,
                 counters,
                 events: Vec::new(),
             },
