@@ -2,17 +2,25 @@
 //! the name or one of its parent domains (`gov.br` covers `gov.br`,
 //! `www.gov.br`, `a.b.gov.br`).
 //!
-//! One hash map from listed name to the lowest index of the rules that list
-//! it; a lookup walks the name's suffixes (`www.gov.br`, `gov.br`, `br`):
-//! one hash probe per label, whatever the number of names listed.
+//! One hash map from listed name to the set of rules that list it (a 64-bit
+//! mask, bit *i* for rule *i*, as the datapath's `RULE_*` maps hold them);
+//! a lookup walks the name's suffixes (`www.gov.br`, `gov.br`, `br`): one
+//! hash probe per label, whatever the number of names listed.
+//!
+//! The mask of every rule a name belongs to is what the datapath needs: a
+//! learned address carries it, and the classifier ANDs it with the masks of
+//! the other keys, so the first rule that matches *all* its keys wins (rule
+//! 0 `gov.br` with `proto = "tcp"`, rule 1 `gov.br` for the rest).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use mwan_common::MAX_RULES;
+
 /// The rules' domain lists, ready for lookups.
 #[derive(Debug, Clone, Default)]
 pub struct DomainMatcher {
-    names: HashMap<Box<str>, u32>,
+    names: HashMap<Box<str>, u64>,
 }
 
 impl DomainMatcher {
@@ -37,14 +45,11 @@ impl DomainMatcher {
         m
     }
 
-    /// Lists `name` for rule `rule`; a name listed by several rules belongs
-    /// to the first.
+    /// Lists `name` for rule `rule` (below [`MAX_RULES`], which the config
+    /// enforces).
     pub fn insert(&mut self, name: &str, rule: usize) {
-        let rule = rule as u32;
-        self.names
-            .entry(name.into())
-            .and_modify(|r| *r = (*r).min(rule))
-            .or_insert(rule);
+        assert!(rule < MAX_RULES as usize, "rule index {rule} out of range");
+        *self.names.entry(name.into()).or_insert(0) |= 1 << rule;
     }
 
     /// Names listed (each once, whatever the number of rules listing it).
@@ -56,35 +61,56 @@ impl DomainMatcher {
         self.names.is_empty()
     }
 
-    /// The first rule whose list holds `name` or a parent of it, and the
-    /// listed name that matched. Case-insensitive; one trailing dot is
-    /// ignored.
-    pub fn lookup(&self, name: &str) -> Option<(usize, &str)> {
+    /// Calls `f` with each listed name that is `name` or a parent of it,
+    /// and its rules. Case-insensitive; one trailing dot is ignored.
+    fn each_suffix<'a>(&'a self, name: &str, mut f: impl FnMut(&'a str, u64)) {
         let name = name.strip_suffix('.').unwrap_or(name);
         let name: Cow<str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
             Cow::Owned(name.to_ascii_lowercase())
         } else {
             Cow::Borrowed(name)
         };
-        let mut best: Option<(u32, &str)> = None;
         let mut rest: &str = &name;
         loop {
-            if let Some((k, &r)) = self.names.get_key_value(rest) {
-                if best.is_none_or(|(b, _)| r < b) {
-                    best = Some((r, k));
-                }
+            if let Some((k, &mask)) = self.names.get_key_value(rest) {
+                f(k, mask);
             }
             match rest.split_once('.') {
                 Some((_, parent)) if !parent.is_empty() => rest = parent,
                 _ => break,
             }
         }
+    }
+
+    /// The rules (bit *i*: rule *i*) whose lists hold `name` or a parent.
+    pub fn rules(&self, name: &str) -> u64 {
+        let mut mask = 0;
+        self.each_suffix(name, |_, m| mask |= m);
+        mask
+    }
+
+    /// The rules matching any name of a CNAME chain (the question's name or
+    /// a target it led to).
+    pub fn chain_rules<S: AsRef<str>>(&self, chain: &[S]) -> u64 {
+        chain.iter().fold(0, |m, n| m | self.rules(n.as_ref()))
+    }
+
+    /// The first rule (config order) whose list holds `name` or a parent of
+    /// it, and the listed name that put it there.
+    pub fn lookup(&self, name: &str) -> Option<(usize, &str)> {
+        let mut best: Option<(u32, &str)> = None;
+        self.each_suffix(name, |k, mask| {
+            let r = mask.trailing_zeros();
+            if best.is_none_or(|(b, _)| r < b) {
+                best = Some((r, k));
+            }
+        });
         best.map(|(r, k)| (r as usize, k))
     }
 
-    /// The first rule matching any name of a CNAME chain (the question's
-    /// name or a target it led to), with the index of that name in the
-    /// chain and the listed name that matched.
+    /// The first rule matching any name of a CNAME chain, with the index of
+    /// that name in the chain and the listed name that matched (for `mwan
+    /// domains`: which name an address was learned through).
     pub fn lookup_chain<S: AsRef<str>>(&self, chain: &[S]) -> Option<(usize, usize, &str)> {
         chain
             .iter()
@@ -140,10 +166,26 @@ mod tests {
         assert_eq!(m.lookup("www.gov.br"), Some((0, "gov.br")));
         assert_eq!(m.lookup("gov.br"), Some((0, "gov.br")));
         assert_eq!(m.lookup("x.edu.br"), Some((3, "br")));
+        // Every rule a name belongs to, for the datapath's masks.
+        assert_eq!(m.rules("www.gov.br"), 0b1111);
+        assert_eq!(m.rules("gov.br"), 0b1101);
+        assert_eq!(m.rules("x.edu.br"), 0b1000);
+        assert_eq!(m.rules("example.org"), 0);
         let m = matcher(&[&["www.gov.br"], &["gov.br"]]);
         assert_eq!(m.lookup("a.www.gov.br"), Some((0, "www.gov.br")));
         assert_eq!(m.lookup("mail.gov.br"), Some((1, "gov.br")));
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn sixty_four_rules_fit_and_more_do_not() {
+        let mut m = DomainMatcher::new();
+        m.insert("example.com", 63);
+        m.insert("example.com", 0);
+        assert_eq!(m.rules("a.example.com"), 1 | 1 << 63);
+        assert_eq!(m.lookup("a.example.com"), Some((0, "example.com")));
+        let r = std::panic::catch_unwind(|| DomainMatcher::new().insert("example.com", 64));
+        assert!(r.is_err());
     }
 
     #[test]
@@ -154,6 +196,9 @@ mod tests {
         assert_eq!(m.lookup_chain(&chain[..2]), Some((1, 0, "gov.br")));
         assert_eq!(m.lookup_chain(&["other.example"]), None);
         assert_eq!(m.lookup_chain::<&str>(&[]), None);
+        assert_eq!(m.chain_rules(&chain), 0b11);
+        assert_eq!(m.chain_rules(&chain[..1]), 0b10);
+        assert_eq!(m.chain_rules::<&str>(&[]), 0);
     }
 
     /// 50,000 names: build time and lookup cost, printed (timings are not

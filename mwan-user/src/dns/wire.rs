@@ -242,6 +242,7 @@ pub fn parse_response(msg: &[u8]) -> Result<Response, WireError> {
     // The data of the answers used: CNAME targets and addresses.
     let mut cnames: HashMap<&str, (String, u32)> = HashMap::new();
     let mut addrs: Vec<(&str, IpAddr, u32)> = Vec::new();
+    let mut conflict = false;
     for a in &answers {
         let rdata = &msg[a.rdata.clone()];
         match a.rtype {
@@ -255,13 +256,14 @@ pub fn parse_response(msg: &[u8]) -> Result<Response, WireError> {
                     return Err(WireError::BadRdata);
                 }
                 if a.class == CLASS_IN {
-                    // Two CNAMEs for one name: nothing can be trusted.
-                    if cnames.insert(&a.owner, (target, a.ttl)).is_some() {
-                        return Ok(Response {
-                            header,
-                            question: None,
-                            learned: Vec::new(),
-                        });
+                    match cnames.get_mut(a.owner.as_str()) {
+                        None => {
+                            cnames.insert(&a.owner, (target, a.ttl));
+                        }
+                        // The same record twice: harmless.
+                        Some((t, ttl)) if *t == target => *ttl = (*ttl).min(a.ttl),
+                        // Two CNAMEs for one name: which is right is unknown.
+                        Some(_) => conflict = true,
                     }
                 }
             }
@@ -288,6 +290,7 @@ pub fn parse_response(msg: &[u8]) -> Result<Response, WireError> {
         && header.opcode == 0
         && !header.truncated
         && header.rcode == 0
+        && !conflict
         && question.is_some();
     let mut learned = Vec::new();
     if let (true, Some((qname, _))) = (usable, &question) {
@@ -564,7 +567,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn two_cnames_for_one_name_teach_nothing() {
+    fn two_different_cnames_for_one_name_teach_nothing() {
         let mut m = Msg::response(1, 1, 3, 0, 0);
         let q = m.question("a.example", TYPE_A);
         m.ptr(q);
@@ -573,6 +576,18 @@ pub(crate) mod tests {
         m.cname_ptr(300, "c", q + 2);
         m.ptr(b).rr(TYPE_A, 300, &[192, 0, 2, 1]);
         assert_eq!(learned(&m.0), vec![]);
+        // The same CNAME twice is only a repetition.
+        let mut m = Msg::response(1, 1, 3, 0, 0);
+        let q = m.question("a.example", TYPE_A);
+        m.ptr(q);
+        let b = m.cname_ptr(300, "b", q + 2);
+        m.ptr(q);
+        m.cname_ptr(100, "b", q + 2);
+        m.ptr(b).rr(TYPE_A, 200, &[192, 0, 2, 1]);
+        assert_eq!(
+            learned(&m.0),
+            vec![(v4("192.0.2.1"), chain(&["a.example", "b.example"]), 100)]
+        );
     }
 
     #[test]
