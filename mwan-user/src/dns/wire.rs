@@ -444,6 +444,45 @@ pub(crate) mod tests {
         );
     }
 
+    /// A response as a server writes it, spelled out byte by byte:
+    /// `www.example.com AAAA` → CNAME `example.com` (compressed to the
+    /// question's second label) → AAAA, with an OPT record.
+    #[test]
+    fn a_literal_answer() {
+        #[rustfmt::skip]
+        let msg: &[u8] = &[
+            0xab, 0xcd, 0x81, 0x80, 0x00, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01,
+            // 12: question www.example.com AAAA IN
+            3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c', b'o', b'm', 0,
+            0x00, 0x1c, 0x00, 0x01,
+            // 33: www.example.com CNAME example.com (pointer to 16), TTL 3600
+            0xc0, 0x0c, 0x00, 0x05, 0x00, 0x01, 0x00, 0x00, 0x0e, 0x10, 0x00, 0x02, 0xc0, 0x10,
+            // 47: example.com AAAA 2001:db8::e, TTL 600
+            0xc0, 0x10, 0x00, 0x1c, 0x00, 0x01, 0x00, 0x00, 0x02, 0x58, 0x00, 0x10,
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0e,
+            // OPT, UDP size 4096
+            0x00, 0x00, 0x29, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ];
+        let r = parse_response(msg).unwrap();
+        assert_eq!(r.header.id, 0xabcd);
+        assert_eq!(
+            (r.header.qdcount, r.header.ancount, r.header.arcount),
+            (1, 2, 1)
+        );
+        assert_eq!(r.question, Some(("www.example.com".into(), TYPE_AAAA)));
+        assert_eq!(
+            learned(msg),
+            vec![(
+                IpAddr::V6("2001:db8::e".parse().unwrap()),
+                chain(&["www.example.com", "example.com"]),
+                600
+            )]
+        );
+        for cut in 0..msg.len() {
+            assert!(parse_response(&msg[..cut]).is_err(), "{cut}");
+        }
+    }
+
     /// question → CNAME → CNAME → A, each target compressed against an
     /// earlier name, in order and shuffled; the TTL is the chain's minimum.
     #[test]
