@@ -842,6 +842,114 @@ pub(crate) mod tests {
         }
     }
 
+    /// Writes `name` compressed against what `written` records (full name:
+    /// a pointer; a written parent: the first labels and a pointer; else
+    /// spelled out), and records where each of its suffixes now is.
+    fn put_name(m: &mut Msg, name: &str, written: &mut HashMap<String, usize>) {
+        let labels: Vec<&str> = name.split('.').collect();
+        for i in 0..labels.len() {
+            let suffix = labels[i..].join(".");
+            if let Some(&at) = written.get(&suffix) {
+                m.ptr(at);
+                return;
+            }
+            written.insert(suffix, m.0.len());
+            m.0.push(labels[i].len() as u8);
+            m.0.extend_from_slice(labels[i].as_bytes());
+        }
+        m.0.push(0);
+    }
+
+    /// Random CNAME graphs and address records over a few names, shuffled
+    /// and compressed, against a model of what must be learned: the
+    /// addresses of the end of the chain from the question, with the
+    /// chain's minimum TTL; nothing for a loop, a fork or a chain too long.
+    #[test]
+    fn random_answers_match_the_model() {
+        const NAMES: [&str; 7] = [
+            "q.gov.br",
+            "a.gov.br",
+            "b.cdn.example",
+            "c.cdn.example",
+            "d.example",
+            "gov.br",
+            "x.q.gov.br",
+        ];
+        let mut rng = Rng(0x5eed);
+        let mut learned_some = 0;
+        for _ in 0..20_000 {
+            // (owner, kind, data, ttl): kind 0 CNAME to NAMES[data], 1 A.
+            let n = rng.below(9);
+            let recs: Vec<(usize, u8, usize, u32)> = (0..n)
+                .map(|_| {
+                    (
+                        rng.below(NAMES.len()),
+                        rng.below(2) as u8,
+                        rng.below(NAMES.len()),
+                        1 + rng.below(1000) as u32,
+                    )
+                })
+                .collect();
+            // The model.
+            let mut want = Vec::new();
+            let mut cn: HashMap<usize, (usize, u32)> = HashMap::new();
+            let mut fork = false;
+            for &(o, k, d, t) in &recs {
+                if k == 0 {
+                    match cn.get_mut(&o) {
+                        Some((d0, t0)) if *d0 == d => *t0 = (*t0).min(t),
+                        Some(_) => fork = true,
+                        None => {
+                            cn.insert(o, (d, t));
+                        }
+                    }
+                }
+            }
+            let mut path = vec![0usize];
+            let mut ttl = u32::MAX;
+            let mut ok = !fork;
+            while let Some(&(d, t)) = cn.get(path.last().unwrap()) {
+                if path.len() > MAX_CNAMES || path.contains(&d) {
+                    ok = false;
+                    break;
+                }
+                ttl = ttl.min(t);
+                path.push(d);
+            }
+            if ok {
+                for (i, &(o, k, d, t)) in recs.iter().enumerate() {
+                    if k == 1 && o == *path.last().unwrap() {
+                        let addr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, (i * 16 + d) as u8));
+                        let names = path.iter().map(|&p| NAMES[p].to_string()).collect();
+                        want.push((addr, names, ttl.min(t)));
+                    }
+                }
+            }
+            // The message.
+            let mut m = Msg::response(1, 1, n as u16, 0, 0);
+            let mut written = HashMap::new();
+            put_name(&mut m, NAMES[0], &mut written);
+            m.u16(TYPE_A).u16(CLASS_IN);
+            for (i, &(o, k, d, t)) in recs.iter().enumerate() {
+                put_name(&mut m, NAMES[o], &mut written);
+                if k == 0 {
+                    m.u16(TYPE_CNAME).u16(CLASS_IN).u32(t);
+                    let len_at = m.0.len();
+                    m.u16(0);
+                    put_name(&mut m, NAMES[d], &mut written);
+                    let len = (m.0.len() - len_at - 2) as u16;
+                    m.0[len_at..len_at + 2].copy_from_slice(&len.to_be_bytes());
+                } else {
+                    m.rr(TYPE_A, t, &[198, 51, 100, (i * 16 + d) as u8]);
+                }
+            }
+            let got = learned(&m.0);
+            learned_some += usize::from(!got.is_empty());
+            assert_eq!(got, want, "{recs:?}");
+        }
+        assert!(learned_some > 2000, "{learned_some}");
+    }
+
     /// Random messages and random mutations of valid ones: never a panic,
     /// and an address is only ever learned with a chain starting at the
     /// question's name and ending at an owner.
