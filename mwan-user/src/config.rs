@@ -1587,10 +1587,13 @@ impl Config {
             return Err(err(
                 KeyPath::from("rule").index(i).label(&r.name).key(key),
                 format!(
-                    "the {} names are valid, but steering by domain name is not supported by this version yet \
+                    "{} valid, but steering by domain name is not supported by this version yet \
                      (mwan does not learn their addresses from DNS answers), so the rule would never match; \
                      remove the rule or its domains for now",
-                    r.domains.len()
+                    match r.domains.len() {
+                        1 => "the name is".to_string(),
+                        n => format!("the {n} names are"),
+                    }
                 ),
             ));
         }
@@ -2375,6 +2378,7 @@ main = true
             .check_system(&|_| true)
             .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(22), "rule[1] (b).domains"));
+        assert!(e.reason.starts_with("the name is valid, but "), "{e}");
     }
 
     #[test]
