@@ -5,8 +5,9 @@
 //! a message naming the file, the line (found from toml_edit's spans), the
 //! key and the reason.
 //! [`Config::parse`] checks everything that can be checked from the text
-//! alone; [`Config::check_system`] checks it against the host's interfaces.
-//! Nothing here touches the host.
+//! alone (and the domains files rules name, which it reads);
+//! [`Config::check_system`] checks it against the host's interfaces.
+//! Nothing here changes the host.
 //!
 //! See `docs/CONFIG.md` for the reference.
 
@@ -20,6 +21,8 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use mwan_common::{MAX_RULES, MAX_WANS, WAN_NAME_LEN};
+
+use crate::dns::{config_name, DomainMatcher};
 
 /// A configuration error: where it is (`file`, `line`), which setting
 /// (`key`, a path such as `wan[1] (isp2).weight` or `rule[0].dst_ports`)
@@ -413,6 +416,13 @@ pub struct Rule {
     pub src_ports: Vec<PortRange>,
     pub dst_ports: Vec<PortRange>,
     pub lan_interfaces: Vec<String>,
+    /// Names whose addresses (learned from DNS answers) the rule matches,
+    /// each with all its subdomains: those of `domains`, then those of
+    /// `domains_file`, normalised (lowercase, no trailing dot, no `*.`),
+    /// each once. Empty: any destination.
+    pub domains: Vec<String>,
+    /// Where part of `domains` was read from (re-read on every load).
+    pub domains_file: Option<PathBuf>,
     pub action: Action,
 }
 
@@ -564,6 +574,8 @@ struct RawRule {
     src_ports: Option<Vec<IntOrString>>,
     dst_ports: Option<Vec<IntOrString>>,
     lan_interface: Option<OneOrMany<String>>,
+    domains: Option<OneOrMany<String>>,
+    domains_file: Option<PathBuf>,
     wans: Option<Vec<String>>,
     balance: Option<Vec<String>>,
     main: Option<bool>,
@@ -697,6 +709,8 @@ impl RawConfig {
                 src_ports: get(r, at, "src_ports", PORTS)?,
                 dst_ports: get(r, at, "dst_ports", PORTS)?,
                 lan_interface: get(r, at, "lan_interface", STRINGS)?,
+                domains: get(r, at, "domains", "a domain name or a list of them")?,
+                domains_file: get(r, at, "domains_file", "a path")?,
                 wans: get(r, at, "wans", WAN_NAMES)?,
                 balance: get(r, at, "balance", WAN_NAMES)?,
                 main: get(r, at, "main", BOOL)?,
@@ -756,6 +770,8 @@ const RULE_KEYS: &[&str] = &[
     "src_ports",
     "dst_ports",
     "lan_interface",
+    "domains",
+    "domains_file",
     "wans",
     "balance",
     "main",
@@ -914,6 +930,85 @@ fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<Ipv4Net
                 .map_err(|_| err(key, format!("`{s}` is not an IPv4 address or CIDR")))
         })
         .collect()
+}
+
+/// The names of a rule's `domains` list, normalised, each once.
+fn parse_domains(
+    at: &KeyPath,
+    items: Vec<String>,
+    out: &mut Vec<String>,
+    seen: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    let key = at.key("domains");
+    if items.is_empty() {
+        return Err(err(key, "is empty; leave the key out to match any name"));
+    }
+    for (j, item) in items.iter().enumerate() {
+        let name = config_name(item).map_err(|e| err(key.index(j), e.0))?;
+        if seen.insert(name.clone()) {
+            out.push(name);
+        }
+    }
+    Ok(())
+}
+
+/// Largest domains file read (about 8 million names of 16 characters).
+const MAX_DOMAINS_FILE: u64 = 128 << 20;
+
+/// Reads a domains file: one name per line, `#` starts a comment, blank
+/// lines are skipped. An error names the file and its line.
+fn read_domains_file(
+    path: &Path,
+    out: &mut Vec<String>,
+    seen: &mut HashSet<String>,
+) -> Result<(), String> {
+    let at = path.display();
+    if !path.is_absolute() {
+        return Err(format!("`{at}` must be an absolute path"));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {at}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{at} is not a regular file"));
+    }
+    if meta.len() > MAX_DOMAINS_FILE {
+        return Err(format!(
+            "{at} is {} bytes; at most {MAX_DOMAINS_FILE} are read",
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {at}: {e}"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let bad = e.valid_up_to();
+        format!(
+            "{at}:{}: not UTF-8 text: byte {bad} (0x{:02x}) is not valid UTF-8",
+            line_of(&bytes, bad),
+            bytes[bad]
+        )
+    })?;
+    let mut listed = 0;
+    for (i, line) in text.lines().enumerate() {
+        let entry = line.split_once('#').map_or(line, |(e, _)| e).trim();
+        if entry.is_empty() {
+            continue;
+        }
+        if entry.contains(char::is_whitespace) {
+            return Err(format!(
+                "{at}:{}: \"{entry}\": write one name per line",
+                i + 1
+            ));
+        }
+        let name = config_name(entry).map_err(|e| format!("{at}:{}: {e}", i + 1))?;
+        listed += 1;
+        if seen.insert(name.clone()) {
+            out.push(name);
+        }
+    }
+    if listed == 0 {
+        return Err(format!(
+            "{at} lists no domain names (one per line; `#` starts a comment)"
+        ));
+    }
+    Ok(())
 }
 
 struct HealthDefaults<'a> {
@@ -1427,6 +1522,15 @@ impl Config {
                     ));
                 }
             }
+            let mut domains = Vec::new();
+            let mut seen_domains = HashSet::new();
+            if let Some(items) = r.domains {
+                parse_domains(&at, items.into_vec(), &mut domains, &mut seen_domains)?;
+            }
+            if let Some(path) = &r.domains_file {
+                read_domains_file(path, &mut domains, &mut seen_domains)
+                    .map_err(|e| err(at.key("domains_file"), e))?;
+            }
             rules.push(Rule {
                 name,
                 protos,
@@ -1435,6 +1539,8 @@ impl Config {
                 src_ports,
                 dst_ports,
                 lan_interfaces: lan_ifaces,
+                domains,
+                domains_file: r.domains_file,
                 action,
             });
         }
@@ -1464,7 +1570,9 @@ impl Config {
     /// Checks the config against the host: every LAN interface must exist;
     /// a WAN interface must exist unless its gateway is `auto` (a PPP or
     /// DHCP link that may appear later). `exists` answers whether an
-    /// interface exists.
+    /// interface exists. Rules by domain name are refused here: they are
+    /// parsed and validated, but this version does not learn the names'
+    /// addresses yet, and a rule that silently never matches would mislead.
     pub fn check_system(&self, exists: &dyn Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
         self.check_system_unlocated(exists)
             .map_err(|e| self.source.place(e))
@@ -1475,6 +1583,27 @@ impl Config {
         exists: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<String>, ConfigError> {
         let mut warnings = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.domains.is_empty() {
+                continue;
+            }
+            let key = match r.domains_file {
+                Some(_) => "domains_file",
+                None => "domains",
+            };
+            return Err(err(
+                KeyPath::from("rule").index(i).label(&r.name).key(key),
+                format!(
+                    "{} valid, but steering by domain name is not supported by this version yet \
+                     (mwan does not learn their addresses from DNS answers), so the rule would never match; \
+                     remove the rule or its domains for now",
+                    match r.domains.len() {
+                        1 => "the name is".to_string(),
+                        n => format!("the {n} names are"),
+                    }
+                ),
+            ));
+        }
         for (i, l) in self.lan_interfaces.iter().enumerate() {
             if !exists(l) {
                 return Err(err(
@@ -1502,6 +1631,12 @@ impl Config {
             }
         }
         Ok(warnings)
+    }
+
+    /// The rules' domain names, for finding the first rule a name belongs to
+    /// (rule indexes are those of `rules`).
+    pub fn domain_matcher(&self) -> DomainMatcher {
+        DomainMatcher::from_rules(self.rules.iter().map(|r| &r.domains))
     }
 
     pub fn wan(&self, name: &str) -> Option<&Wan> {
@@ -2018,6 +2153,256 @@ main = true
         assert!(rule("proto = \"icmp\"\ndst_ports = [1]\nwans = [\"isp1\"]")
             .reason
             .contains("icmp"));
+    }
+
+    /// A scratch directory for one test, removed when dropped.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("mwan-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir).unwrap();
+            Scratch(dir)
+        }
+        fn write(&self, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn domain_rule(body: &str) -> String {
+        format!("{MIN}\n[[rule]]\nname = \"gov\"\n{body}\n")
+    }
+
+    #[test]
+    fn domain_rules_parse_with_every_match_key_and_action() {
+        let text = format!(
+            r#"{MIN}
+[[rule]]
+name = "government via fibre"
+domains = ["gov.br", "*.Edu.BR.", "blogspot.com", "www.gov.br", "gov.br."]
+proto = "tcp"
+dst_ports = [443]
+src = "192.0.2.0/25"
+lan_interface = "lan0"
+wans = ["isp1", "isp2"]
+
+[[rule]]
+domains = "example.com"
+balance = ["isp2"]
+
+[[rule]]
+domains = ["intranet.example"]
+main = true
+"#
+        );
+        let c = Config::parse(&text).unwrap();
+        let r = &c.rules[0];
+        assert_eq!(
+            r.domains,
+            ["gov.br", "edu.br", "blogspot.com", "www.gov.br"]
+        );
+        assert_eq!(r.domains_file, None);
+        assert_eq!(r.protos, [Proto::Tcp]);
+        assert_eq!(r.dst_ports.len(), 1);
+        assert_eq!(r.src.len(), 1);
+        assert_eq!(r.lan_interfaces, ["lan0"]);
+        assert_eq!(c.rules[1].domains, ["example.com"]);
+        assert_eq!(c.rules[1].action, Action::Balance(vec!["isp2".into()]));
+        assert_eq!(c.rules[2].action, Action::Main);
+        // Rules without domains have none.
+        assert!(Config::parse(&format!(
+            "{MIN}\n[[rule]]\ndst_ports = [25]\nwans = [\"isp1\"]\n"
+        ))
+        .unwrap()
+        .rules[0]
+            .domains
+            .is_empty());
+        let m = c.domain_matcher();
+        assert_eq!(m.lookup("x.www.gov.br").map(|(r, _)| r), Some(0));
+        assert_eq!(m.lookup("www.example.com").map(|(r, _)| r), Some(1));
+        assert_eq!(m.lookup("intranet.example.").map(|(r, _)| r), Some(2));
+        assert_eq!(m.lookup("example.org"), None);
+    }
+
+    #[test]
+    fn bad_domains_name_the_line_and_the_item() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "domains = [\"gov.br\", \"foo..bar\"]\nwans = [\"isp1\"]",
+                "line 18: rule[0] (gov).domains[1]: \"foo..bar\" is not a domain name: it has an empty label",
+            ),
+            (
+                "domains = [\n  \"gov.br\",\n  \"bücher.de\",\n]\nwans = [\"isp1\"]",
+                "line 20: rule[0] (gov).domains[1]: \"bücher.de\" is not a domain name: it is not ASCII; write internationalised names in their xn-- (punycode) form",
+            ),
+            (
+                "domains = []\nwans = [\"isp1\"]",
+                "line 18: rule[0] (gov).domains: is empty; leave the key out to match any name",
+            ),
+            (
+                "domains = [1]\nwans = [\"isp1\"]",
+                "line 18: rule[0] (gov).domains: must be a domain name or a list of them, not [1]",
+            ),
+            (
+                "domains = [\"gov.br\"]",
+                "line 16: rule[0] (gov): has no action",
+            ),
+            (
+                "domain = [\"gov.br\"]\nwans = [\"isp1\"]",
+                "line 18: rule[0].domain: unknown key (did you mean `domains`?)",
+            ),
+            (
+                "domains_file = \"gov.list\"\nwans = [\"isp1\"]",
+                "line 18: rule[0] (gov).domains_file: `gov.list` must be an absolute path",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = parse_err(&domain_rule(body)).to_string();
+            assert!(e.starts_with(want), "{body:?}:\n got: {e}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn domains_files_are_read_and_errors_name_both_lines() {
+        let dir = Scratch::new("domains");
+        let list = dir.write(
+            "gov.list",
+            "# government\r\ngov.br\r\n\n  *.edu.br   # universities\nGOV.BR.\n\tblogspot.com\n",
+        );
+        let config = dir.write(
+            "mwan.toml",
+            domain_rule(&format!(
+                "domains = [\"example.com\", \"gov.br\"]\ndomains_file = \"{}\"\nwans = [\"isp1\"]",
+                list.display()
+            )),
+        );
+        let c = Config::load(&config).unwrap();
+        assert_eq!(
+            c.rules[0].domains,
+            ["example.com", "gov.br", "edu.br", "blogspot.com"]
+        );
+        assert_eq!(c.rules[0].domains_file.as_deref(), Some(list.as_path()));
+        // Read again on every load (a reload).
+        std::fs::write(&list, "gov.br\nfoo..bar\n").unwrap();
+        let (file, at) = (config.display(), list.display());
+        assert_eq!(
+            Config::load(&config).unwrap_err().to_string(),
+            format!(
+                "{file}:19: rule[0] (gov).domains_file: {at}:2: \"foo..bar\" is not a domain name: \
+                 it has an empty label (two dots in a row, or a dot at the start)"
+            )
+        );
+        let cases: &[(&[u8], String)] = &[
+            (
+                b"a.example b.example\n",
+                format!("{at}:1: \"a.example b.example\": write one name per line"),
+            ),
+            (b"# nothing\n\n", format!("{at} lists no domain names")),
+            (
+                b"ok.example\n\xff.example\n",
+                format!("{at}:2: not UTF-8 text: byte 11 (0xff)"),
+            ),
+            (
+                b"ok.example\n10.0.0.1\n",
+                format!("{at}:2: \"10.0.0.1\" is not a domain name: it looks like an address"),
+            ),
+        ];
+        for (text, want) in cases {
+            std::fs::write(&list, text).unwrap();
+            let e = Config::load(&config).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (Some(19), "rule[0] (gov).domains_file")
+            );
+            assert!(
+                e.reason.starts_with(want.as_str()),
+                "got: {e}\nwant: {want}"
+            );
+        }
+        std::fs::remove_file(&list).unwrap();
+        let e = Config::load(&config).unwrap_err();
+        assert!(e.reason.starts_with(&format!("cannot read {at}: ")), "{e}");
+        // A directory (or a device) is not read.
+        std::fs::create_dir(&list).unwrap();
+        let e = Config::load(&config).unwrap_err();
+        assert_eq!(e.reason, format!("{at} is not a regular file"));
+    }
+
+    /// 50,000 names in a file: loaded, and the load time printed (not
+    /// asserted; `cargo test --release -p mwan-user domains -- --nocapture`).
+    #[test]
+    fn fifty_thousand_domains_load() {
+        let dir = Scratch::new("domains50k");
+        let text: String = (0..50_000)
+            .map(|i| format!("site-{i}.zone{}.example.br\n", i % 211))
+            .collect();
+        let list = dir.write("big.list", &text);
+        let config = dir.write(
+            "mwan.toml",
+            domain_rule(&format!(
+                "domains_file = \"{}\"\nwans = [\"isp1\"]",
+                list.display()
+            )),
+        );
+        let t = std::time::Instant::now();
+        let c = Config::load(&config).unwrap();
+        let load = t.elapsed();
+        let t = std::time::Instant::now();
+        let m = c.domain_matcher();
+        let build = t.elapsed();
+        assert_eq!(c.rules[0].domains.len(), 50_000);
+        assert_eq!(m.len(), 50_000);
+        assert_eq!(
+            m.lookup("www.site-49999.zone203.example.br")
+                .map(|(r, _)| r),
+            Some(0)
+        );
+        println!(
+            "domains_file: 50,000 names ({} KiB) parsed and validated in {load:?}; matcher built in {build:?}",
+            text.len() / 1024
+        );
+    }
+
+    #[test]
+    fn domain_rules_are_refused_until_steering_exists() {
+        let c = Config::parse(&domain_rule(
+            "proto = \"tcp\"\ndomains = [\"gov.br\", \"edu.br\"]\nwans = [\"isp1\"]",
+        ))
+        .unwrap();
+        let e = c.check_system(&|_| true).unwrap_err().to_string();
+        assert!(
+            e.starts_with("line 19: rule[0] (gov).domains: the 2 names are valid, but steering by domain name is not supported by this version yet"),
+            "{e}"
+        );
+        // Any rule with domains, not only the first.
+        let text = format!(
+            "{MIN}\n[[rule]]\ndst_ports = [25]\nwans = [\"isp1\"]\n\n[[rule]]\nname = \"b\"\ndomains = \"example.com\"\nmain = true\n"
+        );
+        let e = Config::parse(&text)
+            .unwrap()
+            .check_system(&|_| true)
+            .unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(22), "rule[1] (b).domains"));
+        assert!(e.reason.starts_with("the name is valid, but "), "{e}");
+    }
+
+    #[test]
+    fn domain_rules_count_toward_the_rule_limit() {
+        let rule = "\n[[rule]]\ndomains = [\"example.com\"]\nwans = [\"isp1\"]\n";
+        let at_limit = format!("{MIN}{}", rule.repeat(MAX_RULES as usize));
+        assert_eq!(
+            Config::parse(&at_limit).unwrap().rules.len(),
+            MAX_RULES as usize
+        );
+        let over = format!("{MIN}{}", rule.repeat(MAX_RULES as usize + 1));
+        assert_eq!(parse_err(&over).key, "rule");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod health;
 pub mod hooks;
 pub mod logfield;

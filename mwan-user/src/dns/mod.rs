@@ -1,0 +1,18 @@
+//! DNS pieces for rules by domain name (`domains`, `domains_file`).
+//!
+//! mwan will learn the addresses of the names a rule lists from the DNS
+//! answers LAN clients receive, and steer connections to them (see "Domain
+//! rules" in docs/ARCHITECTURE.md). This module holds the parts that need no
+//! packet path: the answer parser ([`wire`]), the TCP framing of DNS
+//! ([`tcp`]), the name syntax of the config ([`name`]) and the first-rule
+//! suffix matcher ([`suffix`]). All of it is pure and bounded: any input,
+//! however malformed, is refused or ignored, never a panic.
+pub mod name;
+pub mod suffix;
+pub mod tcp;
+pub mod wire;
+
+pub use name::{config_name, NameError};
+pub use suffix::DomainMatcher;
+pub use tcp::{frame, Deframer};
+pub use wire::{parse_response, Learned, Response, WireError};
