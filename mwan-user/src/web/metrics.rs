@@ -12,7 +12,7 @@ use crate::web::history::unix_secs;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The datapath's global counters (`Status::counters` keys) as families.
-const DATAPATH: [(&str, &str, &str); 9] = [
+const DATAPATH: [(&str, &str, &str); 11] = [
     (
         "new_flows",
         "mwan_datapath_new_pins_total",
@@ -36,7 +36,7 @@ const DATAPATH: [(&str, &str, &str); 9] = [
     (
         "midstream_unpinned",
         "mwan_datapath_midstream_unpinned_total",
-        "First packets of TCP flows that were not a SYN, left to the main table.",
+        "First packets of TCP flows that were not a SYN, left to the WAN recorded in conntrack or the main table.",
     ),
     (
         "no_wan",
@@ -51,12 +51,22 @@ const DATAPATH: [(&str, &str, &str); 9] = [
     (
         "not_ipv4",
         "mwan_datapath_not_ipv4_packets_total",
-        "Packets that were not IPv4 or could not be parsed (passed unchanged).",
+        "Packets the classifier leaves alone: not IPv4 (IPv6, ARP, VLAN-tagged), or ICMP other than echo requests.",
     ),
     (
         "premarked",
         "mwan_datapath_premarked_packets_total",
-        "Packets that already carried an mwan mark (replies of inbound connections).",
+        "First packets of flows that already carried an mwan mark (br_netfilter: restored from conntrack).",
+    ),
+    (
+        "malformed",
+        "mwan_datapath_malformed_packets_total",
+        "IPv4 frames with invalid or truncated headers (never pinned).",
+    ),
+    (
+        "fragments",
+        "mwan_datapath_fragments_total",
+        "Non-first IPv4 fragments (never pinned; conntrack reassembles them).",
     ),
 ];
 
@@ -219,7 +229,17 @@ pub fn render(s: &Snapshot) -> String {
     );
     o.sample("mwan_flows", &[], st.flows_total as f64);
     o.family("mwan_flows_max", "gauge", "Capacity of the flow map (max_flows); when full, the least recently used pins are evicted.");
-    o.sample("mwan_flows_max", &[], f64::from(s.max_flows));
+    o.sample("mwan_flows_max", &[], f64::from(st.flow_capacity));
+    o.family(
+        "mwan_datapath_evicted_pins",
+        "gauge",
+        "Pins made that the flow map no longer holds (new pins minus pinned flows, as of the background count): evicted by the LRU map or deleted by hand.",
+    );
+    o.sample(
+        "mwan_datapath_evicted_pins",
+        &[],
+        st.counters.get("evicted_pins").copied().unwrap_or(0) as f64,
+    );
     if let Some(age) = st.flows_counted_secs_ago {
         o.family(
             "mwan_flows_count_age_seconds",
