@@ -343,6 +343,11 @@ pub struct Wan {
     pub weight: u32,
     pub tier: u32,
     pub nat: bool,
+    /// Source address for forwarded connections leaving this WAN, instead
+    /// of masquerading to the interface's primary address: the public
+    /// address an HA pair shares as a VRRP virtual address, so a
+    /// connection keeps its address when the other router takes it over.
+    pub snat_address: Option<Ipv4Addr>,
     /// `false`: the WAN is `disabled` (no flows, no probes).
     pub enabled: bool,
     pub health: HealthConfig,
@@ -552,6 +557,7 @@ struct RawWan {
     weight: Option<i64>,
     tier: Option<i64>,
     nat: Option<bool>,
+    snat_address: Option<String>,
     enabled: Option<bool>,
     health: RawHealth,
 }
@@ -683,6 +689,7 @@ impl RawConfig {
                 weight: get(w, at, "weight", INT)?,
                 tier: get(w, at, "tier", INT)?,
                 nat: get(w, at, "nat", BOOL)?,
+                snat_address: get(w, at, "snat_address", "an IPv4 address (a string)")?,
                 enabled: get(w, at, "enabled", BOOL)?,
                 health: RawHealth::read(w, at)?,
             });
@@ -746,6 +753,7 @@ const WAN_KEYS: &[&str] = &[
     "weight",
     "tier",
     "nat",
+    "snat_address",
     "enabled",
 ];
 const RULE_KEYS: &[&str] = &[
@@ -1311,13 +1319,32 @@ impl Config {
             let weight = int_in(at.key("weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
             let tier = int_in(at.key("tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
             let health = defaults.resolve(&w.health, &at)?;
+            let nat = w.nat.unwrap_or(true);
+            let snat_address = match w.snat_address.as_deref() {
+                None => None,
+                Some(s) => {
+                    let key = at.key("snat_address");
+                    let a: Ipv4Addr = s
+                        .parse()
+                        .map_err(|_| err(key.clone(), format!("`{s}` is not an IPv4 address")))?;
+                    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback()
+                    {
+                        return Err(err(key, format!("`{a}` cannot be a source address")));
+                    }
+                    if !nat {
+                        return Err(err(key, "needs `nat = true` (it replaces masquerading)"));
+                    }
+                    Some(a)
+                }
+            };
             wans.push(Wan {
                 name,
                 interface,
                 gateway,
                 weight,
                 tier,
-                nat: w.nat.unwrap_or(true),
+                nat,
+                snat_address,
                 enabled: w.enabled.unwrap_or(true),
                 health,
             });
@@ -1799,6 +1826,16 @@ gateway = "auto"
                 "gateway = \"100.64.1.1\"",
                 "gateway = \"100.64.1\"",
                 "line 8: wan[0] (isp1).gateway: `100.64.1` is not an IPv4 address or \"auto\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nsnat_address = \"100.64.1\"",
+                "line 10: wan[0] (isp1).snat_address: `100.64.1` is not an IPv4 address",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nnat = false\nsnat_address = \"100.64.1.2\"",
+                "line 11: wan[0] (isp1).snat_address: needs `nat = true` (it replaces masquerading)",
             ),
             (
                 "interface = \"wan2\"",

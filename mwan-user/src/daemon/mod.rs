@@ -493,6 +493,7 @@ impl Daemon {
                 interface: w.cfg.interface.clone(),
                 mark: w.mark,
                 nat: w.cfg.nat,
+                snat: w.cfg.snat_address,
             })
             .collect();
         let refuse: &[String] = if self.refusing() {
