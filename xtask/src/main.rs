@@ -170,11 +170,23 @@ fn ensure_bpf_toolchain() -> Result<()> {
 const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")];
 
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
-/// Chromium, for the metrics endpoint and status page tests.
-const TEST_TOOLS: [(&str, &str); 3] = [
+/// Chromium, for the metrics endpoint and status page tests; keepalived,
+/// conntrackd and conntrack for the HA pair tests.
+const TEST_TOOLS: [(&str, &str); 6] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
+    ("keepalived", "keepalived"),
+    ("conntrackd", "conntrackd"),
+    ("conntrack", "conntrack"),
+];
+
+/// Packages whose system service the tests must not have running: they
+/// start their own instances inside lab namespaces.
+const TEST_SERVICES: [(&str, &str); 3] = [
+    ("prometheus", "prometheus.service"),
+    ("keepalived", "keepalived.service"),
+    ("conntrackd", "conntrackd.service"),
 ];
 
 fn ensure_runtime_tools() -> Result<()> {
@@ -201,13 +213,15 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
         bail!("missing runtime tools: install {}", missing.join(" "));
     }
     without_service_starts(|| apt_install(&missing))?;
-    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
-        // The package enables its service for the next boot; the tests
-        // start their own Prometheus in a lab namespace.
-        println!("xtask: disabling prometheus.service (installed for the tests only)");
-        let _ = Command::new("systemctl")
-            .args(["disable", "--now", "--quiet", "prometheus.service"])
-            .status();
+    for (pkg, service) in TEST_SERVICES {
+        if missing.contains(&pkg) && Path::new("/run/systemd/system").exists() {
+            // The package enables its service for the next boot; the tests
+            // start their own instances in lab namespaces.
+            println!("xtask: disabling {service} (installed for the tests only)");
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "--quiet", service])
+                .status();
+        }
     }
     Ok(())
 }

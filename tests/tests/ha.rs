@@ -1,0 +1,263 @@
+//! An HA pair of mwan routers with the real keepalived and conntrackd
+//! (issue 14): the standby takes over every connection on its WAN, from
+//! the same public address, when the active router dies; the failed router
+//! returns as standby; an ISP failure is seen by both.
+//!
+//! Needs root, keepalived, conntrackd and conntrack (`cargo xtask test`
+//! installs them).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lab::ha::{holds_gateway, HaDaemons, HaSpec};
+use lab::mwan::{config_with, for_ha_router, shares, Mwan};
+use lab::*;
+
+const DOWNLOADS: usize = 20;
+const HOSTS: usize = 4;
+
+/// The pair's mwan config: every WAN's forwarded connections leave from
+/// the ISP's single public address, the VRRP address on that WAN.
+fn pair_config(lab: &Lab, k: usize) -> String {
+    let text = config_with(
+        lab,
+        "",
+        &|i| format!("snat_address = \"{}\"", lab.isp(i).router_addr().addr()),
+        "",
+    );
+    for_ha_router(lab, &text, k)
+}
+
+fn public_addresses(lab: &Lab) -> Vec<Ipv4Addr> {
+    (1..=lab.isp_count())
+        .map(|i| lab.isp(i).router_addr().addr())
+        .collect()
+}
+
+/// The TCP conntrack entries of router `k` to the stream port, one line
+/// each (`conntrack -L`).
+fn stream_entries(lab: &Lab, k: usize) -> Vec<String> {
+    let out = lab
+        .ha_router(k)
+        .exec(&[
+            "conntrack",
+            "-L",
+            "-p",
+            "tcp",
+            "--dport",
+            &STREAM_PORT.to_string(),
+        ])
+        .expect("conntrack -L");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("ESTABLISHED"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// New connections from a host, one every 50 ms, each bounded by 300 ms:
+/// when each succeeded, from which address.
+struct Prober {
+    stop: AtomicBool,
+    ok: Mutex<Vec<(Instant, SocketAddrV4)>>,
+}
+
+impl Prober {
+    fn run(&self, host: &Netns) {
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Ok(seen) = host.tcp_whoami_within(TCP_WHOAMI, Duration::from_millis(300)) {
+                self.ok.lock().unwrap().push((Instant::now(), seen));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn first_after(&self, t: Instant) -> Option<Duration> {
+        self.ok
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, _)| *at > t)
+            .map(|(at, _)| *at - t)
+    }
+}
+
+/// Waits until every stream has received `more` bytes beyond `from`
+/// (their byte counts at some earlier moment); panics naming the ones
+/// that stalled or ended.
+fn wait_streams_flow(streams: &[Stream], from: &[u64], more: u64, what: &str) {
+    let flowing = wait_until(Duration::from_secs(15), || {
+        streams.iter().zip(from).all(|(s, b)| s.bytes() >= b + more)
+    });
+    let stalled: Vec<String> = streams
+        .iter()
+        .zip(from)
+        .enumerate()
+        .filter(|(_, (s, b))| s.bytes() < *b + more || s.end().is_some())
+        .map(|(j, (s, b))| format!("#{j} {} +{} {:?}", s.source(), s.bytes() - b, s.end()))
+        .collect();
+    assert!(
+        flowing && stalled.is_empty(),
+        "{what}: stalled downloads: {stalled:?}"
+    );
+}
+
+#[test]
+fn standby_continues_every_download_from_the_same_address() {
+    let lab = Lab::builder()
+        .ha_pair()
+        .lan_hosts(HOSTS + 1)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    let spec = HaSpec::default();
+    let mut mwan_a = Mwan::start_on(&lab, 0, &pair_config(&lab, 0), &[], &[]).unwrap();
+    let mwan_b = Mwan::start_on(&lab, 1, &pair_config(&lab, 1), &[], &[]).unwrap();
+    // Health is per router: each probes through its own addresses.
+    mwan_a.wait_all_up(Duration::from_secs(10)).unwrap();
+    mwan_b.wait_all_up(Duration::from_secs(10)).unwrap();
+    // Both routers record a WAN under the same mark.
+    let ids = |m: &Mwan| {
+        m.status()
+            .wans
+            .into_iter()
+            .map(|w| (w.name, w.id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&mwan_a), ids(&mwan_b));
+
+    let mut ha_a = HaDaemons::start(&lab, 0, &spec, Some(&mwan_a.config)).unwrap();
+    let ha_b = HaDaemons::start(&lab, 1, &spec, Some(&mwan_b.config)).unwrap();
+    assert!(
+        ha_a.wait_master(Duration::from_secs(15)),
+        "router 0 did not become master\n{}{}",
+        ha_a.logs(),
+        ha_b.logs()
+    );
+    assert!(!holds_gateway(&lab, 1));
+
+    // 20 long downloads through the active router, from the public
+    // addresses, over both WANs.
+    let streams: Vec<Stream> = (0..DOWNLOADS)
+        .map(|j| {
+            lab.host(j % HOSTS)
+                .open_stream(STREAM)
+                .expect("download starts")
+        })
+        .collect();
+    let public = public_addresses(&lab);
+    for s in &streams {
+        assert!(
+            public.contains(s.source().ip()),
+            "{} is no public address",
+            s.source()
+        );
+    }
+    let sources: Vec<SocketAddrV4> = streams.iter().map(Stream::source).collect();
+    let share = shares(&lab, &sources);
+    assert_eq!(share.len(), 2, "both WANs carry downloads: {share:?}");
+
+    // The standby holds every download's entry, with its NAT binding and
+    // the ct mark naming its WAN.
+    let synced = wait_until(Duration::from_secs(10), || {
+        stream_entries(&lab, 1).len() >= DOWNLOADS
+    });
+    let entries = stream_entries(&lab, 1);
+    assert!(
+        synced,
+        "standby has {} of {DOWNLOADS} downloads\n{}",
+        entries.len(),
+        ha_b.logs()
+    );
+    for e in &entries {
+        assert!(
+            public.iter().any(|p| e.contains(&format!("dst={p} ")))
+                && e.contains("mark=")
+                && !e.contains("mark=0 "),
+            "entry without NAT binding or WAN mark: {e}"
+        );
+    }
+
+    let prober = Prober {
+        stop: AtomicBool::new(false),
+        ok: Mutex::new(Vec::new()),
+    };
+    thread::scope(|scope| {
+        scope.spawn(|| prober.run(lab.host(HOSTS)));
+        assert!(wait_until(Duration::from_secs(5), || prober
+            .ok
+            .lock()
+            .unwrap()
+            .len()
+            >= 3));
+
+        // The active router dies.
+        let before: Vec<u64> = streams.iter().map(Stream::bytes).collect();
+        let died = Instant::now();
+        ha_a.power_off().unwrap();
+        mwan_a.forget();
+        assert!(
+            ha_b.wait_master(Duration::from_secs(10)),
+            "standby did not take over\n{}",
+            ha_b.logs()
+        );
+        let vip_moved = died.elapsed();
+        let new_conn = wait_until(Duration::from_secs(10), || {
+            prober.first_after(died).is_some()
+        });
+        assert!(new_conn, "no new connection through the new active router");
+        let new_conn = prober.first_after(died).unwrap();
+        wait_streams_flow(&streams, &before, 2 * STREAM_PACE, "after the takeover");
+        let gaps: Vec<Duration> = streams.iter().map(Stream::max_gap).collect();
+        let max_gap = gaps.iter().max().unwrap();
+        println!(
+            "router failover: gateway address moved after {:.0} ms, first new connection after {:.0} ms, longest download stall {:.0} ms",
+            vip_moved.as_secs_f64() * 1e3,
+            new_conn.as_secs_f64() * 1e3,
+            max_gap.as_secs_f64() * 1e3
+        );
+
+        // New connections are balanced over both WANs by weight.
+        let seen: Vec<SocketAddrV4> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 40, 8)
+            .into_iter()
+            .map(|r| r.expect("new connection through the new active router"))
+            .collect();
+        let share = shares(&lab, &seen);
+        assert!(
+            share.len() == 2 && share.values().all(|s| *s > 0.2),
+            "new connections over both WANs: {share:?}"
+        );
+        for s in &seen {
+            assert!(public.contains(s.ip()), "{s} is no public address");
+        }
+
+        // The failed router returns (a reboot: mwan's state is gone) and
+        // becomes the standby; nothing breaks.
+        let out = mwan_a.cli(&["stop", "--teardown"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        ha_a.boot(&spec, Some(&mwan_a.config)).unwrap();
+        mwan_a.launch(&[]).unwrap();
+        mwan_a.wait_all_up(Duration::from_secs(10)).unwrap();
+        let resynced = wait_until(Duration::from_secs(15), || {
+            stream_entries(&lab, 0).len() >= DOWNLOADS
+        });
+        assert!(
+            resynced,
+            "returned router has {} of {DOWNLOADS} downloads\n{}",
+            stream_entries(&lab, 0).len(),
+            ha_a.logs()
+        );
+        assert!(holds_gateway(&lab, 1) && !holds_gateway(&lab, 0));
+        let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
+        wait_streams_flow(&streams, &now, STREAM_PACE, "after the return");
+
+        prober.stop.store(true, Ordering::Relaxed);
+    });
+    for (j, s) in streams.into_iter().enumerate() {
+        let r = s.close();
+        assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
+    }
+}
