@@ -261,3 +261,53 @@ fn standby_continues_every_download_from_the_same_address() {
         assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
     }
 }
+
+/// An ISP fails while the pair runs: both routers see it (health is per
+/// router), the active one moves new connections to the other ISP and
+/// stays active; both take the ISP back when it recovers.
+#[test]
+fn both_routers_see_an_isp_fail_and_the_active_one_fails_over() {
+    let lab = Lab::builder()
+        .ha_pair()
+        .lan_hosts(1)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    let spec = HaSpec::default();
+    let mwans: Vec<Mwan> = (0..2)
+        .map(|k| Mwan::start_on(&lab, k, &pair_config(&lab, k), &[], &[]).unwrap())
+        .collect();
+    for m in &mwans {
+        m.wait_all_up(Duration::from_secs(10)).unwrap();
+    }
+    let ha: Vec<HaDaemons> = (0..2)
+        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
+        .collect();
+    assert!(
+        ha[0].wait_master(Duration::from_secs(15)),
+        "{}",
+        ha[0].logs()
+    );
+
+    lab.isp(1).set_blackhole(true).unwrap();
+    for m in &mwans {
+        m.wait_state("isp1", "down", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(m.wan("isp2").state, "up");
+    }
+    let isp2 = lab.isp(2).router_addr().addr();
+    for r in many_tcp_whoami(lab.host(0), TCP_WHOAMI, 10, 4) {
+        assert_eq!(*r.expect("connection through ISP 2").ip(), isp2);
+    }
+    assert!(holds_gateway(&lab, 0) && !holds_gateway(&lab, 1));
+
+    lab.isp(1).set_blackhole(false).unwrap();
+    for m in &mwans {
+        m.wait_all_up(Duration::from_secs(15)).unwrap();
+    }
+    let seen: Vec<SocketAddrV4> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 40, 8)
+        .into_iter()
+        .map(|r| r.expect("new connection"))
+        .collect();
+    assert_eq!(shares(&lab, &seen).len(), 2, "both ISPs again");
+}
