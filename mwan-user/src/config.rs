@@ -441,6 +441,9 @@ pub struct Config {
     /// Where the read-only web listener (`/metrics`, status page, JSON API)
     /// listens; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// An HA pair's virtual gateway address (VRRP): this router is the
+    /// active one while it holds the address, the standby otherwise.
+    pub ha_address: Option<Ipv4Addr>,
     pub wans: Vec<Wan>,
     pub rules: Vec<Rule>,
     /// The text it was parsed from, to place errors found later.
@@ -545,6 +548,7 @@ struct RawConfig {
     on_change: Option<String>,
     hook_timeout: Option<String>,
     metrics_listen: Option<String>,
+    ha_address: Option<String>,
     health: RawHealth,
     wan: Vec<RawWan>,
     rule: Vec<RawRule>,
@@ -676,6 +680,7 @@ impl RawConfig {
             on_change: get(t, at, "on_change", "a command (a string)")?,
             hook_timeout: get(t, at, "hook_timeout", DURATION)?,
             metrics_listen: get(t, at, "metrics_listen", "an address and port (a string)")?,
+            ha_address: get(t, at, "ha_address", "an IPv4 address (a string)")?,
             health: RawHealth::read(t, at)?,
             wan: Vec::new(),
             rule: Vec::new(),
@@ -731,6 +736,7 @@ const TOP_KEYS: &[&str] = &[
     "on_change",
     "hook_timeout",
     "metrics_listen",
+    "ha_address",
     "wan",
     "rule",
 ];
@@ -1225,6 +1231,19 @@ impl Config {
             Some(s) => Some(listen_addr("metrics_listen", s)?),
             None => None,
         };
+        let ha_address = match raw.ha_address.as_deref() {
+            None => None,
+            Some(s) => match s.parse::<Ipv4Addr>() {
+                Ok(a) if !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()) => Some(a),
+                Ok(a) => {
+                    return Err(err(
+                        "ha_address",
+                        format!("`{a}` cannot be a gateway address"),
+                    ))
+                }
+                Err(_) => return Err(err("ha_address", format!("`{s}` is not an IPv4 address"))),
+            },
+        };
 
         if raw.wan.is_empty() {
             return Err(err(
@@ -1475,6 +1494,7 @@ impl Config {
             on_change: raw.on_change,
             hook_timeout,
             metrics_listen,
+            ha_address,
             wans,
             rules,
             source: Source::default(),
@@ -1598,6 +1618,17 @@ gateway = "auto"
         );
         assert_eq!(c.wan_mark(0), 0x0001_0000);
         assert_eq!(c.wan_mark(1), 0x0002_0000);
+    }
+
+    #[test]
+    fn ha_address_is_an_ipv4_address() {
+        assert_eq!(Config::parse(MIN).unwrap().ha_address, None);
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{MIN}")).unwrap();
+        assert_eq!(c.ha_address, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        for bad in ["192.0.2", "0.0.0.0", "224.0.0.18"] {
+            let e = parse_err(&format!("ha_address = \"{bad}\"\n{MIN}"));
+            assert_eq!(e.key, "ha_address", "{bad}: {e}");
+        }
     }
 
     #[test]

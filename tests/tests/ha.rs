@@ -24,7 +24,7 @@ const HOSTS: usize = 4;
 fn pair_config(lab: &Lab, k: usize) -> String {
     let text = config_with(
         lab,
-        "",
+        &format!("ha_address = \"{LAN0_ROUTER}\""),
         &|i| format!("snat_address = \"{}\"", lab.isp(i).router_addr().addr()),
         "",
     );
@@ -35,6 +35,14 @@ fn public_addresses(lab: &Lab) -> Vec<Ipv4Addr> {
     (1..=lab.isp_count())
         .map(|i| lab.isp(i).router_addr().addr())
         .collect()
+}
+
+/// The HA role `mwan status` shows, once it is `want` (or what it is
+/// after 5 s).
+fn wait_role(m: &Mwan, want: &str) -> Option<String> {
+    let role = || m.status().ha_role;
+    wait_until(Duration::from_secs(5), || role().as_deref() == Some(want));
+    role()
 }
 
 /// The TCP conntrack entries of router `k` to the stream port, one line
@@ -138,6 +146,10 @@ fn standby_continues_every_download_from_the_same_address() {
         ha_b.logs()
     );
     assert!(!holds_gateway(&lab, 1));
+    assert_eq!(wait_role(&mwan_a, "active").as_deref(), Some("active"));
+    assert_eq!(wait_role(&mwan_b, "standby").as_deref(), Some("standby"));
+    let text = mwan_b.cli_ok(&["status"]).unwrap();
+    assert!(text.contains("HA role: standby"), "{text}");
 
     // 20 long downloads through the active router, from the public
     // addresses, over both WANs.
@@ -210,6 +222,7 @@ fn standby_continues_every_download_from_the_same_address() {
         });
         assert!(new_conn, "no new connection through the new active router");
         let new_conn = prober.first_after(died).unwrap();
+        assert_eq!(wait_role(&mwan_b, "active").as_deref(), Some("active"));
         wait_streams_flow(&streams, &before, 2 * STREAM_PACE, "after the takeover");
         let gaps: Vec<Duration> = streams.iter().map(Stream::max_gap).collect();
         let max_gap = gaps.iter().max().unwrap();
@@ -251,6 +264,7 @@ fn standby_continues_every_download_from_the_same_address() {
             ha_a.logs()
         );
         assert!(holds_gateway(&lab, 1) && !holds_gateway(&lab, 0));
+        assert_eq!(wait_role(&mwan_a, "standby").as_deref(), Some("standby"));
         let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
         wait_streams_flow(&streams, &now, STREAM_PACE, "after the return");
 

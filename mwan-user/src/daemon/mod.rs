@@ -76,6 +76,9 @@ struct Daemon {
     balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
     all_down: bool,
     bypass_written: Vec<Ipv4Net>,
+    /// With `ha_address`: whether this router holds it (is the HA pair's
+    /// active router), from the addresses seen at the last refresh.
+    ha_active: Option<bool>,
     events: VecDeque<Event>,
     rounds_tx: mpsc::Sender<RoundReport>,
     rounds_rx: Option<mpsc::Receiver<RoundReport>>,
@@ -149,6 +152,7 @@ impl Daemon {
             balance_written: None,
             all_down: false,
             bypass_written: Vec::new(),
+            ha_active: None,
             events: VecDeque::new(),
             rounds_tx,
             rounds_rx: Some(rounds_rx),
@@ -506,12 +510,31 @@ impl Daemon {
             .context("applying nftables table ip mwan")
     }
 
+    /// An HA pair's role follows keepalived: the router holding the
+    /// gateway address (`ha_address`) is the active one. Address events
+    /// bring every change here (see `sync_bypass`); the role is logged and
+    /// shown by `mwan status`. Nothing else depends on it: the standby
+    /// keeps probing, its tables and rules route nothing while the LAN's
+    /// gateway is elsewhere, and it never touches the virtual addresses.
+    fn follow_ha_role(&mut self, addrs: &[(u32, Ipv4Net)]) {
+        let Some(vip) = self.cfg.ha_address else {
+            self.ha_active = None;
+            return;
+        };
+        let active = addrs.iter().any(|(_, a)| a.addr() == vip);
+        if self.ha_active != Some(active) {
+            let role = if active { "active" } else { "standby" };
+            info!(role, ha_address = %vip, "HA role");
+            self.ha_active = Some(active);
+            self.web_dirty = true;
+        }
+    }
+
     /// Local addresses and connected prefixes: never pinned to a WAN.
     async fn sync_bypass(&mut self) -> Result<()> {
-        let mut prefixes: Vec<Ipv4Net> = self
-            .net
-            .all_ipv4_addrs()
-            .await?
+        let addrs = self.net.all_ipv4_addrs().await?;
+        self.follow_ha_role(&addrs);
+        let mut prefixes: Vec<Ipv4Net> = addrs
             .into_iter()
             .flat_map(|(_, a)| {
                 [
