@@ -325,3 +325,61 @@ fn both_routers_see_an_isp_fail_and_the_active_one_fails_over() {
         .collect();
     assert_eq!(shares(&lab, &seen).len(), 2, "both ISPs again");
 }
+
+/// `mwan install --ha` writes the pair's scripts and commented configs;
+/// the mwan example parses and keepalived accepts its example (checked in
+/// a namespace that has the example's interfaces).
+#[test]
+fn install_ha_writes_the_pair_files() {
+    let lab = Lab::builder().lan_hosts(1).isps(1).build().unwrap();
+    let root = lab.dir().join("root");
+    let out = std::process::Command::new(lab::mwan::binary())
+        .args(["install", "--ha", "--root", root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::PermissionsExt;
+    for script in ["mwan-ha-notify", "mwan-ha-check"] {
+        let p = root.join("usr/local/lib/mwan").join(script);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "{}", p.display());
+    }
+    let cfg = ::mwan::config::Config::load(&root.join("etc/mwan/mwan-ha.example.toml"))
+        .expect("the HA example config is valid");
+    assert!(cfg.ha_address.is_some() && cfg.wans.iter().all(|w| w.snat_address.is_some()));
+    assert!(root.join("etc/conntrackd/conntrackd.conf").is_file());
+    let keepalived = root.join("etc/keepalived/keepalived.conf");
+    lab.router()
+        .ip("link add eth0 type veth peer name eth1\nlink add eth2 type veth peer name eth3")
+        .unwrap();
+    // With the scripts where this install put them.
+    let text = std::fs::read_to_string(&keepalived).unwrap();
+    let checked = lab.dir().join("keepalived-check.conf");
+    let lib = root.join("usr/local/lib/mwan/");
+    let text = text.replace("/usr/local/lib/mwan/", &format!("{}/", lib.display()));
+    std::fs::write(&checked, text).unwrap();
+    let test = lab
+        .router()
+        .exec_status(&[
+            "keepalived",
+            "--config-test",
+            "-f",
+            checked.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        test.status.success(),
+        "keepalived rejects the example: {test:?}"
+    );
+    // A second install keeps the admin's files.
+    std::fs::write(&keepalived, "# edited\n").unwrap();
+    let out = std::process::Command::new(lab::mwan::binary())
+        .args(["install", "--ha", "--root", root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&keepalived).unwrap(), "# edited\n");
+    assert!(root
+        .join("etc/keepalived/keepalived.conf.mwan-example")
+        .is_file());
+}
