@@ -36,8 +36,10 @@ pub struct HaSpec {
     /// intervals after the last advertisement.
     pub advert_int: Duration,
     /// Whether router 0 (the higher priority) takes the addresses back
-    /// when it returns (`false`: `nopreempt`, it stays standby).
+    /// when it returns (`false`: `nopreempt`, it stays standby), after
+    /// `preempt_delay` (time for conntrackd's resync).
     pub preempt: bool,
+    pub preempt_delay: Duration,
 }
 
 impl Default for HaSpec {
@@ -45,6 +47,7 @@ impl Default for HaSpec {
         HaSpec {
             advert_int: Duration::from_millis(300),
             preempt: false,
+            preempt_delay: Duration::from_secs(3),
         }
     }
 }
@@ -301,7 +304,11 @@ fn keepalived_conf(
     let _ = write!(
         s,
         "vrrp_instance gateway {{\n  state BACKUP\n  interface lan0\n  virtual_router_id {VRID}\n  priority {priority}\n  advert_int {advert:.2}\n{}  virtual_ipaddress {{\n",
-        if spec.preempt { "" } else { "  nopreempt\n" }
+        if spec.preempt {
+            format!("  preempt_delay {}\n", spec.preempt_delay.as_secs())
+        } else {
+            "  nopreempt\n".to_string()
+        }
     );
     for (addr, dev) in virtual_addresses(lab) {
         let _ = writeln!(s, "    {addr} dev {dev}");

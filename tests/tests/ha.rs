@@ -383,3 +383,86 @@ fn install_ha_writes_the_pair_files() {
         .join("etc/keepalived/keepalived.conf.mwan-example")
         .is_file());
 }
+
+/// With preemption, the failed router takes the addresses back when it
+/// returns, once conntrackd has resynced it: the downloads made through
+/// the other router meanwhile go on through it.
+#[test]
+fn returning_router_takes_over_again_without_breaking_connections() {
+    const N: usize = 6;
+    let lab = Lab::builder()
+        .ha_pair()
+        .lan_hosts(2)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    let spec = HaSpec {
+        preempt: true,
+        ..HaSpec::default()
+    };
+    let mut mwans: Vec<Mwan> = (0..2)
+        .map(|k| Mwan::start_on(&lab, k, &pair_config(&lab, k), &[], &[]).unwrap())
+        .collect();
+    for m in &mwans {
+        m.wait_all_up(Duration::from_secs(10)).unwrap();
+    }
+    let mut ha: Vec<HaDaemons> = (0..2)
+        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
+        .collect();
+    assert!(
+        ha[0].wait_master(Duration::from_secs(15)),
+        "{}",
+        ha[0].logs()
+    );
+
+    ha[0].power_off().unwrap();
+    mwans[0].forget();
+    assert!(
+        ha[1].wait_master(Duration::from_secs(10)),
+        "{}",
+        ha[1].logs()
+    );
+    // Downloads through router 1 only.
+    let streams: Vec<Stream> = (0..N)
+        .map(|j| {
+            lab.host(j % 2)
+                .open_stream(STREAM)
+                .expect("download starts")
+        })
+        .collect();
+    let public = public_addresses(&lab);
+    for s in &streams {
+        assert!(public.contains(s.source().ip()), "{}", s.source());
+    }
+
+    let out = mwans[0].cli(&["stop", "--teardown"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    ha[0].boot(&spec, Some(&mwans[0].config)).unwrap();
+    mwans[0].launch(&[]).unwrap();
+    mwans[0].wait_all_up(Duration::from_secs(10)).unwrap();
+    // Resynced as standby, then back as the active router.
+    let resynced = wait_until(Duration::from_secs(10), || {
+        stream_entries(&lab, 0).len() >= N
+    });
+    assert!(
+        resynced,
+        "router 0 has {} of {N}\n{}",
+        stream_entries(&lab, 0).len(),
+        ha[0].logs()
+    );
+    assert!(
+        ha[0].wait_master(Duration::from_secs(15)),
+        "router 0 did not take over again\n{}",
+        ha[0].logs()
+    );
+    assert!(wait_until(Duration::from_secs(5), || !holds_gateway(
+        &lab, 1
+    )));
+    assert_eq!(wait_role(&mwans[0], "active").as_deref(), Some("active"));
+    let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
+    wait_streams_flow(&streams, &now, 2 * STREAM_PACE, "after the return");
+    for (j, s) in streams.into_iter().enumerate() {
+        let r = s.close();
+        assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
+    }
+}
