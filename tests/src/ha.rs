@@ -207,7 +207,8 @@ impl<'l> HaDaemons<'l> {
     /// The router comes back as after a reboot: what a reboot clears is
     /// cleared (the virtual addresses keepalived left, the conntrack
     /// table; the caller tears mwan's state down with `mwan stop
-    /// --teardown` before), its links come up and conntrackd and
+    /// --teardown` before), its links come up with the main table's
+    /// default routes of the lab's router kind, and conntrackd and
     /// keepalived start again.
     pub fn boot(&mut self, spec: &HaSpec, mwan_config: Option<&Path>) -> Result<()> {
         let r = self.lab.ha_router(self.k);
@@ -217,6 +218,18 @@ impl<'l> HaDaemons<'l> {
         }
         r.run(sys::flush_conntrack).context("flushing conntrack")?;
         r.ip(&links(self.lab, "up"))?;
+        // The main-table routes the links took with them, as the
+        // router's DHCP client or network config sets them up at boot.
+        for i in 1..=self.lab.isp_count() {
+            let route = self
+                .lab
+                .ctx()
+                .kind
+                .default_route(i, self.lab.isp(i).gateway());
+            if !route.is_empty() {
+                r.ip(&route)?;
+            }
+        }
         std::fs::write(
             self.dir.join("keepalived.conf"),
             keepalived_conf(self.lab, self.k, spec, &self.conntrackd_conf(), mwan_config),

@@ -407,7 +407,32 @@ pub fn shares(lab: &Lab, seen: &[SocketAddrV4]) -> BTreeMap<usize, f64> {
 /// compare before and after: rules, all routes, nftables, tc filters,
 /// the sysctls mwan sets, and the pin directory.
 pub fn router_snapshot(lab: &Lab) -> String {
-    let r = lab.router();
+    snapshot_of(lab.router(), &lab.pin_dir())
+}
+
+/// [`router_snapshot`] of router `k` of an HA pair, with its addresses
+/// (the virtual ones must be gone) and the programs running in it.
+pub fn ha_router_snapshot(lab: &Lab, k: usize) -> String {
+    let r = lab.ha_router(k);
+    let mut out = snapshot_of(r, &lab.ha_pin_dir(k));
+    let cmd = "ip -4 -o addr show | sed 's/ valid_lft.*//'";
+    out += &format!("$ {cmd}\n{}\n", r.sh(cmd).unwrap_or_else(|e| e.to_string()));
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", r.name()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut programs: Vec<String> = pids
+        .split_whitespace()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    programs.sort();
+    out += &format!("programs: {programs:?}\n");
+    out
+}
+
+fn snapshot_of(r: &Netns, pin_dir: &Path) -> String {
     let mut out = String::new();
     for cmd in [
         "ip rule show",
@@ -420,7 +445,7 @@ pub fn router_snapshot(lab: &Lab) -> String {
     }
     out += &format!(
         "pins: {:?}\n",
-        std::fs::read_dir(lab.pin_dir())
+        std::fs::read_dir(pin_dir)
             .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
             .unwrap_or_default()
     );

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lab::ha::{holds_gateway, HaDaemons, HaSpec};
-use lab::mwan::{config_with, for_ha_router, shares, Mwan};
+use lab::mwan::{config_with, for_ha_router, ha_router_snapshot, shares, Mwan};
 use lab::*;
 
 const DOWNLOADS: usize = 20;
@@ -122,6 +122,7 @@ fn standby_continues_every_download_from_the_same_address() {
         .build()
         .expect("lab builds");
     let spec = HaSpec::default();
+    let before: Vec<String> = (0..2).map(|k| ha_router_snapshot(&lab, k)).collect();
     let mut mwan_a = Mwan::start_on(&lab, 0, &pair_config(&lab, 0), &[], &[]).unwrap();
     let mwan_b = Mwan::start_on(&lab, 1, &pair_config(&lab, 1), &[], &[]).unwrap();
     // Health is per router: each probes through its own addresses.
@@ -273,6 +274,20 @@ fn standby_continues_every_download_from_the_same_address() {
     for (j, s) in streams.into_iter().enumerate() {
         let r = s.close();
         assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
+    }
+
+    // The test stops what it started; both routers are as they were
+    // (keepalived removes its addresses, mwan everything it added).
+    drop((ha_a, ha_b));
+    let mut mwan_b = mwan_b;
+    mwan_a.stop_with(libc::SIGTERM).unwrap();
+    mwan_b.stop_with(libc::SIGTERM).unwrap();
+    for (k, before) in before.iter().enumerate() {
+        assert_eq!(
+            &ha_router_snapshot(&lab, k),
+            before,
+            "router {k} after the test"
+        );
     }
 }
 
