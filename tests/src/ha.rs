@@ -171,6 +171,25 @@ impl<'l> HaDaemons<'l> {
         wait_until(timeout, || self.is_master())
     }
 
+    /// The VRRP state keepalived last reported entering (`MASTER`,
+    /// `BACKUP`, `FAULT`), from its log.
+    pub fn vrrp_state(&self) -> Option<String> {
+        let out = self.keepalived.as_ref()?.output_so_far();
+        let text = format!("{}{}", out.stdout, out.stderr);
+        text.lines()
+            .filter_map(|l| l.split("Entering ").nth(1))
+            .filter_map(|l| l.strip_suffix(" STATE"))
+            .next_back()
+            .map(str::to_string)
+    }
+
+    /// Waits until keepalived is in `state`. A standby can take over only
+    /// once it is `BACKUP`: after a start it is in `FAULT` until mwan's
+    /// track script has succeeded `rise` times.
+    pub fn wait_state(&self, state: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.vrrp_state().as_deref() == Some(state))
+    }
+
     /// What keepalived and conntrackd printed so far.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -254,6 +273,41 @@ impl Drop for HaDaemons<'_> {
         drop(self.keepalived.take());
         drop(self.conntrackd.take());
     }
+}
+
+/// The pair's mwan config for router `k`: [`crate::mwan::config_with`]'s
+/// lab config with `ha_address` (the LAN gateway) and every WAN's
+/// forwarded connections leaving from the ISP's single public address, the
+/// VRRP address on that WAN (`snat_address`).
+pub fn mwan_config(lab: &Lab, k: usize) -> String {
+    let text = crate::mwan::config_with(
+        lab,
+        &format!("ha_address = \"{LAN0_ROUTER}\""),
+        &|i| format!("snat_address = \"{}\"", lab.isp(i).router_addr().addr()),
+        "",
+    );
+    crate::mwan::for_ha_router(lab, &text, k)
+}
+
+/// Router `k`'s established TCP conntrack entries to port `dport`, one
+/// `conntrack -L` line each.
+pub fn established_to(lab: &Lab, k: usize, dport: u16) -> Vec<String> {
+    let out = lab
+        .ha_router(k)
+        .exec(&[
+            "conntrack",
+            "-L",
+            "-p",
+            "tcp",
+            "--dport",
+            &dport.to_string(),
+        ])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter(|l| l.contains("ESTABLISHED"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Whether router `k` has the gateway address on `lan0`.

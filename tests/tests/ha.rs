@@ -12,23 +12,15 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::ha::{holds_gateway, HaDaemons, HaSpec};
-use lab::mwan::{config_with, for_ha_router, ha_router_snapshot, shares, Mwan};
+use lab::ha::{established_to, holds_gateway, mwan_config, HaDaemons, HaSpec};
+use lab::mwan::{ha_router_snapshot, shares, Mwan};
 use lab::*;
 
 const DOWNLOADS: usize = 20;
 const HOSTS: usize = 4;
 
-/// The pair's mwan config: every WAN's forwarded connections leave from
-/// the ISP's single public address, the VRRP address on that WAN.
 fn pair_config(lab: &Lab, k: usize) -> String {
-    let text = config_with(
-        lab,
-        &format!("ha_address = \"{LAN0_ROUTER}\""),
-        &|i| format!("snat_address = \"{}\"", lab.isp(i).router_addr().addr()),
-        "",
-    );
-    for_ha_router(lab, &text, k)
+    mwan_config(lab, k)
 }
 
 fn public_addresses(lab: &Lab) -> Vec<Ipv4Addr> {
@@ -45,25 +37,9 @@ fn wait_role(m: &Mwan, want: &str) -> Option<String> {
     role()
 }
 
-/// The TCP conntrack entries of router `k` to the stream port, one line
-/// each (`conntrack -L`).
+/// The downloads' conntrack entries on router `k`.
 fn stream_entries(lab: &Lab, k: usize) -> Vec<String> {
-    let out = lab
-        .ha_router(k)
-        .exec(&[
-            "conntrack",
-            "-L",
-            "-p",
-            "tcp",
-            "--dport",
-            &STREAM_PORT.to_string(),
-        ])
-        .expect("conntrack -L");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("ESTABLISHED"))
-        .map(str::to_string)
-        .collect()
+    established_to(lab, k, STREAM_PORT)
 }
 
 /// New connections from a host, one every 50 ms, each bounded by 300 ms:
@@ -207,7 +183,12 @@ fn standby_continues_every_download_from_the_same_address() {
             .len()
             >= 3));
 
-        // The active router dies.
+        // The active router dies, once the standby is ready to take over.
+        assert!(
+            ha_b.wait_state("BACKUP", Duration::from_secs(15)),
+            "{}",
+            ha_b.logs()
+        );
         let before: Vec<u64> = streams.iter().map(Stream::bytes).collect();
         let died = Instant::now();
         ha_a.power_off().unwrap();
@@ -428,6 +409,11 @@ fn returning_router_takes_over_again_without_breaking_connections() {
         ha[0].wait_master(Duration::from_secs(15)),
         "{}",
         ha[0].logs()
+    );
+    assert!(
+        ha[1].wait_state("BACKUP", Duration::from_secs(15)),
+        "{}",
+        ha[1].logs()
     );
 
     ha[0].power_off().unwrap();
