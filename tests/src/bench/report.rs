@@ -342,9 +342,10 @@ fn markdown_ha(o: &mut String, h: &HaFailover) {
         o,
         "\nVRRP declares the master dead after three advertisement intervals plus a skew of \
          (256 − priority)/256 intervals; a shorter `advert_int` moves the addresses sooner at the price \
-         of more advertisements and a higher risk of a spurious takeover on a loaded router. A new \
-         connection whose SYN went to the dead router waits for the kernel's SYN retransmission; the \
-         download resumes with its next TCP retransmission after the move.\n"
+         of more advertisements and a higher risk of a spurious takeover on a loaded router. New \
+         connections work as soon as the addresses have moved (the bench starts an attempt every 5 ms; \
+         an application whose SYN went to the dead router waits for the kernel's SYN retransmission). \
+         The download resumes with the server's next TCP retransmission after the move.\n"
     );
     let _ = writeln!(o, "<details><summary>Every trial</summary>\n");
     let _ = writeln!(
