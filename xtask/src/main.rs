@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("demo") => build().and_then(|bin| demo::demo(&root(), &bin, &args[1..])),
-        Some("bench") => build().and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
+        Some("bench") => ensure_tools(&HA_TOOLS)
+            .and_then(|()| build())
+            .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
         Some("-h") | Some("--help") | Some("help") | None => {
             print!("{USAGE}");
@@ -170,12 +172,15 @@ fn ensure_bpf_toolchain() -> Result<()> {
 const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")];
 
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
-/// Chromium, for the metrics endpoint and status page tests; keepalived,
-/// conntrackd and conntrack for the HA pair tests.
-const TEST_TOOLS: [(&str, &str); 6] = [
+/// Chromium, for the metrics endpoint and status page tests.
+const TEST_TOOLS: [(&str, &str); 3] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
+];
+
+/// An HA pair's daemons, for its tests and the bench's router failover.
+const HA_TOOLS: [(&str, &str); 3] = [
     ("keepalived", "keepalived"),
     ("conntrackd", "conntrackd"),
     ("conntrack", "conntrack"),
@@ -285,6 +290,7 @@ fn test(args: &[String]) -> Result<()> {
     }
     ensure_runtime_tools()?;
     ensure_tools(&TEST_TOOLS)?;
+    ensure_tools(&HA_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut total = Counts::default();
