@@ -1541,7 +1541,28 @@ impl Config {
                 }
             }
         }
+        warnings.extend(self.ha_warnings());
         Ok(warnings)
+    }
+
+    /// An HA pair's WANs without a shared source address: their connections
+    /// leave from this router's own address, which the other router cannot
+    /// take over (docs/HA.md).
+    fn ha_warnings(&self) -> Vec<String> {
+        if self.ha_address.is_none() {
+            return Vec::new();
+        }
+        self.wans
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.nat && w.snat_address.is_none())
+            .map(|(i, w)| {
+                format!(
+                    "wan[{i}] ({}): no snat_address: with ha_address set, its connections are masqueraded to this router's own address and will not survive a takeover by the other router",
+                    w.name
+                )
+            })
+            .collect()
     }
 
     pub fn wan(&self, name: &str) -> Option<&Wan> {
@@ -1618,6 +1639,24 @@ gateway = "auto"
         );
         assert_eq!(c.wan_mark(0), 0x0001_0000);
         assert_eq!(c.wan_mark(1), 0x0002_0000);
+    }
+
+    #[test]
+    fn check_warns_of_pair_wans_without_a_shared_address() {
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{MIN}")).unwrap();
+        let w = c.check_system(&|_| true).unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("wan[0] (isp1): no snat_address"), "{w:?}");
+        let text = MIN.replacen("weight = 3", "weight = 3\nsnat_address = \"100.64.1.2\"", 1);
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{text}")).unwrap();
+        let w = c.check_system(&|_| true).unwrap();
+        assert!(w.len() == 1 && w[0].starts_with("wan[1] (isp2)"), "{w:?}");
+        // A single router has nothing to warn about.
+        assert!(Config::parse(MIN)
+            .unwrap()
+            .check_system(&|_| true)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
