@@ -145,6 +145,10 @@ fn standby_continues_every_download_from_the_same_address() {
             s.source()
         );
     }
+    // A UDP flow (a VPN, a call) keeps its public address and port too.
+    let udp = lab.host(0).udp_flow(UDP_WHOAMI).unwrap();
+    let udp_seen = udp.whoami().unwrap();
+    assert!(public.contains(udp_seen.ip()), "{udp_seen}");
     let sources: Vec<SocketAddrV4> = streams.iter().map(Stream::source).collect();
     let share = shares(&lab, &sources);
     assert_eq!(share.len(), 2, "both WANs carry downloads: {share:?}");
@@ -169,6 +173,17 @@ fn standby_continues_every_download_from_the_same_address() {
             "entry without NAT binding or WAN mark: {e}"
         );
     }
+
+    let udp_port = UDP_WHOAMI_PORT.to_string();
+    let udp_synced = wait_until(Duration::from_secs(10), || {
+        let out = lab
+            .ha_router(1)
+            .exec(&["conntrack", "-L", "-p", "udp", "--dport", &udp_port])
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains(&format!("dport={}", udp_seen.port())) && !text.contains("mark=0 ")
+    });
+    assert!(udp_synced, "the standby has no entry of the UDP flow");
 
     let prober = Prober {
         stop: AtomicBool::new(false),
@@ -206,6 +221,11 @@ fn standby_continues_every_download_from_the_same_address() {
         let new_conn = prober.first_after(died).unwrap();
         assert_eq!(wait_role(&mwan_b, "active").as_deref(), Some("active"));
         wait_streams_flow(&streams, &before, 2 * STREAM_PACE, "after the takeover");
+        assert_eq!(
+            udp.whoami().unwrap(),
+            udp_seen,
+            "the UDP flow's public address"
+        );
         let gaps: Vec<Duration> = streams.iter().map(Stream::max_gap).collect();
         let max_gap = gaps.iter().max().unwrap();
         println!(
