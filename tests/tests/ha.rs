@@ -19,10 +19,6 @@ use lab::*;
 const DOWNLOADS: usize = 20;
 const HOSTS: usize = 4;
 
-fn pair_config(lab: &Lab, k: usize) -> String {
-    mwan_config(lab, k)
-}
-
 fn public_addresses(lab: &Lab) -> Vec<Ipv4Addr> {
     (1..=lab.isp_count())
         .map(|i| lab.isp(i).router_addr().addr())
@@ -99,8 +95,8 @@ fn standby_continues_every_download_from_the_same_address() {
         .expect("lab builds");
     let spec = HaSpec::default();
     let before: Vec<String> = (0..2).map(|k| ha_router_snapshot(&lab, k)).collect();
-    let mut mwan_a = Mwan::start_on(&lab, 0, &pair_config(&lab, 0), &[], &[]).unwrap();
-    let mwan_b = Mwan::start_on(&lab, 1, &pair_config(&lab, 1), &[], &[]).unwrap();
+    let mut mwan_a = Mwan::start_on(&lab, 0, &mwan_config(&lab, 0), &[], &[]).unwrap();
+    let mwan_b = Mwan::start_on(&lab, 1, &mwan_config(&lab, 1), &[], &[]).unwrap();
     // Health is per router: each probes through its own addresses.
     mwan_a.wait_all_up(Duration::from_secs(10)).unwrap();
     mwan_b.wait_all_up(Duration::from_secs(10)).unwrap();
@@ -305,7 +301,7 @@ fn both_routers_see_an_isp_fail_and_the_active_one_fails_over() {
         .expect("lab builds");
     let spec = HaSpec::default();
     let mwans: Vec<Mwan> = (0..2)
-        .map(|k| Mwan::start_on(&lab, k, &pair_config(&lab, k), &[], &[]).unwrap())
+        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
         .collect();
     for m in &mwans {
         m.wait_all_up(Duration::from_secs(10)).unwrap();
@@ -417,7 +413,7 @@ fn returning_router_takes_over_again_without_breaking_connections() {
         ..HaSpec::default()
     };
     let mut mwans: Vec<Mwan> = (0..2)
-        .map(|k| Mwan::start_on(&lab, k, &pair_config(&lab, k), &[], &[]).unwrap())
+        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
         .collect();
     for m in &mwans {
         m.wait_all_up(Duration::from_secs(10)).unwrap();
