@@ -348,6 +348,10 @@ pub struct Wan {
     /// address an HA pair shares as a VRRP virtual address, so a
     /// connection keeps its address when the other router takes it over.
     pub snat_address: Option<Ipv4Addr>,
+    /// A fixed WAN id (and so mark): the routers of an HA pair must record
+    /// a WAN in conntrack under the same mark. Unset: mwan numbers WANs
+    /// itself, in config order at the first start, stable afterwards.
+    pub id: Option<u8>,
     /// `false`: the WAN is `disabled` (no flows, no probes).
     pub enabled: bool,
     pub health: HealthConfig,
@@ -562,6 +566,7 @@ struct RawWan {
     tier: Option<i64>,
     nat: Option<bool>,
     snat_address: Option<String>,
+    id: Option<i64>,
     enabled: Option<bool>,
     health: RawHealth,
 }
@@ -695,6 +700,7 @@ impl RawConfig {
                 tier: get(w, at, "tier", INT)?,
                 nat: get(w, at, "nat", BOOL)?,
                 snat_address: get(w, at, "snat_address", "an IPv4 address (a string)")?,
+                id: get(w, at, "id", INT)?,
                 enabled: get(w, at, "enabled", BOOL)?,
                 health: RawHealth::read(w, at)?,
             });
@@ -760,6 +766,7 @@ const WAN_KEYS: &[&str] = &[
     "tier",
     "nat",
     "snat_address",
+    "id",
     "enabled",
 ];
 const RULE_KEYS: &[&str] = &[
@@ -1274,6 +1281,7 @@ impl Config {
         let mut wans: Vec<Wan> = Vec::new();
         let mut names = HashSet::new();
         let mut ifaces: BTreeMap<String, String> = BTreeMap::new();
+        let mut fixed_ids: BTreeMap<u8, String> = BTreeMap::new();
         for (i, w) in raw.wan.iter().enumerate() {
             let at = KeyPath::from("wan").index(i);
             let name = w
@@ -1338,6 +1346,20 @@ impl Config {
             let weight = int_in(at.key("weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
             let tier = int_in(at.key("tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
             let health = defaults.resolve(&w.health, &at)?;
+            let id = match w.id {
+                None => None,
+                Some(v) => {
+                    let max = i64::from(mark_capacity.min(MAX_WANS)) - 1;
+                    let id = int_in(at.key("id"), v, 0, max)? as u8;
+                    if let Some(other) = fixed_ids.insert(id, name.clone()) {
+                        return Err(err(
+                            at.key("id"),
+                            format!("id {id} is already WAN `{other}`'s"),
+                        ));
+                    }
+                    Some(id)
+                }
+            };
             let nat = w.nat.unwrap_or(true);
             let snat_address = match w.snat_address.as_deref() {
                 None => None,
@@ -1364,6 +1386,7 @@ impl Config {
                 tier,
                 nat,
                 snat_address,
+                id,
                 enabled: w.enabled.unwrap_or(true),
                 health,
             });
@@ -1552,17 +1575,22 @@ impl Config {
         if self.ha_address.is_none() {
             return Vec::new();
         }
-        self.wans
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.nat && w.snat_address.is_none())
-            .map(|(i, w)| {
-                format!(
+        let mut warnings = Vec::new();
+        for (i, w) in self.wans.iter().enumerate() {
+            if w.nat && w.snat_address.is_none() {
+                warnings.push(format!(
                     "wan[{i}] ({}): no snat_address: with ha_address set, its connections are masqueraded to this router's own address and will not survive a takeover by the other router",
                     w.name
-                )
-            })
-            .collect()
+                ));
+            }
+            if w.id.is_none() {
+                warnings.push(format!(
+                    "wan[{i}] ({}): no id: with ha_address set, give it a fixed id, the same on both routers, so that both record its connections under the same mark",
+                    w.name
+                ));
+            }
+        }
+        warnings
     }
 
     pub fn wan(&self, name: &str) -> Option<&Wan> {
@@ -1645,18 +1673,48 @@ gateway = "auto"
     fn check_warns_of_pair_wans_without_a_shared_address() {
         let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{MIN}")).unwrap();
         let w = c.check_system(&|_| true).unwrap();
-        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w.len(), 4, "{w:?}");
         assert!(w[0].starts_with("wan[0] (isp1): no snat_address"), "{w:?}");
-        let text = MIN.replacen("weight = 3", "weight = 3\nsnat_address = \"100.64.1.2\"", 1);
+        assert!(w[1].starts_with("wan[0] (isp1): no id"), "{w:?}");
+        let text = MIN.replacen(
+            "weight = 3",
+            "weight = 3\nsnat_address = \"100.64.1.2\"\nid = 0",
+            1,
+        );
         let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{text}")).unwrap();
         let w = c.check_system(&|_| true).unwrap();
-        assert!(w.len() == 1 && w[0].starts_with("wan[1] (isp2)"), "{w:?}");
+        assert!(
+            w.len() == 2 && w.iter().all(|w| w.starts_with("wan[1] (isp2)")),
+            "{w:?}"
+        );
         // A single router has nothing to warn about.
         assert!(Config::parse(MIN)
             .unwrap()
             .check_system(&|_| true)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn wan_ids_are_in_range_and_unique() {
+        let with = |a: &str, b: &str| {
+            MIN.replacen("weight = 3", &format!("weight = 3\n{a}"), 1)
+                .replacen("name = \"isp2\"", &format!("name = \"isp2\"\n{b}"), 1)
+        };
+        let c = Config::parse(&with("id = 7", "id = 0")).unwrap();
+        assert_eq!(
+            c.wans.iter().map(|w| w.id).collect::<Vec<_>>(),
+            [Some(7), Some(0)]
+        );
+        let e = parse_err(&with("id = 32", ""));
+        assert_eq!(e.key, "wan[0] (isp1).id", "{e}");
+        assert!(e.reason.contains("out of range 0..=31"), "{e}");
+        let e = parse_err(&with("id = 3", "id = 3"));
+        assert_eq!(e.key, "wan[1] (isp2).id", "{e}");
+        assert!(e.reason.contains("already WAN `isp1`'s"), "{e}");
+        // The mark mask bounds the ids: 0x300 numbers three WANs.
+        let e = parse_err(&format!("mark_mask = \"0x300\"\n{}", with("id = 3", "")));
+        assert!(e.reason.contains("out of range 0..=2"), "{e}");
     }
 
     #[test]

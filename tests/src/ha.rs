@@ -276,14 +276,23 @@ impl Drop for HaDaemons<'_> {
 }
 
 /// The pair's mwan config for router `k`: [`crate::mwan::config_with`]'s
-/// lab config with `ha_address` (the LAN gateway) and every WAN's
-/// forwarded connections leaving from the ISP's single public address, the
-/// VRRP address on that WAN (`snat_address`).
+/// lab config with `ha_address` (the LAN gateway), every WAN's forwarded
+/// connections leaving from the ISP's single public address, the VRRP
+/// address on that WAN (`snat_address`), and fixed WAN ids, in reverse
+/// order (ISP I has id N − I) so that they differ from the ones mwan
+/// would choose itself.
 pub fn mwan_config(lab: &Lab, k: usize) -> String {
+    let n = lab.isp_count();
     let text = crate::mwan::config_with(
         lab,
         &format!("ha_address = \"{LAN0_ROUTER}\""),
-        &|i| format!("snat_address = \"{}\"", lab.isp(i).router_addr().addr()),
+        &|i| {
+            format!(
+                "snat_address = \"{}\"\nid = {}",
+                lab.isp(i).router_addr().addr(),
+                n - i
+            )
+        },
         "",
     );
     crate::mwan::for_ha_router(lab, &text, k)

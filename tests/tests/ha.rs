@@ -100,7 +100,7 @@ fn standby_continues_every_download_from_the_same_address() {
     // Health is per router: each probes through its own addresses.
     mwan_a.wait_all_up(Duration::from_secs(10)).unwrap();
     mwan_b.wait_all_up(Duration::from_secs(10)).unwrap();
-    // Both routers record a WAN under the same mark.
+    // Both routers record a WAN under the same mark: its configured id.
     let ids = |m: &Mwan| {
         m.status()
             .wans
@@ -109,6 +109,10 @@ fn standby_continues_every_download_from_the_same_address() {
             .collect::<Vec<_>>()
     };
     assert_eq!(ids(&mwan_a), ids(&mwan_b));
+    assert_eq!(
+        ids(&mwan_a),
+        [("isp1".to_string(), 1), ("isp2".to_string(), 0)]
+    );
 
     let mut ha_a = HaDaemons::start(&lab, 0, &spec, Some(&mwan_a.config)).unwrap();
     let ha_b = HaDaemons::start(&lab, 1, &spec, Some(&mwan_b.config)).unwrap();
@@ -336,6 +340,20 @@ fn both_routers_see_an_isp_fail_and_the_active_one_fails_over() {
         .map(|r| r.expect("new connection"))
         .collect();
     assert_eq!(shares(&lab, &seen).len(), 2, "both ISPs again");
+
+    // A reload may not renumber a running WAN (its connections' marks).
+    let text = mwan_config(&lab, 0);
+    let swapped = text.replace("id = 1", "id = 9").replace("id = 0", "id = 1");
+    std::fs::write(&mwans[0].config, swapped).unwrap();
+    let out = mwans[0].cli(&["reload"]).unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("restart mwan to apply it"),
+        "{out:?}"
+    );
+    std::fs::write(&mwans[0].config, text).unwrap();
+    assert!(mwans[0].cli(&["reload"]).unwrap().status.success());
+    assert_eq!(mwans[0].wan("isp1").id, 1);
 }
 
 /// `mwan install --ha` writes the pair's scripts and commented configs;

@@ -184,7 +184,13 @@ impl Daemon {
         let inherited = self.dp.inherited;
         let pinned_names = self.dp.maps.names()?;
         let names: Vec<&str> = self.cfg.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &pinned_names, id_capacity(self.cfg.mark_mask));
+        let fixed: Vec<Option<u8>> = self.cfg.wans.iter().map(|w| w.id).collect();
+        let ids = assign_ids(
+            &names,
+            &fixed,
+            &pinned_names,
+            id_capacity(self.cfg.mark_mask),
+        );
         if inherited {
             // The last default policy keeps balancing continuous.
             let p = self.dp.maps.policy(0)?;
@@ -969,7 +975,24 @@ impl Daemon {
             current[w.id as usize] = Some(w.cfg.name.clone());
         }
         let names: Vec<&str> = new.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &current, id_capacity(new.mark_mask));
+        // A running WAN's id is its flows' and connections' mark: a
+        // configured id that would change one needs a restart.
+        for nw in &new.wans {
+            let Some(id) = nw.id else { continue };
+            if let Some(w) = self.wans.iter().find(|w| {
+                (w.cfg.name == nw.name && w.id != id)
+                    || (w.id == id && w.cfg.name != nw.name && names.contains(&w.cfg.name.as_str()))
+            }) {
+                bail!(
+                    "wan {}: id {id} would renumber running WAN {} (id {}): restart mwan to apply it (the running config is unchanged)",
+                    nw.name,
+                    w.cfg.name,
+                    w.id
+                );
+            }
+        }
+        let fixed_ids: Vec<Option<u8>> = new.wans.iter().map(|w| w.id).collect();
+        let ids = assign_ids(&names, &fixed_ids, &current, id_capacity(new.mark_mask));
         // Removed WANs go first: a new WAN may take a removed one's id (the
         // mark mask numbers only so many), and must not be cleared after.
         let (mut old, removed): (Vec<WanRt>, Vec<WanRt>) = std::mem::take(&mut self.wans)
