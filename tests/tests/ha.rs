@@ -1,7 +1,8 @@
 //! An HA pair of mwan routers with the real keepalived and conntrackd
 //! (issue 14): the standby takes over every connection on its WAN, from
 //! the same public address, when the active router dies; the failed router
-//! returns as standby; an ISP failure is seen by both.
+//! returns as standby (or takes over again with preemption); mwan stopping
+//! or a LAN link failing hands over too; an ISP failure is seen by both.
 //!
 //! Needs root, keepalived, conntrackd and conntrack (`cargo xtask test`
 //! installs them).
@@ -496,6 +497,90 @@ fn returning_router_takes_over_again_without_breaking_connections() {
     assert_eq!(wait_role(&mwans[0], "active").as_deref(), Some("active"));
     let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
     wait_streams_flow(&streams, &now, 2 * STREAM_PACE, "after the return");
+    for (j, s) in streams.into_iter().enumerate() {
+        let r = s.close();
+        assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
+    }
+}
+
+/// keepalived hands the addresses over when mwan stops on the active
+/// router (the track script fails) and when the active router loses its
+/// LAN link; the downloads go on each time.
+#[test]
+fn mwan_stopping_or_a_lan_link_failing_hands_over() {
+    const N: usize = 6;
+    let lab = Lab::builder()
+        .ha_pair()
+        .lan_hosts(2)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    let spec = HaSpec::default();
+    let mut mwans: Vec<Mwan> = (0..2)
+        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
+        .collect();
+    for m in &mwans {
+        m.wait_all_up(Duration::from_secs(10)).unwrap();
+    }
+    let ha: Vec<HaDaemons> = (0..2)
+        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
+        .collect();
+    assert!(
+        ha[0].wait_master(Duration::from_secs(15)),
+        "{}",
+        ha[0].logs()
+    );
+    assert!(
+        ha[1].wait_state("BACKUP", Duration::from_secs(15)),
+        "{}",
+        ha[1].logs()
+    );
+    let streams: Vec<Stream> = (0..N)
+        .map(|j| {
+            lab.host(j % 2)
+                .open_stream(STREAM)
+                .expect("download starts")
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || {
+        stream_entries(&lab, 1).len() >= N
+    }));
+
+    // mwan stops on the active router (its datapath keeps forwarding):
+    // the track script fails and the standby takes over.
+    mwans[0].cli_ok(&["stop"]).unwrap();
+    mwans[0].forget();
+    assert!(
+        ha[1].wait_master(Duration::from_secs(10)),
+        "no takeover after mwan stopped\n{}",
+        ha[0].logs()
+    );
+    assert!(wait_until(Duration::from_secs(5), || !holds_gateway(
+        &lab, 0
+    )));
+    let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
+    wait_streams_flow(&streams, &now, STREAM_PACE, "after mwan stopped");
+
+    // mwan runs again: router 0 becomes the standby.
+    mwans[0].launch(&[]).unwrap();
+    mwans[0].wait_all_up(Duration::from_secs(10)).unwrap();
+    assert!(
+        ha[0].wait_state("BACKUP", Duration::from_secs(15)),
+        "{}",
+        ha[0].logs()
+    );
+    assert!(holds_gateway(&lab, 1));
+
+    // The active router's LAN link fails: router 0 takes over again.
+    lab.ha_router(1).ip("link set dev lan0 down").unwrap();
+    assert!(
+        ha[0].wait_master(Duration::from_secs(10)),
+        "no takeover after the LAN link failed\n{}",
+        ha[0].logs()
+    );
+    let now: Vec<u64> = streams.iter().map(Stream::bytes).collect();
+    wait_streams_flow(&streams, &now, STREAM_PACE, "after the LAN link failed");
+    lab.ha_router(1).ip("link set dev lan0 up").unwrap();
     for (j, s) in streams.into_iter().enumerate() {
         let r = s.close();
         assert!(r.end.is_none(), "download #{j} ended: {:?}", r.end);
