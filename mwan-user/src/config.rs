@@ -346,6 +346,15 @@ pub struct Wan {
     pub weight: u32,
     pub tier: u32,
     pub nat: bool,
+    /// Source address for forwarded connections leaving this WAN, instead
+    /// of masquerading to the interface's primary address: the public
+    /// address an HA pair shares as a VRRP virtual address, so a
+    /// connection keeps its address when the other router takes it over.
+    pub snat_address: Option<Ipv4Addr>,
+    /// A fixed WAN id (and so mark): the routers of an HA pair must record
+    /// a WAN in conntrack under the same mark. Unset: mwan numbers WANs
+    /// itself, in config order at the first start, stable afterwards.
+    pub id: Option<u8>,
     /// `false`: the WAN is `disabled` (no flows, no probes).
     pub enabled: bool,
     pub health: HealthConfig,
@@ -446,6 +455,9 @@ pub struct Config {
     /// Where the read-only web listener (`/metrics`, status page, JSON API)
     /// listens; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// An HA pair's virtual gateway address (VRRP): this router is the
+    /// active one while it holds the address, the standby otherwise.
+    pub ha_address: Option<Ipv4Addr>,
     pub wans: Vec<Wan>,
     pub rules: Vec<Rule>,
     /// The text it was parsed from, to place errors found later.
@@ -550,6 +562,7 @@ struct RawConfig {
     on_change: Option<String>,
     hook_timeout: Option<String>,
     metrics_listen: Option<String>,
+    ha_address: Option<String>,
     health: RawHealth,
     wan: Vec<RawWan>,
     rule: Vec<RawRule>,
@@ -562,6 +575,8 @@ struct RawWan {
     weight: Option<i64>,
     tier: Option<i64>,
     nat: Option<bool>,
+    snat_address: Option<String>,
+    id: Option<i64>,
     enabled: Option<bool>,
     health: RawHealth,
 }
@@ -682,6 +697,7 @@ impl RawConfig {
             on_change: get(t, at, "on_change", "a command (a string)")?,
             hook_timeout: get(t, at, "hook_timeout", DURATION)?,
             metrics_listen: get(t, at, "metrics_listen", "an address and port (a string)")?,
+            ha_address: get(t, at, "ha_address", "an IPv4 address (a string)")?,
             health: RawHealth::read(t, at)?,
             wan: Vec::new(),
             rule: Vec::new(),
@@ -695,6 +711,8 @@ impl RawConfig {
                 weight: get(w, at, "weight", INT)?,
                 tier: get(w, at, "tier", INT)?,
                 nat: get(w, at, "nat", BOOL)?,
+                snat_address: get(w, at, "snat_address", "an IPv4 address (a string)")?,
+                id: get(w, at, "id", INT)?,
                 enabled: get(w, at, "enabled", BOOL)?,
                 health: RawHealth::read(w, at)?,
             });
@@ -738,6 +756,7 @@ const TOP_KEYS: &[&str] = &[
     "on_change",
     "hook_timeout",
     "metrics_listen",
+    "ha_address",
     "wan",
     "rule",
 ];
@@ -760,6 +779,8 @@ const WAN_KEYS: &[&str] = &[
     "weight",
     "tier",
     "nat",
+    "snat_address",
+    "id",
     "enabled",
 ];
 const RULE_KEYS: &[&str] = &[
@@ -1312,6 +1333,19 @@ impl Config {
             Some(s) => Some(listen_addr("metrics_listen", s)?),
             None => None,
         };
+        let ha_address = match raw.ha_address.as_deref() {
+            None => None,
+            Some(s) => match s.parse::<Ipv4Addr>() {
+                Ok(a) if !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()) => Some(a),
+                Ok(a) => {
+                    return Err(err(
+                        "ha_address",
+                        format!("`{a}` cannot be a gateway address"),
+                    ))
+                }
+                Err(_) => return Err(err("ha_address", format!("`{s}` is not an IPv4 address"))),
+            },
+        };
 
         if raw.wan.is_empty() {
             return Err(err(
@@ -1342,6 +1376,7 @@ impl Config {
         let mut wans: Vec<Wan> = Vec::new();
         let mut names = HashSet::new();
         let mut ifaces: BTreeMap<String, String> = BTreeMap::new();
+        let mut fixed_ids: BTreeMap<u8, String> = BTreeMap::new();
         for (i, w) in raw.wan.iter().enumerate() {
             let at = KeyPath::from("wan").index(i);
             let name = w
@@ -1406,13 +1441,47 @@ impl Config {
             let weight = int_in(at.key("weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
             let tier = int_in(at.key("tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
             let health = defaults.resolve(&w.health, &at)?;
+            let id = match w.id {
+                None => None,
+                Some(v) => {
+                    let max = i64::from(mark_capacity.min(MAX_WANS)) - 1;
+                    let id = int_in(at.key("id"), v, 0, max)? as u8;
+                    if let Some(other) = fixed_ids.insert(id, name.clone()) {
+                        return Err(err(
+                            at.key("id"),
+                            format!("id {id} is already WAN `{other}`'s"),
+                        ));
+                    }
+                    Some(id)
+                }
+            };
+            let nat = w.nat.unwrap_or(true);
+            let snat_address = match w.snat_address.as_deref() {
+                None => None,
+                Some(s) => {
+                    let key = at.key("snat_address");
+                    let a: Ipv4Addr = s
+                        .parse()
+                        .map_err(|_| err(key.clone(), format!("`{s}` is not an IPv4 address")))?;
+                    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback()
+                    {
+                        return Err(err(key, format!("`{a}` cannot be a source address")));
+                    }
+                    if !nat {
+                        return Err(err(key, "needs `nat = true` (it replaces masquerading)"));
+                    }
+                    Some(a)
+                }
+            };
             wans.push(Wan {
                 name,
                 interface,
                 gateway,
                 weight,
                 tier,
-                nat: w.nat.unwrap_or(true),
+                nat,
+                snat_address,
+                id,
                 enabled: w.enabled.unwrap_or(true),
                 health,
             });
@@ -1561,6 +1630,7 @@ impl Config {
             on_change: raw.on_change,
             hook_timeout,
             metrics_listen,
+            ha_address,
             wans,
             rules,
             source: Source::default(),
@@ -1630,6 +1700,7 @@ impl Config {
                 }
             }
         }
+        warnings.extend(self.ha_warnings());
         Ok(warnings)
     }
 
@@ -1637,6 +1708,31 @@ impl Config {
     /// (rule indexes are those of `rules`).
     pub fn domain_matcher(&self) -> DomainMatcher {
         DomainMatcher::from_rules(self.rules.iter().map(|r| &r.domains))
+    }
+
+    /// An HA pair's WANs without a shared source address: their connections
+    /// leave from this router's own address, which the other router cannot
+    /// take over (docs/HA.md).
+    fn ha_warnings(&self) -> Vec<String> {
+        if self.ha_address.is_none() {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        for (i, w) in self.wans.iter().enumerate() {
+            if w.nat && w.snat_address.is_none() {
+                warnings.push(format!(
+                    "wan[{i}] ({}): no snat_address: with ha_address set, its connections are masqueraded to this router's own address and will not survive a takeover by the other router",
+                    w.name
+                ));
+            }
+            if w.id.is_none() {
+                warnings.push(format!(
+                    "wan[{i}] ({}): no id: with ha_address set, give it a fixed id, the same on both routers, so that both record its connections under the same mark",
+                    w.name
+                ));
+            }
+        }
+        warnings
     }
 
     pub fn wan(&self, name: &str) -> Option<&Wan> {
@@ -1713,6 +1809,65 @@ gateway = "auto"
         );
         assert_eq!(c.wan_mark(0), 0x0001_0000);
         assert_eq!(c.wan_mark(1), 0x0002_0000);
+    }
+
+    #[test]
+    fn check_warns_of_pair_wans_without_a_shared_address() {
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{MIN}")).unwrap();
+        let w = c.check_system(&|_| true).unwrap();
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[0].starts_with("wan[0] (isp1): no snat_address"), "{w:?}");
+        assert!(w[1].starts_with("wan[0] (isp1): no id"), "{w:?}");
+        let text = MIN.replacen(
+            "weight = 3",
+            "weight = 3\nsnat_address = \"100.64.1.2\"\nid = 0",
+            1,
+        );
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{text}")).unwrap();
+        let w = c.check_system(&|_| true).unwrap();
+        assert!(
+            w.len() == 2 && w.iter().all(|w| w.starts_with("wan[1] (isp2)")),
+            "{w:?}"
+        );
+        // A single router has nothing to warn about.
+        assert!(Config::parse(MIN)
+            .unwrap()
+            .check_system(&|_| true)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn wan_ids_are_in_range_and_unique() {
+        let with = |a: &str, b: &str| {
+            MIN.replacen("weight = 3", &format!("weight = 3\n{a}"), 1)
+                .replacen("name = \"isp2\"", &format!("name = \"isp2\"\n{b}"), 1)
+        };
+        let c = Config::parse(&with("id = 7", "id = 0")).unwrap();
+        assert_eq!(
+            c.wans.iter().map(|w| w.id).collect::<Vec<_>>(),
+            [Some(7), Some(0)]
+        );
+        let e = parse_err(&with("id = 32", ""));
+        assert_eq!(e.key, "wan[0] (isp1).id", "{e}");
+        assert!(e.reason.contains("out of range 0..=31"), "{e}");
+        let e = parse_err(&with("id = 3", "id = 3"));
+        assert_eq!(e.key, "wan[1] (isp2).id", "{e}");
+        assert!(e.reason.contains("already WAN `isp1`'s"), "{e}");
+        // The mark mask bounds the ids: 0x300 numbers three WANs.
+        let e = parse_err(&format!("mark_mask = \"0x300\"\n{}", with("id = 3", "")));
+        assert!(e.reason.contains("out of range 0..=2"), "{e}");
+    }
+
+    #[test]
+    fn ha_address_is_an_ipv4_address() {
+        assert_eq!(Config::parse(MIN).unwrap().ha_address, None);
+        let c = Config::parse(&format!("ha_address = \"192.0.2.1\"\n{MIN}")).unwrap();
+        assert_eq!(c.ha_address, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        for bad in ["192.0.2", "0.0.0.0", "224.0.0.18"] {
+            let e = parse_err(&format!("ha_address = \"{bad}\"\n{MIN}"));
+            assert_eq!(e.key, "ha_address", "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1941,6 +2096,16 @@ gateway = "auto"
                 "gateway = \"100.64.1.1\"",
                 "gateway = \"100.64.1\"",
                 "line 8: wan[0] (isp1).gateway: `100.64.1` is not an IPv4 address or \"auto\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nsnat_address = \"100.64.1\"",
+                "line 10: wan[0] (isp1).snat_address: `100.64.1` is not an IPv4 address",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nnat = false\nsnat_address = \"100.64.1.2\"",
+                "line 11: wan[0] (isp1).snat_address: needs `nat = true` (it replaces masquerading)",
             ),
             (
                 "interface = \"wan2\"",

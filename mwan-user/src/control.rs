@@ -79,6 +79,10 @@ pub struct Status {
     pub sticky: String,
     /// No WAN takes new flows (the `all_down` policy applies).
     pub all_down: bool,
+    /// With `ha_address`: `active` while this router holds the pair's
+    /// gateway address (VRRP master), `standby` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_role: Option<String>,
     pub wans: Vec<WanStatus>,
     /// Pinned flows in the flow map (all WANs), as of `flows_counted_secs_ago`.
     pub flows_total: u64,

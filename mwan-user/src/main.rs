@@ -100,6 +100,10 @@ enum Cmd {
         /// Install under this directory instead of / (for packaging).
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Also install an HA pair's keepalived and conntrackd configs
+        /// (commented examples) and mwan's notify and track scripts.
+        #[arg(long)]
+        ha: bool,
     },
 }
 
@@ -302,14 +306,42 @@ fn dispatch(cli: Cli) -> Result<u8> {
         Cmd::Disable { wan } => message(call(&cli, Request::Disable { wan: wan.clone() })?),
         Cmd::Reload => message(call(&cli, Request::Reload)?),
         Cmd::Stop { teardown } => stop(&cli, *teardown),
-        Cmd::Install { root } => install(root),
+        Cmd::Install { root, ha } => install(root, *ha),
     }
 }
 
 const UNIT: &str = include_str!("../packaging/mwan.service");
 const EXAMPLE_CONFIG: &str = include_str!("../packaging/mwan.example.toml");
 
-fn install(root: &Path) -> Result<u8> {
+/// `install --ha`: the HA pair's files (docs/HA.md), as (path under the
+/// root, text, mode); configs are kept when they exist (the example goes
+/// beside them as `NAME.mwan-example`).
+const HA_SCRIPTS: [(&str, &str); 2] = [
+    (
+        "usr/local/lib/mwan/mwan-ha-notify",
+        include_str!("../packaging/ha/mwan-ha-notify"),
+    ),
+    (
+        "usr/local/lib/mwan/mwan-ha-check",
+        include_str!("../packaging/ha/mwan-ha-check"),
+    ),
+];
+const HA_CONFIGS: [(&str, &str); 3] = [
+    (
+        "etc/keepalived/keepalived.conf",
+        include_str!("../packaging/ha/keepalived.conf"),
+    ),
+    (
+        "etc/conntrackd/conntrackd.conf",
+        include_str!("../packaging/ha/conntrackd.conf"),
+    ),
+    (
+        "etc/mwan/mwan-ha.example.toml",
+        include_str!("../packaging/ha/mwan.toml"),
+    ),
+];
+
+fn install(root: &Path, ha: bool) -> Result<u8> {
     use std::os::unix::fs::PermissionsExt;
     let put = |rel: &str, bytes: &[u8], mode: u32| -> Result<PathBuf> {
         let p = root.join(rel);
@@ -337,6 +369,24 @@ fn install(root: &Path) -> Result<u8> {
         println!("kept the existing {}", config.display());
     } else {
         put("etc/mwan/mwan.toml", EXAMPLE_CONFIG.as_bytes(), 0o644)?;
+    }
+    if ha {
+        for (rel, text) in HA_SCRIPTS {
+            put(rel, text.as_bytes(), 0o755)?;
+        }
+        for (rel, text) in HA_CONFIGS {
+            let p = root.join(rel);
+            if p.exists() {
+                put(&format!("{rel}.mwan-example"), text.as_bytes(), 0o644)?;
+                println!("kept the existing {}", p.display());
+            } else {
+                put(rel, text.as_bytes(), 0o644)?;
+            }
+        }
+        println!(
+            "\nHA pair: adapt the addresses in the keepalived and conntrackd configs (router B: priority, router_id, sync addresses),\nadd ha_address and snat_address to mwan.toml as in {}, see docs/HA.md",
+            root.join("etc/mwan/mwan-ha.example.toml").display()
+        );
     }
     println!(
         "\nnext: edit {} for your interfaces, then\n  mwan --config {} check\n  systemctl daemon-reload && systemctl enable --now mwan",

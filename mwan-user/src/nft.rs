@@ -32,7 +32,8 @@
 //! * `postrouting` (nat, priority srcnat; only the first packet of each
 //!   connection passes a nat chain): a new connection leaving through WAN
 //!   *i* gets `ct mark` mark(i), then `masquerade` out of each WAN with
-//!   `nat = true`.
+//!   `nat = true`; a WAN with a `snat_address` gives forwarded connections
+//!   that source instead (the router's own keep masquerading).
 //!
 //! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so a
 //! restore dispatches on `ct mark & mask` with a verdict map to one chain
@@ -56,6 +57,9 @@ pub struct NftWan {
     pub interface: String,
     pub mark: u32,
     pub nat: bool,
+    /// `snat_address`: forwarded connections get this source instead of
+    /// the masqueraded one (the router's own keep masquerading).
+    pub snat: Option<std::net::Ipv4Addr>,
 }
 
 /// The text that replaces the table atomically in one `nft -f`: the
@@ -124,6 +128,16 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
         let _ = writeln!(s, "\t\toifname vmap {{ {outbound} }}");
     }
     for w in wans.iter().filter(|w| w.nat) {
+        if let Some(addr) = w.snat {
+            // Only forwarded connections: the router's own (mwan's probes
+            // among them) keep their source, which on an HA pair's standby
+            // is its own address, not the shared one it does not hold.
+            let _ = writeln!(
+                s,
+                "\t\toifname \"{}\" fib saddr type != local snat to {addr}",
+                w.interface
+            );
+        }
         let _ = writeln!(s, "\t\toifname \"{}\" masquerade", w.interface);
     }
     s.push_str("\t}\n}\n");
@@ -240,6 +254,7 @@ mod tests {
             interface: interface.into(),
             mark,
             nat,
+            snat: None,
         }
     }
 
@@ -381,6 +396,36 @@ table ip mwan {
             .recv_from(&mut buf)
             .expect("datagram through the router");
         assert_eq!(from.ip().to_string(), "203.0.113.1");
+    }
+
+    /// With a `snat_address`, forwarded connections leave with that source
+    /// (an address the router need not hold: the standby of an HA pair
+    /// has its rule too) and the router's own keep theirs.
+    #[test]
+    fn snat_address_is_the_source_of_forwarded_connections_only() {
+        let t = wan_lab("snat");
+        let mut w = wan("isp1", "wan2", 0x1_0000, true);
+        w.snat = Some("203.0.113.9".parse().unwrap());
+        t.router
+            .block_on(|| async { apply(&[w], 0x00ff_0000, &[]).await })
+            .unwrap();
+        let server = t
+            .server
+            .run(|| std::net::UdpSocket::bind("192.0.2.10:5000").unwrap());
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0; 16];
+        for (ns, want) in [(&t.lan, "203.0.113.9"), (&t.router, "203.0.113.1")] {
+            ns.run(|| {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.send_to(b"ping", "192.0.2.10:5000").unwrap();
+            });
+            let (_, from) = server
+                .recv_from(&mut buf)
+                .expect("datagram through the router");
+            assert_eq!(from.ip().to_string(), want);
+        }
     }
 
     /// A port forward on wan1 (not the default route): the ct mark set on

@@ -115,6 +115,9 @@ pub fn status(s: &Status) -> String {
         ]);
     }
     let mut out = table(&rows);
+    if let Some(role) = &s.ha_role {
+        out.push_str(&format!("\nHA role: {role}\n"));
+    }
     if s.all_down {
         out.push_str("\n!! ALL WANs ARE DOWN: the all_down policy applies\n");
     }

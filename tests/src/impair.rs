@@ -21,14 +21,19 @@ const DELAY_TABLE: u32 = 100;
 const DELAY_RULE_PREF: u32 = 100;
 
 impl Isp<'_> {
-    /// Carrier of the router's `wanI`: `false` sets the ISP's end (`down`)
-    /// administratively down, so `wanI` shows NO-CARRIER.
+    /// Carrier of the router's `wanI`: `false` sets the ISP's end (`down`,
+    /// or both bridge ports of an HA pair) administratively down, so `wanI`
+    /// shows NO-CARRIER (on both routers of a pair).
     pub fn set_carrier(&self, up: bool) -> Result<()> {
         let _st = self.node.state();
-        self.node.ns.ip(&format!(
-            "link set dev down {}",
-            if up { "up" } else { "down" }
-        ))
+        let state = if up { "up" } else { "down" };
+        let cmds: Vec<String> = self
+            .node
+            .router_ports()
+            .iter()
+            .map(|p| format!("link set dev {p} {state}"))
+            .collect();
+        self.node.ns.ip(&cmds.join("\n"))
     }
 
     /// Silent blackhole upstream of the gateway: the ISP drops everything it

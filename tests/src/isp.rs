@@ -12,12 +12,15 @@ use crate::ctx::LabCtx;
 use crate::lock;
 use crate::ns::Netns;
 use crate::relay::{DelayRelay, TunWire};
-use crate::topology::{initial_gateway, initial_router_addr, uplink_addr, Lab, CGNAT};
+use crate::topology::{ha_wan_addr, initial_gateway, initial_router_addr, uplink_addr, Lab, CGNAT};
 
 /// One ISP of the lab (namespace `<lab>iI`).
 pub(crate) struct IspNode {
     pub(crate) index: usize,
     pub(crate) ns: Netns,
+    /// Routers of an HA pair on this ISP's `down` bridge (port `r{k}`
+    /// to router `k`); 0 for the single router's veth.
+    ha_routers: usize,
     state: Mutex<IspState>,
 }
 
@@ -41,11 +44,11 @@ pub(crate) struct IspState {
 impl IspNode {
     /// Creates ISP `index`: its namespace, the uplink veth into `inet`
     /// (configured on the internet side by the caller) and the link to the
-    /// router.
+    /// router (or to both routers of an HA pair).
     pub(crate) fn create(
         ctx: &Arc<LabCtx>,
         index: usize,
-        router: &Netns,
+        routers: &[&Netns],
         inet: &Netns,
     ) -> Result<IspNode> {
         let ns = Netns::create(format!("{}i{index}", ctx.name), ctx.clone())?;
@@ -75,9 +78,14 @@ impl IspNode {
         let node = IspNode {
             index,
             ns,
+            ha_routers: if routers.len() > 1 { routers.len() } else { 0 },
             state: Mutex::new(state),
         };
-        node.create_wan_link(router, &node.state())?;
+        if node.ha_routers > 0 {
+            node.create_ha_links(routers, &node.state())?;
+        } else {
+            node.create_wan_link(routers[0], &node.state())?;
+        }
         crate::impair::apply_filter(&node, &node.state())?;
         Ok(node)
     }
@@ -115,6 +123,62 @@ impl IspNode {
         if st.rate_mbit.is_some() {
             self.apply_rate("down", st.rate_mbit)?;
         }
+        Ok(())
+    }
+}
+
+impl IspNode {
+    /// An HA pair's uplink: `down` is a bridge holding the gateway address
+    /// (a switch in front of the ISP's router), port `r{k}` a veth to
+    /// router `k`'s `wanI` with [`ha_wan_addr`]. The public address both
+    /// routers share is the VRRP daemon's to add.
+    fn create_ha_links(&self, routers: &[&Netns], st: &IspState) -> Result<()> {
+        let i = self.index;
+        let mut cmds = format!(
+            "link add name down type bridge\naddr add {}/{} dev down\nlink set dev down up\n",
+            st.gateway,
+            st.router_addr.prefix_len()
+        );
+        for (k, r) in routers.iter().enumerate() {
+            cmds += &format!(
+                "link add name r{k} type veth peer name wan{i} netns {}\nlink set dev r{k} master down up\n",
+                r.name()
+            );
+        }
+        self.ns.ip(&cmds)?;
+        for (k, r) in routers.iter().enumerate() {
+            r.ip(&format!(
+                "addr add {} dev wan{i}\nlink set dev wan{i} up",
+                ha_wan_addr(i, k)
+            ))?;
+            r.sysctls(&[(format!("net.ipv4.conf.wan{i}.rp_filter").as_str(), "2")])?;
+            let route = self.ns.ctx.kind.default_route(i, st.gateway);
+            if !route.is_empty() {
+                r.ip(&route)?;
+            }
+        }
+        if st.rate_mbit.is_some() {
+            self.apply_rate("down", st.rate_mbit)?;
+        }
+        Ok(())
+    }
+
+    /// The ISP's ports facing the routers: `down` itself, or the bridge
+    /// ports of an HA pair.
+    pub(crate) fn router_ports(&self) -> Vec<String> {
+        match self.ha_routers {
+            0 => vec!["down".to_string()],
+            n => (0..n).map(|k| format!("r{k}")).collect(),
+        }
+    }
+
+    /// Fails for operations an HA pair's uplink does not model.
+    fn not_ha(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.ha_routers == 0,
+            "{what} is not supported on an HA pair's ISP {}",
+            self.index
+        );
         Ok(())
     }
 }
@@ -163,6 +227,7 @@ impl<'a> Isp<'a> {
             CGNAT.contains(&router_addr) && router_addr.contains(&gateway) && gateway != router_addr.addr(),
             "{router_addr} / {gateway}: want a router address and a gateway in one subnet of {CGNAT}"
         );
+        self.node.not_ha("readdressing")?;
         let i = self.node.index;
         {
             let mut st = self.node.state();
@@ -209,6 +274,7 @@ impl<'a> Isp<'a> {
     /// Deletes the router's `wanI` (and so the ISP's `down`), as when a PPP
     /// link is not dialled.
     pub fn remove_wan_interface(&self) -> Result<()> {
+        self.node.not_ha("removing the WAN interface")?;
         let _st = self.node.state();
         self.lab
             .router
@@ -223,6 +289,7 @@ impl<'a> Isp<'a> {
     /// loss and delay work as on the veth; carrier, rate, readdressing
     /// and `remove/restore_wan_interface` do not apply to it.
     pub fn dial_point_to_point(&self, name: &str) -> Result<()> {
+        self.node.not_ha("a point-to-point link")?;
         let mut st = self.node.state();
         ensure!(
             st.ppp.is_none(),
@@ -257,6 +324,7 @@ link set dev {name} up
     /// Recreates `wanI` after [`Isp::remove_wan_interface`], with its
     /// current addresses, default route and rate limit, carrier up.
     pub fn restore_wan_interface(&self) -> Result<()> {
+        self.node.not_ha("restoring the WAN interface")?;
         self.node
             .create_wan_link(&self.lab.router, &self.node.state())?;
         self.lab.refresh_plain_route(self.node.index)

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 pub use mwan::control::{FlowRecord, Status, WanStatus};
 
+use crate::ns::Netns;
 use crate::proc::Proc;
 use crate::topology::{Lab, PROBE_TARGETS, TUNNEL_IFACE};
 use crate::wait_until;
@@ -89,10 +90,32 @@ pub fn with_state_dir(lab: &Lab, text: &str, dir: &Path) -> String {
     text.replace(&lab_dir, &format!("state_dir = \"{}\"", dir.display()))
 }
 
+/// `text` (from [`config`] or [`config_with`]) for router `k` of an HA
+/// pair: its own pin and state directories ([`Lab::ha_pin_dir`],
+/// [`Lab::ha_state_dir`]); everything else is the same on both routers.
+pub fn for_ha_router(lab: &Lab, text: &str, k: usize) -> String {
+    let pins = format!("pin_dir = \"{}\"", lab.pin_dir().display());
+    let state = format!("state_dir = \"{}\"", lab.state_dir().display());
+    assert!(
+        text.contains(&pins) && text.contains(&state),
+        "not a lab config"
+    );
+    text.replace(
+        &pins,
+        &format!("pin_dir = \"{}\"", lab.ha_pin_dir(k).display()),
+    )
+    .replace(
+        &state,
+        &format!("state_dir = \"{}\"", lab.ha_state_dir(k).display()),
+    )
+}
+
 /// The mwan daemon of a lab. Ended with SIGTERM (full teardown) when
 /// dropped, unless already stopped.
 pub struct Mwan<'l> {
     lab: &'l Lab,
+    /// The router it runs on (0, or 1 for an HA pair's second router).
+    node: usize,
     pub config: PathBuf,
     proc: Option<Proc>,
     /// Extra environment of the daemon (besides `MWAN_LOG`).
@@ -119,10 +142,27 @@ impl<'l> Mwan<'l> {
         run_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Mwan<'l>> {
-        let config = lab.dir().join("mwan.toml");
+        Self::start_on(lab, 0, config_text, run_args, env)
+    }
+
+    /// Like [`Mwan::start_env`] on router `node` of an HA pair (config
+    /// from [`for_ha_router`]), with the config file `mwan-{node}.toml`.
+    pub fn start_on(
+        lab: &'l Lab,
+        node: usize,
+        config_text: &str,
+        run_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Mwan<'l>> {
+        let file = match node {
+            0 => "mwan.toml".to_string(),
+            k => format!("mwan-{k}.toml"),
+        };
+        let config = lab.dir().join(file);
         std::fs::write(&config, config_text)?;
         let mut m = Mwan {
             lab,
+            node,
             config,
             proc: None,
             env: env
@@ -143,7 +183,6 @@ impl<'l> Mwan<'l> {
         let mut env = vec![("MWAN_LOG", "info")];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let proc = self
-            .lab
             .router()
             .spawn(bin.to_str().expect("utf-8 path"), &args, &env)?;
         let socket = self.socket();
@@ -161,7 +200,16 @@ impl<'l> Mwan<'l> {
     pub fn socket(&self) -> PathBuf {
         mwan::config::Config::load(&self.config)
             .map(|c| c.control_socket())
-            .unwrap_or_else(|_| self.lab.state_dir().join("mwan.sock"))
+            .unwrap_or_else(|_| self.lab.ha_state_dir(self.node).join("mwan.sock"))
+    }
+
+    /// The router namespace the daemon runs in.
+    pub fn router(&self) -> &'l Netns {
+        if self.node == 0 {
+            self.lab.router()
+        } else {
+            self.lab.ha_router(self.node)
+        }
     }
 
     /// Runs `mwan --config <config> ARGS` in the router namespace.
@@ -188,7 +236,7 @@ impl<'l> Mwan<'l> {
         let mut argv = via.to_vec();
         argv.extend([bin.to_str().expect("utf-8 path"), "--config", &config]);
         argv.extend_from_slice(args);
-        self.lab.router().exec_status(&argv)
+        self.router().exec_status(&argv)
     }
 
     /// `cli` that must succeed; returns stdout.
@@ -283,7 +331,7 @@ impl<'l> Mwan<'l> {
     /// returns how many there were.
     pub fn delete_pins(&self) -> Result<usize> {
         use mwan_common::{FlowKey, FlowValue, MAP_FLOWS};
-        let data = mwan::datapath::open_pinned_map(&self.lab.pin_dir(), MAP_FLOWS)?;
+        let data = mwan::datapath::open_pinned_map(&self.lab.ha_pin_dir(self.node), MAP_FLOWS)?;
         let mut map: aya::maps::HashMap<_, FlowKey, FlowValue> =
             aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
         let keys: Vec<FlowKey> = map.keys().collect::<Result<_, _>>()?;
@@ -359,7 +407,32 @@ pub fn shares(lab: &Lab, seen: &[SocketAddrV4]) -> BTreeMap<usize, f64> {
 /// compare before and after: rules, all routes, nftables, tc filters,
 /// the sysctls mwan sets, and the pin directory.
 pub fn router_snapshot(lab: &Lab) -> String {
-    let r = lab.router();
+    snapshot_of(lab.router(), &lab.pin_dir())
+}
+
+/// [`router_snapshot`] of router `k` of an HA pair, with its addresses
+/// (the virtual ones must be gone) and the programs running in it.
+pub fn ha_router_snapshot(lab: &Lab, k: usize) -> String {
+    let r = lab.ha_router(k);
+    let mut out = snapshot_of(r, &lab.ha_pin_dir(k));
+    let cmd = "ip -4 -o addr show | sed 's/ valid_lft.*//'";
+    out += &format!("$ {cmd}\n{}\n", r.sh(cmd).unwrap_or_else(|e| e.to_string()));
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", r.name()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut programs: Vec<String> = pids
+        .split_whitespace()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    programs.sort();
+    out += &format!("programs: {programs:?}\n");
+    out
+}
+
+fn snapshot_of(r: &Netns, pin_dir: &Path) -> String {
     let mut out = String::new();
     for cmd in [
         "ip rule show",
@@ -372,7 +445,7 @@ pub fn router_snapshot(lab: &Lab) -> String {
     }
     out += &format!(
         "pins: {:?}\n",
-        std::fs::read_dir(lab.pin_dir())
+        std::fs::read_dir(pin_dir)
             .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
             .unwrap_or_default()
     );

@@ -141,6 +141,14 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// SIGKILLs every process in this namespace, as a power cut would (the
+    /// lab's [`crate::Proc`] handles of them see the processes gone).
+    pub fn kill_all(&self) {
+        kill_all(&self.name);
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = destroy(&self.name) {
@@ -183,7 +191,13 @@ pub(crate) fn run_cmd(cmd: &mut Command, input: Option<&str>) -> Result<Output> 
 
 /// Kills every process inside namespace `name` and deletes it.
 fn destroy(name: &str) -> Result<()> {
-    // Best effort: a namespace that cannot be inspected is deleted anyway.
+    kill_all(name);
+    run_cmd(Command::new("ip").args(["netns", "del", name]), None).map(drop)
+}
+
+/// SIGKILLs every process inside namespace `name` (but this one). Best
+/// effort: a namespace that cannot be inspected is left as it is.
+fn kill_all(name: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
         let me = std::process::id();
         let pids = String::from_utf8_lossy(&out.stdout);
@@ -195,7 +209,6 @@ fn destroy(name: &str) -> Result<()> {
             let _ = sys::kill(pid, libc::SIGKILL);
         }
     }
-    run_cmd(Command::new("ip").args(["netns", "del", name]), None).map(drop)
 }
 
 /// Deletes the namespaces left behind by lab processes that died without

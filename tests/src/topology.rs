@@ -72,6 +72,29 @@ pub const TUNNEL_HOST: Ipv4Addr = Ipv4Addr::new(100, 64, 250, 2);
 pub const TUNNEL_IFACE: &str = "tun0";
 /// Every WAN-side address (router ↔ ISP links) is in here.
 pub const CGNAT: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10);
+/// The link between the two routers of [`LabBuilder::ha_pair`] (`sync`
+/// in both), for conntrackd: router `k` is 100.64.254.(1+k)/24.
+pub const HA_SYNC_NET: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 254, 0), 24);
+
+/// Router `k`'s own address (0 or 1) of an [`LabBuilder::ha_pair`] on the
+/// LAN: 192.0.2.(2+k); [`LAN0_ROUTER`] is the pair's virtual gateway
+/// address, held by the active router.
+pub fn ha_lan_addr(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 2 + k as u8)
+}
+
+/// Router `k`'s own address on ISP `isp`'s link of an HA pair:
+/// 100.64.isp.(3+k)/24. The ISP's single public address for the pair,
+/// 100.64.isp.2 ([`Isp::router_addr`]), is the virtual address the active
+/// router holds.
+pub fn ha_wan_addr(isp: usize, k: usize) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(100, 64, isp as u8, 3 + k as u8), 24)
+}
+
+/// Router `k`'s address on the sync link ([`HA_SYNC_NET`]).
+pub fn ha_sync_addr(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, 254, 1 + k as u8)
+}
 
 /// Hosts per LAN (the /25 leaves room for this many from `.10`/`.138`).
 const MAX_HOSTS: usize = 117;
@@ -173,10 +196,23 @@ pub struct LabBuilder {
     lan1_hosts: Option<usize>,
     isps: Option<Vec<IspSpec>>,
     tunnel_host: bool,
+    ha: bool,
     kind: RouterKind,
 }
 
 impl LabBuilder {
+    /// Two routers instead of one, as an HA pair: `lan0` is a bridge in a
+    /// switch namespace with the hosts and both routers on it (router `k`
+    /// has [`ha_lan_addr`]`(k)`, the hosts' gateway [`LAN0_ROUTER`] belongs
+    /// to whichever router holds it), each ISP's `down` is a bridge with a
+    /// port to each router (`wanI` with [`ha_wan_addr`]), and a veth `sync`
+    /// joins the routers. No address is virtual until a VRRP daemon adds
+    /// it. No second LAN, tunnel host, readdressing or PPP in this mode.
+    pub fn ha_pair(mut self) -> Self {
+        self.ha = true;
+        self
+    }
+
     /// The router's kind (default: [`RouterKind::from_env`]). Tests of a
     /// DHCP client's behaviour (`gateway = "auto"`, renumbering) set
     /// [`RouterKind::Dhcp`] themselves.
@@ -225,6 +261,10 @@ impl LabBuilder {
             "at most {MAX_HOSTS} hosts per LAN"
         );
         ensure!((1..=MAX_ISPS).contains(&isps.len()), "1 to {MAX_ISPS} ISPs");
+        ensure!(
+            !self.ha || (self.lan1_hosts.is_none() && !self.tunnel_host),
+            "an HA pair lab has one LAN and no tunnel host"
+        );
 
         ns::sweep_leftovers()?;
         crate::labdir::sweep_leftovers();
@@ -241,15 +281,30 @@ impl LabBuilder {
 
         let router = Netns::create(format!("{name}r"), ctx.clone())?;
         router.sysctls(&[("net.ipv4.ip_forward", "1")])?;
+        let (peer, switch) = if self.ha {
+            let peer = Netns::create(format!("{name}q"), ctx.clone())?;
+            peer.sysctls(&[("net.ipv4.ip_forward", "1")])?;
+            let switch = Netns::create(format!("{name}b"), ctx.clone())?;
+            (Some(peer), Some(switch))
+        } else {
+            (None, None)
+        };
         let inet = Netns::create(format!("{name}n"), ctx.clone())?;
 
         let mut cmds = String::from("link set dev lo up\n");
-        let lan0 = build_lan(&ctx, &mut cmds, 0, self.lan_hosts)?;
+        let lan0 = build_lan(&ctx, &mut cmds, 0, self.lan_hosts, !self.ha)?;
         let lan1 = match self.lan1_hosts {
-            Some(n) => build_lan(&ctx, &mut cmds, 1, n)?,
+            Some(n) => build_lan(&ctx, &mut cmds, 1, n, true)?,
             None => Vec::new(),
         };
-        router.ip(&cmds)?;
+        let routers: Vec<&Netns> = std::iter::once(&router).chain(&peer).collect();
+        match &switch {
+            Some(switch) => {
+                switch.ip(&cmds)?;
+                build_ha_links(switch, &routers)?;
+            }
+            None => router.ip(&cmds)?,
+        }
         for host in lan0.iter().chain(&lan1) {
             host.ip(&format!(
                 "link set dev lo up\naddr add {}/25 dev eth0\nlink set dev eth0 up\nroute add default via {}",
@@ -264,7 +319,7 @@ impl LabBuilder {
         };
 
         let isp_nodes = (1..=isps.len())
-            .map(|i| IspNode::create(&ctx, i, &router, &inet))
+            .map(|i| IspNode::create(&ctx, i, &routers, &inet))
             .collect::<Result<Vec<_>>>()?;
 
         let mut cmds = String::from("link set dev lo up\n");
@@ -282,6 +337,9 @@ impl LabBuilder {
         inet.ip(&cmds)?;
         let servers = start_servers(&inet)?;
 
+        if self.ha {
+            std::fs::create_dir(dir.root().join("state-1"))?;
+        }
         let lab = Lab {
             ctx,
             _servers: servers,
@@ -290,6 +348,8 @@ impl LabBuilder {
             lan0,
             lan1,
             router,
+            peer,
+            switch,
             inet,
             blocked: Mutex::new(BTreeSet::new()),
             plain_via: Mutex::new(None),
@@ -313,13 +373,24 @@ impl LabBuilder {
 
 /// Creates the host namespaces of LAN `lan` and appends to `cmds` the
 /// router commands for its bridge and ports.
-fn build_lan(ctx: &Arc<LabCtx>, cmds: &mut String, lan: usize, hosts: usize) -> Result<Vec<Host>> {
+/// `with_gateway`: the bridge has the router's address (it is in the
+/// router); an HA pair's bridge is in the switch and has none.
+fn build_lan(
+    ctx: &Arc<LabCtx>,
+    cmds: &mut String,
+    lan: usize,
+    hosts: usize,
+    with_gateway: bool,
+) -> Result<Vec<Host>> {
     let (net, gateway, tag) = if lan == 0 {
         (LAN0, LAN0_ROUTER, 'h')
     } else {
         (LAN1, LAN1_ROUTER, 'k')
     };
-    *cmds += &format!("link add name lan{lan} type bridge\naddr add {gateway}/25 dev lan{lan}\nlink set dev lan{lan} up\n");
+    *cmds += &format!("link add name lan{lan} type bridge\nlink set dev lan{lan} up\n");
+    if with_gateway {
+        *cmds += &format!("addr add {gateway}/25 dev lan{lan}\n");
+    }
     (0..hosts)
         .map(|i| {
             let ns = Netns::create(format!("{}{tag}{i}", ctx.name), ctx.clone())?;
@@ -331,6 +402,32 @@ fn build_lan(ctx: &Arc<LabCtx>, cmds: &mut String, lan: usize, hosts: usize) -> 
             Ok(Host { ns, addr, gateway })
         })
         .collect()
+}
+
+/// An HA pair's LAN ports and sync link: router `k`'s `lan0` is a veth
+/// to port `r{k}` of the switch's bridge `lan0`; `sync` joins the routers.
+fn build_ha_links(switch: &Netns, routers: &[&Netns]) -> Result<()> {
+    let mut cmds = String::new();
+    for (k, r) in routers.iter().enumerate() {
+        cmds += &format!(
+            "link add name r{k} type veth peer name lan0 netns {}\nlink set dev r{k} master lan0 up\n",
+            r.name()
+        );
+    }
+    switch.ip(&cmds)?;
+    routers[0].ip(&format!(
+        "link add name sync type veth peer name sync netns {}",
+        routers[1].name()
+    ))?;
+    for (k, r) in routers.iter().enumerate() {
+        r.ip(&format!(
+            "link set dev lo up\naddr add {}/25 dev lan0\nlink set dev lan0 up\naddr add {}/{} dev sync\nlink set dev sync up",
+            ha_lan_addr(k),
+            ha_sync_addr(k),
+            HA_SYNC_NET.prefix_len()
+        ))?;
+    }
+    Ok(())
 }
 
 /// The host of [`LabBuilder::tunnel_host`] and its link to the router.
@@ -415,6 +512,10 @@ pub struct Lab {
     lan0: Vec<Host>,
     lan1: Vec<Host>,
     pub(crate) router: Netns,
+    /// The second router of an HA pair.
+    peer: Option<Netns>,
+    /// The LAN switch of an HA pair.
+    switch: Option<Netns>,
     pub(crate) inet: Netns,
     pub(crate) blocked: Mutex<BTreeSet<Ipv4Addr>>,
     pub(crate) plain_via: Mutex<Option<usize>>,
@@ -429,6 +530,7 @@ impl Lab {
             lan1_hosts: None,
             isps: None,
             tunnel_host: false,
+            ha: false,
             kind: RouterKind::from_env(),
         }
     }
@@ -440,6 +542,27 @@ impl Lab {
 
     pub fn router(&self) -> &Netns {
         &self.router
+    }
+
+    /// Whether this is an HA pair lab ([`LabBuilder::ha_pair`]).
+    pub fn is_ha_pair(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Router `k` of an HA pair (0: [`Lab::router`], 1: the other one).
+    /// Panics on other `k`, or `k` = 1 in a lab with one router.
+    pub fn ha_router(&self, k: usize) -> &Netns {
+        match k {
+            0 => &self.router,
+            1 => self.peer.as_ref().expect("not an HA pair lab"),
+            _ => panic!("an HA pair has routers 0 and 1, not {k}"),
+        }
+    }
+
+    /// The LAN switch of an HA pair (bridge `lan0`, port `r{k}` to router
+    /// `k`).
+    pub fn ha_switch(&self) -> &Netns {
+        self.switch.as_ref().expect("not an HA pair lab")
     }
 
     /// The internet namespace (servers and probe targets).
@@ -501,6 +624,23 @@ impl Lab {
     /// An empty directory for mwan's state files.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.state()
+    }
+
+    /// [`Lab::pin_dir`] for router `k` of an HA pair (each router has its
+    /// own datapath).
+    pub fn ha_pin_dir(&self, k: usize) -> PathBuf {
+        match k {
+            0 => self.pin_dir(),
+            _ => self.dir.bpf().join(format!("mwan-{k}")),
+        }
+    }
+
+    /// [`Lab::state_dir`] for router `k` of an HA pair (made by the lab).
+    pub fn ha_state_dir(&self, k: usize) -> PathBuf {
+        match k {
+            0 => self.state_dir(),
+            _ => self.dir.root().join(format!("state-{k}")),
+        }
     }
 
     /// Where the stdout/stderr of spawned processes go.

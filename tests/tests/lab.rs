@@ -593,3 +593,94 @@ fn isps_drop_packets_with_another_isps_source() {
         "ISP 2 forwarded a packet from ISP 1's address"
     );
 }
+
+/// The HA pair lab: both routers on the LAN switch and on each ISP's
+/// bridge, the sync link between them, and a gateway address (with the
+/// public one) that works from whichever router holds it.
+#[test]
+fn ha_pair_topology_moves_the_gateway_between_routers() {
+    let lab = Lab::builder()
+        .ha_pair()
+        .lan_hosts(2)
+        .isps(2)
+        .build()
+        .expect("lab builds");
+    assert!(lab.is_ha_pair());
+    assert_eq!(lab.host(1).gateway(), LAN0_ROUTER);
+    for k in 0..2 {
+        let r = lab.ha_router(k);
+        assert_eq!(quick_ping(lab.host(0), ha_lan_addr(k), 2).received, 2);
+        assert_eq!(quick_ping(r, ha_sync_addr(1 - k), 2).received, 2);
+        for i in 1..=2 {
+            assert_eq!(
+                lab.isp(i).router_addr().to_string(),
+                format!("100.64.{i}.2/24")
+            );
+            assert_eq!(
+                quick_ping(r, lab.isp(i).gateway(), 2).received,
+                2,
+                "router {k} reaches gateway {i}"
+            );
+        }
+    }
+    // No router holds the gateway address yet.
+    assert!(fails(lab.host(0)));
+    // Router k takes the gateway and ISP 2's public address, as VRRP
+    // would (with gratuitous ARP replaced by flushing the neighbours).
+    let take = |k: usize, add: bool| {
+        let verb = if add { "add" } else { "del" };
+        lab.ha_router(k)
+            .ip(&format!(
+                "addr {verb} {LAN0_ROUTER}/25 dev lan0\naddr {verb} 100.64.2.2/32 dev wan2\nroute {verb} default via 100.64.2.1 dev wan2 metric 10"
+            ))
+            .unwrap();
+        if add {
+            lab.ha_router(k)
+                .exec(&[
+                    "nft",
+                    "add table ip t; add chain ip t p { type nat hook postrouting priority srcnat; }; \
+                     add rule ip t p oifname \"wan2\" snat to 100.64.2.2",
+                ])
+                .unwrap();
+        } else {
+            lab.ha_router(k)
+                .exec(&["nft", "delete table ip t"])
+                .unwrap();
+        }
+        lab.host(0)
+            .exec(&["ip", "neigh", "flush", "dev", "eth0"])
+            .unwrap();
+        lab.isp(2)
+            .ns()
+            .exec(&["ip", "neigh", "flush", "dev", "down"])
+            .unwrap();
+    };
+    for k in 0..2 {
+        take(k, true);
+        let seen = lab
+            .host(0)
+            .tcp_whoami(TCP_WHOAMI)
+            .expect("through the holder");
+        assert_eq!(*seen.ip(), Ipv4Addr::new(100, 64, 2, 2), "via router {k}");
+        take(k, false);
+        assert!(fails(lab.host(0)));
+    }
+    // An ISP's carrier loss reaches both routers.
+    lab.isp(1).set_carrier(false).unwrap();
+    for k in 0..2 {
+        let link = out(lab.ha_router(k), &["ip", "link", "show", "dev", "wan1"]);
+        assert!(link.contains("NO-CARRIER"), "router {k}: {link}");
+    }
+    lab.isp(1).set_carrier(true).unwrap();
+    // A power cut ends every process of a router.
+    let sleeper = lab.ha_router(1).spawn("sleep", &["60"], &[]).unwrap();
+    lab.ha_router(1).kill_all();
+    assert!(sleeper.wait_timeout(Duration::from_secs(5)).is_some());
+    assert!(lab
+        .isp(1)
+        .readdress(
+            "100.64.101.2/24".parse().unwrap(),
+            Ipv4Addr::new(100, 64, 101, 1)
+        )
+        .is_err());
+}

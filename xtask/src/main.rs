@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("run") => run(&args[1..]),
         Some("demo") => build().and_then(|bin| demo::demo(&root(), &bin, &args[1..])),
-        Some("bench") => build().and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
+        Some("bench") => ensure_tools(&HA_TOOLS)
+            .and_then(|()| build())
+            .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
         Some("-h") | Some("--help") | Some("help") | None => {
             print!("{USAGE}");
@@ -177,6 +179,21 @@ const TEST_TOOLS: [(&str, &str); 3] = [
     ("chromium", "chromium"),
 ];
 
+/// An HA pair's daemons, for its tests and the bench's router failover.
+const HA_TOOLS: [(&str, &str); 3] = [
+    ("keepalived", "keepalived"),
+    ("conntrackd", "conntrackd"),
+    ("conntrack", "conntrack"),
+];
+
+/// Packages whose system service the tests must not have running: they
+/// start their own instances inside lab namespaces.
+const TEST_SERVICES: [(&str, &str); 3] = [
+    ("prometheus", "prometheus.service"),
+    ("keepalived", "keepalived.service"),
+    ("conntrackd", "conntrackd.service"),
+];
+
 fn ensure_runtime_tools() -> Result<()> {
     ensure_tools(&LAB_TOOLS)
 }
@@ -201,13 +218,15 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
         bail!("missing runtime tools: install {}", missing.join(" "));
     }
     without_service_starts(|| apt_install(&missing))?;
-    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
-        // The package enables its service for the next boot; the tests
-        // start their own Prometheus in a lab namespace.
-        println!("xtask: disabling prometheus.service (installed for the tests only)");
-        let _ = Command::new("systemctl")
-            .args(["disable", "--now", "--quiet", "prometheus.service"])
-            .status();
+    for (pkg, service) in TEST_SERVICES {
+        if missing.contains(&pkg) && Path::new("/run/systemd/system").exists() {
+            // The package enables its service for the next boot; the tests
+            // start their own instances in lab namespaces.
+            println!("xtask: disabling {service} (installed for the tests only)");
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "--quiet", service])
+                .status();
+        }
     }
     Ok(())
 }
@@ -271,6 +290,7 @@ fn test(args: &[String]) -> Result<()> {
     }
     ensure_runtime_tools()?;
     ensure_tools(&TEST_TOOLS)?;
+    ensure_tools(&HA_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut total = Counts::default();

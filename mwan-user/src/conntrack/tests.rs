@@ -195,6 +195,7 @@ fn deletes_only_matching_entries_of_real_traffic() {
         interface: "wan2".into(),
         mark: 0x2_0000,
         nat: true,
+        snat: None,
     }];
     t.router
         .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[]).await })

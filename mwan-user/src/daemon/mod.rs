@@ -76,6 +76,9 @@ struct Daemon {
     balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
     all_down: bool,
     bypass_written: Vec<Ipv4Net>,
+    /// With `ha_address`: whether this router holds it (is the HA pair's
+    /// active router), from the addresses seen at the last refresh.
+    ha_active: Option<bool>,
     events: VecDeque<Event>,
     rounds_tx: mpsc::Sender<RoundReport>,
     rounds_rx: Option<mpsc::Receiver<RoundReport>>,
@@ -149,6 +152,7 @@ impl Daemon {
             balance_written: None,
             all_down: false,
             bypass_written: Vec::new(),
+            ha_active: None,
             events: VecDeque::new(),
             rounds_tx,
             rounds_rx: Some(rounds_rx),
@@ -181,7 +185,13 @@ impl Daemon {
         let inherited = self.dp.inherited;
         let pinned_names = self.dp.maps.names()?;
         let names: Vec<&str> = self.cfg.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &pinned_names, id_capacity(self.cfg.mark_mask));
+        let fixed: Vec<Option<u8>> = self.cfg.wans.iter().map(|w| w.id).collect();
+        let ids = assign_ids(
+            &names,
+            &fixed,
+            &pinned_names,
+            id_capacity(self.cfg.mark_mask),
+        );
         if inherited {
             // The last default policy keeps balancing continuous.
             let p = self.dp.maps.policy(0)?;
@@ -498,6 +508,7 @@ impl Daemon {
                 interface: w.cfg.interface.clone(),
                 mark: w.mark,
                 nat: w.cfg.nat,
+                snat: w.cfg.snat_address,
             })
             .collect();
         let refuse: &[String] = if self.refusing() {
@@ -510,12 +521,31 @@ impl Daemon {
             .context("applying nftables table ip mwan")
     }
 
+    /// An HA pair's role follows keepalived: the router holding the
+    /// gateway address (`ha_address`) is the active one. Address events
+    /// bring every change here (see `sync_bypass`); the role is logged and
+    /// shown by `mwan status`. Nothing else depends on it: the standby
+    /// keeps probing, its tables and rules route nothing while the LAN's
+    /// gateway is elsewhere, and it never touches the virtual addresses.
+    fn follow_ha_role(&mut self, addrs: &[(u32, Ipv4Net)]) {
+        let Some(vip) = self.cfg.ha_address else {
+            self.ha_active = None;
+            return;
+        };
+        let active = addrs.iter().any(|(_, a)| a.addr() == vip);
+        if self.ha_active != Some(active) {
+            let role = if active { "active" } else { "standby" };
+            info!(role, ha_address = %vip, "HA role");
+            self.ha_active = Some(active);
+            self.web_dirty = true;
+        }
+    }
+
     /// Local addresses and connected prefixes: never pinned to a WAN.
     async fn sync_bypass(&mut self) -> Result<()> {
-        let mut prefixes: Vec<Ipv4Net> = self
-            .net
-            .all_ipv4_addrs()
-            .await?
+        let addrs = self.net.all_ipv4_addrs().await?;
+        self.follow_ha_role(&addrs);
+        let mut prefixes: Vec<Ipv4Net> = addrs
             .into_iter()
             .flat_map(|(_, a)| {
                 [
@@ -955,7 +985,24 @@ impl Daemon {
             current[w.id as usize] = Some(w.cfg.name.clone());
         }
         let names: Vec<&str> = new.wans.iter().map(|w| w.name.as_str()).collect();
-        let ids = assign_ids(&names, &current, id_capacity(new.mark_mask));
+        // A running WAN's id is its flows' and connections' mark: a
+        // configured id that would change one needs a restart.
+        for nw in &new.wans {
+            let Some(id) = nw.id else { continue };
+            if let Some(w) = self.wans.iter().find(|w| {
+                (w.cfg.name == nw.name && w.id != id)
+                    || (w.id == id && w.cfg.name != nw.name && names.contains(&w.cfg.name.as_str()))
+            }) {
+                bail!(
+                    "wan {}: id {id} would renumber running WAN {} (id {}): restart mwan to apply it (the running config is unchanged)",
+                    nw.name,
+                    w.cfg.name,
+                    w.id
+                );
+            }
+        }
+        let fixed_ids: Vec<Option<u8>> = new.wans.iter().map(|w| w.id).collect();
+        let ids = assign_ids(&names, &fixed_ids, &current, id_capacity(new.mark_mask));
         // Removed WANs go first: a new WAN may take a removed one's id (the
         // mark mask numbers only so many), and must not be cleared after.
         let (mut old, removed): (Vec<WanRt>, Vec<WanRt>) = std::mem::take(&mut self.wans)

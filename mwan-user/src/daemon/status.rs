@@ -222,6 +222,9 @@ impl Daemon {
             uptime_secs: self.started.elapsed().as_secs_f64(),
             sticky: format!("{:?}", self.cfg.sticky).to_lowercase(),
             all_down: self.all_down,
+            ha_role: self
+                .ha_active
+                .map(|a| if a { "active" } else { "standby" }.to_string()),
             wans,
             flows_total: total,
             flows_counted_secs_ago: counted_ago,

@@ -150,19 +150,36 @@ pub fn id_capacity(mark_mask: u32) -> usize {
     (marks as usize).min(MAX_WANS as usize)
 }
 
-/// Stable WAN ids below `capacity` (see [`id_capacity`]): a WAN keeps the
-/// id recorded in the pinned `WAN_NAMES` (its flows refer to it); new WANs
-/// take the lowest id that no configured WAN holds. `pinned[i]` is the
-/// name recorded for id `i`.
-pub fn assign_ids(names: &[&str], pinned: &[Option<String>], capacity: usize) -> Vec<u8> {
+/// Stable WAN ids below `capacity` (see [`id_capacity`]): a WAN with a
+/// configured id (`fixed[i]`, validated below `capacity` and unique) takes
+/// it; another keeps the id recorded in the pinned `WAN_NAMES` (its flows
+/// refer to it) unless a configured id claims it; new WANs take the lowest
+/// id that no configured WAN holds. `pinned[i]` is the name recorded for
+/// id `i`.
+pub fn assign_ids(
+    names: &[&str],
+    fixed: &[Option<u8>],
+    pinned: &[Option<String>],
+    capacity: usize,
+) -> Vec<u8> {
     let capacity = capacity.min(MAX_WANS as usize);
     let mut taken = vec![false; capacity];
     let mut ids = vec![None; names.len()];
+    for (i, f) in fixed.iter().enumerate().take(names.len()) {
+        if let Some(id) = f.filter(|id| usize::from(*id) < capacity) {
+            ids[i] = Some(id);
+            taken[usize::from(id)] = true;
+        }
+    }
     for (i, n) in names.iter().enumerate() {
+        if ids[i].is_some() {
+            continue;
+        }
         if let Some(id) = pinned
             .iter()
             .take(capacity)
             .position(|p| p.as_deref() == Some(*n))
+            .filter(|id| !taken[*id])
         {
             ids[i] = Some(id as u8);
             taken[id] = true;
@@ -189,19 +206,42 @@ mod tests {
     #[test]
     fn ids_are_stable_across_restarts_and_reloads() {
         const ALL: usize = MAX_WANS as usize;
-        assert_eq!(assign_ids(&["a", "b", "c"], &[], ALL), vec![0, 1, 2]);
+        assert_eq!(assign_ids(&["a", "b", "c"], &[], &[], ALL), vec![0, 1, 2]);
         let pinned = vec![
             Some("a".to_string()),
             Some("b".to_string()),
             Some("c".to_string()),
         ];
         // b removed, d added: d must not inherit b's id (b's flows must move).
-        assert_eq!(assign_ids(&["c", "a", "d"], &pinned, ALL), vec![2, 0, 3]);
+        assert_eq!(
+            assign_ids(&["c", "a", "d"], &[], &pinned, ALL),
+            vec![2, 0, 3]
+        );
         // Reordered config keeps ids.
-        assert_eq!(assign_ids(&["b", "a"], &pinned, ALL), vec![1, 0]);
+        assert_eq!(assign_ids(&["b", "a"], &[], &pinned, ALL), vec![1, 0]);
         // When every id was used once, a free one is reused.
         let full: Vec<Option<String>> = (0..MAX_WANS).map(|i| Some(format!("w{i}"))).collect();
-        assert_eq!(assign_ids(&["w3", "new"], &full, ALL), vec![3, 0]);
+        assert_eq!(assign_ids(&["w3", "new"], &[], &full, ALL), vec![3, 0]);
+    }
+
+    /// Configured ids win over the pinned ones (an HA pair's routers must
+    /// agree); the WAN that held a claimed id gets a free one.
+    #[test]
+    fn configured_ids_are_taken_first() {
+        const ALL: usize = MAX_WANS as usize;
+        assert_eq!(
+            assign_ids(&["a", "b"], &[Some(5), None], &[], ALL),
+            vec![5, 0]
+        );
+        let pinned = vec![Some("a".to_string()), Some("b".to_string())];
+        assert_eq!(
+            assign_ids(&["a", "b"], &[None, Some(0)], &pinned, ALL),
+            vec![2, 0]
+        );
+        assert_eq!(
+            assign_ids(&["a", "b"], &[Some(1), Some(0)], &pinned, ALL),
+            vec![1, 0]
+        );
     }
 
     /// `mark_mask = "0x300"` numbers three WANs (marks 0x100, 0x200,
@@ -217,8 +257,8 @@ mod tests {
             Some("b".to_string()),
             Some("c".to_string()),
         ];
-        assert_eq!(assign_ids(&["a", "b", "d"], &pinned, 3), vec![0, 1, 2]);
+        assert_eq!(assign_ids(&["a", "b", "d"], &[], &pinned, 3), vec![0, 1, 2]);
         // A pinned id the mask no longer numbers is not kept.
-        assert_eq!(assign_ids(&["c", "a"], &pinned, 2), vec![1, 0]);
+        assert_eq!(assign_ids(&["c", "a"], &[], &pinned, 2), vec![1, 0]);
     }
 }

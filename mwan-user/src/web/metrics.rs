@@ -222,6 +222,14 @@ pub fn render(s: &Snapshot) -> String {
         "1 while no WAN takes new flows (the all_down policy applies).",
     );
     o.sample("mwan_all_down", &[], f64::from(u8::from(st.all_down)));
+    if let Some(role) = &st.ha_role {
+        o.family(
+            "mwan_ha_active",
+            "gauge",
+            "With ha_address: 1 while this router is the HA pair's active one (holds the gateway address), 0 on the standby.",
+        );
+        o.sample("mwan_ha_active", &[], f64::from(u8::from(role == "active")));
+    }
     o.family(
         "mwan_flows",
         "gauge",

@@ -397,6 +397,7 @@ pub(crate) mod tests {
                 uptime_secs: 10.0,
                 sticky: "connection".into(),
                 all_down: false,
+                ha_role: None,
                 wans: vec![w1, w2],
                 flows_total: 3,
                 flows_counted_secs_ago: Some(0.5),

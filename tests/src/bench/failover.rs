@@ -171,17 +171,17 @@ pub fn ms(d: Duration) -> f64 {
 }
 
 /// xorshift64*, seeded from the clock: random phases, nothing more.
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn seeded() -> Rng {
+    pub fn seeded() -> Rng {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         Rng(t | 1)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

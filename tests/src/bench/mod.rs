@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod failover;
 pub mod footprint;
 pub mod forwarding;
+pub mod ha;
 pub mod report;
 pub mod scale;
 pub mod sig;

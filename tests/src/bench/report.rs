@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use super::failover::{self, ms, Failover};
 use super::footprint::Footprint;
 use super::forwarding::Forwarding;
+use super::ha::HaFailover;
 use super::scale::Scale;
 use super::stats::{percentile, ratios, si, summary, Summary};
 use super::sysinfo::Machine;
@@ -20,6 +21,7 @@ pub struct Results {
     pub footprint: Option<Footprint>,
     /// The same with the metrics endpoint scraped every second.
     pub footprint_scraped: Option<Footprint>,
+    pub ha: Option<HaFailover>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -293,7 +295,74 @@ pub fn table(r: &Results) -> String {
             f.cpu_pct
         );
     }
+    if let Some(h) = &r.ha {
+        let (med, p90, min, max) = dist(&ha_column(h, |t| t.first_connection));
+        let _ = writeln!(
+            o,
+            "\nHA pair, router failover ({} trials): first new connection median {med}, p90 {p90}, range {min}–{max}",
+            h.trials.len()
+        );
+    }
     o
+}
+
+fn ha_column(h: &HaFailover, f: impl Fn(&super::ha::HaTrial) -> std::time::Duration) -> Vec<f64> {
+    h.trials.iter().map(|t| f(t).as_secs_f64()).collect()
+}
+
+fn markdown_ha(o: &mut String, h: &HaFailover) {
+    let _ = writeln!(o, "## 6. Router failover (HA pair)\n");
+    let _ = writeln!(
+        o,
+        "Two routers run mwan with keepalived (VRRPv3, `advert_int` {:.1} s, `nopreempt`) and conntrackd \
+         (FTFW, entries injected into the standby's kernel table), as in [docs/HA.md](docs/HA.md). In \
+         each of {} trials a download runs through the active router, which then dies (links down, every \
+         process killed) at a random phase against the advertisements; the dead router boots again as \
+         the standby and the next trial kills the other one. Times from the death; the download must go \
+         on from the same address (it does in every trial, or the bench stops).\n",
+        h.advert_int.as_secs_f64(),
+        h.trials.len()
+    );
+    let _ = writeln!(o, "| | median | p90 | min | max |\n|---|---|---|---|---|");
+    for (name, col) in [
+        (
+            "standby holds the gateway address",
+            ha_column(h, |t| t.address_moved),
+        ),
+        (
+            "first new connection answered",
+            ha_column(h, |t| t.first_connection),
+        ),
+        ("download's longest stall", ha_column(h, |t| t.stall)),
+    ] {
+        let (med, p90, min, max) = dist(&col);
+        let _ = writeln!(o, "| {name} | {med} | {p90} | {min} | {max} |");
+    }
+    let _ = writeln!(
+        o,
+        "\nVRRP declares the master dead after three advertisement intervals plus a skew of \
+         (256 − priority)/256 intervals; a shorter `advert_int` moves the addresses sooner at the price \
+         of more advertisements and a higher risk of a spurious takeover on a loaded router. New \
+         connections work as soon as the addresses have moved (the bench starts an attempt every 5 ms; \
+         an application whose SYN went to the dead router waits for the kernel's SYN retransmission). \
+         The download resumes with the server's next TCP retransmission after the move.\n"
+    );
+    let _ = writeln!(o, "<details><summary>Every trial</summary>\n");
+    let _ = writeln!(
+        o,
+        "| trial | address moved | first new connection | download stall |\n|---|---|---|---|"
+    );
+    for (i, t) in h.trials.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "| {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            i + 1,
+            ms(t.address_moved),
+            ms(t.first_connection),
+            ms(t.stall)
+        );
+    }
+    let _ = writeln!(o, "\n</details>\n");
 }
 
 /// BENCHMARKS.md.
@@ -357,6 +426,9 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(f) = &r.footprint {
         markdown_footprint(&mut o, f, r.footprint_scraped.as_ref());
+    }
+    if let Some(h) = &r.ha {
+        markdown_ha(&mut o, h);
     }
     o += METHOD;
     o

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
-use bench::{failover, footprint, forwarding, report, scale, sig, sysinfo};
+use bench::{failover, footprint, forwarding, ha, report, scale, sig, sysinfo};
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
 
@@ -20,7 +20,7 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    report goes to target/BENCHMARKS-quick.md unless --out is given
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
-  --only SECTIONS  comma-separated subset of: forwarding, failover, scale, footprint
+  --only SECTIONS  comma-separated subset of: forwarding, failover, scale, footprint, ha
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -34,7 +34,7 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 4] = ["forwarding", "failover", "scale", "footprint"];
+const SECTIONS: [&str; 5] = ["forwarding", "failover", "scale", "footprint", "ha"];
 
 fn parse_args() -> Result<Option<Args>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -135,6 +135,7 @@ fn run() -> Result<()> {
         scale: None,
         footprint: None,
         footprint_scraped: None,
+        ha: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -188,6 +189,10 @@ fn run() -> Result<()> {
         let secs = Duration::from_secs(if q { 5 } else { 20 });
         results.footprint = Some(footprint::run(8, secs, false, &log)?);
         results.footprint_scraped = Some(footprint::run(8, secs, true, &log)?);
+    }
+    if want("ha") {
+        println!("\n6. Router failover of an HA pair (keepalived, conntrackd)");
+        results.ha = Some(ha::run(if q { 3 } else { 10 }, &log)?);
     }
     results.total_secs = started.elapsed().as_secs_f64();
     results.background = sysinfo::background_share(cpu0, sysinfo::cpu_sample());
