@@ -123,7 +123,10 @@ impl Daemon {
             host.note_created(created.clone());
             host.pin_dir = cfg.pin_dir.clone();
             host.table_base = cfg.table_base;
-            let dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+            let mut dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+            // Learned destinations of domain rules are owned by the daemon
+            // that learned them (expiry, rule indexes): none is inherited.
+            dp.maps.clear_domain_dst()?;
             Ok::<_, anyhow::Error>((lock, host, dp))
         })();
         let (lock, host, dp) = match prepared {

@@ -4,14 +4,17 @@
 //! answers LAN clients receive, and steer connections to them (see "Domain
 //! rules" in docs/ARCHITECTURE.md). This module holds the parts that need no
 //! packet path: the answer parser ([`wire`]), the TCP framing of DNS
-//! ([`tcp`]), the name syntax of the config ([`name`]) and the first-rule
-//! suffix matcher ([`suffix`]). All of it is pure and bounded: any input,
+//! ([`tcp`]), the name syntax of the config ([`name`]), the first-rule
+//! suffix matcher ([`suffix`]) and the table of learned addresses with their
+//! expiry ([`learned`]), whose changes go into the datapath's `DOMAIN_DST`. All of it is pure and bounded: any input,
 //! however malformed, is refused or ignored, never a panic.
+pub mod learned;
 pub mod name;
 pub mod suffix;
 pub mod tcp;
 pub mod wire;
 
+pub use learned::AddressTable;
 pub use name::{config_name, NameError};
 pub use suffix::DomainMatcher;
 pub use tcp::{frame, Deframer};

@@ -10,6 +10,7 @@ use aya::{TestRun, TestRunOptions};
 use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
 use mwan::config::Config;
 use mwan::datapath::{self, Datapath, COUNTER_NAMES};
+use mwan::dns::AddressTable;
 use mwan::policy::{self, CompiledRules, Health, WanView};
 use mwan_common::*;
 
@@ -38,6 +39,10 @@ pub struct Rig {
     rules_written: Option<CompiledRules>,
     /// Each rule's policy id (see `policy::assign_rule_policies`).
     policy_ids: Vec<u8>,
+    /// Addresses learned for domain rules, written into `DOMAIN_DST` with
+    /// the daemon's writer; `now_ns` is the fixture's clock for their expiry.
+    learned: AddressTable,
+    now_ns: u64,
 }
 
 impl Rig {
@@ -59,6 +64,8 @@ impl Rig {
             last_default: vec![],
             rules_written: None,
             policy_ids: vec![],
+            learned: AddressTable::new(),
+            now_ns: 0,
         })
     }
 
@@ -103,7 +110,29 @@ impl Rig {
         for h in hosts {
             self.dp.maps.hosts.remove(&h)?;
         }
+        self.learned = AddressTable::new();
+        self.now_ns = 0;
+        self.dp.maps.clear_domain_dst()?;
         Ok(())
+    }
+
+    /// A DNS answer for `chain` (the question, then CNAME targets) giving
+    /// `addr` with `ttl`: the rules listing any name of the chain learn it,
+    /// written as the relay does.
+    fn learn(&mut self, chain: &[&str], addr: Ipv4Addr, ttl: u32) -> Result<()> {
+        let mask = self.cfg.domain_matcher().chain_rules(chain);
+        ensure!(mask != 0, "no rule lists a name of {chain:?}");
+        if let Some(change) = self.learned.learn(addr, mask, ttl, self.now_ns) {
+            self.dp.maps.write_domain_dst(&[change])?;
+        }
+        Ok(())
+    }
+
+    /// The clock moves on by `secs`; what expired is deleted from the map.
+    fn advance(&mut self, secs: u64) -> Result<()> {
+        self.now_ns += secs * 1_000_000_000;
+        let changes = self.learned.expire(self.now_ns);
+        self.dp.maps.write_domain_dst(&changes)
     }
 
     fn wan_id(&self, name: &str) -> Result<u8> {
@@ -431,6 +460,8 @@ impl Rig {
                 }),
                 Step::Health(changes) => self.set_health(changes),
                 Step::Age(p, secs) => self.age(p, *secs),
+                Step::Learn(chain, addr, ttl) => self.learn(chain, *addr, *ttl),
+                Step::Advance(secs) => self.advance(*secs),
             };
             res?;
         }
