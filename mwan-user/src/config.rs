@@ -1570,9 +1570,7 @@ impl Config {
     /// Checks the config against the host: every LAN interface must exist;
     /// a WAN interface must exist unless its gateway is `auto` (a PPP or
     /// DHCP link that may appear later). `exists` answers whether an
-    /// interface exists. Rules by domain name are refused here: they are
-    /// parsed and validated, but this version does not learn the names'
-    /// addresses yet, and a rule that silently never matches would mislead.
+    /// interface exists.
     pub fn check_system(&self, exists: &dyn Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
         self.check_system_unlocated(exists)
             .map_err(|e| self.source.place(e))
@@ -1583,27 +1581,6 @@ impl Config {
         exists: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<String>, ConfigError> {
         let mut warnings = Vec::new();
-        for (i, r) in self.rules.iter().enumerate() {
-            if r.domains.is_empty() {
-                continue;
-            }
-            let key = match r.domains_file {
-                Some(_) => "domains_file",
-                None => "domains",
-            };
-            return Err(err(
-                KeyPath::from("rule").index(i).label(&r.name).key(key),
-                format!(
-                    "{} valid, but steering by domain name is not supported by this version yet \
-                     (mwan does not learn their addresses from DNS answers), so the rule would never match; \
-                     remove the rule or its domains for now",
-                    match r.domains.len() {
-                        1 => "the name is".to_string(),
-                        n => format!("the {n} names are"),
-                    }
-                ),
-            ));
-        }
         for (i, l) in self.lan_interfaces.iter().enumerate() {
             if !exists(l) {
                 return Err(err(
@@ -1661,6 +1638,11 @@ impl Config {
 
     pub fn wan_mark(&self, id: u8) -> u32 {
         ((id as u32) + 1) << self.mark_shift()
+    }
+
+    /// Whether a rule steers by domain name (the DNS relay is needed).
+    pub fn has_domain_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.domains.is_empty())
     }
 }
 
@@ -2371,26 +2353,14 @@ main = true
     }
 
     #[test]
-    fn domain_rules_are_refused_until_steering_exists() {
+    fn domain_rules_pass_the_system_check() {
         let c = Config::parse(&domain_rule(
             "proto = \"tcp\"\ndomains = [\"gov.br\", \"edu.br\"]\nwans = [\"isp1\"]",
         ))
         .unwrap();
-        let e = c.check_system(&|_| true).unwrap_err().to_string();
-        assert!(
-            e.starts_with("line 19: rule[0] (gov).domains: the 2 names are valid, but steering by domain name is not supported by this version yet"),
-            "{e}"
-        );
-        // Any rule with domains, not only the first.
-        let text = format!(
-            "{MIN}\n[[rule]]\ndst_ports = [25]\nwans = [\"isp1\"]\n\n[[rule]]\nname = \"b\"\ndomains = \"example.com\"\nmain = true\n"
-        );
-        let e = Config::parse(&text)
-            .unwrap()
-            .check_system(&|_| true)
-            .unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(22), "rule[1] (b).domains"));
-        assert!(e.reason.starts_with("the name is valid, but "), "{e}");
+        assert!(c.has_domain_rules());
+        assert_eq!(c.check_system(&|_| true).unwrap(), Vec::<String>::new());
+        assert!(!Config::parse(MIN).unwrap().has_domain_rules());
     }
 
     #[test]

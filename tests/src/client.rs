@@ -2,7 +2,7 @@
 //! [`CLIENT_TIMEOUT`].
 
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -72,6 +72,28 @@ impl Netns {
             bail!("DNS reply id {} does not match query id {id}", reply.id);
         }
         Ok(reply)
+    }
+
+    /// Resolves `name` (type A) with `server`: the addresses of the answer,
+    /// CNAME chains followed by the server. An answer without addresses or
+    /// with another ID is an error.
+    pub fn dns_lookup(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
+        let id = unique_id();
+        let answer = self.udp_exchange(server, &dns::query(id, name))?;
+        let reply = dns::parse_reply(&answer)
+            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
+        if reply.id != id {
+            bail!("DNS reply id {} does not match query id {id}", reply.id);
+        }
+        let addrs = dns::addresses(&answer)
+            .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
+        if addrs.is_empty() {
+            bail!(
+                "{server} gave no address for {name} (rcode {})",
+                reply.rcode
+            );
+        }
+        Ok(addrs)
     }
 
     /// Opens a connection to a stream server; a thread keeps reading it.

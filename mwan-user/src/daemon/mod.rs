@@ -88,6 +88,10 @@ struct Daemon {
     started_wall: SystemTime,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// The DNS relay of rules by domain name, while a rule has domains.
+    relay: Option<crate::dns::relay::Relay>,
+    /// The nftables divert of LAN DNS queries to `relay`.
+    divert: Option<nft::Divert>,
     _lock: std::fs::File,
 }
 
@@ -161,6 +165,8 @@ impl Daemon {
             started_wall: SystemTime::now(),
             reloads_ok: 0,
             reloads_failed: 0,
+            relay: None,
+            divert: None,
             _lock: lock,
         };
         match d.bring_up().await {
@@ -239,6 +245,7 @@ impl Daemon {
         self.apply_sysctls()?;
         self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
         self.host.save(&self.cfg.state_file())?;
+        self.sync_relay()?;
         self.refresh_links(true).await?;
         self.sync_nft().await?;
         self.adopt_connections().await;
@@ -472,6 +479,25 @@ impl Daemon {
         self.all_down && self.cfg.all_down == AllDown::Unreachable
     }
 
+    /// Starts, restarts or stops the DNS relay of rules by domain name (the
+    /// nftables divert follows `self.divert` in `sync_nft`). What was
+    /// learned is forgotten: its masks index the rules as they were.
+    fn sync_relay(&mut self) -> Result<()> {
+        self.relay = None;
+        self.divert = None;
+        self.dp.maps.clear_domain_dst()?;
+        if !self.cfg.has_domain_rules() {
+            return Ok(());
+        }
+        let relay = crate::dns::relay::Relay::start(&self.cfg.pin_dir, self.cfg.domain_matcher())?;
+        self.divert = Some(nft::Divert {
+            lans: self.cfg.lan_interfaces.clone(),
+            port: relay.port,
+        });
+        self.relay = Some(relay);
+        Ok(())
+    }
+
     async fn sync_rules(&mut self) -> Result<()> {
         let wans: Vec<(u8, u32, Option<Ipv4Addr>)> = self
             .wans
@@ -486,6 +512,7 @@ impl Daemon {
             &wans,
             refuse,
         );
+
         self.net
             .sync_rules(&want)
             .await
@@ -508,7 +535,7 @@ impl Daemon {
         } else {
             &[]
         };
-        nft::apply(&wans, self.cfg.mark_mask, refuse)
+        nft::apply(&wans, self.cfg.mark_mask, refuse, self.divert.as_ref())
             .await
             .context("applying nftables table ip mwan")
     }
@@ -1026,7 +1053,17 @@ impl Daemon {
         if new.rules != self.cfg.rules {
             summary.push("rules changed".into());
         }
+        let relay_changed = self
+            .cfg
+            .rules
+            .iter()
+            .map(|r| &r.domains)
+            .ne(new.rules.iter().map(|r| &r.domains))
+            || new.lan_interfaces != self.cfg.lan_interfaces;
         self.cfg = new;
+        if relay_changed {
+            self.sync_relay()?;
+        }
         for l in removed_lans {
             datapath::detach(&l);
             summary.push(format!("detached {l}"));
