@@ -127,7 +127,7 @@ fn lookup_and_connect(lab: &Lab, name: &str, pick: usize) -> (Ipv4Addr, usize) {
 fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let (_dnsmasq, _servers) = resolver(&lab);
-    let mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    let mut mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
     mwan.wait_all_up(UP).unwrap();
     assert!(
         mwan.log()
@@ -182,4 +182,28 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
         let (addr, isp) = lookup_and_connect(&lab, &format!("after{i}.gov.example"), i);
         assert_eq!(isp, 1, "{addr} after ISP 2 died");
     }
+    lab.isp(2).set_blackhole(false).unwrap();
+
+    // `mwan stop` leaves the datapath forwarding, but not the DNS divert:
+    // with no relay, the LAN's queries must still be answered.
+    mwan.cli_ok(&["stop"]).unwrap();
+    let proc = mwan.forget().expect("daemon process");
+    assert!(
+        proc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        proc.output_so_far()
+    );
+    let nft = lab
+        .router()
+        .exec(&["nft", "list", "table", "ip", "mwan"])
+        .unwrap();
+    let nft = String::from_utf8_lossy(&nft.stdout);
+    assert!(
+        !nft.contains("dns_divert") && nft.contains("prerouting"),
+        "{nft}"
+    );
+    lab.host(0)
+        .dns_lookup(SocketAddrV4::new(RESOLVER, 53), "stopped.gov.example")
+        .unwrap();
 }

@@ -1180,6 +1180,15 @@ impl Daemon {
         let _ = std::fs::remove_file(&socket);
         match exit {
             Exit::Keep => {
+                if self.divert.take().is_some() {
+                    // Without the relay, diverted DNS queries would be
+                    // lost: the LAN's DNS goes direct (unlearned) until the
+                    // next daemon diverts it again.
+                    if let Err(e) = self.sync_nft().await {
+                        error!(error = %format!("{e:#}"), "removing the DNS divert");
+                    }
+                    self.relay = None;
+                }
                 info!(pin_dir = %self.cfg.pin_dir.display(), "stopped; the datapath keeps forwarding (run `mwan run` to take it over, `mwan stop --teardown` to remove it)");
                 Ok(())
             }
