@@ -174,6 +174,30 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     let (addr, isp) = lookup_and_connect(&lab, "portal.example", 0);
     assert_eq!((addr, isp), (CDN, 2));
 
+    // `mwan domains`: what was learned, by name, with the time left (the
+    // answers' TTL is 300 s, plus 30 s of grace).
+    let json = mwan
+        .cli_ok(&["domains", "--json", "--name", "gov.example"])
+        .unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(entries.len(), GOV.len(), "{json}");
+    for e in &entries {
+        let addr: Ipv4Addr = e["address"].as_str().unwrap().parse().unwrap();
+        assert!(GOV.contains(&addr), "{e}");
+        assert!(e["name"].as_str().unwrap().ends_with(".gov.example"), "{e}");
+        assert_eq!(e["rules"][0]["rule"], "gov", "{e}");
+        let left = e["rules"][0]["expires_in_secs"].as_f64().unwrap();
+        assert!((300.0..=330.0).contains(&left), "{e}");
+    }
+    let text = mwan.cli_ok(&["domains"]).unwrap();
+    assert!(
+        text.starts_with("NAME")
+            && text.contains("portal.example")
+            && text.contains("203.0.113.120"),
+        "{text}"
+    );
+    assert!(!text.contains("other.example"), "{text}");
+
     // The rule's WAN dies: the next WAN of its list takes its names.
     lab.isp(2).set_blackhole(true).unwrap();
     mwan.wait_state("isp2", "down", Duration::from_secs(3))

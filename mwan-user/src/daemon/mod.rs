@@ -893,6 +893,21 @@ impl Daemon {
                 r.status = Some(self.status().await?);
                 r
             }
+            Request::Domains { name } => {
+                let rule_names: Vec<String> =
+                    self.cfg.rules.iter().map(|r| r.name.clone()).collect();
+                let entries = match &self.relay {
+                    Some(r) => r.learned(&rule_names, name.as_deref()),
+                    None => vec![],
+                };
+                let mut r = Response::ok(match &self.relay {
+                    Some(_) if entries.is_empty() => "nothing learned (yet)",
+                    Some(_) => "learned addresses",
+                    None => "no rule has domains: nothing is learned",
+                });
+                r.domains = Some(entries);
+                r
+            }
             Request::SetWeight { wan, weight } => {
                 if !(1..=1000).contains(&weight) {
                     bail!("weight {weight} is out of range 1..=1000");

@@ -49,6 +49,8 @@ pub type Change = (Ipv4Addr, Option<u64>);
 #[derive(Debug, Default)]
 pub struct AddressTable {
     entries: HashMap<Ipv4Addr, BTreeMap<u8, u64>>,
+    /// The name whose answer last taught each address (for `mwan domains`).
+    names: HashMap<Ipv4Addr, Box<str>>,
     /// (expiry, address, rule), possibly stale (an entry learned again later
     /// has a newer expiry): checked against `entries` when popped.
     queue: BinaryHeap<Reverse<(u64, Ipv4Addr, u8)>>,
@@ -73,7 +75,14 @@ impl AddressTable {
     /// answer of `ttl` seconds at `now_ns`. Returns the change to write
     /// before the answer is released (`None`: the map already holds the
     /// right mask, only expiries moved).
-    pub fn learn(&mut self, addr: Ipv4Addr, mask: u64, ttl: u32, now_ns: u64) -> Option<Change> {
+    pub fn learn(
+        &mut self,
+        addr: Ipv4Addr,
+        mask: u64,
+        ttl: u32,
+        now_ns: u64,
+        name: &str,
+    ) -> Option<Change> {
         if mask == 0 {
             return None;
         }
@@ -82,6 +91,9 @@ impl AddressTable {
             return None;
         }
         let expires = now_ns.saturating_add(lifetime(ttl).as_nanos() as u64);
+        if self.names.get(&addr).map(|n| &**n) != Some(name) {
+            self.names.insert(addr, name.into());
+        }
         let rules = self.entries.entry(addr).or_default();
         let before = mask_of(rules);
         for rule in (0..64u8).filter(|r| mask & (1 << r) != 0) {
@@ -121,6 +133,7 @@ impl AddressTable {
                 let mask = self.entries.get(&addr).map(mask_of).unwrap_or(0);
                 if mask == 0 {
                     self.entries.remove(&addr);
+                    self.names.remove(&addr);
                     (addr, None)
                 } else {
                     (addr, Some(mask))
@@ -139,9 +152,12 @@ impl AddressTable {
         self.entries.get(&addr).map(mask_of).unwrap_or(0)
     }
 
-    /// Every learned address with its rules and their expiry times.
-    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, &BTreeMap<u8, u64>)> {
-        self.entries.iter().map(|(a, r)| (*a, r))
+    /// Every learned address with the name that last taught it, its rules
+    /// and their expiry times.
+    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, &str, &BTreeMap<u8, u64>)> {
+        self.entries
+            .iter()
+            .map(|(a, r)| (*a, self.names.get(a).map(|n| &**n).unwrap_or(""), r))
     }
 
     pub fn len(&self) -> usize {
@@ -177,7 +193,10 @@ mod tests {
     #[test]
     fn an_address_expires_after_its_lifetime_and_not_before() {
         let mut t = AddressTable::new();
-        assert_eq!(t.learn(a(1), 0b1, 0, 0), Some((a(1), Some(0b1))));
+        assert_eq!(
+            t.learn(a(1), 0b1, 0, 0, "x.example"),
+            Some((a(1), Some(0b1)))
+        );
         assert_eq!(t.next_expiry(), Some(90 * S));
         assert_eq!(t.expire(90 * S - 1), vec![]);
         assert_eq!(t.mask(a(1)), 0b1);
@@ -190,15 +209,15 @@ mod tests {
     #[test]
     fn learning_again_extends_never_shortens_and_writes_nothing() {
         let mut t = AddressTable::new();
-        t.learn(a(1), 0b1, 600, 0);
+        t.learn(a(1), 0b1, 600, 0, "x.example");
         // The same mask: no write.
-        assert_eq!(t.learn(a(1), 0b1, 0, 10 * S), None);
+        assert_eq!(t.learn(a(1), 0b1, 0, 10 * S, "x.example"), None);
         // The earlier, longer life still holds.
         assert_eq!(t.expire(600 * S), vec![]);
         assert_eq!(t.expire(630 * S), vec![(a(1), None)]);
         // AddressTable again later: the expiry moves out.
-        t.learn(a(2), 0b1, 0, 0);
-        t.learn(a(2), 0b1, 0, 80 * S);
+        t.learn(a(2), 0b1, 0, 0, "x.example");
+        t.learn(a(2), 0b1, 0, 80 * S, "x.example");
         assert_eq!(t.expire(100 * S), vec![]);
         assert_eq!(t.expire(170 * S), vec![(a(2), None)]);
     }
@@ -206,8 +225,14 @@ mod tests {
     #[test]
     fn rules_expire_one_by_one() {
         let mut t = AddressTable::new();
-        assert_eq!(t.learn(a(1), 0b01, 0, 0), Some((a(1), Some(0b01))));
-        assert_eq!(t.learn(a(1), 0b10, 600, 0), Some((a(1), Some(0b11))));
+        assert_eq!(
+            t.learn(a(1), 0b01, 0, 0, "x.example"),
+            Some((a(1), Some(0b01)))
+        );
+        assert_eq!(
+            t.learn(a(1), 0b10, 600, 0, "x.example"),
+            Some((a(1), Some(0b11)))
+        );
         assert_eq!(t.expire(90 * S), vec![(a(1), Some(0b10))]);
         assert_eq!(t.mask(a(1)), 0b10);
         assert_eq!(t.expire(630 * S), vec![(a(1), None)]);
@@ -216,22 +241,25 @@ mod tests {
     #[test]
     fn a_full_table_refuses_new_addresses_only() {
         let mut t = AddressTable::with_capacity(2);
-        assert!(t.learn(a(1), 1, 0, 0).is_some());
-        assert!(t.learn(a(2), 1, 0, 0).is_some());
-        assert_eq!(t.learn(a(3), 1, 0, 0), None);
+        assert!(t.learn(a(1), 1, 0, 0, "x.example").is_some());
+        assert!(t.learn(a(2), 1, 0, 0, "x.example").is_some());
+        assert_eq!(t.learn(a(3), 1, 0, 0, "x.example"), None);
         assert_eq!(t.refused, 1);
         // A known address still learns another rule.
-        assert_eq!(t.learn(a(2), 0b100, 0, 0), Some((a(2), Some(0b101))));
+        assert_eq!(
+            t.learn(a(2), 0b100, 0, 0, "x.example"),
+            Some((a(2), Some(0b101)))
+        );
         assert_eq!(t.len(), 2);
         // Room again once one expired.
         assert_eq!(t.expire(90 * S).len(), 2);
-        assert!(t.learn(a(3), 1, 0, 100 * S).is_some());
+        assert!(t.learn(a(3), 1, 0, 100 * S, "x.example").is_some());
     }
 
     #[test]
     fn a_mask_without_rules_learns_nothing() {
         let mut t = AddressTable::new();
-        assert_eq!(t.learn(a(1), 0, 300, 0), None);
+        assert_eq!(t.learn(a(1), 0, 300, 0, "x.example"), None);
         assert!(t.is_empty());
     }
 }

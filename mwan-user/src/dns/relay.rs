@@ -109,7 +109,8 @@ impl Learner {
                 continue;
             };
             let mask = self.matcher.chain_rules(&l.chain);
-            if let Some(c) = self.table.learn(addr, mask, l.ttl, now_ns) {
+            let name = l.chain.first().map(String::as_str).unwrap_or("");
+            if let Some(c) = self.table.learn(addr, mask, l.ttl, now_ns, name) {
                 changes.push(c);
             }
         }
@@ -139,6 +140,8 @@ pub fn servfail(query: &[u8], q: Option<&Question>) -> Option<Vec<u8>> {
 /// dropped.
 pub struct Relay {
     pub port: u16,
+    /// The clock of the learned table's expiry times.
+    started: Instant,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
     /// Shared with the threads, for `mwan domains`.
@@ -187,11 +190,12 @@ impl Relay {
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let port = sock.local_addr()?.port();
         let learner = Arc::new(Mutex::new(Learner::new(matcher)));
+        let started = Instant::now();
         let shared = Arc::new(Shared {
             learner: learner.clone(),
             map: Mutex::new(map),
             in_flight: AtomicUsize::new(0),
-            started: Instant::now(),
+            started,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -225,11 +229,67 @@ impl Relay {
         info!(port, "DNS relay for rules by domain name started");
         Ok(Relay {
             port,
+            started,
             stop,
             threads,
             learner,
         })
     }
+}
+
+impl Relay {
+    /// What is learned now, for `mwan domains`: `rule_names[i]` names rule
+    /// *i*; only entries whose name is `under` or below it, if given.
+    pub fn learned(&self, rule_names: &[String], under: Option<&str>) -> Vec<LearnedEntry> {
+        let now = self.started.elapsed().as_nanos() as u64;
+        let l = self.learner.lock().expect("learner lock");
+        let mut out: Vec<LearnedEntry> = l
+            .table
+            .iter()
+            .filter(|(_, name, _)| under.is_none_or(|u| is_under(name, u)))
+            .map(|(addr, name, rules)| LearnedEntry {
+                address: addr,
+                name: name.to_string(),
+                rules: rules
+                    .iter()
+                    .map(|(r, exp)| LearnedRule {
+                        rule: rule_names
+                            .get(*r as usize)
+                            .cloned()
+                            .unwrap_or_else(|| format!("rule {r}")),
+                        expires_in_secs: exp.saturating_sub(now) as f64 / 1e9,
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.address.cmp(&b.address)));
+        out
+    }
+}
+
+/// Whether `name` is `domain` or a name under it (case-insensitive).
+fn is_under(name: &str, domain: &str) -> bool {
+    let (name, domain) = (
+        name.to_ascii_lowercase(),
+        domain.trim_end_matches('.').to_ascii_lowercase(),
+    );
+    name == domain || name.ends_with(&format!(".{domain}"))
+}
+
+/// One learned address (`mwan domains --json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedEntry {
+    pub address: Ipv4Addr,
+    /// The name whose answer last taught it (the question's name).
+    pub name: String,
+    pub rules: Vec<LearnedRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedRule {
+    pub rule: String,
+    /// Seconds until it expires (TTL, floor and grace included).
+    pub expires_in_secs: f64,
 }
 
 impl Drop for Relay {
