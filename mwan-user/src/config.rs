@@ -431,6 +431,11 @@ pub struct Config {
     pub lan_interfaces: Vec<String>,
     pub sticky: Sticky,
     pub host_ttl: Duration,
+    /// The shortest life of an address learned for a rule by domain name,
+    /// whatever the answer's TTL (see `dns::learned`).
+    pub domain_ttl_floor: Duration,
+    /// Added to the life of every learned address.
+    pub domain_ttl_grace: Duration,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub max_flows: u32,
@@ -538,6 +543,8 @@ struct RawConfig {
     lan_interfaces: Option<Vec<String>>,
     sticky: Option<Sticky>,
     host_ttl: Option<String>,
+    domain_ttl_floor: Option<String>,
+    domain_ttl_grace: Option<String>,
     pin_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     max_flows: Option<i64>,
@@ -665,6 +672,8 @@ impl RawConfig {
             lan_interfaces: get(t, at, "lan_interfaces", "a list of interface names")?,
             sticky: get(t, at, "sticky", "\"connection\" or \"host\"")?,
             host_ttl: get(t, at, "host_ttl", DURATION)?,
+            domain_ttl_floor: get(t, at, "domain_ttl_floor", DURATION)?,
+            domain_ttl_grace: get(t, at, "domain_ttl_grace", DURATION)?,
             pin_dir: get(t, at, "pin_dir", "a path")?,
             state_dir: get(t, at, "state_dir", "a path")?,
             max_flows: get(t, at, "max_flows", INT)?,
@@ -726,6 +735,8 @@ const TOP_KEYS: &[&str] = &[
     "lan_interfaces",
     "sticky",
     "host_ttl",
+    "domain_ttl_floor",
+    "domain_ttl_grace",
     "pin_dir",
     "state_dir",
     "max_flows",
@@ -1237,6 +1248,14 @@ impl Config {
         if host_ttl.is_zero() {
             return Err(err("host_ttl", "must be greater than zero"));
         }
+        let domain_ttl_floor = match &raw.domain_ttl_floor {
+            Some(s) => duration("domain_ttl_floor", s)?,
+            None => crate::dns::learned::TTL_FLOOR,
+        };
+        let domain_ttl_grace = match &raw.domain_ttl_grace {
+            Some(s) => duration("domain_ttl_grace", s)?,
+            None => crate::dns::learned::GRACE,
+        };
         let pin_dir = raw
             .pin_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
@@ -1549,6 +1568,8 @@ impl Config {
             lan_interfaces,
             sticky: raw.sticky.unwrap_or_default(),
             host_ttl,
+            domain_ttl_floor,
+            domain_ttl_grace,
             pin_dir,
             state_dir,
             max_flows,

@@ -39,7 +39,7 @@ wans = ["isp2", "isp1"]
 /// dnsmasq answering from its own records only, in the foreground (the lab
 /// kills it with the namespace), plus TCP whoami servers on every address
 /// it gives.
-fn resolver(lab: &Lab) -> (Proc, Vec<ServerHandle>) {
+fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
     let all: Vec<Ipv4Addr> = [RESOLVER]
         .iter()
         .chain(&GOV)
@@ -69,7 +69,6 @@ fn resolver(lab: &Lab) -> (Proc, Vec<ServerHandle>) {
         "--port=53",
         "--pid-file=",
         "--cache-size=0",
-        "--local-ttl=300",
         "--host-record=edge.cdn.example,203.0.113.120",
         "--cname=portal.example,edge.cdn.example",
     ]
@@ -77,6 +76,7 @@ fn resolver(lab: &Lab) -> (Proc, Vec<ServerHandle>) {
     .map(|s| s.to_string())
     .collect();
     args.push(format!("--listen-address={RESOLVER}"));
+    args.push(format!("--local-ttl={ttl}"));
     args.extend(GOV.iter().map(|a| format!("--address=/gov.example/{a}")));
     args.extend(
         OTHER
@@ -126,7 +126,7 @@ fn lookup_and_connect(lab: &Lab, name: &str, pick: usize) -> (Ipv4Addr, usize) {
 #[test]
 fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
-    let (_dnsmasq, _servers) = resolver(&lab);
+    let (_dnsmasq, _servers) = resolver(&lab, 300);
     let mut mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
     mwan.wait_all_up(UP).unwrap();
     assert!(
@@ -230,4 +230,43 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     lab.host(0)
         .dns_lookup(SocketAddrV4::new(RESOLVER, 53), "stopped.gov.example")
         .unwrap();
+}
+
+/// An address lives for the answer's TTL, at least `domain_ttl_floor`,
+/// plus `domain_ttl_grace` (here 1 s each, TTL 1 s): then new connections
+/// to it are balanced again, while `mwan domains` shows it no more.
+#[test]
+fn a_learned_address_expires_after_its_ttl_and_grace() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let (_dnsmasq, _servers) = resolver(&lab, 1);
+    let top = "domain_ttl_floor = \"1s\"\ndomain_ttl_grace = \"1s\"";
+    let mwan = Mwan::start(&lab, &config_with(&lab, top, &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let (addr, isp) = lookup_and_connect(&lab, "soon.gov.example", 0);
+    assert_eq!(isp, 2);
+    let learned_at = Instant::now();
+    let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+    assert!(json.contains(&addr.to_string()), "{json}");
+    // Gone from the table within the 2 s life and the 1 s expiry tick.
+    let deadline = learned_at + Duration::from_secs(5);
+    loop {
+        let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+        if json.trim() == "[]" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still learned after 5 s: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        learned_at.elapsed() >= Duration::from_secs(2),
+        "expired before TTL + grace"
+    );
+    // New connections to it (no new lookup) are balanced.
+    let seen: Vec<SocketAddrV4> =
+        many_tcp_whoami(lab.host(0), SocketAddrV4::new(addr, TCP_WHOAMI_PORT), 60, 4)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+    let s = shares(&lab, &seen);
+    assert_eq!(s.len(), 2, "{s:?}");
 }

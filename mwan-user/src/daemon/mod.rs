@@ -484,12 +484,19 @@ impl Daemon {
     /// learned is forgotten: its masks index the rules as they were.
     fn sync_relay(&mut self) -> Result<()> {
         self.relay = None;
-        self.divert = None;
+        if let Some(d) = self.divert.take() {
+            forget_diverted(d.port);
+        }
         self.dp.maps.clear_domain_dst()?;
         if !self.cfg.has_domain_rules() {
             return Ok(());
         }
-        let relay = crate::dns::relay::Relay::start(&self.cfg.pin_dir, self.cfg.domain_matcher())?;
+        let relay = crate::dns::relay::Relay::start(
+            &self.cfg.pin_dir,
+            self.cfg.domain_matcher(),
+            self.cfg.domain_ttl_floor,
+            self.cfg.domain_ttl_grace,
+        )?;
         self.divert = Some(nft::Divert {
             lans: self.cfg.lan_interfaces.clone(),
             port: relay.port,
@@ -1195,13 +1202,14 @@ impl Daemon {
         let _ = std::fs::remove_file(&socket);
         match exit {
             Exit::Keep => {
-                if self.divert.take().is_some() {
+                if let Some(d) = self.divert.take() {
                     // Without the relay, diverted DNS queries would be
                     // lost: the LAN's DNS goes direct (unlearned) until the
                     // next daemon diverts it again.
                     if let Err(e) = self.sync_nft().await {
                         error!(error = %format!("{e:#}"), "removing the DNS divert");
                     }
+                    forget_diverted(d.port);
                     self.relay = None;
                 }
                 info!(pin_dir = %self.cfg.pin_dir.display(), "stopped; the datapath keeps forwarding (run `mwan run` to take it over, `mwan stop --teardown` to remove it)");
@@ -1240,6 +1248,19 @@ fn relevant(ev: &NetEvent, d: &Daemon) -> bool {
         }
         // Events were lost: re-read everything.
         NetEvent::Overrun => true,
+    }
+}
+
+/// Deletes the conntrack entries of DNS queries redirected to the relay
+/// port `port`: a client that sends its next query from the same port
+/// would otherwise still be redirected there (a closed port: "connection
+/// refused") until the entry times out.
+fn forget_diverted(port: u16) {
+    let res = conntrack::delete_where(|e| {
+        e.orig.proto == 17 && e.orig.dport == 53 && e.reply.sport == port
+    });
+    if let Err(e) = res {
+        warn!(error = %format!("{e:#}"), "forgetting the redirected DNS queries");
     }
 }
 

@@ -29,15 +29,21 @@ use std::time::Duration;
 
 use mwan_common::DOMAIN_DST_CAPACITY;
 
-/// The shortest life of a learned address, whatever the answer's TTL.
+/// The shortest life of a learned address, whatever the answer's TTL
+/// (default of `domain_ttl_floor`).
 pub const TTL_FLOOR: Duration = Duration::from_secs(60);
 /// Added to every life, for clients that use an address a little past its
-/// TTL.
+/// TTL (default of `domain_ttl_grace`).
 pub const GRACE: Duration = Duration::from_secs(30);
 
-/// How long an answer with `ttl` seconds keeps its addresses learned.
+/// How long an answer with `ttl` seconds keeps its addresses learned, with
+/// the default floor and grace.
 pub fn lifetime(ttl: u32) -> Duration {
-    Duration::from_secs(ttl as u64).max(TTL_FLOOR) + GRACE
+    lifetime_with(ttl, TTL_FLOOR, GRACE)
+}
+
+pub fn lifetime_with(ttl: u32, floor: Duration, grace: Duration) -> Duration {
+    Duration::from_secs(ttl as u64).max(floor) + grace
 }
 
 /// One change to write into `DOMAIN_DST`: the address's new mask, or `None`
@@ -55,6 +61,8 @@ pub struct AddressTable {
     /// has a newer expiry): checked against `entries` when popped.
     queue: BinaryHeap<Reverse<(u64, Ipv4Addr, u8)>>,
     capacity: usize,
+    floor: Duration,
+    grace: Duration,
     /// Addresses not learned because the table was full.
     pub refused: u64,
 }
@@ -67,8 +75,18 @@ impl AddressTable {
     pub fn with_capacity(capacity: usize) -> AddressTable {
         AddressTable {
             capacity,
+            floor: TTL_FLOOR,
+            grace: GRACE,
             ..Default::default()
         }
+    }
+
+    /// Lives of `floor` at least, plus `grace` (`domain_ttl_floor`,
+    /// `domain_ttl_grace`).
+    pub fn with_lifetime(mut self, floor: Duration, grace: Duration) -> AddressTable {
+        self.floor = floor;
+        self.grace = grace;
+        self
     }
 
     /// Learns `addr` for the rules of `mask` (bit *i*: rule *i*) from an
@@ -90,7 +108,8 @@ impl AddressTable {
             self.refused += 1;
             return None;
         }
-        let expires = now_ns.saturating_add(lifetime(ttl).as_nanos() as u64);
+        let life = lifetime_with(ttl, self.floor, self.grace);
+        let expires = now_ns.saturating_add(life.as_nanos() as u64);
         if self.names.get(&addr).map(|n| &**n) != Some(name) {
             self.names.insert(addr, name.into());
         }
@@ -254,6 +273,15 @@ mod tests {
         // Room again once one expired.
         assert_eq!(t.expire(90 * S).len(), 2);
         assert!(t.learn(a(3), 1, 0, 100 * S, "x.example").is_some());
+    }
+
+    #[test]
+    fn floor_and_grace_are_configurable() {
+        let mut t = AddressTable::new().with_lifetime(Duration::from_secs(1), Duration::ZERO);
+        t.learn(a(1), 1, 0, 0, "x.example");
+        assert_eq!(t.next_expiry(), Some(S));
+        let names: Vec<&str> = t.iter().map(|(_, n, _)| n).collect();
+        assert_eq!(names, ["x.example"]);
     }
 
     #[test]

@@ -88,6 +88,12 @@ impl Learner {
         }
     }
 
+    /// Learned addresses live `floor` at least, plus `grace`.
+    pub fn with_lifetime(mut self, floor: Duration, grace: Duration) -> Learner {
+        self.table = self.table.with_lifetime(floor, grace);
+        self
+    }
+
     /// What `answer` to the query `q` teaches at `now_ns`: the changes to
     /// write into `DOMAIN_DST` before the answer is released. Nothing when
     /// the answer is malformed or is not for `q` (ID, name, type).
@@ -181,7 +187,12 @@ impl Shared {
 impl Relay {
     /// Opens the diverted socket (on a free port, see [`Relay::port`]) and
     /// starts relaying, writing into the `DOMAIN_DST` pinned in `pin_dir`.
-    pub fn start(pin_dir: &Path, matcher: DomainMatcher) -> Result<Relay> {
+    pub fn start(
+        pin_dir: &Path,
+        matcher: DomainMatcher,
+        floor: Duration,
+        grace: Duration,
+    ) -> Result<Relay> {
         let path = pin_dir.join(MAP_DOMAIN_DST);
         let data = MapData::from_pin(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let map: BpfHash<MapData, u32, u64> = BpfHash::try_from(Map::HashMap(data))
@@ -189,7 +200,9 @@ impl Relay {
         let sock = relay_socket().context("opening the DNS relay's socket")?;
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let port = sock.local_addr()?.port();
-        let learner = Arc::new(Mutex::new(Learner::new(matcher)));
+        let learner = Arc::new(Mutex::new(
+            Learner::new(matcher).with_lifetime(floor, grace),
+        ));
         let started = Instant::now();
         let shared = Arc::new(Shared {
             learner: learner.clone(),
