@@ -445,6 +445,88 @@ impl Rig {
         Ok(())
     }
 
+    /// The classifier's average time (ns, as `BPF_PROG_TEST_RUN` measures
+    /// it) for the first packet of a new TCP flow to `dst` under the config
+    /// `text`, with `learned` addresses in `DOMAIN_DST` (from 100.96.0.0 on,
+    /// learned for the config's first domain rule; `dst` may be one). Every
+    /// WAN is down (the config must say `all_down = "unreachable"`), so no
+    /// pin is made and each of the `repeat` runs takes
+    /// the whole new-flow path (parse, flow-map miss, bypass, rule
+    /// matching, choice); checked with the `no_wan` counter.
+    pub fn time_new_flow(
+        &mut self,
+        text: &str,
+        learned: u32,
+        dst: Ipv4Addr,
+        repeat: u32,
+    ) -> Result<f64> {
+        self.configure(text)?;
+        let names: Vec<String> = self.cfg.wans.iter().map(|w| w.name.clone()).collect();
+        let changes: Vec<(&str, Health)> =
+            names.iter().map(|n| (n.as_str(), Health::Bad)).collect();
+        self.set_health(&changes)?;
+        let bit = self
+            .cfg
+            .rules
+            .iter()
+            .position(|r| !r.domains.is_empty())
+            .map(|i| 1u64 << i)
+            .unwrap_or(1);
+        let map = self
+            .dp
+            .maps
+            .domain_dst
+            .as_mut()
+            .ok_or_else(|| anyhow!("no DOMAIN_DST"))?;
+        let base = u32::from(Ipv4Addr::new(100, 96, 0, 0));
+        for i in 0..learned {
+            map.insert(
+                u32::from_ne_bytes(Ipv4Addr::from(base + i).octets()),
+                bit,
+                0,
+            )?;
+        }
+        let input = Input {
+            on: "lan0",
+            mark: 0,
+            body: Body::Ip(Pkt::tcp(HOST, 40000, dst, 443, SYN)),
+        };
+        let frame = input.body.frame();
+        let all_before = self.dp.maps.global_counters()?;
+        let before = all_before[GS_NO_WAN as usize];
+        let mut ctx_in = [0u8; SKB_SIZE];
+        let ifindex = self.ifindex["lan0"];
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+            .copy_from_slice(&ifindex.to_ne_bytes());
+        ctx_in[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let res = self
+            .dp
+            .program(PROG_LAN_ETH)?
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx_in),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
+        let all_after = self.dp.maps.global_counters()?;
+        let after = all_after[GS_NO_WAN as usize];
+        ensure!(
+            after - before == repeat as u64,
+            "{} of {repeat} runs took the new-flow path to the end (counters moved: {:?})",
+            after - before,
+            all_after
+                .iter()
+                .zip(&all_before)
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(i, (a, b))| format!("{} +{}", COUNTER_NAMES[i], a - b))
+                .collect::<Vec<_>>()
+        );
+        self.dp.maps.clear_domain_dst()?;
+        Ok(res.duration.as_nanos() as f64)
+    }
+
     pub fn run_fixture(&mut self, f: &Fixture) -> Result<()> {
         self.configure(&f.config)?;
         for (i, step) in f.steps.iter().enumerate() {
