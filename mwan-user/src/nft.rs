@@ -26,7 +26,7 @@
 //!   answer with ICMP errors only, which the kernel rate-limits per host: a
 //!   browser's third connection would hang until its SYN retries give up.
 //! * `dns_divert` (nat, prerouting, only while a rule has domains): LAN DNS
-//!   queries over UDP are redirected to mwan's relay ([`Divert`]).
+//!   queries (UDP and TCP) are redirected to mwan's relay ([`Divert`]).
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
 //!   [`NUDGE_MARK`]) are not tracked. Nothing restores marks in `output`:
 //!   the router's own sockets (and mwan's probes) choose their route
@@ -61,8 +61,8 @@ pub struct NftWan {
 }
 
 /// The divert of the LAN's DNS queries to the relay (rules by domain name,
-/// `dns::relay`): new UDP flows to port 53 arriving on `lans`, to any
-/// address, are redirected (DNAT to the incoming interface's address) to
+/// `dns::relay`): new UDP flows and TCP connections to port 53 arriving on
+/// `lans`, to any address, are redirected (DNAT to the incoming interface's address) to
 /// the relay's socket on `port`. The relay learns the server the client
 /// addressed from the conntrack entry, and its answer, sent from that
 /// socket, is un-NATed by conntrack: the client sees it come from the
@@ -71,7 +71,10 @@ pub struct NftWan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Divert {
     pub lans: Vec<String>,
+    /// The relay's UDP port.
     pub port: u16,
+    /// The relay's TCP port.
+    pub tcp_port: u16,
 }
 
 /// The text that replaces the table atomically in one `nft -f`: the
@@ -144,8 +147,9 @@ pub fn ruleset(
             .join(", ");
         let _ = write!(
             s,
-            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 counter redirect to :{port}\n\t}}\n",
-            port = d.port
+            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 counter redirect to :{port}\n\t\tiifname {{ {lans} }} tcp dport 53 counter redirect to :{tcp_port}\n\t}}\n",
+            port = d.port,
+            tcp_port = d.tcp_port
         );
     }
     s.push_str(
@@ -388,6 +392,7 @@ table ip mwan {
             let divert = Divert {
                 lans: vec!["lan0".into()],
                 port: 40053,
+                tcp_port: 40054,
             };
             apply(&wans, 0x00ff_0000, &[], Some(&divert)).await.unwrap();
             let text = list();

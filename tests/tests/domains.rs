@@ -21,6 +21,8 @@ const GOV: [Ipv4Addr; 4] = [
     Ipv4Addr::new(203, 0, 113, 102),
     Ipv4Addr::new(203, 0, 113, 103),
 ];
+/// What `*.tcponly.example` resolves to (asked over TCP only).
+const GOV_TCP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 104);
 /// What `*.other.example` resolves to (no rule lists it).
 const OTHER: [Ipv4Addr; 2] = [
     Ipv4Addr::new(203, 0, 113, 110),
@@ -32,7 +34,7 @@ const CDN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 120);
 const RULES: &str = r#"
 [[rule]]
 name = "gov"
-domains = ["gov.example", "cdn.example"]
+domains = ["gov.example", "cdn.example", "tcponly.example"]
 wans = ["isp2", "isp1"]
 "#;
 
@@ -43,6 +45,7 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
     let all: Vec<Ipv4Addr> = [RESOLVER]
         .iter()
         .chain(&GOV)
+        .chain(&[GOV_TCP])
         .chain(&OTHER)
         .chain(&[CDN])
         .copied()
@@ -78,6 +81,7 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
     args.push(format!("--listen-address={RESOLVER}"));
     args.push(format!("--local-ttl={ttl}"));
     args.extend(GOV.iter().map(|a| format!("--address=/gov.example/{a}")));
+    args.push(format!("--address=/tcponly.example/{GOV_TCP}"));
     args.extend(
         OTHER
             .iter()
@@ -156,6 +160,21 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
         wrong.len()
     );
 
+    // Over TCP: 100 names whose address no UDP answer gave.
+    for i in 0..100 {
+        let name = format!("t{i}.tcponly.example");
+        let addrs = lab
+            .host(0)
+            .dns_lookup_tcp(SocketAddrV4::new(RESOLVER, 53), &name)
+            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
+        assert_eq!(addrs, [GOV_TCP]);
+        let seen = lab
+            .host(0)
+            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
+            .unwrap();
+        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
+    }
+
     // 1000 names no rule lists: balanced.
     let seen: Vec<SocketAddrV4> = (0..1000)
         .map(|i| {
@@ -196,7 +215,10 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
             && text.contains("203.0.113.120"),
         "{text}"
     );
-    assert!(!text.contains("other.example"), "{text}");
+    assert!(
+        !text.contains("other.example") && text.contains("tcponly.example"),
+        "{text}"
+    );
 
     // The rule's WAN dies: the next WAN of its list takes its names.
     lab.isp(2).set_blackhole(true).unwrap();

@@ -500,6 +500,7 @@ impl Daemon {
         self.divert = Some(nft::Divert {
             lans: self.cfg.lan_interfaces.clone(),
             port: relay.port,
+            tcp_port: relay.tcp_port,
         });
         self.relay = Some(relay);
         Ok(())

@@ -145,7 +145,10 @@ pub fn servfail(query: &[u8], q: Option<&Question>) -> Option<Vec<u8>> {
 /// The running relay: its socket's port, and threads that stop when it is
 /// dropped.
 pub struct Relay {
+    /// The UDP socket's port.
     pub port: u16,
+    /// The TCP listener's port.
+    pub tcp_port: u16,
     /// The clock of the learned table's expiry times.
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -158,12 +161,25 @@ struct Shared {
     learner: Arc<Mutex<Learner>>,
     map: Mutex<BpfHash<MapData, u32, u64>>,
     in_flight: AtomicUsize,
+    tcp_connections: AtomicUsize,
     started: Instant,
 }
 
 impl Shared {
     fn now_ns(&self) -> u64 {
         self.started.elapsed().as_nanos() as u64
+    }
+
+    /// Learns from `answer` to `q` and writes the changes (before the
+    /// caller releases the answer).
+    fn learn(&self, q: &Question, answer: &[u8]) {
+        let changes = {
+            let mut l = self.learner.lock().expect("learner lock");
+            l.answer(q, answer, self.now_ns())
+        };
+        if let Err(e) = self.write(&changes) {
+            warn!(error = %format!("{e:#}"), "DNS relay: writing learned addresses");
+        }
     }
 
     fn write(&self, changes: &[Change]) -> Result<()> {
@@ -200,6 +216,8 @@ impl Relay {
         let sock = relay_socket().context("opening the DNS relay's socket")?;
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let port = sock.local_addr()?.port();
+        let listener = tcp_listener().context("opening the DNS relay's TCP listener")?;
+        let tcp_port = listener.local_addr()?.port();
         let learner = Arc::new(Mutex::new(
             Learner::new(matcher).with_lifetime(floor, grace),
         ));
@@ -208,6 +226,7 @@ impl Relay {
             learner: learner.clone(),
             map: Mutex::new(map),
             in_flight: AtomicUsize::new(0),
+            tcp_connections: AtomicUsize::new(0),
             started,
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -218,6 +237,14 @@ impl Relay {
                 thread::Builder::new()
                     .name("mwan-dns".into())
                     .spawn(move || receive_loop(sock, shared, stop))?,
+            );
+        }
+        {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            threads.push(
+                thread::Builder::new()
+                    .name("mwan-dns-tcp".into())
+                    .spawn(move || accept_loop(listener, shared, stop))?,
             );
         }
         {
@@ -239,9 +266,10 @@ impl Relay {
                     })?,
             );
         }
-        info!(port, "DNS relay for rules by domain name started");
+        info!(port, tcp_port, "DNS relay for rules by domain name started");
         Ok(Relay {
             port,
+            tcp_port,
             started,
             stop,
             threads,
@@ -469,13 +497,7 @@ fn relay_one(
         }
     };
     if let Some(q) = &q {
-        let changes = {
-            let mut l = shared.learner.lock().expect("learner lock");
-            l.answer(q, &answer, shared.now_ns())
-        };
-        if let Err(e) = shared.write(&changes) {
-            warn!(error = %format!("{e:#}"), "DNS relay: writing learned addresses");
-        }
+        shared.learn(q, &answer);
     }
     reply(out, &answer, client, server);
 }
@@ -523,6 +545,153 @@ fn reply(out: &UdpSocket, answer: &[u8], client: SocketAddrV4, server: SocketAdd
     if let Err(e) = out.send_to(answer, client) {
         warn!(%client, %server, error = %e, "DNS relay: sending the answer");
     }
+}
+
+/// TCP connections relayed at once; more are closed at once (the client
+/// retries or falls back).
+pub const MAX_TCP: usize = 64;
+/// A TCP connection idle this long (either side) is closed.
+const TCP_IDLE: Duration = Duration::from_secs(30);
+
+/// The relay's TCP listener on a free port of every address (a short
+/// accept timeout, to notice `stop`).
+fn tcp_listener() -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
+    s.listen(128)?;
+    s.set_read_timeout(Some(Duration::from_millis(250)))?;
+    Ok(s.into())
+}
+
+fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let (client, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                warn!(error = %e, "DNS relay: accepting a TCP connection");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.tcp_connections.fetch_add(1, Ordering::AcqRel) >= MAX_TCP {
+            shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+            warn!(%peer, "DNS relay: {MAX_TCP} TCP connections open, connection closed");
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = thread::Builder::new()
+            .name("mwan-dns-conn".into())
+            .spawn(move || {
+                if let Err(e) = relay_tcp(&s, client) {
+                    debug!(%peer, error = %format!("{e:#}"), "DNS relay: TCP connection ended");
+                }
+                s.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+            warn!(error = %e, "DNS relay: starting a TCP connection thread");
+        }
+    }
+}
+
+/// The destination a redirected TCP connection had (`SO_ORIGINAL_DST`).
+fn original_dst(s: &std::net::TcpStream) -> io::Result<SocketAddrV4> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `sa` and `len` outlive the call; `len` is its size.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sockaddr_v4(&sa))
+}
+
+/// Relays one TCP connection: queries from the client go to the server it
+/// addressed as they come (pipelined, framed, `Deframer`); each answer is
+/// learned from when it answers a pending query (ID and question), then
+/// passed on. Either side closing or idling [`TCP_IDLE`] ends both.
+fn relay_tcp(shared: &Shared, client: std::net::TcpStream) -> Result<()> {
+    use std::io::{Read, Write};
+    let server = original_dst(&client).context("reading the original destination")?;
+    let upstream = std::net::TcpStream::connect_timeout(&server.into(), UPSTREAM_TIMEOUT)
+        .with_context(|| format!("connecting to {server}"))?;
+    for s in [&client, &upstream] {
+        s.set_read_timeout(Some(TCP_IDLE))?;
+        s.set_nodelay(true)?;
+    }
+    let pending: Arc<Mutex<std::collections::HashMap<u16, Question>>> = Arc::default();
+    let (mut c_read, mut u_write) = (client.try_clone()?, upstream.try_clone()?);
+    let p = pending.clone();
+    let up = thread::Builder::new()
+        .name("mwan-dns-conn-q".into())
+        .spawn(move || -> Result<()> {
+            let mut d = super::Deframer::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = c_read.read(&mut buf)?;
+                if n == 0 {
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                    return Ok(());
+                }
+                d.push(&buf[..n]);
+                while let Some(msg) = d.next_message() {
+                    if let Some(q) = question(msg) {
+                        let mut p = p.lock().expect("pending lock");
+                        // Bounded: a client cannot make mwan hold more.
+                        if p.len() < MAX_IN_FLIGHT {
+                            p.insert(q.id, q);
+                        }
+                    }
+                    u_write.write_all(&super::frame(msg).expect("a deframed message fits"))?;
+                }
+            }
+        })?;
+    let (mut u_read, mut c_write) = (upstream, client);
+    let mut d = super::Deframer::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let res = (|| -> Result<()> {
+        loop {
+            let n = u_read.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            d.push(&buf[..n]);
+            while let Some(msg) = d.next_message() {
+                if msg.len() >= 2 {
+                    let id = u16::from_be_bytes([msg[0], msg[1]]);
+                    let q = pending.lock().expect("pending lock").remove(&id);
+                    if let Some(q) = q {
+                        shared.learn(&q, msg);
+                    }
+                }
+                c_write.write_all(&super::frame(msg).expect("a deframed message fits"))?;
+            }
+        }
+    })();
+    let _ = c_write.shutdown(std::net::Shutdown::Both);
+    let _ = u_read.shutdown(std::net::Shutdown::Both);
+    let _ = up.join();
+    res
 }
 
 #[cfg(test)]
