@@ -1,7 +1,8 @@
-//! The transparent DNS relay for rules by domain name (UDP).
+//! The DNS relay for rules by domain name (UDP and TCP).
 //!
-//! mwan's nftables table redirects the LAN's DNS queries (UDP port 53, to
-//! any address) to [`Relay`]'s socket (see `nft::Divert`). For each query
+//! mwan's nftables table redirects the LAN's DNS queries (port 53, to any
+//! address) to [`Relay`]'s UDP socket and TCP listener (see `nft::Divert`).
+//! For each UDP query
 //! the relay learns the server the client addressed from the query's
 //! conntrack entry (looked up by its reply direction: this socket's address
 //! and the client's), asks that server itself, and when the answer comes:
@@ -10,16 +11,19 @@
 //! `DOMAIN_DST` — *then* sends the answer, unchanged, to the client from the
 //! same socket; conntrack rewrites its source back to the server's. The
 //! client cannot connect to an address before the datapath knows it: no
-//! race.
+//! race. Over TCP the server is the accepted connection's original
+//! destination, and each connection is relayed as a pair of streams (see
+//! `relay_tcp`).
 //!
-//! Everything is bounded: [`MAX_IN_FLIGHT`] queries at once (more are
+//! Everything is bounded: [`MAX_IN_FLIGHT`] UDP queries at once (more are
 //! dropped, as a full queue would drop them: the client retries),
 //! [`UPSTREAM_TIMEOUT`] per query (then nothing is sent: the client's own
 //! timeout and retry take over, as for a lost packet), messages of at most
 //! [`MAX_UDP`] bytes. An answer that is malformed or belongs to another query
 //! teaches nothing and is still relayed as it is; a server that cannot be
-//! reached at all (a send error) gets the client a SERVFAIL. Every failure
-//! is logged.
+//! reached at all (a send error) gets the client a SERVFAIL. [`MAX_TCP`]
+//! TCP connections at once, each closed after 30 s idle. Every failure is
+//! logged.
 
 use std::io;
 use std::mem::MaybeUninit;
