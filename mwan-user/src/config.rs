@@ -2385,6 +2385,27 @@ main = true
     }
 
     #[test]
+    fn domain_ttl_floor_and_grace() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(
+            (c.domain_ttl_floor, c.domain_ttl_grace),
+            (Duration::from_secs(60), Duration::from_secs(30))
+        );
+        let c = Config::parse(&format!(
+            "domain_ttl_floor = \"5s\"\ndomain_ttl_grace = \"0s\"\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.domain_ttl_floor, c.domain_ttl_grace),
+            (Duration::from_secs(5), Duration::ZERO)
+        );
+        let e = Config::parse(&format!("domain_ttl_floor = \"soon\"\n{MIN}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("line 1: domain_ttl_floor: "), "{e}");
+    }
+
+    #[test]
     fn domain_rules_count_toward_the_rule_limit() {
         let rule = "\n[[rule]]\ndomains = [\"example.com\"]\nwans = [\"isp1\"]\n";
         let at_limit = format!("{MIN}{}", rule.repeat(MAX_RULES as usize));

@@ -220,6 +220,27 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
         "{text}"
     );
 
+    // A reload that changes the rule's names starts learning afresh: what
+    // was learned for the old names is forgotten, the new names steer.
+    std::fs::write(
+        &mwan.config,
+        config_with(
+            &lab,
+            "",
+            &|_| String::new(),
+            &RULES.replace("\"tcponly.example\"", "\"other.example\""),
+        ),
+    )
+    .unwrap();
+    let msg = mwan.cli_ok(&["reload"]).unwrap();
+    assert!(msg.contains("rules changed"), "{msg}");
+    let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+    assert_eq!(json.trim(), "[]", "learned before the reload: {json}");
+    for i in 0..50 {
+        let (addr, isp) = lookup_and_connect(&lab, &format!("r{i}.other.example"), i);
+        assert_eq!(isp, 2, "{addr} after the reload");
+    }
+
     // The rule's WAN dies: the next WAN of its list takes its names.
     lab.isp(2).set_blackhole(true).unwrap();
     mwan.wait_state("isp2", "down", Duration::from_secs(3))

@@ -159,6 +159,7 @@ pub struct Relay {
     threads: Vec<thread::JoinHandle<()>>,
     /// Shared with the threads, for `mwan domains`.
     pub learner: Arc<Mutex<Learner>>,
+    shared: Arc<Shared>,
 }
 
 struct Shared {
@@ -166,6 +167,10 @@ struct Shared {
     map: Mutex<BpfHash<MapData, u32, u64>>,
     in_flight: AtomicUsize,
     tcp_connections: AtomicUsize,
+    /// Set (under the `map` lock) when the relay is dropped: queries still
+    /// in flight then write nothing, so the daemon can empty `DOMAIN_DST`
+    /// knowing no entry without an owner appears after.
+    retired: AtomicBool,
     started: Instant,
 }
 
@@ -188,6 +193,9 @@ impl Shared {
 
     fn write(&self, changes: &[Change]) -> Result<()> {
         let mut map = self.map.lock().expect("map lock");
+        if self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
         for (addr, mask) in changes {
             let key = u32::from_ne_bytes(addr.octets());
             match mask {
@@ -231,6 +239,7 @@ impl Relay {
             map: Mutex::new(map),
             in_flight: AtomicUsize::new(0),
             tcp_connections: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
             started,
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -278,6 +287,7 @@ impl Relay {
             stop,
             threads,
             learner,
+            shared,
         })
     }
 }
@@ -339,6 +349,10 @@ pub struct LearnedRule {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        {
+            let _map = self.shared.map.lock().expect("map lock");
+            self.shared.retired.store(true, Ordering::Release);
+        }
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
