@@ -60,6 +60,20 @@ pub const MAP_RULE_PROTO: &str = "RULE_PROTO";
 pub const MAP_RULE_IFACE: &str = "RULE_IFACE";
 pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
 pub const MAP_BYPASS: &str = "BYPASS";
+/// `DOMAIN_DST`: hash, IPv4 destination (u32, network byte order) → u64
+/// mask of the rules by domain name (bit *i* for rule *i*, as in the
+/// `RULE_*` maps) whose names resolved to it in a DNS answer mwan relayed.
+/// Written and expired by userspace only; read by the classifier on a
+/// flow-map miss, ORed with `RULE_DST`'s mask.
+pub const MAP_DOMAIN_DST: &str = "DOMAIN_DST";
+/// Capacity of `DOMAIN_DST`: learned addresses at once. A plain hash, not
+/// an LRU: an entry must stay exactly as long as its TTL (userspace deletes
+/// it), never be evicted by the kernel while a client still connects to
+/// it; when it is full, userspace stops learning new addresses (and counts
+/// them) rather than silently losing old ones. 262,144 entries of 12 bytes
+/// plus hash overhead take about 20 MiB at most, and hold far more addresses
+/// than a LAN resolves within the longest TTLs.
+pub const DOMAIN_DST_CAPACITY: u32 = 262_144;
 
 /// tc program for LAN interfaces with an Ethernet header.
 pub const PROG_LAN_ETH: &str = "mwan_lan_eth";

@@ -57,6 +57,8 @@ static RULE_IFACE: HashMap<u32, u64> = HashMap::pinned(256, 0);
 static RULE_ACTION: Array<u32> = Array::pinned(MAX_RULES, 0);
 #[map(name = "BYPASS")]
 static BYPASS: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(4096, 0);
+#[map(name = "DOMAIN_DST")]
+static DOMAIN_DST: HashMap<u32, u64> = HashMap::pinned(DOMAIN_DST_CAPACITY, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -572,10 +574,22 @@ fn match_rules(pkt: &Packet, settings: &Settings) -> u32 {
         Some(v) => *v,
         None => 0,
     };
-    m &= match RULE_DST.get(Key::new(32, k.daddr.to_ne_bytes())) {
-        Some(v) => *v,
+    if m == 0 {
+        return DEFAULT_POLICY;
+    }
+    // The destination dimension: the rules whose `dst` CIDRs (or no `dst`
+    // and no `domains`) allow the address, plus the rules by domain name
+    // whose names resolved to it (learned from DNS answers). A rule with
+    // both `dst` and `domains` allows the union.
+    let learned = match DOMAIN_DST.get_ptr(&k.daddr) {
+        Some(v) => unsafe { *v },
         None => 0,
     };
+    m &= learned
+        | match RULE_DST.get(Key::new(32, k.daddr.to_ne_bytes())) {
+            Some(v) => *v,
+            None => 0,
+        };
     if m == 0 {
         return DEFAULT_POLICY;
     }

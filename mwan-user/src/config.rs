@@ -440,6 +440,11 @@ pub struct Config {
     pub lan_interfaces: Vec<String>,
     pub sticky: Sticky,
     pub host_ttl: Duration,
+    /// The shortest life of an address learned for a rule by domain name,
+    /// whatever the answer's TTL (see `dns::learned`).
+    pub domain_ttl_floor: Duration,
+    /// Added to the life of every learned address.
+    pub domain_ttl_grace: Duration,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub max_flows: u32,
@@ -550,6 +555,8 @@ struct RawConfig {
     lan_interfaces: Option<Vec<String>>,
     sticky: Option<Sticky>,
     host_ttl: Option<String>,
+    domain_ttl_floor: Option<String>,
+    domain_ttl_grace: Option<String>,
     pin_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     max_flows: Option<i64>,
@@ -680,6 +687,8 @@ impl RawConfig {
             lan_interfaces: get(t, at, "lan_interfaces", "a list of interface names")?,
             sticky: get(t, at, "sticky", "\"connection\" or \"host\"")?,
             host_ttl: get(t, at, "host_ttl", DURATION)?,
+            domain_ttl_floor: get(t, at, "domain_ttl_floor", DURATION)?,
+            domain_ttl_grace: get(t, at, "domain_ttl_grace", DURATION)?,
             pin_dir: get(t, at, "pin_dir", "a path")?,
             state_dir: get(t, at, "state_dir", "a path")?,
             max_flows: get(t, at, "max_flows", INT)?,
@@ -744,6 +753,8 @@ const TOP_KEYS: &[&str] = &[
     "lan_interfaces",
     "sticky",
     "host_ttl",
+    "domain_ttl_floor",
+    "domain_ttl_grace",
     "pin_dir",
     "state_dir",
     "max_flows",
@@ -1258,6 +1269,14 @@ impl Config {
         if host_ttl.is_zero() {
             return Err(err("host_ttl", "must be greater than zero"));
         }
+        let domain_ttl_floor = match &raw.domain_ttl_floor {
+            Some(s) => duration("domain_ttl_floor", s)?,
+            None => crate::dns::learned::TTL_FLOOR,
+        };
+        let domain_ttl_grace = match &raw.domain_ttl_grace {
+            Some(s) => duration("domain_ttl_grace", s)?,
+            None => crate::dns::learned::GRACE,
+        };
         let pin_dir = raw
             .pin_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
@@ -1618,6 +1637,8 @@ impl Config {
             lan_interfaces,
             sticky: raw.sticky.unwrap_or_default(),
             host_ttl,
+            domain_ttl_floor,
+            domain_ttl_grace,
             pin_dir,
             state_dir,
             max_flows,
@@ -1640,9 +1661,7 @@ impl Config {
     /// Checks the config against the host: every LAN interface must exist;
     /// a WAN interface must exist unless its gateway is `auto` (a PPP or
     /// DHCP link that may appear later). `exists` answers whether an
-    /// interface exists. Rules by domain name are refused here: they are
-    /// parsed and validated, but this version does not learn the names'
-    /// addresses yet, and a rule that silently never matches would mislead.
+    /// interface exists.
     pub fn check_system(&self, exists: &dyn Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
         self.check_system_unlocated(exists)
             .map_err(|e| self.source.place(e))
@@ -1653,27 +1672,6 @@ impl Config {
         exists: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<String>, ConfigError> {
         let mut warnings = Vec::new();
-        for (i, r) in self.rules.iter().enumerate() {
-            if r.domains.is_empty() {
-                continue;
-            }
-            let key = match r.domains_file {
-                Some(_) => "domains_file",
-                None => "domains",
-            };
-            return Err(err(
-                KeyPath::from("rule").index(i).label(&r.name).key(key),
-                format!(
-                    "{} valid, but steering by domain name is not supported by this version yet \
-                     (mwan does not learn their addresses from DNS answers), so the rule would never match; \
-                     remove the rule or its domains for now",
-                    match r.domains.len() {
-                        1 => "the name is".to_string(),
-                        n => format!("the {n} names are"),
-                    }
-                ),
-            ));
-        }
         for (i, l) in self.lan_interfaces.iter().enumerate() {
             if !exists(l) {
                 return Err(err(
@@ -1757,6 +1755,11 @@ impl Config {
 
     pub fn wan_mark(&self, id: u8) -> u32 {
         ((id as u32) + 1) << self.mark_shift()
+    }
+
+    /// Whether a rule steers by domain name (the DNS relay is needed).
+    pub fn has_domain_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.domains.is_empty())
     }
 }
 
@@ -2536,26 +2539,35 @@ main = true
     }
 
     #[test]
-    fn domain_rules_are_refused_until_steering_exists() {
+    fn domain_rules_pass_the_system_check() {
         let c = Config::parse(&domain_rule(
             "proto = \"tcp\"\ndomains = [\"gov.br\", \"edu.br\"]\nwans = [\"isp1\"]",
         ))
         .unwrap();
-        let e = c.check_system(&|_| true).unwrap_err().to_string();
-        assert!(
-            e.starts_with("line 19: rule[0] (gov).domains: the 2 names are valid, but steering by domain name is not supported by this version yet"),
-            "{e}"
+        assert!(c.has_domain_rules());
+        assert_eq!(c.check_system(&|_| true).unwrap(), Vec::<String>::new());
+        assert!(!Config::parse(MIN).unwrap().has_domain_rules());
+    }
+
+    #[test]
+    fn domain_ttl_floor_and_grace() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(
+            (c.domain_ttl_floor, c.domain_ttl_grace),
+            (Duration::from_secs(60), Duration::from_secs(30))
         );
-        // Any rule with domains, not only the first.
-        let text = format!(
-            "{MIN}\n[[rule]]\ndst_ports = [25]\nwans = [\"isp1\"]\n\n[[rule]]\nname = \"b\"\ndomains = \"example.com\"\nmain = true\n"
+        let c = Config::parse(&format!(
+            "domain_ttl_floor = \"5s\"\ndomain_ttl_grace = \"0s\"\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.domain_ttl_floor, c.domain_ttl_grace),
+            (Duration::from_secs(5), Duration::ZERO)
         );
-        let e = Config::parse(&text)
-            .unwrap()
-            .check_system(&|_| true)
-            .unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(22), "rule[1] (b).domains"));
-        assert!(e.reason.starts_with("the name is valid, but "), "{e}");
+        let e = Config::parse(&format!("domain_ttl_floor = \"soon\"\n{MIN}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("line 1: domain_ttl_floor: "), "{e}");
     }
 
     #[test]

@@ -132,6 +132,48 @@ pub fn mark_where(mask: u32, mark_of: impl Fn(&CtEntry) -> Option<u32>) -> Resul
     })
 }
 
+/// The entry whose reply direction is `reply`, if conntrack has one: the
+/// connection as the client made it, before NAT (the DNS relay learns from
+/// it which server a redirected query was for).
+pub fn by_reply(reply: &CtTuple) -> Result<Option<CtEntry>> {
+    const NLA_F_NESTED: u16 = 0x8000;
+    let mut ip = Vec::new();
+    push_attr(&mut ip, CTA_IP_V4_SRC, &reply.src.octets());
+    push_attr(&mut ip, CTA_IP_V4_DST, &reply.dst.octets());
+    let mut proto = Vec::new();
+    push_attr(&mut proto, CTA_PROTO_NUM, &[reply.proto]);
+    push_attr(&mut proto, CTA_PROTO_SRC_PORT, &reply.sport.to_be_bytes());
+    push_attr(&mut proto, CTA_PROTO_DST_PORT, &reply.dport.to_be_bytes());
+    let mut tuple = Vec::new();
+    push_attr(&mut tuple, CTA_TUPLE_IP | NLA_F_NESTED, &ip);
+    push_attr(&mut tuple, CTA_TUPLE_PROTO | NLA_F_NESTED, &proto);
+    let mut attrs = Vec::new();
+    push_attr(&mut attrs, CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple);
+    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
+    socket.bind_auto().context("binding the ctnetlink socket")?;
+    socket
+        .send(&request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, 1, &attrs), 0)
+        .context("asking conntrack")?;
+    let data = socket.recv_from_full().context("reading from ctnetlink")?.0;
+    for m in messages(&data) {
+        match m.kind {
+            NLMSG_ERROR => match error_code(m.payload) {
+                0 => {}
+                code if code == -libc::ENOENT || code == libc::ENOENT => return Ok(None),
+                code => {
+                    return Err(op_error(
+                        "looking up a conntrack entry",
+                        &io::Error::from_raw_os_error(code.abs()),
+                    ))
+                }
+            },
+            k if k == msg_type(IPCTNL_MSG_CT_NEW) => return Ok(parse_entry(m.payload)),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
 /// Appends a netlink attribute (header, value, padding).
 fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let len = NLA_HDRLEN + value.len();

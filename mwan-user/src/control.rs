@@ -32,6 +32,12 @@ pub enum Request {
         wan: String,
     },
     Reload,
+    /// The addresses learned for rules by domain name; only those of names
+    /// at or under `name`, if given.
+    Domains {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
     /// Exit; `teardown` removes the datapath, otherwise it keeps running.
     Stop {
         teardown: bool,
@@ -47,6 +53,8 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<crate::dns::relay::LearnedEntry>>,
 }
 
 impl Response {
@@ -56,6 +64,7 @@ impl Response {
             error: None,
             message: Some(message.into()),
             status: None,
+            domains: None,
         }
     }
     pub fn error(e: impl std::fmt::Display) -> Response {
@@ -64,6 +73,7 @@ impl Response {
             error: Some(e.to_string()),
             message: None,
             status: None,
+            domains: None,
         }
     }
 }

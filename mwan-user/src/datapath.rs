@@ -59,6 +59,9 @@ pub struct Maps {
     pub rule_iface: HashMap<MapData, u32, u64>,
     pub rule_action: Array<MapData, u32>,
     pub bypass: LpmTrie<MapData, [u8; 4], u8>,
+    /// Learned destinations of rules by domain name. `None` only in the
+    /// CLI, for pins made by an mwan older than this map.
+    pub domain_dst: Option<HashMap<MapData, u32, u64>>,
 }
 
 fn typed<T: TryFrom<Map>>(map: Map, name: &str) -> Result<T>
@@ -69,10 +72,13 @@ where
 }
 
 impl Maps {
-    fn build(mut take: impl FnMut(&str) -> Result<Map>) -> Result<Maps> {
+    fn build(mut take: impl FnMut(&str) -> Result<Option<Map>>) -> Result<Maps> {
         macro_rules! m {
             ($name:expr) => {
-                typed(take($name)?, $name)?
+                typed(
+                    take($name)?.ok_or_else(|| anyhow!("map {} missing", $name))?,
+                    $name,
+                )?
             };
         }
         Ok(Maps {
@@ -92,6 +98,10 @@ impl Maps {
             rule_iface: m!(MAP_RULE_IFACE),
             rule_action: m!(MAP_RULE_ACTION),
             bypass: m!(MAP_BYPASS),
+            domain_dst: match take(MAP_DOMAIN_DST)? {
+                Some(map) => Some(typed(map, MAP_DOMAIN_DST)?),
+                None => None,
+            },
         })
     }
 
@@ -99,6 +109,10 @@ impl Maps {
     pub fn open_pinned(pin_dir: &Path) -> Result<Maps> {
         let maps = Maps::build(|name| {
             let path = pin_dir.join(name);
+            if name == MAP_DOMAIN_DST && !path.exists() {
+                // Pinned by an mwan older than domain rules.
+                return Ok(None);
+            }
             let data = MapData::from_pin(&path).with_context(|| {
                 format!(
                     "opening {} (is mwan running with pin_dir = {}?)",
@@ -106,7 +120,9 @@ impl Maps {
                     pin_dir.display()
                 )
             })?;
-            Map::from_map_data(data).map_err(|e| anyhow!("{}: {e}", path.display()))
+            Map::from_map_data(data)
+                .map(Some)
+                .map_err(|e| anyhow!("{}: {e}", path.display()))
         })?;
         maps.check_abi(pin_dir)?;
         Ok(maps)
@@ -287,6 +303,46 @@ impl Maps {
         )
     }
 
+    /// Applies changes of the learned-address table
+    /// ([`crate::dns::learned`]) to `DOMAIN_DST`: a new mask, or a deletion.
+    /// Each write is one `bpf()` call; when it returns, the classifier's next
+    /// lookup sees it (so a DNS answer may be released).
+    pub fn write_domain_dst(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+        let map = self
+            .domain_dst
+            .as_mut()
+            .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?;
+        for (addr, mask) in changes {
+            let key = u32::from_ne_bytes(addr.octets());
+            match mask {
+                Some(m) => map
+                    .insert(key, *m, 0)
+                    .with_context(|| format!("writing {MAP_DOMAIN_DST}[{addr}]"))?,
+                None => match map.remove(&key) {
+                    Ok(()) => {}
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => {
+                        return Err(anyhow!("deleting {MAP_DOMAIN_DST}[{addr}]: {e}"));
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties `DOMAIN_DST` (a start: what another daemon learned has no
+    /// expiry record here, and its masks index that daemon's rules).
+    pub fn clear_domain_dst(&mut self) -> Result<()> {
+        let Some(map) = self.domain_dst.as_mut() else {
+            return Ok(());
+        };
+        let keys: Vec<u32> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Per-WAN counters summed over CPUs, by WAN id.
     pub fn wan_counters(&self) -> Result<Vec<WanCounters>> {
         (0..MAX_WANS)
@@ -437,6 +493,7 @@ impl Datapath {
         }
         let maps = Maps::build(|name| {
             ebpf.take_map(name)
+                .map(Some)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         })?;
         Ok((ebpf, maps))
@@ -535,7 +592,7 @@ pub fn detach(iface: &str) -> bool {
 }
 
 /// Every map mwan pins, by name.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     MAP_ABI,
     MAP_FLOWS,
     MAP_HOSTS,
@@ -553,6 +610,7 @@ pub const PINNED_MAPS: [&str; 17] = [
     MAP_RULE_IFACE,
     MAP_RULE_ACTION,
     MAP_BYPASS,
+    MAP_DOMAIN_DST,
 ];
 
 /// Deletes mwan's pins in `pin_dir` (maps are freed when no program uses

@@ -78,6 +78,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Addresses learned from DNS answers for rules by domain name.
+    Domains {
+        #[arg(long)]
+        json: bool,
+        /// Only names equal to this domain or under it.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Change a WAN's weight at once (new flows only; until reload).
     SetWeight { wan: String, weight: u32 },
     /// No new flows through a WAN; its existing flows stay.
@@ -291,6 +299,18 @@ fn dispatch(cli: Cli) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&hosts)?);
             } else {
                 print!("{}", output::hosts(&hosts));
+            }
+            Ok(0)
+        }
+        Cmd::Domains { json, name } => {
+            let r = call(&cli, Request::Domains { name: name.clone() })?;
+            let entries = r.domains.unwrap_or_default();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!("{}", r.message.unwrap_or_default());
+            } else {
+                print!("{}", output::domains(&entries));
             }
             Ok(0)
         }

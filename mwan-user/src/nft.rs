@@ -25,6 +25,8 @@
 //!   at once), the rest with ICMP host unreachable. The route alone would
 //!   answer with ICMP errors only, which the kernel rate-limits per host: a
 //!   browser's third connection would hang until its SYN retries give up.
+//! * `dns_divert` (nat, prerouting, only while a rule has domains): LAN DNS
+//!   queries (UDP and TCP) are redirected to mwan's relay ([`Divert`]).
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
 //!   [`NUDGE_MARK`]) are not tracked. Nothing restores marks in `output`:
 //!   the router's own sockets (and mwan's probes) choose their route
@@ -62,12 +64,34 @@ pub struct NftWan {
     pub snat: Option<std::net::Ipv4Addr>,
 }
 
+/// The divert of the LAN's DNS queries to the relay (rules by domain name,
+/// `dns::relay`): new UDP flows and TCP connections to port 53 arriving on
+/// `lans`, to any address, are redirected (DNAT to the incoming interface's address) to
+/// the relay's socket on `port`. The relay learns the server the client
+/// addressed from the conntrack entry, and its answer, sent from that
+/// socket, is un-NATed by conntrack: the client sees it come from the
+/// server. Not `tproxy`: on a bridged LAN with `br_netfilter`, prerouting
+/// runs before `ip_rcv`, which orphans the socket tproxy assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Divert {
+    pub lans: Vec<String>,
+    /// The relay's UDP port.
+    pub port: u16,
+    /// The relay's TCP port.
+    pub tcp_port: u16,
+}
+
 /// The text that replaces the table atomically in one `nft -f`: the
 /// leading `add`/`delete` make it work whether or not the table exists.
 /// The packet mark of mwan's own nudge segments ("mnud").
 pub const NUDGE_MARK: u32 = 0x6d6e_7564;
 
-pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> String {
+pub fn ruleset(
+    wans: &[NftWan],
+    mark_mask: u32,
+    refuse_from: &[String],
+    divert: Option<&Divert>,
+) -> String {
     let keep = !mark_mask;
     let mut s = String::from("add table ip mwan\ndelete table ip mwan\ntable ip mwan {\n");
     s.push_str(
@@ -118,6 +142,20 @@ pub fn ruleset(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Strin
         s,
         "\tchain output {{\n\t\ttype filter hook output priority raw; policy accept;\n\t\tmeta mark {NUDGE_MARK:#010x} notrack\n\t}}\n"
     );
+    if let Some(d) = divert {
+        let lans = d
+            .lans
+            .iter()
+            .map(|l| format!("\"{l}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            s,
+            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 counter redirect to :{port}\n\t\tiifname {{ {lans} }} tcp dport 53 counter redirect to :{tcp_port}\n\t}}\n",
+            port = d.port,
+            tcp_port = d.tcp_port
+        );
+    }
     s.push_str(
         "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
     );
@@ -182,11 +220,22 @@ fn check(wans: &[NftWan], lans: &[String]) -> Result<()> {
 /// `refuse_from`: the LAN interfaces whose new connections to unreachable
 /// destinations are refused (empty unless every WAN is down under
 /// `all_down = "unreachable"`).
-pub async fn apply(wans: &[NftWan], mark_mask: u32, refuse_from: &[String]) -> Result<()> {
+pub async fn apply(
+    wans: &[NftWan],
+    mark_mask: u32,
+    refuse_from: &[String],
+    divert: Option<&Divert>,
+) -> Result<()> {
     check(wans, refuse_from)?;
-    nft(&["-f", "-"], Some(&ruleset(wans, mark_mask, refuse_from)))
-        .await
-        .context("replacing nftables table ip mwan")?;
+    if let Some(d) = divert {
+        check(&[], &d.lans)?;
+    }
+    nft(
+        &["-f", "-"],
+        Some(&ruleset(wans, mark_mask, refuse_from, divert)),
+    )
+    .await
+    .context("replacing nftables table ip mwan")?;
     Ok(())
 }
 
@@ -265,7 +314,7 @@ mod tests {
             wan("lte.2", "ppp0", 0x2_0000, false),
         ];
         assert_eq!(
-            ruleset(&wans, 0x00ff_0000, &[]),
+            ruleset(&wans, 0x00ff_0000, &[], None),
             "add table ip mwan
 delete table ip mwan
 table ip mwan {
@@ -304,7 +353,7 @@ table ip mwan {
     fn refusing_adds_the_reject_rules_for_the_lans_only() {
         let wans = [wan("isp1", "wan1", 0x1_0000, true)];
         let lans = ["lan0".to_string(), "br-guest".to_string()];
-        let text = ruleset(&wans, 0x00ff_0000, &lans);
+        let text = ruleset(&wans, 0x00ff_0000, &lans, None);
         let doomed = "iifname { \"lan0\", \"br-guest\" } ct state new fib daddr type unicast fib daddr oif missing";
         assert!(
             text.contains(&format!(
@@ -314,12 +363,12 @@ table ip mwan {
             )),
             "{text}"
         );
-        assert!(!ruleset(&wans, 0x00ff_0000, &[]).contains("reject"));
+        assert!(!ruleset(&wans, 0x00ff_0000, &[], None).contains("reject"));
     }
 
     #[test]
     fn ruleset_without_wans_is_valid_and_empty() {
-        let text = ruleset(&[], 0xff, &[]);
+        let text = ruleset(&[], 0xff, &[], None);
         assert!(
             !text.contains("vmap") && !text.contains("masquerade"),
             "{text}"
@@ -347,20 +396,34 @@ table ip mwan {
                 wan("isp-1", "wan1", 0x1_0000, true),
                 wan("isp.2", "wan2", 0x2_0000, true),
             ];
-            apply(&wans, 0x00ff_0000, &[]).await.unwrap();
+            apply(&wans, 0x00ff_0000, &[], None).await.unwrap();
             assert!(present().await.unwrap());
             let text = list();
             assert!(
                 text.contains("oifname \"wan2\" masquerade") && text.contains("chain route_isp.2"),
                 "{text}"
             );
-            apply(&wans[..1], 0x00ff_0000, &[]).await.unwrap();
+            // The DNS divert of rules by domain name: nft accepts it.
+            let divert = Divert {
+                lans: vec!["lan0".into()],
+                port: 40053,
+                tcp_port: 40054,
+            };
+            apply(&wans, 0x00ff_0000, &[], Some(&divert)).await.unwrap();
+            let text = list();
+            assert!(
+                text.contains(
+                    "iifname \"lan0\" udp dport 53 counter packets 0 bytes 0 redirect to :40053"
+                ),
+                "{text}"
+            );
+            apply(&wans[..1], 0x00ff_0000, &[], None).await.unwrap();
             let text = list();
             assert!(
                 text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),
                 "{text}"
             );
-            apply(&[], 0x00ff_0000, &[]).await.unwrap();
+            apply(&[], 0x00ff_0000, &[], None).await.unwrap();
             delete().await.unwrap();
             assert!(!present().await.unwrap());
             assert_eq!(list().trim(), "");
@@ -378,7 +441,13 @@ table ip mwan {
         let t = wan_lab("masq");
         t.router
             .block_on(|| async {
-                apply(&[wan("isp1", "wan2", 0x1_0000, true)], 0x00ff_0000, &[]).await
+                apply(
+                    &[wan("isp1", "wan2", 0x1_0000, true)],
+                    0x00ff_0000,
+                    &[],
+                    None,
+                )
+                .await
             })
             .unwrap();
         let server = t
@@ -407,7 +476,7 @@ table ip mwan {
         let mut w = wan("isp1", "wan2", 0x1_0000, true);
         w.snat = Some("203.0.113.9".parse().unwrap());
         t.router
-            .block_on(|| async { apply(&[w], 0x00ff_0000, &[]).await })
+            .block_on(|| async { apply(&[w], 0x00ff_0000, &[], None).await })
             .unwrap();
         let server = t
             .server
@@ -485,7 +554,13 @@ table ip mwan {
 
         t.router
             .block_on(|| async {
-                apply(&[wan("isp1", "wan1", 0x1_0000, false)], 0x00ff_0000, &[]).await
+                apply(
+                    &[wan("isp1", "wan1", 0x1_0000, false)],
+                    0x00ff_0000,
+                    &[],
+                    None,
+                )
+                .await
             })
             .unwrap();
         let mut client = connect().expect("connection through the port forward");

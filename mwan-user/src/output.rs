@@ -203,6 +203,25 @@ pub fn hosts(hosts: &[HostRecord]) -> String {
     table(&rows)
 }
 
+/// `mwan domains`: one row per learned address and rule.
+pub fn domains(entries: &[crate::dns::relay::LearnedEntry]) -> String {
+    let mut rows = vec![["NAME", "ADDRESS", "RULE", "EXPIRES IN"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for e in entries {
+        for r in &e.rules {
+            rows.push(vec![
+                e.name.clone(),
+                e.address.to_string(),
+                r.rule.clone(),
+                duration(r.expires_in_secs),
+            ]);
+        }
+    }
+    table(&rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,11 +248,19 @@ pub struct CompiledRules {
     pub actions: Vec<u32>,
 }
 
-fn prefix_masks(rules: &[Rule], field: impl Fn(&Rule) -> &Vec<Ipv4Net>) -> Vec<(Ipv4Net, u64)> {
+/// The LPM entries of one address dimension. A rule is unconstrained (its
+/// bit in every entry, 0.0.0.0/0 included) when `field` is empty and
+/// `learned` is false for it: a rule by domain name without `dst` matches
+/// only the destinations learned for it (`DOMAIN_DST`), none by prefix.
+fn prefix_masks(
+    rules: &[Rule],
+    field: impl Fn(&Rule) -> &Vec<Ipv4Net>,
+    learned: impl Fn(&Rule) -> bool,
+) -> Vec<(Ipv4Net, u64)> {
     let unconstrained = rules
         .iter()
         .enumerate()
-        .filter(|(_, r)| field(r).is_empty())
+        .filter(|(_, r)| field(r).is_empty() && !learned(r))
         .fold(0u64, |m, (i, _)| m | (1 << i));
     let mut prefixes: BTreeSet<Ipv4Net> = rules
         .iter()
@@ -375,8 +383,11 @@ pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
         proto,
         sport,
         dport,
-        src: prefix_masks(rules, |r| &r.src),
-        dst: prefix_masks(rules, |r| &r.dst),
+        src: prefix_masks(rules, |r| &r.src, |_| false),
+        // The destination of a rule by domain name is what DNS answers
+        // taught (`DOMAIN_DST`, ORed in by the classifier), plus its `dst`
+        // prefixes if it has any: the union.
+        dst: prefix_masks(rules, |r| &r.dst, |r| !r.domains.is_empty()),
         iface,
         any_iface,
         any_sport,
@@ -585,5 +596,35 @@ main = true
         let comp = compile(&wans, &c.rules, &positions(&c.rules), AllDown::Last, &[]);
         assert_eq!(share_of(&comp.policies[2], 0), 1.0);
         assert_eq!(comp.policies[3].active, 0);
+    }
+
+    #[test]
+    fn domain_rules_have_no_bit_in_the_any_destination_entry() {
+        let c = config_with_rules(
+            r#"
+[[rule]]
+name = "gov"
+domains = ["gov.example"]
+wans = ["isp2"]
+[[rule]]
+name = "gov-or-net"
+domains = ["gov.example"]
+dst = ["198.51.100.0/24"]
+wans = ["isp2"]
+[[rule]]
+name = "any"
+proto = "tcp"
+wans = ["isp1"]
+"#,
+        );
+        let r = compile_rules(&c.rules, &positions(&c.rules));
+        let dst: BTreeMap<String, u64> = r.dst.iter().map(|(n, m)| (n.to_string(), *m)).collect();
+        // Rule 0 (domains only): no prefix at all; rule 1: its prefix only;
+        // rule 2 (no dst, no domains): everywhere.
+        assert_eq!(dst["0.0.0.0/0"], 0b100);
+        assert_eq!(dst["198.51.100.0/24"], 0b110);
+        assert_eq!(dst.len(), 2);
+        // Other dimensions are not affected by domains.
+        assert!(r.src.iter().all(|(_, m)| *m == 0b111));
     }
 }

@@ -1,8 +1,8 @@
 //! Client helpers run from inside a namespace. Every call is bounded by
 //! [`CLIENT_TIMEOUT`].
 
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddrV4, TcpStream, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -72,6 +72,63 @@ impl Netns {
             bail!("DNS reply id {} does not match query id {id}", reply.id);
         }
         Ok(reply)
+    }
+
+    /// Resolves `name` (type A) with `server`: the addresses of the answer,
+    /// CNAME chains followed by the server. An answer without addresses or
+    /// with another ID is an error.
+    pub fn dns_lookup(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
+        let id = unique_id();
+        let answer = self.udp_exchange(server, &dns::query(id, name))?;
+        let reply = dns::parse_reply(&answer)
+            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
+        if reply.id != id {
+            bail!("DNS reply id {} does not match query id {id}", reply.id);
+        }
+        let addrs = dns::addresses(&answer)
+            .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
+        if addrs.is_empty() {
+            bail!(
+                "{server} gave no address for {name} (rcode {})",
+                reply.rcode
+            );
+        }
+        Ok(addrs)
+    }
+
+    /// [`Netns::dns_lookup`] over TCP (one query on a new connection).
+    pub fn dns_lookup_tcp(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
+        let id = unique_id();
+        let query = dns::query(id, name);
+        let answer = self.run(|| -> Result<Vec<u8>> {
+            let mut conn = TcpStream::connect_timeout(&server.into(), CLIENT_TIMEOUT)
+                .with_context(|| format!("connecting to {server}"))?;
+            conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+            let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&query);
+            conn.write_all(&framed)?;
+            let mut len = [0u8; 2];
+            conn.read_exact(&mut len)
+                .with_context(|| format!("reading the answer's length from {server}"))?;
+            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+            conn.read_exact(&mut answer)
+                .with_context(|| format!("reading the answer from {server}"))?;
+            Ok(answer)
+        })?;
+        let reply = dns::parse_reply(&answer)
+            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
+        if reply.id != id {
+            bail!("DNS reply id {} does not match query id {id}", reply.id);
+        }
+        let addrs = dns::addresses(&answer)
+            .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
+        if addrs.is_empty() {
+            bail!(
+                "{server} gave no address for {name} (rcode {})",
+                reply.rcode
+            );
+        }
+        Ok(addrs)
     }
 
     /// Opens a connection to a stream server; a thread keeps reading it.

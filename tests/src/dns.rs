@@ -72,6 +72,38 @@ pub(crate) fn parse_reply(msg: &[u8]) -> Option<DnsReply> {
 }
 
 /// End offset of the first question (uncompressed name, type, class).
+/// The IPv4 addresses of the A records in a response's answer section
+/// (whatever their owner: the end of a CNAME chain too), in order.
+pub(crate) fn addresses(msg: &[u8]) -> Option<Vec<std::net::Ipv4Addr>> {
+    let answers = u16::from_be_bytes([*msg.get(6)?, *msg.get(7)?]);
+    let mut pos = question_end(msg)?;
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        // The owner: labels ending in a zero byte or a pointer.
+        loop {
+            let len = *msg.get(pos)?;
+            if len & 0xc0 == 0xc0 {
+                pos += 2;
+                break;
+            }
+            pos += 1 + usize::from(len);
+            if len == 0 {
+                break;
+            }
+        }
+        let rtype = u16::from_be_bytes([*msg.get(pos)?, *msg.get(pos + 1)?]);
+        let rdlen = usize::from(u16::from_be_bytes([*msg.get(pos + 8)?, *msg.get(pos + 9)?]));
+        let rdata = msg.get(pos + 10..pos + 10 + rdlen)?;
+        if rtype == 1 && rdlen == 4 {
+            out.push(std::net::Ipv4Addr::new(
+                rdata[0], rdata[1], rdata[2], rdata[3],
+            ));
+        }
+        pos += 10 + rdlen;
+    }
+    Some(out)
+}
+
 fn question_end(msg: &[u8]) -> Option<usize> {
     let mut pos = HEADER;
     loop {

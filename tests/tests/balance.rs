@@ -393,8 +393,7 @@ fn a_broken_config_is_refused_and_changes_nothing() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let before = router_snapshot(&lab);
     let good = config(&lab, "");
-    // Rules by domain name: a domains file with a bad line, and valid names
-    // (refused until mwan can steer by them).
+    // Rules by domain name: a domains file with a bad line.
     let list = lab.dir().join("gov.list");
     std::fs::write(&list, "# government\ngov.br\nfoo..bar\n").unwrap();
     let bad_list = format!(
@@ -410,11 +409,6 @@ fn a_broken_config_is_refused_and_changes_nothing() {
             domain_rule(&format!("domains_file = \"{}\"", list.display())),
             "domains_file",
             &bad_list,
-        ),
-        (
-            domain_rule("domains = [\"gov.br\", \"edu.br\"]"),
-            "domains =",
-            "rule[0] (gov).domains: the 2 names are valid, but steering by domain name is not supported by this version yet",
         ),
         (
             good.replace("name = \"isp2\"", "name = \"isp2\"\nwieght = 2"),

@@ -960,11 +960,14 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
 
 /// Counters of another geometry (a version with more `GLOBAL_STATS`
 /// counters, another `WanCounters`): a longer array keeps the inherited
-/// counters, another value layout starts from zero; both are logged.
+/// counters, another value layout starts from zero; both are logged. A map
+/// the older version did not have (`DOMAIN_DST`) is created.
 #[test]
 fn counters_of_another_geometry_are_migrated_or_reset() {
     use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
-    use mwan_common::{ABI_VERSION, GS_COUNT, MAP_ABI, MAP_GLOBAL_STATS, MAP_WAN_STATS};
+    use mwan_common::{
+        ABI_VERSION, GS_COUNT, MAP_ABI, MAP_DOMAIN_DST, MAP_GLOBAL_STATS, MAP_WAN_STATS,
+    };
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
     mwan.wait_all_up(UP).unwrap();
@@ -993,10 +996,17 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     // Pins of the release before the ABI map: the version is read from
     // SETTINGS, and the marker is created.
     std::fs::remove_file(lab.pin_dir().join(MAP_ABI)).unwrap();
+    // Pins of a release before rules by domain name: the new map is
+    // created, the layout version stays.
+    std::fs::remove_file(lab.pin_dir().join(MAP_DOMAIN_DST)).unwrap();
 
     take_over(&mut mwan);
     let log = mwan.log();
     assert!(!log.contains("no layout version"), "{log}");
+    assert!(
+        aya::maps::MapData::from_pin(lab.pin_dir().join(MAP_DOMAIN_DST)).is_ok(),
+        "{MAP_DOMAIN_DST} was not created on takeover"
+    );
     let abi = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
     let abi: Array<MapData, u32> = Array::try_from(Map::Array(abi)).unwrap();
     assert_eq!(abi.get(&0, 0).unwrap(), ABI_VERSION);

@@ -172,11 +172,14 @@ fn ensure_bpf_toolchain() -> Result<()> {
 const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), ("tc", "iproute2")];
 
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
-/// Chromium, for the metrics endpoint and status page tests.
-const TEST_TOOLS: [(&str, &str); 3] = [
+/// Chromium, for the metrics endpoint and status page tests; dnsmasq (the
+/// binary alone, `dnsmasq-base`: no service) as the resolver of the domain
+/// rules test.
+const TEST_TOOLS: [(&str, &str); 4] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 /// An HA pair's daemons, for its tests and the bench's router failover.

@@ -198,7 +198,7 @@ fn deletes_only_matching_entries_of_real_traffic() {
         snat: None,
     }];
     t.router
-        .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[]).await })
+        .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })
         .unwrap();
     let listener = t.server.run(|| TcpListener::bind("192.0.2.10:80").unwrap());
     let (ports, _tcp) = t.lan.run(|| {

@@ -91,6 +91,10 @@ struct Daemon {
     started_wall: SystemTime,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// The DNS relay of rules by domain name, while a rule has domains.
+    relay: Option<crate::dns::relay::Relay>,
+    /// The nftables divert of LAN DNS queries to `relay`.
+    divert: Option<nft::Divert>,
     _lock: std::fs::File,
 }
 
@@ -126,7 +130,10 @@ impl Daemon {
             host.note_created(created.clone());
             host.pin_dir = cfg.pin_dir.clone();
             host.table_base = cfg.table_base;
-            let dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+            let mut dp = Datapath::load(&cfg.pin_dir, cfg.max_flows, cfg.max_hosts)?;
+            // Learned destinations of domain rules are owned by the daemon
+            // that learned them (expiry, rule indexes): none is inherited.
+            dp.maps.clear_domain_dst()?;
             Ok::<_, anyhow::Error>((lock, host, dp))
         })();
         let (lock, host, dp) = match prepared {
@@ -162,6 +169,8 @@ impl Daemon {
             started_wall: SystemTime::now(),
             reloads_ok: 0,
             reloads_failed: 0,
+            relay: None,
+            divert: None,
             _lock: lock,
         };
         match d.bring_up().await {
@@ -246,6 +255,7 @@ impl Daemon {
         self.apply_sysctls()?;
         self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
         self.host.save(&self.cfg.state_file())?;
+        self.sync_relay()?;
         self.refresh_links(true).await?;
         self.sync_nft().await?;
         self.adopt_connections().await;
@@ -479,6 +489,33 @@ impl Daemon {
         self.all_down && self.cfg.all_down == AllDown::Unreachable
     }
 
+    /// Starts, restarts or stops the DNS relay of rules by domain name (the
+    /// nftables divert follows `self.divert` in `sync_nft`). What was
+    /// learned is forgotten: its masks index the rules as they were.
+    fn sync_relay(&mut self) -> Result<()> {
+        self.relay = None;
+        if let Some(d) = self.divert.take() {
+            forget_diverted(d.port);
+        }
+        self.dp.maps.clear_domain_dst()?;
+        if !self.cfg.has_domain_rules() {
+            return Ok(());
+        }
+        let relay = crate::dns::relay::Relay::start(
+            &self.cfg.pin_dir,
+            self.cfg.domain_matcher(),
+            self.cfg.domain_ttl_floor,
+            self.cfg.domain_ttl_grace,
+        )?;
+        self.divert = Some(nft::Divert {
+            lans: self.cfg.lan_interfaces.clone(),
+            port: relay.port,
+            tcp_port: relay.tcp_port,
+        });
+        self.relay = Some(relay);
+        Ok(())
+    }
+
     async fn sync_rules(&mut self) -> Result<()> {
         let wans: Vec<(u8, u32, Option<Ipv4Addr>)> = self
             .wans
@@ -493,6 +530,7 @@ impl Daemon {
             &wans,
             refuse,
         );
+
         self.net
             .sync_rules(&want)
             .await
@@ -516,7 +554,7 @@ impl Daemon {
         } else {
             &[]
         };
-        nft::apply(&wans, self.cfg.mark_mask, refuse)
+        nft::apply(&wans, self.cfg.mark_mask, refuse, self.divert.as_ref())
             .await
             .context("applying nftables table ip mwan")
     }
@@ -893,6 +931,21 @@ impl Daemon {
                 r.status = Some(self.status().await?);
                 r
             }
+            Request::Domains { name } => {
+                let rule_names: Vec<String> =
+                    self.cfg.rules.iter().map(|r| r.name.clone()).collect();
+                let entries = match &self.relay {
+                    Some(r) => r.learned(&rule_names, name.as_deref()),
+                    None => vec![],
+                };
+                let mut r = Response::ok(match &self.relay {
+                    Some(_) if entries.is_empty() => "nothing learned (yet)",
+                    Some(_) => "learned addresses",
+                    None => "no rule has domains: nothing is learned",
+                });
+                r.domains = Some(entries);
+                r
+            }
             Request::SetWeight { wan, weight } => {
                 if !(1..=1000).contains(&weight) {
                     bail!("weight {weight} is out of range 1..=1000");
@@ -1070,7 +1123,17 @@ impl Daemon {
         if new.rules != self.cfg.rules {
             summary.push("rules changed".into());
         }
+        let relay_changed = self
+            .cfg
+            .rules
+            .iter()
+            .map(|r| &r.domains)
+            .ne(new.rules.iter().map(|r| &r.domains))
+            || new.lan_interfaces != self.cfg.lan_interfaces;
         self.cfg = new;
+        if relay_changed {
+            self.sync_relay()?;
+        }
         for l in removed_lans {
             datapath::detach(&l);
             summary.push(format!("detached {l}"));
@@ -1187,6 +1250,16 @@ impl Daemon {
         let _ = std::fs::remove_file(&socket);
         match exit {
             Exit::Keep => {
+                if let Some(d) = self.divert.take() {
+                    // Without the relay, diverted DNS queries would be
+                    // lost: the LAN's DNS goes direct (unlearned) until the
+                    // next daemon diverts it again.
+                    if let Err(e) = self.sync_nft().await {
+                        error!(error = %format!("{e:#}"), "removing the DNS divert");
+                    }
+                    forget_diverted(d.port);
+                    self.relay = None;
+                }
                 info!(pin_dir = %self.cfg.pin_dir.display(), "stopped; the datapath keeps forwarding (run `mwan run` to take it over, `mwan stop --teardown` to remove it)");
                 Ok(())
             }
@@ -1223,6 +1296,19 @@ fn relevant(ev: &NetEvent, d: &Daemon) -> bool {
         }
         // Events were lost: re-read everything.
         NetEvent::Overrun => true,
+    }
+}
+
+/// Deletes the conntrack entries of DNS queries redirected to the relay
+/// port `port`: a client that sends its next query from the same port
+/// would otherwise still be redirected there (a closed port: "connection
+/// refused") until the entry times out.
+fn forget_diverted(port: u16) {
+    let res = conntrack::delete_where(|e| {
+        e.orig.proto == 17 && e.orig.dport == 53 && e.reply.sport == port
+    });
+    if let Err(e) = res {
+        warn!(error = %format!("{e:#}"), "forgetting the redirected DNS queries");
     }
 }
 

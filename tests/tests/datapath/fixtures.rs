@@ -113,6 +113,12 @@ pub enum Step {
     Health(Vec<(&'static str, Health)>),
     /// The packet's pin looks idle for this many seconds.
     Age(Pkt, u64),
+    /// A DNS answer for the chain (question, then CNAME targets) gave the
+    /// address with this TTL: the rules listing its names learn it.
+    Learn(Vec<&'static str>, Ipv4Addr, u32),
+    /// The learned addresses' clock moves on by this many seconds; what
+    /// expired is deleted from `DOMAIN_DST`.
+    Advance(u64),
 }
 
 pub struct Fixture {
@@ -127,6 +133,10 @@ pub fn send(p: Pkt, e: Expect) -> Step {
 
 pub fn send_on(on: &'static str, mark: u32, body: Body, e: Expect) -> Step {
     Step::Send(Input { on, mark, body }, e)
+}
+
+pub fn learn(chain: &[&'static str], addr: Ipv4Addr, ttl: u32) -> Step {
+    Step::Learn(chain.to_vec(), addr, ttl)
 }
 
 pub fn health(changes: &[(&'static str, Health)]) -> Step {
@@ -664,6 +674,7 @@ pub fn fixtures() -> Vec<Fixture> {
         },
     ];
     f.extend(rule_fixtures());
+    f.extend(domain_fixtures());
     f
 }
 
@@ -836,6 +847,117 @@ pub fn rule_fixtures() -> Vec<Fixture> {
                 send(Pkt::udp(HOST, 1, SERVER, 2), pin("isp4")),
                 syn_to("lan0", HOST, 80, "isp1"),
                 syn_to("lan1", HOST, 82, "isp2"),
+            ],
+        },
+    ]
+}
+
+/// Rules by domain name around a `dst` rule and a port rule, on the tiered
+/// WANs (default policy: isp1).
+pub const DOMAINS: &str = r#"
+[[rule]]
+name = "web"
+proto = "tcp"
+dst_ports = [443]
+wans = ["isp3"]
+[[rule]]
+name = "gov"
+domains = ["gov.example"]
+wans = ["isp2"]
+[[rule]]
+name = "net"
+dst = ["198.51.100.0/24"]
+wans = ["isp4"]
+"#;
+
+/// Two domain rules sharing a CDN's names, one also with a `dst` prefix.
+pub const DOMAINS_CHAINED: &str = r#"
+[[rule]]
+name = "a"
+proto = "udp"
+domains = ["a.example"]
+wans = ["isp3"]
+[[rule]]
+name = "b"
+domains = ["b.example", "cdn.example"]
+dst = ["198.51.100.0/24"]
+wans = ["isp2", "isp4"]
+"#;
+
+/// Destinations learned from DNS answers (`DOMAIN_DST`), written and expired
+/// by the daemon's code, steering new flows.
+pub fn domain_fixtures() -> Vec<Fixture> {
+    let gov = Ipv4Addr::new(203, 0, 113, 20);
+    let in_net = Ipv4Addr::new(198, 51, 100, 20);
+    let tcp = |dst: Ipv4Addr, dport: u16| Pkt::tcp(HOST, 40000, dst, dport, SYN);
+    let pin = Expect::pin;
+    vec![
+        Fixture {
+            name: "domains: a learned address steers new flows, first rule in order wins",
+            config: config("", TIERED, DOMAINS),
+            steps: vec![
+                // Not learned yet: balanced (the default policy).
+                send(tcp(gov, 80), pin("isp1")),
+                learn(&["www.gov.example"], gov, 300),
+                send(tcp(gov, 81), pin("isp2")),
+                send(Pkt::udp(HOST, 40000, gov, 53), pin("isp2")),
+                // The flow balanced before the answer keeps its WAN.
+                send(Pkt::tcp(HOST, 40000, gov, 80, ACK), Expect::follows("isp1")),
+                // "web" precedes "gov".
+                send(tcp(gov, 443), pin("isp3")),
+                // A neighbour that no answer gave: balanced.
+                send(tcp(Ipv4Addr::new(203, 0, 113, 21), 81), pin("isp1")),
+                // Learned and in the CIDR of a later rule: "gov" first.
+                learn(&["gov.example"], in_net, 300),
+                send(tcp(in_net, 80), pin("isp2")),
+                send(tcp(Ipv4Addr::new(198, 51, 100, 21), 80), pin("isp4")),
+            ],
+        },
+        Fixture {
+            name: "domains: an expired address no longer steers, its pinned flows stay",
+            config: config("", TIERED, DOMAINS),
+            steps: vec![
+                learn(&["gov.example"], gov, 0),
+                send(tcp(gov, 80), pin("isp2")),
+                // TTL 0: the floor (60 s) plus the grace (30 s).
+                Step::Advance(89),
+                send(tcp(gov, 81), pin("isp2")),
+                Step::Advance(1),
+                send(tcp(gov, 82), pin("isp1")),
+                send(Pkt::tcp(HOST, 40000, gov, 80, ACK), Expect::follows("isp2")),
+                // The CIDR rule after it decides again for an address in it.
+                learn(&["gov.example"], in_net, 600),
+                send(tcp(in_net, 80), pin("isp2")),
+                Step::Advance(630),
+                send(tcp(in_net, 81), pin("isp4")),
+            ],
+        },
+        Fixture {
+            name: "domains: CNAME chains, several rules, union with dst, per-rule expiry",
+            config: config("", TIERED, DOMAINS_CHAINED),
+            steps: vec![
+                // www.a.example -> edge.cdn.example: both rules learn it.
+                learn(&["www.a.example", "edge.cdn.example"], gov, 300),
+                send(Pkt::udp(HOST, 40000, gov, 443), pin("isp3")),
+                send(tcp(gov, 443), pin("isp2")),
+                // Rule "b" also matches its prefix without any answer.
+                send(tcp(Ipv4Addr::new(198, 51, 100, 5), 80), pin("isp2")),
+                send(tcp(Ipv4Addr::new(203, 0, 113, 21), 80), pin("isp1")),
+                // Learned for "a" briefly, for "b" long: "a" expires alone.
+                learn(&["a.example"], Ipv4Addr::new(203, 0, 113, 30), 0),
+                learn(&["b.example"], Ipv4Addr::new(203, 0, 113, 30), 600),
+                send(
+                    Pkt::udp(HOST, 40001, Ipv4Addr::new(203, 0, 113, 30), 53),
+                    pin("isp3"),
+                ),
+                Step::Advance(100),
+                send(
+                    Pkt::udp(HOST, 40002, Ipv4Addr::new(203, 0, 113, 30), 53),
+                    pin("isp2"),
+                ),
+                // The rule's first WAN dies: its next one takes the flows.
+                health(&[("isp2", Health::Bad)]),
+                send(tcp(gov, 444), pin("isp4")),
             ],
         },
     ]

@@ -67,3 +67,53 @@ fn classifier_fixtures() -> Result<()> {
     }
     Ok(())
 }
+
+/// What looking destinations up in `DOMAIN_DST` costs a new flow: the
+/// classifier's time for a flow's first packet (kernel-measured average of
+/// many `BPF_PROG_TEST_RUN`s) under rules without domains, and under rules
+/// with domains whose map is empty, holds 200,000 addresses but not the
+/// destination, or holds the destination. Printed, not asserted (speed is
+/// for `cargo xtask bench`); the runs must each take the whole new-flow path.
+#[test]
+fn classifier_cost_of_learned_destinations() -> Result<()> {
+    use fixtures::{config, DOMAINS, RULES, TIERED};
+    use std::net::Ipv4Addr;
+    let lab = Lab::builder()
+        .lan_hosts(0)
+        .second_lan(0)
+        .isps(1)
+        .tunnel_host()
+        .build()?;
+    let pin_dir = lab.pin_dir();
+    // Every WAN down and nothing kept: no flow is pinned.
+    let top = "all_down = \"unreachable\"";
+    let (plain, domains) = (config(top, TIERED, RULES), config(top, TIERED, DOMAINS));
+    let learned = Ipv4Addr::new(100, 96, 0, 7);
+    let other = Ipv4Addr::new(198, 51, 100, 50);
+    const REPEAT: u32 = 200_000;
+    let rows = lab.router().run(|| -> Result<Vec<(&str, f64)>> {
+        let mut rig = Rig::load(&pin_dir)?;
+        Ok(vec![
+            (
+                "rules without domains",
+                rig.time_new_flow(&plain, 0, other, REPEAT)?,
+            ),
+            (
+                "domain rules, empty map",
+                rig.time_new_flow(&domains, 0, other, REPEAT)?,
+            ),
+            (
+                "domain rules, 200k learned, miss",
+                rig.time_new_flow(&domains, 200_000, other, REPEAT)?,
+            ),
+            (
+                "domain rules, 200k learned, hit",
+                rig.time_new_flow(&domains, 200_000, learned, REPEAT)?,
+            ),
+        ])
+    })?;
+    for (what, ns) in rows {
+        println!("new flow, {what}: {ns:.0} ns");
+    }
+    Ok(())
+}

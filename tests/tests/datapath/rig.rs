@@ -10,6 +10,7 @@ use aya::{TestRun, TestRunOptions};
 use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
 use mwan::config::Config;
 use mwan::datapath::{self, Datapath, COUNTER_NAMES};
+use mwan::dns::AddressTable;
 use mwan::policy::{self, CompiledRules, Health, WanView};
 use mwan_common::*;
 
@@ -38,6 +39,10 @@ pub struct Rig {
     rules_written: Option<CompiledRules>,
     /// Each rule's policy id (see `policy::assign_rule_policies`).
     policy_ids: Vec<u8>,
+    /// Addresses learned for domain rules, written into `DOMAIN_DST` with
+    /// the daemon's writer; `now_ns` is the fixture's clock for their expiry.
+    learned: AddressTable,
+    now_ns: u64,
 }
 
 impl Rig {
@@ -59,6 +64,8 @@ impl Rig {
             last_default: vec![],
             rules_written: None,
             policy_ids: vec![],
+            learned: AddressTable::new(),
+            now_ns: 0,
         })
     }
 
@@ -103,7 +110,29 @@ impl Rig {
         for h in hosts {
             self.dp.maps.hosts.remove(&h)?;
         }
+        self.learned = AddressTable::new();
+        self.now_ns = 0;
+        self.dp.maps.clear_domain_dst()?;
         Ok(())
+    }
+
+    /// A DNS answer for `chain` (the question, then CNAME targets) giving
+    /// `addr` with `ttl`: the rules listing any name of the chain learn it,
+    /// written as the relay does.
+    fn learn(&mut self, chain: &[&str], addr: Ipv4Addr, ttl: u32) -> Result<()> {
+        let mask = self.cfg.domain_matcher().chain_rules(chain);
+        ensure!(mask != 0, "no rule lists a name of {chain:?}");
+        if let Some(change) = self.learned.learn(addr, mask, ttl, self.now_ns, chain[0]) {
+            self.dp.maps.write_domain_dst(&[change])?;
+        }
+        Ok(())
+    }
+
+    /// The clock moves on by `secs`; what expired is deleted from the map.
+    fn advance(&mut self, secs: u64) -> Result<()> {
+        self.now_ns += secs * 1_000_000_000;
+        let changes = self.learned.expire(self.now_ns);
+        self.dp.maps.write_domain_dst(&changes)
     }
 
     fn wan_id(&self, name: &str) -> Result<u8> {
@@ -416,6 +445,88 @@ impl Rig {
         Ok(())
     }
 
+    /// The classifier's average time (ns, as `BPF_PROG_TEST_RUN` measures
+    /// it) for the first packet of a new TCP flow to `dst` under the config
+    /// `text`, with `learned` addresses in `DOMAIN_DST` (from 100.96.0.0 on,
+    /// learned for the config's first domain rule; `dst` may be one). Every
+    /// WAN is down (the config must say `all_down = "unreachable"`), so no
+    /// pin is made and each of the `repeat` runs takes
+    /// the whole new-flow path (parse, flow-map miss, bypass, rule
+    /// matching, choice); checked with the `no_wan` counter.
+    pub fn time_new_flow(
+        &mut self,
+        text: &str,
+        learned: u32,
+        dst: Ipv4Addr,
+        repeat: u32,
+    ) -> Result<f64> {
+        self.configure(text)?;
+        let names: Vec<String> = self.cfg.wans.iter().map(|w| w.name.clone()).collect();
+        let changes: Vec<(&str, Health)> =
+            names.iter().map(|n| (n.as_str(), Health::Bad)).collect();
+        self.set_health(&changes)?;
+        let bit = self
+            .cfg
+            .rules
+            .iter()
+            .position(|r| !r.domains.is_empty())
+            .map(|i| 1u64 << i)
+            .unwrap_or(1);
+        let map = self
+            .dp
+            .maps
+            .domain_dst
+            .as_mut()
+            .ok_or_else(|| anyhow!("no DOMAIN_DST"))?;
+        let base = u32::from(Ipv4Addr::new(100, 96, 0, 0));
+        for i in 0..learned {
+            map.insert(
+                u32::from_ne_bytes(Ipv4Addr::from(base + i).octets()),
+                bit,
+                0,
+            )?;
+        }
+        let input = Input {
+            on: "lan0",
+            mark: 0,
+            body: Body::Ip(Pkt::tcp(HOST, 40000, dst, 443, SYN)),
+        };
+        let frame = input.body.frame();
+        let all_before = self.dp.maps.global_counters()?;
+        let before = all_before[GS_NO_WAN as usize];
+        let mut ctx_in = [0u8; SKB_SIZE];
+        let ifindex = self.ifindex["lan0"];
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+            .copy_from_slice(&ifindex.to_ne_bytes());
+        ctx_in[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        let res = self
+            .dp
+            .program(PROG_LAN_ETH)?
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx_in),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|e| anyhow!("BPF_PROG_TEST_RUN: {e:?}"))?;
+        let all_after = self.dp.maps.global_counters()?;
+        let after = all_after[GS_NO_WAN as usize];
+        ensure!(
+            after - before == repeat as u64,
+            "{} of {repeat} runs took the new-flow path to the end (counters moved: {:?})",
+            after - before,
+            all_after
+                .iter()
+                .zip(&all_before)
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(i, (a, b))| format!("{} +{}", COUNTER_NAMES[i], a - b))
+                .collect::<Vec<_>>()
+        );
+        self.dp.maps.clear_domain_dst()?;
+        Ok(res.duration.as_nanos() as f64)
+    }
+
     pub fn run_fixture(&mut self, f: &Fixture) -> Result<()> {
         self.configure(&f.config)?;
         for (i, step) in f.steps.iter().enumerate() {
@@ -431,6 +542,8 @@ impl Rig {
                 }),
                 Step::Health(changes) => self.set_health(changes),
                 Step::Age(p, secs) => self.age(p, *secs),
+                Step::Learn(chain, addr, ttl) => self.learn(chain, *addr, *ttl),
+                Step::Advance(secs) => self.advance(*secs),
             };
             res?;
         }

@@ -1,0 +1,315 @@
+//! End-to-end proof of rules by domain name (issue 12): a real resolver
+//! (dnsmasq) in the internet namespace, LAN hosts asking it through the
+//! router, and connections made the moment the answer arrives. mwan's relay
+//! must have written the answer's addresses into the datapath before the
+//! client got them: every connection to a name of the rule leaves through
+//! the rule's WAN, none through another.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use lab::mwan::{config_with, shares, Mwan};
+use lab::*;
+
+const UP: Duration = Duration::from_secs(5);
+/// dnsmasq's address in the internet namespace.
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 54);
+/// What `*.gov.example` resolves to.
+const GOV: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(203, 0, 113, 100),
+    Ipv4Addr::new(203, 0, 113, 101),
+    Ipv4Addr::new(203, 0, 113, 102),
+    Ipv4Addr::new(203, 0, 113, 103),
+];
+/// What `*.tcponly.example` resolves to (asked over TCP only).
+const GOV_TCP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 104);
+/// What `*.other.example` resolves to (no rule lists it).
+const OTHER: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(203, 0, 113, 110),
+    Ipv4Addr::new(203, 0, 113, 111),
+];
+/// `portal.example` is a CNAME of `edge.cdn.example`, which has this address.
+const CDN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 120);
+
+const RULES: &str = r#"
+[[rule]]
+name = "gov"
+domains = ["gov.example", "cdn.example", "tcponly.example"]
+wans = ["isp2", "isp1"]
+"#;
+
+/// dnsmasq answering from its own records only, in the foreground (the lab
+/// kills it with the namespace), plus TCP whoami servers on every address
+/// it gives.
+fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
+    let all: Vec<Ipv4Addr> = [RESOLVER]
+        .iter()
+        .chain(&GOV)
+        .chain(&[GOV_TCP])
+        .chain(&OTHER)
+        .chain(&[CDN])
+        .copied()
+        .collect();
+    let cmds: String = all
+        .iter()
+        .map(|a| format!("addr add {a}/32 dev lo\n"))
+        .collect();
+    lab.inet().ip(&cmds).unwrap();
+    let servers = all[1..]
+        .iter()
+        .map(|a| {
+            lab.inet()
+                .tcp_whoami_server(SocketAddrV4::new(*a, TCP_WHOAMI_PORT))
+                .unwrap()
+        })
+        .collect();
+    let mut args: Vec<String> = [
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--port=53",
+        "--pid-file=",
+        "--cache-size=0",
+        "--host-record=edge.cdn.example,203.0.113.120",
+        "--cname=portal.example,edge.cdn.example",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!("--listen-address={RESOLVER}"));
+    args.push(format!("--local-ttl={ttl}"));
+    args.extend(GOV.iter().map(|a| format!("--address=/gov.example/{a}")));
+    args.push(format!("--address=/tcponly.example/{GOV_TCP}"));
+    args.extend(
+        OTHER
+            .iter()
+            .map(|a| format!("--address=/other.example/{a}")),
+    );
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let proc = lab.inet().spawn("dnsmasq", &argv, &[]).unwrap();
+    // Ready when it answers (asked from its own namespace).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match lab
+            .inet()
+            .dns_lookup(SocketAddrV4::new(RESOLVER, 53), "ready.gov.example")
+        {
+            Ok(a) => {
+                assert_eq!(a.len(), GOV.len(), "{a:?}");
+                break;
+            }
+            Err(e) if Instant::now() > deadline => {
+                panic!("dnsmasq does not answer: {e:#}\n{}", proc.output_so_far())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    (proc, servers)
+}
+
+/// Resolves `name` from LAN host 0 through the router, connects at once to
+/// the `pick`-th address of the answer, and returns the ISP it left by.
+fn lookup_and_connect(lab: &Lab, name: &str, pick: usize) -> (Ipv4Addr, usize) {
+    let addrs = lab
+        .host(0)
+        .dns_lookup(SocketAddrV4::new(RESOLVER, 53), name)
+        .unwrap_or_else(|e| panic!("looking up {name}: {e:#}"));
+    let addr = addrs[pick % addrs.len()];
+    let seen = lab
+        .host(0)
+        .tcp_whoami(SocketAddrV4::new(addr, TCP_WHOAMI_PORT))
+        .unwrap_or_else(|e| panic!("connecting to {addr} ({name}): {e:#}"));
+    let isp = lab
+        .wan_of(*seen.ip())
+        .unwrap_or_else(|| panic!("{addr} saw {seen}, not a WAN address"));
+    (addr, isp)
+}
+
+#[test]
+fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let (_dnsmasq, _servers) = resolver(&lab, 300);
+    let mut mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    assert!(
+        mwan.log()
+            .contains("DNS relay for rules by domain name started"),
+        "{}",
+        mwan.log()
+    );
+
+    // 1000 distinct names of the rule, each connection made the moment its
+    // answer arrived: all through ISP 2.
+    let t = Instant::now();
+    let mut wrong = Vec::new();
+    for i in 0..1000 {
+        let (addr, isp) = lookup_and_connect(&lab, &format!("h{i}.gov.example"), i);
+        if isp != 2 {
+            wrong.push((i, addr, isp));
+        }
+    }
+    println!(
+        "1000 lookups + connections under gov.example in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} left by another ISP: {wrong:?}",
+        wrong.len()
+    );
+
+    // Over TCP: 100 names whose address no UDP answer gave.
+    for i in 0..100 {
+        let name = format!("t{i}.tcponly.example");
+        let addrs = lab
+            .host(0)
+            .dns_lookup_tcp(SocketAddrV4::new(RESOLVER, 53), &name)
+            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
+        assert_eq!(addrs, [GOV_TCP]);
+        let seen = lab
+            .host(0)
+            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
+            .unwrap();
+        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
+    }
+
+    // 1000 names no rule lists: balanced.
+    let seen: Vec<SocketAddrV4> = (0..1000)
+        .map(|i| {
+            let (_, isp) = lookup_and_connect(&lab, &format!("h{i}.other.example"), i);
+            SocketAddrV4::new(lab.isp(isp).router_addr().addr(), 0)
+        })
+        .collect();
+    let s = shares(&lab, &seen);
+    println!("other.example shares: {s:?}");
+    assert!(
+        s.len() == 2 && s.values().all(|v| (0.3..0.7).contains(v)),
+        "{s:?}"
+    );
+
+    // A CNAME chain: portal.example (not listed) -> edge.cdn.example.
+    let (addr, isp) = lookup_and_connect(&lab, "portal.example", 0);
+    assert_eq!((addr, isp), (CDN, 2));
+
+    // `mwan domains`: what was learned, by name, with the time left (the
+    // answers' TTL is 300 s, plus 30 s of grace).
+    let json = mwan
+        .cli_ok(&["domains", "--json", "--name", "gov.example"])
+        .unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(entries.len(), GOV.len(), "{json}");
+    for e in &entries {
+        let addr: Ipv4Addr = e["address"].as_str().unwrap().parse().unwrap();
+        assert!(GOV.contains(&addr), "{e}");
+        assert!(e["name"].as_str().unwrap().ends_with(".gov.example"), "{e}");
+        assert_eq!(e["rules"][0]["rule"], "gov", "{e}");
+        let left = e["rules"][0]["expires_in_secs"].as_f64().unwrap();
+        assert!((300.0..=330.0).contains(&left), "{e}");
+    }
+    let text = mwan.cli_ok(&["domains"]).unwrap();
+    assert!(
+        text.starts_with("NAME")
+            && text.contains("portal.example")
+            && text.contains("203.0.113.120"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("other.example") && text.contains("tcponly.example"),
+        "{text}"
+    );
+
+    // A reload that changes the rule's names starts learning afresh: what
+    // was learned for the old names is forgotten, the new names steer.
+    std::fs::write(
+        &mwan.config,
+        config_with(
+            &lab,
+            "",
+            &|_| String::new(),
+            &RULES.replace("\"tcponly.example\"", "\"other.example\""),
+        ),
+    )
+    .unwrap();
+    let msg = mwan.cli_ok(&["reload"]).unwrap();
+    assert!(msg.contains("rules changed"), "{msg}");
+    let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+    assert_eq!(json.trim(), "[]", "learned before the reload: {json}");
+    for i in 0..50 {
+        let (addr, isp) = lookup_and_connect(&lab, &format!("r{i}.other.example"), i);
+        assert_eq!(isp, 2, "{addr} after the reload");
+    }
+
+    // The rule's WAN dies: the next WAN of its list takes its names.
+    lab.isp(2).set_blackhole(true).unwrap();
+    mwan.wait_state("isp2", "down", Duration::from_secs(3))
+        .unwrap();
+    for i in 0..20 {
+        let (addr, isp) = lookup_and_connect(&lab, &format!("after{i}.gov.example"), i);
+        assert_eq!(isp, 1, "{addr} after ISP 2 died");
+    }
+    lab.isp(2).set_blackhole(false).unwrap();
+
+    // `mwan stop` leaves the datapath forwarding, but not the DNS divert:
+    // with no relay, the LAN's queries must still be answered.
+    mwan.cli_ok(&["stop"]).unwrap();
+    let proc = mwan.forget().expect("daemon process");
+    assert!(
+        proc.wait_timeout(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        proc.output_so_far()
+    );
+    let nft = lab
+        .router()
+        .exec(&["nft", "list", "table", "ip", "mwan"])
+        .unwrap();
+    let nft = String::from_utf8_lossy(&nft.stdout);
+    assert!(
+        !nft.contains("dns_divert") && nft.contains("prerouting"),
+        "{nft}"
+    );
+    lab.host(0)
+        .dns_lookup(SocketAddrV4::new(RESOLVER, 53), "stopped.gov.example")
+        .unwrap();
+}
+
+/// An address lives for the answer's TTL, at least `domain_ttl_floor`,
+/// plus `domain_ttl_grace` (here 1 s each, TTL 1 s): then new connections
+/// to it are balanced again, while `mwan domains` shows it no more.
+#[test]
+fn a_learned_address_expires_after_its_ttl_and_grace() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let (_dnsmasq, _servers) = resolver(&lab, 1);
+    let top = "domain_ttl_floor = \"1s\"\ndomain_ttl_grace = \"1s\"";
+    let mwan = Mwan::start(&lab, &config_with(&lab, top, &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let (addr, isp) = lookup_and_connect(&lab, "soon.gov.example", 0);
+    assert_eq!(isp, 2);
+    let learned_at = Instant::now();
+    let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+    assert!(json.contains(&addr.to_string()), "{json}");
+    // Gone from the table within the 2 s life and the 1 s expiry tick.
+    let deadline = learned_at + Duration::from_secs(5);
+    loop {
+        let json = mwan.cli_ok(&["domains", "--json"]).unwrap();
+        if json.trim() == "[]" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still learned after 5 s: {json}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        learned_at.elapsed() >= Duration::from_secs(2),
+        "expired before TTL + grace"
+    );
+    // New connections to it (no new lookup) are balanced.
+    let seen: Vec<SocketAddrV4> =
+        many_tcp_whoami(lab.host(0), SocketAddrV4::new(addr, TCP_WHOAMI_PORT), 60, 4)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+    let s = shares(&lab, &seen);
+    assert_eq!(s.len(), 2, "{s:?}");
+}
