@@ -80,20 +80,7 @@ impl Netns {
     pub fn dns_lookup(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
         let id = unique_id();
         let answer = self.udp_exchange(server, &dns::query(id, name))?;
-        let reply = dns::parse_reply(&answer)
-            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
-        if reply.id != id {
-            bail!("DNS reply id {} does not match query id {id}", reply.id);
-        }
-        let addrs = dns::addresses(&answer)
-            .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
-        if addrs.is_empty() {
-            bail!(
-                "{server} gave no address for {name} (rcode {})",
-                reply.rcode
-            );
-        }
-        Ok(addrs)
+        answer_addresses(&answer, id, server, name)
     }
 
     /// [`Netns::dns_lookup`] over TCP (one query on a new connection).
@@ -115,20 +102,7 @@ impl Netns {
                 .with_context(|| format!("reading the answer from {server}"))?;
             Ok(answer)
         })?;
-        let reply = dns::parse_reply(&answer)
-            .ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
-        if reply.id != id {
-            bail!("DNS reply id {} does not match query id {id}", reply.id);
-        }
-        let addrs = dns::addresses(&answer)
-            .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
-        if addrs.is_empty() {
-            bail!(
-                "{server} gave no address for {name} (rcode {})",
-                reply.rcode
-            );
-        }
-        Ok(addrs)
+        answer_addresses(&answer, id, server, name)
     }
 
     /// Opens a connection to a stream server; a thread keeps reading it.
@@ -201,6 +175,30 @@ impl Netns {
         })?;
         Ok(UdpFlow { socket, server })
     }
+}
+
+/// The addresses of a DNS answer to query `id` for `name` from `server`:
+/// an error if it is malformed, answers another query or has none.
+fn answer_addresses(
+    answer: &[u8],
+    id: u16,
+    server: SocketAddrV4,
+    name: &str,
+) -> Result<Vec<Ipv4Addr>> {
+    let reply =
+        dns::parse_reply(answer).ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
+    if reply.id != id {
+        bail!("DNS reply id {} does not match query id {id}", reply.id);
+    }
+    let addrs = dns::addresses(answer)
+        .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
+    if addrs.is_empty() {
+        bail!(
+            "{server} gave no address for {name} (rcode {})",
+            reply.rcode
+        );
+    }
+    Ok(addrs)
 }
 
 /// Sends `request` on a connected socket and returns the answer, trying

@@ -430,30 +430,39 @@ fn sockaddr_v4(sa: &libc::sockaddr_in) -> SocketAddrV4 {
     )
 }
 
+/// A timeout or interruption of a blocking call that the loops poll with,
+/// to see their stop flag: not an error.
+fn is_poll_wakeup(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Takes one of the `max` places counted by `count`; false (and nothing
+/// taken) when all are in use.
+fn take_place(count: &AtomicUsize, max: usize) -> bool {
+    if count.fetch_add(1, Ordering::AcqRel) >= max {
+        count.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    true
+}
+
 fn receive_loop(sock: UdpSocket, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
     let sock = Arc::new(sock);
     let mut buf = vec![0u8; MAX_UDP];
     while !stop.load(Ordering::Relaxed) {
         let (n, client, local) = match recv_orig(&sock, &mut buf) {
             Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if is_poll_wakeup(&e) => continue,
             Err(e) => {
                 warn!(error = %e, "DNS relay: receiving a query");
                 thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if shared.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-            shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !take_place(&shared.in_flight, MAX_IN_FLIGHT) {
             warn!(%client, "DNS relay: {MAX_IN_FLIGHT} queries in flight, query dropped");
             continue;
         }
@@ -586,24 +595,14 @@ fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Arc<A
     while !stop.load(Ordering::Relaxed) {
         let (client, peer) = match listener.accept() {
             Ok(c) => c,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if is_poll_wakeup(&e) => continue,
             Err(e) => {
                 warn!(error = %e, "DNS relay: accepting a TCP connection");
                 thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if shared.tcp_connections.fetch_add(1, Ordering::AcqRel) >= MAX_TCP {
-            shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+        if !take_place(&shared.tcp_connections, MAX_TCP) {
             warn!(%peer, "DNS relay: {MAX_TCP} TCP connections open, connection closed");
             continue;
         }
