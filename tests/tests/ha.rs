@@ -69,6 +69,26 @@ impl Prober {
 /// Waits until every stream has received `more` bytes beyond `from`
 /// (their byte counts at some earlier moment); panics naming the ones
 /// that stalled or ended.
+/// mwan on both routers of the pair (every WAN up), then keepalived and
+/// conntrackd with `spec`; returns once router A is the active one.
+fn start_pair<'l>(lab: &'l Lab, spec: &HaSpec) -> (Vec<Mwan<'l>>, Vec<HaDaemons<'l>>) {
+    let mwans: Vec<Mwan> = (0..2)
+        .map(|k| Mwan::start_on(lab, k, &mwan_config(lab, k), &[], &[]).unwrap())
+        .collect();
+    for m in &mwans {
+        m.wait_all_up(Duration::from_secs(10)).unwrap();
+    }
+    let ha: Vec<HaDaemons> = (0..2)
+        .map(|k| HaDaemons::start(lab, k, spec, Some(&mwans[k].config)).unwrap())
+        .collect();
+    assert!(
+        ha[0].wait_master(Duration::from_secs(15)),
+        "{}",
+        ha[0].logs()
+    );
+    (mwans, ha)
+}
+
 fn wait_streams_flow(streams: &[Stream], from: &[u64], more: u64, what: &str) {
     let flowing = wait_until(Duration::from_secs(15), || {
         streams.iter().zip(from).all(|(s, b)| s.bytes() >= b + more)
@@ -305,20 +325,7 @@ fn both_routers_see_an_isp_fail_and_the_active_one_fails_over() {
         .build()
         .expect("lab builds");
     let spec = HaSpec::default();
-    let mwans: Vec<Mwan> = (0..2)
-        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
-        .collect();
-    for m in &mwans {
-        m.wait_all_up(Duration::from_secs(10)).unwrap();
-    }
-    let ha: Vec<HaDaemons> = (0..2)
-        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
-        .collect();
-    assert!(
-        ha[0].wait_master(Duration::from_secs(15)),
-        "{}",
-        ha[0].logs()
-    );
+    let (mwans, _ha) = start_pair(&lab, &spec);
 
     lab.isp(1).set_blackhole(true).unwrap();
     for m in &mwans {
@@ -431,20 +438,7 @@ fn returning_router_takes_over_again_without_breaking_connections() {
         preempt: true,
         ..HaSpec::default()
     };
-    let mut mwans: Vec<Mwan> = (0..2)
-        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
-        .collect();
-    for m in &mwans {
-        m.wait_all_up(Duration::from_secs(10)).unwrap();
-    }
-    let mut ha: Vec<HaDaemons> = (0..2)
-        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
-        .collect();
-    assert!(
-        ha[0].wait_master(Duration::from_secs(15)),
-        "{}",
-        ha[0].logs()
-    );
+    let (mut mwans, mut ha) = start_pair(&lab, &spec);
     assert!(
         ha[1].wait_state("BACKUP", Duration::from_secs(15)),
         "{}",
@@ -516,20 +510,7 @@ fn mwan_stopping_or_a_lan_link_failing_hands_over() {
         .build()
         .expect("lab builds");
     let spec = HaSpec::default();
-    let mut mwans: Vec<Mwan> = (0..2)
-        .map(|k| Mwan::start_on(&lab, k, &mwan_config(&lab, k), &[], &[]).unwrap())
-        .collect();
-    for m in &mwans {
-        m.wait_all_up(Duration::from_secs(10)).unwrap();
-    }
-    let ha: Vec<HaDaemons> = (0..2)
-        .map(|k| HaDaemons::start(&lab, k, &spec, Some(&mwans[k].config)).unwrap())
-        .collect();
-    assert!(
-        ha[0].wait_master(Duration::from_secs(15)),
-        "{}",
-        ha[0].logs()
-    );
+    let (mut mwans, ha) = start_pair(&lab, &spec);
     assert!(
         ha[1].wait_state("BACKUP", Duration::from_secs(15)),
         "{}",
