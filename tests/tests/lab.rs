@@ -929,6 +929,15 @@ fn ipv6_delegation_and_link_renumber() {
     isp.renumber_link6(other_link6(1)).unwrap();
     let after = isp.router_addr6();
     assert!(other_link6(1).contains(&after) && after != before);
+    // The old address is gone or deprecated (RAs announce the old prefix
+    // with a zero preferred lifetime): never a new connection's source.
+    let wan1 = out(router, &["ip", "-6", "-o", "addr", "show", "dev", "wan1"]);
+    assert!(
+        wan1.lines()
+            .filter(|l| l.contains(&format!("{before}/64")))
+            .all(|l| l.contains("deprecated")),
+        "{wan1}"
+    );
     let seen = lab.host(0).tcp_whoami(TCP_WHOAMI6).unwrap();
     assert_eq!((*seen.ip(), lab.wan_of(*seen.ip())), (after, Some(1)));
     // The delegation follows the router's new address (without the
