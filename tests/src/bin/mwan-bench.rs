@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
-use bench::{failover, footprint, forwarding, ha, report, scale, sig, sysinfo};
+use bench::{failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo};
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
 
@@ -20,7 +20,8 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    report goes to target/BENCHMARKS-quick.md unless --out is given
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
-  --only SECTIONS  comma-separated subset of: forwarding, failover, scale, footprint, ha
+  --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
+                   lab), failover, scale, footprint, ha
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -34,7 +35,14 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 5] = ["forwarding", "failover", "scale", "footprint", "ha"];
+const SECTIONS: [&str; 6] = [
+    "forwarding",
+    "forwarding6",
+    "failover",
+    "scale",
+    "footprint",
+    "ha",
+];
 
 fn parse_args() -> Result<Option<Args>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -131,6 +139,7 @@ fn run() -> Result<()> {
         machine,
         quick: q,
         forwarding: None,
+        forwarding6: None,
         failover: None,
         scale: None,
         footprint: None,
@@ -153,6 +162,19 @@ fn run() -> Result<()> {
     if want("forwarding") {
         println!("\n1-2. Forwarding cost and new connections per second");
         results.forwarding = Some(forwarding::run(
+            &forwarding::Params {
+                rounds: if q { 3 } else { 10 },
+                window,
+                tcp_streams: 4,
+                udp_flows: 256,
+                cps_threads: 2,
+            },
+            &log,
+        )?);
+    }
+    if want("forwarding6") {
+        println!("\n1b. IPv6 forwarding cost (mwan vs plain IPv6 routing with NAT66)");
+        results.forwarding6 = Some(forwarding6::run(
             &forwarding::Params {
                 rounds: if q { 3 } else { 10 },
                 window,
