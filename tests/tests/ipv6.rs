@@ -160,7 +160,7 @@ fn attempts<A: Endpoint>(ns: &Netns, server: A, t0: Instant, window: Duration) -
         let started = t0.elapsed();
         let result = ns
             .tcp_whoami_within(server, Duration::from_millis(300))
-            .map(|seen| std::net::SocketAddr::from(seen.into()).ip())
+            .map(|seen| Into::<std::net::SocketAddr>::into(seen).ip())
             .map_err(|e| format!("{e:#}"));
         out.push(Attempt { started, result });
     }
