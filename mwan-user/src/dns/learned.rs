@@ -1,6 +1,7 @@
 //! The addresses learned for rules by domain name, with their expiry: the
-//! userspace side of the datapath's `DOMAIN_DST` map (IPv4 destination →
-//! mask of the rules whose names resolved to it).
+//! userspace side of the datapath's `DOMAIN_DST` map (destination → mask of
+//! the rules whose names resolved to it). IPv4 (A records) and IPv6 (AAAA
+//! records) alike: the table is one, the writer picks the map by family.
 //!
 //! The kernel map holds only the mask; this table holds, per address and
 //! rule, when the learning expires, and tells the caller what to write:
@@ -24,7 +25,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use mwan_common::DOMAIN_DST_CAPACITY;
@@ -48,18 +49,18 @@ pub fn lifetime_with(ttl: u32, floor: Duration, grace: Duration) -> Duration {
 
 /// One change to write into `DOMAIN_DST`: the address's new mask, or `None`
 /// to delete it.
-pub type Change = (Ipv4Addr, Option<u64>);
+pub type Change = (IpAddr, Option<u64>);
 
 /// What is learned, per address and rule (bit index), with expiry times
 /// (nanoseconds of the caller's monotonic clock).
 #[derive(Debug, Default)]
 pub struct AddressTable {
-    entries: HashMap<Ipv4Addr, BTreeMap<u8, u64>>,
+    entries: HashMap<IpAddr, BTreeMap<u8, u64>>,
     /// The name whose answer last taught each address (for `mwan domains`).
-    names: HashMap<Ipv4Addr, Box<str>>,
+    names: HashMap<IpAddr, Box<str>>,
     /// (expiry, address, rule), possibly stale (an entry learned again later
     /// has a newer expiry): checked against `entries` when popped.
-    queue: BinaryHeap<Reverse<(u64, Ipv4Addr, u8)>>,
+    queue: BinaryHeap<Reverse<(u64, IpAddr, u8)>>,
     capacity: usize,
     floor: Duration,
     grace: Duration,
@@ -95,7 +96,7 @@ impl AddressTable {
     /// right mask, only expiries moved).
     pub fn learn(
         &mut self,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         mask: u64,
         ttl: u32,
         now_ns: u64,
@@ -167,13 +168,13 @@ impl AddressTable {
     }
 
     /// The mask held for `addr` (0: not learned).
-    pub fn mask(&self, addr: Ipv4Addr) -> u64 {
+    pub fn mask(&self, addr: IpAddr) -> u64 {
         self.entries.get(&addr).map(mask_of).unwrap_or(0)
     }
 
     /// Every learned address with the name that last taught it, its rules
     /// and their expiry times.
-    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, &str, &BTreeMap<u8, u64>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &str, &BTreeMap<u8, u64>)> {
         self.entries
             .iter()
             .map(|(a, r)| (*a, self.names.get(a).map(|n| &**n).unwrap_or(""), r))
@@ -198,8 +199,36 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn a(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, last)
+    fn a(last: u8) -> IpAddr {
+        IpAddr::from([198, 51, 100, last])
+    }
+
+    fn a6(last: u16) -> IpAddr {
+        IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, last])
+    }
+
+    /// IPv6 addresses (AAAA answers) are learned, expire and count against
+    /// the capacity like IPv4 ones; an IPv4 and an IPv6 address of one name
+    /// are separate entries.
+    #[test]
+    fn ipv6_addresses_are_learned_and_expire_like_ipv4() {
+        let mut t = AddressTable::with_capacity(2);
+        assert_eq!(
+            t.learn(a6(1), 0b1, 0, 0, "x.example"),
+            Some((a6(1), Some(0b1)))
+        );
+        assert_eq!(
+            t.learn(a(1), 0b1, 600, 0, "x.example"),
+            Some((a(1), Some(0b1)))
+        );
+        assert_eq!(t.mask(a6(1)), 0b1);
+        assert_eq!(t.learn(a6(2), 0b1, 0, 0, "x.example"), None);
+        assert_eq!(t.refused, 1);
+        assert_eq!(t.expire(90 * S), vec![(a6(1), None)]);
+        assert_eq!(t.mask(a(1)), 0b1);
+        let mut addrs: Vec<IpAddr> = t.iter().map(|(a, _, _)| a).collect();
+        addrs.sort();
+        assert_eq!(addrs, [a(1)]);
     }
 
     #[test]
