@@ -348,6 +348,8 @@ impl Drop for Relay {
 /// The relay's UDP socket, on a free port of every address, asking for each
 /// datagram's (post-NAT) destination: the address the query was redirected
 /// to, which is the source of the query's conntrack reply direction.
+/// Transparent (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`): the mark the
+/// divert looks for.
 fn relay_socket() -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     {
@@ -366,6 +368,9 @@ fn relay_socket() -> io::Result<UdpSocket> {
             return Err(io::Error::last_os_error());
         }
     }
+    // The divert's `tproxy` finds only transparent sockets: while this one
+    // exists, queries are diverted; once it is gone, they pass (`nft::Divert`).
+    s.set_ip_transparent_v4(true)?;
     s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
     Ok(s.into())
 }
@@ -570,6 +575,7 @@ const TCP_IDLE: Duration = Duration::from_secs(30);
 fn tcp_listener() -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?; // see `relay_socket`
     s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
     s.listen(128)?;
     s.set_read_timeout(Some(Duration::from_millis(250)))?;
