@@ -19,9 +19,10 @@
 //! Connections already pinned do not depend on the entry at all: the flow
 //! map keeps them on their WAN until they end.
 //!
-//! The table is bounded by [`DOMAIN_DST_CAPACITY`], the map's size: an
-//! address beyond it is not learned (its connections are balanced) and
-//! counted in [`AddressTable::refused`].
+//! The table is bounded by [`DOMAIN_DST_CAPACITY`], the map's size, per
+//! family (the IPv4 and the IPv6 map each hold that many): an address
+//! beyond it is not learned (its connections are balanced) and counted in
+//! [`AddressTable::refused`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -61,7 +62,10 @@ pub struct AddressTable {
     /// (expiry, address, rule), possibly stale (an entry learned again later
     /// has a newer expiry): checked against `entries` when popped.
     queue: BinaryHeap<Reverse<(u64, IpAddr, u8)>>,
+    /// Per family: the IPv4 and the IPv6 map each hold this many.
     capacity: usize,
+    /// Learned addresses per family (IPv4, IPv6).
+    counts: [usize; 2],
     floor: Duration,
     grace: Duration,
     /// Addresses not learned because the table was full.
@@ -105,9 +109,12 @@ impl AddressTable {
         if mask == 0 {
             return None;
         }
-        if !self.entries.contains_key(&addr) && self.entries.len() >= self.capacity {
-            self.refused += 1;
-            return None;
+        if !self.entries.contains_key(&addr) {
+            if self.counts[family(addr)] >= self.capacity {
+                self.refused += 1;
+                return None;
+            }
+            self.counts[family(addr)] += 1;
         }
         let life = lifetime_with(ttl, self.floor, self.grace);
         let expires = now_ns.saturating_add(life.as_nanos() as u64);
@@ -153,6 +160,7 @@ impl AddressTable {
                 let mask = self.entries.get(&addr).map(mask_of).unwrap_or(0);
                 if mask == 0 {
                     self.entries.remove(&addr);
+                    self.counts[family(addr)] -= 1;
                     self.names.remove(&addr);
                     (addr, None)
                 } else {
@@ -189,6 +197,11 @@ impl AddressTable {
     }
 }
 
+/// Index of `addr`'s family in [`AddressTable::counts`].
+fn family(addr: IpAddr) -> usize {
+    usize::from(addr.is_ipv6())
+}
+
 fn mask_of(rules: &BTreeMap<u8, u64>) -> u64 {
     rules.keys().fold(0, |m, r| m | (1u64 << r))
 }
@@ -207,12 +220,12 @@ mod tests {
         IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, last])
     }
 
-    /// IPv6 addresses (AAAA answers) are learned, expire and count against
-    /// the capacity like IPv4 ones; an IPv4 and an IPv6 address of one name
-    /// are separate entries.
+    /// IPv6 addresses (AAAA answers) are learned and expire like IPv4
+    /// ones; an IPv4 and an IPv6 address of one name are separate entries,
+    /// and each family has the capacity of its own map.
     #[test]
     fn ipv6_addresses_are_learned_and_expire_like_ipv4() {
-        let mut t = AddressTable::with_capacity(2);
+        let mut t = AddressTable::with_capacity(1);
         assert_eq!(
             t.learn(a6(1), 0b1, 0, 0, "x.example"),
             Some((a6(1), Some(0b1)))
@@ -223,12 +236,16 @@ mod tests {
         );
         assert_eq!(t.mask(a6(1)), 0b1);
         assert_eq!(t.learn(a6(2), 0b1, 0, 0, "x.example"), None);
-        assert_eq!(t.refused, 1);
+        assert_eq!(t.learn(a(2), 0b1, 0, 0, "x.example"), None);
+        assert_eq!(t.refused, 2);
         assert_eq!(t.expire(90 * S), vec![(a6(1), None)]);
         assert_eq!(t.mask(a(1)), 0b1);
+        // The IPv6 place is free again; IPv4's is still taken.
+        assert!(t.learn(a6(2), 0b1, 0, 100 * S, "x.example").is_some());
+        assert_eq!(t.learn(a(2), 0b1, 0, 100 * S, "x.example"), None);
         let mut addrs: Vec<IpAddr> = t.iter().map(|(a, _, _)| a).collect();
         addrs.sort();
-        assert_eq!(addrs, [a(1)]);
+        assert_eq!(addrs, [a(1), a6(2)]);
     }
 
     #[test]
