@@ -110,10 +110,9 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
 }
 
 /// A resolver on the router, as on most home and office routers: dnsmasq
-/// on the LAN address, forwarding to [`resolver`] (with its cache, as
+/// on the LAN interface, forwarding to [`resolver`] (with its cache, as
 /// configured in the field), in the foreground.
 fn router_resolver(lab: &Lab) -> Proc {
-    let listen = format!("--listen-address={LAN0_ROUTER}");
     let server = format!("--server={RESOLVER}");
     let proc = lab
         .router()
@@ -124,10 +123,13 @@ fn router_resolver(lab: &Lab) -> Proc {
                 "--conf-file=/dev/null",
                 "--no-resolv",
                 "--no-hosts",
-                "--bind-interfaces",
                 "--port=53",
                 "--pid-file=",
-                &listen,
+                // As a router's resolver is usually set up: the LAN
+                // interface only, queries from local subnets only (the
+                // relay asks from the router's LAN address, over `lo`).
+                "--interface=lan0",
+                "--local-service",
                 &server,
             ],
             &[],
