@@ -261,6 +261,42 @@ pub async fn delete() -> Result<()> {
     Ok(())
 }
 
+/// The UDP ports of the DNS divert in mwan's table as it is in the kernel
+/// (a daemon that died without cleanup left it): the relay ports whose
+/// conntrack entries a new daemon must forget. Empty when there is none.
+pub async fn divert_ports() -> Result<Vec<u16>> {
+    let tables = nft(&["list", "tables"], None).await?;
+    let mut ports = Vec::new();
+    for line in tables.lines() {
+        // "table FAMILY NAME"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ["table", family, "mwan"] = words[..] else {
+            continue;
+        };
+        if let Ok(chain) = nft(&["list", "chain", family, "mwan", "dns_divert"], None).await {
+            ports.extend(udp_divert_ports(&chain));
+        }
+    }
+    Ok(ports)
+}
+
+/// The `redirect to :PORT` ports of the `udp dport 53` rules in `chain`
+/// (`nft list chain` output).
+fn udp_divert_ports(chain: &str) -> Vec<u16> {
+    chain
+        .lines()
+        .filter(|l| l.contains("udp dport 53 "))
+        .filter_map(|l| {
+            l.split("redirect to :")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 pub async fn present() -> Result<bool> {
     let tables = nft(&["list", "tables", "ip"], None).await?;
     Ok(tables.lines().any(|l| l.trim() == "table ip mwan"))
@@ -428,7 +464,9 @@ table ip mwan {
                 ),
                 "{text}"
             );
+            assert_eq!(divert_ports().await.unwrap(), [40053]);
             apply(&wans[..1], 0x00ff_0000, &[], None).await.unwrap();
+            assert!(divert_ports().await.unwrap().is_empty());
             let text = list();
             assert!(
                 text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),

@@ -430,7 +430,8 @@ fn names_asked_of_the_routers_own_resolver_are_steered() {
 /// nftables table stays), the LAN's lookups are answered at once, by the
 /// internet's resolver and by the router's, over UDP and TCP: the divert's
 /// `tproxy` finds no relay socket and lets them pass. Once a daemon runs
-/// again, names are steered again.
+/// again, names are steered again, also for a client whose query flow the
+/// dead relay had diverted (its conntrack entry is forgotten at the start).
 #[test]
 fn dns_keeps_working_while_the_daemon_is_dead() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
@@ -442,6 +443,14 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
         let (_, isp) = lookup_and_connect_via(&lab, server, "before.gov.example", 0);
         assert_eq!(isp, 2, "steered before the kill ({server})");
     }
+    // A client that always asks from the same source port: its conntrack
+    // entry, diverted to the relay that is about to die, must not outlive
+    // the next daemon's start.
+    let fixed = lab
+        .host(0)
+        .udp_flow(SocketAddrV4::new(RESOLVER, 53))
+        .unwrap();
+    fixed.dns_lookup("fixed-before.gov.example").unwrap();
 
     let proc = mwan.forget().expect("daemon process");
     proc.signal(libc::SIGKILL).unwrap();
@@ -485,6 +494,14 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
 
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
+    let addrs = fixed
+        .dns_lookup("fixed-after.gov.example")
+        .expect("the fixed-port client after the restart");
+    let seen = lab
+        .host(0)
+        .tcp_whoami(SocketAddrV4::new(addrs[0], TCP_WHOAMI_PORT))
+        .unwrap();
+    assert_eq!(lab.wan_of(*seen.ip()), Some(2), "the fixed-port client");
     for i in 0..50 {
         for server in [RESOLVER, LAN0_ROUTER] {
             let name = format!("again{i}.gov.example");
