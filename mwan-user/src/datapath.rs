@@ -312,22 +312,7 @@ impl Maps {
             .domain_dst
             .as_mut()
             .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?;
-        for (addr, mask) in changes {
-            let key = u32::from_ne_bytes(addr.octets());
-            match mask {
-                Some(m) => map
-                    .insert(key, *m, 0)
-                    .with_context(|| format!("writing {MAP_DOMAIN_DST}[{addr}]"))?,
-                None => match map.remove(&key) {
-                    Ok(()) => {}
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => {
-                        return Err(anyhow!("deleting {MAP_DOMAIN_DST}[{addr}]: {e}"));
-                    }
-                },
-            }
-        }
-        Ok(())
+        write_domain_changes(map, changes)
     }
 
     /// Empties `DOMAIN_DST` (a start: what another daemon learned has no
@@ -396,6 +381,36 @@ pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Setting
         rule_any_sport: rules.any_sport,
         rule_any_dport: rules.any_dport,
     }
+}
+
+/// Writes learned-address changes ([`crate::dns::learned`]) into
+/// `DOMAIN_DST` (`map`): a new mask, or a deletion; one `bpf()` call each
+/// (used by [`Maps::write_domain_dst`] and by the DNS relay's own handle on
+/// the pinned map).
+pub fn write_domain_changes(
+    map: &mut HashMap<MapData, u32, u64>,
+    changes: &[crate::dns::learned::Change],
+) -> Result<()> {
+    for (addr, mask) in changes {
+        let addr = match addr {
+            std::net::IpAddr::V4(a) => *a,
+            // IPv6 (AAAA answers): DOMAIN_DST6 ([u8; 16] keys), wired at
+            // the merge with the IPv6 datapath; until then the address is
+            // learned (and listed) but not written.
+            std::net::IpAddr::V6(_) => continue,
+        };
+        let key = u32::from_ne_bytes(addr.octets());
+        match mask {
+            Some(m) => map
+                .insert(key, *m, 0)
+                .with_context(|| format!("writing {MAP_DOMAIN_DST}[{addr}]"))?,
+            None => match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(anyhow!("deleting {MAP_DOMAIN_DST}[{addr}]: {e}")),
+            },
+        }
+    }
+    Ok(())
 }
 
 fn sync_trie<V: aya::Pod + PartialEq>(

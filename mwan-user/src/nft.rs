@@ -26,7 +26,8 @@
 //!   answer with ICMP errors only, which the kernel rate-limits per host: a
 //!   browser's third connection would hang until its SYN retries give up.
 //! * `dns_divert` (nat, prerouting, only while a rule has domains): LAN DNS
-//!   queries (UDP and TCP) are redirected to mwan's relay ([`Divert`]).
+//!   queries (UDP and TCP) are redirected to mwan's relay while its socket
+//!   exists, and pass untouched when it does not ([`Divert`]).
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
 //!   [`NUDGE_MARK`]) are not tracked. Nothing restores marks in `output`:
 //!   the router's own sockets (and mwan's probes) choose their route
@@ -70,8 +71,18 @@ pub struct NftWan {
 /// the relay's socket on `port`. The relay learns the server the client
 /// addressed from the conntrack entry, and its answer, sent from that
 /// socket, is un-NATed by conntrack: the client sees it come from the
-/// server. Not `tproxy`: on a bridged LAN with `br_netfilter`, prerouting
-/// runs before `ip_rcv`, which orphans the socket tproxy assigned.
+/// server.
+///
+/// It fails open: each rule first tries `tproxy` to the relay's port,
+/// which finds a socket only while a process holds one there with
+/// `IP_TRANSPARENT` (the relay's); when none does (the daemon was killed,
+/// or crashed), the kernel's tproxy expression ends the rule (`NFT_BREAK`)
+/// and the query goes to the server it was sent to, untouched. When the
+/// relay lives, tproxy assigns it its own socket and the `redirect` does the
+/// delivery (on a bridged LAN with `br_netfilter`, prerouting runs before
+/// `ip_rcv`, which orphans the socket tproxy assigned, so tproxy alone
+/// cannot deliver; the redirect can). `tproxy ip` is valid in `ip` and
+/// `inet` tables alike.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Divert {
     pub lans: Vec<String>,
@@ -151,7 +162,7 @@ pub fn ruleset(
             .join(", ");
         let _ = write!(
             s,
-            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 counter redirect to :{port}\n\t\tiifname {{ {lans} }} tcp dport 53 counter redirect to :{tcp_port}\n\t}}\n",
+            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
             port = d.port,
             tcp_port = d.tcp_port
         );
@@ -248,6 +259,42 @@ pub async fn delete() -> Result<()> {
     .await
     .context("deleting nftables table ip mwan")?;
     Ok(())
+}
+
+/// The UDP ports of the DNS divert in mwan's table as it is in the kernel
+/// (a daemon that died without cleanup left it): the relay ports whose
+/// conntrack entries a new daemon must forget. Empty when there is none.
+pub async fn divert_ports() -> Result<Vec<u16>> {
+    let tables = nft(&["list", "tables"], None).await?;
+    let mut ports = Vec::new();
+    for line in tables.lines() {
+        // "table FAMILY NAME"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ["table", family, "mwan"] = words[..] else {
+            continue;
+        };
+        if let Ok(chain) = nft(&["list", "chain", family, "mwan", "dns_divert"], None).await {
+            ports.extend(udp_divert_ports(&chain));
+        }
+    }
+    Ok(ports)
+}
+
+/// The `redirect to :PORT` ports of the `udp dport 53` rules in `chain`
+/// (`nft list chain` output).
+fn udp_divert_ports(chain: &str) -> Vec<u16> {
+    chain
+        .lines()
+        .filter(|l| l.contains("udp dport 53 "))
+        .filter_map(|l| {
+            l.split("redirect to :")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 pub async fn present() -> Result<bool> {
@@ -413,11 +460,13 @@ table ip mwan {
             let text = list();
             assert!(
                 text.contains(
-                    "iifname \"lan0\" udp dport 53 counter packets 0 bytes 0 redirect to :40053"
+                    "iifname \"lan0\" udp dport 53 tproxy to :40053 counter packets 0 bytes 0 redirect to :40053"
                 ),
                 "{text}"
             );
+            assert_eq!(divert_ports().await.unwrap(), [40053]);
             apply(&wans[..1], 0x00ff_0000, &[], None).await.unwrap();
+            assert!(divert_ports().await.unwrap().is_empty());
             let text = list();
             assert!(
                 text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),

@@ -246,4 +246,31 @@ mod tests {
         assert_eq!(duration(7300.0), "2h01m");
         assert_eq!(duration(90000.0), "1d01h");
     }
+
+    /// `mwan domains` lists IPv6 (AAAA-learned) addresses like IPv4 ones,
+    /// in the table and in `--json`.
+    #[test]
+    fn domains_lists_ipv6_addresses() {
+        use crate::dns::relay::{LearnedEntry, LearnedRule};
+        let entries: Vec<LearnedEntry> = ["203.0.113.5", "2001:db8::5"]
+            .iter()
+            .map(|a| LearnedEntry {
+                address: a.parse().unwrap(),
+                name: "www.gov.example".into(),
+                rules: vec![LearnedRule {
+                    rule: "gov".into(),
+                    expires_in_secs: 300.0,
+                }],
+            })
+            .collect();
+        let text = domains(&entries);
+        assert!(
+            text.contains("203.0.113.5") && text.contains("2001:db8::5"),
+            "{text}"
+        );
+        let json = serde_json::to_string(&entries).unwrap();
+        assert!(json.contains("\"address\":\"2001:db8::5\""), "{json}");
+        let back: Vec<LearnedEntry> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, entries);
+    }
 }

@@ -240,7 +240,8 @@ impl Netns {
     }
 
     /// A UDP "connection": one socket (one source port) in this namespace
-    /// talking to a UDP whoami server, for as long as the value lives.
+    /// talking to a UDP whoami (or DNS) server, for as long as the value
+    /// lives.
     pub fn udp_flow<A: Endpoint>(&self, server: A) -> Result<UdpFlow<A>> {
         let socket = self.run(|| -> Result<UdpSocket> {
             let socket = UdpSocket::bind(any_of(server.into()))?;
@@ -306,6 +307,15 @@ impl<A: Endpoint> UdpFlow<A> {
         let answer = udp_exchange_on(&self.socket, b"whoami")
             .with_context(|| format!("UDP flow to {}", self.server))?;
         parse_whoami(&String::from_utf8_lossy(&answer))
+    }
+
+    /// [`Netns::dns_lookup`] on this flow (a client that always asks from
+    /// the same source port; the flow's server is a DNS server).
+    pub fn dns_lookup(&self, name: &str) -> Result<Vec<Ipv4Addr>> {
+        let id = unique_id();
+        let answer = udp_exchange_on(&self.socket, &dns::query(id, name))
+            .with_context(|| format!("UDP flow to {}", self.server))?;
+        answer_addresses(&answer, id, self.server.into(), name)
     }
 }
 

@@ -109,13 +109,64 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
     (proc, servers)
 }
 
+/// A resolver on the router, as on most home and office routers: dnsmasq
+/// on the LAN interface, forwarding to [`resolver`] (with its cache, as
+/// configured in the field), in the foreground.
+fn router_resolver(lab: &Lab) -> Proc {
+    let server = format!("--server={RESOLVER}");
+    let proc = lab
+        .router()
+        .spawn(
+            "dnsmasq",
+            &[
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=53",
+                "--pid-file=",
+                // As a router's resolver is usually set up: the LAN
+                // interface only, queries from local subnets only (the
+                // relay asks from the router's LAN address, over `lo`).
+                "--interface=lan0",
+                "--local-service",
+                &server,
+            ],
+            &[],
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = lab
+        .router()
+        .dns_lookup(SocketAddrV4::new(LAN0_ROUTER, 53), "ready.other.example")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the router's dnsmasq does not answer: {e:#}\n{}",
+            proc.output_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc
+}
+
 /// Resolves `name` from LAN host 0 through the router, connects at once to
 /// the `pick`-th address of the answer, and returns the ISP it left by.
 fn lookup_and_connect(lab: &Lab, name: &str, pick: usize) -> (Ipv4Addr, usize) {
+    lookup_and_connect_via(lab, RESOLVER, name, pick)
+}
+
+/// [`lookup_and_connect`], asking the resolver at `server`.
+fn lookup_and_connect_via(
+    lab: &Lab,
+    server: Ipv4Addr,
+    name: &str,
+    pick: usize,
+) -> (Ipv4Addr, usize) {
     let addrs = lab
         .host(0)
-        .dns_lookup(SocketAddrV4::new(RESOLVER, 53), name)
-        .unwrap_or_else(|e| panic!("looking up {name}: {e:#}"));
+        .dns_lookup(SocketAddrV4::new(server, 53), name)
+        .unwrap_or_else(|e| panic!("looking up {name} at {server}: {e:#}"));
     let addr = addrs[pick % addrs.len()];
     let seen = lab
         .host(0)
@@ -312,4 +363,150 @@ fn a_learned_address_expires_after_its_ttl_and_grace() {
             .collect();
     let s = shares(&lab, &seen);
     assert_eq!(s.len(), 2, "{s:?}");
+}
+
+/// The LAN asks the router's own resolver (dnsmasq on the router's LAN
+/// address, forwarding to the internet's): the relay is between the client
+/// and it, so every name of the rule is steered from its first connection,
+/// over UDP and TCP, and other names are balanced.
+#[test]
+fn names_asked_of_the_routers_own_resolver_are_steered() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let (_dnsmasq, _servers) = resolver(&lab, 300);
+    let _local = router_resolver(&lab);
+    let mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+
+    let t = Instant::now();
+    let wrong: Vec<_> = (0..1000)
+        .map(|i| lookup_and_connect_via(&lab, LAN0_ROUTER, &format!("l{i}.gov.example"), i))
+        .filter(|(_, isp)| *isp != 2)
+        .collect();
+    println!(
+        "1000 lookups at the router's resolver + connections in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} left by another ISP: {wrong:?}",
+        wrong.len()
+    );
+
+    // Over TCP, names whose address no UDP answer gave.
+    for i in 0..20 {
+        let name = format!("lt{i}.tcponly.example");
+        let addrs = lab
+            .host(0)
+            .dns_lookup_tcp(SocketAddrV4::new(LAN0_ROUTER, 53), &name)
+            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
+        assert_eq!(addrs, [GOV_TCP]);
+        let seen = lab
+            .host(0)
+            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
+            .unwrap();
+        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
+    }
+
+    // A CNAME chain through the router's cache.
+    let (addr, isp) = lookup_and_connect_via(&lab, LAN0_ROUTER, "portal.example", 0);
+    assert_eq!((addr, isp), (CDN, 2));
+
+    let seen: Vec<SocketAddrV4> = (0..400)
+        .map(|i| {
+            let (_, isp) =
+                lookup_and_connect_via(&lab, LAN0_ROUTER, &format!("l{i}.other.example"), i);
+            SocketAddrV4::new(lab.isp(isp).router_addr().addr(), 0)
+        })
+        .collect();
+    let s = shares(&lab, &seen);
+    println!("other.example shares (router's resolver): {s:?}");
+    assert!(
+        s.len() == 2 && s.values().all(|v| (0.3..0.7).contains(v)),
+        "{s:?}"
+    );
+}
+
+/// The divert fails open: with the daemon killed (SIGKILL, no cleanup; its
+/// nftables table stays), the LAN's lookups are answered at once, by the
+/// internet's resolver and by the router's, over UDP and TCP: the divert's
+/// `tproxy` finds no relay socket and lets them pass. Once a daemon runs
+/// again, names are steered again, also for a client whose query flow the
+/// dead relay had diverted (its conntrack entry is forgotten at the start).
+#[test]
+fn dns_keeps_working_while_the_daemon_is_dead() {
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let (_dnsmasq, _servers) = resolver(&lab, 300);
+    let _local = router_resolver(&lab);
+    let mut mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    for server in [RESOLVER, LAN0_ROUTER] {
+        let (_, isp) = lookup_and_connect_via(&lab, server, "before.gov.example", 0);
+        assert_eq!(isp, 2, "steered before the kill ({server})");
+    }
+    // A client that always asks from the same source port: its conntrack
+    // entry, diverted to the relay that is about to die, must not outlive
+    // the next daemon's start.
+    let fixed = lab
+        .host(0)
+        .udp_flow(SocketAddrV4::new(RESOLVER, 53))
+        .unwrap();
+    fixed.dns_lookup("fixed-before.gov.example").unwrap();
+
+    let proc = mwan.forget().expect("daemon process");
+    proc.signal(libc::SIGKILL).unwrap();
+    assert!(
+        proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "mwan survived SIGKILL"
+    );
+    let nft = lab
+        .router()
+        .exec(&["nft", "list", "chain", "ip", "mwan", "dns_divert"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nft.stdout).contains("redirect"),
+        "the divert is gone, nothing to test: {nft:?}"
+    );
+    // Answered on the first try: a lost query would be retried by the
+    // client only after a third of its 3 s timeout.
+    for i in 0..50 {
+        for server in [RESOLVER, LAN0_ROUTER] {
+            let name = format!("dead{i}.gov.example");
+            let t = Instant::now();
+            let addrs = lab
+                .host(0)
+                .dns_lookup(SocketAddrV4::new(server, 53), &name)
+                .unwrap_or_else(|e| panic!("{name} at {server} with mwan dead: {e:#}"));
+            assert!(GOV.contains(&addrs[0]), "{addrs:?}");
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "{name} at {server} took {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    for server in [RESOLVER, LAN0_ROUTER] {
+        let addrs = lab
+            .host(0)
+            .dns_lookup_tcp(SocketAddrV4::new(server, 53), "dead.tcponly.example")
+            .unwrap_or_else(|e| panic!("TCP lookup at {server} with mwan dead: {e:#}"));
+        assert_eq!(addrs, [GOV_TCP]);
+    }
+
+    mwan.launch(&[]).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let addrs = fixed
+        .dns_lookup("fixed-after.gov.example")
+        .expect("the fixed-port client after the restart");
+    let seen = lab
+        .host(0)
+        .tcp_whoami(SocketAddrV4::new(addrs[0], TCP_WHOAMI_PORT))
+        .unwrap();
+    assert_eq!(lab.wan_of(*seen.ip()), Some(2), "the fixed-port client");
+    for i in 0..50 {
+        for server in [RESOLVER, LAN0_ROUTER] {
+            let name = format!("again{i}.gov.example");
+            let (addr, isp) = lookup_and_connect_via(&lab, server, &name, i);
+            assert_eq!(isp, 2, "{name} ({addr}) at {server} after the restart");
+        }
+    }
 }

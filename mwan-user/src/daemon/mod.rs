@@ -255,6 +255,11 @@ impl Daemon {
         self.apply_sysctls()?;
         self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
         self.host.save(&self.cfg.state_file())?;
+        // A daemon killed without cleanup left its DNS divert (which failed
+        // open): UDP flows it diverted still point at its dead relay.
+        for port in nft::divert_ports().await.unwrap_or_default() {
+            forget_diverted(port);
+        }
         self.sync_relay()?;
         self.refresh_links(true).await?;
         self.sync_nft().await?;

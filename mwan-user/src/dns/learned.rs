@@ -1,6 +1,7 @@
 //! The addresses learned for rules by domain name, with their expiry: the
-//! userspace side of the datapath's `DOMAIN_DST` map (IPv4 destination →
-//! mask of the rules whose names resolved to it).
+//! userspace side of the datapath's `DOMAIN_DST` map (destination → mask of
+//! the rules whose names resolved to it). IPv4 (A records) and IPv6 (AAAA
+//! records) alike: the table is one, the writer picks the map by family.
 //!
 //! The kernel map holds only the mask; this table holds, per address and
 //! rule, when the learning expires, and tells the caller what to write:
@@ -18,13 +19,14 @@
 //! Connections already pinned do not depend on the entry at all: the flow
 //! map keeps them on their WAN until they end.
 //!
-//! The table is bounded by [`DOMAIN_DST_CAPACITY`], the map's size: an
-//! address beyond it is not learned (its connections are balanced) and
-//! counted in [`AddressTable::refused`].
+//! The table is bounded by [`DOMAIN_DST_CAPACITY`], the map's size, per
+//! family (the IPv4 and the IPv6 map each hold that many): an address
+//! beyond it is not learned (its connections are balanced) and counted in
+//! [`AddressTable::refused`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use mwan_common::DOMAIN_DST_CAPACITY;
@@ -48,19 +50,22 @@ pub fn lifetime_with(ttl: u32, floor: Duration, grace: Duration) -> Duration {
 
 /// One change to write into `DOMAIN_DST`: the address's new mask, or `None`
 /// to delete it.
-pub type Change = (Ipv4Addr, Option<u64>);
+pub type Change = (IpAddr, Option<u64>);
 
 /// What is learned, per address and rule (bit index), with expiry times
 /// (nanoseconds of the caller's monotonic clock).
 #[derive(Debug, Default)]
 pub struct AddressTable {
-    entries: HashMap<Ipv4Addr, BTreeMap<u8, u64>>,
+    entries: HashMap<IpAddr, BTreeMap<u8, u64>>,
     /// The name whose answer last taught each address (for `mwan domains`).
-    names: HashMap<Ipv4Addr, Box<str>>,
+    names: HashMap<IpAddr, Box<str>>,
     /// (expiry, address, rule), possibly stale (an entry learned again later
     /// has a newer expiry): checked against `entries` when popped.
-    queue: BinaryHeap<Reverse<(u64, Ipv4Addr, u8)>>,
+    queue: BinaryHeap<Reverse<(u64, IpAddr, u8)>>,
+    /// Per family: the IPv4 and the IPv6 map each hold this many.
     capacity: usize,
+    /// Learned addresses per family (IPv4, IPv6).
+    counts: [usize; 2],
     floor: Duration,
     grace: Duration,
     /// Addresses not learned because the table was full.
@@ -95,7 +100,7 @@ impl AddressTable {
     /// right mask, only expiries moved).
     pub fn learn(
         &mut self,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         mask: u64,
         ttl: u32,
         now_ns: u64,
@@ -104,9 +109,12 @@ impl AddressTable {
         if mask == 0 {
             return None;
         }
-        if !self.entries.contains_key(&addr) && self.entries.len() >= self.capacity {
-            self.refused += 1;
-            return None;
+        if !self.entries.contains_key(&addr) {
+            if self.counts[family(addr)] >= self.capacity {
+                self.refused += 1;
+                return None;
+            }
+            self.counts[family(addr)] += 1;
         }
         let life = lifetime_with(ttl, self.floor, self.grace);
         let expires = now_ns.saturating_add(life.as_nanos() as u64);
@@ -152,6 +160,7 @@ impl AddressTable {
                 let mask = self.entries.get(&addr).map(mask_of).unwrap_or(0);
                 if mask == 0 {
                     self.entries.remove(&addr);
+                    self.counts[family(addr)] -= 1;
                     self.names.remove(&addr);
                     (addr, None)
                 } else {
@@ -167,13 +176,13 @@ impl AddressTable {
     }
 
     /// The mask held for `addr` (0: not learned).
-    pub fn mask(&self, addr: Ipv4Addr) -> u64 {
+    pub fn mask(&self, addr: IpAddr) -> u64 {
         self.entries.get(&addr).map(mask_of).unwrap_or(0)
     }
 
     /// Every learned address with the name that last taught it, its rules
     /// and their expiry times.
-    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, &str, &BTreeMap<u8, u64>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &str, &BTreeMap<u8, u64>)> {
         self.entries
             .iter()
             .map(|(a, r)| (*a, self.names.get(a).map(|n| &**n).unwrap_or(""), r))
@@ -188,6 +197,11 @@ impl AddressTable {
     }
 }
 
+/// Index of `addr`'s family in [`AddressTable::counts`].
+fn family(addr: IpAddr) -> usize {
+    usize::from(addr.is_ipv6())
+}
+
 fn mask_of(rules: &BTreeMap<u8, u64>) -> u64 {
     rules.keys().fold(0, |m, r| m | (1u64 << r))
 }
@@ -198,8 +212,40 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn a(last: u8) -> Ipv4Addr {
-        Ipv4Addr::new(198, 51, 100, last)
+    fn a(last: u8) -> IpAddr {
+        IpAddr::from([198, 51, 100, last])
+    }
+
+    fn a6(last: u16) -> IpAddr {
+        IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, last])
+    }
+
+    /// IPv6 addresses (AAAA answers) are learned and expire like IPv4
+    /// ones; an IPv4 and an IPv6 address of one name are separate entries,
+    /// and each family has the capacity of its own map.
+    #[test]
+    fn ipv6_addresses_are_learned_and_expire_like_ipv4() {
+        let mut t = AddressTable::with_capacity(1);
+        assert_eq!(
+            t.learn(a6(1), 0b1, 0, 0, "x.example"),
+            Some((a6(1), Some(0b1)))
+        );
+        assert_eq!(
+            t.learn(a(1), 0b1, 600, 0, "x.example"),
+            Some((a(1), Some(0b1)))
+        );
+        assert_eq!(t.mask(a6(1)), 0b1);
+        assert_eq!(t.learn(a6(2), 0b1, 0, 0, "x.example"), None);
+        assert_eq!(t.learn(a(2), 0b1, 0, 0, "x.example"), None);
+        assert_eq!(t.refused, 2);
+        assert_eq!(t.expire(90 * S), vec![(a6(1), None)]);
+        assert_eq!(t.mask(a(1)), 0b1);
+        // The IPv6 place is free again; IPv4's is still taken.
+        assert!(t.learn(a6(2), 0b1, 0, 100 * S, "x.example").is_some());
+        assert_eq!(t.learn(a(2), 0b1, 0, 100 * S, "x.example"), None);
+        let mut addrs: Vec<IpAddr> = t.iter().map(|(a, _, _)| a).collect();
+        addrs.sort();
+        assert_eq!(addrs, [a(1), a6(2)]);
     }
 
     #[test]

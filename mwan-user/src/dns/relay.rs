@@ -115,12 +115,9 @@ impl Learner {
         }
         let mut changes = Vec::new();
         for l in &resp.learned {
-            let std::net::IpAddr::V4(addr) = l.addr else {
-                continue;
-            };
             let mask = self.matcher.chain_rules(&l.chain);
             let name = l.chain.first().map(String::as_str).unwrap_or("");
-            if let Some(c) = self.table.learn(addr, mask, l.ttl, now_ns, name) {
+            if let Some(c) = self.table.learn(l.addr, mask, l.ttl, now_ns, name) {
                 changes.push(c);
             }
         }
@@ -196,19 +193,7 @@ impl Shared {
         if self.retired.load(Ordering::Acquire) {
             return Ok(());
         }
-        for (addr, mask) in changes {
-            let key = u32::from_ne_bytes(addr.octets());
-            match mask {
-                Some(m) => map
-                    .insert(key, *m, 0)
-                    .with_context(|| format!("writing {MAP_DOMAIN_DST}[{addr}]"))?,
-                None => match map.remove(&key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(anyhow!("deleting {MAP_DOMAIN_DST}[{addr}]: {e}")),
-                },
-            }
-        }
-        Ok(())
+        crate::datapath::write_domain_changes(&mut map, changes)
     }
 }
 
@@ -334,7 +319,7 @@ fn is_under(name: &str, domain: &str) -> bool {
 /// One learned address (`mwan domains --json`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LearnedEntry {
-    pub address: Ipv4Addr,
+    pub address: std::net::IpAddr,
     /// The name whose answer last taught it (the question's name).
     pub name: String,
     pub rules: Vec<LearnedRule>,
@@ -363,6 +348,8 @@ impl Drop for Relay {
 /// The relay's UDP socket, on a free port of every address, asking for each
 /// datagram's (post-NAT) destination: the address the query was redirected
 /// to, which is the source of the query's conntrack reply direction.
+/// Transparent (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`): the mark the
+/// divert looks for.
 fn relay_socket() -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     {
@@ -381,6 +368,9 @@ fn relay_socket() -> io::Result<UdpSocket> {
             return Err(io::Error::last_os_error());
         }
     }
+    // The divert's `tproxy` finds only transparent sockets: while this one
+    // exists, queries are diverted; once it is gone, they pass (`nft::Divert`).
+    s.set_ip_transparent_v4(true)?;
     s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
     Ok(s.into())
 }
@@ -585,6 +575,7 @@ const TCP_IDLE: Duration = Duration::from_secs(30);
 fn tcp_listener() -> io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?; // see `relay_socket`
     s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
     s.listen(128)?;
     s.set_read_timeout(Some(Duration::from_millis(250)))?;
@@ -723,12 +714,80 @@ mod tests {
     }
 
     fn query(id: u16, name: &str) -> Vec<u8> {
+        query_type(id, name, 1)
+    }
+
+    fn query_type(id: u16, name: &str, qtype: u16) -> Vec<u8> {
         let mut a = Vec::new();
         a.extend_from_slice(&id.to_be_bytes());
         a.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
         push_name(&mut a, name);
-        a.extend_from_slice(&[0, 1, 0, 1]);
+        a.extend_from_slice(&qtype.to_be_bytes());
+        a.extend_from_slice(&[0, 1]);
         a
+    }
+
+    /// The answer to an AAAA query for `chain[0]`: a CNAME from each name
+    /// of `chain` to the next, then the last name's AAAA record `addr`.
+    fn aaaa_answer(id: u16, chain: &[&str], addr: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut a = query_type(id, chain[0], 28);
+        a[2..4].copy_from_slice(&[0x81, 0x80]);
+        a[6..8].copy_from_slice(&(chain.len() as u16).to_be_bytes());
+        for pair in chain.windows(2) {
+            push_name(&mut a, pair[0]);
+            a.extend_from_slice(&[0, 5, 0, 1, 0, 0, 1, 44]);
+            let mut target = Vec::new();
+            push_name(&mut target, pair[1]);
+            a.extend_from_slice(&(target.len() as u16).to_be_bytes());
+            a.extend_from_slice(&target);
+        }
+        push_name(&mut a, chain[chain.len() - 1]);
+        a.extend_from_slice(&[0, 28, 0, 1, 0, 0, 1, 44, 0, 16]);
+        a.extend_from_slice(&addr.octets());
+        a
+    }
+
+    /// AAAA answers teach IPv6 addresses, directly and at the end of a
+    /// CNAME chain whose later name is the listed one.
+    #[test]
+    fn aaaa_answers_teach_ipv6_addresses_through_cname_chains() {
+        let mut l = Learner::new(matcher());
+        let v6: std::net::Ipv6Addr = "2001:db8::5".parse().unwrap();
+        let q = question(&query_type(3, "www.gov.example", 28)).unwrap();
+        assert_eq!(q.qtype, 28);
+        assert_eq!(
+            l.answer(&q, &aaaa_answer(3, &["www.gov.example"], v6), 0),
+            vec![(v6.into(), Some(0b1))]
+        );
+        // portal.example (not listed) -> www.portal.net -> edge.cdn.example.
+        let cdn: std::net::Ipv6Addr = "2001:db8::20".parse().unwrap();
+        let chain = ["portal.example", "www.portal.net", "edge.cdn.example"];
+        let q = question(&query_type(4, chain[0], 28)).unwrap();
+        assert_eq!(
+            l.answer(&q, &aaaa_answer(4, &chain, cdn), 0),
+            vec![(cdn.into(), Some(0b10))]
+        );
+        // The AAAA answer to an A question is another question: nothing.
+        let q = question(&query(5, "www.gov.example")).unwrap();
+        assert!(l
+            .answer(&q, &aaaa_answer(5, &["www.gov.example"], v6), 0)
+            .is_empty());
+        // A chain to a name no rule lists teaches nothing.
+        let q = question(&query_type(6, "a.example.org", 28)).unwrap();
+        assert!(l
+            .answer(
+                &q,
+                &aaaa_answer(6, &["a.example.org", "b.example.org"], v6),
+                0
+            )
+            .is_empty());
+        // `mwan domains` lists it with the question's name.
+        let names: Vec<(std::net::IpAddr, String)> =
+            l.table.iter().map(|(a, n, _)| (a, n.to_string())).collect();
+        assert!(
+            names.contains(&(cdn.into(), "portal.example".to_string())),
+            "{names:?}"
+        );
     }
 
     fn push_name(a: &mut Vec<u8>, name: &str) {
@@ -749,7 +808,10 @@ mod tests {
             &simple_answer(7, "www.gov.example", [203, 0, 113, 5]),
             0,
         );
-        assert_eq!(changes, vec![(Ipv4Addr::new(203, 0, 113, 5), Some(0b1))]);
+        assert_eq!(
+            changes,
+            vec![(Ipv4Addr::new(203, 0, 113, 5).into(), Some(0b1))]
+        );
         // Another ID, another name: nothing.
         assert!(l
             .answer(

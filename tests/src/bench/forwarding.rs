@@ -15,7 +15,7 @@ use super::{bpf, sig};
 /// UDP port of the packet-rate tests (counted and dropped in the internet).
 pub const UDP_PORT: u16 = 9999;
 const SINK_PORT: u16 = 9000;
-const CPS_PORTS: std::ops::Range<u16> = 9100..9108;
+pub const CPS_PORTS: std::ops::Range<u16> = 9100..9108;
 
 #[derive(Clone, Debug)]
 pub struct Params {

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::domains::Domains;
 use super::failover::{self, ms, Failover};
 use super::footprint::Footprint;
 use super::forwarding::Forwarding;
@@ -25,6 +26,7 @@ pub struct Results {
     /// The same with the metrics endpoint scraped every second.
     pub footprint_scraped: Option<Footprint>,
     pub ha: Option<HaFailover>,
+    pub domains: Option<Domains>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -336,7 +338,97 @@ pub fn table(r: &Results) -> String {
             h.trials.len()
         );
     }
+    if let Some(d) = &r.domains {
+        let f = domain_figures(d);
+        let _ = writeln!(
+            o,
+            "\nA rule with {} names (domains_file), ratio to mwan without it: UDP forwarding {}, new connections {}; \
+             RSS {:.1} MiB vs {:.1} MiB; reload {} vs {}; names parsed in {}, matcher built in {}",
+            d.params.names,
+            f.udp_ratio,
+            f.cps_ratio,
+            f.rss_with,
+            f.rss_without,
+            secs(summary(&d.with.reload_secs).median),
+            secs(summary(&d.without.reload_secs).median),
+            secs(summary(&d.parse_secs).median),
+            secs(summary(&d.matcher_secs).median),
+        );
+    }
     o
+}
+
+struct DomainFigures {
+    udp_ratio: String,
+    cps_ratio: String,
+    rss_with: f64,
+    rss_without: f64,
+}
+
+fn domain_figures(d: &Domains) -> DomainFigures {
+    DomainFigures {
+        udp_ratio: ratio_text(summary(&ratios(&d.with.udp, &d.without.udp))),
+        cps_ratio: ratio_text(summary(&ratios(&d.with.cps, &d.without.cps))),
+        rss_with: summary(&d.with.rss_kib).median / 1024.0,
+        rss_without: summary(&d.without.rss_kib).median / 1024.0,
+    }
+}
+
+fn markdown_domains(o: &mut String, d: &Domains) {
+    let f = domain_figures(d);
+    let _ = writeln!(o, "## 7. Rules by domain name: {} names\n", d.params.names);
+    let _ = writeln!(
+        o,
+        "mwan with one rule whose `domains_file` lists {} names ({:.1} MB), against the same mwan \
+         without domain rules, alternating over {} rounds (ratios paired by round). With the rule, \
+         every new flow pays the classifier's `DOMAIN_DST` lookup and passes the DNS divert's rules; \
+         the relay is not on the path of this (non-DNS) traffic. Memory is the daemon's resident set \
+         after start; the reload re-reads the config and its names file.\n",
+        d.params.names,
+        d.file_bytes as f64 / 1e6,
+        d.params.rounds
+    );
+    let _ = writeln!(
+        o,
+        "| | without domain rules | with the {}-name rule | ratio |\n|---|---|---|---|",
+        d.params.names
+    );
+    let _ = writeln!(
+        o,
+        "| small UDP packets, {} flows | {} | {} | {} |",
+        d.params.udp_flows,
+        value_text(&d.without.udp, "pps"),
+        value_text(&d.with.udp, "pps"),
+        f.udp_ratio
+    );
+    let _ = writeln!(
+        o,
+        "| new connections/s | {} | {} | {} |",
+        value_text(&d.without.cps, "conn/s"),
+        value_text(&d.with.cps, "conn/s"),
+        f.cps_ratio
+    );
+    let _ = writeln!(
+        o,
+        "| daemon RSS | {:.1} MiB | {:.1} MiB | +{:.1} MiB ({:.0} bytes per name) |",
+        f.rss_without,
+        f.rss_with,
+        f.rss_with - f.rss_without,
+        (f.rss_with - f.rss_without) * 1048576.0 / d.params.names.max(1) as f64
+    );
+    let _ = writeln!(
+        o,
+        "| `mwan reload` (nothing changed) | {} | {} | |",
+        secs(summary(&d.without.reload_secs).median),
+        secs(summary(&d.with.reload_secs).median)
+    );
+    let _ = writeln!(
+        o,
+        "| load the names: parse and validate the config / build the matcher (median of {}) | | {} / {} | |\n",
+        d.parse_secs.len(),
+        secs(summary(&d.parse_secs).median),
+        secs(summary(&d.matcher_secs).median)
+    );
 }
 
 fn ha_column(h: &HaFailover, f: impl Fn(&super::ha::HaTrial) -> std::time::Duration) -> Vec<f64> {
@@ -465,6 +557,9 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(h) = &r.ha {
         markdown_ha(&mut o, h);
+    }
+    if let Some(d) = &r.domains {
+        markdown_domains(&mut o, d);
     }
     o += CHANGES;
     o += METHOD;
@@ -996,6 +1091,7 @@ const METHOD: &str = "## Method
   documented defaults and the algorithms of `mwan3track` and `dpinger` step by step; they are
   arithmetic, not measurements, and leave out the time those tools then need to rewrite
   rules (mwan3's hotplug scripts, pfSense's filter reload).
-* **Scale**: see section 4. **Footprint**: see section 5.
+* **Scale**: see section 4. **Footprint**: see section 5. **Rules by domain name**: see
+  section 7 (`mwan-bench --only domains` runs it alone).
 * Benchmarks are never tests: no timing assertion exists in the test suite.
 ";

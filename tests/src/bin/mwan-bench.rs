@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
-use bench::{failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo};
+use bench::{
+    domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
+};
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
 
@@ -21,7 +23,7 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
-                   lab), failover, scale, footprint, ha
+                   lab), failover, scale, footprint, ha, domains
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -35,13 +37,14 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "forwarding",
     "forwarding6",
     "failover",
     "scale",
     "footprint",
     "ha",
+    "domains",
 ];
 
 fn parse_args() -> Result<Option<Args>> {
@@ -145,6 +148,7 @@ fn run() -> Result<()> {
         footprint: None,
         footprint_scraped: None,
         ha: None,
+        domains: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -215,6 +219,19 @@ fn run() -> Result<()> {
     if want("ha") {
         println!("\n6. Router failover of an HA pair (keepalived, conntrackd)");
         results.ha = Some(ha::run(if q { 3 } else { 10 }, &log)?);
+    }
+    if want("domains") {
+        println!("\n7. Rules by domain name: 50,000 names");
+        results.domains = Some(domains::run(
+            &domains::Params {
+                rounds: if q { 2 } else { 5 },
+                window,
+                udp_flows: 256,
+                cps_threads: 2,
+                names: 50_000,
+            },
+            &log,
+        )?);
     }
     results.total_secs = started.elapsed().as_secs_f64();
     results.background = sysinfo::background_share(cpu0, sysinfo::cpu_sample());

@@ -122,7 +122,10 @@ impl Rig {
     fn learn(&mut self, chain: &[&str], addr: Ipv4Addr, ttl: u32) -> Result<()> {
         let mask = self.cfg.domain_matcher().chain_rules(chain);
         ensure!(mask != 0, "no rule lists a name of {chain:?}");
-        if let Some(change) = self.learned.learn(addr, mask, ttl, self.now_ns, chain[0]) {
+        if let Some(change) = self
+            .learned
+            .learn(addr.into(), mask, ttl, self.now_ns, chain[0])
+        {
             self.dp.maps.write_domain_dst(&[change])?;
         }
         Ok(())
