@@ -1,14 +1,19 @@
 //! Client helpers run from inside a namespace. Every call is bounded by
 //! [`CLIENT_TIMEOUT`].
 
+use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream,
+    UdpSocket,
+};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use socket2::{Domain, Socket, Type};
 
 use crate::dns::{self, DnsReply};
 use crate::lock;
@@ -24,6 +29,49 @@ pub(crate) fn unique_id() -> u16 {
         .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A server address of either family for the client helpers: they answer
+/// with the same type (an IPv4 server's whoami reports a
+/// [`SocketAddrV4`], an IPv6 one's a [`SocketAddrV6`], a [`SocketAddr`]'s
+/// either).
+pub trait Endpoint:
+    Copy + Into<SocketAddr> + fmt::Display + fmt::Debug + Send + Sync + 'static
+{
+    /// `addr` as this type, if it is of its family.
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self>;
+}
+
+impl Endpoint for SocketAddrV4 {
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self> {
+        match addr {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}
+
+impl Endpoint for SocketAddrV6 {
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self> {
+        match addr {
+            SocketAddr::V6(a) => Some(a),
+            SocketAddr::V4(_) => None,
+        }
+    }
+}
+
+impl Endpoint for SocketAddr {
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self> {
+        Some(addr)
+    }
+}
+
+/// The unspecified address of `server`'s family, port 0 (a client's bind).
+fn any_of(server: SocketAddr) -> SocketAddr {
+    match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
 /// Bound of each connect, read or exchange made by the client helpers.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -34,36 +82,49 @@ const UDP_TRIES: u32 = 3;
 impl Netns {
     /// Connects to a TCP whoami server and returns the source address it
     /// saw (after any NAT).
-    pub fn tcp_whoami(&self, server: SocketAddrV4) -> Result<SocketAddrV4> {
+    pub fn tcp_whoami<A: Endpoint>(&self, server: A) -> Result<A> {
         self.tcp_whoami_within(server, CLIENT_TIMEOUT)
     }
 
     /// [`Netns::tcp_whoami`] with connect and read each bounded by
     /// `timeout` (short ones make expected failures quick).
-    pub fn tcp_whoami_within(
-        &self,
-        server: SocketAddrV4,
-        timeout: Duration,
-    ) -> Result<SocketAddrV4> {
-        self.run(|| tcp_whoami_here(server, timeout))
+    pub fn tcp_whoami_within<A: Endpoint>(&self, server: A, timeout: Duration) -> Result<A> {
+        self.run(|| tcp_whoami_here(server, None, timeout))
+    }
+
+    /// [`Netns::tcp_whoami`] from source address `source` (one of this
+    /// namespace's addresses, e.g. a host's extra IPv6 address).
+    pub fn tcp_whoami_from<A: Endpoint>(&self, server: A, source: IpAddr) -> Result<A> {
+        self.run(|| tcp_whoami_here(server, Some(source), CLIENT_TIMEOUT))
     }
 
     /// Asks a UDP whoami server which source address it saw.
-    pub fn udp_whoami(&self, server: SocketAddrV4) -> Result<SocketAddrV4> {
+    pub fn udp_whoami<A: Endpoint>(&self, server: A) -> Result<A> {
         self.udp_whoami_sized(server, 0)
+    }
+
+    /// [`Netns::udp_whoami`] from source address `source`.
+    pub fn udp_whoami_from<A: Endpoint>(&self, server: A, source: IpAddr) -> Result<A> {
+        let answer = self.run(|| {
+            let socket = UdpSocket::bind(SocketAddr::new(source, 0))?;
+            socket.connect(server.into())?;
+            udp_exchange_on(&socket, b"whoami")
+        })?;
+        parse_whoami(&String::from_utf8_lossy(&answer))
     }
 
     /// [`Netns::udp_whoami`] with the request padded to `len` bytes: beyond
     /// the path MTU the host sends it in fragments.
-    pub fn udp_whoami_sized(&self, server: SocketAddrV4, len: usize) -> Result<SocketAddrV4> {
+    pub fn udp_whoami_sized<A: Endpoint>(&self, server: A, len: usize) -> Result<A> {
         let mut request = b"whoami".to_vec();
         request.resize(len.max(request.len()), b'.');
-        let answer = self.udp_exchange(server, &request)?;
+        let answer = self.udp_exchange(server.into(), &request)?;
         parse_whoami(&String::from_utf8_lossy(&answer))
     }
 
     /// Sends a DNS query for `name` and returns the parsed response.
-    pub fn dns_query(&self, server: SocketAddrV4, name: &str) -> Result<DnsReply> {
+    pub fn dns_query(&self, server: impl Into<SocketAddr>, name: &str) -> Result<DnsReply> {
+        let server = server.into();
         let id = unique_id();
         let answer = self.udp_exchange(server, &dns::query(id, name))?;
         let reply = dns::parse_reply(&answer)
@@ -77,18 +138,24 @@ impl Netns {
     /// Resolves `name` (type A) with `server`: the addresses of the answer,
     /// CNAME chains followed by the server. An answer without addresses or
     /// with another ID is an error.
-    pub fn dns_lookup(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
+    pub fn dns_lookup(&self, server: impl Into<SocketAddr>, name: &str) -> Result<Vec<Ipv4Addr>> {
+        let server = server.into();
         let id = unique_id();
         let answer = self.udp_exchange(server, &dns::query(id, name))?;
         answer_addresses(&answer, id, server, name)
     }
 
     /// [`Netns::dns_lookup`] over TCP (one query on a new connection).
-    pub fn dns_lookup_tcp(&self, server: SocketAddrV4, name: &str) -> Result<Vec<Ipv4Addr>> {
+    pub fn dns_lookup_tcp(
+        &self,
+        server: impl Into<SocketAddr>,
+        name: &str,
+    ) -> Result<Vec<Ipv4Addr>> {
+        let server = server.into();
         let id = unique_id();
         let query = dns::query(id, name);
         let answer = self.run(|| -> Result<Vec<u8>> {
-            let mut conn = TcpStream::connect_timeout(&server.into(), CLIENT_TIMEOUT)
+            let mut conn = TcpStream::connect_timeout(&server, CLIENT_TIMEOUT)
                 .with_context(|| format!("connecting to {server}"))?;
             conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
             let mut framed = (query.len() as u16).to_be_bytes().to_vec();
@@ -106,10 +173,18 @@ impl Netns {
     }
 
     /// Opens a connection to a stream server; a thread keeps reading it.
-    pub fn open_stream(&self, server: SocketAddrV4) -> Result<Stream> {
+    pub fn open_stream<A: Endpoint>(&self, server: A) -> Result<Stream<A>> {
+        self.open_stream_from(server, None)
+    }
+
+    /// [`Netns::open_stream`] from source address `source` if given.
+    pub fn open_stream_from<A: Endpoint>(
+        &self,
+        server: A,
+        source: Option<IpAddr>,
+    ) -> Result<Stream<A>> {
         let (conn, source, early) = self.run(|| -> Result<_> {
-            let mut conn = TcpStream::connect_timeout(&server.into(), CLIENT_TIMEOUT)
-                .with_context(|| format!("connecting to {server}"))?;
+            let mut conn = connect_from(server.into(), source, CLIENT_TIMEOUT)?;
             conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
             let mut header = Vec::new();
             let mut buf = [0u8; 4096];
@@ -125,7 +200,7 @@ impl Netns {
                     break i;
                 }
             };
-            let source = parse_whoami(&String::from_utf8_lossy(&header[..newline]))?;
+            let source: A = parse_whoami(&String::from_utf8_lossy(&header[..newline]))?;
             Ok((conn, source, (header.len() - newline - 1) as u64))
         })?;
         let stop = self.ctx.stopper()?;
@@ -135,10 +210,9 @@ impl Netns {
             max_gap: Duration::ZERO,
             end: None,
         }));
-        let local = match conn.local_addr()? {
-            std::net::SocketAddr::V4(a) => a,
-            a => bail!("stream from {a}: not IPv4"),
-        };
+        let local = conn.local_addr()?;
+        let local = A::from_socket_addr(local)
+            .ok_or_else(|| anyhow!("stream from {local}: not the server's family"))?;
         let reader = conn.try_clone()?;
         let thread = thread::Builder::new()
             .name(format!("stream-{source}"))
@@ -157,9 +231,9 @@ impl Netns {
     }
 
     /// One datagram out, one back, retried [`UDP_TRIES`] times.
-    fn udp_exchange(&self, server: SocketAddrV4, request: &[u8]) -> Result<Vec<u8>> {
+    fn udp_exchange(&self, server: SocketAddr, request: &[u8]) -> Result<Vec<u8>> {
         self.run(|| {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let socket = UdpSocket::bind(any_of(server))?;
             socket.connect(server)?;
             udp_exchange_on(&socket, request)
         })
@@ -168,10 +242,10 @@ impl Netns {
     /// A UDP "connection": one socket (one source port) in this namespace
     /// talking to a UDP whoami (or DNS) server, for as long as the value
     /// lives.
-    pub fn udp_flow(&self, server: SocketAddrV4) -> Result<UdpFlow> {
+    pub fn udp_flow<A: Endpoint>(&self, server: A) -> Result<UdpFlow<A>> {
         let socket = self.run(|| -> Result<UdpSocket> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.connect(server)?;
+            let socket = UdpSocket::bind(any_of(server.into()))?;
+            socket.connect(server.into())?;
             Ok(socket)
         })?;
         Ok(UdpFlow { socket, server })
@@ -183,7 +257,7 @@ impl Netns {
 fn answer_addresses(
     answer: &[u8],
     id: u16,
-    server: SocketAddrV4,
+    server: SocketAddr,
     name: &str,
 ) -> Result<Vec<Ipv4Addr>> {
     let reply =
@@ -222,14 +296,14 @@ fn udp_exchange_on(socket: &UdpSocket, request: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// A UDP flow of [`Netns::udp_flow`]: every exchange uses the same 5-tuple.
-pub struct UdpFlow {
+pub struct UdpFlow<A: Endpoint = SocketAddrV4> {
     socket: UdpSocket,
-    server: SocketAddrV4,
+    server: A,
 }
 
-impl UdpFlow {
+impl<A: Endpoint> UdpFlow<A> {
     /// The source address the whoami server saw for this exchange.
-    pub fn whoami(&self) -> Result<SocketAddrV4> {
+    pub fn whoami(&self) -> Result<A> {
         let answer = udp_exchange_on(&self.socket, b"whoami")
             .with_context(|| format!("UDP flow to {}", self.server))?;
         parse_whoami(&String::from_utf8_lossy(&answer))
@@ -241,21 +315,20 @@ impl UdpFlow {
         let id = unique_id();
         let answer = udp_exchange_on(&self.socket, &dns::query(id, name))
             .with_context(|| format!("UDP flow to {}", self.server))?;
-        answer_addresses(&answer, id, self.server, name)
+        answer_addresses(&answer, id, self.server.into(), name)
     }
 }
 
 /// [`Netns::tcp_whoami`] `n` times with `concurrency` connections at a
 /// time; results in order.
-pub fn many_tcp_whoami(
+pub fn many_tcp_whoami<A: Endpoint>(
     host: &Netns,
-    server: SocketAddrV4,
+    server: A,
     n: usize,
     concurrency: usize,
-) -> Vec<Result<SocketAddrV4>> {
+) -> Vec<Result<A>> {
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<SocketAddrV4>>>> =
-        Mutex::new((0..n).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<A>>>> = Mutex::new((0..n).map(|_| None).collect());
     thread::scope(|s| {
         for _ in 0..concurrency.clamp(1, n.max(1)) {
             s.spawn(|| {
@@ -266,7 +339,7 @@ pub fn many_tcp_whoami(
                         break;
                     }
                     let result = match &entered {
-                        Ok(()) => tcp_whoami_here(server, CLIENT_TIMEOUT),
+                        Ok(()) => tcp_whoami_here(server, None, CLIENT_TIMEOUT),
                         Err(e) => Err(anyhow!("{e:#}")),
                     };
                     lock(&results)[i] = Some(result);
@@ -282,9 +355,8 @@ pub fn many_tcp_whoami(
         .collect()
 }
 
-fn tcp_whoami_here(server: SocketAddrV4, timeout: Duration) -> Result<SocketAddrV4> {
-    let mut conn = TcpStream::connect_timeout(&server.into(), timeout)
-        .with_context(|| format!("connecting to {server}"))?;
+fn tcp_whoami_here<A: Endpoint>(server: A, source: Option<IpAddr>, timeout: Duration) -> Result<A> {
+    let mut conn = connect_from(server.into(), source, timeout)?;
     conn.set_read_timeout(Some(timeout))?;
     let mut answer = String::new();
     conn.read_to_string(&mut answer)
@@ -292,18 +364,41 @@ fn tcp_whoami_here(server: SocketAddrV4, timeout: Duration) -> Result<SocketAddr
     parse_whoami(&answer)
 }
 
-fn parse_whoami(answer: &str) -> Result<SocketAddrV4> {
-    answer
+/// A TCP connection to `server` (from `source` if given) within `timeout`,
+/// made in the calling thread's namespace.
+fn connect_from(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&server, timeout)
+            .with_context(|| format!("connecting to {server}"));
+    };
+    let socket = Socket::new(Domain::for_address(server), Type::STREAM, None)?;
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .with_context(|| format!("binding to {source}"))?;
+    socket
+        .connect_timeout(&server.into(), timeout)
+        .with_context(|| format!("connecting to {server} from {source}"))?;
+    Ok(socket.into())
+}
+
+fn parse_whoami<A: Endpoint>(answer: &str) -> Result<A> {
+    let addr: SocketAddr = answer
         .trim()
         .parse()
-        .with_context(|| format!("bad whoami answer {answer:?}"))
+        .with_context(|| format!("bad whoami answer {answer:?}"))?;
+    A::from_socket_addr(addr)
+        .ok_or_else(|| anyhow!("whoami answer {addr}: not the server's family"))
 }
 
 /// A connection to a stream server, read continuously by its own thread.
 /// Closed when dropped.
-pub struct Stream {
-    source: SocketAddrV4,
-    local: SocketAddrV4,
+pub struct Stream<A: Endpoint = SocketAddrV4> {
+    source: A,
+    local: A,
     conn: TcpStream,
     state: Arc<Mutex<StreamState>>,
     stop: Arc<Stopper>,
@@ -328,8 +423,8 @@ pub enum StreamEnd {
 
 /// Final numbers of a stream, from [`Stream::close`].
 #[derive(Debug, Clone)]
-pub struct StreamReport {
-    pub source: SocketAddrV4,
+pub struct StreamReport<A = SocketAddrV4> {
+    pub source: A,
     pub bytes: u64,
     /// Longest time without data, including the time since the last read.
     pub max_gap: Duration,
@@ -337,14 +432,14 @@ pub struct StreamReport {
     pub end: Option<StreamEnd>,
 }
 
-impl Stream {
+impl<A: Endpoint> Stream<A> {
     /// The source address the server reported (after any NAT).
-    pub fn source(&self) -> SocketAddrV4 {
+    pub fn source(&self) -> A {
         self.source
     }
 
     /// The client's own address and port (the LAN side of the flow).
-    pub fn local(&self) -> SocketAddrV4 {
+    pub fn local(&self) -> A {
         self.local
     }
 
@@ -377,7 +472,7 @@ impl Stream {
     }
 
     /// Closes the connection and returns the final numbers.
-    pub fn close(mut self) -> StreamReport {
+    pub fn close(mut self) -> StreamReport<A> {
         self.shut();
         StreamReport {
             source: self.source,
@@ -399,7 +494,7 @@ impl Stream {
     }
 }
 
-impl Drop for Stream {
+impl<A: Endpoint> Drop for Stream<A> {
     fn drop(&mut self) {
         self.shut();
     }

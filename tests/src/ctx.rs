@@ -15,6 +15,8 @@ pub(crate) struct LabCtx {
     pub(crate) name: String,
     /// How the router's main table is set up for the WANs.
     pub(crate) kind: crate::topology::RouterKind,
+    /// IPv6 on (see [`crate::LabBuilder::dual_stack`]).
+    pub(crate) dual_stack: bool,
     pub(crate) log_dir: PathBuf,
     procs: Mutex<Vec<Arc<ProcInner>>>,
     stoppers: Mutex<Vec<Weak<Stopper>>>,
@@ -22,10 +24,16 @@ pub(crate) struct LabCtx {
 }
 
 impl LabCtx {
-    pub(crate) fn new(name: String, kind: crate::topology::RouterKind, log_dir: PathBuf) -> Self {
+    pub(crate) fn new(
+        name: String,
+        kind: crate::topology::RouterKind,
+        dual_stack: bool,
+        log_dir: PathBuf,
+    ) -> Self {
         LabCtx {
             name,
             kind,
+            dual_stack,
             log_dir,
             procs: Mutex::new(Vec::new()),
             stoppers: Mutex::new(Vec::new()),

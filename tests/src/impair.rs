@@ -2,7 +2,7 @@
 //! dead targets in the internet namespace. Each is switchable at runtime.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -153,37 +153,78 @@ pub(crate) fn apply_filter(node: &IspNode, st: &IspState) -> Result<()> {
         100.. => rules += "oifname \"down\" drop\n",
         pct => writeln!(rules, "oifname \"down\" numgen random mod 100 < {pct} drop")?,
     }
-    node.ns.nft(&replace_table("filter hook forward", &rules))
+    node.ns.nft(&replace_table("filter hook forward", &rules))?;
+    if let Some(v6) = &st.v6 {
+        // The same for IPv6 (table `ip6 lab`): sources from the link /64 or
+        // the delegated prefix only.
+        let mut rules = format!(
+            "iifname \"down\" ip6 saddr != {{ {}, {} }} drop\n",
+            v6.link, v6.delegation
+        );
+        if st.blackhole || v6.blackhole6 {
+            rules += "drop\n";
+        }
+        match st.loss_pct {
+            0 => {}
+            100.. => rules += "oifname \"down\" drop\n",
+            pct => writeln!(rules, "oifname \"down\" numgen random mod 100 < {pct} drop")?,
+        }
+        node.ns
+            .nft(&replace_table6("filter hook forward", &rules))?;
+    }
+    Ok(())
 }
 
 /// An nft script that atomically replaces table `ip lab` with one chain
 /// of `hook` (e.g. "filter hook forward") holding `rules`, or deletes the
 /// table when `rules` is empty.
 pub(crate) fn replace_table(hook: &str, rules: &str) -> String {
-    let mut script = String::from("table ip lab {}\ndelete table ip lab\n");
+    replace_family_table("ip", hook, rules)
+}
+
+/// [`replace_table`] for IPv6: table `ip6 lab`.
+pub(crate) fn replace_table6(hook: &str, rules: &str) -> String {
+    replace_family_table("ip6", hook, rules)
+}
+
+fn replace_family_table(family: &str, hook: &str, rules: &str) -> String {
+    let mut script = format!("table {family} lab {{}}\ndelete table {family} lab\n");
     if !rules.is_empty() {
         let chain = hook.rsplit(' ').next().unwrap_or("main");
-        script += &format!("table ip lab {{\n chain {chain} {{\n  type {hook} priority 100; policy accept;\n{rules} }}\n}}\n");
+        script += &format!("table {family} lab {{\n chain {chain} {{\n  type {hook} priority 100; policy accept;\n{rules} }}\n}}\n");
     }
     script
 }
 
 impl Lab {
-    /// Makes internet address `addr` (a probe target or server) stop
-    /// answering anything, or answer again.
-    pub fn set_target_blocked(&self, addr: Ipv4Addr, blocked: bool) -> Result<()> {
+    /// Makes internet address `addr` (a probe target or server, IPv4 or
+    /// IPv6) stop answering anything, or answer again.
+    pub fn set_target_blocked(&self, addr: impl Into<IpAddr>, blocked: bool) -> Result<()> {
+        let addr = addr.into();
         let mut set = lock(&self.blocked);
         if blocked {
             set.insert(addr);
         } else {
             set.remove(&addr);
         }
-        let rules = if set.is_empty() {
-            String::new()
-        } else {
-            let list: Vec<String> = set.iter().map(Ipv4Addr::to_string).collect();
-            format!("ip daddr {{ {} }} drop\n", list.join(", "))
+        let rules = |v6: bool, keyword: &str| {
+            let list: Vec<String> = set
+                .iter()
+                .filter(|a| a.is_ipv6() == v6)
+                .map(IpAddr::to_string)
+                .collect();
+            if list.is_empty() {
+                String::new()
+            } else {
+                format!("{keyword} daddr {{ {} }} drop\n", list.join(", "))
+            }
         };
-        self.inet.nft(&replace_table("filter hook input", &rules))
+        self.inet
+            .nft(&replace_table("filter hook input", &rules(false, "ip")))?;
+        if self.is_dual_stack() {
+            self.inet
+                .nft(&replace_table6("filter hook input", &rules(true, "ip6")))?;
+        }
+        Ok(())
     }
 }

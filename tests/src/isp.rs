@@ -1,7 +1,7 @@
 //! ISP namespaces and their link to the router: creation, renumbering,
 //! removal. Impairments are in `impair.rs`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use anyhow::{ensure, Result};
 use ipnet::Ipv4Net;
 
 use crate::ctx::LabCtx;
+use crate::dual::Isp6State;
 use crate::lock;
 use crate::ns::Netns;
 use crate::relay::{DelayRelay, TunWire};
@@ -39,6 +40,8 @@ pub(crate) struct IspState {
     /// A dialled point-to-point link replacing the veth (see
     /// [`Isp::dial_point_to_point`]).
     ppp: Option<TunWire>,
+    /// The IPv6 side, in a dual-stack lab.
+    pub(crate) v6: Option<Isp6State>,
 }
 
 impl IspNode {
@@ -63,6 +66,7 @@ impl IspNode {
             up = uplink_addr(index, false),
             internet = uplink_addr(index, true),
         ))?;
+        let dual = ctx.dual_stack;
         let router_addr = initial_router_addr(index);
         let state = IspState {
             router_addr,
@@ -74,6 +78,7 @@ impl IspNode {
             delay: Duration::ZERO,
             relay: None,
             ppp: None,
+            v6: dual.then(|| Isp6State::new(ctx.kind, index)),
         };
         let node = IspNode {
             index,
@@ -81,10 +86,13 @@ impl IspNode {
             ha_routers: if routers.len() > 1 { routers.len() } else { 0 },
             state: Mutex::new(state),
         };
+        if dual {
+            node.create_uplink6()?;
+        }
         if node.ha_routers > 0 {
             node.create_ha_links(routers, &node.state())?;
         } else {
-            node.create_wan_link(routers[0], &node.state())?;
+            node.create_wan_link(routers[0], &mut node.state())?;
         }
         crate::impair::apply_filter(&node, &node.state())?;
         Ok(node)
@@ -94,27 +102,45 @@ impl IspNode {
         lock(&self.state)
     }
 
-    pub(crate) fn has_used(&self, addr: Ipv4Addr) -> bool {
-        self.state().subnets.iter().any(|net| net.contains(&addr))
+    pub(crate) fn has_used(&self, addr: IpAddr) -> bool {
+        let st = self.state();
+        match addr {
+            IpAddr::V4(a) => st.subnets.iter().any(|net| net.contains(&a)),
+            IpAddr::V6(a) => st
+                .v6
+                .as_ref()
+                .is_some_and(|v6| v6.used.iter().any(|net| net.contains(&a))),
+        }
     }
 
     /// The veth `wanI` (router) ↔ `down` (ISP) with the addresses, rate
     /// limit and the main-table default route of the lab's
-    /// [`RouterKind`](crate::topology::RouterKind).
-    fn create_wan_link(&self, router: &Netns, st: &IspState) -> Result<()> {
+    /// [`RouterKind`](crate::topology::RouterKind), and in a dual-stack lab
+    /// the IPv6 side (`dual.rs`).
+    fn create_wan_link(&self, router: &Netns, st: &mut IspState) -> Result<()> {
         let i = self.index;
+        let mac = match st.v6 {
+            Some(_) => format!("address {} ", crate::dual::wan_mac(i)),
+            None => String::new(),
+        };
         router.ip(&format!(
-            "link add name wan{i} type veth peer name down netns {isp}\n\
-             addr add {addr} dev wan{i}\n\
-             link set dev wan{i} up",
+            "link add name wan{i} {mac}type veth peer name down netns {isp}\n\
+             addr add {addr} dev wan{i}",
             isp = self.ns.name(),
             addr = st.router_addr,
         ))?;
+        if let Some(v6) = &st.v6 {
+            self.prepare_wan6(router, v6)?;
+        }
+        router.ip(&format!("link set dev wan{i} up"))?;
         self.ns.ip(&format!(
             "addr add {}/{} dev down\nlink set dev down up",
             st.gateway,
             st.router_addr.prefix_len()
         ))?;
+        if st.v6.is_some() {
+            self.finish_wan6(router, st)?;
+        }
         router.sysctls(&[(format!("net.ipv4.conf.wan{i}.rp_filter").as_str(), "2")])?;
         let route = self.ns.ctx.kind.default_route(i, st.gateway);
         if !route.is_empty() {
@@ -326,7 +352,10 @@ link set dev {name} up
     pub fn restore_wan_interface(&self) -> Result<()> {
         self.node.not_ha("restoring the WAN interface")?;
         self.node
-            .create_wan_link(&self.lab.router, &self.node.state())?;
+            .create_wan_link(&self.lab.router, &mut self.node.state())?;
+        if self.lab.is_dual_stack() && self.lab.router_kind() == crate::RouterKind::Dhcp {
+            self.lab.wait_slaac(&[self.node.index])?;
+        }
         self.lab.refresh_plain_route(self.node.index)
     }
 }

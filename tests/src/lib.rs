@@ -21,6 +21,7 @@
 mod client;
 mod ctx;
 mod dns;
+mod dual;
 pub mod ha;
 pub mod http;
 mod impair;
@@ -41,9 +42,16 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use client::{many_tcp_whoami, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT};
+pub use client::{
+    many_tcp_whoami, Endpoint, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT,
+};
 pub use dns::DnsReply;
-pub use ipnet::Ipv4Net;
+pub use dual::{
+    iid, in_net, initial_delegation6, other_delegation6, other_link6, BULK6, DNS6, DNS_SERVER6,
+    LAN0_6, LAN0_ROUTER6, PROBE_TARGETS6, SERVER6, SERVER6_2, SERVER6_NET2, STREAM6, TCP_PROBE6,
+    TCP_WHOAMI6, UDP_WHOAMI6,
+};
+pub use ipnet::{Ipv4Net, Ipv6Net};
 pub use isp::Isp;
 pub use ns::Netns;
 pub use ping::{ping, PingStats};

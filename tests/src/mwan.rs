@@ -9,7 +9,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -17,9 +17,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 pub use mwan::control::{FlowRecord, Status, WanStatus};
 
+use crate::client::Endpoint;
 use crate::ns::Netns;
 use crate::proc::Proc;
-use crate::topology::{Lab, PROBE_TARGETS, TUNNEL_IFACE};
+use crate::topology::{Lab, RouterKind, PROBE_TARGETS, TUNNEL_IFACE};
 use crate::wait_until;
 
 /// The mwan binary under test: `$MWAN_BIN`, else the workspace's release
@@ -46,9 +47,9 @@ pub fn binary() -> PathBuf {
 
 /// A config for `lab`: every ISP as a WAN (`isp1`, `isp2`, … on `wan1`, …
 /// with fixed gateways, weight 1), the LAN bridges, the lab's pin and state
-/// directories, ICMP probes to the internet's probe targets, and `extra`
-/// appended (more top-level keys must go *before* the WANs: use
-/// [`config_with`]).
+/// directories, ICMP probes to the internet's probe targets (the IPv6 ones
+/// too in a dual-stack lab), and `extra` appended (more top-level keys must
+/// go *before* the WANs: use [`config_with`]).
 pub fn config(lab: &Lab, extra: &str) -> String {
     config_with(lab, "", &|_| String::new(), extra)
 }
@@ -64,7 +65,10 @@ pub fn config_with(lab: &Lab, top: &str, per_wan: &dyn Fn(usize) -> String, extr
     if lab.tunnel_host().is_some() {
         lans.push(&tunnel);
     }
-    let targets: Vec<String> = PROBE_TARGETS.iter().map(|t| format!("\"{t}\"")).collect();
+    let mut targets: Vec<String> = PROBE_TARGETS.iter().map(|t| format!("\"{t}\"")).collect();
+    if lab.is_dual_stack() {
+        targets.extend(crate::PROBE_TARGETS6.iter().map(|t| format!("\"{t}\"")));
+    }
     let mut text = format!(
         "lan_interfaces = [{}]\npin_dir = \"{}\"\nstate_dir = \"{}\"\nprobe_targets = [{}]\n{top}\n",
         lans.join(", "),
@@ -80,6 +84,35 @@ pub fn config_with(lab: &Lab, top: &str, per_wan: &dyn Fn(usize) -> String, extr
         );
     }
     text + extra
+}
+
+/// The IPv6 keys of WAN `i` in a dual-stack lab, for [`config_with`]'s
+/// `per_wan`: `ipv6 = mode` and `gateway6` (`"auto"`, from the ISP's RAs,
+/// on a DHCP router; the ISP's global address on the others). For `"npt"`
+/// also `lan_prefix6` (the LAN's ULA /64) and `prefix6`, the first /64 of
+/// the ISP's delegated prefix ([`npt_prefix`]).
+pub fn wan6(lab: &Lab, i: usize, mode: &str) -> String {
+    let isp = lab.isp(i);
+    let gateway6 = match lab.router_kind() {
+        RouterKind::Dhcp => "auto".to_string(),
+        _ => isp.gateway6().to_string(),
+    };
+    let mut text = format!("gateway6 = \"{gateway6}\"\nipv6 = \"{mode}\"\n");
+    if mode == "npt" {
+        text += &format!(
+            "prefix6 = \"{}\"\nlan_prefix6 = \"{}\"\n",
+            npt_prefix(lab, i),
+            crate::LAN0_6
+        );
+    }
+    text
+}
+
+/// The /64 of ISP `i`'s delegated prefix that [`wan6`] maps the LAN onto
+/// with NPT (its first).
+pub fn npt_prefix(lab: &Lab, i: usize) -> ipnet::Ipv6Net {
+    let d = lab.isp(i).delegation6();
+    ipnet::Ipv6Net::new_assert(d.network(), 64)
 }
 
 /// `text` (a config made by [`config`] or [`config_with`]) with `state_dir`
@@ -391,10 +424,11 @@ impl Drop for Mwan<'_> {
 }
 
 /// Share of `seen` source addresses per ISP (1-based index → fraction).
-pub fn shares(lab: &Lab, seen: &[SocketAddrV4]) -> BTreeMap<usize, f64> {
+pub fn shares<A: Endpoint>(lab: &Lab, seen: &[A]) -> BTreeMap<usize, f64> {
     let mut counts = BTreeMap::new();
     for s in seen {
-        let isp = lab.wan_of(*s.ip()).unwrap_or(0);
+        let addr: SocketAddr = (*s).into();
+        let isp = lab.wan_of(addr.ip()).unwrap_or(0);
         *counts.entry(isp).or_insert(0usize) += 1;
     }
     counts

@@ -34,17 +34,25 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates namespace `name` with IPv6 disabled and reverse-path
-    /// filtering off by default.
+    /// Creates namespace `name` with reverse-path filtering off by default
+    /// and IPv6 disabled, or, in a dual-stack lab, enabled without
+    /// duplicate address detection (addresses are usable at once).
     pub(crate) fn create(name: String, ctx: Arc<LabCtx>) -> Result<Netns> {
         run_cmd(Command::new("ip").args(["netns", "add", &name]), None)?;
+        let disable_ipv6 = if ctx.dual_stack { "0" } else { "1" };
         let ns = Netns { name, ctx };
         ns.sysctls(&[
-            ("net.ipv6.conf.all.disable_ipv6", "1"),
-            ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ("net.ipv6.conf.all.disable_ipv6", disable_ipv6),
+            ("net.ipv6.conf.default.disable_ipv6", disable_ipv6),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
         ])?;
+        if ns.ctx.dual_stack {
+            ns.sysctls(&[
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+            ])?;
+        }
         Ok(ns)
     }
 

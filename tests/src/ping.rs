@@ -1,7 +1,8 @@
-//! A bounded ICMP echo client on a raw socket (no `ping` binary needed).
+//! A bounded ICMP / ICMPv6 echo client on a raw socket (no `ping` binary
+//! needed).
 
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -35,32 +36,38 @@ impl PingStats {
     }
 }
 
-/// Sends `count` echo requests to `target` from namespace `ns`, one every
-/// `interval`, and collects replies until `timeout` after the last request.
-/// Takes at most `count × interval + timeout`.
+/// Sends `count` echo requests to `target` (IPv4 or IPv6) from namespace
+/// `ns`, one every `interval`, and collects replies until `timeout` after
+/// the last request. Takes at most `count × interval + timeout`.
 pub fn ping(
     ns: &Netns,
-    target: Ipv4Addr,
+    target: impl Into<IpAddr>,
     count: u32,
     interval: Duration,
     timeout: Duration,
 ) -> Result<PingStats> {
+    let target = target.into();
     ns.run(|| {
-        let mut socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+        let (domain, protocol) = match target {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        // The kernel fills in the ICMPv6 checksum on raw ICMPv6 sockets.
+        let socket = Socket::new(domain, Type::RAW, Some(protocol))
             .with_context(|| format!("raw ICMP socket in {}", ns.name()))?;
-        let dest = SocketAddrV4::new(target, 0).into();
+        let dest = SocketAddr::new(target, 0).into();
         let id = unique_id();
         let start = Instant::now();
         let deadline = start + interval * count.saturating_sub(1) + timeout;
         let mut sent_at: Vec<Option<Instant>> = vec![None; count as usize];
         let mut rtts: Vec<Option<Duration>> = vec![None; count as usize];
         let mut next: u32 = 0;
-        let mut buf = [0u8; 1500];
+        let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
         loop {
             let now = Instant::now();
             if next < count && now >= start + interval * next {
                 // A failed send (no route, …) counts as a lost request.
-                let _ = socket.send_to(&echo_request(id, next as u16), &dest);
+                let _ = socket.send_to(&echo_request(target.is_ipv6(), id, next as u16), &dest);
                 sent_at[next as usize] = Some(now);
                 next += 1;
                 continue;
@@ -76,11 +83,22 @@ pub fn ping(
             socket.set_read_timeout(Some(
                 (wake.min(deadline) - now).max(Duration::from_micros(100)),
             ))?;
-            let Ok(len) = socket.read(&mut buf) else {
+            let Ok((len, from)) = socket.recv_from(&mut buf) else {
                 continue;
             };
             let received = Instant::now();
-            if let Some(seq) = echo_reply_seq(&buf[..len], target, id) {
+            // SAFETY: recv_from initialised the first `len` bytes.
+            let packet: &[u8] =
+                unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) };
+            let seq = match target {
+                IpAddr::V4(v4) => echo_reply_seq(packet, v4, id),
+                // Raw ICMPv6 sockets deliver no IPv6 header: the sender is
+                // the socket address.
+                IpAddr::V6(_) => (from.as_socket().map(|a| a.ip()) == Some(target))
+                    .then(|| echo6_reply_seq(packet, id))
+                    .flatten(),
+            };
+            if let Some(seq) = seq {
                 if let (Some(sent), Some(slot)) = (
                     sent_at.get(seq as usize).copied().flatten(),
                     rtts.get_mut(seq as usize),
@@ -98,15 +116,26 @@ pub fn ping(
     })
 }
 
-/// An ICMP echo request with a 48-byte payload.
-fn echo_request(id: u16, seq: u16) -> Vec<u8> {
-    let mut packet = vec![8, 0, 0, 0];
+/// An ICMP (or ICMPv6, checksum left to the kernel) echo request with a
+/// 48-byte payload.
+fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+    let mut packet = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
     packet.extend_from_slice(&id.to_be_bytes());
     packet.extend_from_slice(&seq.to_be_bytes());
     packet.extend((0..48u8).map(|i| i.wrapping_add(0x20)));
-    let sum = checksum(&packet);
-    packet[2..4].copy_from_slice(&sum.to_be_bytes());
+    if !v6 {
+        let sum = checksum(&packet);
+        packet[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
     packet
+}
+
+/// The sequence number of ICMPv6 message `icmp` if it is an echo reply
+/// with identifier `id`.
+fn echo6_reply_seq(icmp: &[u8], id: u16) -> Option<u16> {
+    let icmp = icmp.get(..8)?;
+    (icmp[0] == 129 && u16::from_be_bytes([icmp[4], icmp[5]]) == id)
+        .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
 }
 
 /// The sequence number of `packet` (IPv4 header + ICMP) if it is an echo
@@ -129,7 +158,7 @@ mod tests {
 
     #[test]
     fn request_checksum_verifies() {
-        let packet = echo_request(0xbeef, 7);
+        let packet = echo_request(false, 0xbeef, 7);
         assert_eq!(checksum(&packet), 0);
     }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::impair::replace_table;
+use crate::impair::{replace_table, replace_table6};
 use crate::topology::Lab;
 use crate::{lock, sys};
 
@@ -17,6 +17,10 @@ impl Lab {
     /// via that ISP with metric 10. The router's conntrack table is flushed
     /// so no NAT binding to the previous ISP lingers. Follows the ISP
     /// through [`crate::Isp::readdress`] and interface removal/restore.
+    ///
+    /// In a dual-stack lab the same for IPv6: NAT66 (masquerade in table
+    /// `ip6 lab`) and a default route via the ISP's global address, metric
+    /// 10 (below the RA routes) — the baseline IPv6 router.
     pub fn plain_routing_via(&self, isp: usize) -> Result<()> {
         let gateway = self.isp(isp).gateway();
         let mut via = lock(&self.plain_via);
@@ -24,8 +28,14 @@ impl Lab {
             "nat hook postrouting",
             "oifname \"wan*\" masquerade\n",
         ))?;
+        if self.is_dual_stack() {
+            self.router.nft(&replace_table6(
+                "nat hook postrouting",
+                "oifname \"wan*\" masquerade\n",
+            ))?;
+        }
         *via = Some(isp);
-        self.router.ip(&plain_route(isp, gateway))?;
+        self.router.ip(&self.plain_routes(isp, gateway))?;
         self.router
             .run(sys::flush_conntrack)
             .context("flushing the router's conntrack table")
@@ -50,6 +60,15 @@ impl Lab {
             let _ = self
                 .router
                 .ip(&format!("route del default metric {PLAIN_METRIC}"));
+            if self.is_dual_stack() {
+                let _ = self
+                    .router
+                    .ip(&format!("route del ::/0 metric {PLAIN_METRIC}"));
+            }
+        }
+        if self.is_dual_stack() {
+            self.router
+                .nft(&replace_table6("nat hook postrouting", ""))?;
         }
         self.router.nft(&replace_table("nat hook postrouting", ""))
     }
@@ -59,12 +78,23 @@ impl Lab {
     pub(crate) fn refresh_plain_route(&self, isp: usize) -> Result<()> {
         let via = lock(&self.plain_via);
         if *via == Some(isp) {
-            self.router.ip(&plain_route(isp, self.isp(isp).gateway()))?;
+            self.router
+                .ip(&self.plain_routes(isp, self.isp(isp).gateway()))?;
         }
         Ok(())
     }
-}
 
-fn plain_route(isp: usize, gateway: std::net::Ipv4Addr) -> String {
-    format!("route replace default via {gateway} dev wan{isp} proto static metric {PLAIN_METRIC}")
+    /// The plain-routing default route(s) via ISP `isp`, as `ip` commands.
+    fn plain_routes(&self, isp: usize, gateway: std::net::Ipv4Addr) -> String {
+        let mut cmds = format!(
+            "route replace default via {gateway} dev wan{isp} proto static metric {PLAIN_METRIC}\n"
+        );
+        if self.is_dual_stack() {
+            cmds += &format!(
+                "route replace ::/0 via {} dev wan{isp} proto static metric {PLAIN_METRIC}\n",
+                self.isp(isp).gateway6()
+            );
+        }
+        cmds
+    }
 }

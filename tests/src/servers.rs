@@ -2,13 +2,13 @@
 //! a namespace. Each stops when its handle or the lab is dropped.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use socket2::{Domain, Socket, Type};
 
 use crate::dns;
@@ -17,14 +17,14 @@ use crate::stop::{Stopper, Wake};
 
 /// A running server. Dropping it stops the server and joins its threads.
 pub struct ServerHandle {
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     stop: Arc<Stopper>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ServerHandle {
     /// The address the server listens on (with the real port if bound to 0).
-    pub fn addr(&self) -> SocketAddrV4 {
+    pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 }
@@ -39,9 +39,10 @@ impl Drop for ServerHandle {
 }
 
 impl Netns {
-    /// TCP whoami: writes `"<peer ip>:<peer port>\n"` to every connection
+    /// TCP whoami: writes `"<peer ip>:<peer port>\n"` (`"[<ip>]:<port>"`
+    /// for IPv6) to every connection
     /// and closes it.
-    pub fn tcp_whoami_server(&self, bind: SocketAddrV4) -> Result<ServerHandle> {
+    pub fn tcp_whoami_server(&self, bind: impl Into<SocketAddr>) -> Result<ServerHandle> {
         let (listener, addr) = self.bind_tcp(bind)?;
         self.start_server("tcp-whoami", addr, move |stop| {
             serve_tcp(&listener, &stop, |mut conn, peer| {
@@ -51,7 +52,7 @@ impl Netns {
     }
 
     /// Plain TCP listener (a TCP probe target): accepts and closes.
-    pub fn tcp_probe_server(&self, bind: SocketAddrV4) -> Result<ServerHandle> {
+    pub fn tcp_probe_server(&self, bind: impl Into<SocketAddr>) -> Result<ServerHandle> {
         let (listener, addr) = self.bind_tcp(bind)?;
         self.start_server("tcp-probe", addr, move |stop| {
             serve_tcp(&listener, &stop, |_, _| {})
@@ -60,7 +61,11 @@ impl Netns {
 
     /// Stream server: writes `"<peer ip>:<peer port>\n"`, then data until
     /// the client closes, at most `pace` bytes per second if given.
-    pub fn stream_server(&self, bind: SocketAddrV4, pace: Option<u64>) -> Result<ServerHandle> {
+    pub fn stream_server(
+        &self,
+        bind: impl Into<SocketAddr>,
+        pace: Option<u64>,
+    ) -> Result<ServerHandle> {
         let (listener, addr) = self.bind_tcp(bind)?;
         self.start_server("stream", addr, move |stop| {
             let mut conns: Vec<JoinHandle<()>> = Vec::new();
@@ -76,7 +81,7 @@ impl Netns {
     }
 
     /// UDP whoami: answers every datagram with `"<peer ip>:<peer port>"`.
-    pub fn udp_whoami_server(&self, bind: SocketAddrV4) -> Result<ServerHandle> {
+    pub fn udp_whoami_server(&self, bind: impl Into<SocketAddr>) -> Result<ServerHandle> {
         let (socket, addr) = self.bind_udp(bind)?;
         self.start_server("udp-whoami", addr, move |stop| {
             serve_udp(&socket, &stop, |_, peer| {
@@ -87,7 +92,7 @@ impl Netns {
 
     /// DNS responder: answers every query with NOERROR, the query's id and
     /// question, and no records.
-    pub fn dns_server(&self, bind: SocketAddrV4) -> Result<ServerHandle> {
+    pub fn dns_server(&self, bind: impl Into<SocketAddr>) -> Result<ServerHandle> {
         let (socket, addr) = self.bind_udp(bind)?;
         self.start_server("dns", addr, move |stop| {
             serve_udp(&socket, &stop, |query, _| dns::respond(query))
@@ -95,11 +100,16 @@ impl Netns {
     }
 
     /// A nonblocking TCP listener on `bind` in this namespace (address
-    /// reuse on, backlog 1024), with the address it got.
-    pub fn bind_tcp(&self, bind: SocketAddrV4) -> Result<(TcpListener, SocketAddrV4)> {
+    /// reuse on, backlog 1024, an IPv6 socket for IPv6 only), with the
+    /// address it got.
+    pub fn bind_tcp(&self, bind: impl Into<SocketAddr>) -> Result<(TcpListener, SocketAddr)> {
+        let bind = bind.into();
         let listener: TcpListener = self
             .run(|| -> io::Result<TcpListener> {
-                let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+                let socket = Socket::new(Domain::for_address(bind), Type::STREAM, None)?;
+                if bind.is_ipv6() {
+                    socket.set_only_v6(true)?;
+                }
                 socket.set_reuse_address(true)?;
                 socket.bind(&bind.into())?;
                 socket.listen(1024)?;
@@ -107,11 +117,12 @@ impl Netns {
                 Ok(socket.into())
             })
             .with_context(|| format!("TCP listen on {bind} in {}", self.name()))?;
-        let addr = v4(listener.local_addr()?)?;
+        let addr = listener.local_addr()?;
         Ok((listener, addr))
     }
 
-    fn bind_udp(&self, bind: SocketAddrV4) -> Result<(UdpSocket, SocketAddrV4)> {
+    fn bind_udp(&self, bind: impl Into<SocketAddr>) -> Result<(UdpSocket, SocketAddr)> {
+        let bind = bind.into();
         let socket = self
             .run(|| -> io::Result<UdpSocket> {
                 let socket = UdpSocket::bind(bind)?;
@@ -119,14 +130,14 @@ impl Netns {
                 Ok(socket)
             })
             .with_context(|| format!("UDP bind on {bind} in {}", self.name()))?;
-        let addr = v4(socket.local_addr()?)?;
+        let addr = socket.local_addr()?;
         Ok((socket, addr))
     }
 
     fn start_server(
         &self,
         kind: &str,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         serve: impl FnOnce(Arc<Stopper>) + Send + 'static,
     ) -> Result<ServerHandle> {
         let stop = self.ctx.stopper()?;
@@ -144,25 +155,16 @@ impl Netns {
     }
 }
 
-fn v4(addr: SocketAddr) -> Result<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(a) => Ok(a),
-        SocketAddr::V6(a) => bail!("unexpected IPv6 address {a}"),
-    }
-}
-
 /// Accepts connections until `stop` fires, handing each to `on_conn`.
 fn serve_tcp(
     listener: &TcpListener,
     stop: &Stopper,
-    mut on_conn: impl FnMut(TcpStream, SocketAddrV4),
+    mut on_conn: impl FnMut(TcpStream, SocketAddr),
 ) {
     while let Ok(Wake::Readable) = stop.wait_readable(listener.as_raw_fd(), None) {
         // Accepted sockets are blocking on Linux (flags are not inherited).
         while let Ok((conn, peer)) = listener.accept() {
-            if let SocketAddr::V4(peer) = peer {
-                on_conn(conn, peer);
-            }
+            on_conn(conn, peer);
         }
     }
 }
@@ -171,15 +173,13 @@ fn serve_tcp(
 fn serve_udp(
     socket: &UdpSocket,
     stop: &Stopper,
-    reply: impl Fn(&[u8], SocketAddrV4) -> Option<Vec<u8>>,
+    reply: impl Fn(&[u8], SocketAddr) -> Option<Vec<u8>>,
 ) {
     let mut buf = [0u8; 2048];
     while let Ok(Wake::Readable) = stop.wait_readable(socket.as_raw_fd(), None) {
         while let Ok((len, peer)) = socket.recv_from(&mut buf) {
-            if let SocketAddr::V4(peer) = peer {
-                if let Some(answer) = reply(&buf[..len], peer) {
-                    let _ = socket.send_to(&answer, peer);
-                }
+            if let Some(answer) = reply(&buf[..len], peer) {
+                let _ = socket.send_to(&answer, peer);
             }
         }
     }
@@ -190,7 +190,7 @@ const PACE_CATCH_UP: Duration = Duration::from_millis(100);
 
 /// One stream connection: the whoami line, then data until the client
 /// goes away or `stop` fires.
-fn stream_to(mut conn: TcpStream, peer: SocketAddrV4, pace: Option<u64>, stop: &Stopper) {
+fn stream_to(mut conn: TcpStream, peer: SocketAddr, pace: Option<u64>, stop: &Stopper) {
     // Bounded writes, so a stalled connection still notices `stop`.
     let _ = conn.set_write_timeout(Some(Duration::from_millis(100)));
     if conn.write_all(format!("{peer}\n").as_bytes()).is_err() {

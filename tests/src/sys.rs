@@ -162,8 +162,8 @@ pub(crate) fn flush_conntrack() -> io::Result<()> {
     msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: kernel assigns
-    msg.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]); // nfgenmsg: family, version, res_id
-                                                            // SAFETY: an all-zero sockaddr_nl addresses the kernel.
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // nfgenmsg: family (both), version, res_id
+                                                              // SAFETY: an all-zero sockaddr_nl addresses the kernel.
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
     // SAFETY: msg and kernel are valid for the given lengths.

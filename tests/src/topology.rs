@@ -7,7 +7,7 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +18,7 @@ use anyhow::{ensure, Result};
 use ipnet::Ipv4Net;
 
 use crate::ctx::LabCtx;
+use crate::dual::{self, DNS_SERVER6, LAN0_ROUTER6, PROBE_TARGETS6, SERVER6, SERVER6_2};
 use crate::isp::{Isp, IspNode};
 use crate::labdir::LabDir;
 use crate::ns::{self, Netns, PREFIX};
@@ -197,10 +198,24 @@ pub struct LabBuilder {
     isps: Option<Vec<IspSpec>>,
     tunnel_host: bool,
     ha: bool,
+    dual_stack: bool,
     kind: RouterKind,
 }
 
 impl LabBuilder {
+    /// IPv6 as well (see `dual.rs` for the plan): each ISP link gets a
+    /// 2001:db8 /64 with Router Advertisements from the ISP (dnsmasq) and
+    /// a statically delegated prefix, `lan0` the ULA prefix [`crate::LAN0_6`]
+    /// with static host addresses and the router as their default route,
+    /// and the internet's servers, probe targets and DNS responder answer
+    /// on IPv6 too ([`crate::SERVER6`], [`crate::PROBE_TARGETS6`]). ISPs
+    /// filter IPv6 sources like IPv4 ones. Not with [`LabBuilder::ha_pair`];
+    /// `lan1` and the tunnel host stay IPv4-only.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     /// Two routers instead of one, as an HA pair: `lan0` is a bridge in a
     /// switch namespace with the hosts and both routers on it (router `k`
     /// has [`ha_lan_addr`]`(k)`, the hosts' gateway [`LAN0_ROUTER`] belongs
@@ -265,6 +280,10 @@ impl LabBuilder {
             !self.ha || (self.lan1_hosts.is_none() && !self.tunnel_host),
             "an HA pair lab has one LAN and no tunnel host"
         );
+        ensure!(!(self.ha && self.dual_stack), "an HA pair lab is IPv4-only");
+        if self.dual_stack {
+            dual::check_dnsmasq()?;
+        }
 
         ns::sweep_leftovers()?;
         crate::labdir::sweep_leftovers();
@@ -277,10 +296,18 @@ impl LabBuilder {
         // Locals drop in reverse order if a step fails: namespaces go
         // before the directory.
         let dir = LabDir::create(&name)?;
-        let ctx = Arc::new(LabCtx::new(name.clone(), self.kind, dir.logs()));
+        let ctx = Arc::new(LabCtx::new(
+            name.clone(),
+            self.kind,
+            self.dual_stack,
+            dir.logs(),
+        ));
 
         let router = Netns::create(format!("{name}r"), ctx.clone())?;
         router.sysctls(&[("net.ipv4.ip_forward", "1")])?;
+        if self.dual_stack {
+            router.sysctls(&[("net.ipv6.conf.all.forwarding", "1")])?;
+        }
         let (peer, switch) = if self.ha {
             let peer = Netns::create(format!("{name}q"), ctx.clone())?;
             peer.sysctls(&[("net.ipv4.ip_forward", "1")])?;
@@ -311,6 +338,15 @@ impl LabBuilder {
                 host.addr, host.gateway
             ))?;
         }
+        if self.dual_stack {
+            router.ip(&format!("addr add {LAN0_ROUTER6}/64 dev lan0"))?;
+            for (i, host) in lan0.iter().enumerate() {
+                host.ip(&format!(
+                    "addr add {}/64 dev eth0\nroute add ::/0 via {LAN0_ROUTER6}",
+                    dual::host_addr6(i)
+                ))?;
+            }
+        }
 
         let tunnel = if self.tunnel_host {
             Some(build_tunnel(&ctx, &router)?)
@@ -334,8 +370,25 @@ impl LabBuilder {
                 uplink_addr(i, false)
             );
         }
+        if self.dual_stack {
+            for addr in PROBE_TARGETS6
+                .iter()
+                .chain(&[SERVER6, SERVER6_2, DNS_SERVER6])
+            {
+                cmds += &format!("addr add {addr}/128 dev lo\n");
+            }
+            for i in 1..=isps.len() {
+                let up = dual::uplink6(i, false);
+                cmds += &format!(
+                    "addr add {}/64 dev isp{i}\nroute add {} via {up}\nroute add {} via {up}\n",
+                    dual::uplink6(i, true),
+                    dual::initial_link6(i),
+                    dual::initial_delegation6(i),
+                );
+            }
+        }
         inet.ip(&cmds)?;
-        let servers = start_servers(&inet)?;
+        let servers = start_servers(&inet, self.dual_stack)?;
 
         if self.ha {
             std::fs::create_dir(dir.root().join("state-1"))?;
@@ -355,6 +408,9 @@ impl LabBuilder {
             plain_via: Mutex::new(None),
             dir,
         };
+        if self.dual_stack && self.kind == RouterKind::Dhcp {
+            lab.wait_slaac(&(1..=isps.len()).collect::<Vec<_>>())?;
+        }
         for (i, spec) in isps.iter().enumerate() {
             let isp = lab.isp(i + 1);
             if spec.rate_mbit.is_some() {
@@ -399,7 +455,13 @@ fn build_lan(
                 ns.name()
             );
             let addr = Ipv4Addr::from(u32::from(net.network()) + 10 + i as u32);
-            Ok(Host { ns, addr, gateway })
+            let addr6 = (lan == 0 && ctx.dual_stack).then(|| dual::host_addr6(i));
+            Ok(Host {
+                ns,
+                addr,
+                gateway,
+                addr6,
+            })
         })
         .collect()
 }
@@ -450,6 +512,7 @@ route add default dev eth0"
             ns,
             addr: TUNNEL_HOST,
             gateway: TUNNEL_ROUTER,
+            addr6: None,
         },
     })
 }
@@ -460,16 +523,28 @@ struct TunnelLan {
     host: Host,
 }
 
-fn start_servers(inet: &Netns) -> Result<Vec<ServerHandle>> {
+fn start_servers(inet: &Netns, dual_stack: bool) -> Result<Vec<ServerHandle>> {
     let mut servers = Vec::new();
-    for ip in [SERVER, SERVER2] {
-        servers.push(inet.tcp_whoami_server(SocketAddrV4::new(ip, TCP_WHOAMI_PORT))?);
-        servers.push(inet.udp_whoami_server(SocketAddrV4::new(ip, UDP_WHOAMI_PORT))?);
-        servers.push(inet.stream_server(SocketAddrV4::new(ip, STREAM_PORT), Some(STREAM_PACE))?);
-        servers.push(inet.stream_server(SocketAddrV4::new(ip, BULK_PORT), None)?);
+    let mut ips: Vec<IpAddr> = vec![SERVER.into(), SERVER2.into()];
+    let mut any: Vec<IpAddr> = vec![Ipv4Addr::UNSPECIFIED.into()];
+    let mut dns: Vec<SocketAddr> = vec![DNS.into()];
+    if dual_stack {
+        ips.extend([IpAddr::from(SERVER6), SERVER6_2.into()]);
+        any.push(std::net::Ipv6Addr::UNSPECIFIED.into());
+        dns.push(dual::DNS6.into());
     }
-    servers.push(inet.tcp_probe_server(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, TCP_PROBE_PORT))?);
-    servers.push(inet.dns_server(DNS)?);
+    for ip in ips {
+        servers.push(inet.tcp_whoami_server((ip, TCP_WHOAMI_PORT))?);
+        servers.push(inet.udp_whoami_server((ip, UDP_WHOAMI_PORT))?);
+        servers.push(inet.stream_server((ip, STREAM_PORT), Some(STREAM_PACE))?);
+        servers.push(inet.stream_server((ip, BULK_PORT), None)?);
+    }
+    for ip in any {
+        servers.push(inet.tcp_probe_server((ip, TCP_PROBE_PORT))?);
+    }
+    for addr in dns {
+        servers.push(inet.dns_server(addr)?);
+    }
     Ok(servers)
 }
 
@@ -478,11 +553,20 @@ pub struct Host {
     ns: Netns,
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
+    /// Its static IPv6 address (dual-stack `lan0` hosts).
+    addr6: Option<std::net::Ipv6Addr>,
 }
 
 impl Host {
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
+    }
+
+    /// The host's static IPv6 address in [`crate::LAN0_6`]; panics for a host
+    /// without IPv6 (not a dual-stack lab, or not on `lan0`).
+    pub fn addr6(&self) -> std::net::Ipv6Addr {
+        self.addr6
+            .expect("this host has no IPv6 (dual-stack labs, lan0)")
     }
 
     /// The router's address on this host's LAN (its default gateway).
@@ -517,7 +601,7 @@ pub struct Lab {
     /// The LAN switch of an HA pair.
     switch: Option<Netns>,
     pub(crate) inet: Netns,
-    pub(crate) blocked: Mutex<BTreeSet<Ipv4Addr>>,
+    pub(crate) blocked: Mutex<BTreeSet<IpAddr>>,
     pub(crate) plain_via: Mutex<Option<usize>>,
     dir: LabDir,
 }
@@ -531,6 +615,7 @@ impl Lab {
             isps: None,
             tunnel_host: false,
             ha: false,
+            dual_stack: false,
             kind: RouterKind::from_env(),
         }
     }
@@ -607,8 +692,10 @@ impl Lab {
 
     /// The ISP whose router-side subnet (current or earlier, see
     /// [`Isp::readdress`]) contains `addr`: maps the source address an
-    /// internet server saw to the ISP the traffic used.
-    pub fn wan_of(&self, addr: Ipv4Addr) -> Option<usize> {
+    /// internet server saw to the ISP the traffic used. For IPv6: the
+    /// ISP's link /64s and delegated prefixes, current or earlier.
+    pub fn wan_of(&self, addr: impl Into<IpAddr>) -> Option<usize> {
+        let addr = addr.into();
         self.isps
             .iter()
             .find(|node| node.has_used(addr))

@@ -37,7 +37,7 @@ fn fails(host: &Netns) -> bool {
         .is_err()
 }
 
-fn quick_ping(ns: &Netns, addr: Ipv4Addr, count: u32) -> PingStats {
+fn quick_ping(ns: &Netns, addr: impl Into<std::net::IpAddr>, count: u32) -> PingStats {
     ping(
         ns,
         addr,
@@ -541,7 +541,7 @@ fn servers_and_processes_in_any_namespace() {
         .tcp_whoami_server(SocketAddrV4::new(lab.host(0).addr(), 0))
         .unwrap();
     let seen = lab.router().tcp_whoami(server.addr()).unwrap();
-    assert_eq!(*seen.ip(), LAN0_ROUTER);
+    assert_eq!(seen.ip(), LAN0_ROUTER);
     drop(server);
 
     let state = lab.state_dir().join("hello");
@@ -683,4 +683,287 @@ fn ha_pair_topology_moves_the_gateway_between_routers() {
             Ipv4Addr::new(100, 64, 101, 1)
         )
         .is_err());
+}
+
+fn build_dual(isps: usize) -> Lab {
+    Lab::builder()
+        .lan_hosts(1)
+        .isps(isps)
+        .dual_stack()
+        .build()
+        .expect("dual-stack lab builds")
+}
+
+/// Whether a TCP whoami to the IPv6 server from `host` fails (within a
+/// second).
+fn fails6(host: &Netns) -> bool {
+    host.tcp_whoami_within(TCP_WHOAMI6, Duration::from_secs(1))
+        .is_err()
+}
+
+/// The dual-stack lab's IPv6 side, as each router kind has it: the WAN
+/// addresses (SLAAC from the ISPs' RAs on a DHCP router, static on the
+/// others), the RA-learned default routes (DHCP kind only), the LAN's ULA
+/// prefix; then plain IPv6 routing with NAT66 through each ISP reaches
+/// every IPv6 service and the server sees that ISP's WAN address, while
+/// IPv4 works as before. Dropping the lab takes the RA daemons with it.
+#[test]
+fn dual_stack_routes_ipv6_through_each_isp() {
+    let start = Instant::now();
+    let lab = build_dual(2);
+    println!("dual-stack lab built in {:?}", start.elapsed());
+    let name = lab.name().to_string();
+    let kind = lab.router_kind();
+    let routes = out(lab.router(), &["ip", "-6", "route", "show", "default"]);
+    for i in 1..=2 {
+        let isp = lab.isp(i);
+        let wan = format!("wan{i}");
+        let addrs = out(
+            lab.router(),
+            &["ip", "-6", "-br", "addr", "show", "dev", &wan],
+        );
+        assert!(
+            addrs.contains(&format!("{}/64", isp.router_addr6())),
+            "{addrs}"
+        );
+        assert!(isp.link6().contains(&isp.router_addr6()));
+        let ra = format!(
+            "default via {} dev {wan} proto ra metric {}",
+            isp.gateway6_link_local().unwrap(),
+            100 + i
+        );
+        let accept_ra = lab
+            .router()
+            .sh(&format!("cat /proc/sys/net/ipv6/conf/{wan}/accept_ra"))
+            .unwrap();
+        match kind {
+            RouterKind::Dhcp => {
+                assert!(routes.contains(&ra), "{ra:?} in\n{routes}");
+                assert_eq!(accept_ra.trim(), "2", "RAs accepted while forwarding");
+            }
+            _ => {
+                assert!(!routes.contains("proto ra"), "{routes}");
+                assert_eq!(accept_ra.trim(), "0");
+            }
+        }
+        assert_eq!(
+            quick_ping(lab.router(), isp.gateway6(), 2).received,
+            2,
+            "router reaches ISP {i}'s IPv6 gateway"
+        );
+    }
+    if kind == RouterKind::Static {
+        assert_eq!(
+            routes.trim(),
+            "",
+            "no IPv6 default route on a static router"
+        );
+    }
+    assert_eq!(
+        lab.host(0).addr6(),
+        "fd00:0:2::10".parse::<std::net::Ipv6Addr>().unwrap()
+    );
+    assert_eq!(quick_ping(lab.host(0), LAN0_ROUTER6, 2).received, 2);
+    // ULA sources are not routed back: nothing works without NAT66.
+    assert!(fails6(lab.host(0)));
+
+    let host = lab.host(0);
+    for isp in 1..=2 {
+        lab.plain_routing_via(isp).unwrap();
+        let wan6 = lab.isp(isp).router_addr6();
+        let seen = host.tcp_whoami(TCP_WHOAMI6).unwrap();
+        assert_eq!((*seen.ip(), lab.wan_of(*seen.ip())), (wan6, Some(isp)));
+        let seen = host
+            .tcp_whoami(std::net::SocketAddrV6::new(
+                SERVER6_2,
+                TCP_WHOAMI_PORT,
+                0,
+                0,
+            ))
+            .unwrap();
+        assert_eq!(*seen.ip(), wan6);
+        assert_eq!(*host.udp_whoami(UDP_WHOAMI6).unwrap().ip(), wan6);
+        let reply = host.dns_query(DNS6, "probe6.example").unwrap();
+        assert_eq!((reply.rcode, reply.name.as_str()), (0, "probe6.example"));
+        for target in PROBE_TARGETS6 {
+            assert_eq!(
+                quick_ping(host, target, 2).received,
+                2,
+                "{target} via ISP {isp}"
+            );
+            let seen = host.tcp_whoami(std::net::SocketAddrV6::new(target, TCP_PROBE_PORT, 0, 0));
+            // The probe port accepts and closes: connected, empty answer.
+            assert!(
+                seen.as_ref()
+                    .is_err_and(|e| format!("{e:#}").contains("bad whoami answer")),
+                "{seen:?}"
+            );
+        }
+        // IPv4 is unchanged beside it.
+        assert_eq!(tcp_isp(&lab, host).unwrap(), isp);
+        let stream = host.open_stream(STREAM6).unwrap();
+        assert_eq!(*stream.source().ip(), wan6);
+        assert!(
+            wait_until(Duration::from_secs(10), || stream.bytes() > 256 * 1024),
+            "IPv6 stream flows"
+        );
+        assert_eq!(stream.close().end, None);
+    }
+    lab.clear_plain_routing().unwrap();
+    assert!(fails6(lab.host(0)), "no NAT66 without plain routing");
+    drop(lab);
+    assert_eq!(
+        namespaces_of(&name),
+        Vec::<String>::new(),
+        "no namespace left"
+    );
+    let dnsmasq = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("isp.-dnsmasq.leases.*{name}|{name}.*isp.-dnsmasq"),
+        ])
+        .output()
+        .unwrap();
+    assert!(dnsmasq.stdout.is_empty(), "RA daemons gone");
+}
+
+/// BCP 38 for IPv6: an ISP forwards from the router only sources in its
+/// link /64 or its delegated prefix.
+#[test]
+fn isps_drop_ipv6_packets_with_another_isps_source() {
+    let lab = build_dual(2);
+    let router = lab.router();
+    let (isp1, isp2) = (lab.isp(1), lab.isp(2));
+    // Addresses of each delegated prefix on the router (as NPT would use).
+    let (del1, del2) = (
+        in_net(isp1.delegation6(), 0x10),
+        in_net(isp2.delegation6(), 0x10),
+    );
+    router
+        .ip(&format!(
+            "addr add {del1}/128 dev lo\naddr add {del2}/128 dev lo"
+        ))
+        .unwrap();
+    let via2 = |src: std::net::Ipv6Addr| {
+        router
+            .ip(&format!(
+                "route replace {SERVER6}/128 via {} dev wan2 src {src}",
+                isp2.gateway6()
+            ))
+            .unwrap();
+    };
+    let from = |src: std::net::Ipv6Addr| router.tcp_whoami_from(TCP_WHOAMI6, src.into());
+    via2(isp2.router_addr6());
+    assert_eq!(
+        *router.tcp_whoami(TCP_WHOAMI6).unwrap().ip(),
+        isp2.router_addr6()
+    );
+    assert_eq!(
+        *from(del2).unwrap().ip(),
+        del2,
+        "the delegated prefix passes"
+    );
+    for foreign in [isp1.router_addr6(), del1, LAN0_ROUTER6] {
+        via2(foreign);
+        assert!(
+            router
+                .tcp_whoami_within(TCP_WHOAMI6, Duration::from_millis(500))
+                .is_err(),
+            "ISP 2 forwarded a packet from {foreign}"
+        );
+    }
+}
+
+/// The IPv6-only blackhole drops the ISP's forwarded IPv6 and nothing
+/// else; the full blackhole drops both families.
+#[test]
+fn ipv6_blackhole_leaves_ipv4_working() {
+    let lab = build_dual(1);
+    lab.plain_routing_via(1).unwrap();
+    let (isp, host) = (lab.isp(1), lab.host(0));
+    isp.set_blackhole6(true).unwrap();
+    assert!(fails6(host));
+    assert_eq!(tcp_isp(&lab, host).unwrap(), 1, "IPv4 still works");
+    assert_eq!(
+        quick_ping(lab.router(), isp.gateway6(), 2).received,
+        2,
+        "gateway answers"
+    );
+    isp.set_blackhole6(false).unwrap();
+    assert!(host.tcp_whoami(TCP_WHOAMI6).is_ok());
+    isp.set_blackhole(true).unwrap();
+    assert!(fails6(host) && fails(host));
+    isp.set_blackhole(false).unwrap();
+    assert!(host.tcp_whoami(TCP_WHOAMI6).is_ok());
+    lab.set_target_blocked(SERVER6, true).unwrap();
+    assert!(fails6(host));
+    assert!(tcp_isp(&lab, host).is_ok(), "IPv4 server still answers");
+    lab.set_target_blocked(SERVER6, false).unwrap();
+    assert!(host.tcp_whoami(TCP_WHOAMI6).is_ok());
+}
+
+/// Renumbering: a new delegated prefix is routed (and the old one not),
+/// and a new link prefix reaches the router by RA (DHCP kind) so NAT66
+/// uses the new WAN address at once.
+#[test]
+fn ipv6_delegation_and_link_renumber() {
+    let lab = build_dual(1);
+    let (isp, router) = (lab.isp(1), lab.router());
+    let old = in_net(isp.delegation6(), 0x10);
+    let new = in_net(other_delegation6(1), 0x10);
+    router
+        .ip(&format!("addr add {old}/128 dev lo\naddr add {new}/128 dev lo\nroute replace ::/0 via {} dev wan1 metric 1", isp.gateway6()))
+        .unwrap();
+    let from = |src: std::net::Ipv6Addr| router.tcp_whoami_from(TCP_WHOAMI6, src.into());
+    assert_eq!(*from(old).unwrap().ip(), old);
+    assert!(from(new).is_err(), "not delegated yet");
+    isp.renumber_delegation6(other_delegation6(1)).unwrap();
+    assert_eq!(isp.delegation6(), other_delegation6(1));
+    assert_eq!(*from(new).unwrap().ip(), new);
+    assert!(from(old).is_err(), "the old prefix is no longer routed");
+    assert_eq!(lab.wan_of(new), Some(1));
+    assert_eq!(lab.wan_of(old), Some(1), "earlier prefixes still map");
+
+    lab.plain_routing_via(1).unwrap();
+    let before = isp.router_addr6();
+    isp.renumber_link6(other_link6(1)).unwrap();
+    let after = isp.router_addr6();
+    assert!(other_link6(1).contains(&after) && after != before);
+    // The old address is gone or deprecated (RAs announce the old prefix
+    // with a zero preferred lifetime): never a new connection's source.
+    let wan1 = out(router, &["ip", "-6", "-o", "addr", "show", "dev", "wan1"]);
+    assert!(
+        wan1.lines()
+            .filter(|l| l.contains(&format!("{before}/64")))
+            .all(|l| l.contains("deprecated")),
+        "{wan1}"
+    );
+    let seen = lab.host(0).tcp_whoami(TCP_WHOAMI6).unwrap();
+    assert_eq!((*seen.ip(), lab.wan_of(*seen.ip())), (after, Some(1)));
+    // The delegation follows the router's new address (without the
+    // masquerade, which would hide the source).
+    lab.clear_plain_routing().unwrap();
+    assert_eq!(*from(new).unwrap().ip(), new);
+}
+
+/// Extra (temporary-like) addresses of a LAN host are usable as sources
+/// and do not change its default source address.
+#[test]
+fn lan_hosts_get_extra_ipv6_addresses() {
+    let lab = build_dual(1);
+    let server = lab
+        .router()
+        .tcp_whoami_server(std::net::SocketAddrV6::new(LAN0_ROUTER6, 9000, 0, 0))
+        .unwrap();
+    let host = lab.host(0);
+    let temp = in_net(LAN0_6, 0x1234_5678_9abc_def0);
+    lab.add_host_addr6(0, temp).unwrap();
+    let seen = host.tcp_whoami(server.addr()).unwrap();
+    assert_eq!(seen.ip(), std::net::IpAddr::from(host.addr6()));
+    let seen = host.tcp_whoami_from(server.addr(), temp.into()).unwrap();
+    assert_eq!(seen.ip(), std::net::IpAddr::from(temp));
+    assert!(
+        lab.add_host_addr6(0, SERVER6).is_err(),
+        "outside the LAN prefix"
+    );
 }

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("demo") => build().and_then(|bin| demo::demo(&root(), &bin, &args[1..])),
         Some("bench") => ensure_tools(&HA_TOOLS)
+            .and_then(|()| ensure_tools(&DUAL_STACK_TOOLS))
             .and_then(|()| build())
             .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
@@ -174,13 +175,16 @@ const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), (
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
 /// Chromium, for the metrics endpoint and status page tests; dnsmasq (the
 /// binary alone, `dnsmasq-base`: no service) as the resolver of the domain
-/// rules test.
+/// rules test and the ISPs' Router Advertisement server in dual-stack labs.
 const TEST_TOOLS: [(&str, &str); 4] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("dnsmasq", "dnsmasq-base"),
 ];
+
+/// The dual-stack lab's RA server, for the bench's IPv6 section.
+const DUAL_STACK_TOOLS: [(&str, &str); 1] = [("dnsmasq", "dnsmasq-base")];
 
 /// An HA pair's daemons, for its tests and the bench's router failover.
 const HA_TOOLS: [(&str, &str); 3] = [

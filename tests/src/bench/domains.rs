@@ -91,8 +91,8 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Domains> {
     let cps_server = CpsServer::start(inet, &[SERVER, SERVER2], CPS_PORTS)?;
     let hosts: Vec<&Netns> = lab.hosts().iter().map(|h| &**h).collect();
     let dsts = [
-        SocketAddrV4::new(SERVER, UDP_PORT),
-        SocketAddrV4::new(SERVER2, UDP_PORT),
+        SocketAddrV4::new(SERVER, UDP_PORT).into(),
+        SocketAddrV4::new(SERVER2, UDP_PORT).into(),
     ];
     let mut sides = [Side::default(), Side::default()];
     for round in 0..p.rounds {

@@ -80,8 +80,8 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
     let cps_server = CpsServer::start(inet, &[SERVER, SERVER2], CPS_PORTS)?;
     let hosts: Vec<&Netns> = lab.hosts().iter().map(|h| &**h).collect();
     let dsts = [
-        SocketAddrV4::new(SERVER, UDP_PORT),
-        SocketAddrV4::new(SERVER2, UDP_PORT),
+        SocketAddrV4::new(SERVER, UDP_PORT).into(),
+        SocketAddrV4::new(SERVER2, UDP_PORT).into(),
     ];
     let mut samples = vec![Samples::default(); ALL.len()];
     for round in 0..p.rounds {

@@ -1,5 +1,6 @@
 //! `mwan-bench`: mwan against plain routing, a multipath route and an
-//! nftables ct-mark balancer, side by side in one namespace lab. Run with
+//! nftables ct-mark balancer, side by side in one namespace lab (and IPv6
+//! forwarding against plain IPv6 routing with NAT66). Run with
 //! `cargo xtask bench` (see BENCHMARKS.md for what it measures and how).
 
 pub mod bpf;
@@ -7,6 +8,7 @@ pub mod domains;
 pub mod failover;
 pub mod footprint;
 pub mod forwarding;
+pub mod forwarding6;
 pub mod ha;
 pub mod report;
 pub mod scale;

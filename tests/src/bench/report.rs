@@ -6,6 +6,7 @@ use super::domains::Domains;
 use super::failover::{self, ms, Failover};
 use super::footprint::Footprint;
 use super::forwarding::Forwarding;
+use super::forwarding6::{Forwarding6, Variant6, ALL6};
 use super::ha::HaFailover;
 use super::scale::Scale;
 use super::stats::{percentile, ratios, si, summary, Summary};
@@ -17,6 +18,8 @@ pub struct Results {
     pub machine: Machine,
     pub quick: bool,
     pub forwarding: Option<Forwarding>,
+    /// IPv6 forwarding against plain IPv6 routing with NAT66.
+    pub forwarding6: Option<Forwarding6>,
     pub failover: Option<Failover>,
     pub scale: Option<Scale>,
     pub footprint: Option<Footprint>,
@@ -65,6 +68,23 @@ struct FwdRow {
     udp_ratio: String,
     cps: String,
     cps_ratio: String,
+}
+
+/// Label, TCP, TCP ratio, UDP, UDP ratio of each IPv6 variant.
+fn forwarding6_rows(f: &Forwarding6) -> Vec<[String; 5]> {
+    let base = &f.samples[Variant6::Plain.index()];
+    ALL6.iter()
+        .map(|&v| {
+            let s = &f.samples[v.index()];
+            [
+                v.label().to_string(),
+                value_text(&s.tcp, "bit/s"),
+                ratio_text(summary(&ratios(&s.tcp, &base.tcp))),
+                value_text(&s.udp, "pps"),
+                ratio_text(summary(&ratios(&s.udp, &base.udp))),
+            ]
+        })
+        .collect()
 }
 
 fn forwarding_rows(f: &Forwarding) -> Vec<FwdRow> {
@@ -219,6 +239,19 @@ pub fn table(r: &Results) -> String {
             "mwan's classifier (kernel BPF run-time stats): {:.0} ns/packet in the UDP test, {:.0} ns/packet in the TCP test, {:.0} ns/packet while opening connections",
             f.bpf_udp.ns, f.bpf_tcp.ns, f.bpf_cps.ns
         );
+    }
+    if let Some(f) = &r.forwarding6 {
+        let _ = writeln!(
+            o,
+            "\nIPv6 forwarding LAN → internet, median of {} interleaved rounds (range); ratio to (a6) measured in the same round [range]",
+            f.params.rounds
+        );
+        for [label, tcp, tcp_ratio, udp, udp_ratio] in forwarding6_rows(f) {
+            let _ = writeln!(
+                o,
+                "{label:<50} TCP {tcp:<28} {tcp_ratio:<17} UDP {udp:<26} {udp_ratio}"
+            );
+        }
     }
     if let Some(f) = &r.failover {
         let x = failover_figures(f);
@@ -510,6 +543,9 @@ pub fn markdown(r: &Results) -> String {
     if let Some(f) = &r.forwarding {
         markdown_forwarding(&mut o, f);
     }
+    if let Some(f) = &r.forwarding6 {
+        markdown_forwarding6(&mut o, f);
+    }
     if let Some(f) = &r.failover {
         markdown_failover(&mut o, f);
     }
@@ -574,6 +610,19 @@ fn markdown_summary(o: &mut String, r: &Results) {
             f.params.rounds
         );
     }
+    if let Some(f) = &r.forwarding6 {
+        let rows = forwarding6_rows(f);
+        let _ = writeln!(
+            o,
+            "IPv6 forwarding, as a ratio to plain IPv6 routing with NAT66 (a6) measured in the same \
+             round (median of {} rounds):\n\n| | TCP bulk | small UDP packets |\n|---|---|---|",
+            f.params.rounds
+        );
+        for [label, _, tcp_ratio, _, udp_ratio] in rows.iter().skip(1) {
+            let _ = writeln!(o, "| {label} | {tcp_ratio} | {udp_ratio} |");
+        }
+        let _ = writeln!(o);
+    }
     if let Some(f) = &r.failover {
         let x = failover_figures(f);
         let med = summary(&x.failover).median;
@@ -629,6 +678,27 @@ fn markdown_summary(o: &mut String, r: &Results) {
             }
         );
     }
+}
+
+fn markdown_forwarding6(o: &mut String, f: &Forwarding6) {
+    let _ = writeln!(o, "## 1b. IPv6 forwarding cost\n");
+    let _ = writeln!(
+        o,
+        "The same measurements over IPv6 in the dual-stack lab ({} LAN hosts, {} ISPs): mwan with \
+         `ipv6 = \"nat\"` on every WAN against plain IPv6 routing through ISP 1 with NAT66 \
+         (masquerade), interleaved over {} rounds. Ratios are to (a6) in the same round; higher is \
+         better.\n",
+        f.hosts, f.isps, f.params.rounds
+    );
+    let _ = writeln!(
+        o,
+        "| variant | TCP bulk, {} streams | ratio | UDP, small packets, {} flows | ratio |\n|---|---|---|---|---|",
+        f.params.tcp_streams, f.params.udp_flows
+    );
+    for [label, tcp, tcp_ratio, udp, udp_ratio] in forwarding6_rows(f) {
+        let _ = writeln!(o, "| {label} | {tcp} | {tcp_ratio} | {udp} | {udp_ratio} |");
+    }
+    let _ = writeln!(o);
 }
 
 fn markdown_forwarding(o: &mut String, f: &Forwarding) {

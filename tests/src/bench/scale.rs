@@ -55,8 +55,8 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Scale> {
     let counter = UdpCounter::install(lab.inet(), UDP_PORT)?;
     let hosts: Vec<&Netns> = lab.hosts().iter().map(|h| &**h).collect();
     let dsts = [
-        SocketAddrV4::new(SERVER, UDP_PORT),
-        SocketAddrV4::new(SERVER2, UDP_PORT),
+        SocketAddrV4::new(SERVER, UDP_PORT).into(),
+        SocketAddrV4::new(SERVER2, UDP_PORT).into(),
     ];
     let rate = || -> Result<f64> {
         Ok(traffic::udp_flood(&hosts, &dsts, p.udp_flows, &counter, p.window)?.received)

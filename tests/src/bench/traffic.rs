@@ -42,7 +42,7 @@ pub struct TcpSink {
 }
 
 impl TcpSink {
-    pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<TcpSink> {
+    pub fn start(ns: &Netns, addr: impl Into<SocketAddr>) -> Result<TcpSink> {
         let (listener, _) = ns.bind_tcp(addr)?;
         let stop = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
@@ -111,14 +111,15 @@ fn drain(mut conn: TcpStream, stop: &AtomicBool, bytes: &AtomicU64) {
 pub fn tcp_bulk(
     hosts: &[&Netns],
     sink: &TcpSink,
-    addr: SocketAddrV4,
+    addr: impl Into<SocketAddr>,
     streams: usize,
     w: Window,
 ) -> Result<f64> {
+    let addr: SocketAddr = addr.into();
     let conns = (0..streams)
         .map(|i| {
             hosts[i % hosts.len()]
-                .run(|| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)))
+                .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
                 .with_context(|| format!("connecting to {addr}"))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -150,29 +151,40 @@ pub fn tcp_bulk(
     })
 }
 
-/// An nftables counter in `ns` (table `ip bench`) that counts and drops
-/// UDP packets to `port` before conntrack: the sink of the packet-rate
-/// tests, cheap enough never to be the bottleneck.
+/// An nftables counter in `ns` (table `ip bench`, or `ip6 bench`) that
+/// counts and drops UDP packets to `port` before conntrack: the sink of
+/// the packet-rate tests, cheap enough never to be the bottleneck.
 pub struct UdpCounter<'n> {
     ns: &'n Netns,
+    family: &'static str,
 }
 
 impl<'n> UdpCounter<'n> {
+    /// The IPv4 counter.
     pub fn install(ns: &'n Netns, port: u16) -> Result<UdpCounter<'n>> {
+        Self::install_family(ns, port, "ip")
+    }
+
+    /// The IPv6 counter (table `ip6 bench`).
+    pub fn install6(ns: &'n Netns, port: u16) -> Result<UdpCounter<'n>> {
+        Self::install_family(ns, port, "ip6")
+    }
+
+    fn install_family(ns: &'n Netns, port: u16, family: &'static str) -> Result<UdpCounter<'n>> {
         let script = format!(
-            "table ip bench {{}}\ndelete table ip bench\ntable ip bench {{\n counter sink {{}}\n \
+            "table {family} bench {{}}\ndelete table {family} bench\ntable {family} bench {{\n counter sink {{}}\n \
              chain pre {{\n  type filter hook prerouting priority -300; policy accept;\n  \
              udp dport {port} counter name \"sink\" drop\n }}\n}}\n"
         );
         ns.exec_input(&["nft", "-f", "-"], Some(&script))?;
-        Ok(UdpCounter { ns })
+        Ok(UdpCounter { ns, family })
     }
 
     /// Packets counted so far.
     pub fn packets(&self) -> Result<u64> {
         let out = self
             .ns
-            .exec(&["nft", "list", "counter", "ip", "bench", "sink"])?;
+            .exec(&["nft", "list", "counter", self.family, "bench", "sink"])?;
         let text = String::from_utf8_lossy(&out.stdout);
         let mut words = text.split_whitespace();
         while let Some(w) = words.next() {
@@ -188,9 +200,12 @@ impl<'n> UdpCounter<'n> {
 
 impl Drop for UdpCounter<'_> {
     fn drop(&mut self) {
+        let family = self.family;
         let _ = self.ns.exec_input(
             &["nft", "-f", "-"],
-            Some("table ip bench {}\ndelete table ip bench\n"),
+            Some(&format!(
+                "table {family} bench {{}}\ndelete table {family} bench\n"
+            )),
         );
     }
 }
@@ -213,7 +228,7 @@ pub const SMALL_PAYLOAD: usize = 18;
 /// batches with `sendmmsg`. Counts what arrives at `counter`.
 pub fn udp_flood(
     hosts: &[&Netns],
-    dsts: &[SocketAddrV4],
+    dsts: &[SocketAddr],
     flows: usize,
     counter: &UdpCounter,
     w: Window,
@@ -224,8 +239,13 @@ pub fn udp_flood(
         let sockets = host.run(|| -> io::Result<Vec<UdpSocket>> {
             (0..per_host)
                 .map(|i| {
-                    let s = UdpSocket::bind("0.0.0.0:0")?;
-                    s.connect(dsts[(h * per_host + i) % dsts.len()])?;
+                    let dst = dsts[(h * per_host + i) % dsts.len()];
+                    let any: SocketAddr = match dst {
+                        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+                    };
+                    let s = UdpSocket::bind(any)?;
+                    s.connect(dst)?;
                     s.set_nonblocking(true)?;
                     Ok(s)
                 })

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
-use bench::{domains, failover, footprint, forwarding, ha, report, scale, sig, sysinfo};
+use bench::{
+    domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
+};
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
 
@@ -20,7 +22,8 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    report goes to target/BENCHMARKS-quick.md unless --out is given
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
-  --only SECTIONS  comma-separated subset of: forwarding, failover, scale, footprint, ha, domains
+  --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
+                   lab), failover, scale, footprint, ha, domains
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -34,8 +37,9 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "forwarding",
+    "forwarding6",
     "failover",
     "scale",
     "footprint",
@@ -138,6 +142,7 @@ fn run() -> Result<()> {
         machine,
         quick: q,
         forwarding: None,
+        forwarding6: None,
         failover: None,
         scale: None,
         footprint: None,
@@ -161,6 +166,19 @@ fn run() -> Result<()> {
     if want("forwarding") {
         println!("\n1-2. Forwarding cost and new connections per second");
         results.forwarding = Some(forwarding::run(
+            &forwarding::Params {
+                rounds: if q { 3 } else { 10 },
+                window,
+                tcp_streams: 4,
+                udp_flows: 256,
+                cps_threads: 2,
+            },
+            &log,
+        )?);
+    }
+    if want("forwarding6") {
+        println!("\n1b. IPv6 forwarding cost (mwan vs plain IPv6 routing with NAT66)");
+        results.forwarding6 = Some(forwarding6::run(
             &forwarding::Params {
                 rounds: if q { 3 } else { 10 },
                 window,
