@@ -18,6 +18,7 @@
 //! with traffic through the running daemon in [`traffic`].
 
 mod fixtures;
+mod fixtures6;
 mod packet;
 mod rig;
 mod traffic;
