@@ -146,9 +146,7 @@ struct Packet<K> {
 
 /// Why [`parse4`] or [`parse6`] yields no flow.
 enum Skip {
-    /// Not mwan's business, left as it is: another ethertype (ARP), a
-    /// VLAN-tagged frame on the parent interface (it belongs to the VLAN
-    /// interface, where mwan sees it untagged if that is a LAN), ICMP or
+    /// Not mwan's business, left as it is: ICMP or
     /// ICMPv6 other than an echo request (errors follow the connection they
     /// belong to; Neighbour Discovery and MLD are the link's own), an IPv6
     /// next header other than TCP, UDP and ICMPv6 (ESP, AH, no next header,
@@ -206,26 +204,6 @@ fn short(ctx: &TcContext, need: usize) -> Skip {
         Skip::Malformed
     } else {
         Skip::Nonlinear
-    }
-}
-
-/// The packet's L3 protocol (ethertype): from the Ethernet header at
-/// `L3 == ETH_HLEN`, from `skb->protocol` on a point-to-point LAN.
-#[inline(always)]
-fn l3_proto<const L3: usize>(ctx: &TcContext) -> Result<u16, Skip> {
-    let skb = ctx.skb.skb;
-    if L3 == ETH_HLEN {
-        // tc ingress sees a VLAN tag already moved from the frame into the
-        // skb; the frame is then delivered to the VLAN interface.
-        if unsafe { (*skb).vlan_present } != 0 {
-            return Err(Skip::NotOurs);
-        }
-        match bytes_at::<ETH_HLEN>(ctx, 0) {
-            Some(eth) => Ok(be16(&eth, 12)),
-            None => Err(short(ctx, ETH_HLEN)),
-        }
-    } else {
-        Ok(u16::from_be(unsafe { (*skb).protocol } as u16))
     }
 }
 
@@ -413,28 +391,44 @@ fn parse6<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey6>, Skip> {
     })
 }
 
+/// Dispatches on the packet's L3 protocol (ethertype): from the Ethernet
+/// header at `L3 == ETH_HLEN`, from `skb->protocol` on a point-to-point
+/// LAN.
 #[inline(always)]
 fn classify<const L3: usize>(ctx: &TcContext) {
-    let res = match l3_proto::<L3>(ctx) {
-        Ok(ETH_P_IP) => match parse_pulled::<L3, V4>(ctx) {
-            Ok(pkt) => {
-                classify_flow::<L3, V4>(ctx, &pkt);
-                Ok(())
+    let skb = ctx.skb.skb;
+    let proto = if L3 == ETH_HLEN {
+        // tc ingress sees a VLAN tag already moved from the frame into the
+        // skb; the frame is then delivered to the VLAN interface.
+        if unsafe { (*skb).vlan_present } != 0 {
+            count(GS_PASS);
+            return;
+        }
+        match bytes_at::<ETH_HLEN>(ctx, 0) {
+            Some(eth) => be16(&eth, 12),
+            None => {
+                // The kernel keeps the Ethernet header linear: a frame
+                // shorter than it.
+                count(GS_MALFORMED);
+                return;
             }
-            Err(e) => Err(e),
-        },
-        Ok(ETH_P_IPV6) => match parse_pulled::<L3, V6>(ctx) {
-            Ok(pkt) => {
-                classify_flow::<L3, V6>(ctx, &pkt);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        },
-        Ok(_) => Err(Skip::NotOurs),
-        Err(e) => Err(e),
+        }
+    } else {
+        u16::from_be(unsafe { (*skb).protocol } as u16)
     };
-    match res {
-        Ok(()) => {}
+    if proto == ETH_P_IP {
+        classify_family::<L3, V4>(ctx);
+    } else if proto == ETH_P_IPV6 {
+        classify_family::<L3, V6>(ctx);
+    } else {
+        count(GS_PASS);
+    }
+}
+
+#[inline(always)]
+fn classify_family<const L3: usize, F: Family>(ctx: &TcContext) {
+    match parse_pulled::<L3, F>(ctx) {
+        Ok(pkt) => classify_flow::<L3, F>(ctx, &pkt),
         Err(Skip::NotOurs | Skip::Nonlinear) => count(GS_PASS),
         Err(Skip::Fragment) => count(GS_FRAGMENTS),
         Err(Skip::Malformed) => count(GS_MALFORMED),

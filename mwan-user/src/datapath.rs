@@ -35,6 +35,11 @@ pub use migrate::{pinned_geometry, Geometry};
 /// The datapath object, built from `mwan-ebpf` by build.rs.
 static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
 
+/// The embedded datapath object (for measurements that load it alone).
+pub fn object() -> &'static [u8] {
+    EBPF_OBJ
+}
+
 /// The two tc priorities mwan alternates between when it replaces its filter.
 pub const TC_PRIORITIES: [u16; 2] = [0x6d00, 0x6d01];
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
