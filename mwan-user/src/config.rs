@@ -1812,6 +1812,7 @@ gateway = "auto"
         let c = Config::parse(MIN).unwrap();
         assert_eq!(c.lan_interfaces, vec!["lan0"]);
         assert_eq!(c.sticky, Sticky::Connection);
+        assert_eq!(c.sticky_key, StickyKey::Mac);
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
         assert_eq!(c.wans.len(), 2);
@@ -2104,6 +2105,11 @@ gateway = "auto"
                 "sticky = \"hosts\"\nprobe_targets",
                 "line 3: sticky: unknown variant `hosts`, expected `connection` or `host`",
             ),
+            (
+                "probe_targets",
+                "sticky_key = \"ip\"\nprobe_targets",
+                "line 3: sticky_key: unknown variant `ip`, expected `mac` or `address`",
+            ),
             // Values.
             (
                 "weight = 3",
@@ -2284,7 +2290,7 @@ lan_interface = "lan0"
 balance = ["isp2"]
 
 [[rule]]
-dst = ["10.8.0.0/16", "192.0.2.77"]
+dst = ["10.8.0.0/16", "192.0.2.77", "2001:db8:ff::/48", "2001:db8::1"]
 main = true
 "#
         );
@@ -2306,6 +2312,8 @@ main = true
         assert_eq!(c.rules[2].name, "rule2");
         assert_eq!(c.rules[3].action, Action::Main);
         assert_eq!(c.rules[3].dst[1].to_string(), "192.0.2.77/32");
+        assert_eq!(c.rules[3].dst[2].to_string(), "2001:db8:ff::/48");
+        assert_eq!(c.rules[3].dst[3].to_string(), "2001:db8::1/128");
     }
 
     #[test]
@@ -2329,6 +2337,19 @@ main = true
         assert_eq!(
             rule("dst = [\"192.0.2.1/24\"]\nwans = [\"isp1\"]").key,
             "rule[0].dst"
+        );
+        let e = rule("src = [\"2001:db8::1/48\"]\nwans = [\"isp1\"]");
+        assert_eq!(e.key, "rule[0].src");
+        assert!(
+            e.reason.contains("did you mean `2001:db8::/48`"),
+            "{}",
+            e.reason
+        );
+        let e = rule("dst = [\"2001:db8::g\"]\nwans = [\"isp1\"]");
+        assert!(
+            e.reason.contains("is not an IP address or CIDR"),
+            "{}",
+            e.reason
         );
         assert_eq!(
             rule("proto = \"sctp\"\nwans = [\"isp1\"]").key,

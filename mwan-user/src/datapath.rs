@@ -532,8 +532,8 @@ pub struct Datapath {
     pub maps: Maps,
     /// True when the maps were already pinned (a restart: flows inherited).
     pub inherited: bool,
-    /// The number of flows the flow maps of both families hold at most
-    /// (the sum of their max_entries).
+    /// The number of flows the flow map of each family holds at most
+    /// (`FLOWS`'s max_entries; `FLOWS6` has the same).
     pub flow_capacity: u32,
     /// Maps replaced at this start (another size): their old maps stay
     /// until the new program has replaced the old filter.
@@ -571,13 +571,9 @@ impl Datapath {
                 return Err(e);
             }
         };
-        // Both families' flow maps: what `mwan status` counts against it.
-        let mut flow_capacity = 0;
-        for name in [MAP_FLOWS, MAP_FLOWS6] {
-            flow_capacity += pinned_geometry(&pin_dir.join(name))?
-                .map(|g| g.max_entries)
-                .unwrap_or(max_flows);
-        }
+        let flow_capacity = pinned_geometry(&pin_dir.join(MAP_FLOWS))?
+            .map(|g| g.max_entries)
+            .unwrap_or(max_flows);
         Ok(Datapath {
             ebpf,
             maps,

@@ -675,4 +675,51 @@ wans = ["isp1"]
         // Other dimensions are not affected by domains.
         assert!(r.src.iter().all(|(_, m)| *m == 0b111));
     }
+
+    #[test]
+    fn a_rule_with_prefixes_of_one_family_matches_only_that_family() {
+        let c = config_with_rules(
+            r#"
+[[rule]]
+name = "v4-dst"
+dst = ["198.51.100.0/24"]
+wans = ["isp2"]
+[[rule]]
+name = "v6-dst"
+dst = ["2001:db8:ff::/48"]
+wans = ["isp2"]
+[[rule]]
+name = "both-src"
+src = ["192.0.2.0/24", "2001:db8:1::/64"]
+wans = ["isp2"]
+[[rule]]
+name = "ping"
+proto = "icmp"
+wans = ["isp1"]
+"#,
+        );
+        let r = compile_rules(&c.rules, &positions(&c.rules));
+        let map = |v: Vec<(String, u64)>| v.into_iter().collect::<BTreeMap<String, u64>>();
+        let dst4 = map(r.dst.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let dst6 = map(r.dst6.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let src4 = map(r.src.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let src6 = map(r.src6.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        // Rules 2 and 3 have no dst: everywhere in both families; rule 0
+        // only under its IPv4 prefix, rule 1 only under its IPv6 one.
+        assert_eq!(dst4["0.0.0.0/0"], 0b1100);
+        assert_eq!(dst4["198.51.100.0/24"], 0b1101);
+        assert_eq!(dst4.len(), 2);
+        assert_eq!(dst6["::/0"], 0b1100);
+        assert_eq!(dst6["2001:db8:ff::/48"], 0b1110);
+        assert_eq!(dst6.len(), 2);
+        // Rule 2's sources in both families; the others anywhere.
+        assert_eq!(src4["0.0.0.0/0"], 0b1011);
+        assert_eq!(src4["192.0.2.0/24"], 0b1111);
+        assert_eq!(src6["::/0"], 0b1011);
+        assert_eq!(src6["2001:db8:1::/64"], 0b1111);
+        // `icmp` is ICMP and ICMPv6.
+        assert_eq!(r.proto[1] & 0b1000, 0b1000);
+        assert_eq!(r.proto[PROTO_ICMPV6 as usize] & 0b1000, 0b1000);
+        assert_eq!(r.proto[6] & 0b1000, 0);
+    }
 }
