@@ -36,6 +36,20 @@ wans = ["isp3"]
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 2];
 
+/// Host A (`MAC_A`, IPv4 `HOST`) pinned to isp1 while isp2 is unknown in
+/// both families.
+fn host_a_pinned_to_isp1() -> Vec<Step> {
+    vec![
+        health(&[("isp2", Unknown)]),
+        health6(&[("isp2", Unknown)]),
+        send_from(
+            MAC_A,
+            Pkt::tcp(HOST, 40000, SERVER, 443, SYN),
+            Expect::pin("isp1").host(HostPin::Set(W::Named("isp1"))),
+        ),
+    ]
+}
+
 pub fn fixtures6() -> Vec<Fixture> {
     let plain = config("", TIERED, "");
     let syn = Pkt6::tcp(HOST6, 40000, SERVER6, 443, SYN);
@@ -288,16 +302,10 @@ pub fn fixtures6() -> Vec<Fixture> {
         Fixture {
             name: "sticky hosts by MAC: one pin for a host's IPv4 and two IPv6 addresses",
             config: config("sticky = \"host\"", LOPSIDED, ""),
-            steps: vec![
-                health(&[("isp2", Unknown)]),
-                health6(&[("isp2", Unknown)]),
-                send_from(
-                    MAC_A,
-                    Pkt::tcp(HOST, 40000, SERVER, 443, SYN),
-                    Expect::pin("isp1").host(HostPin::Set(isp1)),
-                ),
-                health(&[("isp2", Good)]),
-                health6(&[("isp2", Good)]),
+            steps: [
+                host_a_pinned_to_isp1(),
+                vec![health(&[("isp2", Good)]), health6(&[("isp2", Good)])],
+                vec![
                 // isp2 holds 1023 of 1024 slots in both families, yet
                 // every address of the host stays on isp1.
                 send_from(MAC_A, syn.clone(), Expect::pin("isp1").also(GS_HOST_HITS)),
@@ -326,19 +334,16 @@ pub fn fixtures6() -> Vec<Fixture> {
                         counters: vec![(GS_NEW_FLOWS, 1)],
                     },
                 ),
-            ],
+                ],
+            ]
+            .concat(),
         },
         Fixture {
             name: "sticky hosts: a WAN down in one family only keeps the host's pin for the other",
             config: config("sticky = \"host\"", LOPSIDED, ""),
-            steps: vec![
-                health(&[("isp2", Unknown)]),
-                health6(&[("isp2", Unknown)]),
-                send_from(
-                    MAC_A,
-                    Pkt::tcp(HOST, 40000, SERVER, 443, SYN),
-                    Expect::pin("isp1").host(HostPin::Set(isp1)),
-                ),
+            steps: [
+                host_a_pinned_to_isp1(),
+                vec![
                 health(&[("isp2", Good)]),
                 // isp1's IPv6 breaks: the host's IPv6 goes to isp2 without
                 // moving its pin...
@@ -357,7 +362,9 @@ pub fn fixtures6() -> Vec<Fixture> {
                     Pkt::tcp(HOST, 40002, SERVER, 443, SYN),
                     Expect::pin("isp2").host(HostPin::Set(isp2)),
                 ),
-            ],
+                ],
+            ]
+            .concat(),
         },
         Fixture {
             name: "sticky_key = \"address\": a host is its IPv4 address or its IPv6 /64",
