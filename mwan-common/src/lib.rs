@@ -4,8 +4,10 @@
 //! map whose name is given by the `MAP_*` constants. Userspace writes the
 //! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`)
 //! and the layout marker (`ABI`);
-//! the datapath writes the state maps (`FLOWS`, `HOSTS`, `WAN_STATS`,
-//! `GLOBAL_STATS`).
+//! the datapath writes the state maps (`FLOWS`, `HOST_PINS`, `WAN_STATS`,
+//! `GLOBAL_STATS`). IPv6 has its own flow, WAN, policy, address-rule and
+//! bypass maps (`*6`); the port, protocol, interface and action rule maps,
+//! `SETTINGS`, the counters and the host pins serve both families.
 //!
 //! Addresses and ports in keys are stored exactly as they appear in the packet
 //! (network byte order); use [`FlowKey::src`] and friends to read them.
@@ -41,11 +43,22 @@ pub const DEFAULT_POLICY: u32 = 0;
 /// exact weight share.
 pub const SLOTS: usize = 1024;
 
+/// IPv6 extension headers (hop-by-hop, routing, destination options,
+/// fragment) the classifier walks before the L4 header; a packet with more
+/// is not mwan's business.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
 /// `ABI`: an array of one `u32`, [`ABI_VERSION`] of the maps pinned beside
 /// it. Its own layout never changes, so any daemon can read it.
 pub const MAP_ABI: &str = "ABI";
 pub const MAP_FLOWS: &str = "FLOWS";
+/// The pre-IPv6 per-host pins (IPv4 address → [`HostValue`]). No longer in
+/// the object: a daemon that inherits it copies its entries into
+/// [`MAP_HOST_PINS`] as address keys and removes the pin.
 pub const MAP_HOSTS: &str = "HOSTS";
+/// Per-host pins (`sticky = "host"`): [`HostKey`] → [`HostValue`], one
+/// entry per host for both families.
+pub const MAP_HOST_PINS: &str = "HOST_PINS";
 pub const MAP_WANS: &str = "WANS";
 pub const MAP_WAN_NAMES: &str = "WAN_NAMES";
 pub const MAP_POLICIES: &str = "POLICIES";
@@ -66,6 +79,18 @@ pub const MAP_BYPASS: &str = "BYPASS";
 /// Written and expired by userspace only; read by the classifier on a
 /// flow-map miss, ORed with `RULE_DST`'s mask.
 pub const MAP_DOMAIN_DST: &str = "DOMAIN_DST";
+/// IPv6 counterparts of the maps above: the same values, IPv6 keys
+/// ([`FlowKey6`], `[u8; 16]` addresses). `WANS6[id].alive` says whether
+/// the WAN's IPv6 is usable (its `mark` is the WAN's one mark);
+/// `POLICIES6` has the ids of `POLICIES`, its slots filled from the
+/// IPv6-eligible WANs. `DOMAIN_DST6` holds [`DOMAIN_DST_CAPACITY`] entries.
+pub const MAP_FLOWS6: &str = "FLOWS6";
+pub const MAP_WANS6: &str = "WANS6";
+pub const MAP_POLICIES6: &str = "POLICIES6";
+pub const MAP_RULE_SRC6: &str = "RULE_SRC6";
+pub const MAP_RULE_DST6: &str = "RULE_DST6";
+pub const MAP_BYPASS6: &str = "BYPASS6";
+pub const MAP_DOMAIN_DST6: &str = "DOMAIN_DST6";
 /// Capacity of `DOMAIN_DST`: learned addresses at once. A plain hash, not
 /// an LRU: an entry must stay exactly as long as its TTL (userspace deletes
 /// it), never be evicted by the kernel while a client still connects to
@@ -83,6 +108,7 @@ pub const PROG_LAN_L3: &str = "mwan_lan_l3";
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// The key of a pinned flow: the 5-tuple as seen on the LAN interface.
 /// For ICMP echo the identifier is stored as `sport` and `dport` is 0; for
@@ -139,8 +165,61 @@ pub struct FlowValue {
     pub _pad: [u8; 5],
 }
 
-/// Per-client-host pin (`sticky = "host"`). Key: the host's address (u32,
-/// network byte order).
+/// The key of a pinned IPv6 flow, as [`FlowKey`] (ICMPv6 echo requests
+/// keyed by identifier as `sport`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    /// Source address, as in the packet.
+    pub saddr: [u8; 16],
+    /// Destination address, as in the packet.
+    pub daddr: [u8; 16],
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey6 {
+    pub fn src_port(&self) -> u16 {
+        u16::from_be(self.sport)
+    }
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be(self.dport)
+    }
+}
+
+/// [`HostKey::kind`]: the host's source MAC address (`bytes[..6]`), on an
+/// Ethernet LAN with `sticky_key = "mac"`.
+pub const HOST_KEY_MAC: u8 = 1;
+/// The host's IPv4 address (`bytes[..4]`).
+pub const HOST_KEY_IPV4: u8 = 2;
+/// The host's IPv6 /64 (`bytes[..8]`, the rest zero).
+pub const HOST_KEY_IPV6: u8 = 3;
+
+/// The identity of a LAN host for `sticky = "host"`: its MAC address, or
+/// (L3 LANs, `sticky_key = "address"`) its IPv4 address or IPv6 /64.
+/// Unused bytes are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub bytes: [u8; 16],
+}
+
+/// `Settings::sticky_host`: off.
+pub const STICKY_OFF: u32 = 0;
+/// Hosts by address (IPv4 address, IPv6 /64). Also what daemons before
+/// IPv6 wrote for `sticky = "host"`.
+pub const STICKY_ADDRESS: u32 = 1;
+/// Hosts by source MAC on Ethernet LANs (by address on L3 LANs).
+pub const STICKY_MAC: u32 = 2;
+
+/// Per-client-host pin (`sticky = "host"`), the value of `HOST_PINS` (and
+/// of the older `HOSTS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostValue {
@@ -202,7 +281,8 @@ pub struct Settings {
     pub abi_version: u32,
     /// The bits of `skb->mark` that mwan owns.
     pub mark_mask: u32,
-    /// Non-zero for `sticky = "host"`.
+    /// [`STICKY_OFF`], [`STICKY_ADDRESS`] or [`STICKY_MAC`] (`sticky` and
+    /// `sticky_key`).
     pub sticky_host: u32,
     /// Number of policy rules; 0 skips rule matching entirely.
     pub rule_count: u32,
@@ -244,21 +324,25 @@ pub const GS_MIDSTREAM: u32 = 4;
 pub const GS_NO_WAN: u32 = 5;
 /// Failed map inserts.
 pub const GS_INSERT_ERRORS: u32 = 6;
-/// Packets that are not mwan's business, left untouched: not IPv4 (IPv6,
-/// ARP, VLAN-tagged frames on the parent interface), ICMP other than echo
-/// requests, and packets whose headers could not be pulled into the linear
-/// area.
+/// Packets that are not mwan's business, left untouched: not IP (ARP,
+/// VLAN-tagged frames on the parent interface), ICMP and ICMPv6 other than
+/// echo requests (Neighbour Discovery, MLD, errors), IPv6 packets whose
+/// next header is not TCP, UDP or ICMPv6 after at most
+/// `MAX_IPV6_EXT_HEADERS` extension headers (ESP, AH, no next header,
+/// unknown ones), and packets whose headers could not be pulled into the
+/// linear area.
 pub const GS_PASS: u32 = 7;
 /// Packets that already carried an mwan mark (restored from conntrack for
 /// a reply of an inbound connection, where br_netfilter runs nftables
 /// before tc ingress): left as they are.
 pub const GS_PREMARKED: u32 = 8;
-/// IPv4 frames the kernel drops later (version not 4, header length under
-/// 20, total length shorter than the header or longer than the frame, an L4
-/// header cut short): no pin, no mark.
+/// IP frames the kernel drops later (IPv4: version not 4, header length
+/// under 20, total length shorter than the header or longer than the frame;
+/// IPv6: version not 6, payload length beyond the frame, an extension
+/// header cut short; either: an L4 header cut short): no pin, no mark.
 pub const GS_MALFORMED: u32 = 9;
-/// Non-first IPv4 fragments: no pin, no mark (conntrack reassembles them
-/// with the first fragment, which is classified).
+/// Non-first IPv4 and IPv6 fragments: no pin, no mark (conntrack
+/// reassembles them with the first fragment, which is classified).
 pub const GS_FRAGMENTS: u32 = 10;
 pub const GS_COUNT: u32 = 11;
 
@@ -303,6 +387,19 @@ const _: () = {
     assert!(offset_of!(FlowValue, moved_from) == 34);
     assert!(offset_of!(FlowValue, _pad) == 35);
 
+    assert!(size_of::<FlowKey6>() == 40);
+    assert!(offset_of!(FlowKey6, saddr) == 0);
+    assert!(offset_of!(FlowKey6, daddr) == 16);
+    assert!(offset_of!(FlowKey6, sport) == 32);
+    assert!(offset_of!(FlowKey6, dport) == 34);
+    assert!(offset_of!(FlowKey6, proto) == 36);
+    assert!(offset_of!(FlowKey6, _pad) == 37);
+
+    assert!(size_of::<HostKey>() == 20);
+    assert!(offset_of!(HostKey, kind) == 0);
+    assert!(offset_of!(HostKey, _pad) == 1);
+    assert!(offset_of!(HostKey, bytes) == 4);
+
     assert!(size_of::<HostValue>() == 16);
     assert!(offset_of!(HostValue, last_seen_ns) == 0);
     assert!(offset_of!(HostValue, wan) == 8);
@@ -341,6 +438,8 @@ const _: () = {
 mod pod {
     use super::*;
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for HostKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for HostValue {}
     unsafe impl aya::Pod for WanEntry {}

@@ -1,7 +1,13 @@
 //! mwan datapath: a tc classifier on each LAN-facing interface (ingress, so
-//! before the routing decision) that pins every new IPv4 flow to one WAN and
-//! sets `skb->mark` to that WAN's mark; fwmark rules installed by userspace
-//! send each mark to the WAN's routing table.
+//! before the routing decision) that pins every new IPv4 and IPv6 flow to
+//! one WAN and sets `skb->mark` to that WAN's mark; fwmark rules installed
+//! by userspace send each mark to the WAN's routing table (of the packet's
+//! family).
+//!
+//! The two families share the classification logic ([`classify_flow`],
+//! generic over [`Family`]); each has its own flow, WAN, policy, address
+//! rule, bypass and learned-destination maps. Host pins (`HOST_PINS`)
+//! serve both families.
 //!
 //! Per packet: parse, look the flow up in the LRU flow map, and on a hit whose
 //! WAN is still alive, count and mark. Everything else (rule matching, the
@@ -23,18 +29,24 @@ use mwan_common::*;
 /// maps are created, read by the next daemon before it takes them over).
 #[map(name = "ABI")]
 static ABI: Array<u32> = Array::pinned(1, 0);
-// Sizes of FLOWS and HOSTS are set by the loader from the config; the values
-// here are the defaults.
+// Sizes of FLOWS, FLOWS6 and HOST_PINS are set by the loader from the
+// config; the values here are the defaults.
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(262_144, 0);
-#[map(name = "HOSTS")]
-static HOSTS: LruHashMap<u32, HostValue> = LruHashMap::pinned(65_536, 0);
+#[map(name = "FLOWS6")]
+static FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::pinned(262_144, 0);
+#[map(name = "HOST_PINS")]
+static HOST_PINS: LruHashMap<HostKey, HostValue> = LruHashMap::pinned(65_536, 0);
 #[map(name = "WANS")]
 static WANS: Array<WanEntry> = Array::pinned(MAX_WANS, 0);
+#[map(name = "WANS6")]
+static WANS6: Array<WanEntry> = Array::pinned(MAX_WANS, 0);
 #[map(name = "WAN_NAMES")]
 static WAN_NAMES: Array<WanName> = Array::pinned(MAX_WANS, 0);
 #[map(name = "POLICIES")]
 static POLICIES: Array<Policy> = Array::pinned(MAX_POLICIES, 0);
+#[map(name = "POLICIES6")]
+static POLICIES6: Array<Policy> = Array::pinned(MAX_POLICIES, 0);
 #[map(name = "SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map(name = "WAN_STATS")]
@@ -45,6 +57,10 @@ static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(GS_COUNT, 0);
 static RULE_SRC: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(4096, 0);
 #[map(name = "RULE_DST")]
 static RULE_DST: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(4096, 0);
+#[map(name = "RULE_SRC6")]
+static RULE_SRC6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(4096, 0);
+#[map(name = "RULE_DST6")]
+static RULE_DST6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(4096, 0);
 #[map(name = "RULE_SPORT")]
 static RULE_SPORT: Array<u64> = Array::pinned(65_536, 0);
 #[map(name = "RULE_DPORT")]
@@ -57,20 +73,37 @@ static RULE_IFACE: HashMap<u32, u64> = HashMap::pinned(256, 0);
 static RULE_ACTION: Array<u32> = Array::pinned(MAX_RULES, 0);
 #[map(name = "BYPASS")]
 static BYPASS: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(4096, 0);
+#[map(name = "BYPASS6")]
+static BYPASS6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(4096, 0);
 #[map(name = "DOMAIN_DST")]
 static DOMAIN_DST: HashMap<u32, u64> = HashMap::pinned(DOMAIN_DST_CAPACITY, 0);
+#[map(name = "DOMAIN_DST6")]
+static DOMAIN_DST6: HashMap<[u8; 16], u64> = HashMap::pinned(DOMAIN_DST_CAPACITY, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO: u8 = 8;
+const ICMPV6_ECHO: u8 = 128;
 /// Minimum header lengths: a shorter L4 header makes the packet malformed.
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
 /// The longest IPv4 header (IHL 15).
 const MAX_IP_HLEN: usize = 60;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers the walk steps over.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// The L4 header of an IPv6 packet must start within this many bytes of
+/// the IPv6 header (its 40 bytes and the extension headers): beyond it the
+/// packet is not mwan's business. It bounds the walk's offsets for the
+/// verifier and what a pull copies.
+const MAX_IPV6_HDRS: usize = 512;
 /// Refresh a host pin's activity time at most this often.
 const HOST_REFRESH_NS: u64 = 1_000_000_000;
 /// A non-TCP flow idle this long has lost its conntrack entry (and NAT
@@ -104,29 +137,29 @@ fn count(idx: u32) {
     }
 }
 
-struct Packet {
-    key: FlowKey,
+struct Packet<K> {
+    key: K,
     tcp_flags: u8,
     ifindex: u32,
     len: u32,
 }
 
-/// What [`parse`] makes of a packet.
-enum Parsed {
-    /// A packet of an IPv4 flow: classified.
-    Flow(Packet),
-    /// Not mwan's business, left as it is: another ethertype (IPv6, ARP), a
-    /// VLAN-tagged frame on the parent interface (it belongs to the VLAN
-    /// interface, where mwan sees it untagged if that is a LAN), ICMP other
-    /// than an echo request (errors follow the connection they belong to).
+/// Why [`parse4`] or [`parse6`] yields no flow.
+enum Skip {
+    /// Not mwan's business, left as it is: ICMP or
+    /// ICMPv6 other than an echo request (errors follow the connection they
+    /// belong to; Neighbour Discovery and MLD are the link's own), an IPv6
+    /// next header other than TCP, UDP and ICMPv6 (ESP, AH, no next header,
+    /// unknown, more than `MAX_IPV6_EXT_HEADERS` extension headers).
     NotOurs,
-    /// A non-first IPv4 fragment: it has no L4 header, so it cannot name its
+    /// A non-first fragment: it has no L4 header, so it cannot name its
     /// flow. Conntrack's defragmentation in prerouting reassembles it with
     /// the first fragment, whose mark the datagram then carries.
     Fragment,
     /// A frame the kernel drops later (IPv4 version not 4, header shorter
     /// than 20 bytes, total length shorter than the header or longer than the
-    /// frame, an L4 header cut short): it must not create a pin.
+    /// frame; IPv6 version not 6, payload beyond the frame, an extension
+    /// header cut short; an L4 header cut short): it must not create a pin.
     Malformed,
     /// The headers are in the packet but not all in its linear area.
     Nonlinear,
@@ -166,40 +199,83 @@ fn raw16(b: &[u8], i: usize) -> u16 {
 /// `Nonlinear` when the packet holds `need` bytes beyond its linear area,
 /// `Malformed` when it is shorter than that.
 #[inline(always)]
-fn short(ctx: &TcContext, need: usize) -> Parsed {
+fn short(ctx: &TcContext, need: usize) -> Skip {
     if (ctx.len() as usize) < need {
-        Parsed::Malformed
+        Skip::Malformed
     } else {
-        Parsed::Nonlinear
+        Skip::Nonlinear
     }
+}
+
+/// The L4 fields a flow key takes: ports (or the echo identifier as
+/// `sport`) and the TCP flags.
+struct L4 {
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+}
+
+/// Reads the L4 header at `l4` of a datagram ending at `end` (which lies
+/// within the frame: a failed read then means paged data, not a short
+/// packet). `icmp` is the family's ICMP protocol and `echo` its echo
+/// request type; `others` says whether other protocols are flows without
+/// ports (IPv4) or not mwan's business (IPv6).
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    proto: u8,
+    l4: usize,
+    end: usize,
+    icmp: u8,
+    echo: u8,
+    others: bool,
+) -> Result<L4, Skip> {
+    let mut r = L4 {
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    if proto == PROTO_TCP {
+        if l4 + TCP_HLEN > end {
+            return Err(Skip::Malformed);
+        }
+        let h = bytes_at::<14>(ctx, l4).ok_or(Skip::Nonlinear)?;
+        r.sport = raw16(&h, 0);
+        r.dport = raw16(&h, 2);
+        r.tcp_flags = h[13];
+    } else if proto == PROTO_UDP {
+        if l4 + UDP_HLEN > end {
+            return Err(Skip::Malformed);
+        }
+        let h = bytes_at::<4>(ctx, l4).ok_or(Skip::Nonlinear)?;
+        r.sport = raw16(&h, 0);
+        r.dport = raw16(&h, 2);
+    } else if proto == icmp {
+        if l4 + ICMP_HLEN > end {
+            return Err(Skip::Malformed);
+        }
+        // Echo requests are flows keyed by their identifier; errors and
+        // other ICMP follow the main table.
+        let h = bytes_at::<6>(ctx, l4).ok_or(Skip::Nonlinear)?;
+        if h[0] != echo {
+            return Err(Skip::NotOurs);
+        }
+        r.sport = raw16(&h, 4);
+    } else if !others {
+        return Err(Skip::NotOurs);
+    }
+    Ok(r)
 }
 
 /// Reads the headers of a packet whose IPv4 header starts at `L3` (14 after
 /// an Ethernet header, 0 on a point-to-point LAN). The checks a normal
-/// packet passes are compares on header bytes already read (and the skb's
-/// VLAN flag): a few instructions, no helper call, no pull.
+/// packet passes are compares on header bytes already read: a few
+/// instructions, no helper call, no pull.
 #[inline(always)]
-fn parse<const L3: usize>(ctx: &TcContext) -> Parsed {
-    let skb = ctx.skb.skb;
-    if L3 == ETH_HLEN {
-        // tc ingress sees a VLAN tag already moved from the frame into the
-        // skb; the frame is then delivered to the VLAN interface.
-        if unsafe { (*skb).vlan_present } != 0 {
-            return Parsed::NotOurs;
-        }
-        let eth = match bytes_at::<ETH_HLEN>(ctx, 0) {
-            Some(b) => b,
-            None => return short(ctx, ETH_HLEN),
-        };
-        if be16(&eth, 12) != ETH_P_IP {
-            return Parsed::NotOurs;
-        }
-    } else if u16::from_be(unsafe { (*skb).protocol } as u16) != ETH_P_IP {
-        return Parsed::NotOurs;
-    }
+fn parse4<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey>, Skip> {
     let ip = match bytes_at::<20>(ctx, L3) {
         Some(b) => b,
-        None => return short(ctx, L3 + 20),
+        None => return Err(short(ctx, L3 + 20)),
     };
     let len = ctx.len() as usize;
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
@@ -210,104 +286,366 @@ fn parse<const L3: usize>(ctx: &TcContext) -> Parsed {
         tot_len = len - L3;
     }
     if ip[0] >> 4 != 4 || ihl < 20 || tot_len < ihl || L3 + tot_len > len {
-        return Parsed::Malformed;
+        return Err(Skip::Malformed);
     }
     // Only the first fragment carries the L4 header.
     if be16(&ip, 6) & 0x1fff != 0 {
-        return Parsed::Fragment;
+        return Err(Skip::Fragment);
     }
     let proto = ip[9];
-    let mut key = FlowKey {
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-        sport: 0,
-        dport: 0,
+    let l4 = parse_l4(
+        ctx,
         proto,
-        _pad: [0; 3],
-    };
-    let mut tcp_flags = 0;
-    let l4 = L3 + ihl;
-    // The L4 header must lie within the datagram (which lies within the
-    // frame): a failed read below then means paged data, not a short packet.
-    let end = L3 + tot_len;
-    match proto {
-        PROTO_TCP => {
-            if l4 + TCP_HLEN > end {
-                return Parsed::Malformed;
-            }
-            let h = match bytes_at::<14>(ctx, l4) {
-                Some(h) => h,
-                None => return Parsed::Nonlinear,
-            };
-            key.sport = raw16(&h, 0);
-            key.dport = raw16(&h, 2);
-            tcp_flags = h[13];
-        }
-        PROTO_UDP => {
-            if l4 + UDP_HLEN > end {
-                return Parsed::Malformed;
-            }
-            let h = match bytes_at::<4>(ctx, l4) {
-                Some(h) => h,
-                None => return Parsed::Nonlinear,
-            };
-            key.sport = raw16(&h, 0);
-            key.dport = raw16(&h, 2);
-        }
-        PROTO_ICMP => {
-            if l4 + ICMP_HLEN > end {
-                return Parsed::Malformed;
-            }
-            // Echo requests are flows keyed by their identifier; errors
-            // and other ICMP follow the main table.
-            let h = match bytes_at::<6>(ctx, l4) {
-                Some(h) => h,
-                None => return Parsed::Nonlinear,
-            };
-            if h[0] != ICMP_ECHO {
-                return Parsed::NotOurs;
-            }
-            key.sport = raw16(&h, 4);
-        }
-        _ => {}
-    }
-    Parsed::Flow(Packet {
-        key,
-        tcp_flags,
-        ifindex: unsafe { (*skb).ifindex },
+        L3 + ihl,
+        L3 + tot_len,
+        PROTO_ICMP,
+        ICMP_ECHO,
+        true,
+    )?;
+    Ok(Packet {
+        key: FlowKey {
+            saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+            sport: l4.sport,
+            dport: l4.dport,
+            proto,
+            _pad: [0; 3],
+        },
+        tcp_flags: l4.tcp_flags,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
         len: len as u32,
     })
 }
 
+/// Reads the headers of a packet whose IPv6 header starts at `L3`: the
+/// fixed header, then at most `MAX_IPV6_EXT_HEADERS` extension headers
+/// (hop-by-hop, routing, destination options, fragment), then TCP, UDP or
+/// an ICMPv6 echo request.
+#[inline(always)]
+fn parse6<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey6>, Skip> {
+    let ip = match bytes_at::<IPV6_HLEN>(ctx, L3) {
+        Some(b) => b,
+        None => return Err(short(ctx, L3 + IPV6_HLEN)),
+    };
+    let len = ctx.len() as usize;
+    let mut end = L3 + IPV6_HLEN + be16(&ip, 4) as usize;
+    if end == L3 + IPV6_HLEN && len > L3 + IPV6_HLEN + 0xffff {
+        // IPv6 BIG TCP: a GRO packet beyond 64 KiB has payload length 0
+        // and spans the rest of the skb.
+        end = len;
+    }
+    if ip[0] >> 4 != 6 || end > len {
+        return Err(Skip::Malformed);
+    }
+    let mut next = ip[6];
+    let mut off = L3 + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let ext = next == NEXTHDR_HOP
+            || next == NEXTHDR_ROUTING
+            || next == NEXTHDR_DEST
+            || next == NEXTHDR_FRAGMENT;
+        if !ext {
+            break;
+        }
+        // Every extension header is at least 8 bytes; its first two are
+        // the next header and (but for the fragment header) the length in
+        // 8-byte units beyond the first 8.
+        if off + 8 > end {
+            return Err(Skip::Malformed);
+        }
+        if off > L3 + MAX_IPV6_HDRS {
+            return Err(Skip::NotOurs);
+        }
+        let h = bytes_at::<4>(ctx, off).ok_or(Skip::Nonlinear)?;
+        if next == NEXTHDR_FRAGMENT {
+            // Only the first fragment (offset 0) carries the L4 header.
+            if be16(&h, 2) & 0xfff8 != 0 {
+                return Err(Skip::Fragment);
+            }
+            off += 8;
+        } else {
+            off += (h[1] as usize + 1) * 8;
+        }
+        next = h[0];
+    }
+    if off > L3 + MAX_IPV6_HDRS {
+        return Err(Skip::NotOurs);
+    }
+    let l4 = parse_l4(ctx, next, off, end, PROTO_ICMPV6, ICMPV6_ECHO, false)?;
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    saddr.copy_from_slice(&ip[8..24]);
+    daddr.copy_from_slice(&ip[24..40]);
+    Ok(Packet {
+        key: FlowKey6 {
+            saddr,
+            daddr,
+            sport: l4.sport,
+            dport: l4.dport,
+            proto: next,
+            _pad: [0; 3],
+        },
+        tcp_flags: l4.tcp_flags,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        len: len as u32,
+    })
+}
+
+/// Dispatches on the packet's L3 protocol (ethertype): from the Ethernet
+/// header at `L3 == ETH_HLEN`, from `skb->protocol` on a point-to-point
+/// LAN.
 #[inline(always)]
 fn classify<const L3: usize>(ctx: &TcContext) {
-    let mut parsed = parse::<L3>(ctx);
-    if let Parsed::Nonlinear = parsed {
-        // The headers are in the packet but partly in paged data: pull them
-        // into the linear area (which may copy a cloned skb) once and parse
-        // again. Only such packets pay for it.
-        let want = (L3 + MAX_IP_HLEN + TCP_HLEN).min(ctx.len() as usize) as u32;
-        if ctx.pull_data(want).is_err() {
+    let skb = ctx.skb.skb;
+    let proto = if L3 == ETH_HLEN {
+        // tc ingress sees a VLAN tag already moved from the frame into the
+        // skb; the frame is then delivered to the VLAN interface.
+        if unsafe { (*skb).vlan_present } != 0 {
             count(GS_PASS);
             return;
         }
-        parsed = parse::<L3>(ctx);
-    }
-    let pkt = match parsed {
-        Parsed::Flow(p) => p,
-        Parsed::NotOurs | Parsed::Nonlinear => {
-            count(GS_PASS);
-            return;
+        match bytes_at::<ETH_HLEN>(ctx, 0) {
+            Some(eth) => be16(&eth, 12),
+            None => {
+                // The kernel keeps the Ethernet header linear: a frame
+                // shorter than it.
+                count(GS_MALFORMED);
+                return;
+            }
         }
-        Parsed::Fragment => {
-            count(GS_FRAGMENTS);
-            return;
-        }
-        Parsed::Malformed => {
-            count(GS_MALFORMED);
-            return;
-        }
+    } else {
+        u16::from_be(unsafe { (*skb).protocol } as u16)
     };
+    if proto == ETH_P_IP {
+        classify_family::<L3, V4>(ctx);
+    } else if proto == ETH_P_IPV6 {
+        classify_family::<L3, V6>(ctx);
+    } else {
+        count(GS_PASS);
+    }
+}
+
+#[inline(always)]
+fn classify_family<const L3: usize, F: Family>(ctx: &TcContext) {
+    match parse_pulled::<L3, F>(ctx) {
+        Ok(pkt) => classify_flow::<L3, F>(ctx, &pkt),
+        Err(Skip::NotOurs | Skip::Nonlinear) => count(GS_PASS),
+        Err(Skip::Fragment) => count(GS_FRAGMENTS),
+        Err(Skip::Malformed) => count(GS_MALFORMED),
+    }
+}
+
+/// Parses a packet of family `F`; when the headers are in the packet but
+/// partly in paged data, pulls them into the linear area (which may copy a
+/// cloned skb) once and parses again. Only such packets pay for it.
+#[inline(always)]
+fn parse_pulled<const L3: usize, F: Family>(ctx: &TcContext) -> Result<Packet<F::Key>, Skip> {
+    match F::parse::<L3>(ctx) {
+        Err(Skip::Nonlinear) => {
+            let want = (L3 + F::MAX_HDRS + TCP_HLEN).min(ctx.len() as usize) as u32;
+            if ctx.pull_data(want).is_err() {
+                return Err(Skip::Nonlinear);
+            }
+            F::parse::<L3>(ctx)
+        }
+        r => r,
+    }
+}
+
+/// What differs between IPv4 and IPv6 for classification: the key, and the
+/// maps keyed or filled per family.
+trait Family {
+    type Key: 'static;
+    /// The most the L3 headers take (what a pull copies beyond `L3`).
+    const MAX_HDRS: usize;
+    fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<Self::Key>, Skip>;
+    fn flows() -> &'static LruHashMap<Self::Key, FlowValue>;
+    fn wans() -> &'static Array<WanEntry>;
+    /// The other family's WANs (a host pin stays on a WAN alive there).
+    fn other_wans() -> &'static Array<WanEntry>;
+    fn policies() -> &'static Array<Policy>;
+    fn proto(k: &Self::Key) -> u8;
+    fn sport(k: &Self::Key) -> u16;
+    fn dport(k: &Self::Key) -> u16;
+    fn bypassed(k: &Self::Key) -> bool;
+    /// The rules whose `src` allows the source.
+    fn src_rules(k: &Self::Key) -> u64;
+    /// The rules whose `dst` allows the destination, or whose domains
+    /// resolved to it.
+    fn dst_rules(k: &Self::Key) -> u64;
+    /// The host by address: its IPv4 address or IPv6 /64.
+    fn host_by_address(k: &Self::Key) -> HostKey;
+}
+
+struct V4;
+struct V6;
+
+impl Family for V4 {
+    type Key = FlowKey;
+    const MAX_HDRS: usize = MAX_IP_HLEN;
+    #[inline(always)]
+    fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey>, Skip> {
+        parse4::<L3>(ctx)
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey, FlowValue> {
+        &FLOWS
+    }
+    #[inline(always)]
+    fn wans() -> &'static Array<WanEntry> {
+        &WANS
+    }
+    #[inline(always)]
+    fn other_wans() -> &'static Array<WanEntry> {
+        &WANS6
+    }
+    #[inline(always)]
+    fn policies() -> &'static Array<Policy> {
+        &POLICIES
+    }
+    #[inline(always)]
+    fn proto(k: &FlowKey) -> u8 {
+        k.proto
+    }
+    #[inline(always)]
+    fn sport(k: &FlowKey) -> u16 {
+        k.sport
+    }
+    #[inline(always)]
+    fn dport(k: &FlowKey) -> u16 {
+        k.dport
+    }
+    #[inline(always)]
+    fn bypassed(k: &FlowKey) -> bool {
+        BYPASS.get(Key::new(32, k.daddr.to_ne_bytes())).is_some()
+    }
+    #[inline(always)]
+    fn src_rules(k: &FlowKey) -> u64 {
+        match RULE_SRC.get(Key::new(32, k.saddr.to_ne_bytes())) {
+            Some(v) => *v,
+            None => 0,
+        }
+    }
+    #[inline(always)]
+    fn dst_rules(k: &FlowKey) -> u64 {
+        let learned = match DOMAIN_DST.get_ptr(&k.daddr) {
+            Some(v) => unsafe { *v },
+            None => 0,
+        };
+        learned
+            | match RULE_DST.get(Key::new(32, k.daddr.to_ne_bytes())) {
+                Some(v) => *v,
+                None => 0,
+            }
+    }
+    #[inline(always)]
+    fn host_by_address(k: &FlowKey) -> HostKey {
+        let mut h = HostKey {
+            kind: HOST_KEY_IPV4,
+            _pad: [0; 3],
+            bytes: [0; 16],
+        };
+        h.bytes[..4].copy_from_slice(&k.saddr.to_ne_bytes());
+        h
+    }
+}
+
+impl Family for V6 {
+    type Key = FlowKey6;
+    const MAX_HDRS: usize = MAX_IPV6_HDRS;
+    #[inline(always)]
+    fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey6>, Skip> {
+        parse6::<L3>(ctx)
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey6, FlowValue> {
+        &FLOWS6
+    }
+    #[inline(always)]
+    fn wans() -> &'static Array<WanEntry> {
+        &WANS6
+    }
+    #[inline(always)]
+    fn other_wans() -> &'static Array<WanEntry> {
+        &WANS
+    }
+    #[inline(always)]
+    fn policies() -> &'static Array<Policy> {
+        &POLICIES6
+    }
+    #[inline(always)]
+    fn proto(k: &FlowKey6) -> u8 {
+        k.proto
+    }
+    #[inline(always)]
+    fn sport(k: &FlowKey6) -> u16 {
+        k.sport
+    }
+    #[inline(always)]
+    fn dport(k: &FlowKey6) -> u16 {
+        k.dport
+    }
+    #[inline(always)]
+    fn bypassed(k: &FlowKey6) -> bool {
+        BYPASS6.get(Key::new(128, k.daddr)).is_some()
+    }
+    #[inline(always)]
+    fn src_rules(k: &FlowKey6) -> u64 {
+        match RULE_SRC6.get(Key::new(128, k.saddr)) {
+            Some(v) => *v,
+            None => 0,
+        }
+    }
+    #[inline(always)]
+    fn dst_rules(k: &FlowKey6) -> u64 {
+        let learned = match DOMAIN_DST6.get_ptr(&k.daddr) {
+            Some(v) => unsafe { *v },
+            None => 0,
+        };
+        learned
+            | match RULE_DST6.get(Key::new(128, k.daddr)) {
+                Some(v) => *v,
+                None => 0,
+            }
+    }
+    #[inline(always)]
+    fn host_by_address(k: &FlowKey6) -> HostKey {
+        let mut h = HostKey {
+            kind: HOST_KEY_IPV6,
+            _pad: [0; 3],
+            bytes: [0; 16],
+        };
+        h.bytes[..8].copy_from_slice(&k.saddr[..8]);
+        h
+    }
+}
+
+/// The host a packet comes from (`sticky = "host"`): its source MAC on an
+/// Ethernet LAN with `sticky_key = "mac"`, otherwise its address (IPv4) or
+/// /64 (IPv6). Only read when host pins are on.
+#[inline(always)]
+fn host_key<const L3: usize, F: Family>(
+    ctx: &TcContext,
+    k: &F::Key,
+    settings: &Settings,
+) -> HostKey {
+    if L3 == ETH_HLEN && settings.sticky_host == STICKY_MAC {
+        if let Some(mac) = bytes_at::<6>(ctx, 6) {
+            let mut h = HostKey {
+                kind: HOST_KEY_MAC,
+                _pad: [0; 3],
+                bytes: [0; 16],
+            };
+            h.bytes[..6].copy_from_slice(&mac);
+            return h;
+        }
+    }
+    F::host_by_address(k)
+}
+
+/// Per packet of a flow of family `F`: follow its pin, or place it.
+#[inline(always)]
+fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Key>) {
     let settings = match SETTINGS.get(0) {
         Some(s) => s,
         None => return,
@@ -321,11 +659,12 @@ fn classify<const L3: usize>(ctx: &TcContext) {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution) is enough for
     // idle times and host TTLs, and cheaper per packet.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let opening = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let proto = F::proto(&pkt.key);
+    let opening = proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-    if let Some(flow) = FLOWS.get_ptr_mut(&pkt.key) {
+    if let Some(flow) = F::flows().get_ptr_mut(&pkt.key) {
         let flow = unsafe { &mut *flow };
-        if premarked || !starts_anew(flow, pkt.key.proto == PROTO_TCP, opening, now) {
+        if premarked || !starts_anew::<F>(flow, proto == PROTO_TCP, opening, now) {
             // Plain adds: a flow's packets are normally handled by one CPU
             // (RSS), so lost updates are rare; the counters are statistics.
             flow.last_seen_ns = now;
@@ -338,9 +677,9 @@ fn classify<const L3: usize>(ctx: &TcContext) {
                 account(flow.wan, pkt.len, false);
                 return;
             }
-            if let Some(wan) = alive_wan(flow.wan) {
-                if settings.sticky_host != 0 {
-                    refresh_host(pkt.key.saddr, flow.wan, now);
+            if let Some(wan) = alive_wan(F::wans(), flow.wan) {
+                if settings.sticky_host != STICKY_OFF {
+                    refresh_host(&host_key::<L3, F>(ctx, &pkt.key, settings), flow.wan, now);
                 }
                 account(flow.wan, pkt.len, false);
                 set_mark(ctx, settings, wan.mark);
@@ -348,7 +687,7 @@ fn classify<const L3: usize>(ctx: &TcContext) {
             }
             // The WAN died: choose again with the policy that chose it.
             let old = flow.wan;
-            let new = choose(flow.policy as u32, pkt.key.saddr, settings, now);
+            let new = choose::<L3, F>(ctx, &pkt.key, flow.policy as u32, settings, now);
             if new == WAN_NONE {
                 count(GS_NO_WAN);
                 return;
@@ -358,7 +697,7 @@ fn classify<const L3: usize>(ctx: &TcContext) {
             if flow.moved_from == WAN_NONE {
                 flow.moved_from = old;
             }
-            if let Some(wan) = alive_wan(new) {
+            if let Some(wan) = alive_wan(F::wans(), new) {
                 account(new, pkt.len, true);
                 set_mark(ctx, settings, wan.mark);
             }
@@ -373,14 +712,11 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         return;
     }
     // First packet of a flow (as far as the map knows).
-    if BYPASS
-        .get(Key::new(32, pkt.key.daddr.to_ne_bytes()))
-        .is_some()
-    {
+    if F::bypassed(&pkt.key) {
         count(GS_BYPASS);
         return;
     }
-    if pkt.key.proto == PROTO_TCP && !opening {
+    if proto == PROTO_TCP && !opening {
         // Not a connection opening: a reply of a connection that came in
         // through a WAN (nftables restores its mark from conntrack) or a
         // connection older than mwan. Leave it to the routing tables.
@@ -390,14 +726,12 @@ fn classify<const L3: usize>(ctx: &TcContext) {
     let policy = if settings.rule_count == 0 {
         DEFAULT_POLICY
     } else {
-        match_rules(&pkt, settings)
+        match_rules::<F>(pkt, settings)
     };
-    let wan = choose(policy, pkt.key.saddr, settings, now);
-    if wan == WAN_NONE {
-        if !is_main_policy(policy) {
-            count(GS_NO_WAN);
-            return;
-        }
+    let wan = choose::<L3, F>(ctx, &pkt.key, policy, settings, now);
+    if wan == WAN_NONE && !is_main_policy::<F>(policy) {
+        count(GS_NO_WAN);
+        return;
     }
     let value = FlowValue {
         first_seen_ns: now,
@@ -409,14 +743,14 @@ fn classify<const L3: usize>(ctx: &TcContext) {
         moved_from: WAN_NONE,
         _pad: [0; 5],
     };
-    if FLOWS.insert(&pkt.key, &value, 0).is_err() {
+    if F::flows().insert(&pkt.key, &value, 0).is_err() {
         count(GS_INSERT_ERRORS);
     }
     count(GS_NEW_FLOWS);
     if wan == WAN_NONE {
         return;
     }
-    if let Some(entry) = WANS.get(wan as u32) {
+    if let Some(entry) = F::wans().get(wan as u32) {
         account(wan, pkt.len, true);
         set_mark(ctx, settings, entry.mark);
     }
@@ -428,30 +762,30 @@ fn classify<const L3: usize>(ctx: &TcContext) {
 /// SYN whose pinned WAN its policy no longer offers (drained, a better tier
 /// back, rules changed). A retransmitted SYN keeps its WAN otherwise.
 #[inline(always)]
-fn starts_anew(flow: &FlowValue, tcp: bool, opening: bool, now: u64) -> bool {
+fn starts_anew<F: Family>(flow: &FlowValue, tcp: bool, opening: bool, now: u64) -> bool {
     if !opening {
         return !tcp && now.wrapping_sub(flow.last_seen_ns) > STALE_NS;
     }
     if flow.wan == WAN_NONE {
         return true;
     }
-    match POLICIES.get(flow.policy as u32) {
+    match F::policies().get(flow.policy as u32) {
         Some(p) => p.kind == POLICY_MAIN || p.wan_mask & (1u64 << (flow.wan & 63)) == 0,
         None => true,
     }
 }
 
 #[inline(always)]
-fn is_main_policy(policy: u32) -> bool {
-    match POLICIES.get(policy) {
+fn is_main_policy<F: Family>(policy: u32) -> bool {
+    match F::policies().get(policy) {
         Some(p) => p.kind == POLICY_MAIN,
         None => false,
     }
 }
 
 #[inline(always)]
-fn alive_wan(id: u8) -> Option<&'static WanEntry> {
-    match WANS.get(id as u32) {
+fn alive_wan(wans: &'static Array<WanEntry>, id: u8) -> Option<&'static WanEntry> {
+    match wans.get(id as u32) {
         Some(w) if w.alive != 0 => Some(w),
         _ => None,
     }
@@ -476,8 +810,8 @@ fn account(wan: u8, len: u32, new_flow: bool) {
 }
 
 #[inline(always)]
-fn refresh_host(saddr: u32, wan: u8, now: u64) {
-    if let Some(h) = HOSTS.get_ptr_mut(&saddr) {
+fn refresh_host(host: &HostKey, wan: u8, now: u64) {
+    if let Some(h) = HOST_PINS.get_ptr_mut(host) {
         let h = unsafe { &mut *h };
         if h.wan == wan && now.wrapping_sub(h.last_seen_ns) > HOST_REFRESH_NS {
             h.last_seen_ns = now;
@@ -485,11 +819,26 @@ fn refresh_host(saddr: u32, wan: u8, now: u64) {
     }
 }
 
-/// Picks a WAN for a new flow under `policy_id`. Returns `WAN_NONE` for a
-/// main-table policy or when nothing is eligible.
+/// Picks a WAN of family `F` for a new flow under `policy_id`. Returns
+/// `WAN_NONE` for a main-table policy or when nothing is eligible.
+///
+/// Host pins (`sticky = "host"`, balance policies) serve both families: a
+/// pin's WAN is used when it is alive in this family and in this policy's
+/// slots. A fresh pin whose WAN is down in this family only (its IPv6
+/// broken, say, while its IPv4 works) stays where it is, for the host's
+/// flows of the other family; this flow is placed by the slots alone.
+/// Otherwise (expired, its WAN down in both families or no longer offered)
+/// the pin moves to the WAN chosen now.
 #[inline(always)]
-fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
-    let mut policy = match POLICIES.get(policy_id) {
+fn choose<const L3: usize, F: Family>(
+    ctx: &TcContext,
+    k: &F::Key,
+    policy_id: u32,
+    settings: &Settings,
+    now: u64,
+) -> u8 {
+    let policies = F::policies();
+    let mut policy = match policies.get(policy_id) {
         Some(p) => p,
         None => return WAN_NONE,
     };
@@ -498,27 +847,30 @@ fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
     }
     if policy.active == 0 {
         // A rule whose WANs are all out falls back to the default policy.
-        policy = match POLICIES.get(DEFAULT_POLICY) {
+        policy = match policies.get(DEFAULT_POLICY) {
             Some(p) if p.active != 0 && p.kind != POLICY_MAIN => p,
             _ => return WAN_NONE,
         };
     }
-    let sticky = settings.sticky_host != 0 && policy.kind == POLICY_BALANCE;
+    if settings.sticky_host == STICKY_OFF || policy.kind != POLICY_BALANCE {
+        return pick(policy);
+    }
+    let host = host_key::<L3, F>(ctx, k, settings);
     let mut stale_pin = false;
-    if sticky {
-        if let Some(h) = HOSTS.get_ptr_mut(&saddr) {
-            let h = unsafe { &mut *h };
-            if host_pin_usable(h, policy, settings, now) {
+    if let Some(h) = HOST_PINS.get_ptr_mut(&host) {
+        let h = unsafe { &mut *h };
+        match host_pin::<F>(h, policy, settings, now) {
+            PinUse::Use => {
                 h.last_seen_ns = now;
                 count(GS_HOST_HITS);
                 return h.wan;
             }
-            stale_pin = true;
+            PinUse::Keep => return pick(policy),
+            PinUse::Replace => stale_pin = true,
         }
     }
-    let slot = (unsafe { bpf_get_prandom_u32() } as usize) & (SLOTS - 1);
-    let wan = policy.slots[slot];
-    if sticky && wan != WAN_NONE {
+    let wan = pick(policy);
+    if wan != WAN_NONE {
         let h = HostValue {
             last_seen_ns: now,
             wan,
@@ -528,10 +880,10 @@ fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
         // (a browser opening a page): only the first creates the pin, the
         // others adopt it.
         let flags = if stale_pin { BPF_ANY } else { BPF_NOEXIST };
-        if HOSTS.insert(&saddr, &h, flags).is_err() {
-            if let Some(h) = HOSTS.get_ptr_mut(&saddr) {
+        if HOST_PINS.insert(&host, &h, flags).is_err() {
+            if let Some(h) = HOST_PINS.get_ptr_mut(&host) {
                 let h = unsafe { &*h };
-                if host_pin_usable(h, policy, settings, now) {
+                if let PinUse::Use = host_pin::<F>(h, policy, settings, now) {
                     count(GS_HOST_HITS);
                     return h.wan;
                 }
@@ -541,22 +893,50 @@ fn choose(policy_id: u32, saddr: u32, settings: &Settings, now: u64) -> u8 {
     wan
 }
 
+/// A random slot's WAN: the weighted choice.
 #[inline(always)]
-fn host_pin_usable(h: &HostValue, policy: &Policy, settings: &Settings, now: u64) -> bool {
+fn pick(policy: &Policy) -> u8 {
+    let slot = (unsafe { bpf_get_prandom_u32() } as usize) & (SLOTS - 1);
+    policy.slots[slot]
+}
+
+/// What a new flow of family `F` does with its host's pin.
+enum PinUse {
+    /// Take its WAN.
+    Use,
+    /// Leave it (its WAN is down in this family only) and choose alone.
+    Keep,
+    /// Move it to the WAN chosen now.
+    Replace,
+}
+
+#[inline(always)]
+fn host_pin<F: Family>(h: &HostValue, policy: &Policy, settings: &Settings, now: u64) -> PinUse {
     let fresh = now.wrapping_sub(h.last_seen_ns) < settings.host_ttl_ns;
-    fresh
-        && (h.wan as u32) < 64
-        && policy.wan_mask & (1u64 << h.wan) != 0
-        && alive_wan(h.wan).is_some()
+    if !fresh || h.wan as u32 >= 64 {
+        return PinUse::Replace;
+    }
+    if alive_wan(F::wans(), h.wan).is_none() {
+        return match alive_wan(F::other_wans(), h.wan) {
+            Some(_) => PinUse::Keep,
+            None => PinUse::Replace,
+        };
+    }
+    if policy.wan_mask & (1u64 << h.wan) != 0 {
+        PinUse::Use
+    } else {
+        PinUse::Replace
+    }
 }
 
 /// First-match rule evaluation with one bit per rule: each dimension yields
 /// the set of rules it allows, the lowest set bit of their intersection is
 /// the first matching rule.
 #[inline(always)]
-fn match_rules(pkt: &Packet, settings: &Settings) -> u32 {
+fn match_rules<F: Family>(pkt: &Packet<F::Key>, settings: &Settings) -> u32 {
     let k = &pkt.key;
-    let mut m = match RULE_PROTO.get(k.proto as u32) {
+    let proto = F::proto(k);
+    let mut m = match RULE_PROTO.get(proto as u32) {
         Some(v) => *v,
         None => 0,
     };
@@ -570,10 +950,7 @@ fn match_rules(pkt: &Packet, settings: &Settings) -> u32 {
     if m == 0 {
         return DEFAULT_POLICY;
     }
-    m &= match RULE_SRC.get(Key::new(32, k.saddr.to_ne_bytes())) {
-        Some(v) => *v,
-        None => 0,
-    };
+    m &= F::src_rules(k);
     if m == 0 {
         return DEFAULT_POLICY;
     }
@@ -581,24 +958,16 @@ fn match_rules(pkt: &Packet, settings: &Settings) -> u32 {
     // and no `domains`) allow the address, plus the rules by domain name
     // whose names resolved to it (learned from DNS answers). A rule with
     // both `dst` and `domains` allows the union.
-    let learned = match DOMAIN_DST.get_ptr(&k.daddr) {
-        Some(v) => unsafe { *v },
-        None => 0,
-    };
-    m &= learned
-        | match RULE_DST.get(Key::new(32, k.daddr.to_ne_bytes())) {
-            Some(v) => *v,
-            None => 0,
-        };
+    m &= F::dst_rules(k);
     if m == 0 {
         return DEFAULT_POLICY;
     }
-    if k.proto == PROTO_TCP || k.proto == PROTO_UDP {
-        m &= match RULE_SPORT.get(u16::from_be(k.sport) as u32) {
+    if proto == PROTO_TCP || proto == PROTO_UDP {
+        m &= match RULE_SPORT.get(u16::from_be(F::sport(k)) as u32) {
             Some(v) => *v,
             None => 0,
         };
-        m &= match RULE_DPORT.get(u16::from_be(k.dport) as u32) {
+        m &= match RULE_DPORT.get(u16::from_be(F::dport(k)) as u32) {
             Some(v) => *v,
             None => 0,
         };

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use mwan_common::{MAX_RULES, MAX_WANS, WAN_NAME_LEN};
@@ -210,6 +210,19 @@ pub enum Sticky {
     /// Every connection of a LAN host uses the WAN of its first connection
     /// while the host is active (see `host_ttl`).
     Host,
+}
+
+/// How `sticky = "host"` tells hosts apart (`sticky_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StickyKey {
+    /// By source MAC address on Ethernet LANs: one pin for a host's IPv4
+    /// address and all its IPv6 addresses. By address on L3 LANs.
+    #[default]
+    Mac,
+    /// By IPv4 address and IPv6 /64: for LANs behind another router, where
+    /// every packet carries that router's MAC.
+    Address,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -420,8 +433,10 @@ pub struct Rule {
     pub name: String,
     /// Empty: any of tcp, udp, icmp and other protocols.
     pub protos: Vec<Proto>,
-    pub src: Vec<Ipv4Net>,
-    pub dst: Vec<Ipv4Net>,
+    /// IPv4 and IPv6 prefixes. A rule whose `src` (or `dst`) holds
+    /// prefixes of one family only matches that family.
+    pub src: Vec<IpNet>,
+    pub dst: Vec<IpNet>,
     pub src_ports: Vec<PortRange>,
     pub dst_ports: Vec<PortRange>,
     pub lan_interfaces: Vec<String>,
@@ -439,6 +454,7 @@ pub struct Rule {
 pub struct Config {
     pub lan_interfaces: Vec<String>,
     pub sticky: Sticky,
+    pub sticky_key: StickyKey,
     pub host_ttl: Duration,
     /// The shortest life of an address learned for a rule by domain name,
     /// whatever the answer's TTL (see `dns::learned`).
@@ -554,6 +570,7 @@ struct RawHealth {
 struct RawConfig {
     lan_interfaces: Option<Vec<String>>,
     sticky: Option<Sticky>,
+    sticky_key: Option<StickyKey>,
     host_ttl: Option<String>,
     domain_ttl_floor: Option<String>,
     domain_ttl_grace: Option<String>,
@@ -686,6 +703,7 @@ impl RawConfig {
         let mut raw = RawConfig {
             lan_interfaces: get(t, at, "lan_interfaces", "a list of interface names")?,
             sticky: get(t, at, "sticky", "\"connection\" or \"host\"")?,
+            sticky_key: get(t, at, "sticky_key", "\"mac\" or \"address\"")?,
             host_ttl: get(t, at, "host_ttl", DURATION)?,
             domain_ttl_floor: get(t, at, "domain_ttl_floor", DURATION)?,
             domain_ttl_grace: get(t, at, "domain_ttl_grace", DURATION)?,
@@ -752,6 +770,7 @@ impl RawConfig {
 const TOP_KEYS: &[&str] = &[
     "lan_interfaces",
     "sticky",
+    "sticky_key",
     "host_ttl",
     "domain_ttl_floor",
     "domain_ttl_grace",
@@ -940,7 +959,7 @@ fn parse_ports(
     Ok(out)
 }
 
-fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<Ipv4Net>, ConfigError> {
+fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<IpNet>, ConfigError> {
     let key = &key.into();
     if items.is_empty() {
         return Err(err(key, "is empty; leave the key out to match any address"));
@@ -948,7 +967,7 @@ fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<Ipv4Net
     items
         .iter()
         .map(|s| {
-            if let Ok(n) = s.parse::<Ipv4Net>() {
+            if let Ok(n) = s.parse::<IpNet>() {
                 if n.network() != n.addr() {
                     return Err(err(
                         key,
@@ -957,9 +976,9 @@ fn parse_nets(key: impl Into<KeyPath>, items: Vec<String>) -> Result<Vec<Ipv4Net
                 }
                 return Ok(n);
             }
-            s.parse::<Ipv4Addr>()
-                .map(|a| Ipv4Net::new(a, 32).expect("32 is a valid prefix"))
-                .map_err(|_| err(key, format!("`{s}` is not an IPv4 address or CIDR")))
+            s.parse::<std::net::IpAddr>()
+                .map(IpNet::from)
+                .map_err(|_| err(key, format!("`{s}` is not an IP address or CIDR")))
         })
         .collect()
 }
@@ -1636,6 +1655,7 @@ impl Config {
         Ok(Config {
             lan_interfaces,
             sticky: raw.sticky.unwrap_or_default(),
+            sticky_key: raw.sticky_key.unwrap_or_default(),
             host_ttl,
             domain_ttl_floor,
             domain_ttl_grace,
@@ -1792,6 +1812,7 @@ gateway = "auto"
         let c = Config::parse(MIN).unwrap();
         assert_eq!(c.lan_interfaces, vec!["lan0"]);
         assert_eq!(c.sticky, Sticky::Connection);
+        assert_eq!(c.sticky_key, StickyKey::Mac);
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
         assert_eq!(c.wans.len(), 2);
@@ -2084,6 +2105,11 @@ gateway = "auto"
                 "sticky = \"hosts\"\nprobe_targets",
                 "line 3: sticky: unknown variant `hosts`, expected `connection` or `host`",
             ),
+            (
+                "probe_targets",
+                "sticky_key = \"ip\"\nprobe_targets",
+                "line 3: sticky_key: unknown variant `ip`, expected `mac` or `address`",
+            ),
             // Values.
             (
                 "weight = 3",
@@ -2264,7 +2290,7 @@ lan_interface = "lan0"
 balance = ["isp2"]
 
 [[rule]]
-dst = ["10.8.0.0/16", "192.0.2.77"]
+dst = ["10.8.0.0/16", "192.0.2.77", "2001:db8:ff::/48", "2001:db8::1"]
 main = true
 "#
         );
@@ -2286,6 +2312,8 @@ main = true
         assert_eq!(c.rules[2].name, "rule2");
         assert_eq!(c.rules[3].action, Action::Main);
         assert_eq!(c.rules[3].dst[1].to_string(), "192.0.2.77/32");
+        assert_eq!(c.rules[3].dst[2].to_string(), "2001:db8:ff::/48");
+        assert_eq!(c.rules[3].dst[3].to_string(), "2001:db8::1/128");
     }
 
     #[test]
@@ -2309,6 +2337,19 @@ main = true
         assert_eq!(
             rule("dst = [\"192.0.2.1/24\"]\nwans = [\"isp1\"]").key,
             "rule[0].dst"
+        );
+        let e = rule("src = [\"2001:db8::1/48\"]\nwans = [\"isp1\"]");
+        assert_eq!(e.key, "rule[0].src");
+        assert!(
+            e.reason.contains("did you mean `2001:db8::/48`"),
+            "{}",
+            e.reason
+        );
+        let e = rule("dst = [\"2001:db8::g\"]\nwans = [\"isp1\"]");
+        assert!(
+            e.reason.contains("is not an IP address or CIDR"),
+            "{}",
+            e.reason
         );
         assert_eq!(
             rule("proto = \"sctp\"\nwans = [\"isp1\"]").key,

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,10 +22,10 @@ use aya::programs::links::Link;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use mwan_common::*;
 
-use crate::config::{Config, Sticky};
+use crate::config::{Config, Sticky, StickyKey};
 use crate::policy::CompiledRules;
 
 mod migrate;
@@ -34,6 +34,11 @@ pub use migrate::{pinned_geometry, Geometry};
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
 static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
+
+/// The embedded datapath object (for measurements that load it alone).
+pub fn object() -> &'static [u8] {
+    EBPF_OBJ
+}
 
 /// The two tc priorities mwan alternates between when it replaces its filter.
 pub const TC_PRIORITIES: [u16; 2] = [0x6d00, 0x6d01];
@@ -44,24 +49,31 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// opened from the pins (CLI).
 pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
-    pub hosts: HashMap<MapData, u32, HostValue>,
+    pub flows6: HashMap<MapData, FlowKey6, FlowValue>,
+    pub host_pins: HashMap<MapData, HostKey, HostValue>,
     pub wans: Array<MapData, WanEntry>,
+    pub wans6: Array<MapData, WanEntry>,
     pub names: Array<MapData, WanName>,
     pub policies: Array<MapData, Policy>,
+    pub policies6: Array<MapData, Policy>,
     pub settings: Array<MapData, Settings>,
     pub wan_stats: PerCpuArray<MapData, WanCounters>,
     pub global_stats: PerCpuArray<MapData, u64>,
     pub rule_src: LpmTrie<MapData, [u8; 4], u64>,
     pub rule_dst: LpmTrie<MapData, [u8; 4], u64>,
+    pub rule_src6: LpmTrie<MapData, [u8; 16], u64>,
+    pub rule_dst6: LpmTrie<MapData, [u8; 16], u64>,
     pub rule_sport: Array<MapData, u64>,
     pub rule_dport: Array<MapData, u64>,
     pub rule_proto: Array<MapData, u64>,
     pub rule_iface: HashMap<MapData, u32, u64>,
     pub rule_action: Array<MapData, u32>,
     pub bypass: LpmTrie<MapData, [u8; 4], u8>,
+    pub bypass6: LpmTrie<MapData, [u8; 16], u8>,
     /// Learned destinations of rules by domain name. `None` only in the
     /// CLI, for pins made by an mwan older than this map.
-    pub domain_dst: Option<HashMap<MapData, u32, u64>>,
+    /// `DOMAIN_DST` and `DOMAIN_DST6` (absent in pins of older daemons).
+    pub domain_dst: Option<DomainMaps>,
 }
 
 fn typed<T: TryFrom<Map>>(map: Map, name: &str) -> Result<T>
@@ -83,24 +95,33 @@ impl Maps {
         }
         Ok(Maps {
             flows: m!(MAP_FLOWS),
-            hosts: m!(MAP_HOSTS),
+            flows6: m!(MAP_FLOWS6),
+            host_pins: m!(MAP_HOST_PINS),
             wans: m!(MAP_WANS),
+            wans6: m!(MAP_WANS6),
             names: m!(MAP_WAN_NAMES),
             policies: m!(MAP_POLICIES),
+            policies6: m!(MAP_POLICIES6),
             settings: m!(MAP_SETTINGS),
             wan_stats: m!(MAP_WAN_STATS),
             global_stats: m!(MAP_GLOBAL_STATS),
             rule_src: m!(MAP_RULE_SRC),
             rule_dst: m!(MAP_RULE_DST),
+            rule_src6: m!(MAP_RULE_SRC6),
+            rule_dst6: m!(MAP_RULE_DST6),
             rule_sport: m!(MAP_RULE_SPORT),
             rule_dport: m!(MAP_RULE_DPORT),
             rule_proto: m!(MAP_RULE_PROTO),
             rule_iface: m!(MAP_RULE_IFACE),
             rule_action: m!(MAP_RULE_ACTION),
             bypass: m!(MAP_BYPASS),
-            domain_dst: match take(MAP_DOMAIN_DST)? {
-                Some(map) => Some(typed(map, MAP_DOMAIN_DST)?),
-                None => None,
+            bypass6: m!(MAP_BYPASS6),
+            domain_dst: match (take(MAP_DOMAIN_DST)?, take(MAP_DOMAIN_DST6)?) {
+                (Some(v4), Some(v6)) => Some(DomainMaps {
+                    v4: typed(v4, MAP_DOMAIN_DST)?,
+                    v6: typed(v6, MAP_DOMAIN_DST6)?,
+                }),
+                _ => None,
             },
         })
     }
@@ -112,6 +133,13 @@ impl Maps {
             if name == MAP_DOMAIN_DST && !path.exists() {
                 // Pinned by an mwan older than domain rules.
                 return Ok(None);
+            }
+            if IPV6_MAPS.contains(&name) && !path.exists() {
+                bail!(
+                    "the maps in {} were pinned by an mwan without IPv6 (no {name}); \
+                     restart the daemon with this mwan",
+                    pin_dir.display()
+                );
             }
             let data = MapData::from_pin(&path).with_context(|| {
                 format!(
@@ -164,6 +192,18 @@ impl Maps {
         Ok(self.wans.get(&(id as u32), 0)?)
     }
 
+    /// The WAN's IPv6 entry: `alive` says whether its IPv6 is usable, the
+    /// mark is the WAN's one mark.
+    pub fn write_wan6(&mut self, id: u8, entry: WanEntry) -> Result<()> {
+        self.wans6
+            .set(id as u32, entry, 0)
+            .with_context(|| format!("writing {MAP_WANS6}[{id}]"))
+    }
+
+    pub fn wan6(&self, id: u8) -> Result<WanEntry> {
+        Ok(self.wans6.get(&(id as u32), 0)?)
+    }
+
     /// WAN names by id, as the daemon that owns the pins recorded them.
     pub fn names(&self) -> Result<Vec<Option<String>>> {
         (0..MAX_WANS)
@@ -190,17 +230,21 @@ impl Maps {
     }
 
     pub fn write_policies(&mut self, policies: &[Policy]) -> Result<()> {
-        for i in 0..MAX_POLICIES {
-            let p = policies.get(i as usize).copied().unwrap_or(Policy::EMPTY);
-            self.policies
-                .set(i, p, 0)
-                .with_context(|| format!("writing POLICIES[{i}]"))?;
-        }
-        Ok(())
+        write_policy_array(&mut self.policies, policies, MAP_POLICIES)
     }
 
     pub fn policy(&self, i: u32) -> Result<Policy> {
         Ok(self.policies.get(&i, 0)?)
+    }
+
+    /// The IPv6 policies: the ids of `write_policies`, slots from the
+    /// WANs eligible for IPv6.
+    pub fn write_policies6(&mut self, policies: &[Policy]) -> Result<()> {
+        write_policy_array(&mut self.policies6, policies, MAP_POLICIES6)
+    }
+
+    pub fn policy6(&self, i: u32) -> Result<Policy> {
+        Ok(self.policies6.get(&i, 0)?)
     }
 
     /// Writes the rule maps. `previous` (what the maps hold now, if known)
@@ -244,6 +288,12 @@ impl Maps {
         for (trie, want, name) in [
             (&mut self.rule_src, &rules.src, MAP_RULE_SRC),
             (&mut self.rule_dst, &rules.dst, MAP_RULE_DST),
+        ] {
+            sync_trie(trie, want.iter().map(|(n, m)| (*n, *m)).collect(), name)?;
+        }
+        for (trie, want, name) in [
+            (&mut self.rule_src6, &rules.src6, MAP_RULE_SRC6),
+            (&mut self.rule_dst6, &rules.dst6, MAP_RULE_DST6),
         ] {
             sync_trie(trie, want.iter().map(|(n, m)| (*n, *m)).collect(), name)?;
         }
@@ -303,27 +353,32 @@ impl Maps {
         )
     }
 
+    /// Makes the IPv6 bypass trie hold exactly `prefixes`.
+    pub fn write_bypass6(&mut self, prefixes: &[Ipv6Net]) -> Result<()> {
+        sync_trie(
+            &mut self.bypass6,
+            prefixes.iter().map(|p| (p.trunc(), 1u8)).collect(),
+            MAP_BYPASS6,
+        )
+    }
+
     /// Applies changes of the learned-address table
     /// ([`crate::dns::learned`]) to `DOMAIN_DST`: a new mask, or a deletion.
     /// Each write is one `bpf()` call; when it returns, the classifier's next
     /// lookup sees it (so a DNS answer may be released).
     pub fn write_domain_dst(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
-        let map = self
-            .domain_dst
+        self.domain_dst
             .as_mut()
-            .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?;
-        write_domain_changes(map, changes)
+            .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?
+            .write(changes)
     }
 
-    /// Empties `DOMAIN_DST` (a start: what another daemon learned has no
-    /// expiry record here, and its masks index that daemon's rules).
+    /// Empties `DOMAIN_DST` and `DOMAIN_DST6` (a start: what another daemon
+    /// learned has no expiry record here, and its masks index that daemon's
+    /// rules).
     pub fn clear_domain_dst(&mut self) -> Result<()> {
-        let Some(map) = self.domain_dst.as_mut() else {
-            return Ok(());
-        };
-        let keys: Vec<u32> = map.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = map.remove(&k);
+        if let Some(maps) = self.domain_dst.as_mut() {
+            maps.clear();
         }
         Ok(())
     }
@@ -374,7 +429,11 @@ pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Setting
     Settings {
         abi_version: ABI_VERSION,
         mark_mask: cfg.mark_mask,
-        sticky_host: (cfg.sticky == Sticky::Host) as u32,
+        sticky_host: match (cfg.sticky, cfg.sticky_key) {
+            (Sticky::Connection, _) => STICKY_OFF,
+            (Sticky::Host, StickyKey::Address) => STICKY_ADDRESS,
+            (Sticky::Host, StickyKey::Mac) => STICKY_MAC,
+        },
         rule_count,
         host_ttl_ns: cfg.host_ttl.as_nanos() as u64,
         rule_any_iface: rules.any_iface,
@@ -383,52 +442,131 @@ pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Setting
     }
 }
 
-/// Writes learned-address changes ([`crate::dns::learned`]) into
-/// `DOMAIN_DST` (`map`): a new mask, or a deletion; one `bpf()` call each
-/// (used by [`Maps::write_domain_dst`] and by the DNS relay's own handle on
-/// the pinned map).
-pub fn write_domain_changes(
-    map: &mut HashMap<MapData, u32, u64>,
-    changes: &[crate::dns::learned::Change],
-) -> Result<()> {
-    for (addr, mask) in changes {
-        let addr = match addr {
-            std::net::IpAddr::V4(a) => *a,
-            // IPv6 (AAAA answers): DOMAIN_DST6 ([u8; 16] keys), wired at
-            // the merge with the IPv6 datapath; until then the address is
-            // learned (and listed) but not written.
-            std::net::IpAddr::V6(_) => continue,
-        };
-        let key = u32::from_ne_bytes(addr.octets());
-        match mask {
-            Some(m) => map
-                .insert(key, *m, 0)
-                .with_context(|| format!("writing {MAP_DOMAIN_DST}[{addr}]"))?,
-            None => match map.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(anyhow!("deleting {MAP_DOMAIN_DST}[{addr}]: {e}")),
-            },
-        }
-    }
-    Ok(())
+/// The learned destinations of rules by domain name: `DOMAIN_DST`
+/// (IPv4, from A records) and `DOMAIN_DST6` (IPv6, from AAAA records).
+pub struct DomainMaps {
+    pub v4: HashMap<MapData, u32, u64>,
+    pub v6: HashMap<MapData, [u8; 16], u64>,
 }
 
-fn sync_trie<V: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, [u8; 4], V>,
-    want: BTreeMap<Ipv4Net, V>,
+impl DomainMaps {
+    /// Opens the pair pinned in `pin_dir` (the DNS relay's own handles).
+    pub fn open_pinned(pin_dir: &Path) -> Result<DomainMaps> {
+        let open =
+            |name: &str| -> Result<Map> { Ok(Map::HashMap(open_pinned_map(pin_dir, name)?)) };
+        Ok(DomainMaps {
+            v4: HashMap::try_from(open(MAP_DOMAIN_DST)?)
+                .map_err(|e| anyhow!("{MAP_DOMAIN_DST}: {e}"))?,
+            v6: HashMap::try_from(open(MAP_DOMAIN_DST6)?)
+                .map_err(|e| anyhow!("{MAP_DOMAIN_DST6}: {e}"))?,
+        })
+    }
+
+    /// Writes learned-address changes ([`crate::dns::learned`]): a new
+    /// mask, or a deletion; one `bpf()` call each, so when it returns the
+    /// classifier's next lookup sees it.
+    pub fn write(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+        for (addr, mask) in changes {
+            let done = match addr {
+                IpAddr::V4(a) => set_or_remove(&mut self.v4, u32::from_ne_bytes(a.octets()), *mask),
+                IpAddr::V6(a) => set_or_remove(&mut self.v6, a.octets(), *mask),
+            };
+            let name = if addr.is_ipv4() {
+                MAP_DOMAIN_DST
+            } else {
+                MAP_DOMAIN_DST6
+            };
+            done.with_context(|| format!("writing {name}[{addr}]"))?;
+        }
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        let keys: Vec<u32> = self.v4.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.v4.remove(&k);
+        }
+        let keys: Vec<[u8; 16]> = self.v6.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.v6.remove(&k);
+        }
+    }
+}
+
+/// Inserts `key` with `mask`, or (`None`) removes it if present.
+fn set_or_remove<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u64>,
+    key: K,
+    mask: Option<u64>,
+) -> Result<()> {
+    match mask {
+        Some(m) => Ok(map.insert(key, m, 0)?),
+        None => match map.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// A prefix as an LPM trie of its family keys it.
+trait TrieNet: Ord + Copy + std::fmt::Display {
+    type Data: aya::Pod;
+    fn key(&self) -> Key<Self::Data>;
+    fn from_key(k: &Key<Self::Data>) -> Option<Self>;
+}
+
+impl TrieNet for Ipv4Net {
+    type Data = [u8; 4];
+    fn key(&self) -> Key<[u8; 4]> {
+        Key::new(self.prefix_len() as u32, self.network().octets())
+    }
+    fn from_key(k: &Key<[u8; 4]>) -> Option<Self> {
+        Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).ok()
+    }
+}
+
+impl TrieNet for Ipv6Net {
+    type Data = [u8; 16];
+    fn key(&self) -> Key<[u8; 16]> {
+        Key::new(self.prefix_len() as u32, self.network().octets())
+    }
+    fn from_key(k: &Key<[u8; 16]>) -> Option<Self> {
+        Ipv6Net::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8).ok()
+    }
+}
+
+/// Makes `trie` hold exactly `want`.
+fn sync_trie<N: TrieNet, V: aya::Pod + PartialEq>(
+    trie: &mut LpmTrie<MapData, N::Data, V>,
+    want: BTreeMap<N, V>,
     name: &str,
 ) -> Result<()> {
-    let key = |n: &Ipv4Net| Key::new(n.prefix_len() as u32, n.network().octets());
-    let present: Vec<Key<[u8; 4]>> = trie.keys().filter_map(|k| k.ok()).collect();
+    let present: Vec<Key<N::Data>> = trie.keys().filter_map(|k| k.ok()).collect();
     for k in present {
-        let net = Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8);
-        if net.map(|n| !want.contains_key(&n)).unwrap_or(true) {
+        if N::from_key(&k)
+            .map(|n| !want.contains_key(&n))
+            .unwrap_or(true)
+        {
             let _ = trie.remove(&k);
         }
     }
     for (net, v) in want {
-        trie.insert(&key(&net), v, 0)
+        trie.insert(&net.key(), v, 0)
             .with_context(|| format!("writing {name}[{net}]"))?;
+    }
+    Ok(())
+}
+
+/// Writes every entry of a policy array (`POLICIES` or `POLICIES6`).
+fn write_policy_array(
+    map: &mut Array<MapData, Policy>,
+    policies: &[Policy],
+    name: &str,
+) -> Result<()> {
+    for i in 0..MAX_POLICIES {
+        let p = policies.get(i as usize).copied().unwrap_or(Policy::EMPTY);
+        map.set(i, p, 0)
+            .with_context(|| format!("writing {name}[{i}]"))?;
     }
     Ok(())
 }
@@ -439,7 +577,8 @@ pub struct Datapath {
     pub maps: Maps,
     /// True when the maps were already pinned (a restart: flows inherited).
     pub inherited: bool,
-    /// The number of flows the flow map holds at most (its max_entries).
+    /// The number of flows the flow map of each family holds at most
+    /// (`FLOWS`'s max_entries; `FLOWS6` has the same).
     pub flow_capacity: u32,
     /// Maps replaced at this start (another size): their old maps stay
     /// until the new program has replaced the old filter.
@@ -457,7 +596,7 @@ impl Datapath {
         check_kernel(kernel_release().as_deref())?;
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating {}", pin_dir.display()))?;
-        let want = migrate::expected(EBPF_OBJ, &[(MAP_FLOWS, max_flows), (MAP_HOSTS, max_hosts)])?;
+        let want = migrate::expected(EBPF_OBJ, &map_sizes(max_flows, max_hosts))?;
         // Read-only: refuse incompatible pins before the loader reuses them.
         let plan = migrate::Plan::read(pin_dir, &want)?;
         if let Some(w) = plan.check(pin_dir)? {
@@ -490,14 +629,14 @@ impl Datapath {
     }
 
     fn load_object(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<(Ebpf, Maps)> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .map_max_entries(MAP_FLOWS, max_flows)
-            .map_max_entries(MAP_HOSTS, max_hosts)
-            .load(EBPF_OBJ)
-            .with_context(|| {
-                format!("loading the eBPF datapath (maps in {})", pin_dir.display())
-            })?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        for (name, size) in map_sizes(max_flows, max_hosts) {
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader.load(EBPF_OBJ).with_context(|| {
+            format!("loading the eBPF datapath (maps in {})", pin_dir.display())
+        })?;
         for name in [PROG_LAN_ETH, PROG_LAN_L3] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -606,33 +745,66 @@ pub fn detach(iface: &str) -> bool {
         .fold(false, |any, p| detach_filter(iface, *p) | any)
 }
 
+/// The maps sized from the config: the flow maps of both families hold
+/// `max_flows` each, the host pins `max_hosts`.
+fn map_sizes(max_flows: u32, max_hosts: u32) -> [(&'static str, u32); 3] {
+    [
+        (MAP_FLOWS, max_flows),
+        (MAP_FLOWS6, max_flows),
+        (MAP_HOST_PINS, max_hosts),
+    ]
+}
+
+/// The maps added for IPv6 (and host pins for both families): a CLI
+/// finding pins without them is talking to an older daemon.
+const IPV6_MAPS: [&str; 7] = [
+    MAP_FLOWS6,
+    MAP_HOST_PINS,
+    MAP_WANS6,
+    MAP_POLICIES6,
+    MAP_RULE_SRC6,
+    MAP_RULE_DST6,
+    MAP_BYPASS6,
+];
+
+/// Maps older versions pinned that this one no longer has: taken over
+/// (`HOSTS` into `HOST_PINS`, see [`migrate`]) and removed by teardown.
+pub const LEGACY_MAPS: [&str; 1] = [MAP_HOSTS];
+
 /// Every map mwan pins, by name.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 25] = [
     MAP_ABI,
     MAP_FLOWS,
-    MAP_HOSTS,
+    MAP_FLOWS6,
+    MAP_HOST_PINS,
     MAP_WANS,
+    MAP_WANS6,
     MAP_WAN_NAMES,
     MAP_POLICIES,
+    MAP_POLICIES6,
     MAP_SETTINGS,
     MAP_WAN_STATS,
     MAP_GLOBAL_STATS,
     MAP_RULE_SRC,
     MAP_RULE_DST,
+    MAP_RULE_SRC6,
+    MAP_RULE_DST6,
     MAP_RULE_SPORT,
     MAP_RULE_DPORT,
     MAP_RULE_PROTO,
     MAP_RULE_IFACE,
     MAP_RULE_ACTION,
     MAP_BYPASS,
+    MAP_BYPASS6,
     MAP_DOMAIN_DST,
+    MAP_DOMAIN_DST6,
 ];
 
 /// Deletes mwan's pins in `pin_dir` (maps are freed when no program uses
 /// them any more) and the directory when it is empty. Anything else there
 /// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    for name in PINNED_MAPS {
+    for name in PINNED_MAPS.into_iter().chain(LEGACY_MAPS) {
         // `<name>_OLD`: a map being replaced when a daemon died.
         for p in [pin_dir.join(name), migrate::aside_path(pin_dir, name)] {
             match std::fs::remove_file(&p) {
@@ -770,6 +942,136 @@ pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
         };
         each(&k, &v)
     })
+}
+
+/// The key of a pinned flow of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnyFlowKey {
+    V4(FlowKey),
+    V6(FlowKey6),
+}
+
+/// (proto, src, dst, sport, dport), ports in host order.
+pub type Tuple5 = (u8, IpAddr, IpAddr, u16, u16);
+
+impl AnyFlowKey {
+    pub fn proto(&self) -> u8 {
+        match self {
+            AnyFlowKey::V4(k) => k.proto,
+            AnyFlowKey::V6(k) => k.proto,
+        }
+    }
+    pub fn src(&self) -> IpAddr {
+        match self {
+            AnyFlowKey::V4(k) => Ipv4Addr::from(k.src()).into(),
+            AnyFlowKey::V6(k) => Ipv6Addr::from(k.saddr).into(),
+        }
+    }
+    pub fn dst(&self) -> IpAddr {
+        match self {
+            AnyFlowKey::V4(k) => Ipv4Addr::from(k.dst()).into(),
+            AnyFlowKey::V6(k) => Ipv6Addr::from(k.daddr).into(),
+        }
+    }
+    pub fn src_port(&self) -> u16 {
+        match self {
+            AnyFlowKey::V4(k) => k.src_port(),
+            AnyFlowKey::V6(k) => k.src_port(),
+        }
+    }
+    pub fn dst_port(&self) -> u16 {
+        match self {
+            AnyFlowKey::V4(k) => k.dst_port(),
+            AnyFlowKey::V6(k) => k.dst_port(),
+        }
+    }
+    pub fn tuple(&self) -> Tuple5 {
+        (
+            self.proto(),
+            self.src(),
+            self.dst(),
+            self.src_port(),
+            self.dst_port(),
+        )
+    }
+}
+
+/// Reads the pinned flows of both families (`FLOWS`, then `FLOWS6` when
+/// pinned: an mwan before IPv6 has none) in batches, as
+/// [`read_hash_batched`]; `each` returns false to stop.
+pub fn read_flows(
+    pin_dir: &Path,
+    chunk: u32,
+    mut each: impl FnMut(AnyFlowKey, &FlowValue) -> bool,
+) -> Result<()> {
+    let mut go_on = true;
+    read_hash_batched::<FlowKey, FlowValue>(
+        &open_pinned_map(pin_dir, MAP_FLOWS)?,
+        chunk,
+        |k, v| {
+            go_on = each(AnyFlowKey::V4(*k), v);
+            go_on
+        },
+    )?;
+    if !go_on || !pin_dir.join(MAP_FLOWS6).exists() {
+        return Ok(());
+    }
+    read_hash_batched::<FlowKey6, FlowValue>(
+        &open_pinned_map(pin_dir, MAP_FLOWS6)?,
+        chunk,
+        |k, v| each(AnyFlowKey::V6(*k), v),
+    )
+}
+
+/// The pinned flow maps of both families, to rewrite pins from outside
+/// the datapath.
+pub struct FlowMaps {
+    v4: HashMap<MapData, FlowKey, FlowValue>,
+    v6: Option<HashMap<MapData, FlowKey6, FlowValue>>,
+}
+
+impl FlowMaps {
+    pub fn open(pin_dir: &Path) -> Result<FlowMaps> {
+        let open =
+            |name: &str| -> Result<Map> { Ok(Map::LruHashMap(open_pinned_map(pin_dir, name)?)) };
+        let v6 = if pin_dir.join(MAP_FLOWS6).exists() {
+            Some(typed(open(MAP_FLOWS6)?, MAP_FLOWS6)?)
+        } else {
+            None
+        };
+        Ok(FlowMaps {
+            v4: typed(open(MAP_FLOWS)?, MAP_FLOWS)?,
+            v6,
+        })
+    }
+
+    pub fn insert(&mut self, key: &AnyFlowKey, value: FlowValue) -> Result<()> {
+        match key {
+            AnyFlowKey::V4(k) => self.v4.insert(k, value, 0)?,
+            AnyFlowKey::V6(k) => self
+                .v6
+                .as_mut()
+                .ok_or_else(|| anyhow!("{MAP_FLOWS6} is not pinned"))?
+                .insert(k, value, 0)?,
+        }
+        Ok(())
+    }
+}
+
+/// A host pin's key as `mwan hosts` shows it: a MAC address
+/// (`02:00:00:00:00:0a`), an IPv4 address or an IPv6 /64.
+pub fn host_name(k: &HostKey) -> String {
+    let b = &k.bytes;
+    match k.kind {
+        HOST_KEY_MAC => b[..6]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        HOST_KEY_IPV4 => Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string(),
+        HOST_KEY_IPV6 => format!("{}/64", Ipv6Addr::from(*b)),
+        kind => format!("host key kind {kind}"),
+    }
 }
 
 /// The oldest kernel the datapath loads on: `bpf_ktime_get_coarse_ns`

@@ -1,7 +1,7 @@
 //! The `mwan` command: the daemon (`mwan run`) and the tools that talk to it.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mwan::config::Config;
 use mwan::control::{self, FlowRecord, HostRecord, Request, Response};
 use mwan::{datapath, output};
-use mwan_common::{FlowKey, FlowValue, HostValue, MAP_FLOWS, MAP_HOSTS, WAN_NONE};
+use mwan_common::{HostKey, HostValue, MAP_HOST_PINS, WAN_NONE};
 
 const DEFAULT_CONFIG: &str = "/etc/mwan/mwan.toml";
 
@@ -64,9 +64,9 @@ enum Cmd {
         /// Only flows pinned to this WAN ("main" for unbalanced flows).
         #[arg(long)]
         wan: Option<String>,
-        /// Only flows of this LAN host.
+        /// Only flows from this LAN address (IPv4 or IPv6).
         #[arg(long)]
-        host: Option<Ipv4Addr>,
+        host: Option<IpAddr>,
         /// At most this many flows (after sorting).
         #[arg(long)]
         limit: Option<usize>,
@@ -530,11 +530,7 @@ fn name_of(names: &[Option<String>], id: u8) -> String {
         .unwrap_or_else(|| format!("#{id}"))
 }
 
-fn read_flows(
-    pin_dir: &Path,
-    wan: Option<&str>,
-    host: Option<Ipv4Addr>,
-) -> Result<Vec<FlowRecord>> {
+fn read_flows(pin_dir: &Path, wan: Option<&str>, host: Option<IpAddr>) -> Result<Vec<FlowRecord>> {
     let names = wan_names(pin_dir)?;
     let wan_id = match wan {
         None => None,
@@ -547,22 +543,23 @@ fn read_flows(
         ),
     };
     let now = datapath::ktime_now_ns();
-    let map = datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
     let mut out = Vec::new();
-    datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 8192, |k, v| {
-        if wan_id.is_some_and(|w| w != v.wan) || host.is_some_and(|h| h.octets() != k.src()) {
+    // IPv4 flows first, then IPv6 (before sorting).
+    datapath::read_flows(pin_dir, 8192, |k, v| {
+        if wan_id.is_some_and(|w| w != v.wan) || host.is_some_and(|h| h != k.src()) {
             return true;
         }
         out.push(FlowRecord {
-            proto: match k.proto {
+            proto: match k.proto() {
                 6 => "tcp".into(),
                 17 => "udp".into(),
                 1 => "icmp".into(),
+                58 => "icmpv6".into(),
                 p => p.to_string(),
             },
-            src: Ipv4Addr::from(k.src()).to_string(),
+            src: k.src().to_string(),
             sport: k.src_port(),
-            dst: Ipv4Addr::from(k.dst()).to_string(),
+            dst: k.dst().to_string(),
             dport: k.dst_port(),
             wan: name_of(&names, v.wan),
             moved_from: (v.moved_from != WAN_NONE).then(|| name_of(&names, v.moved_from)),
@@ -581,12 +578,12 @@ fn read_hosts(cfg: &Config) -> Result<Vec<HostRecord>> {
     let names = wan_names(&cfg.pin_dir)?;
     let now = datapath::ktime_now_ns();
     let ttl = cfg.host_ttl.as_secs_f64();
-    let map = datapath::open_pinned_map(&cfg.pin_dir, MAP_HOSTS)?;
+    let map = datapath::open_pinned_map(&cfg.pin_dir, MAP_HOST_PINS)?;
     let mut out = Vec::new();
-    datapath::read_hash_batched::<u32, HostValue>(&map, 4096, |k, v| {
+    datapath::read_hash_batched::<HostKey, HostValue>(&map, 4096, |k, v| {
         let idle = now.saturating_sub(v.last_seen_ns) as f64 / 1e9;
         out.push(HostRecord {
-            host: Ipv4Addr::from(k.to_ne_bytes()).to_string(),
+            host: datapath::host_name(k),
             wan: name_of(&names, v.wan),
             idle_secs: idle,
             expires_in_secs: (ttl - idle).max(0.0),

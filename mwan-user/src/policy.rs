@@ -15,13 +15,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::{
     Policy, DEFAULT_POLICY, MAX_POLICIES, MAX_RULES, POLICY_BALANCE, POLICY_MAIN, POLICY_ORDERED,
-    SLOTS, WAN_NONE,
+    PROTO_ICMPV6, SLOTS, WAN_NONE,
 };
 
-use crate::config::{Action, AllDown, Rule};
+use crate::config::{Action, AllDown, Proto, Rule};
 
 /// Health as far as balancing cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,6 +239,9 @@ pub struct CompiledRules {
     /// LPM entries (always including 0.0.0.0/0).
     pub src: Vec<(Ipv4Net, u64)>,
     pub dst: Vec<(Ipv4Net, u64)>,
+    /// IPv6 LPM entries (always including ::/0).
+    pub src6: Vec<(Ipv6Net, u64)>,
+    pub dst6: Vec<(Ipv6Net, u64)>,
     /// Per LAN interface name; interfaces not listed use `any_iface`.
     pub iface: Vec<(String, u64)>,
     pub any_iface: u64,
@@ -248,25 +251,64 @@ pub struct CompiledRules {
     pub actions: Vec<u32>,
 }
 
-/// The LPM entries of one address dimension. A rule is unconstrained (its
-/// bit in every entry, 0.0.0.0/0 included) when `field` is empty and
-/// `learned` is false for it: a rule by domain name without `dst` matches
-/// only the destinations learned for it (`DOMAIN_DST`), none by prefix.
-fn prefix_masks(
+/// A prefix of one family, as the rule prefixes of that family's trie.
+trait FamilyNet: Ord + Copy {
+    /// The whole address space (`0.0.0.0/0`, `::/0`).
+    fn any() -> Self;
+    /// `n` if it is of this family.
+    fn of(n: &IpNet) -> Option<Self>;
+    fn contains(&self, other: &Self) -> bool;
+}
+
+impl FamilyNet for Ipv4Net {
+    fn any() -> Self {
+        Ipv4Net::default()
+    }
+    fn of(n: &IpNet) -> Option<Self> {
+        match n {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        }
+    }
+    fn contains(&self, other: &Self) -> bool {
+        Ipv4Net::contains(self, other)
+    }
+}
+
+impl FamilyNet for Ipv6Net {
+    fn any() -> Self {
+        Ipv6Net::default()
+    }
+    fn of(n: &IpNet) -> Option<Self> {
+        match n {
+            IpNet::V6(n) => Some(*n),
+            IpNet::V4(_) => None,
+        }
+    }
+    fn contains(&self, other: &Self) -> bool {
+        Ipv6Net::contains(self, other)
+    }
+}
+
+/// The LPM entries of one address dimension of family `N`. A rule is
+/// unconstrained (its bit in every entry, the whole space included) when
+/// `field` is empty and `learned` is false for it: a rule by domain name
+/// without `dst` matches only the destinations learned for it
+/// (`DOMAIN_DST`), none by prefix. A rule whose `field` lists prefixes of
+/// the other family only has no bit here: it never matches this family.
+fn prefix_masks<N: FamilyNet>(
     rules: &[Rule],
-    field: impl Fn(&Rule) -> &Vec<Ipv4Net>,
+    field: impl Fn(&Rule) -> &Vec<IpNet>,
     learned: impl Fn(&Rule) -> bool,
-) -> Vec<(Ipv4Net, u64)> {
+) -> Vec<(N, u64)> {
     let unconstrained = rules
         .iter()
         .enumerate()
         .filter(|(_, r)| field(r).is_empty() && !learned(r))
         .fold(0u64, |m, (i, _)| m | (1 << i));
-    let mut prefixes: BTreeSet<Ipv4Net> = rules
-        .iter()
-        .flat_map(|r| field(r).iter().copied())
-        .collect();
-    prefixes.insert("0.0.0.0/0".parse().expect("valid"));
+    let of_family = |r: &Rule| -> Vec<N> { field(r).iter().filter_map(N::of).collect() };
+    let mut prefixes: BTreeSet<N> = rules.iter().flat_map(of_family).collect();
+    prefixes.insert(N::any());
     // The longest matching prefix P must allow every rule that has a prefix
     // containing P: any rule prefix covering the address is either P itself,
     // shorter than P (so it contains P), or longer — impossible, since it
@@ -275,7 +317,7 @@ fn prefix_masks(
         .into_iter()
         .map(|p| {
             let m = rules.iter().enumerate().fold(unconstrained, |m, (i, r)| {
-                if field(r).iter().any(|q| q.contains(&p)) {
+                if of_family(r).iter().any(|q| q.contains(&p)) {
                     m | (1 << i)
                 } else {
                     m
@@ -356,6 +398,10 @@ pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
         } else {
             for p in &r.protos {
                 proto[p.number() as usize] |= bit(i);
+                // `icmp` is ICMP for IPv4 and ICMPv6 for IPv6.
+                if *p == Proto::Icmp {
+                    proto[PROTO_ICMPV6 as usize] |= bit(i);
+                }
             }
         }
     }
@@ -388,6 +434,8 @@ pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
         // taught (`DOMAIN_DST`, ORed in by the classifier), plus its `dst`
         // prefixes if it has any: the union.
         dst: prefix_masks(rules, |r| &r.dst, |r| !r.domains.is_empty()),
+        src6: prefix_masks(rules, |r| &r.src, |_| false),
+        dst6: prefix_masks(rules, |r| &r.dst, |r| !r.domains.is_empty()),
         iface,
         any_iface,
         any_sport,
@@ -626,5 +674,52 @@ wans = ["isp1"]
         assert_eq!(dst.len(), 2);
         // Other dimensions are not affected by domains.
         assert!(r.src.iter().all(|(_, m)| *m == 0b111));
+    }
+
+    #[test]
+    fn a_rule_with_prefixes_of_one_family_matches_only_that_family() {
+        let c = config_with_rules(
+            r#"
+[[rule]]
+name = "v4-dst"
+dst = ["198.51.100.0/24"]
+wans = ["isp2"]
+[[rule]]
+name = "v6-dst"
+dst = ["2001:db8:ff::/48"]
+wans = ["isp2"]
+[[rule]]
+name = "both-src"
+src = ["192.0.2.0/24", "2001:db8:1::/64"]
+wans = ["isp2"]
+[[rule]]
+name = "ping"
+proto = "icmp"
+wans = ["isp1"]
+"#,
+        );
+        let r = compile_rules(&c.rules, &positions(&c.rules));
+        let map = |v: Vec<(String, u64)>| v.into_iter().collect::<BTreeMap<String, u64>>();
+        let dst4 = map(r.dst.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let dst6 = map(r.dst6.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let src4 = map(r.src.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        let src6 = map(r.src6.iter().map(|(n, m)| (n.to_string(), *m)).collect());
+        // Rules 2 and 3 have no dst: everywhere in both families; rule 0
+        // only under its IPv4 prefix, rule 1 only under its IPv6 one.
+        assert_eq!(dst4["0.0.0.0/0"], 0b1100);
+        assert_eq!(dst4["198.51.100.0/24"], 0b1101);
+        assert_eq!(dst4.len(), 2);
+        assert_eq!(dst6["::/0"], 0b1100);
+        assert_eq!(dst6["2001:db8:ff::/48"], 0b1110);
+        assert_eq!(dst6.len(), 2);
+        // Rule 2's sources in both families; the others anywhere.
+        assert_eq!(src4["0.0.0.0/0"], 0b1011);
+        assert_eq!(src4["192.0.2.0/24"], 0b1111);
+        assert_eq!(src6["::/0"], 0b1011);
+        assert_eq!(src6["2001:db8:1::/64"], 0b1111);
+        // `icmp` is ICMP and ICMPv6.
+        assert_eq!(r.proto[1] & 0b1000, 0b1000);
+        assert_eq!(r.proto[PROTO_ICMPV6 as usize] & 0b1000, 0b1000);
+        assert_eq!(r.proto[6] & 0b1000, 0);
     }
 }

@@ -785,11 +785,12 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     assert!(!line.contains("dropped"), "{line}");
     assert!(
         mwan.log()
-            .contains("HOSTS resized from 4096 to 32768 entries, 0 host pins migrated"),
+            .contains("HOST_PINS resized from 4096 to 32768 entries, 0 host pins migrated"),
         "{}",
         mwan.log()
     );
-    assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOSTS), 32_768);
+    assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOST_PINS), 32_768);
+    assert_eq!(pinned_entries(&lab, mwan_common::MAP_FLOWS6), 65_536);
     assert_eq!(mwan.status().flow_capacity, 65_536);
     assert_eq!(pinned_entries(&lab, MAP_FLOWS), 65_536);
     assert!(
@@ -1101,4 +1102,68 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
             r.max_gap
         );
     }
+}
+
+/// Issue 11: the host pins an mwan before IPv6 left in `HOSTS` (IPv4
+/// address → pin) are adopted by the next daemon into `HOST_PINS` as IPv4
+/// address keys, and the old pin is removed: the host keeps its WAN.
+#[test]
+fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
+    use aya::maps::{HashMap, Map, MapData};
+    use mwan_common::{HostValue, MAP_HOSTS, MAP_HOST_PINS};
+    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    // isp1 holds 1023 of 1024 slots: a host whose connections all leave
+    // through isp2 is there by its pin.
+    let weight = |i: usize| format!("weight = {}", if i == 1 { 1000 } else { 1 });
+    let top = "sticky = \"host\"\nsticky_key = \"address\"";
+    let mut mwan = Mwan::start(&lab, &config_with(&lab, top, &weight, "")).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let msg = stop_by_cli(&mut mwan, &["stop"]);
+    assert!(msg.contains("keeps forwarding"), "{msg}");
+    // The pins as an mwan before IPv6 leaves them: no HOST_PINS, and a
+    // HOSTS map pinning the host to isp2 (id 1).
+    std::fs::remove_file(lab.pin_dir().join(MAP_HOST_PINS)).unwrap();
+    let def = aya_obj::Map::new_from_params(9, 4, 16, 1024, 0);
+    let map = MapData::create(def, MAP_HOSTS, None).unwrap();
+    map.pin(lab.pin_dir().join(MAP_HOSTS)).unwrap();
+    let mut hosts: HashMap<MapData, u32, HostValue> =
+        HashMap::try_from(Map::LruHashMap(map)).unwrap();
+    let host = lab.host(0).addr();
+    let pin = HostValue {
+        last_seen_ns: ::mwan::datapath::ktime_now_ns(),
+        wan: 1,
+        _pad: [0; 7],
+    };
+    hosts
+        .insert(u32::from_ne_bytes(host.octets()), pin, 0)
+        .unwrap();
+    drop(hosts);
+
+    take_over(&mut mwan);
+    assert!(
+        mwan.log()
+            .contains("1 host pins of HOSTS adopted into HOST_PINS as IPv4 address keys"),
+        "{}",
+        mwan.log()
+    );
+    assert!(
+        !lab.pin_dir().join(MAP_HOSTS).exists(),
+        "the old HOSTS pin is left"
+    );
+    let listed = mwan.cli_ok(&["hosts"]).unwrap();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains(&host.to_string()) && l.contains("isp2")),
+        "{listed}"
+    );
+    let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 20, 4)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        shares(&lab, &seen).into_iter().collect::<Vec<_>>(),
+        vec![(2, 1.0)],
+        "the host's connections left through other WANs than its adopted pin's"
+    );
 }

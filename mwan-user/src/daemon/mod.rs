@@ -12,14 +12,14 @@ use host::{create_dirs, remove_created_dirs};
 pub use host::{teardown, HostState};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
-use mwan_common::{FlowKey, FlowValue, WanEntry, MAP_FLOWS, MAX_WANS, WAN_NONE};
+use mwan_common::{FlowValue, WanEntry, MAX_WANS, WAN_NONE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{AllDown, Config, Failback};
 use crate::control::{Event, Request, Response};
-use crate::datapath::{self, Datapath};
+use crate::datapath::{self, AnyFlowKey, Datapath, Tuple5};
 use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
 use crate::logfield::{millis, shown};
@@ -776,7 +776,11 @@ impl Daemon {
                 .filter(|((proto, ..), seen)| {
                     *proto == 6 && now.saturating_sub(**seen) < NUDGE_RECENT_NS
                 })
-                .map(|((_, src, dst, sport, dport), _)| nudge::conn(*src, *sport, *dst, *dport))
+                // Nudges are IPv4 packets (IPv6 flows are not nudged yet).
+                .filter_map(|((_, src, dst, sport, dport), _)| match (src, dst) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => Some(nudge::conn(*s, *sport, *d, *dport)),
+                    _ => None,
+                })
                 .take(MAX_NUDGES)
                 .collect();
             match nudge::nudge(&conns) {
@@ -798,25 +802,19 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             let res = (|| -> Result<usize> {
                 let mut moved = Vec::new();
-                datapath::read_hash_batched::<FlowKey, FlowValue>(
-                    &datapath::open_pinned_map(&pin_dir, MAP_FLOWS)?,
-                    4096,
-                    |k, v| {
-                        if v.moved_from == id {
-                            moved.push((*k, *v));
-                        }
-                        true
-                    },
-                )?;
-                let data = datapath::open_pinned_map(&pin_dir, MAP_FLOWS)?;
-                let mut flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
-                    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))?;
+                datapath::read_flows(&pin_dir, 4096, |k, v| {
+                    if v.moved_from == id {
+                        moved.push((k, *v));
+                    }
+                    true
+                })?;
+                let mut flows = datapath::FlowMaps::open(&pin_dir)?;
                 let mut tuples = HashSet::new();
                 for (k, mut v) in moved {
                     v.wan = id;
                     v.moved_from = WAN_NONE;
-                    flows.insert(k, v, 0)?;
-                    tuples.insert(key_tuple(&k));
+                    flows.insert(&k, v)?;
+                    tuples.insert(k.tuple());
                 }
                 conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
                 Ok(tuples.len())
@@ -1377,34 +1375,20 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<(Request, oneshot:
     }
 }
 
-/// (proto, src, dst, sport, dport) in host order.
-type Tuple5 = (u8, Ipv4Addr, Ipv4Addr, u16, u16);
-
-fn key_tuple(k: &FlowKey) -> Tuple5 {
-    (
-        k.proto,
-        Ipv4Addr::from(k.src()),
-        Ipv4Addr::from(k.dst()),
-        k.src_port(),
-        k.dst_port(),
-    )
-}
-
 fn tuple_of(t: &conntrack::CtTuple) -> Tuple5 {
-    (t.proto, t.src, t.dst, t.sport, t.dport)
+    (t.proto, t.src.into(), t.dst.into(), t.sport, t.dport)
 }
 
-/// Flows of the flow map that `pred` selects, with their last activity
-/// (`bpf_ktime` ns).
+/// Flows of both families' flow maps that `pred` selects, with their last
+/// activity (`bpf_ktime` ns).
 fn pinned_flows(
     pin_dir: &Path,
-    pred: impl Fn(&FlowKey, &FlowValue) -> bool,
+    pred: impl Fn(&AnyFlowKey, &FlowValue) -> bool,
 ) -> Result<HashMap<Tuple5, u64>> {
-    let map = datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
     let mut out = HashMap::new();
-    datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 4096, |k, v| {
-        if pred(k, v) {
-            out.insert(key_tuple(k), v.last_seen_ns);
+    datapath::read_flows(pin_dir, 4096, |k, v| {
+        if pred(&k, v) {
+            out.insert(k.tuple(), v.last_seen_ns);
         }
         true
     })?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
-use mwan_common::{FlowKey, FlowValue, MAP_FLOWS, WAN_NONE};
+use mwan_common::WAN_NONE;
 use tracing::warn;
 
 use super::Daemon;
@@ -93,14 +93,12 @@ impl FlowCounts {
             let started = Instant::now();
             let mut by_wan = BTreeMap::new();
             let mut total = 0u64;
-            let res = datapath::open_pinned_map(&pin_dir, MAP_FLOWS).and_then(|m| {
-                datapath::read_hash_batched::<FlowKey, FlowValue>(&m, 8192, |_, v| {
-                    total += 1;
-                    if v.wan != WAN_NONE {
-                        *by_wan.entry(v.wan).or_insert(0u64) += 1;
-                    }
-                    true
-                })
+            let res = datapath::read_flows(&pin_dir, 8192, |_, v| {
+                total += 1;
+                if v.wan != WAN_NONE {
+                    *by_wan.entry(v.wan).or_insert(0u64) += 1;
+                }
+                true
             });
             let mut c = inner.lock().expect("not poisoned");
             c.running = false;

@@ -387,6 +387,9 @@ pub struct Migration {
     /// `bpf_ktime` when the entries were first copied: what the old program
     /// changed after that is copied again by [`Migration::finish`].
     copied_at_ns: u64,
+    /// The `HOSTS` map of an mwan before IPv6 (host pins by IPv4 address),
+    /// adopted into `HOST_PINS` as address keys.
+    legacy_hosts: Option<(MapData, Geometry)>,
 }
 
 impl Migration {
@@ -427,6 +430,7 @@ impl Migration {
             pin_dir: pin_dir.to_path_buf(),
             asides: Vec::new(),
             copied_at_ns: 0,
+            legacy_hosts: legacy_hosts(pin_dir)?,
         };
         for (name, verdict) in &plan.maps {
             if !verdict.replaces_map() {
@@ -459,6 +463,7 @@ impl Migration {
     /// Puts the old pins back (the new maps, unused, are freed): the
     /// running datapath is as it was. For a failed start.
     pub fn abort(&mut self) {
+        self.legacy_hosts = None;
         for a in self.asides.drain(..) {
             let pin = self.pin_dir.join(a.name);
             let _ = std::fs::remove_file(&pin);
@@ -472,6 +477,10 @@ impl Migration {
     /// before any filter uses them.
     pub fn copy(&mut self) -> Result<()> {
         self.copied_at_ns = super::ktime_now_ns();
+        if let Some((old, og)) = &self.legacy_hosts {
+            let n = adopt_hosts(&self.pin_dir, old, *og, 0)?;
+            info!("{n} host pins of {MAP_HOSTS} adopted into {MAP_HOST_PINS} as IPv4 address keys");
+        }
         for a in &self.asides {
             let pin = self.pin_dir.join(a.name);
             let new = MapData::from_pin(&pin).map_err(|e| anyhow!("{}: {e}", pin.display()))?;
@@ -481,8 +490,8 @@ impl Migration {
                     let t = std::time::Instant::now();
                     let (old_count, kept) = copy_entries(a.name, &a.old, a.old_geometry, &new, ng)?;
                     let unit = match a.name {
-                        MAP_FLOWS => "pins",
-                        MAP_HOSTS => "host pins",
+                        MAP_FLOWS | MAP_FLOWS6 => "pins",
+                        MAP_HOST_PINS => "host pins",
                         n if COUNTER_MAPS.contains(&n) => "counters",
                         _ => "entries",
                     };
@@ -516,6 +525,15 @@ impl Migration {
     /// is freed when the old program is.
     pub fn finish(&mut self) {
         let since = self.copied_at_ns.saturating_sub(50_000_000);
+        if let Some((old, og)) = self.legacy_hosts.take() {
+            if let Err(e) = adopt_hosts(&self.pin_dir, &old, og, since) {
+                warn!(error = %format!("{e:#}"), "adopting the takeover's last host pins");
+            }
+            let pin = self.pin_dir.join(MAP_HOSTS);
+            if let Err(e) = std::fs::remove_file(&pin) {
+                warn!(error = %e, "removing {}", pin.display());
+            }
+        }
         for a in self.asides.drain(..) {
             let pin = self.pin_dir.join(a.name);
             // Only the datapath's state maps change under the old program.
@@ -543,6 +561,53 @@ impl Migration {
             }
         }
     }
+}
+
+/// The `HOSTS` map pinned by an mwan before IPv6, if any, when its layout
+/// is the one that version used (IPv4 address → `HostValue`).
+fn legacy_hosts(pin_dir: &Path) -> Result<Option<(MapData, Geometry)>> {
+    let pin = pin_dir.join(MAP_HOSTS);
+    let Some(g) = pinned_geometry(&pin)? else {
+        return Ok(None);
+    };
+    let usable = matches!(g.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH)
+        && g.key_size == 4
+        && g.value_size as usize == std::mem::size_of::<HostValue>();
+    if !usable {
+        warn!(
+            "{} ({g}) is not a host map this mwan knows: its pins are not adopted",
+            pin.display()
+        );
+        return Ok(None);
+    }
+    let map = MapData::from_pin(&pin).map_err(|e| anyhow!("{}: {e}", pin.display()))?;
+    Ok(Some((map, g)))
+}
+
+/// Copies the host pins of a pre-IPv6 `HOSTS` map used since `since_ns`
+/// into `HOST_PINS` as IPv4 address keys, where there is no pin yet.
+/// Returns how many were copied.
+fn adopt_hosts(pin_dir: &Path, old: &MapData, og: Geometry, since_ns: u64) -> Result<u64> {
+    let pin = pin_dir.join(MAP_HOST_PINS);
+    let new = MapData::from_pin(&pin).map_err(|e| anyhow!("{}: {e}", pin.display()))?;
+    let nfd = new.fd().as_fd().as_raw_fd();
+    let off = std::mem::offset_of!(HostValue, last_seen_ns);
+    let entries = read_all(old.fd().as_fd().as_raw_fd(), og)?;
+    let mut n = 0;
+    for i in 0..entries.len() {
+        let (k, v) = (entries.key(i), entries.value(i));
+        if last_seen(v, off) < since_ns {
+            continue;
+        }
+        let mut key = [0u8; std::mem::size_of::<HostKey>()];
+        key[std::mem::offset_of!(HostKey, kind)] = HOST_KEY_IPV4;
+        let at = std::mem::offset_of!(HostKey, bytes);
+        key[at..at + 4].copy_from_slice(k);
+        if update(nfd, &key, v, BPF_NOEXIST).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Copies every entry of `old` into `new` (a fresh map of the same layout):
@@ -619,7 +684,9 @@ fn catch_up(
         let write = match lookup(nfd, k, &mut current) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Some((v.to_vec(), BPF_NOEXIST)),
             Err(e) => return Err(anyhow!("reading {name}: {e}")),
-            Ok(()) if name == MAP_FLOWS => merge_flow(v, &current).map(|m| (m, BPF_EXIST)),
+            Ok(()) if name == MAP_FLOWS || name == MAP_FLOWS6 => {
+                merge_flow(v, &current).map(|m| (m, BPF_EXIST))
+            }
             Ok(()) => None,
         };
         if let Some((value, flags)) = write {
@@ -661,8 +728,8 @@ fn merge_flow(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
 /// Where the state maps keep `last_seen_ns` in their values.
 fn recency_offset(name: &str) -> Option<usize> {
     match name {
-        MAP_FLOWS => Some(std::mem::offset_of!(FlowValue, last_seen_ns)),
-        MAP_HOSTS => Some(std::mem::offset_of!(HostValue, last_seen_ns)),
+        MAP_FLOWS | MAP_FLOWS6 => Some(std::mem::offset_of!(FlowValue, last_seen_ns)),
+        MAP_HOST_PINS => Some(std::mem::offset_of!(HostValue, last_seen_ns)),
         _ => None,
     }
 }
@@ -726,8 +793,11 @@ mod tests {
                 ..FLOWS_8K
             }
         );
-        assert_eq!(want[MAP_HOSTS].max_entries, 65_536);
-        assert_eq!(want[MAP_HOSTS].value_size as usize, size_of::<HostValue>());
+        assert_eq!(want[MAP_HOST_PINS].max_entries, 65_536);
+        assert_eq!(
+            want[MAP_HOST_PINS].value_size as usize,
+            size_of::<HostValue>()
+        );
         assert_eq!(
             want[MAP_SETTINGS].value_size as usize,
             size_of::<Settings>()
@@ -832,7 +902,7 @@ mod tests {
                     to: 65_536,
                 },
             ),
-            (MAP_HOSTS, Verdict::Keep),
+            (MAP_HOST_PINS, Verdict::Keep),
         ];
         let bad = vec![
             (MAP_FLOWS, Verdict::Keep),

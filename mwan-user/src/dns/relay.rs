@@ -35,9 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use aya::maps::{HashMap as BpfHash, Map, MapData};
-use mwan_common::MAP_DOMAIN_DST;
+use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
@@ -161,7 +159,7 @@ pub struct Relay {
 
 struct Shared {
     learner: Arc<Mutex<Learner>>,
-    map: Mutex<BpfHash<MapData, u32, u64>>,
+    map: Mutex<crate::datapath::DomainMaps>,
     in_flight: AtomicUsize,
     tcp_connections: AtomicUsize,
     /// Set (under the `map` lock) when the relay is dropped: queries still
@@ -193,7 +191,7 @@ impl Shared {
         if self.retired.load(Ordering::Acquire) {
             return Ok(());
         }
-        crate::datapath::write_domain_changes(&mut map, changes)
+        map.write(changes)
     }
 }
 
@@ -206,10 +204,7 @@ impl Relay {
         floor: Duration,
         grace: Duration,
     ) -> Result<Relay> {
-        let path = pin_dir.join(MAP_DOMAIN_DST);
-        let data = MapData::from_pin(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let map: BpfHash<MapData, u32, u64> = BpfHash::try_from(Map::HashMap(data))
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let map = crate::datapath::DomainMaps::open_pinned(pin_dir)?;
         let sock = relay_socket().context("opening the DNS relay's socket")?;
         sock.set_read_timeout(Some(Duration::from_millis(250)))?;
         let port = sock.local_addr()?.port();

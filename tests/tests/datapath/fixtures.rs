@@ -104,6 +104,22 @@ pub struct Input {
     pub on: &'static str,
     pub mark: u32,
     pub body: Body,
+    /// The frame's source MAC; by default one per source address.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Input {
+    pub fn src_mac(&self) -> [u8; 6] {
+        if let Some(m) = self.mac {
+            return m;
+        }
+        let tail = match &self.body {
+            Body::Ip(p) => p.src.octets(),
+            Body::Ip6(p) => p.src.octets()[12..16].try_into().expect("4 bytes"),
+            Body::Other { .. } => [0, 0, 0, 0x0a],
+        };
+        [0x02, 0, tail[0], tail[1], tail[2], tail[3]]
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -111,8 +127,10 @@ pub enum Step {
     Send(Input, Expect),
     /// WAN health changes, compiled and written as the daemon does.
     Health(Vec<(&'static str, Health)>),
+    /// The same for the WANs' IPv6 (`POLICIES6`, `WANS6`).
+    Health6(Vec<(&'static str, Health)>),
     /// The packet's pin looks idle for this many seconds.
-    Age(Pkt, u64),
+    Age(Body, u64),
     /// A DNS answer for the chain (question, then CNAME targets) gave the
     /// address with this TTL: the rules listing its names learn it.
     Learn(Vec<&'static str>, Ipv4Addr, u32),
@@ -132,7 +150,37 @@ pub fn send(p: Pkt, e: Expect) -> Step {
 }
 
 pub fn send_on(on: &'static str, mark: u32, body: Body, e: Expect) -> Step {
-    Step::Send(Input { on, mark, body }, e)
+    Step::Send(
+        Input {
+            on,
+            mark,
+            body,
+            mac: None,
+        },
+        e,
+    )
+}
+
+/// An IPv6 packet on `lan0`.
+pub fn send6(p: Pkt6, e: Expect) -> Step {
+    send_on("lan0", 0, Body::Ip6(p), e)
+}
+
+/// A packet on `lan0` from the host with MAC `mac`.
+pub fn send_from(mac: [u8; 6], body: impl Into<Body>, e: Expect) -> Step {
+    Step::Send(
+        Input {
+            on: "lan0",
+            mark: 0,
+            body: body.into(),
+            mac: Some(mac),
+        },
+        e,
+    )
+}
+
+pub fn health6(changes: &[(&'static str, Health)]) -> Step {
+    Step::Health6(changes.to_vec())
 }
 
 pub fn learn(chain: &[&'static str], addr: Ipv4Addr, ttl: u32) -> Step {
@@ -341,7 +389,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 send(udp.clone(), Expect::pin("isp1")),
                 health(&[("isp1", Degraded)]),
                 send(udp.clone(), Expect::follows("isp1")),
-                Step::Age(udp.clone(), 200),
+                Step::Age(udp.clone().into(), 200),
                 send(udp.clone(), Expect::pin("isp2")),
             ],
         },
@@ -481,12 +529,11 @@ pub fn fixtures() -> Vec<Fixture> {
                 send(syn.clone(), Expect::pin("isp1")),
             ],
         },
-        // Not IPv4.
+        // Not IP.
         Fixture {
-            name: "IPv6, ARP and VLAN-tagged frames are left alone",
+            name: "ARP and VLAN-tagged frames are left alone",
             config: plain.clone(),
             steps: vec![
-                send_on("lan0", 0, ipv6_tcp_syn(), Expect::untouched(GS_PASS)),
                 send_on("lan0", 0, arp_request(), Expect::untouched(GS_PASS)),
                 send_on(
                     "lan0",
@@ -635,8 +682,11 @@ pub fn fixtures() -> Vec<Fixture> {
                         counters: vec![(GS_NEW_FLOWS, 1)],
                     },
                 ),
-                // The host's WAN dies: its next new flow pins it afresh.
+                // The host's WAN dies (in both families: down for IPv4
+                // only, it would keep the pin for the host's IPv6, see
+                // `fixtures6`): its next new flow pins it afresh.
                 health(&[("isp1", Bad)]),
+                Step::Health6(vec![("isp1", Bad)]),
                 send(
                     Pkt::tcp(HOST, 40010, SERVER, 443, SYN),
                     Expect::pin("isp2").host(HostPin::Set(isp2)),
@@ -659,20 +709,24 @@ pub fn fixtures() -> Vec<Fixture> {
         // The point-to-point LAN (no Ethernet header). BPF_PROG_TEST_RUN
         // always hands a tc program an Ethernet frame and takes the
         // protocol from its header: the L3 program can be shown a packet
-        // that is not IPv4, but an IPv4 one would need a source address
+        // that is not IP, but an IPv4 one would need a source address
         // starting with the bytes of ETH_P_IP (8.0.x.x, outside the lab's
         // ranges). Its IPv4 path is the one of mwan_lan_eth (the same
         // parser at another offset) and runs end to end in the lab's
-        // point-to-point LAN tests.
+        // point-to-point LAN tests; its IPv6 path is shown in
+        // `fixtures6`.
         Fixture {
-            name: "mwan_lan_l3: IPv6 and ARP are left alone",
+            name: "mwan_lan_l3: ARP is left alone",
             config: plain.clone(),
-            steps: vec![
-                send_on(TUNNEL_IFACE, 0, ipv6_tcp_syn(), Expect::untouched(GS_PASS)),
-                send_on(TUNNEL_IFACE, 0, arp_request(), Expect::untouched(GS_PASS)),
-            ],
+            steps: vec![send_on(
+                TUNNEL_IFACE,
+                0,
+                arp_request(),
+                Expect::untouched(GS_PASS),
+            )],
         },
     ];
+    f.extend(crate::fixtures6::fixtures6());
     f.extend(rule_fixtures());
     f.extend(domain_fixtures());
     f

@@ -17,7 +17,9 @@
 //! (fragments arriving one by one, a VLAN tag moved into the skb) is tested
 //! with traffic through the running daemon in [`traffic`].
 
+mod cost;
 mod fixtures;
+mod fixtures6;
 mod packet;
 mod rig;
 mod traffic;
@@ -116,4 +118,33 @@ fn classifier_cost_of_learned_destinations() -> Result<()> {
         println!("new flow, {what}: {ns:.0} ns");
     }
     Ok(())
+}
+
+/// The classifier's time per packet of an established TCP flow (IPv4 and
+/// IPv6), the per-packet path every packet but a flow's first takes; with
+/// `MWAN_COST_BASE_OBJ` set to an object built from another revision, its
+/// IPv4 time beside this one's. Printed, not asserted (speed is for
+/// `cargo xtask bench`).
+#[test]
+fn classifier_cost_per_packet() -> Result<()> {
+    let lab = Lab::builder().lan_hosts(0).second_lan(0).isps(1).build()?;
+    let pin_dir = lab.pin_dir();
+    let base = std::env::var_os("MWAN_COST_BASE_OBJ")
+        .map(std::fs::read)
+        .transpose()?;
+    lab.router().run(|| -> Result<()> {
+        // Alternate to spread any drift of the machine's load over both.
+        for round in 0..6 {
+            let (v4, v6) = cost::measure(mwan::datapath::object(), &pin_dir.join("cost"))?;
+            println!(
+                "round {round}: this datapath: IPv4 {v4:.1} ns, IPv6 {:.1} ns per established packet",
+                v6.unwrap_or(f64::NAN)
+            );
+            if let Some(obj) = &base {
+                let (b4, _) = cost::measure(obj, &pin_dir.join("cost-base"))?;
+                println!("round {round}: base datapath: IPv4 {b4:.1} ns per established packet");
+            }
+        }
+        Ok(())
+    })
 }

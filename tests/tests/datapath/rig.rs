@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::{TestRun, TestRunOptions};
 use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
-use mwan::config::Config;
-use mwan::datapath::{self, Datapath, COUNTER_NAMES};
+use mwan::config::{Config, Sticky, StickyKey};
+use mwan::datapath::{self, AnyFlowKey, Datapath, COUNTER_NAMES};
 use mwan::dns::AddressTable;
 use mwan::policy::{self, CompiledRules, Health, WanView};
 use mwan_common::*;
@@ -36,6 +36,9 @@ pub struct Rig {
     cfg: Config,
     health: Vec<Health>,
     last_default: Vec<(u8, u32)>,
+    /// The WANs' IPv6 health, compiled into `POLICIES6`/`WANS6`.
+    health6: Vec<Health>,
+    last_default6: Vec<(u8, u32)>,
     rules_written: Option<CompiledRules>,
     /// Each rule's policy id (see `policy::assign_rule_policies`).
     policy_ids: Vec<u8>,
@@ -62,6 +65,8 @@ impl Rig {
             cfg: Config::parse(&config("", TIERED, ""))?,
             health: vec![],
             last_default: vec![],
+            health6: vec![],
+            last_default6: vec![],
             rules_written: None,
             policy_ids: vec![],
             learned: AddressTable::new(),
@@ -88,9 +93,12 @@ impl Rig {
         self.rules_written = Some(rules);
         for id in self.cfg.wans.len() as u32..MAX_WANS {
             self.dp.maps.write_wan(id as u8, WanEntry::default())?;
+            self.dp.maps.write_wan6(id as u8, WanEntry::default())?;
         }
         self.health = vec![Health::Good; self.cfg.wans.len()];
+        self.health6 = vec![Health::Good; self.cfg.wans.len()];
         self.last_default.clear();
+        self.last_default6.clear();
         self.sync_policies()?;
         // The router's connected subnets and addresses, and loopback.
         let bypass: Vec<Ipv4Net> = [
@@ -102,13 +110,20 @@ impl Rig {
         ]
         .to_vec();
         self.dp.maps.write_bypass(&bypass)?;
+        self.dp
+            .maps
+            .write_bypass6(&[LAN6.parse()?, "fe80::/10".parse()?, "::1/128".parse()?])?;
         let keys: Vec<FlowKey> = self.dp.maps.flows.keys().collect::<Result<_, _>>()?;
         for k in keys {
             self.dp.maps.flows.remove(&k)?;
         }
-        let hosts: Vec<u32> = self.dp.maps.hosts.keys().collect::<Result<_, _>>()?;
+        let keys: Vec<FlowKey6> = self.dp.maps.flows6.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.dp.maps.flows6.remove(&k)?;
+        }
+        let hosts: Vec<HostKey> = self.dp.maps.host_pins.keys().collect::<Result<_, _>>()?;
         for h in hosts {
-            self.dp.maps.hosts.remove(&h)?;
+            self.dp.maps.host_pins.remove(&h)?;
         }
         self.learned = AddressTable::new();
         self.now_ns = 0;
@@ -147,50 +162,66 @@ impl Rig {
             .ok_or_else(|| anyhow!("no WAN {name} in the fixture's config"))
     }
 
-    fn set_health(&mut self, changes: &[(&str, Health)]) -> Result<()> {
+    fn set_health(&mut self, changes: &[(&str, Health)], v6: bool) -> Result<()> {
         for (name, h) in changes {
             let id = self.wan_id(name)?;
-            self.health[id as usize] = *h;
+            match v6 {
+                false => self.health[id as usize] = *h,
+                true => self.health6[id as usize] = *h,
+            }
         }
         self.sync_policies()
     }
 
-    /// Compiles the policies for the current health and writes them and
-    /// every WAN's mark and `alive` flag, as the daemon's `sync_policies`.
+    /// Compiles the policies of each family for its health and writes them
+    /// and every WAN's mark and `alive` flag, as the daemon's
+    /// `sync_policies` (IPv6: from the WANs' IPv6 health).
     fn sync_policies(&mut self) -> Result<()> {
-        let views: Vec<WanView> = self
-            .cfg
-            .wans
-            .iter()
-            .enumerate()
-            .map(|(i, w)| WanView {
-                id: i as u8,
-                name: w.name.clone(),
-                weight: w.weight,
-                tier: w.tier,
-                health: self.health[i],
-                drained: false,
-            })
-            .collect();
-        let c = policy::compile(
-            &views,
-            &self.cfg.rules,
-            &self.policy_ids,
-            self.cfg.all_down,
-            &self.last_default,
-        );
-        if !c.all_down {
-            self.last_default = c.default_members.clone();
-        }
-        self.dp.maps.write_policies(&c.policies)?;
-        for (id, alive) in c.alive {
-            self.dp.maps.write_wan(
-                id,
-                WanEntry {
+        for v6 in [false, true] {
+            let health = if v6 { &self.health6 } else { &self.health };
+            let views: Vec<WanView> = self
+                .cfg
+                .wans
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WanView {
+                    id: i as u8,
+                    name: w.name.clone(),
+                    weight: w.weight,
+                    tier: w.tier,
+                    health: health[i],
+                    drained: false,
+                })
+                .collect();
+            let last = if v6 {
+                &mut self.last_default6
+            } else {
+                &mut self.last_default
+            };
+            let c = policy::compile(
+                &views,
+                &self.cfg.rules,
+                &self.policy_ids,
+                self.cfg.all_down,
+                last,
+            );
+            if !c.all_down {
+                *last = c.default_members.clone();
+            }
+            match v6 {
+                false => self.dp.maps.write_policies(&c.policies)?,
+                true => self.dp.maps.write_policies6(&c.policies)?,
+            }
+            for (id, alive) in c.alive {
+                let entry = WanEntry {
                     mark: self.cfg.wan_mark(id),
                     alive: alive as u32,
-                },
-            )?;
+                };
+                match v6 {
+                    false => self.dp.maps.write_wan(id, entry)?,
+                    true => self.dp.maps.write_wan6(id, entry)?,
+                }
+            }
         }
         Ok(())
     }
@@ -240,11 +271,56 @@ impl Rig {
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
+        let mut flows = HashMap::new();
+        for kv in self.dp.maps.flows.iter() {
+            let (k, v) = kv?;
+            flows.insert(AnyFlowKey::V4(k), v);
+        }
+        for kv in self.dp.maps.flows6.iter() {
+            let (k, v) = kv?;
+            flows.insert(AnyFlowKey::V6(k), v);
+        }
         Ok(Snapshot {
-            flows: self.dp.maps.flows.iter().collect::<Result<_, _>>()?,
-            hosts: self.dp.maps.hosts.iter().collect::<Result<_, _>>()?,
+            flows,
+            hosts: self.dp.maps.host_pins.iter().collect::<Result<_, _>>()?,
             counters: self.dp.maps.global_counters()?,
         })
+    }
+
+    /// The frame `input` is: an Ethernet frame from the input's source MAC,
+    /// or on the point-to-point LAN an IPv6 packet as it is (see the L3
+    /// fixture).
+    fn frame(&self, input: &Input) -> Vec<u8> {
+        match &input.body {
+            Body::Ip6(p) if input.on == TUNNEL_IFACE => p.bytes(),
+            b => b.frame_between([0x02, 0, 0, 0, 0, 1], input.src_mac()),
+        }
+    }
+
+    /// The host key the datapath files `input`'s source under
+    /// (`sticky = "host"`).
+    fn host_key(&self, input: &Input) -> Option<HostKey> {
+        if self.cfg.sticky != Sticky::Host {
+            return None;
+        }
+        let mut k = HostKey::default();
+        if input.on != TUNNEL_IFACE && self.cfg.sticky_key == StickyKey::Mac {
+            k.kind = HOST_KEY_MAC;
+            k.bytes[..6].copy_from_slice(&input.src_mac());
+            return Some(k);
+        }
+        match &input.body {
+            Body::Ip(p) => {
+                k.kind = HOST_KEY_IPV4;
+                k.bytes[..4].copy_from_slice(&p.src.octets());
+            }
+            Body::Ip6(p) => {
+                k.kind = HOST_KEY_IPV6;
+                k.bytes[..8].copy_from_slice(&p.src.octets()[..8]);
+            }
+            Body::Other { .. } => return None,
+        }
+        Some(k)
     }
 
     fn wan_name(&self, id: u8) -> String {
@@ -257,20 +333,16 @@ impl Rig {
 
     /// Sends one packet and checks everything it must and must not do.
     fn check(&self, input: &Input, want: &Expect) -> Result<()> {
-        let frame = input.body.frame();
+        let frame = self.frame(input);
         let before = self.snapshot()?;
         let mark = self.run(input, &frame)?;
         let after = self.snapshot()?;
-        let src = match &input.body {
-            Body::Ip(p) => u32::from_ne_bytes(p.src.octets()),
-            Body::Other { .. } => 0,
-        };
+        let src = self.host_key(input);
         let resolve = |w: W| -> Result<u8> {
             match w {
                 W::Named(n) => self.wan_id(n),
-                W::HostPin => after
-                    .hosts
-                    .get(&src)
+                W::HostPin => src
+                    .and_then(|k| after.hosts.get(&k))
                     .map(|h| h.wan)
                     .ok_or_else(|| anyhow!("no host pin for the packet's source")),
             }
@@ -302,11 +374,11 @@ impl Rig {
         &self,
         before: &Snapshot,
         after: &Snapshot,
-        src: u32,
+        src: Option<HostKey>,
         want: HostPin,
         resolve: &dyn Fn(W) -> Result<u8>,
     ) -> Result<()> {
-        let changed: Vec<(u32, Option<u8>)> = after
+        let changed: Vec<(HostKey, Option<u8>)> = after
             .hosts
             .iter()
             .filter(|(k, v)| before.hosts.get(k).map(|o| o.wan) != Some(v.wan))
@@ -319,13 +391,13 @@ impl Rig {
                     .map(|k| (*k, None)),
             )
             .collect();
-        let show = |v: &[(u32, Option<u8>)]| {
+        let show = |v: &[(HostKey, Option<u8>)]| {
             v.iter()
                 .map(|(k, w)| {
                     let wan = w.map(|w| self.wan_name(w));
                     format!(
                         "{} -> {}",
-                        Ipv4Addr::from(k.to_ne_bytes()),
+                        datapath::host_name(k),
                         wan.unwrap_or("gone".into())
                     )
                 })
@@ -333,7 +405,10 @@ impl Rig {
         };
         let expected = match want {
             HostPin::Unchanged => vec![],
-            HostPin::Set(w) => vec![(src, Some(resolve(w)?))],
+            HostPin::Set(w) => vec![(
+                src.ok_or_else(|| anyhow!("a host pin expected without sticky hosts"))?,
+                Some(resolve(w)?),
+            )],
         };
         ensure!(
             changed == expected,
@@ -354,7 +429,7 @@ impl Rig {
         want: Flow,
         resolve: &dyn Fn(W) -> Result<u8>,
     ) -> Result<()> {
-        let changed: Vec<FlowKey> = after
+        let changed: Vec<AnyFlowKey> = after
             .flows
             .iter()
             .filter(|(k, v)| before.flows.get(k) != Some(v))
@@ -367,14 +442,14 @@ impl Rig {
                     .copied(),
             )
             .collect();
-        let show = |k: &FlowKey| {
+        let show = |k: &AnyFlowKey| {
             let v = after.flows.get(k).or_else(|| before.flows.get(k));
             format!(
-                "{} {}:{} -> {}:{} on {}",
-                k.proto,
-                Ipv4Addr::from(k.src()),
+                "{} {} port {} -> {} port {} on {}",
+                k.proto(),
+                k.src(),
                 k.src_port(),
-                Ipv4Addr::from(k.dst()),
+                k.dst(),
                 k.dst_port(),
                 v.map(|v| self.wan_name(v.wan)).unwrap_or_default()
             )
@@ -384,10 +459,9 @@ impl Rig {
             ensure!(changed.is_empty(), "pins changed: {all:?}");
             return Ok(());
         }
-        let Body::Ip(pkt) = &input.body else {
-            bail!("a pin expected for a frame that is not IPv4");
+        let Some(key) = input.body.key() else {
+            bail!("a pin expected for a frame that is not IP");
         };
-        let key = pkt.key();
         ensure!(
             changed == vec![key],
             "pins changed: {:?}, expected only {}",
@@ -435,16 +509,23 @@ impl Rig {
     }
 
     /// Moves the pin of `p`'s flow `secs` into the past.
-    fn age(&mut self, p: &Pkt, secs: u64) -> Result<()> {
-        let key = p.key();
-        let mut v = self
-            .dp
-            .maps
-            .flows
-            .get(&key, 0)
-            .context("aging a pin that does not exist")?;
-        v.last_seen_ns = v.last_seen_ns.saturating_sub(secs * 1_000_000_000);
-        self.dp.maps.flows.insert(key, v, 0)?;
+    fn age(&mut self, p: &Body, secs: u64) -> Result<()> {
+        let back = |mut v: FlowValue| {
+            v.last_seen_ns = v.last_seen_ns.saturating_sub(secs * 1_000_000_000);
+            v
+        };
+        let missing = "aging a pin that does not exist";
+        match p.key() {
+            Some(AnyFlowKey::V4(k)) => {
+                let v = self.dp.maps.flows.get(&k, 0).context(missing)?;
+                self.dp.maps.flows.insert(k, back(v), 0)?;
+            }
+            Some(AnyFlowKey::V6(k)) => {
+                let v = self.dp.maps.flows6.get(&k, 0).context(missing)?;
+                self.dp.maps.flows6.insert(k, back(v), 0)?;
+            }
+            None => bail!("aging a frame that is not IP"),
+        }
         Ok(())
     }
 
@@ -467,7 +548,7 @@ impl Rig {
         let names: Vec<String> = self.cfg.wans.iter().map(|w| w.name.clone()).collect();
         let changes: Vec<(&str, Health)> =
             names.iter().map(|n| (n.as_str(), Health::Bad)).collect();
-        self.set_health(&changes)?;
+        self.set_health(&changes, false)?;
         let bit = self
             .cfg
             .rules
@@ -490,6 +571,7 @@ impl Rig {
             )?;
         }
         let input = Input {
+            mac: None,
             on: "lan0",
             mark: 0,
             body: Body::Ip(Pkt::tcp(HOST, 40000, dst, 443, SYN)),
@@ -543,7 +625,8 @@ impl Rig {
                         input.mark
                     )
                 }),
-                Step::Health(changes) => self.set_health(changes),
+                Step::Health(changes) => self.set_health(changes, false),
+                Step::Health6(changes) => self.set_health(changes, true),
                 Step::Age(p, secs) => self.age(p, *secs),
                 Step::Learn(chain, addr, ttl) => self.learn(chain, *addr, *ttl),
                 Step::Advance(secs) => self.advance(*secs),
@@ -556,8 +639,8 @@ impl Rig {
 
 /// The state maps around one packet.
 struct Snapshot {
-    flows: HashMap<FlowKey, FlowValue>,
-    hosts: HashMap<u32, HostValue>,
+    flows: HashMap<AnyFlowKey, FlowValue>,
+    hosts: HashMap<HostKey, HostValue>,
     counters: Vec<u64>,
 }
 
