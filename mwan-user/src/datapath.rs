@@ -203,6 +203,20 @@ impl Maps {
         Ok(self.policies.get(&i, 0)?)
     }
 
+    // TEMP (lead): stand-ins for h-dp6's IPv6 maps until it is merged.
+    pub fn write_wan6(&mut self, _id: u8, _entry: WanEntry) -> Result<()> {
+        Ok(())
+    }
+    pub fn wan6(&self, _id: u8) -> Result<WanEntry> {
+        Ok(WanEntry::default())
+    }
+    pub fn write_policies6(&mut self, _policies: &[Policy]) -> Result<()> {
+        Ok(())
+    }
+    pub fn policy6(&self, _i: u32) -> Result<Policy> {
+        Ok(Policy::EMPTY)
+    }
+
     /// Writes the rule maps. `previous` (what the maps hold now, if known)
     /// limits the port arrays to the entries that change. The caller then
     /// sets `Settings::rule_count`, which switches matching on.
