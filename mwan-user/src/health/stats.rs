@@ -15,6 +15,10 @@ use crate::config::{Family, ProbeTarget};
 /// (rounds overlap by at most `timeout / interval`; more is plenty).
 const PENDING_ROUNDS: usize = 32;
 
+/// A round decided with probes in flight: its seq and family, and the
+/// indexes of those probes in the round and in `HealthStats::targets`.
+type Pending = (u64, Family, Vec<(usize, usize)>);
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TargetStats {
     /// As written in the config (`198.51.100.1`, `tcp:…`, `dns:…`).
@@ -39,7 +43,7 @@ pub struct HealthStats {
     pub targets: Vec<TargetStats>,
     /// Rounds decided with probes still in flight: (seq, family, their
     /// indexes in the round and in `targets`).
-    pending: VecDeque<(u64, Family, Vec<(usize, usize)>)>,
+    pending: VecDeque<Pending>,
 }
 
 impl HealthStats {
