@@ -167,10 +167,9 @@ impl WanRt {
         self.family(self.judged_by(f)).machine.state()
     }
 
-    /// The state every machine agrees on for admin purposes (`disabled`
-    /// applies to both).
+    /// Disabled (by the config or `mwan disable`: both families).
     pub fn disabled(&self) -> bool {
-        self.family(Family::Ipv4).machine.state() == State::Disabled
+        self.state(Family::Ipv4) == State::Disabled
     }
 
     /// Whether the WAN carries IPv6 at all. (Until the IPv6 routing part
@@ -252,7 +251,13 @@ impl WanRt {
         &mut self,
         mut f: impl FnMut(&mut Machine) -> Option<Transition>,
     ) -> Vec<(Family, Transition)> {
-        Family::BOTH
+        // Only the machines that judge a family: a family without probe
+        // targets follows the other's, and its own machine stays idle.
+        let judging: Vec<Family> = Family::BOTH
+            .into_iter()
+            .filter(|fa| self.judged_by(*fa) == *fa)
+            .collect();
+        judging
             .into_iter()
             .filter_map(|fa| f(&mut self.family_mut(fa).machine).map(|t| (fa, t)))
             .collect()
