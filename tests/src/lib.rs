@@ -41,7 +41,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use client::{many_tcp_whoami, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT};
+pub use client::{
+    discard_late_answers, many_tcp_whoami, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT,
+};
 pub use dns::DnsReply;
 pub use ipnet::Ipv4Net;
 pub use isp::Isp;
