@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -263,16 +263,52 @@ impl fmt::Display for Gateway {
     }
 }
 
-/// One health-check target.
+/// An address family: each WAN's health and eligibility are judged per
+/// family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        })
+    }
+}
+
+/// One health-check target, IPv4 or IPv6. A WAN's targets of each family
+/// judge that family's health (see `health`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ProbeTarget {
-    /// ICMP echo to the address.
-    Icmp(Ipv4Addr),
+    /// ICMP (ICMPv6) echo to the address.
+    Icmp(IpAddr),
     /// A TCP connection to the address and port (success: connected or
     /// actively refused, both prove the path works).
-    Tcp(SocketAddrV4),
+    Tcp(SocketAddr),
     /// A DNS query (for `.` NS) to a resolver; any answer with our id counts.
-    Dns(SocketAddrV4),
+    Dns(SocketAddr),
+}
+
+impl ProbeTarget {
+    pub fn family(&self) -> Family {
+        let v6 = match self {
+            ProbeTarget::Icmp(a) => a.is_ipv6(),
+            ProbeTarget::Tcp(s) | ProbeTarget::Dns(s) => s.is_ipv6(),
+        };
+        if v6 {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        }
+    }
 }
 
 impl fmt::Display for ProbeTarget {
@@ -289,24 +325,30 @@ impl fmt::Display for ProbeTarget {
 impl std::str::FromStr for ProbeTarget {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        // A bare address (IPv6 ones contain colons themselves).
+        if let Ok(a) = s.parse::<IpAddr>() {
+            return Ok(ProbeTarget::Icmp(a));
+        }
         let (kind, rest) = match s.split_once(':') {
             Some((k, r)) => (k, r),
             None => ("icmp", s),
         };
         let addr = |r: &str| {
-            r.parse::<Ipv4Addr>()
-                .map_err(|_| format!("`{r}` is not an IPv4 address"))
+            r.parse::<IpAddr>()
+                .map_err(|_| format!("`{r}` is not an IPv4 or IPv6 address"))
         };
-        let sock = |r: &str, default_port: Option<u16>| -> Result<SocketAddrV4, String> {
-            if let Ok(s) = r.parse::<SocketAddrV4>() {
+        let sock = |r: &str, default_port: Option<u16>| -> Result<SocketAddr, String> {
+            if let Ok(s) = r.parse::<SocketAddr>() {
                 if s.port() == 0 {
                     return Err(format!("`{r}`: port 0 is not a valid target port"));
                 }
                 return Ok(s);
             }
             match default_port {
-                Some(p) => Ok(SocketAddrV4::new(addr(r)?, p)),
-                None => Err(format!("`{r}` is not ADDRESS:PORT")),
+                Some(p) => Ok(SocketAddr::new(addr(r)?, p)),
+                None => Err(format!(
+                    "`{r}` is not ADDRESS:PORT (an IPv6 address in brackets: [2001:db8::1]:443)"
+                )),
             }
         };
         match kind {
@@ -314,7 +356,7 @@ impl std::str::FromStr for ProbeTarget {
             "tcp" => Ok(ProbeTarget::Tcp(sock(rest, None)?)),
             "dns" => Ok(ProbeTarget::Dns(sock(rest, Some(53))?)),
             other => Err(format!(
-                "unknown probe kind `{other}` in `{s}` (use ADDRESS, icmp:ADDRESS, tcp:ADDRESS:PORT or dns:ADDRESS[:PORT])"
+                "unknown probe kind `{other}` in `{s}` (use ADDRESS, icmp:ADDRESS, tcp:ADDRESS:PORT or dns:ADDRESS[:PORT]; IPv6 with a port in brackets)"
             )),
         }
     }
@@ -341,6 +383,22 @@ pub struct HealthConfig {
     pub max_rtt: Option<Duration>,
     /// Rounds in the rolling loss/RTT/jitter window.
     pub window: u32,
+}
+
+impl HealthConfig {
+    /// The targets of one family and the quorum they need: `quorum`,
+    /// capped at their number. Empty when the WAN has no target of that
+    /// family (its health then follows the other family's).
+    pub fn targets_of(&self, family: Family) -> (Vec<ProbeTarget>, usize) {
+        let t: Vec<ProbeTarget> = self
+            .targets
+            .iter()
+            .filter(|t| t.family() == family)
+            .cloned()
+            .collect();
+        let quorum = self.quorum.min(t.len());
+        (t, quorum)
+    }
 }
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -1132,12 +1190,18 @@ impl HealthDefaults<'_> {
             .map(|(_, k)| k.clone())
             .unwrap_or_else(|| at.key("quorum"));
         let quorum = int(quorum_raw, DEFAULT_QUORUM as i64, 1, 64)? as usize;
-        if quorum > targets.len() {
+        // The quorum applies to each family's targets, capped at their
+        // number (see `HealthConfig::targets_of`).
+        let v6 = targets
+            .iter()
+            .filter(|t| t.family() == Family::Ipv6)
+            .count();
+        let most = v6.max(targets.len() - v6);
+        if quorum > most {
             return Err(err(
                 quorum_key,
                 format!(
-                    "{quorum} is more than the {} probe target(s); the WAN could never be up",
-                    targets.len()
+                    "{quorum} is more than the {most} probe target(s) of one family (the quorum applies to the IPv4 and the IPv6 targets separately); the WAN could never be up",
                 ),
             ));
         }
@@ -1965,6 +2029,68 @@ gateway = "auto"
             .unwrap_err()
             .contains("unknown probe kind"));
         assert!("example.com".parse::<ProbeTarget>().is_err());
+    }
+
+    #[test]
+    fn ipv6_probe_targets_parse_and_print_back() {
+        for (text, target) in [
+            (
+                "2001:db8::1",
+                ProbeTarget::Icmp("2001:db8::1".parse().unwrap()),
+            ),
+            (
+                "icmp:2001:db8::1",
+                ProbeTarget::Icmp("2001:db8::1".parse().unwrap()),
+            ),
+            (
+                "tcp:[2001:db8::1]:443",
+                ProbeTarget::Tcp("[2001:db8::1]:443".parse().unwrap()),
+            ),
+            (
+                "dns:2001:db8::53",
+                ProbeTarget::Dns("[2001:db8::53]:53".parse().unwrap()),
+            ),
+            (
+                "dns:[2001:db8::53]:5353",
+                ProbeTarget::Dns("[2001:db8::53]:5353".parse().unwrap()),
+            ),
+        ] {
+            let t: ProbeTarget = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(t, target, "{text}");
+            assert_eq!(t.family(), Family::Ipv6, "{text}");
+            let shown = t.to_string();
+            assert_eq!(shown.parse::<ProbeTarget>().unwrap(), t, "{shown}");
+        }
+        assert_eq!(
+            "tcp:[2001:db8::1]:443"
+                .parse::<ProbeTarget>()
+                .unwrap()
+                .to_string(),
+            "tcp:[2001:db8::1]:443"
+        );
+        let e = "tcp:2001:db8::1:443".parse::<ProbeTarget>().unwrap_err();
+        assert!(e.contains("in brackets"), "{e}");
+        assert!("2001:db8::g".parse::<ProbeTarget>().is_err());
+    }
+
+    /// The quorum applies to each family's targets, capped at their number.
+    #[test]
+    fn quorum_applies_per_family() {
+        let c = Config::parse(&MIN.replace(
+            r#"probe_targets = ["198.51.100.1", "tcp:203.0.113.9:443"]"#,
+            "probe_targets = [\"198.51.100.1\", \"tcp:203.0.113.9:443\", \"2001:db8::1\"]\nquorum = 2",
+        ))
+        .unwrap();
+        let h = &c.wans[0].health;
+        let (v4, q4) = h.targets_of(Family::Ipv4);
+        let (v6, q6) = h.targets_of(Family::Ipv6);
+        assert_eq!((v4.len(), q4, v6.len(), q6), (2, 2, 1, 1));
+        let e = parse_err(&MIN.replace(
+            r#"probe_targets = ["198.51.100.1", "tcp:203.0.113.9:443"]"#,
+            "probe_targets = [\"198.51.100.1\", \"2001:db8::1\"]\nquorum = 2",
+        ));
+        assert_eq!(e.key, "quorum");
+        assert!(e.reason.contains("of one family"), "{e}");
     }
 
     #[test]

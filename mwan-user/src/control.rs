@@ -87,8 +87,11 @@ pub struct Status {
     /// Seconds since the daemon started.
     pub uptime_secs: f64,
     pub sticky: String,
-    /// No WAN takes new flows (the `all_down` policy applies).
+    /// No WAN takes new IPv4 flows (the `all_down` policy applies).
     pub all_down: bool,
+    /// No WAN takes new IPv6 flows (while some WAN carries IPv6).
+    #[serde(default)]
+    pub all_down6: bool,
     /// With `ha_address`: `active` while this router holds the pair's
     /// gateway address (VRRP master), `standby` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,6 +145,28 @@ pub struct WanStatus {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
+    /// The WAN's IPv6 side, when it carries IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<FamilyStatus>,
+}
+
+/// One family's health and place in balancing (IPv6 beside the IPv4 of
+/// the [`WanStatus`] fields).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FamilyStatus {
+    pub state: String,
+    pub since: String,
+    pub since_secs: f64,
+    /// Which family's probe targets judge it: itself, or (without targets
+    /// of its own) the other family.
+    pub judged_by: String,
+    pub alive: bool,
+    pub share: f64,
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    pub loss_pct: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -149,9 +174,16 @@ pub struct Event {
     /// RFC 3339 UTC.
     pub time: String,
     pub wan: String,
+    /// `ipv4` or `ipv6`: whose health changed.
+    #[serde(default = "ipv4")]
+    pub family: String,
     pub from: String,
     pub to: String,
     pub reason: String,
+}
+
+fn ipv4() -> String {
+    "ipv4".to_string()
 }
 
 /// One pinned flow, as `mwan flows --json` prints it.

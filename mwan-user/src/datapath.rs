@@ -955,6 +955,13 @@ pub enum AnyFlowKey {
 pub type Tuple5 = (u8, IpAddr, IpAddr, u16, u16);
 
 impl AnyFlowKey {
+    pub fn family(&self) -> crate::config::Family {
+        match self {
+            AnyFlowKey::V4(_) => crate::config::Family::Ipv4,
+            AnyFlowKey::V6(_) => crate::config::Family::Ipv6,
+        }
+    }
+
     pub fn proto(&self) -> u8 {
         match self {
             AnyFlowKey::V4(k) => k.proto,

@@ -2,7 +2,7 @@
 //! change, off the caller's path.
 //!
 //! The command gets the change in its environment (`MWAN_WAN`,
-//! `MWAN_INTERFACE`, `MWAN_OLD_STATE`, `MWAN_NEW_STATE`, `MWAN_REASON`,
+//! `MWAN_INTERFACE`, `MWAN_FAMILY` (`ipv4` or `ipv6`), `MWAN_OLD_STATE`, `MWAN_NEW_STATE`, `MWAN_REASON`,
 //! `MWAN_LOSS` in percent, `MWAN_RTT_MS` (empty when unknown), `MWAN_TIME`
 //! in RFC 3339 UTC). Its output goes to the daemon's. It runs in its own
 //! process group, which is killed when the command outlives its timeout.
@@ -30,6 +30,8 @@ pub const MAX_QUEUED: usize = 8;
 pub struct HookEvent {
     pub wan: String,
     pub interface: String,
+    /// `ipv4` or `ipv6`: whose health changed.
+    pub family: String,
     pub old: String,
     pub new: String,
     pub reason: String,
@@ -39,10 +41,11 @@ pub struct HookEvent {
 }
 
 impl HookEvent {
-    fn env(&self) -> [(&'static str, String); 8] {
+    fn env(&self) -> [(&'static str, String); 9] {
         [
             ("MWAN_WAN", self.wan.clone()),
             ("MWAN_INTERFACE", self.interface.clone()),
+            ("MWAN_FAMILY", self.family.clone()),
             ("MWAN_OLD_STATE", self.old.clone()),
             ("MWAN_NEW_STATE", self.new.clone()),
             ("MWAN_REASON", self.reason.clone()),
@@ -186,6 +189,7 @@ mod tests {
         HookEvent {
             wan: wan.into(),
             interface: "wan1".into(),
+            family: "ipv4".into(),
             old: "up".into(),
             new: new.into(),
             reason: "4 consecutive failed rounds".into(),

@@ -113,6 +113,32 @@ pub fn status(s: &Status) -> String {
             w.address.clone().unwrap_or_else(|| "-".into()),
             w.gateway.clone().unwrap_or_else(|| "-".into()),
         ]);
+        if let Some(v6) = &w.ipv6 {
+            // The WAN's IPv6 side: its own health, share and addresses.
+            let mut state = v6.state.clone();
+            if v6.judged_by != "ipv6" {
+                state.push_str(" (as ipv4)");
+            }
+            let blank = String::new;
+            rows.push(vec![
+                "  └ IPv6".to_string(),
+                state,
+                duration(v6.since_secs),
+                blank(),
+                blank(),
+                format!("{:.0}%", v6.share * 100.0),
+                opt_ms(v6.rtt_ms),
+                opt_ms(v6.jitter_ms),
+                format!("{:.1}%", v6.loss_pct),
+                blank(),
+                blank(),
+                blank(),
+                blank(),
+                blank(),
+                v6.address.clone().unwrap_or_else(|| "-".into()),
+                v6.gateway.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
     }
     let mut out = table(&rows);
     if let Some(role) = &s.ha_role {
@@ -120,6 +146,9 @@ pub fn status(s: &Status) -> String {
     }
     if s.all_down {
         out.push_str("\n!! ALL WANs ARE DOWN: the all_down policy applies\n");
+    }
+    if s.all_down6 {
+        out.push_str("\n!! ALL WANs ARE DOWN FOR IPv6: the all_down policy applies to IPv6\n");
     }
     out.push_str(&format!(
         "\nflows pinned: {} of {}   uptime: {}   sticky: {}   datapath: {} LAN packets balanced, {} new flows, {} re-pinned\n",
@@ -134,9 +163,13 @@ pub fn status(s: &Status) -> String {
     if !s.events.is_empty() {
         out.push_str("\nrecent events:\n");
         for e in s.events.iter().rev().take(10) {
+            let wan = match e.family.as_str() {
+                "ipv4" => e.wan.clone(),
+                f => format!("{} {f}", e.wan),
+            };
             out.push_str(&format!(
                 "  {}  {:<10} {} -> {}  ({})\n",
-                e.time, e.wan, e.from, e.to, e.reason
+                e.time, wan, e.from, e.to, e.reason
             ));
         }
     }

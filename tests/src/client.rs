@@ -279,6 +279,7 @@ fn answer_addresses(
 /// Sends `request` on a connected socket and returns the answer, trying
 /// [`UDP_TRIES`] times within [`CLIENT_TIMEOUT`].
 fn udp_exchange_on(socket: &UdpSocket, request: &[u8]) -> Result<Vec<u8>> {
+    discard_late_answers(socket)?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT / UDP_TRIES))?;
     let mut buf = [0u8; 2048];
     let mut last_err = None;
@@ -293,6 +294,24 @@ fn udp_exchange_on(socket: &UdpSocket, request: &[u8]) -> Result<Vec<u8>> {
     }
     Err(anyhow!(last_err.expect("at least one try"))
         .context(format!("no answer from {:?}", socket.peer_addr())))
+}
+
+/// Drops the datagrams waiting on a reused socket: late answers to an
+/// earlier exchange's retried request (a busy machine delays one past the
+/// read timeout, the retry's answer is read, the first one stays queued),
+/// which would otherwise pass for the answer to the next request.
+pub fn discard_late_answers(socket: &UdpSocket) -> Result<()> {
+    socket.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    let drained = loop {
+        match socket.recv(&mut buf) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    socket.set_nonblocking(false)?;
+    Ok(drained?)
 }
 
 /// A UDP flow of [`Netns::udp_flow`]: every exchange uses the same 5-tuple.

@@ -43,7 +43,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use client::{
-    many_tcp_whoami, Endpoint, Stream, StreamEnd, StreamReport, UdpFlow, CLIENT_TIMEOUT,
+    discard_late_answers, many_tcp_whoami, Endpoint, Stream, StreamEnd, StreamReport, UdpFlow,
+    CLIENT_TIMEOUT,
 };
 pub use dns::DnsReply;
 pub use dual::{

@@ -267,8 +267,9 @@ fn udp_socket_via(lab: &Lab, host: &Netns, isp: usize) -> UdpSocket {
 }
 
 /// The source the UDP whoami server saw for a datagram of `socket` (three
-/// tries).
+/// tries; answers left over from earlier exchanges are dropped first).
 fn udp_exchange(socket: &UdpSocket) -> Option<SocketAddrV4> {
+    discard_late_answers(socket).ok()?;
     let mut buf = [0u8; 256];
     (0..3).find_map(|_| {
         socket.send(b"whoami").ok()?;

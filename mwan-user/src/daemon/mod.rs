@@ -26,17 +26,17 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{AllDown, Config, Failback};
+use crate::config::{AllDown, Config, Failback, Family};
 use crate::control::{Event, Request, Response};
 use crate::datapath::{self, AnyFlowKey, Datapath, Tuple5};
-use crate::health::{Prober, RoundReport, State, Transition};
+use crate::health::{RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
 use crate::logfield::{millis, shown};
 use crate::policy::{self, CompiledRules};
 use crate::routing::{self, Net, NetEvent, Nexthop};
 use crate::web::Web;
 use crate::{conntrack, nft, nudge, sysctl};
-use wan::{assign_ids, id_capacity, LinkInfo, WanRt};
+use wan::{assign_ids, fam, id_capacity, LinkInfo, WanRt};
 
 const MAX_EVENTS: usize = 100;
 /// Only TCP connections active this recently are nudged when their WAN
@@ -71,10 +71,14 @@ struct Daemon {
     host: HostState,
     wans: Vec<WanRt>,
     rules_written: Option<CompiledRules>,
-    /// The default policy's members when something last took new flows.
-    last_default: Vec<(u8, u32)>,
+    /// The default policy's members when something last took new flows,
+    /// per family (indexed by `wan::fam`).
+    last_default: [Vec<(u8, u32)>; 2],
     balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
-    all_down: bool,
+    /// Per family: no WAN takes new flows.
+    all_down: [bool; 2],
+    /// `refusing()` as the rules and nftables were last written for.
+    refusing_written: bool,
     bypass_written: Vec<Ipv4Net>,
     /// With `ha_address`: whether this router holds it (is the HA pair's
     /// active router), from the addresses seen at the last refresh.
@@ -155,9 +159,10 @@ impl Daemon {
             host,
             wans: Vec::new(),
             rules_written: None,
-            last_default: Vec::new(),
+            last_default: [Vec::new(), Vec::new()],
             balance_written: None,
-            all_down: false,
+            all_down: [false; 2],
+            refusing_written: false,
             bypass_written: Vec::new(),
             ha_active: None,
             events: VecDeque::new(),
@@ -202,24 +207,35 @@ impl Daemon {
             id_capacity(self.cfg.mark_mask),
         );
         if inherited {
-            // The last default policy keeps balancing continuous.
-            let p = self.dp.maps.policy(0)?;
-            self.last_default = policy::shares(&p)
-                .into_iter()
-                .map(|(id, s)| (id, ((s * 1000.0).round() as u32).max(1)))
-                .collect();
+            // The last default policies keep balancing continuous.
+            for f in Family::BOTH {
+                let p = match f {
+                    Family::Ipv4 => self.dp.maps.policy(0)?,
+                    Family::Ipv6 => self.dp.maps.policy6(0)?,
+                };
+                self.last_default[fam(f)] = policy::shares(&p)
+                    .into_iter()
+                    .map(|(id, s)| (id, ((s * 1000.0).round() as u32).max(1)))
+                    .collect();
+            }
         }
         for (w, id) in self.cfg.wans.clone().into_iter().zip(ids) {
-            let initial = if inherited && self.dp.maps.wan(id)?.alive != 0 {
-                State::Up
-            } else if inherited {
-                State::Down
-            } else {
-                State::Unknown
-            };
+            // Each family starts as the previous daemon left it.
+            let mut initial = [State::Unknown; 2];
+            for f in Family::BOTH {
+                if inherited {
+                    initial[fam(f)] = if self.read_alive(f, id)? {
+                        State::Up
+                    } else {
+                        State::Down
+                    };
+                }
+            }
             let mark = self.cfg.wan_mark(id);
             let mut rt = WanRt::new(w, id, mark, self.cfg.table_base, initial);
-            rt.alive = initial == State::Up;
+            for f in Family::BOTH {
+                rt.family_mut(f).alive = initial[fam(f)] == State::Up;
+            }
             self.wans.push(rt);
         }
         info!(
@@ -234,22 +250,21 @@ impl Daemon {
         for id in 0..MAX_WANS as u8 {
             if !used.contains(&id) {
                 self.dp.maps.write_name(id, None)?;
-                self.dp.maps.write_wan(id, WanEntry::default())?;
+                for f in Family::BOTH {
+                    self.write_alive(f, id, WanEntry::default())?;
+                }
             }
         }
         for i in 0..self.wans.len() {
-            let (id, name, mark, alive) = {
+            let (id, name, mark) = {
                 let w = &self.wans[i];
-                (w.id, w.cfg.name.clone(), w.mark, w.alive)
+                (w.id, w.cfg.name.clone(), w.mark)
             };
             self.dp.maps.write_name(id, Some(&name))?;
-            self.dp.maps.write_wan(
-                id,
-                WanEntry {
-                    mark,
-                    alive: alive as u32,
-                },
-            )?;
+            for f in Family::BOTH {
+                let alive = self.wans[i].family(f).alive as u32;
+                self.write_alive(f, id, WanEntry { mark, alive })?;
+            }
         }
         self.sync_settings_and_rules()?;
         self.apply_sysctls()?;
@@ -383,9 +398,24 @@ impl Daemon {
 
     fn start_probers(&mut self) {
         for w in self.wans.iter_mut() {
-            if w.cfg.enabled && w.prober.is_none() {
-                w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
-            }
+            w.start_probers(&self.rounds_tx, false);
+        }
+    }
+
+    /// A WAN's `alive` flag of family `f` as the datapath holds it.
+    fn read_alive(&self, f: Family, id: u8) -> Result<bool> {
+        let e = match f {
+            Family::Ipv4 => self.dp.maps.wan(id)?,
+            Family::Ipv6 => self.dp.maps.wan6(id)?,
+        };
+        Ok(e.alive != 0)
+    }
+
+    /// Writes a WAN's entry of family `f` (`WANS` or `WANS6`).
+    fn write_alive(&mut self, f: Family, id: u8, entry: WanEntry) -> Result<()> {
+        match f {
+            Family::Ipv4 => self.dp.maps.write_wan(id, entry),
+            Family::Ipv6 => self.dp.maps.write_wan6(id, entry),
         }
     }
 
@@ -455,11 +485,7 @@ impl Daemon {
                 if old.ifindex.is_some() {
                     // The interface was re-created (PPP redial): sockets
                     // bound to the old one are dead.
-                    let spec = w.probe_spec();
-                    let tx = self.rounds_tx.clone();
-                    if let Some(p) = self.wans[i].prober.as_mut() {
-                        *p = Prober::spawn(spec, tx);
-                    }
+                    self.wans[i].start_probers(&self.rounds_tx, true);
                 }
                 if !force {
                     // A new interface needs its sysctls (rp_filter).
@@ -472,12 +498,8 @@ impl Daemon {
             let usable = reason.is_none();
             if force || usable != was_usable {
                 let reason = reason.unwrap_or_else(|| format!("interface {iface} usable"));
-                if let Some(t) = self.wans[i]
-                    .machine
-                    .on_link(usable, &reason, Instant::now())
-                {
-                    self.on_transition(i, t);
-                }
+                let ts = self.wans[i].on_link(usable, &reason, Instant::now());
+                self.record(i, ts);
             }
         }
         if rules_dirty {
@@ -491,7 +513,7 @@ impl Daemon {
     /// are refused (an `unreachable` route and rule, and a reset or ICMP
     /// error from nftables for the LAN's).
     fn refusing(&self) -> bool {
-        self.all_down && self.cfg.all_down == AllDown::Unreachable
+        self.all_down[fam(Family::Ipv4)] && self.cfg.all_down == AllDown::Unreachable
     }
 
     /// Starts, restarts or stops the DNS relay of rules by domain name (the
@@ -608,91 +630,28 @@ impl Daemon {
         Ok(())
     }
 
-    /// Recomputes who takes new flows and which pins stay valid, and writes it
-    /// all: policies, `alive` flags, the balance route. Deletes conntrack
-    /// entries of WANs that died.
+    /// Recomputes who takes new flows and which pins stay valid, per
+    /// family, and writes it all: policies, `alive` flags, the balance
+    /// route. Deletes conntrack entries of WANs that died.
     async fn sync_policies(&mut self) -> Result<()> {
-        let views: Vec<_> = self.wans.iter().map(|w| w.view()).collect();
-        let ids: Vec<u8> = self
-            .cfg
-            .rules
-            .iter()
-            .map(|r| self.host.rule_policies[&r.name])
-            .collect();
-        let c = policy::compile(
-            &views,
-            &self.cfg.rules,
-            &ids,
-            self.cfg.all_down,
-            &self.last_default,
-        );
-        if !c.all_down {
-            self.last_default = c.default_members.clone();
-        }
-        // Order matters to the datapath, which reads these maps between any
-        // two writes: a WAN coming back is alive before a policy hands it
-        // new flows (else a flow pinned in between is re-pinned on its
-        // second packet); a dying WAN leaves the policies before its pins
-        // are invalidated (else a new flow could still be pinned to it).
-        let changed: Vec<(usize, bool)> = c
-            .alive
-            .iter()
-            .filter_map(|(id, alive)| {
-                let i = self
-                    .wans
-                    .iter()
-                    .position(|w| w.id == *id)
-                    .expect("view of a WAN");
-                (self.wans[i].alive != *alive).then_some((i, *alive))
-            })
-            .collect();
-        let write_alive = |dp: &mut Datapath, wans: &mut [WanRt], i: usize, alive: bool| {
-            let w = &mut wans[i];
-            w.alive = alive;
-            dp.maps.write_wan(
-                w.id,
-                WanEntry {
-                    mark: w.mark,
-                    alive: alive as u32,
-                },
-            )
-        };
-        let mut died = Vec::new();
-        for &(i, _) in changed.iter().filter(|(_, alive)| *alive) {
-            write_alive(&mut self.dp, &mut self.wans, i, true)?;
-        }
-        self.dp.maps.write_policies(&c.policies)?;
-        for &(i, _) in changed.iter().filter(|(_, alive)| !*alive) {
-            write_alive(&mut self.dp, &mut self.wans, i, false)?;
-            died.push(self.wans[i].id);
-        }
-        let revived: Vec<u8> = changed
-            .iter()
-            .filter(|(_, alive)| *alive)
-            .map(|(i, _)| self.wans[*i].id)
-            .collect();
         let started = self
             .wans
             .iter()
-            .any(|w| w.machine.state() != State::Unknown);
-        if c.all_down != self.all_down && started {
-            if c.all_down {
-                error!(
-                    policy = ?self.cfg.all_down,
-                    kept = ?c.default_members.iter().map(|(id, _)| self.wan_name(*id)).collect::<Vec<_>>(),
-                    "ALL WANs ARE DOWN: {}",
-                    match self.cfg.all_down {
-                        AllDown::Last => "new connections keep using the WANs that were up last",
-                        AllDown::Unreachable => "new connections are refused (unreachable)",
-                    }
-                );
-            } else {
-                info!("a WAN is up again; traffic is balanced normally");
+            .any(|w| Family::BOTH.iter().any(|f| w.state(*f) != State::Unknown));
+        let mut died = Vec::new();
+        let mut revived = Vec::new();
+        let mut compiled = Vec::new();
+        for f in Family::BOTH {
+            let c = self.sync_family(f, &mut died, &mut revived)?;
+            let was_down = std::mem::replace(&mut self.all_down[fam(f)], c.all_down);
+            if c.all_down != was_down && started {
+                self.log_all_down(f, &c);
             }
+            compiled.push(c);
         }
-        let was_refusing = self.refusing();
-        self.all_down = c.all_down;
-        if self.refusing() != was_refusing {
+        let c = &compiled[fam(Family::Ipv4)];
+        if self.refusing() != self.refusing_written {
+            self.refusing_written = self.refusing();
             self.sync_rules().await?;
             self.sync_nft().await?;
         }
@@ -712,15 +671,97 @@ impl Daemon {
                 .context("setting the balance route")?;
             self.balance_written = Some(want);
         }
-        for id in died {
-            self.flush_conntrack(id);
+        for (f, id) in died {
+            self.flush_conntrack(id, f);
         }
         if self.cfg.failback == Failback::Reset {
-            for id in revived {
-                self.reset_moved_flows(id);
+            for (f, id) in revived {
+                self.reset_moved_flows(id, f);
             }
         }
         Ok(())
+    }
+
+    /// Compiles family `f`'s policies from its health and writes them with
+    /// the WANs' `alive` flags of that family, in the order the datapath
+    /// needs: a WAN coming back is alive before a policy hands it new flows
+    /// (else a flow pinned in between is re-pinned on its second packet); a
+    /// dying WAN leaves the policies before its pins are invalidated (else
+    /// a new flow could still be pinned to it). Adds the WANs that died or
+    /// came back to `died` and `revived`.
+    fn sync_family(
+        &mut self,
+        f: Family,
+        died: &mut Vec<(Family, u8)>,
+        revived: &mut Vec<(Family, u8)>,
+    ) -> Result<policy::Compiled> {
+        let views: Vec<_> = self.wans.iter().map(|w| w.view(f)).collect();
+        let ids: Vec<u8> = self
+            .cfg
+            .rules
+            .iter()
+            .map(|r| self.host.rule_policies[&r.name])
+            .collect();
+        let c = policy::compile(
+            &views,
+            &self.cfg.rules,
+            &ids,
+            self.cfg.all_down,
+            &self.last_default[fam(f)],
+        );
+        if !c.all_down {
+            self.last_default[fam(f)] = c.default_members.clone();
+        }
+        let changed: Vec<(usize, bool)> = c
+            .alive
+            .iter()
+            .filter_map(|(id, alive)| {
+                let i = self
+                    .wans
+                    .iter()
+                    .position(|w| w.id == *id)
+                    .expect("view of a WAN");
+                (self.wans[i].family(f).alive != *alive).then_some((i, *alive))
+            })
+            .collect();
+        let mut write_alive = |d: &mut Daemon, i: usize, alive: bool| {
+            let (id, mark) = (d.wans[i].id, d.wans[i].mark);
+            d.wans[i].family_mut(f).alive = alive;
+            let entry = WanEntry {
+                mark,
+                alive: alive as u32,
+            };
+            (if alive { &mut *revived } else { &mut *died }).push((f, id));
+            d.write_alive(f, id, entry)
+        };
+        for &(i, _) in changed.iter().filter(|(_, alive)| *alive) {
+            write_alive(self, i, true)?;
+        }
+        match f {
+            Family::Ipv4 => self.dp.maps.write_policies(&c.policies)?,
+            Family::Ipv6 => self.dp.maps.write_policies6(&c.policies)?,
+        }
+        for &(i, _) in changed.iter().filter(|(_, alive)| !*alive) {
+            write_alive(self, i, false)?;
+        }
+        Ok(c)
+    }
+
+    fn log_all_down(&self, f: Family, c: &policy::Compiled) {
+        if c.all_down {
+            error!(
+                family = %f,
+                policy = ?self.cfg.all_down,
+                kept = ?c.default_members.iter().map(|(id, _)| self.wan_name(*id)).collect::<Vec<_>>(),
+                "ALL WANs ARE DOWN for {f}: {}",
+                match self.cfg.all_down {
+                    AllDown::Last => "new connections keep using the WANs that were up last",
+                    AllDown::Unreachable => "new connections are refused (unreachable)",
+                }
+            );
+        } else {
+            info!(family = %f, "a WAN is up again for {f}; traffic is balanced normally");
+        }
     }
 
     fn wan_name(&self, id: u8) -> String {
@@ -735,7 +776,11 @@ impl Daemon {
     /// those), so applications see a reset at once instead of hanging on a
     /// NAT binding to a dead link: connections masqueraded to its address,
     /// inbound ones it marked, and every flow pinned to it.
-    fn flush_conntrack(&self, id: u8) {
+    fn flush_conntrack(&self, id: u8, f: Family) {
+        if f == Family::Ipv6 {
+            // MERGE: IPv6 conntrack entries (h-ctl6) and FLOWS6 (h-dp6).
+            return;
+        }
         if let Some(w) = self.wans.iter().find(|w| w.id == id) {
             self.flush_conntrack_of(w);
         }
@@ -796,14 +841,14 @@ impl Daemon {
     /// `failback = "reset"`: flows that moved away from WAN `id` when it died
     /// are pinned back to it and their conntrack entries deleted, so they
     /// reconnect through it.
-    fn reset_moved_flows(&self, id: u8) {
+    fn reset_moved_flows(&self, id: u8, f: Family) {
         let name = self.wan_name(id);
         let pin_dir = self.cfg.pin_dir.clone();
         tokio::task::spawn_blocking(move || {
             let res = (|| -> Result<usize> {
                 let mut moved = Vec::new();
                 datapath::read_flows(&pin_dir, 4096, |k, v| {
-                    if v.moved_from == id {
+                    if v.moved_from == id && k.family() == f {
                         moved.push((k, *v));
                     }
                     true
@@ -820,27 +865,30 @@ impl Daemon {
                 Ok(tuples.len())
             })();
             match res {
-                Ok(n) => info!(wan = %name, flows = n, "failback: moved flows reset to their WAN"),
+                Ok(n) => {
+                    info!(wan = %name, family = %f, flows = n, "failback: moved flows reset to their WAN")
+                }
                 Err(e) => warn!(wan = %name, error = %e, "failback reset"),
             }
         });
     }
 
-    fn record(&mut self, i: usize, t: Option<Transition>) {
-        if let Some(t) = t {
-            self.on_transition(i, t);
+    fn record(&mut self, i: usize, ts: Vec<(Family, Transition)>) {
+        for (f, t) in ts {
+            self.on_transition(i, f, t);
         }
     }
 
-    fn on_transition(&mut self, i: usize, t: Transition) {
+    fn on_transition(&mut self, i: usize, f: Family, t: Transition) {
         self.web_dirty = true;
         let w = &mut self.wans[i];
-        w.state_since = SystemTime::now();
+        w.family_mut(f).since = SystemTime::now();
         w.stats.on_transition(&t);
         let m = &t.measurements;
         info!(
             wan = %w.cfg.name,
             interface = %w.cfg.interface,
+            family = %f,
             from = %t.from,
             to = %t.to,
             reason = %t.reason,
@@ -853,6 +901,7 @@ impl Daemon {
         let ev = Event {
             time: status::rfc3339(SystemTime::now()),
             wan: w.cfg.name.clone(),
+            family: f.to_string(),
             from: t.from.to_string(),
             to: t.to.to_string(),
             reason: t.reason.clone(),
@@ -863,6 +912,7 @@ impl Daemon {
                 &HookEvent {
                     wan: w.cfg.name.clone(),
                     interface: w.cfg.interface.clone(),
+                    family: f.to_string(),
                     old: t.from.to_string(),
                     new: t.to.to_string(),
                     reason: t.reason.clone(),
@@ -884,8 +934,9 @@ impl Daemon {
             return Ok(());
         };
         self.wans[i].stats.on_round(&r);
-        if let Some(t) = self.wans[i].machine.on_round(&r, Instant::now()) {
-            self.on_transition(i, t);
+        let now = Instant::now();
+        if let Some(t) = self.wans[i].family_mut(r.family).machine.on_round(&r, now) {
+            self.on_transition(i, r.family, t);
             self.sync_policies().await?;
         }
         Ok(())
@@ -971,22 +1022,20 @@ impl Daemon {
             Request::Enable { wan } => {
                 let i = self.wan_index(&wan)?;
                 self.wans[i].drained = false;
-                let t = self.wans[i].machine.set_disabled(false, Instant::now());
-                self.record(i, t);
-                if self.wans[i].prober.is_none() {
-                    self.wans[i].prober = Some(Prober::spawn(
-                        self.wans[i].probe_spec(),
-                        self.rounds_tx.clone(),
-                    ));
-                }
+                let ts = self.wans[i].set_disabled(false, Instant::now());
+                self.record(i, ts);
+                let w = &mut self.wans[i];
+                let enabled = std::mem::replace(&mut w.cfg.enabled, true);
+                w.start_probers(&self.rounds_tx, false);
+                w.cfg.enabled = enabled;
                 self.sync_policies().await?;
                 Response::ok(format!("{wan}: enabled"))
             }
             Request::Disable { wan } => {
                 let i = self.wan_index(&wan)?;
-                let t = self.wans[i].machine.set_disabled(true, Instant::now());
-                self.record(i, t);
-                self.wans[i].prober = None;
+                let ts = self.wans[i].set_disabled(true, Instant::now());
+                self.record(i, ts);
+                self.wans[i].stop_probers();
                 self.sync_policies().await?;
                 Response::ok(format!("{wan}: disabled (its flows move to other WANs)"))
             }
@@ -1085,32 +1134,27 @@ impl Daemon {
                     if w.cfg != wcfg {
                         summary.push(format!("changed {}", wcfg.name));
                     }
-                    w.machine.set_config(&wcfg.health);
-                    w.stats.set_targets(&wcfg.health.targets);
+                    w.set_health_config(&wcfg.health);
                     w.weight = wcfg.weight;
                     w.drained = false;
                     w.cfg = wcfg;
-                    let t = if enabled_changed {
-                        w.machine.set_disabled(!w.cfg.enabled, Instant::now())
+                    let ts = if enabled_changed {
+                        w.set_disabled(!w.cfg.enabled, Instant::now())
                     } else {
-                        None
+                        Vec::new()
                     };
-                    if !w.cfg.enabled {
-                        w.prober = None;
-                    } else if probe_changed || w.prober.is_none() {
-                        w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
-                    }
+                    w.start_probers(&self.rounds_tx, probe_changed);
                     self.wans.push(w);
-                    self.record(self.wans.len() - 1, t);
+                    self.record(self.wans.len() - 1, ts);
                 }
                 None => {
                     summary.push(format!("added {}", wcfg.name));
                     self.dp.maps.write_name(id, Some(&wcfg.name))?;
-                    self.dp.maps.write_wan(id, WanEntry { mark, alive: 0 })?;
-                    let mut w = WanRt::new(wcfg, id, mark, new.table_base, State::Unknown);
-                    if w.cfg.enabled {
-                        w.prober = Some(Prober::spawn(w.probe_spec(), self.rounds_tx.clone()));
+                    for f in Family::BOTH {
+                        self.write_alive(f, id, WanEntry { mark, alive: 0 })?;
                     }
+                    let mut w = WanRt::new(wcfg, id, mark, new.table_base, [State::Unknown; 2]);
+                    w.start_probers(&self.rounds_tx, false);
                     self.wans.push(w);
                 }
             }
@@ -1248,7 +1292,7 @@ impl Daemon {
         status::notify("STOPPING=1");
         self.web = None;
         for w in self.wans.iter_mut() {
-            w.prober = None;
+            w.stop_probers();
         }
         let _ = std::fs::remove_file(&socket);
         match exit {

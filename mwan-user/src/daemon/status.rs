@@ -10,8 +10,10 @@ use anyhow::Result;
 use mwan_common::WAN_NONE;
 use tracing::warn;
 
+use super::wan::{fam, WanRt};
 use super::Daemon;
-use crate::control::{Status, WanStatus};
+use crate::config::Family;
+use crate::control::{FamilyStatus, Status, WanStatus};
 use crate::datapath;
 use crate::policy;
 use crate::web::Snapshot;
@@ -171,32 +173,37 @@ impl Daemon {
         let shares: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(0)?)
             .into_iter()
             .collect();
+        let shares6: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy6(0)?)
+            .into_iter()
+            .collect();
         let ifstats = interface_counters();
         let now = SystemTime::now();
         let wans = self
             .wans
             .iter()
             .map(|w| {
-                let m = w.machine.measurements();
+                let v4 = w.family(Family::Ipv4);
+                let m = w.family(w.judged_by(Family::Ipv4)).machine.measurements();
                 let c = counters.get(w.id as usize).copied().unwrap_or_default();
                 let (rxb, rxp, txb, txp) =
                     ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
+                let since = w.family(w.judged_by(Family::Ipv4)).since;
                 WanStatus {
                     name: w.cfg.name.clone(),
                     id: w.id,
                     interface: w.cfg.interface.clone(),
-                    state: w.machine.state().to_string(),
-                    since: rfc3339(w.state_since),
-                    since_secs: now
-                        .duration_since(w.state_since)
-                        .unwrap_or_default()
-                        .as_secs_f64(),
+                    state: w.state(Family::Ipv4).to_string(),
+                    since: rfc3339(since),
+                    since_secs: now.duration_since(since).unwrap_or_default().as_secs_f64(),
                     tier: w.cfg.tier,
                     weight: w.weight,
                     share: shares.get(&w.id).copied().unwrap_or(0.0),
                     drained: w.drained,
-                    enabled: w.machine.state() != crate::health::State::Disabled,
-                    alive: w.alive,
+                    enabled: !w.disabled(),
+                    alive: v4.alive,
+                    ipv6: w
+                        .has_ipv6()
+                        .then(|| family_status(w, Family::Ipv6, &shares6, now)),
                     address: w.link.addr.map(|a| a.to_string()),
                     gateway: w.link.gateway_text(&w.cfg),
                     rtt_ms: m.rtt_ms,
@@ -219,7 +226,8 @@ impl Daemon {
             config: self.opts.config.display().to_string(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             sticky: format!("{:?}", self.cfg.sticky).to_lowercase(),
-            all_down: self.all_down,
+            all_down: self.all_down[fam(Family::Ipv4)],
+            all_down6: self.all_down[fam(Family::Ipv6)],
             ha_role: self
                 .ha_active
                 .map(|a| if a { "active" } else { "standby" }.to_string()),
@@ -274,5 +282,34 @@ impl Daemon {
             },
             sample,
         );
+    }
+}
+
+/// Family `f`'s side of a WAN for `mwan status`.
+fn family_status(
+    w: &WanRt,
+    f: Family,
+    shares: &BTreeMap<u8, f64>,
+    now: SystemTime,
+) -> FamilyStatus {
+    let judge = w.judged_by(f);
+    let h = w.family(judge);
+    let m = h.machine.measurements();
+    FamilyStatus {
+        state: w.state(f).to_string(),
+        since: rfc3339(h.since),
+        since_secs: now
+            .duration_since(h.since)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        judged_by: judge.to_string(),
+        alive: w.family(f).alive,
+        share: shares.get(&w.id).copied().unwrap_or(0.0),
+        // MERGE: the IPv6 address and gateway (h-ctl6's link info).
+        address: None,
+        gateway: None,
+        rtt_ms: m.rtt_ms,
+        jitter_ms: m.jitter_ms,
+        loss_pct: m.loss_pct,
     }
 }

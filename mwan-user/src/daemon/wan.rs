@@ -1,14 +1,16 @@
 //! One WAN at run time: its config, id, what the kernel says about its link,
-//! its health machine and prober, and the admin overrides.
+//! its health (a machine and a prober per address family) and the admin
+//! overrides.
 
 use std::net::Ipv4Addr;
 use std::time::{Instant, SystemTime};
 
 use ipnet::Ipv4Net;
 use mwan_common::MAX_WANS;
+use tokio::sync::mpsc;
 
-use crate::config::{self, Gateway};
-use crate::health::{HealthStats, Machine, ProbeSpec, Prober, State};
+use crate::config::{self, Family, Gateway};
+use crate::health::{HealthStats, Machine, ProbeSpec, Prober, RoundReport, State, Transition};
 use crate::policy::{Health, WanView};
 use crate::routing::Nexthop;
 
@@ -19,17 +21,46 @@ pub struct WanRt {
     pub table: u32,
     /// What netlink reported last.
     pub link: LinkInfo,
-    pub machine: Machine,
-    pub prober: Option<Prober>,
+    /// Health per family, indexed by [`fam`]: IPv4's judged by the IPv4
+    /// probe targets, IPv6's by the IPv6 ones. A family without targets
+    /// follows the other family's state (see [`WanRt::state`]).
+    pub health: [FamilyHealth; 2],
     /// Runtime overrides (`mwan set-weight`, `drain`, `disable`), reset by a
     /// reload to what the config says.
     pub weight: u32,
     pub drained: bool,
-    /// `alive` as last written to the datapath.
-    pub alive: bool,
-    pub state_since: SystemTime,
-    /// Probe and state-change totals for the metrics.
+    /// Probe and state-change totals for the metrics (both families).
     pub stats: HealthStats,
+}
+
+/// One family's health of a WAN.
+pub struct FamilyHealth {
+    pub machine: Machine,
+    /// Running while the WAN is enabled and has targets of the family.
+    pub prober: Option<Prober>,
+    /// The family's `alive` flag as last written to the datapath (`WANS`
+    /// or `WANS6`).
+    pub alive: bool,
+    pub since: SystemTime,
+}
+
+/// The index of a family in [`WanRt::health`].
+pub fn fam(f: Family) -> usize {
+    match f {
+        Family::Ipv4 => 0,
+        Family::Ipv6 => 1,
+    }
+}
+
+impl FamilyHealth {
+    fn new(cfg: &config::HealthConfig, initial: State) -> FamilyHealth {
+        FamilyHealth {
+            machine: Machine::new(cfg, initial, Instant::now()),
+            prober: None,
+            alive: false,
+            since: SystemTime::now(),
+        }
+    }
 }
 
 /// The kernel's view of a WAN's link.
@@ -87,51 +118,162 @@ impl LinkInfo {
 }
 
 impl WanRt {
-    pub fn new(cfg: config::Wan, id: u8, mark: u32, table_base: u32, initial: State) -> WanRt {
+    /// `initial[f]`: the state each family starts in (see the daemon's
+    /// start).
+    pub fn new(cfg: config::Wan, id: u8, mark: u32, table_base: u32, initial: [State; 2]) -> WanRt {
         assert!((id as u32) < MAX_WANS);
-        let initial = if cfg.enabled {
-            initial
-        } else {
-            State::Disabled
-        };
-        let machine = Machine::new(&cfg.health, initial, Instant::now());
+        let initial = initial.map(|s| if cfg.enabled { s } else { State::Disabled });
         WanRt {
             stats: HealthStats::new(&cfg.health.targets),
+            health: initial.map(|s| FamilyHealth::new(&cfg.health, s)),
             weight: cfg.weight,
             cfg,
             id,
             mark,
             table: table_base + id as u32,
             link: LinkInfo::default(),
-            machine,
-            prober: None,
             drained: false,
-            alive: false,
-            state_since: SystemTime::now(),
         }
     }
 
-    pub fn probe_spec(&self) -> ProbeSpec {
+    pub fn family(&self, f: Family) -> &FamilyHealth {
+        &self.health[fam(f)]
+    }
+
+    pub fn family_mut(&mut self, f: Family) -> &mut FamilyHealth {
+        &mut self.health[fam(f)]
+    }
+
+    fn has_targets(&self, f: Family) -> bool {
+        self.cfg.health.targets.iter().any(|t| t.family() == f)
+    }
+
+    /// The family whose machine judges family `f`: `f` itself, or the
+    /// other family when the WAN has no probe target of `f`.
+    pub fn judged_by(&self, f: Family) -> Family {
+        let other = match f {
+            Family::Ipv4 => Family::Ipv6,
+            Family::Ipv6 => Family::Ipv4,
+        };
+        if !self.has_targets(f) && self.has_targets(other) {
+            other
+        } else {
+            f
+        }
+    }
+
+    /// Family `f`'s health state.
+    pub fn state(&self, f: Family) -> State {
+        self.family(self.judged_by(f)).machine.state()
+    }
+
+    /// Disabled (by the config or `mwan disable`: both families).
+    pub fn disabled(&self) -> bool {
+        self.state(Family::Ipv4) == State::Disabled
+    }
+
+    /// Whether the WAN carries IPv6 at all. (Until the IPv6 routing part
+    /// says more: a WAN with IPv6 probe targets.)
+    pub fn has_ipv6(&self) -> bool {
+        self.has_targets(Family::Ipv6)
+    }
+
+    pub fn probe_spec(&self, f: Family) -> Option<ProbeSpec> {
         let h = &self.cfg.health;
-        ProbeSpec {
+        let (targets, quorum) = h.targets_of(f);
+        if targets.is_empty() {
+            return None;
+        }
+        Some(ProbeSpec {
             wan: self.id as usize,
+            family: f,
             name: self.cfg.name.clone(),
             interface: self.cfg.interface.clone(),
             mark: self.mark,
-            targets: h.targets.clone(),
+            targets,
             interval: h.interval,
             timeout: h.timeout,
-            quorum: h.quorum,
+            quorum,
+        })
+    }
+
+    /// (Re)starts the probers of an enabled WAN: every family it has
+    /// targets of; `restart` replaces running ones (new targets, a
+    /// re-created interface).
+    pub fn start_probers(&mut self, tx: &mpsc::Sender<RoundReport>, restart: bool) {
+        for f in Family::BOTH {
+            let spec = if self.cfg.enabled {
+                self.probe_spec(f)
+            } else {
+                None
+            };
+            let h = self.family_mut(f);
+            match spec {
+                None => h.prober = None,
+                Some(spec) => {
+                    if restart || h.prober.is_none() {
+                        h.prober = Some(Prober::spawn(spec, tx.clone()));
+                    }
+                }
+            }
         }
     }
 
-    pub fn view(&self) -> WanView {
+    pub fn stop_probers(&mut self) {
+        for h in self.health.iter_mut() {
+            h.prober = None;
+        }
+    }
+
+    /// Feeds a link change to both families' machines.
+    pub fn on_link(
+        &mut self,
+        usable: bool,
+        reason: &str,
+        now: Instant,
+    ) -> Vec<(Family, Transition)> {
+        self.each_machine(|m| m.on_link(usable, reason, now))
+    }
+
+    /// Disables or enables the WAN (both families).
+    pub fn set_disabled(&mut self, disabled: bool, now: Instant) -> Vec<(Family, Transition)> {
+        self.each_machine(|m| m.set_disabled(disabled, now))
+    }
+
+    pub fn set_health_config(&mut self, cfg: &config::HealthConfig) {
+        for h in self.health.iter_mut() {
+            h.machine.set_config(cfg);
+        }
+        self.stats.set_targets(&cfg.targets);
+    }
+
+    fn each_machine(
+        &mut self,
+        mut f: impl FnMut(&mut Machine) -> Option<Transition>,
+    ) -> Vec<(Family, Transition)> {
+        // Only the machines that judge a family: a family without probe
+        // targets follows the other's, and its own machine stays idle.
+        let judging: Vec<Family> = Family::BOTH
+            .into_iter()
+            .filter(|fa| self.judged_by(*fa) == *fa)
+            .collect();
+        judging
+            .into_iter()
+            .filter_map(|fa| f(&mut self.family_mut(fa).machine).map(|t| (fa, t)))
+            .collect()
+    }
+
+    /// The WAN as family `f`'s policy compiler sees it. A WAN without IPv6
+    /// never takes IPv6 flows.
+    pub fn view(&self, f: Family) -> WanView {
+        let carries = f == Family::Ipv4 || self.has_ipv6();
         WanView {
             id: self.id,
             name: self.cfg.name.clone(),
             weight: self.weight,
             tier: self.cfg.tier,
-            health: match self.machine.state() {
+            health: match self.state(f) {
+                _ if !carries => Health::Bad,
                 State::Up => Health::Good,
                 State::Degraded => Health::Degraded,
                 State::Unknown => Health::Unknown,

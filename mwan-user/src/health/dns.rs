@@ -2,7 +2,7 @@
 //! with our id counts, whatever its code.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, Type};
@@ -11,7 +11,7 @@ use tokio::net::UdpSocket;
 use super::probe::{random_u16, Outcome, NO_ANSWER};
 
 /// Asks the resolver at `addr` with `mark` through `interface` only.
-pub async fn probe(interface: &str, mark: u32, addr: SocketAddrV4, deadline: Instant) -> Outcome {
+pub async fn probe(interface: &str, mark: u32, addr: SocketAddr, deadline: Instant) -> Outcome {
     let sock = socket(interface, mark, addr)
         .await
         .map_err(|e| format!("udp socket on {interface}: {e}"))?;
@@ -36,12 +36,17 @@ pub async fn probe(interface: &str, mark: u32, addr: SocketAddrV4, deadline: Ins
     }
 }
 
-async fn socket(interface: &str, mark: u32, peer: SocketAddrV4) -> io::Result<UdpSocket> {
-    let s = socket2::Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+async fn socket(interface: &str, mark: u32, peer: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_mark(mark)?;
     s.bind_device(Some(interface.as_bytes()))?;
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let any = if peer.is_ipv6() {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    };
+    s.bind(&any.into())?;
     let sock = UdpSocket::from_std(s.into())?;
     sock.connect(peer).await?;
     Ok(sock)

@@ -406,7 +406,7 @@ mod tests {
     use crate::config::*;
 
     fn target(i: usize) -> ProbeTarget {
-        ProbeTarget::Icmp(Ipv4Addr::new(192, 0, 2, i as u8 + 1))
+        ProbeTarget::Icmp(Ipv4Addr::new(192, 0, 2, i as u8 + 1).into())
     }
 
     /// The built-in defaults, two ICMP targets.
@@ -433,6 +433,7 @@ mod tests {
     fn report(seq: u64, rtts: &[Option<f64>], quorum: usize) -> RoundReport {
         RoundReport {
             wan: 0,
+            family: crate::config::Family::Ipv4,
             seq,
             sent_at: Instant::now(),
             success: rtts.iter().flatten().count() >= quorum,

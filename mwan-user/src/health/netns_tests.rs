@@ -7,7 +7,8 @@
 //! ```text
 //!   A: a1 198.51.100.1/30 ── b1 198.51.100.2/30 :B   WAN 1: mark 0x10000 → table 1
 //!   A: a2 203.0.113.1/30  ── b2 203.0.113.2/30  :B   WAN 2: mark 0x20000 → table 2
-//!   B lo: 192.0.2.1 (ICMP, TCP :80 listening, :81 refusing), 192.0.2.53 (DNS :53)
+//!   B lo: 192.0.2.1 (ICMP, TCP :80 listening, :81 refusing), 192.0.2.53 (DNS :53),
+//!         the same on 2001:db8:ff::1 and 2001:db8:ff::53
 //! ```
 //!
 //! A's main table routes everything through a2: a WAN-1 probe escaping its
@@ -16,7 +17,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,15 +28,32 @@ use tokio::sync::mpsc;
 
 use super::probe::NO_ANSWER;
 use super::{ProbeSpec, Prober, RoundReport};
-use crate::config::ProbeTarget;
+use crate::config::{Family, ProbeTarget};
 
 const MARK1: u32 = 0x1_0000;
 const MARK2: u32 = 0x2_0000;
-const ICMP: ProbeTarget = ProbeTarget::Icmp(Ipv4Addr::new(192, 0, 2, 1));
-const TCP_OPEN: ProbeTarget = ProbeTarget::Tcp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80));
-const TCP_REFUSED: ProbeTarget =
-    ProbeTarget::Tcp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 81));
-const DNS: ProbeTarget = ProbeTarget::Dns(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 53), 53));
+/// B's service addresses: the ICMP and TCP target, and the DNS responder.
+const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+const RESOLVER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53));
+const SERVER6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1));
+const RESOLVER6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x53));
+
+/// One of every kind of target of a family: ICMP, TCP (open and refused)
+/// and DNS.
+fn targets(f: Family) -> Vec<ProbeTarget> {
+    let (server, resolver) = match f {
+        Family::Ipv4 => (SERVER, RESOLVER),
+        Family::Ipv6 => (SERVER6, RESOLVER6),
+    };
+    vec![
+        ProbeTarget::Icmp(server),
+        ProbeTarget::Tcp(SocketAddr::new(server, 80)),
+        ProbeTarget::Tcp(SocketAddr::new(server, 81)),
+        ProbeTarget::Dns(SocketAddr::new(resolver, 53)),
+    ]
+}
+
+const ICMP: ProbeTarget = ProbeTarget::Icmp(SERVER);
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -72,6 +90,11 @@ fn run(args: &[&str], stdin: &str) {
 /// Runs `ip` commands, one a line, inside namespace `ns`.
 fn ip(ns: &str, batch: &str) {
     run(&["ip", "-n", ns, "-batch", "-"], batch);
+}
+
+/// Runs `ip -6` commands, one a line, inside namespace `ns`.
+fn ip6(ns: &str, batch: &str) {
+    run(&["ip", "-6", "-n", ns, "-batch", "-"], batch);
 }
 
 /// Runs a command inside namespace `ns`.
@@ -120,8 +143,9 @@ impl Drop for Netns {
 struct Lab {
     a: Netns,
     b: Netns,
-    tcp: std::net::TcpListener,
-    dns: std::net::UdpSocket,
+    /// B's servers, IPv4 and IPv6.
+    tcp: Vec<std::net::TcpListener>,
+    dns: Vec<std::net::UdpSocket>,
 }
 
 impl Lab {
@@ -145,12 +169,28 @@ impl Lab {
                 b = b.0
             ),
         );
+        ip6(
+            &a.0,
+            &format!(
+                "addr add 2001:db8:1::1/64 dev a1 nodad
+             addr add 2001:db8:2::1/64 dev a2 nodad
+             route add default via 2001:db8:1::2 dev a1 table 1
+             route add default via 2001:db8:2::2 dev a2 table 2
+             route add default via 2001:db8:2::2 dev a2
+             rule add fwmark {MARK1:#x}/0xff0000 lookup 1 pref 100
+             rule add fwmark {MARK2:#x}/0xff0000 lookup 2 pref 101"
+            ),
+        );
         ip(
             &b.0,
             "addr add 198.51.100.2/30 dev b1
              addr add 203.0.113.2/30 dev b2
              addr add 192.0.2.1/32 dev lo
              addr add 192.0.2.53/32 dev lo
+             addr add 2001:db8:1::2/64 dev b1 nodad
+             addr add 2001:db8:2::2/64 dev b2 nodad
+             addr add 2001:db8:ff::1/128 dev lo
+             addr add 2001:db8:ff::53/128 dev lo
              link set lo up
              link set b1 up
              link set b2 up",
@@ -167,32 +207,39 @@ impl Lab {
             ],
             "",
         );
-        let tcp = enter(&b.0, || {
-            std::net::TcpListener::bind("192.0.2.1:80").unwrap()
+        let (tcp, dns) = enter(&b.0, || {
+            let tcp = [SERVER, SERVER6]
+                .map(|a| std::net::TcpListener::bind(SocketAddr::new(a, 80)).unwrap());
+            let dns = [RESOLVER, RESOLVER6]
+                .map(|a| std::net::UdpSocket::bind(SocketAddr::new(a, 53)).unwrap());
+            (tcp.into(), dns.into())
         });
-        let dns = enter(&b.0, || std::net::UdpSocket::bind("192.0.2.53:53").unwrap());
         Lab { a, b, tcp, dns }
     }
 
     /// Starts an accepting TCP server and a DNS responder (within a tokio
     /// runtime; they stop with it).
     fn serve(&self) {
-        self.tcp.set_nonblocking(true).unwrap();
-        let tcp = TcpListener::from_std(self.tcp.try_clone().unwrap()).unwrap();
-        tokio::spawn(async move {
-            while let Ok(conn) = tcp.accept().await {
-                drop(conn);
-            }
-        });
-        self.dns.set_nonblocking(true).unwrap();
-        let dns = UdpSocket::from_std(self.dns.try_clone().unwrap()).unwrap();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            while let Ok((len, peer)) = dns.recv_from(&mut buf).await {
-                buf[2] |= 0x80; // QR: the query itself makes a fine response.
-                let _ = dns.send_to(&buf[..len], peer).await;
-            }
-        });
+        for tcp in &self.tcp {
+            tcp.set_nonblocking(true).unwrap();
+            let tcp = TcpListener::from_std(tcp.try_clone().unwrap()).unwrap();
+            tokio::spawn(async move {
+                while let Ok(conn) = tcp.accept().await {
+                    drop(conn);
+                }
+            });
+        }
+        for dns in &self.dns {
+            dns.set_nonblocking(true).unwrap();
+            let dns = UdpSocket::from_std(dns.try_clone().unwrap()).unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok((len, peer)) = dns.recv_from(&mut buf).await {
+                    buf[2] |= 0x80; // QR: the query itself makes a fine response.
+                    let _ = dns.send_to(&buf[..len], peer).await;
+                }
+            });
+        }
     }
 
     /// Runs `test` on a current-thread runtime inside namespace A.
@@ -218,8 +265,10 @@ fn spec(
     targets: Vec<ProbeTarget>,
     quorum: usize,
 ) -> ProbeSpec {
+    let family = targets.first().map_or(Family::Ipv4, |t| t.family());
     ProbeSpec {
         wan,
+        family,
         name: format!("wan{wan}"),
         interface: interface.into(),
         mark,
@@ -254,11 +303,20 @@ impl Order {
 
 #[test]
 fn probes_leave_through_their_wan_only() {
+    probes_leave_through_their_wan_only_in(Family::Ipv4);
+}
+
+#[test]
+fn ipv6_probes_leave_through_their_wan_only() {
+    probes_leave_through_their_wan_only_in(Family::Ipv6);
+}
+
+fn probes_leave_through_their_wan_only_in(f: Family) {
     if !is_root() {
         return;
     }
-    Lab::new().run_in_a(|lab| async move {
-        let targets = vec![ICMP, TCP_OPEN, TCP_REFUSED, DNS];
+    Lab::new().run_in_a(move |lab| async move {
+        let targets = targets(f);
         let (tx, mut rx) = mpsc::channel(64);
         let _p1 = Prober::spawn(spec(1, "a1", MARK1, targets.clone(), 4), tx.clone());
         let _p2 = Prober::spawn(spec(2, "a2", MARK2, targets, 4), tx);
@@ -294,7 +352,15 @@ fn probes_leave_through_their_wan_only() {
         // WAN 1's table loses its route too: the mark alone would now fall
         // through to the main table (and WAN 2); the device binding holds.
         let a = lab.a.0.clone();
-        tokio::task::spawn_blocking(move || ip(&a, "route del default table 1"))
+        let cmd = match f {
+            Family::Ipv4 => "route del default table 1",
+            Family::Ipv6 => "route del ::/0 table 1",
+        };
+        let ip = match f {
+            Family::Ipv4 => ip,
+            Family::Ipv6 => ip6,
+        };
+        tokio::task::spawn_blocking(move || ip(&a, cmd))
             .await
             .unwrap();
         expect_wan1_cut_off(&mut rx, &mut order).await;
@@ -317,10 +383,15 @@ async fn expect_wan1_cut_off(rx: &mut mpsc::Receiver<RoundReport>, order: &mut O
         if r.wan == 1 {
             assert!(!r.success, "WAN 1 is cut off: {r:?}");
             for t in &r.results {
-                // Lost, or still in flight when the round failed.
+                // Lost, or still in flight when the round failed, or (IPv6,
+                // whose route lookup honours the device binding) refused
+                // at once for want of a route through the bound device.
                 assert_eq!(t.rtt, None, "{t:?}");
                 assert!(
-                    matches!(t.error.as_deref(), None | Some(NO_ANSWER)),
+                    matches!(t.error.as_deref(), None | Some(NO_ANSWER))
+                        || t.error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("unreachable")),
                     "{t:?}"
                 );
             }
@@ -337,7 +408,7 @@ fn a_round_is_reported_when_decided_and_updated_when_complete() {
     }
     Lab::new().run_in_a(|_lab| async move {
         // Nothing answers 192.0.2.99: B does not forward.
-        let silent = ProbeTarget::Icmp(Ipv4Addr::new(192, 0, 2, 99));
+        let silent = ProbeTarget::Icmp(Ipv4Addr::new(192, 0, 2, 99).into());
         let (tx, mut rx) = mpsc::channel(64);
         let _p = Prober::spawn(spec(1, "a1", MARK1, vec![ICMP, silent], 1), tx);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -380,9 +451,9 @@ fn a_missing_interface_fails_rounds_until_it_appears() {
     Lab::new().run_in_a(|lab| async move {
         let (tx, mut rx) = mpsc::channel(64);
         let targets = vec![
-            ProbeTarget::Icmp(Ipv4Addr::new(100, 64, 0, 2)),
-            ProbeTarget::Tcp(SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 2), 9)),
-            DNS,
+            ProbeTarget::Icmp(Ipv4Addr::new(100, 64, 0, 2).into()),
+            ProbeTarget::Tcp(SocketAddr::from((Ipv4Addr::new(100, 64, 0, 2), 9))),
+            ProbeTarget::Dns(SocketAddr::new(RESOLVER, 53)),
         ];
         let prober = Prober::spawn(spec(3, "late0", 0x3_0000, targets, 1), tx);
         assert_eq!(prober.spec().interface, "late0");

@@ -20,7 +20,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -29,13 +29,16 @@ use tokio::time::MissedTickBehavior;
 use tracing::debug;
 
 use super::{dns, icmp, tcp};
-use crate::config::ProbeTarget;
+use crate::config::{Family, ProbeTarget};
 
-/// What a prober probes, and how.
+/// What a prober probes, and how. A WAN has a prober per family it has
+/// targets of.
 #[derive(Clone, Debug)]
 pub struct ProbeSpec {
     /// The WAN's id, copied into every report.
     pub wan: usize,
+    /// The family of `targets`, copied into every report.
+    pub family: Family,
     pub name: String,
     pub interface: String,
     /// The WAN's fwmark: the probes' route lookup uses the WAN's table.
@@ -63,6 +66,7 @@ pub struct TargetResult {
 #[derive(Clone, Debug)]
 pub struct RoundReport {
     pub wan: usize,
+    pub family: Family,
     /// Rounds of one prober are numbered from 0.
     pub seq: u64,
     pub sent_at: Instant,
@@ -160,6 +164,7 @@ impl Round {
     fn report(&self, spec: &ProbeSpec, success: bool, update: bool) -> RoundReport {
         RoundReport {
             wan: spec.wan,
+            family: spec.family,
             seq: self.seq,
             sent_at: self.sent_at,
             success,
@@ -182,7 +187,7 @@ impl Round {
 struct Echo {
     round: u64,
     target: usize,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     sent: Instant,
 }
 
@@ -218,7 +223,8 @@ impl Runner {
             tokio::select! {
                 biased;
                 r = icmp::recv(self.icmp.as_ref(), &mut buf) => match r {
-                    Ok((len, at)) => self.on_echo_reply(&buf[..len], at),
+                    Ok((Some(reply), at)) => self.on_echo_reply(reply, at),
+                    Ok((None, _)) => {}
                     Err(e) => {
                         debug!(wan = %self.spec.name, "icmp receive: {e}; reopening the socket");
                         self.icmp = None;
@@ -288,10 +294,11 @@ impl Runner {
     }
 
     /// Sends an echo request for target `target` of round `round`.
-    fn send_echo(&mut self, addr: Ipv4Addr, round: u64, target: usize) -> Result<(), String> {
+    fn send_echo(&mut self, addr: IpAddr, round: u64, target: usize) -> Result<(), String> {
+        let v6 = self.spec.family == Family::Ipv6;
         let sock = match self.icmp.take() {
             Some(s) => s,
-            None => icmp::Socket::open(&self.spec.interface, self.spec.mark)
+            None => icmp::Socket::open(&self.spec.interface, self.spec.mark, v6)
                 .map_err(|e| format!("icmp socket on {}: {e}", self.spec.interface))?,
         };
         let seq = self.next_echo_seq;
@@ -312,10 +319,7 @@ impl Runner {
         Ok(())
     }
 
-    fn on_echo_reply(&mut self, packet: &[u8], at: Instant) {
-        let Some(reply) = icmp::parse_reply(packet) else {
-            return;
-        };
+    fn on_echo_reply(&mut self, reply: icmp::Reply, at: Instant) {
         if reply.id != self.echo_id {
             return;
         }

@@ -9,11 +9,15 @@ use std::time::Duration;
 
 use super::machine::{State, Transition};
 use super::probe::RoundReport;
-use crate::config::ProbeTarget;
+use crate::config::{Family, ProbeTarget};
 
 /// Rounds whose pending probes are remembered until their update report
 /// (rounds overlap by at most `timeout / interval`; more is plenty).
 const PENDING_ROUNDS: usize = 32;
+
+/// A round decided with probes in flight: its seq and family, and the
+/// indexes of those probes in the round and in `HealthStats::targets`.
+type Pending = (u64, Family, Vec<(usize, usize)>);
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TargetStats {
@@ -27,6 +31,7 @@ pub struct TargetStats {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HealthStats {
+    /// Rounds of both families' probers.
     pub rounds: u64,
     pub rounds_failed: u64,
     /// Whether the latest round succeeded (none yet: `None`).
@@ -36,8 +41,9 @@ pub struct HealthStats {
     /// `up` or `degraded` to `down` or `disabled` (its flows moved).
     pub failovers: u64,
     pub targets: Vec<TargetStats>,
-    /// Rounds decided with probes still in flight: (seq, their indexes).
-    pending: VecDeque<(u64, Vec<usize>)>,
+    /// Rounds decided with probes still in flight: (seq, family, their
+    /// indexes in the round and in `targets`).
+    pending: VecDeque<Pending>,
 }
 
 impl HealthStats {
@@ -67,15 +73,21 @@ impl HealthStats {
         self.pending.clear();
     }
 
+    /// Accounts for a round of one family's prober: its results name their
+    /// targets, which are found in the WAN's whole list.
     pub fn on_round(&mut self, r: &RoundReport) {
         if r.update {
             // Count the answers of the probes that were still in flight.
-            let Some(p) = self.pending.iter().position(|(seq, _)| *seq == r.seq) else {
+            let Some(p) = self
+                .pending
+                .iter()
+                .position(|(seq, family, _)| *seq == r.seq && *family == r.family)
+            else {
                 return;
             };
-            let (_, idx) = self.pending.remove(p).expect("found");
-            for i in idx {
-                if let (Some(res), Some(t)) = (r.results.get(i), self.targets.get_mut(i)) {
+            let (_, _, idx) = self.pending.remove(p).expect("found");
+            for (i, t) in idx {
+                if let (Some(res), Some(t)) = (r.results.get(i), self.targets.get_mut(t)) {
                     if let Some(rtt) = res.rtt {
                         t.answered += 1;
                         t.last_rtt = Some(rtt);
@@ -89,21 +101,23 @@ impl HealthStats {
         self.last_round_ok = Some(r.success);
         let mut in_flight = Vec::new();
         for (i, res) in r.results.iter().enumerate() {
-            let Some(t) = self.targets.get_mut(i) else {
+            let name = res.target.to_string();
+            let Some(ti) = self.targets.iter().position(|t| t.target == name) else {
                 continue;
             };
+            let t = &mut self.targets[ti];
             t.sent += 1;
             match (res.rtt, &res.error) {
                 (Some(rtt), _) => {
                     t.answered += 1;
                     t.last_rtt = Some(rtt);
                 }
-                (None, None) => in_flight.push(i),
+                (None, None) => in_flight.push((i, ti)),
                 (None, Some(_)) => {}
             }
         }
         if !in_flight.is_empty() {
-            self.pending.push_back((r.seq, in_flight));
+            self.pending.push_back((r.seq, r.family, in_flight));
             while self.pending.len() > PENDING_ROUNDS {
                 self.pending.pop_front();
             }
@@ -134,6 +148,7 @@ mod tests {
     fn report(seq: u64, update: bool, res: [(Option<u64>, bool); 2]) -> RoundReport {
         RoundReport {
             wan: 0,
+            family: crate::config::Family::Ipv4,
             seq,
             sent_at: Instant::now(),
             success: res.iter().any(|(r, _)| r.is_some()),

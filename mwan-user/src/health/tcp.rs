@@ -1,7 +1,7 @@
 //! TCP connect probes.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
@@ -12,10 +12,11 @@ use super::probe::{Outcome, NO_ANSWER};
 /// Connects to `addr` with `mark` through `interface` only. Success is a
 /// connection or an active refusal (RST): both prove the path works. The
 /// RTT is the time from sending the SYN to its answer.
-pub async fn probe(interface: &str, mark: u32, addr: SocketAddrV4, deadline: Instant) -> Outcome {
-    let sock = socket(interface, mark).map_err(|e| format!("tcp socket on {interface}: {e}"))?;
+pub async fn probe(interface: &str, mark: u32, addr: SocketAddr, deadline: Instant) -> Outcome {
+    let sock = socket(interface, mark, addr.is_ipv6())
+        .map_err(|e| format!("tcp socket on {interface}: {e}"))?;
     let start = Instant::now();
-    let connected = tokio::time::timeout_at(deadline.into(), sock.connect(addr.into())).await;
+    let connected = tokio::time::timeout_at(deadline.into(), sock.connect(addr)).await;
     let rtt = start.elapsed();
     match connected {
         Err(_) => Err(NO_ANSWER.to_string()),
@@ -25,8 +26,12 @@ pub async fn probe(interface: &str, mark: u32, addr: SocketAddrV4, deadline: Ins
     }
 }
 
-fn socket(interface: &str, mark: u32) -> io::Result<TcpSocket> {
-    let sock = TcpSocket::new_v4()?;
+fn socket(interface: &str, mark: u32, v6: bool) -> io::Result<TcpSocket> {
+    let sock = if v6 {
+        TcpSocket::new_v6()?
+    } else {
+        TcpSocket::new_v4()?
+    };
     let s = SockRef::from(&sock);
     s.set_mark(mark)?;
     s.bind_device(Some(interface.as_bytes()))?;

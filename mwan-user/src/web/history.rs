@@ -184,6 +184,7 @@ pub(crate) mod tests_support {
     /// A WAN's status with `rx` bytes received.
     pub(crate) fn wan(name: &str, state: &str, rx: u64) -> WanStatus {
         WanStatus {
+            ipv6: None,
             name: name.into(),
             id: 0,
             interface: format!("if-{name}"),

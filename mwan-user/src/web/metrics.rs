@@ -292,6 +292,44 @@ pub fn render(s: &Snapshot) -> String {
         "1 when the WAN is up or degraded (usable), 0 otherwise.",
         |i| flag(wans[i].state == "up" || wans[i].state == "degraded"),
     );
+    // The IPv6 side of the WANs that carry IPv6 (its own health).
+    o.family(
+        "mwan_wan_ipv6_state",
+        "gauge",
+        "1 for the current state of the WAN's IPv6, 0 for the others (WANs with IPv6 only).",
+    );
+    for w in wans {
+        let Some(v6) = &w.ipv6 else { continue };
+        for state in STATES {
+            let labels = [
+                ("wan", w.name.as_str()),
+                ("interface", &w.interface),
+                ("state", state),
+            ];
+            o.sample(
+                "mwan_wan_ipv6_state",
+                &labels,
+                f64::from(u8::from(v6.state == state)),
+            );
+        }
+    }
+    o.per_wan(
+        s,
+        "mwan_wan_ipv6_up",
+        "gauge",
+        "1 when the WAN's IPv6 is up or degraded (takes new IPv6 flows), 0 otherwise.",
+        |i| {
+            let v6 = wans[i].ipv6.as_ref()?;
+            flag(v6.state == "up" || v6.state == "degraded")
+        },
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_ipv6_share_ratio",
+        "gauge",
+        "Share of new IPv6 flows the default policy gives the WAN now (0 to 1).",
+        |i| Some(wans[i].ipv6.as_ref()?.share),
+    );
     o.per_wan(
         s,
         "mwan_wan_state_since_timestamp_seconds",
@@ -499,6 +537,13 @@ mod tests {
         assert!(text.contains("mwan_wan_rtt_seconds{wan=\"isp1\",interface=\"wan1\"} 0.0125\n"));
         assert!(text.contains("mwan_probe_answered_total{wan=\"isp1\",interface=\"wan1\",target=\"198.51.100.1\"} 2\n"));
         assert!(text.contains("mwan_datapath_repins_total 7\n"));
+        // IPv6 health is its own: isp2's IPv6 is down while its IPv4 is up;
+        // isp1 has no IPv6 and no IPv6 series.
+        assert!(text.contains("mwan_wan_up{wan=\"isp2\",interface=\"wan2\"} 1\n"));
+        assert!(text.contains("mwan_wan_ipv6_up{wan=\"isp2\",interface=\"wan2\"} 0\n"));
+        assert!(text
+            .contains("mwan_wan_ipv6_state{wan=\"isp2\",interface=\"wan2\",state=\"down\"} 1\n"));
+        assert!(!text.contains("mwan_wan_ipv6_up{wan=\"isp1\""));
     }
 
     #[test]

@@ -365,6 +365,20 @@ pub(crate) mod tests {
         w1.loss_pct = 25.0;
         let mut w2 = history::tests_support::wan("isp2", "up", 100);
         w2.interface = "wan2".into();
+        // isp2 carries IPv6, which is down while its IPv4 is up.
+        w2.ipv6 = Some(crate::control::FamilyStatus {
+            state: "down".into(),
+            since: "2026-01-01T00:00:00Z".into(),
+            since_secs: 3.0,
+            judged_by: "ipv6".into(),
+            alive: false,
+            share: 0.0,
+            address: Some("2001:db8:2::2/64".into()),
+            gateway: Some("fe80::1".into()),
+            rtt_ms: None,
+            jitter_ms: None,
+            loss_pct: 100.0,
+        });
         let targets: Vec<crate::config::ProbeTarget> = vec![
             "198.51.100.1".parse().unwrap(),
             "198.51.100.2".parse().unwrap(),
@@ -373,6 +387,7 @@ pub(crate) mod tests {
         for seq in 0..2 {
             h.on_round(&RoundReport {
                 wan: 0,
+                family: crate::config::Family::Ipv4,
                 seq,
                 sent_at: Instant::now(),
                 success: true,
@@ -397,6 +412,7 @@ pub(crate) mod tests {
                 uptime_secs: 10.0,
                 sticky: "connection".into(),
                 all_down: false,
+                all_down6: false,
                 ha_role: None,
                 wans: vec![w1, w2],
                 flows_total: 3,
