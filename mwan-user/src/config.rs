@@ -776,8 +776,18 @@ impl RawConfig {
                 enabled: get(w, at, "enabled", BOOL)?,
                 gateway6: get(w, at, "gateway6", GATEWAY6)?,
                 ipv6: get(w, at, "ipv6", IPV6_MODES)?,
-                prefix6: get(w, at, "prefix6", "an IPv6 prefix such as \"2001:db8:1::/48\" or \"auto\"")?,
-                lan_prefix6: get(w, at, "lan_prefix6", "an IPv6 prefix such as \"fd00:1::/48\"")?,
+                prefix6: get(
+                    w,
+                    at,
+                    "prefix6",
+                    "an IPv6 prefix such as \"2001:db8:1::/48\" or \"auto\"",
+                )?,
+                lan_prefix6: get(
+                    w,
+                    at,
+                    "lan_prefix6",
+                    "an IPv6 prefix such as \"fd00:1::/48\"",
+                )?,
                 health: RawHealth::read(w, at)?,
             });
         }
@@ -953,24 +963,35 @@ fn ipv6_settings(w: &RawWan, at: &KeyPath) -> Result<(Option<Gateway6>, Ipv6Mode
         }
     };
     let prefix = |k: &str, s: &str| -> Result<Ipv6Net, ConfigError> {
-        let net: Ipv6Net = s
-            .parse()
-            .map_err(|_| err(at.key(k), format!("`{s}` is not an IPv6 prefix (ADDRESS/LENGTH)")))?;
+        let net: Ipv6Net = s.parse().map_err(|_| {
+            err(
+                at.key(k),
+                format!("`{s}` is not an IPv6 prefix (ADDRESS/LENGTH)"),
+            )
+        })?;
         if net.prefix_len() == 0 || net.prefix_len() > 64 {
             return Err(err(
                 at.key(k),
-                format!("`{s}`: the prefix length must be 1 to 64 (the interface identifier is kept)"),
+                format!(
+                    "`{s}`: the prefix length must be 1 to 64 (the interface identifier is kept)"
+                ),
             ));
         }
         if net != net.trunc() {
             return Err(err(
                 at.key(k),
-                format!("`{s}` has bits set after the prefix length: write `{}`", net.trunc()),
+                format!(
+                    "`{s}` has bits set after the prefix length: write `{}`",
+                    net.trunc()
+                ),
             ));
         }
         Ok(net)
     };
-    let mode = w.ipv6.as_deref().unwrap_or(if gateway6.is_some() { "nat" } else { "off" });
+    let mode = w
+        .ipv6
+        .as_deref()
+        .unwrap_or(if gateway6.is_some() { "nat" } else { "off" });
     if matches!(mode, "nat" | "npt") && gateway6.is_none() {
         return Err(err(
             at.key("ipv6"),
@@ -982,7 +1003,10 @@ fn ipv6_settings(w: &RawWan, at: &KeyPath) -> Result<(Option<Gateway6>, Ipv6Mode
         "nat" => Ipv6Mode::Nat,
         "npt" => {
             let lan_s = w.lan_prefix6.as_deref().ok_or_else(|| {
-                err(at.key("lan_prefix6"), "missing: ipv6 = \"npt\" maps the LAN prefix onto prefix6")
+                err(
+                    at.key("lan_prefix6"),
+                    "missing: ipv6 = \"npt\" maps the LAN prefix onto prefix6",
+                )
             })?;
             let lan_prefix = prefix("lan_prefix6", lan_s)?;
             let prefix = match w.prefix6.as_deref() {
@@ -1011,7 +1035,10 @@ fn ipv6_settings(w: &RawWan, at: &KeyPath) -> Result<(Option<Gateway6>, Ipv6Mode
             Ipv6Mode::Npt { prefix, lan_prefix }
         }
         other => {
-            return Err(err(at.key("ipv6"), format!("`{other}` is not {IPV6_MODES}")))
+            return Err(err(
+                at.key("ipv6"),
+                format!("`{other}` is not {IPV6_MODES}"),
+            ))
         }
     };
     if !matches!(ipv6, Ipv6Mode::Npt { .. }) {

@@ -363,7 +363,7 @@ fn sigterm_removes_everything_mwan_added() {
     mwan.wait_all_up(UP).unwrap();
     let during = router_snapshot(&lab);
     assert_ne!(before, during);
-    for needle in ["proto 109", "table ip mwan", "mwan_lan_eth", "FLOWS"] {
+    for needle in ["proto 109", "table inet mwan", "mwan_lan_eth", "FLOWS"] {
         assert!(
             during.contains(needle),
             "{needle} missing while running:\n{during}"

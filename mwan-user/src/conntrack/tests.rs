@@ -196,6 +196,7 @@ fn deletes_only_matching_entries_of_real_traffic() {
         mark: 0x2_0000,
         nat: true,
         snat: None,
+        nat6: crate::nft::Nat6::None,
     }];
     t.router
         .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })

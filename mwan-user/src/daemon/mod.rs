@@ -547,6 +547,7 @@ impl Daemon {
                 mark: w.mark,
                 nat: w.cfg.nat,
                 snat: w.cfg.snat_address,
+                nat6: nft::Nat6::None,
             })
             .collect();
         let refuse: &[String] = if self.refusing() {
@@ -556,7 +557,7 @@ impl Daemon {
         };
         nft::apply(&wans, self.cfg.mark_mask, refuse, self.divert.as_ref())
             .await
-            .context("applying nftables table ip mwan")
+            .context("applying nftables table inet mwan")
     }
 
     /// An HA pair's role follows keepalived: the router holding the
