@@ -399,7 +399,7 @@ impl Daemon {
                 info.addr = self.net.ipv4_addrs(l.index).await?.into_iter().next();
                 info.nexthop = match self.wans[i].cfg.gateway {
                     crate::config::Gateway::Fixed(gw) => Some(Nexthop {
-                        gateway: Some(gw),
+                        gateway: Some(gw.into()),
                         ifindex: l.index,
                     }),
                     crate::config::Gateway::Auto => {
