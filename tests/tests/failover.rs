@@ -200,8 +200,8 @@ fn entry_of<'a>(
 ) -> Option<&'a CtEntry> {
     table.iter().find(|e| {
         e.reply.proto == proto
-            && (e.reply.src, e.reply.sport) == (*server.ip(), server.port())
-            && (e.reply.dst, e.reply.dport) == (*seen.ip(), seen.port())
+            && (e.reply.src, e.reply.sport) == ((*server.ip()).into(), server.port())
+            && (e.reply.dst, e.reply.dport) == ((*seen.ip()).into(), seen.port())
     })
 }
 

@@ -12,7 +12,7 @@ use host::{create_dirs, remove_created_dirs};
 pub use host::{teardown, HostState};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -26,14 +26,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{AllDown, Config, Failback};
+use crate::config::{AllDown, Config, Failback, Gateway6, Ipv6Mode};
 use crate::control::{Event, Request, Response};
 use crate::datapath::{self, Datapath};
 use crate::health::{Prober, RoundReport, State, Transition};
 use crate::hooks::{run_hook, HookEvent};
 use crate::logfield::{millis, shown};
 use crate::policy::{self, CompiledRules};
-use crate::routing::{self, Net, NetEvent, Nexthop};
+use crate::routing::{self, Family, Net, NetEvent, Nexthop};
 use crate::web::Web;
 use crate::{conntrack, nft, nudge, sysctl};
 use wan::{assign_ids, id_capacity, LinkInfo, WanRt};
@@ -74,6 +74,7 @@ struct Daemon {
     /// The default policy's members when something last took new flows.
     last_default: Vec<(u8, u32)>,
     balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
+    balance6_written: Option<(Vec<(Nexthop, u32)>, bool)>,
     all_down: bool,
     bypass_written: Vec<Ipv4Net>,
     /// With `ha_address`: whether this router holds it (is the HA pair's
@@ -157,6 +158,7 @@ impl Daemon {
             rules_written: None,
             last_default: Vec::new(),
             balance_written: None,
+            balance6_written: None,
             all_down: false,
             bypass_written: Vec::new(),
             ha_active: None,
@@ -276,10 +278,11 @@ impl Daemon {
     /// left alone.
     async fn adopt_connections(&self) {
         let mask = self.cfg.mark_mask;
-        let wans: Vec<(Ipv4Addr, u32)> = self
+        let wans: Vec<(WanAddrs, u32)> = self
             .wans
             .iter()
-            .filter_map(|w| Some((w.link.address()?, w.mark)))
+            .map(|w| (WanAddrs::of(w), w.mark))
+            .filter(|(a, _)| !a.is_empty())
             .collect();
         if wans.is_empty() {
             return;
@@ -289,9 +292,7 @@ impl Daemon {
                 if e.mark & mask != 0 {
                     return None;
                 }
-                let uses =
-                    |a: Ipv4Addr| [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst].contains(&a);
-                wans.iter().find(|(a, _)| uses(*a)).map(|(_, m)| *m)
+                wans.iter().find(|(a, _)| a.used_by(e)).map(|(_, m)| *m)
             })
         })
         .await;
@@ -308,7 +309,17 @@ impl Daemon {
 
     fn apply_sysctls(&mut self) -> Result<()> {
         let ifaces: Vec<String> = self.cfg.wans.iter().map(|w| w.interface.clone()).collect();
-        let per_iface: HashSet<String> = ifaces
+        let ipv6 = |ra_only: bool| -> Vec<String> {
+            self.cfg
+                .wans
+                .iter()
+                .filter(|w| w.ipv6 != Ipv6Mode::Off)
+                .filter(|w| !ra_only || w.gateway6 == Some(Gateway6::Auto))
+                .map(|w| w.interface.clone())
+                .collect()
+        };
+        let (ifaces6, ra_ifaces) = (ipv6(false), ipv6(true));
+        let mut per_iface: HashSet<String> = ifaces
             .iter()
             .flat_map(|i| {
                 sysctl::WAN_IFACE_SETTINGS
@@ -316,7 +327,17 @@ impl Daemon {
                     .map(move |(name, _)| sysctl::iface_key(i, name))
             })
             .collect();
-        for (k, v) in sysctl::router_settings(&ifaces) {
+        per_iface.extend(ra_ifaces.iter().map(|i| sysctl::iface_key6(i, "accept_ra")));
+        if !ifaces6.is_empty() && !sysctl::ipv6_forwarding().unwrap_or(true) {
+            warn!(
+                wans = ?ifaces6,
+                "IPv6 forwarding is off (net.ipv6.conf.all.forwarding = 0): the LAN's IPv6 is not routed through the WANs with IPv6; enabling it is the admin's choice"
+            );
+        }
+        let settings = sysctl::router_settings(&ifaces)
+            .into_iter()
+            .chain(sysctl::ipv6_settings(&ifaces6, &ra_ifaces));
+        for (k, v) in settings {
             if let Err(e) = sysctl::set(&mut self.host.sysctls, &k, &v) {
                 if per_iface.contains(&k) {
                     // A WAN interface that does not exist yet gets its
@@ -389,6 +410,7 @@ impl Daemon {
     async fn refresh_links(&mut self, force: bool) -> Result<()> {
         let exclude = self.cfg.table_base..=self.cfg.table_base + MAX_WANS;
         let mut rules_dirty = force;
+        let mut nft_dirty = false;
         for i in 0..self.wans.len() {
             let iface = self.wans[i].cfg.interface.clone();
             let mut info = LinkInfo::default();
@@ -406,38 +428,49 @@ impl Daemon {
                         self.net.learned_default(l.index, exclude.clone()).await?
                     }
                 };
+                if self.wans[i].cfg.ipv6 != Ipv6Mode::Off {
+                    info.addrs6 = self.net.ipv6_addrs(l.index).await?;
+                    info.nexthop6 = match self.wans[i].cfg.gateway6 {
+                        Some(Gateway6::Fixed(gw)) => Some(Nexthop {
+                            gateway: Some(gw.into()),
+                            ifindex: l.index,
+                        }),
+                        Some(Gateway6::Auto) => {
+                            self.net
+                                .learned_default_of(Family::V6, l.index, exclude.clone())
+                                .await?
+                        }
+                        None => None,
+                    };
+                }
             }
             let old = std::mem::replace(&mut self.wans[i].link, info.clone());
             let w = &self.wans[i];
-            // The kernel deletes the table's route, without a notification,
-            // when the interface goes administratively down or loses its
-            // last address, and refuses it meanwhile: while the link is
-            // usable, the route is checked and put back if it is gone.
             let usable_now = info.unusable_reason(&w.cfg).is_none();
-            let mut install = force || old.nexthop != info.nexthop;
-            if !install && usable_now && info.nexthop.is_some() {
-                install = self.net.table_default(w.table).await? != info.nexthop;
-                if install {
-                    info!(wan = %w.cfg.name, table = w.table, "the WAN's table route was gone (interface set down, address removed?); putting it back");
+            let changed = self
+                .sync_table_route(i, Family::V4, old.nexthop, usable_now, force)
+                .await?;
+            if changed && !force {
+                info!(wan = %w.cfg.name, gateway = shown(info.gateway_text(&w.cfg)), "gateway changed");
+            }
+            let usable6 = usable_now && info.ipv6_ready(&w.cfg);
+            let changed6 = self
+                .sync_table_route(i, Family::V6, old.nexthop6, usable6, force)
+                .await?;
+            let w = &self.wans[i];
+            if changed6 && !force {
+                info!(wan = %w.cfg.name, gateway6 = shown(info.nexthop6.and_then(|n| n.gateway)), "IPv6 gateway changed");
+            }
+            if old.addrs6 != info.addrs6 {
+                rules_dirty = true;
+                if !force {
+                    info!(wan = %w.cfg.name, addresses6 = ?info.addrs6, "IPv6 addresses changed");
                 }
             }
-            if install {
-                match info.nexthop {
-                    Some(nh) => {
-                        let set = self.net.set_table_default(w.table, nh).await;
-                        match set {
-                            Err(e) if !usable_now => {
-                                warn!(wan = %w.cfg.name, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
-                            }
-                            r => r.with_context(|| {
-                                format!("WAN {}: setting table {}", w.cfg.name, w.table)
-                            })?,
-                        }
-                    }
-                    None => self.net.flush_table(w.table).await?,
-                }
-                if !force && old.nexthop != info.nexthop {
-                    info!(wan = %w.cfg.name, gateway = shown(info.gateway_text(&w.cfg)), "gateway changed");
+            if old.nat6(&w.cfg) != info.nat6(&w.cfg) {
+                nft_dirty = true;
+                if !force {
+                    info!(wan = %w.cfg.name, prefix6 = shown(info.prefix6(&w.cfg)), "IPv6 prefix changed");
                 }
             }
             if old.addr != info.addr {
@@ -478,8 +511,57 @@ impl Daemon {
         if rules_dirty {
             self.sync_rules().await?;
         }
+        if nft_dirty && !force {
+            // (start and reload apply the table after this.)
+            self.sync_nft().await?;
+        }
         self.sync_bypass().await?;
         self.sync_policies().await
+    }
+
+    /// Puts WAN `i`'s default route of `family` in its table (the link's
+    /// next hop of that family, as just read), or empties the table when it
+    /// has none; `old`: the next hop before. Returns whether the next hop
+    /// changed. The kernel deletes the table's route, without a
+    /// notification, when the interface goes administratively down or
+    /// loses its last address, and refuses it meanwhile: while the link is
+    /// `usable`, the route is checked and put back if it is gone.
+    async fn sync_table_route(
+        &self,
+        i: usize,
+        family: Family,
+        old: Option<Nexthop>,
+        usable: bool,
+        force: bool,
+    ) -> Result<bool> {
+        let w = &self.wans[i];
+        let nexthop = match family {
+            Family::V4 => w.link.nexthop,
+            Family::V6 => w.link.nexthop6,
+        };
+        let changed = old != nexthop;
+        let mut install = force || changed;
+        if !install && usable && nexthop.is_some() {
+            install = self.net.table_default_of(family, w.table).await? != nexthop;
+            if install {
+                info!(wan = %w.cfg.name, table = w.table, ?family, "the WAN's table route was gone (interface set down, address removed?); putting it back");
+            }
+        }
+        if !install {
+            return Ok(false);
+        }
+        match nexthop {
+            Some(nh) => match self.net.set_table_default(w.table, nh).await {
+                Err(e) if !usable => {
+                    warn!(wan = %w.cfg.name, ?family, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
+                }
+                r => r.with_context(|| {
+                    format!("WAN {}: setting table {} ({family:?})", w.cfg.name, w.table)
+                })?,
+            },
+            None => self.net.flush_table_of(family, w.table).await?,
+        }
+        Ok(changed)
     }
 
     /// Every WAN is down and `all_down = "unreachable"`: new connections
@@ -523,13 +605,32 @@ impl Daemon {
             .map(|w| (w.id, w.mark, w.link.address()))
             .collect();
         let refuse = self.refusing();
-        let want = routing::wanted_rules(
+        let mut want = routing::wanted_rules(
             self.cfg.rule_priority,
             self.cfg.table_base,
             self.cfg.mark_mask,
             &wans,
             refuse,
         );
+        let wans6: Vec<(u8, u32, Vec<std::net::Ipv6Addr>)> = self
+            .wans
+            .iter()
+            .filter(|w| w.cfg.ipv6 != Ipv6Mode::Off)
+            .map(|w| {
+                (
+                    w.id,
+                    w.mark,
+                    w.link.addrs6.iter().map(|a| a.addr()).collect(),
+                )
+            })
+            .collect();
+        want.extend(routing::wanted_rules6(
+            self.cfg.rule_priority,
+            self.cfg.table_base,
+            self.cfg.mark_mask,
+            &wans6,
+            refuse,
+        ));
 
         self.net
             .sync_rules(&want)
@@ -547,7 +648,7 @@ impl Daemon {
                 mark: w.mark,
                 nat: w.cfg.nat,
                 snat: w.cfg.snat_address,
-                nat6: nft::Nat6::None,
+                nat6: w.link.nat6(&w.cfg),
             })
             .collect();
         let refuse: &[String] = if self.refusing() {
@@ -708,6 +809,30 @@ impl Daemon {
                 .context("setting the balance route")?;
             self.balance_written = Some(want);
         }
+        // The router's own IPv6: the default policy's WANs whose IPv6 is
+        // usable.
+        let nexthops6: Vec<(Nexthop, u32)> = c
+            .default_members
+            .iter()
+            .filter_map(|(id, weight)| {
+                let w = self.wans.iter().find(|w| w.id == *id)?;
+                Some((w.link.nexthop6.filter(|_| w.ipv6_usable())?, *weight))
+            })
+            .collect();
+        let has_ipv6 = self.wans.iter().any(|w| w.cfg.ipv6 != Ipv6Mode::Off);
+        let want6 = (nexthops6, self.refusing() && has_ipv6);
+        if self.balance6_written.as_ref() != Some(&want6) {
+            self.net
+                .set_balance_of(
+                    Family::V6,
+                    self.cfg.table_base + MAX_WANS,
+                    &want6.0,
+                    want6.1,
+                )
+                .await
+                .context("setting the IPv6 balance route")?;
+            self.balance6_written = Some(want6);
+        }
         for id in died {
             self.flush_conntrack(id);
         }
@@ -738,9 +863,24 @@ impl Daemon {
     }
 
     fn flush_conntrack_of(&self, w: &WanRt) {
+        self.flush_conntrack_family(w, None)
+    }
+
+    /// Deletes the conntrack entries of WAN `id`'s IPv6 connections only
+    /// (its IPv6 died while its IPv4 lives): those of its IPv6 addresses
+    /// and NPT prefix, and the IPv6 ones it marked.
+    #[allow(dead_code)] // Called once IPv6 has its own health (`alive6`).
+    fn flush_conntrack6(&self, id: u8) {
+        if let Some(w) = self.wans.iter().find(|w| w.id == id) {
+            self.flush_conntrack_family(w, Some(Family::V6))
+        }
+    }
+
+    /// `flush_conntrack_of`, for one family's entries only with `only`.
+    fn flush_conntrack_family(&self, w: &WanRt, only: Option<Family>) {
         let id = w.id;
         let name = w.cfg.name.clone();
-        let addr = w.link.address();
+        let addrs = WanAddrs::of(w);
         let mark = w.mark;
         let mask = self.cfg.mark_mask;
         let pin_dir = self.cfg.pin_dir.clone();
@@ -754,9 +894,11 @@ impl Daemon {
                 }
             };
             let result = conntrack::delete_where(|e| {
-                addr.is_some_and(|a| e.reply.dst == a)
-                    || (e.mark & mask) == mark
-                    || tuples.contains_key(&tuple_of(&e.orig))
+                let family = if e.is_ipv6() { Family::V6 } else { Family::V4 };
+                only.is_none_or(|f| f == family)
+                    && (addrs.reply_to(e)
+                        || (e.mark & mask) == mark
+                        || tuples.contains_key(&tuple_of(&e.orig)))
             });
             match result {
                 Ok(n) => {
@@ -772,7 +914,14 @@ impl Daemon {
                 .filter(|((proto, ..), seen)| {
                     *proto == 6 && now.saturating_sub(**seen) < NUDGE_RECENT_NS
                 })
-                .map(|((_, src, dst, sport, dport), _)| nudge::conn(*src, *sport, *dst, *dport))
+                .filter_map(|((_, src, dst, sport, dport), _)| match (src, dst) {
+                    // IPv4 pins only (FLOWS); IPv6 connections are not
+                    // nudged yet.
+                    (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                        Some(nudge::conn(*src, *sport, *dst, *dport))
+                    }
+                    _ => None,
+                })
                 .take(MAX_NUDGES)
                 .collect();
             match nudge::nudge(&conns) {
@@ -1144,6 +1293,7 @@ impl Daemon {
         self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
         self.host.save(&self.cfg.state_file())?;
         self.balance_written = None;
+        self.balance6_written = None;
         self.refresh_links(true).await?;
         self.sync_nft().await?;
         self.attach_lans().await?;
@@ -1231,6 +1381,7 @@ impl Daemon {
                     // the balance route is rewritten too.
                     net_dirty = true;
                     self.balance_written = None;
+                    self.balance6_written = None;
                     let _ = self.flow_counts.refresh_if_stale();
                 }
             }
@@ -1373,14 +1524,52 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<(Request, oneshot:
     }
 }
 
+/// The addresses by which a WAN's connections are known in conntrack
+/// (NAT to its address, inbound to it, NPT to its prefix).
+struct WanAddrs {
+    addrs: Vec<IpAddr>,
+    prefix6: Option<ipnet::Ipv6Net>,
+}
+
+impl WanAddrs {
+    fn of(w: &WanRt) -> WanAddrs {
+        WanAddrs {
+            addrs: w.link.own_addresses(),
+            prefix6: w.link.prefix6(&w.cfg),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.addrs.is_empty() && self.prefix6.is_none()
+    }
+
+    fn is_ours(&self, a: &IpAddr) -> bool {
+        self.addrs.contains(a)
+            || matches!((a, self.prefix6), (IpAddr::V6(a), Some(p)) if p.contains(a))
+    }
+
+    /// The reply comes back to the WAN: a connection masqueraded (or
+    /// NPT-mapped) to it, or one made to it from outside.
+    fn reply_to(&self, e: &conntrack::CtEntry) -> bool {
+        self.is_ours(&e.reply.dst)
+    }
+
+    /// Any address of the connection is the WAN's (adoption at start).
+    fn used_by(&self, e: &conntrack::CtEntry) -> bool {
+        [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst]
+            .iter()
+            .any(|a| self.is_ours(a))
+    }
+}
+
 /// (proto, src, dst, sport, dport) in host order.
-type Tuple5 = (u8, Ipv4Addr, Ipv4Addr, u16, u16);
+type Tuple5 = (u8, IpAddr, IpAddr, u16, u16);
 
 fn key_tuple(k: &FlowKey) -> Tuple5 {
     (
         k.proto,
-        Ipv4Addr::from(k.src()),
-        Ipv4Addr::from(k.dst()),
+        Ipv4Addr::from(k.src()).into(),
+        Ipv4Addr::from(k.dst()).into(),
         k.src_port(),
         k.dst_port(),
     )

@@ -1,14 +1,15 @@
 //! One WAN at run time: its config, id, what the kernel says about its link,
 //! its health machine and prober, and the admin overrides.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Instant, SystemTime};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use mwan_common::MAX_WANS;
 
-use crate::config::{self, Gateway};
+use crate::config::{self, Gateway, Ipv6Mode, Prefix6};
 use crate::health::{HealthStats, Machine, ProbeSpec, Prober, State};
+use crate::nft::Nat6;
 use crate::policy::{Health, WanView};
 use crate::routing::Nexthop;
 
@@ -40,6 +41,11 @@ pub struct LinkInfo {
     pub carrier: bool,
     pub addr: Option<Ipv4Net>,
     pub nexthop: Option<Nexthop>,
+    /// The global IPv6 addresses of the link (read only for a WAN whose
+    /// `ipv6` is not "off"; empty otherwise).
+    pub addrs6: Vec<Ipv6Net>,
+    /// The IPv6 next hop: `gateway6`, or the router learned from RAs.
+    pub nexthop6: Option<Nexthop>,
 }
 
 impl LinkInfo {
@@ -76,6 +82,60 @@ impl LinkInfo {
         self.addr.map(|a| a.addr())
     }
 
+    /// The WAN's prefix of NPT: `prefix6`, or with "auto" the prefix of
+    /// the link's first global address at `lan_prefix6`'s length.
+    pub fn prefix6(&self, cfg: &config::Wan) -> Option<Ipv6Net> {
+        match cfg.ipv6 {
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Fixed(p),
+                ..
+            } => Some(p),
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Auto,
+                lan_prefix,
+            } => self
+                .addrs6
+                .first()
+                .and_then(|a| Ipv6Net::new(a.addr(), lan_prefix.prefix_len()).ok())
+                .map(|p| p.trunc()),
+            _ => None,
+        }
+    }
+
+    /// Whether the link has what IPv6 through the WAN needs: `ipv6` on, a
+    /// next hop, an address, and for NPT the prefix.
+    pub fn ipv6_ready(&self, cfg: &config::Wan) -> bool {
+        cfg.ipv6 != Ipv6Mode::Off
+            && self.nexthop6.is_some()
+            && !self.addrs6.is_empty()
+            && (!matches!(cfg.ipv6, Ipv6Mode::Npt { .. }) || self.prefix6(cfg).is_some())
+    }
+
+    /// The WAN's IPv6 NAT in mwan's nftables table.
+    pub fn nat6(&self, cfg: &config::Wan) -> Nat6 {
+        match cfg.ipv6 {
+            Ipv6Mode::Off => Nat6::None,
+            Ipv6Mode::Nat => Nat6::Masquerade,
+            Ipv6Mode::Npt { lan_prefix, .. } => match self.prefix6(cfg) {
+                Some(wan) => Nat6::Prefix {
+                    lan: lan_prefix,
+                    wan,
+                },
+                None => Nat6::None,
+            },
+        }
+    }
+
+    /// The addresses of the WAN's connections in conntrack: its IPv4
+    /// address and global IPv6 addresses.
+    pub fn own_addresses(&self) -> Vec<IpAddr> {
+        self.address()
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.addrs6.iter().map(|a| IpAddr::V6(a.addr())))
+            .collect()
+    }
+
     /// The next hop as status and the logs show it: the gateway's address,
     /// or `dev IFACE` for a point-to-point link without one.
     pub fn gateway_text(&self, cfg: &config::Wan) -> Option<String> {
@@ -109,6 +169,13 @@ impl WanRt {
             alive: false,
             state_since: SystemTime::now(),
         }
+    }
+
+    /// Whether the WAN's IPv6 takes traffic (the IPv6 balance route). For
+    /// now: while its IPv4 is alive and its link is ready for IPv6; to be
+    /// replaced by the per-family health (`alive6`).
+    pub fn ipv6_usable(&self) -> bool {
+        self.alive && self.link.ipv6_ready(&self.cfg)
     }
 
     pub fn probe_spec(&self) -> ProbeSpec {
