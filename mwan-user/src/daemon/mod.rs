@@ -555,6 +555,11 @@ impl Daemon {
                 Err(e) if !usable => {
                     warn!(wan = %w.cfg.name, ?family, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
                 }
+                // A WAN's IPv6 never stops its IPv4: the route is tried
+                // again at the next check.
+                Err(e) if family == Family::V6 => {
+                    error!(wan = %w.cfg.name, error = %format!("{e:#}"), "IPv6 table route not set (gateway6 unreachable?); IPv4 is not affected");
+                }
                 r => r.with_context(|| {
                     format!("WAN {}: setting table {} ({family:?})", w.cfg.name, w.table)
                 })?,

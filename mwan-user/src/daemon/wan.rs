@@ -270,6 +270,55 @@ pub fn assign_ids(
 mod tests {
     use super::*;
 
+    fn wan6(extra: &str) -> config::Wan {
+        let text = format!(
+            "lan_interfaces = [\"lan0\"]\nprobe_targets = [\"192.0.2.1\"]\n[[wan]]\nname = \"a\"\ninterface = \"w0\"\ngateway = \"auto\"\n{extra}\n"
+        );
+        config::Config::parse(&text).unwrap().wans.remove(0)
+    }
+
+    /// What the daemon derives from a WAN's IPv6 link state: the NPT
+    /// prefix (fixed, or the address's at lan_prefix6's length), the NAT
+    /// of the nftables table, and readiness.
+    #[test]
+    fn ipv6_link_state() {
+        let npt_auto = wan6(
+            "gateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"auto\"\nlan_prefix6 = \"fd00:1::/56\"",
+        );
+        let mut link = LinkInfo::default();
+        assert_eq!(link.prefix6(&npt_auto), None);
+        assert_eq!(link.nat6(&npt_auto), Nat6::None);
+        link.addrs6 = vec!["2001:db8:a2:5:1::9/64".parse().unwrap()];
+        assert_eq!(
+            link.prefix6(&npt_auto),
+            Some("2001:db8:a2::/56".parse().unwrap())
+        );
+        assert_eq!(
+            link.nat6(&npt_auto),
+            Nat6::Prefix {
+                lan: "fd00:1::/56".parse().unwrap(),
+                wan: "2001:db8:a2::/56".parse().unwrap()
+            }
+        );
+        assert!(!link.ipv6_ready(&npt_auto), "no next hop yet");
+        link.nexthop6 = Some(Nexthop {
+            gateway: Some("fe80::1".parse().unwrap()),
+            ifindex: 3,
+        });
+        assert!(link.ipv6_ready(&npt_auto));
+        assert_eq!(
+            link.own_addresses(),
+            vec!["2001:db8:a2:5:1::9".parse::<IpAddr>().unwrap()]
+        );
+
+        let nat = wan6("gateway6 = \"fe80::1\"");
+        assert_eq!(link.nat6(&nat), Nat6::Masquerade);
+        assert!(link.ipv6_ready(&nat));
+        let off = wan6("");
+        assert_eq!(link.nat6(&off), Nat6::None);
+        assert!(!link.ipv6_ready(&off), "no IPv6 configured");
+    }
+
     #[test]
     fn ids_are_stable_across_restarts_and_reloads() {
         const ALL: usize = MAX_WANS as usize;

@@ -746,8 +746,11 @@ impl Net {
     pub async fn flush_table_of(&self, family: Family, table: u32) -> Result<()> {
         let routes = match self.routes(family, Some(table), None).await {
             Ok(r) => r,
-            // The kernel has no such table: nothing to flush.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            // The kernel has no such table (or no IPv6 at all): nothing to
+            // flush.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EAFNOSUPPORT)) => {
+                return Ok(())
+            }
             Err(e) => return Err(op_error(format!("listing routes of table {table}"), &e)),
         };
         for r in routes.iter().filter(|r| route_table(r) == table) {
@@ -818,10 +821,12 @@ impl Net {
         for family in Family::BOTH {
             let mut m = RuleMessage::default();
             m.header.family = family.af();
-            let answer = self
-                .dump(RouteNetlinkMessage::GetRule(m))
-                .await
-                .map_err(|e| op_error("listing rules", &e))?;
+            let answer = match self.dump(RouteNetlinkMessage::GetRule(m)).await {
+                Ok(a) => a,
+                // A kernel without IPv6 has no IPv6 rules.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
+                Err(e) => return Err(op_error("listing rules", &e)),
+            };
             out.extend(answer.into_iter().filter_map(|m| match m {
                 RouteNetlinkMessage::NewRule(r)
                     if r.header.family == family.af() && is_mwan_rule(&r) =>
