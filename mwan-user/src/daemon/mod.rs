@@ -946,7 +946,7 @@ impl Daemon {
         let name = self.wan_name(id);
         let pin_dir = self.cfg.pin_dir.clone();
         tokio::task::spawn_blocking(move || {
-            let res = (|| -> Result<usize> {
+            let res = (|| -> Result<(usize, usize)> {
                 let mut moved = Vec::new();
                 datapath::read_hash_batched::<FlowKey, FlowValue>(
                     &datapath::open_pinned_map(&pin_dir, MAP_FLOWS)?,
@@ -968,11 +968,13 @@ impl Daemon {
                     flows.insert(k, v, 0)?;
                     tuples.insert(key_tuple(&k));
                 }
-                conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
-                Ok(tuples.len())
+                let deleted = conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
+                Ok((tuples.len(), deleted))
             })();
             match res {
-                Ok(n) => info!(wan = %name, flows = n, "failback: moved flows reset to their WAN"),
+                Ok((n, deleted)) => {
+                    info!(wan = %name, flows = n, conntrack_deleted = deleted, "failback: moved flows reset to their WAN")
+                }
                 Err(e) => warn!(wan = %name, error = %e, "failback reset"),
             }
         });
