@@ -13,11 +13,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use mwan_common::{MAX_RULES, MAX_WANS, WAN_NAME_LEN};
@@ -284,6 +284,47 @@ impl fmt::Display for Family {
     }
 }
 
+/// A WAN's IPv6 gateway (`gateway6`): fixed (a global or link-local
+/// address; a link-local one is reached through the WAN's interface), or
+/// the router learned from Router Advertisements on the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gateway6 {
+    Fixed(Ipv6Addr),
+    Auto,
+}
+
+impl fmt::Display for Gateway6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gateway6::Fixed(a) => write!(f, "{a}"),
+            Gateway6::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+/// How the LAN's IPv6 traffic leaves through a WAN (`ipv6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Mode {
+    /// Masquerade to the WAN's global address (NAT66).
+    Nat,
+    /// Map `lan_prefix6` onto `prefix6` (prefix translation, the interface
+    /// identifier kept).
+    Npt {
+        prefix: Prefix6,
+        lan_prefix: Ipv6Net,
+    },
+    /// mwan leaves this WAN's IPv6 alone.
+    Off,
+}
+
+/// The WAN's prefix of NPT (`prefix6`): fixed, or the prefix of the WAN
+/// interface's global address, at `lan_prefix6`'s length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix6 {
+    Fixed(Ipv6Net),
+    Auto,
+}
+
 /// One health-check target, IPv4 or IPv6. A WAN's targets of each family
 /// judge that family's health (see `health`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -429,6 +470,10 @@ pub struct Wan {
     /// `false`: the WAN is `disabled` (no flows, no probes).
     pub enabled: bool,
     pub health: HealthConfig,
+    /// The IPv6 gateway; `None`: no IPv6 on this WAN.
+    pub gateway6: Option<Gateway6>,
+    /// `Off` when `gateway6` is unset.
+    pub ipv6: Ipv6Mode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -660,6 +705,10 @@ struct RawWan {
     snat_address: Option<String>,
     id: Option<i64>,
     enabled: Option<bool>,
+    gateway6: Option<String>,
+    ipv6: Option<String>,
+    prefix6: Option<String>,
+    lan_prefix6: Option<String>,
     health: RawHealth,
 }
 
@@ -684,6 +733,8 @@ const STRING: &str = "a string";
 const DURATION: &str = "a duration such as \"5s\"";
 const STRINGS: &str = "a string or a list of strings";
 const WAN_NAMES: &str = "a list of WAN names";
+const GATEWAY6: &str = "an IPv6 address or \"auto\"";
+const IPV6_MODES: &str = "\"nat\", \"npt\" or \"off\"";
 const PORTS: &str = "a list of ports and ranges such as [25, \"8000-8100\"]";
 
 /// Reads key `k` of `table` (at `at`) as a `T`; a value of another type is
@@ -799,6 +850,20 @@ impl RawConfig {
                 snat_address: get(w, at, "snat_address", "an IPv4 address (a string)")?,
                 id: get(w, at, "id", INT)?,
                 enabled: get(w, at, "enabled", BOOL)?,
+                gateway6: get(w, at, "gateway6", GATEWAY6)?,
+                ipv6: get(w, at, "ipv6", IPV6_MODES)?,
+                prefix6: get(
+                    w,
+                    at,
+                    "prefix6",
+                    "an IPv6 prefix such as \"2001:db8:1::/48\" or \"auto\"",
+                )?,
+                lan_prefix6: get(
+                    w,
+                    at,
+                    "lan_prefix6",
+                    "an IPv6 prefix such as \"fd00:1::/48\"",
+                )?,
                 health: RawHealth::read(w, at)?,
             });
         }
@@ -870,6 +935,10 @@ const WAN_KEYS: &[&str] = &[
     "snat_address",
     "id",
     "enabled",
+    "gateway6",
+    "ipv6",
+    "prefix6",
+    "lan_prefix6",
 ];
 const RULE_KEYS: &[&str] = &[
     "name",
@@ -949,6 +1018,114 @@ fn listen_addr(key: impl Into<KeyPath>, s: &str) -> Result<SocketAddr, ConfigErr
         return Err(err(key, format!("`{s}`: port 0 is not a fixed port")));
     }
     Ok(a)
+}
+
+/// A WAN's `gateway6`, `ipv6`, `prefix6` and `lan_prefix6`, validated
+/// together: `ipv6` defaults to "nat" with a `gateway6` and "off" without;
+/// "nat" and "npt" need a `gateway6`; "npt" needs both prefixes, of the
+/// same length; the prefixes are refused with another mode.
+fn ipv6_settings(w: &RawWan, at: &KeyPath) -> Result<(Option<Gateway6>, Ipv6Mode), ConfigError> {
+    let gateway6 = match w.gateway6.as_deref() {
+        None => None,
+        Some("auto") => Some(Gateway6::Auto),
+        Some(s) => {
+            let key = at.key("gateway6");
+            let a: Ipv6Addr = s
+                .parse()
+                .map_err(|_| err(key.clone(), format!("`{s}` is not {GATEWAY6}")))?;
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                return Err(err(key, format!("`{a}` cannot be a gateway")));
+            }
+            Some(Gateway6::Fixed(a))
+        }
+    };
+    let prefix = |k: &str, s: &str| -> Result<Ipv6Net, ConfigError> {
+        let net: Ipv6Net = s.parse().map_err(|_| {
+            err(
+                at.key(k),
+                format!("`{s}` is not an IPv6 prefix (ADDRESS/LENGTH)"),
+            )
+        })?;
+        if net.prefix_len() == 0 || net.prefix_len() > 64 {
+            return Err(err(
+                at.key(k),
+                format!(
+                    "`{s}`: the prefix length must be 1 to 64 (the interface identifier is kept)"
+                ),
+            ));
+        }
+        if net != net.trunc() {
+            return Err(err(
+                at.key(k),
+                format!(
+                    "`{s}` has bits set after the prefix length: write `{}`",
+                    net.trunc()
+                ),
+            ));
+        }
+        Ok(net)
+    };
+    let mode = w
+        .ipv6
+        .as_deref()
+        .unwrap_or(if gateway6.is_some() { "nat" } else { "off" });
+    if matches!(mode, "nat" | "npt") && gateway6.is_none() {
+        return Err(err(
+            at.key("ipv6"),
+            format!("\"{mode}\" needs gateway6 (an IPv6 address or \"auto\")"),
+        ));
+    }
+    let ipv6 = match mode {
+        "off" => Ipv6Mode::Off,
+        "nat" => Ipv6Mode::Nat,
+        "npt" => {
+            let lan_s = w.lan_prefix6.as_deref().ok_or_else(|| {
+                err(
+                    at.key("lan_prefix6"),
+                    "missing: ipv6 = \"npt\" maps the LAN prefix onto prefix6",
+                )
+            })?;
+            let lan_prefix = prefix("lan_prefix6", lan_s)?;
+            let prefix = match w.prefix6.as_deref() {
+                None => {
+                    return Err(err(
+                        at.key("prefix6"),
+                        "missing: ipv6 = \"npt\" needs the WAN's prefix (a prefix or \"auto\")",
+                    ))
+                }
+                Some("auto") => Prefix6::Auto,
+                Some(s) => {
+                    let p = prefix("prefix6", s)?;
+                    if p.prefix_len() != lan_prefix.prefix_len() {
+                        return Err(err(
+                            at.key("prefix6"),
+                            format!(
+                                "`{p}` is a /{}, lan_prefix6 `{lan_prefix}` a /{}: NPT maps prefixes of the same length",
+                                p.prefix_len(),
+                                lan_prefix.prefix_len()
+                            ),
+                        ));
+                    }
+                    Prefix6::Fixed(p)
+                }
+            };
+            Ipv6Mode::Npt { prefix, lan_prefix }
+        }
+        other => {
+            return Err(err(
+                at.key("ipv6"),
+                format!("`{other}` is not {IPV6_MODES}"),
+            ))
+        }
+    };
+    if !matches!(ipv6, Ipv6Mode::Npt { .. }) {
+        for (k, v) in [("prefix6", &w.prefix6), ("lan_prefix6", &w.lan_prefix6)] {
+            if v.is_some() {
+                return Err(err(at.key(k), "is used only with ipv6 = \"npt\""));
+            }
+        }
+    }
+    Ok((gateway6, ipv6))
 }
 
 fn int_in(key: impl Into<KeyPath>, v: i64, lo: i64, hi: i64) -> Result<i64, ConfigError> {
@@ -1575,6 +1752,7 @@ impl Config {
                     Some(a)
                 }
             };
+            let (gateway6, ipv6) = ipv6_settings(w, &at)?;
             wans.push(Wan {
                 name,
                 interface,
@@ -1586,6 +1764,8 @@ impl Config {
                 id,
                 enabled: w.enabled.unwrap_or(true),
                 health,
+                gateway6,
+                ipv6,
             });
         }
 
@@ -1869,6 +2049,48 @@ gateway = "auto"
 
     fn parse_err(text: &str) -> ConfigError {
         Config::parse(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn ipv6_settings_and_their_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!((c.wans[0].gateway6, c.wans[0].ipv6), (None, Ipv6Mode::Off));
+        let text = MIN.replace(
+            "weight = 3",
+            "weight = 3\ngateway6 = \"fe80::1\"\nipv6 = \"npt\"\nprefix6 = \"2001:db8:1::/48\"\nlan_prefix6 = \"fd00:1::/48\"",
+        );
+        let text = text.replace(
+            "gateway = \"auto\"",
+            "gateway = \"auto\"\ngateway6 = \"auto\"",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.wans[0].gateway6,
+            Some(Gateway6::Fixed("fe80::1".parse().unwrap()))
+        );
+        assert_eq!(
+            c.wans[0].ipv6,
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Fixed("2001:db8:1::/48".parse().unwrap()),
+                lan_prefix: "fd00:1::/48".parse().unwrap(),
+            }
+        );
+        // With a gateway6, "nat" is the default.
+        assert_eq!(c.wans[1].gateway6, Some(Gateway6::Auto));
+        assert_eq!(c.wans[1].ipv6, Ipv6Mode::Nat);
+        let off = text.replace(
+            "gateway6 = \"auto\"",
+            "gateway6 = \"2001:db8:2::1\"\nipv6 = \"off\"",
+        );
+        assert_eq!(Config::parse(&off).unwrap().wans[1].ipv6, Ipv6Mode::Off);
+        let auto = text.replace("prefix6 = \"2001:db8:1::/48\"", "prefix6 = \"auto\"");
+        assert!(matches!(
+            Config::parse(&auto).unwrap().wans[0].ipv6,
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Auto,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -2286,6 +2508,72 @@ gateway = "auto"
                 "probe_targets",
                 "mark_mask = \"zz\"\nprobe_targets",
                 "line 3: mark_mask: `zz` is not a 32-bit number",
+            ),
+            // IPv6 settings (wan[0]'s `weight = 3` is line 9).
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"fe80::1::2\"",
+                "line 10: wan[0] (isp1).gateway6: `fe80::1::2` is not an IPv6 address or \"auto\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"ff02::2\"",
+                "line 10: wan[0] (isp1).gateway6: `ff02::2` cannot be a gateway",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"100.64.1.1\"",
+                "line 10: wan[0] (isp1).gateway6: `100.64.1.1` is not an IPv6 address or \"auto\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"nat66\"",
+                "line 11: wan[0] (isp1).ipv6: `nat66` is not \"nat\", \"npt\" or \"off\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\nipv6 = \"nat\"",
+                "line 10: wan[0] (isp1).ipv6: \"nat\" needs gateway6 (an IPv6 address or \"auto\")",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"auto\"",
+                "line 5: wan[0] (isp1).lan_prefix6: missing: ipv6 = \"npt\" maps the LAN prefix onto prefix6",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nlan_prefix6 = \"fd00:1::/48\"",
+                "line 5: wan[0] (isp1).prefix6: missing: ipv6 = \"npt\" needs the WAN's prefix (a prefix or \"auto\")",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"2001:db8:1::/56\"\nlan_prefix6 = \"fd00:1::/48\"",
+                "line 12: wan[0] (isp1).prefix6: `2001:db8:1::/56` is a /56, lan_prefix6 `fd00:1::/48` a /48: NPT maps prefixes of the same length",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"auto\"\nlan_prefix6 = \"fd00:1::1/64\"",
+                "line 13: wan[0] (isp1).lan_prefix6: `fd00:1::1/64` has bits set after the prefix length: write `fd00:1::/64`",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"2001:db8::/96\"\nlan_prefix6 = \"fd00::/96\"",
+                "line 13: wan[0] (isp1).lan_prefix6: `fd00::/96`: the prefix length must be 1 to 64 (the interface identifier is kept)",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nprefix6 = \"2001:db8::/48\"",
+                "line 11: wan[0] (isp1).prefix6: is used only with ipv6 = \"npt\"",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"2001:db8:::/48\"\nlan_prefix6 = \"fd00::/48\"",
+                "line 12: wan[0] (isp1).prefix6: `2001:db8:::/48` is not an IPv6 prefix (ADDRESS/LENGTH)",
+            ),
+            (
+                "weight = 3",
+                "weight = 3\ngateway6 = 6",
+                "line 10: wan[0] (isp1).gateway6: must be an IPv6 address or \"auto\", not 6",
             ),
             // A missing key: the line of its table.
             (

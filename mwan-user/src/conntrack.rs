@@ -1,5 +1,6 @@
 //! Conntrack entries over ctnetlink (a `NETLINK_NETFILTER` socket): dump
-//! the IPv4 table, delete selected entries and set their marks.
+//! the table (IPv4 and IPv6 entries), delete selected entries and set their
+//! marks.
 //!
 //! The few messages needed are encoded and decoded here. An entry is deleted
 //! by sending back what identifies it in the dump — its original tuple
@@ -14,7 +15,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Context, Result};
@@ -49,26 +50,33 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const CTA_PROTO_ICMP_ID: u16 = 4;
+const CTA_PROTO_ICMPV6_ID: u16 = 7;
 
+const AF_UNSPEC: u8 = libc::AF_UNSPEC as u8;
 const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
 const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 
 /// Requests sent per datagram (their acks must fit the receive buffer).
 const BATCH: usize = 128;
 const RCVBUF: usize = 8 << 20;
 const DUMP_ATTEMPTS: usize = 5;
 
-/// One direction of a connection. For ICMP, `sport` holds the echo id and
-/// `dport` is 0 (as in mwan's flow keys).
+/// One direction of a connection (both addresses of one family). For ICMP
+/// and ICMPv6, `sport` holds the echo id and `dport` is 0 (as in mwan's
+/// flow keys).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CtTuple {
     pub proto: u8,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
 }
@@ -88,17 +96,27 @@ pub struct CtEntry {
     pub orig: CtTuple,
     pub reply: CtTuple,
     pub mark: u32,
+    /// `AF_INET` or `AF_INET6`: requests about the entry carry it.
+    family: u8,
     /// The attributes that identify the entry to the kernel, as dumped
     /// (original tuple, zone, id).
     key: Vec<u8>,
 }
 
-/// The IPv4 conntrack entries of the calling thread's network namespace.
+impl CtEntry {
+    pub fn is_ipv6(&self) -> bool {
+        self.family == AF_INET6
+    }
+}
+
+/// The conntrack entries (IPv4 and IPv6) of the calling thread's network
+/// namespace.
 pub fn dump() -> Result<Vec<CtEntry>> {
     CtSocket::open()?.dump()
 }
 
-/// Deletes the IPv4 entries matching `pred`; returns how many were deleted.
+/// Deletes the entries (either family) matching `pred`; returns how many
+/// were deleted.
 /// Entries that vanish before their turn do not count and are no error.
 pub fn delete_where(pred: impl Fn(&CtEntry) -> bool) -> Result<usize> {
     let mut socket = CtSocket::open()?;
@@ -107,7 +125,7 @@ pub fn delete_where(pred: impl Fn(&CtEntry) -> bool) -> Result<usize> {
     socket.delete(&doomed)
 }
 
-/// Sets the `mask` bits of the ct mark of every IPv4 entry for which
+/// Sets the `mask` bits of the ct mark of every entry for which
 /// `mark_of` names a mark (the other bits stay as dumped); returns how many
 /// entries changed. Used to record the WAN of connections older than
 /// mwan's nftables rules (see `nft`).
@@ -122,11 +140,11 @@ pub fn mark_where(mask: u32, mark_of: impl Fn(&CtEntry) -> Option<u32>) -> Resul
         if new != e.mark {
             let mut attrs = e.key.clone();
             push_attr(&mut attrs, CTA_MARK, &new.to_be_bytes());
-            requests.push(attrs);
+            requests.push((e.family, attrs));
             changed.push(e);
         }
     }
-    let items: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    let items: Vec<(u8, &[u8])> = requests.iter().map(|(f, a)| (*f, a.as_slice())).collect();
     socket.send_all(IPCTNL_MSG_CT_NEW, 0, &items, |i| {
         format!("setting the mark of conntrack entry {}", changed[i].orig)
     })
@@ -138,8 +156,19 @@ pub fn mark_where(mask: u32, mark_of: impl Fn(&CtEntry) -> Option<u32>) -> Resul
 pub fn by_reply(reply: &CtTuple) -> Result<Option<CtEntry>> {
     const NLA_F_NESTED: u16 = 0x8000;
     let mut ip = Vec::new();
-    push_attr(&mut ip, CTA_IP_V4_SRC, &reply.src.octets());
-    push_attr(&mut ip, CTA_IP_V4_DST, &reply.dst.octets());
+    let family = match (reply.src, reply.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            push_attr(&mut ip, CTA_IP_V4_SRC, &s.octets());
+            push_attr(&mut ip, CTA_IP_V4_DST, &d.octets());
+            AF_INET
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            push_attr(&mut ip, CTA_IP_V6_SRC, &s.octets());
+            push_attr(&mut ip, CTA_IP_V6_DST, &d.octets());
+            AF_INET6
+        }
+        _ => bail!("conntrack tuple {reply} mixes address families"),
+    };
     let mut proto = Vec::new();
     push_attr(&mut proto, CTA_PROTO_NUM, &[reply.proto]);
     push_attr(&mut proto, CTA_PROTO_SRC_PORT, &reply.sport.to_be_bytes());
@@ -152,7 +181,10 @@ pub fn by_reply(reply: &CtTuple) -> Result<Option<CtEntry>> {
     let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
     socket.bind_auto().context("binding the ctnetlink socket")?;
     socket
-        .send(&request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, 1, &attrs), 0)
+        .send(
+            &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, 1, family, &attrs),
+            0,
+        )
         .context("asking conntrack")?;
     let data = socket.recv_from_full().context("reading from ctnetlink")?.0;
     for m in messages(&data) {
@@ -218,7 +250,13 @@ impl CtSocket {
             let seq = self.next_seq();
             self.socket
                 .send(
-                    &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, &[]),
+                    &request(
+                        IPCTNL_MSG_CT_GET,
+                        NLM_F_REQUEST | NLM_F_DUMP,
+                        seq,
+                        AF_UNSPEC,
+                        &[],
+                    ),
                     0,
                 )
                 .context("requesting a conntrack dump")?;
@@ -253,13 +291,16 @@ impl CtSocket {
     }
 
     fn delete(&mut self, entries: &[&CtEntry]) -> Result<usize> {
-        let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
+        let keys: Vec<(u8, &[u8])> = entries
+            .iter()
+            .map(|e| (e.family, e.key.as_slice()))
+            .collect();
         self.send_all(IPCTNL_MSG_CT_DELETE, 0, &keys, |i| {
             format!("deleting conntrack entry {}", entries[i].orig)
         })
     }
 
-    /// Sends one request per item of `items` (its attributes),
+    /// Sends one request per item of `items` (its family and attributes),
     /// `BATCH` per datagram, and counts the acknowledged ones.
     /// `ENOENT` answers are skipped; another error stops after its batch and
     /// is returned, naming the item with `describe`.
@@ -267,19 +308,20 @@ impl CtSocket {
         &mut self,
         ct_msg: u16,
         flags: u16,
-        items: &[&[u8]],
+        items: &[(u8, &[u8])],
         describe: impl Fn(usize) -> String,
     ) -> Result<usize> {
         let mut done = 0;
         for (b, batch) in items.chunks(BATCH).enumerate() {
             let first = self.seq.wrapping_add(1);
             let mut datagram = Vec::new();
-            for attrs in batch {
+            for (family, attrs) in batch {
                 let seq = self.next_seq();
                 datagram.extend(request(
                     ct_msg,
                     NLM_F_REQUEST | NLM_F_ACK | flags,
                     seq,
+                    *family,
                     attrs,
                 ));
             }
@@ -317,8 +359,9 @@ fn msg_type(ct_msg: u16) -> u16 {
     (NFNL_SUBSYS_CTNETLINK << 8) | ct_msg
 }
 
-/// A ctnetlink request for IPv4: netlink header, nfgenmsg, `attrs`.
-fn request(ct_msg: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
+/// A ctnetlink request about `family` (`AF_UNSPEC`: a dump of both):
+/// netlink header, nfgenmsg, `attrs`.
+fn request(ct_msg: u16, flags: u16, seq: u32, family: u8, attrs: &[u8]) -> Vec<u8> {
     let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -326,7 +369,7 @@ fn request(ct_msg: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&flags.to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    m.extend_from_slice(&[AF_INET, 0, 0, 0]); // family, version 0, res_id 0
+    m.extend_from_slice(&[family, 0, 0, 0]); // family, version 0, res_id 0
     m.extend_from_slice(attrs);
     m
 }
@@ -397,9 +440,10 @@ fn be32(b: &[u8]) -> Option<u32> {
 }
 
 /// An entry from a ctnetlink message payload (nfgenmsg and attributes);
-/// `None` if it is not IPv4 or lacks a tuple.
+/// `None` if it is neither IPv4 nor IPv6 or lacks a tuple.
 fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
-    if payload.first() != Some(&AF_INET) {
+    let family = *payload.first()?;
+    if family != AF_INET && family != AF_INET6 {
         return None;
     }
     let (mut orig, mut reply, mut mark, mut key) = (None, None, 0, Vec::new());
@@ -419,6 +463,7 @@ fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
         orig: orig?,
         reply: reply?,
         mark,
+        family,
         key,
     })
 }
@@ -430,10 +475,21 @@ fn parse_tuple(data: &[u8]) -> Option<CtTuple> {
         match kind {
             CTA_TUPLE_IP => {
                 for (kind, value, _) in attrs(value) {
-                    let addr = || Some(Ipv4Addr::from(<[u8; 4]>::try_from(value.get(..4)?).ok()?));
+                    let v4 = || {
+                        Some(IpAddr::V4(Ipv4Addr::from(
+                            <[u8; 4]>::try_from(value.get(..4)?).ok()?,
+                        )))
+                    };
+                    let v6 = || {
+                        Some(IpAddr::V6(Ipv6Addr::from(
+                            <[u8; 16]>::try_from(value.get(..16)?).ok()?,
+                        )))
+                    };
                     match kind {
-                        CTA_IP_V4_SRC => src = addr(),
-                        CTA_IP_V4_DST => dst = addr(),
+                        CTA_IP_V4_SRC => src = v4(),
+                        CTA_IP_V4_DST => dst = v4(),
+                        CTA_IP_V6_SRC => src = v6(),
+                        CTA_IP_V6_DST => dst = v6(),
                         _ => {}
                     }
                 }
@@ -444,7 +500,7 @@ fn parse_tuple(data: &[u8]) -> Option<CtTuple> {
                         CTA_PROTO_NUM => proto = value.first().copied(),
                         CTA_PROTO_SRC_PORT => sport = be16(value)?,
                         CTA_PROTO_DST_PORT => dport = be16(value)?,
-                        CTA_PROTO_ICMP_ID => icmp_id = be16(value)?,
+                        CTA_PROTO_ICMP_ID | CTA_PROTO_ICMPV6_ID => icmp_id = be16(value)?,
                         _ => {}
                     }
                 }
@@ -453,7 +509,7 @@ fn parse_tuple(data: &[u8]) -> Option<CtTuple> {
         }
     }
     let proto = proto?;
-    if proto == PROTO_ICMP {
+    if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
         (sport, dport) = (icmp_id, 0);
     }
     Some(CtTuple {

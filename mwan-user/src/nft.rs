@@ -1,5 +1,6 @@
-//! mwan's nftables table `ip mwan`: the ruleset text (pure) and its atomic
-//! replacement with `nft -f -`.
+//! mwan's nftables table `inet mwan` (both families): the ruleset text
+//! (pure) and its atomic replacement with `nft -f -`. The `ip mwan` table
+//! of earlier versions is removed in the same transaction.
 //!
 //! The conntrack entry is where a connection's WAN is recorded for its
 //! whole life: `ct mark` = mark(i) for every connection that uses WAN *i*,
@@ -34,9 +35,18 @@
 //!   themselves.
 //! * `postrouting` (nat, priority srcnat; only the first packet of each
 //!   connection passes a nat chain): a new connection leaving through WAN
-//!   *i* gets `ct mark` mark(i), then `masquerade` out of each WAN with
-//!   `nat = true`; a WAN with a `snat_address` gives forwarded connections
-//!   that source instead (the router's own keep masquerading).
+//!   *i* gets `ct mark` mark(i), then `masquerade` of IPv4 out of each WAN
+//!   with `nat = true`; a WAN with a `snat_address` gives forwarded
+//!   connections that source instead (the router's own keep masquerading).
+//!   IPv6 per WAN ([`Nat6`]): `masquerade` (NAT66), or prefix translation
+//!   (`snat ip6 prefix to`, NPT) of the LAN prefix onto the WAN's.
+//! * `dstnat` (nat, prerouting, only with an NPT WAN): new connections
+//!   arriving on the WAN for an address of its prefix are mapped back onto
+//!   the LAN prefix (`dnat ip6 prefix to`), the interface identifier kept.
+//!
+//! The ct mark record and restore, and the refusal while every WAN is down,
+//! cover both families; the DNS divert is IPv4's only (the relay listens on
+//! IPv4).
 //!
 //! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so a
 //! restore dispatches on `ct mark & mask` with a verdict map to one chain
@@ -46,6 +56,7 @@ use std::fmt::Write as _;
 use std::process::Stdio;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ipnet::Ipv6Net;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -63,6 +74,20 @@ pub struct NftWan {
     /// `snat_address`: forwarded connections get this source instead of
     /// the masqueraded one (the router's own keep masquerading).
     pub snat: Option<std::net::Ipv4Addr>,
+    /// What happens to IPv6 leaving (and, for NPT, arriving on) the WAN.
+    pub nat6: Nat6,
+}
+
+/// A WAN's IPv6 NAT in the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nat6 {
+    /// Nothing: IPv6 leaves with its source (`ipv6 = "off"`, or no IPv6
+    /// usable on the WAN yet).
+    None,
+    /// `ipv6 = "nat"`: masquerade to the WAN's address.
+    Masquerade,
+    /// `ipv6 = "npt"`: `lan` mapped onto `wan` (the same length).
+    Prefix { lan: Ipv6Net, wan: Ipv6Net },
 }
 
 /// The divert of the LAN's DNS queries to the relay (rules by domain name,
@@ -104,7 +129,7 @@ pub fn ruleset(
     divert: Option<&Divert>,
 ) -> String {
     let keep = !mark_mask;
-    let mut s = String::from("add table ip mwan\ndelete table ip mwan\ntable ip mwan {\n");
+    let mut s = format!("{DELETE}table inet mwan {{\n");
     s.push_str(
         "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
     );
@@ -133,7 +158,7 @@ pub fn ruleset(
             "iifname {{ {lans} }} ct state new fib daddr type unicast fib daddr oif missing"
         );
         let _ = writeln!(s, "\t\t{doomed} meta l4proto tcp reject with tcp reset");
-        let _ = writeln!(s, "\t\t{doomed} reject with icmp type host-unreachable");
+        let _ = writeln!(s, "\t\t{doomed} reject with icmpx type host-unreachable");
     }
     s.push_str("\t}\n");
     // conn_X: this connection uses WAN X; route_X: route this packet
@@ -162,10 +187,30 @@ pub fn ruleset(
             .join(", ");
         let _ = write!(
             s,
-            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
+            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} meta nfproto ipv4 udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv4 tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
             port = d.port,
             tcp_port = d.tcp_port
         );
+    }
+    let npt: Vec<(&NftWan, Ipv6Net, Ipv6Net)> = wans
+        .iter()
+        .filter_map(|w| match w.nat6 {
+            Nat6::Prefix { lan, wan } => Some((w, lan, wan)),
+            _ => None,
+        })
+        .collect();
+    if !npt.is_empty() {
+        s.push_str(
+            "\tchain dstnat {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n",
+        );
+        for (w, lan, wan) in &npt {
+            let _ = writeln!(
+                s,
+                "\t\tiifname \"{}\" ip6 daddr {wan} dnat ip6 prefix to ip6 daddr map {{ {wan} : {lan} }}",
+                w.interface
+            );
+        }
+        s.push_str("\t}\n");
     }
     s.push_str(
         "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
@@ -183,11 +228,34 @@ pub fn ruleset(
             // is its own address, not the shared one it does not hold.
             let _ = writeln!(
                 s,
-                "\t\toifname \"{}\" fib saddr type != local snat to {addr}",
+                "\t\toifname \"{}\" fib saddr type != local snat ip to {addr}",
                 w.interface
             );
         }
-        let _ = writeln!(s, "\t\toifname \"{}\" masquerade", w.interface);
+        let _ = writeln!(
+            s,
+            "\t\toifname \"{}\" meta nfproto ipv4 masquerade",
+            w.interface
+        );
+    }
+    for w in wans {
+        match w.nat6 {
+            Nat6::None => {}
+            Nat6::Masquerade => {
+                let _ = writeln!(
+                    s,
+                    "\t\toifname \"{}\" meta nfproto ipv6 masquerade",
+                    w.interface
+                );
+            }
+            Nat6::Prefix { lan, wan } => {
+                let _ = writeln!(
+                    s,
+                    "\t\toifname \"{}\" ip6 saddr {lan} snat ip6 prefix to ip6 saddr map {{ {lan} : {wan} }}",
+                    w.interface
+                );
+            }
+        }
     }
     s.push_str("\t}\n}\n");
     s
@@ -246,18 +314,20 @@ pub async fn apply(
         Some(&ruleset(wans, mark_mask, refuse_from, divert)),
     )
     .await
-    .context("replacing nftables table ip mwan")?;
+    .context("replacing nftables table inet mwan")?;
     Ok(())
 }
 
-/// Deletes the table; no error if it does not exist.
+/// Deletes mwan's tables: `inet mwan`, and `ip mwan` of earlier versions.
+const DELETE: &str =
+    "add table inet mwan\ndelete table inet mwan\nadd table ip mwan\ndelete table ip mwan\n";
+
+/// Deletes the table (and an `ip mwan` of an earlier version); no error if
+/// it does not exist.
 pub async fn delete() -> Result<()> {
-    nft(
-        &["-f", "-"],
-        Some("add table ip mwan\ndelete table ip mwan\n"),
-    )
-    .await
-    .context("deleting nftables table ip mwan")?;
+    nft(&["-f", "-"], Some(DELETE))
+        .await
+        .context("deleting nftables table inet mwan")?;
     Ok(())
 }
 
@@ -297,9 +367,13 @@ fn udp_divert_ports(chain: &str) -> Vec<u16> {
         .collect()
 }
 
+/// Whether a table of mwan's (`inet mwan`, or an earlier version's
+/// `ip mwan`) exists.
 pub async fn present() -> Result<bool> {
-    let tables = nft(&["list", "tables", "ip"], None).await?;
-    Ok(tables.lines().any(|l| l.trim() == "table ip mwan"))
+    let tables = nft(&["list", "tables"], None).await?;
+    Ok(tables
+        .lines()
+        .any(|l| matches!(l.trim(), "table inet mwan" | "table ip mwan")))
 }
 
 /// Runs `nft` with `args`, feeding `input` on stdin; its stdout, or an error
@@ -351,6 +425,7 @@ mod tests {
             mark,
             nat,
             snat: None,
+            nat6: Nat6::None,
         }
     }
 
@@ -362,9 +437,11 @@ mod tests {
         ];
         assert_eq!(
             ruleset(&wans, 0x00ff_0000, &[], None),
-            "add table ip mwan
+            "add table inet mwan
+delete table inet mwan
+add table ip mwan
 delete table ip mwan
-table ip mwan {
+table inet mwan {
 \tchain prerouting {
 \t\ttype filter hook prerouting priority mangle; policy accept;
 \t\tct state new iifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
@@ -389,7 +466,7 @@ table ip mwan {
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\toifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
-\t\toifname \"wan1\" masquerade
+\t\toifname \"wan1\" meta nfproto ipv4 masquerade
 \t}
 }
 "
@@ -406,7 +483,7 @@ table ip mwan {
             text.contains(&format!(
                 "{doomed} meta l4proto tcp reject with tcp reset\n"
             )) && text.contains(&format!(
-                "{doomed} reject with icmp type host-unreachable\n"
+                "{doomed} reject with icmpx type host-unreachable\n"
             )),
             "{text}"
         );
@@ -439,6 +516,12 @@ table ip mwan {
         ns.block_on(|| async {
             assert!(!present().await.unwrap());
             delete().await.unwrap();
+            // An earlier version's `ip mwan`: found, and replaced by the
+            // first apply.
+            nft(&["-f", "-"], Some("table ip mwan {\n chain c {\n }\n}\n"))
+                .await
+                .unwrap();
+            assert!(present().await.unwrap());
             let wans = [
                 wan("isp-1", "wan1", 0x1_0000, true),
                 wan("isp.2", "wan2", 0x2_0000, true),
@@ -446,8 +529,10 @@ table ip mwan {
             apply(&wans, 0x00ff_0000, &[], None).await.unwrap();
             assert!(present().await.unwrap());
             let text = list();
+            assert!(!text.contains("table ip mwan"), "{text}");
             assert!(
-                text.contains("oifname \"wan2\" masquerade") && text.contains("chain route_isp.2"),
+                text.contains("oifname \"wan2\" meta nfproto ipv4 masquerade")
+                    && text.contains("chain route_isp.2"),
                 "{text}"
             );
             // The DNS divert of rules by domain name: nft accepts it.
@@ -460,7 +545,7 @@ table ip mwan {
             let text = list();
             assert!(
                 text.contains(
-                    "iifname \"lan0\" udp dport 53 tproxy to :40053 counter packets 0 bytes 0 redirect to :40053"
+                    "iifname \"lan0\" meta nfproto ipv4 udp dport 53 tproxy ip to :40053 counter packets 0 bytes 0 redirect to :40053"
                 ),
                 "{text}"
             );
@@ -469,7 +554,7 @@ table ip mwan {
             assert!(divert_ports().await.unwrap().is_empty());
             let text = list();
             assert!(
-                text.contains("oifname \"wan1\" masquerade") && !text.contains("wan2"),
+                text.contains("oifname \"wan1\" meta nfproto ipv4 masquerade") && !text.contains("wan2"),
                 "{text}"
             );
             apply(&[], 0x00ff_0000, &[], None).await.unwrap();
@@ -478,7 +563,7 @@ table ip mwan {
             assert_eq!(list().trim(), "");
             delete().await.unwrap();
             // nft's complaint is in the error.
-            let e = nft(&["-f", "-"], Some("table ip mwan { chain c { bogus } }\n"))
+            let e = nft(&["-f", "-"], Some("table inet mwan { chain c { bogus } }\n"))
                 .await
                 .unwrap_err();
             assert!(format!("{e:#}").contains("syntax error"), "{e:#}");
@@ -514,6 +599,144 @@ table ip mwan {
             .recv_from(&mut buf)
             .expect("datagram through the router");
         assert_eq!(from.ip().to_string(), "203.0.113.1");
+    }
+
+    #[test]
+    fn ipv6_nat_text() {
+        let mut a = wan("isp1", "wan1", 0x1_0000, true);
+        a.nat6 = Nat6::Masquerade;
+        let mut b = wan("isp2", "wan2", 0x2_0000, false);
+        b.nat6 = Nat6::Prefix {
+            lan: "fd00:1::/48".parse().unwrap(),
+            wan: "2001:db8:a2::/48".parse().unwrap(),
+        };
+        let text = ruleset(&[a, b], 0x00ff_0000, &[], None);
+        for line in [
+            "\tchain dstnat {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname \"wan2\" ip6 daddr 2001:db8:a2::/48 dnat ip6 prefix to ip6 daddr map { 2001:db8:a2::/48 : fd00:1::/48 }\n\t}\n",
+            "\t\toifname \"wan1\" meta nfproto ipv4 masquerade\n",
+            "\t\toifname \"wan1\" meta nfproto ipv6 masquerade\n",
+            "\t\toifname \"wan2\" ip6 saddr fd00:1::/48 snat ip6 prefix to ip6 saddr map { fd00:1::/48 : 2001:db8:a2::/48 }\n",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        // nat = false and no IPv6: neither family is translated.
+        assert!(!text.contains("\"wan2\" meta nfproto"), "{text}");
+        let plain = ruleset(
+            &[wan("isp1", "wan1", 0x1_0000, true)],
+            0x00ff_0000,
+            &[],
+            None,
+        );
+        assert!(
+            !plain.contains("ipv6") && !plain.contains("dstnat"),
+            "{plain}"
+        );
+    }
+
+    /// Sends one UDP datagram from `from` (bound to `src`) to `to`, received
+    /// in `at`'s namespace on a socket bound to `bound`; returns the source
+    /// `at` saw.
+    fn udp_seen(from: &TestNs, src: &str, to: &str, at: &TestNs, bound: &str) -> std::net::IpAddr {
+        use std::net::UdpSocket;
+        let server = at.run(|| UdpSocket::bind(bound).unwrap());
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        from.run(|| {
+            let s = UdpSocket::bind(src).unwrap();
+            s.send_to(b"ping", to).unwrap();
+        });
+        let mut buf = [0; 16];
+        let (_, seen) = server
+            .recv_from(&mut buf)
+            .expect("datagram through the router");
+        seen.ip()
+    }
+
+    /// NAT66: IPv6 leaving the WAN gets the WAN's address; without it
+    /// (`ipv6 = "off"`) IPv6 keeps its source while IPv4 still masquerades.
+    #[test]
+    fn nat66_masquerades_ipv6_only_where_asked() {
+        let t = wan_lab("nat66").with_ipv6();
+        let mut w = wan("isp2", "wan2", 0x2_0000, true);
+        let send6 = || {
+            udp_seen(
+                &t.lan,
+                "[fd00:1::2]:0",
+                "[2001:db8:ff::10]:5000",
+                &t.server,
+                "[2001:db8:ff::10]:5000",
+            )
+            .to_string()
+        };
+        let send4 = || {
+            udp_seen(
+                &t.lan,
+                "100.64.1.2:0",
+                "192.0.2.10:5000",
+                &t.server,
+                "192.0.2.10:5000",
+            )
+            .to_string()
+        };
+        for (nat6, want6) in [
+            (Nat6::Masquerade, "2001:db8:2::1"),
+            (Nat6::None, "fd00:1::2"),
+        ] {
+            w.nat6 = nat6;
+            t.router
+                .block_on(|| async { apply(&[w.clone()], 0x00ff_0000, &[], None).await })
+                .unwrap();
+            assert_eq!(send6(), want6, "{nat6:?}");
+            assert_eq!(send4(), "203.0.113.1", "{nat6:?}");
+        }
+    }
+
+    /// NPT: a LAN host's address leaves with the WAN's prefix and its own
+    /// interface identifier, and a new flow from outside to that mapped
+    /// address reaches the host at its LAN address.
+    #[test]
+    fn npt_keeps_the_interface_identifier_both_ways() {
+        let t = wan_lab("npt").with_ipv6();
+        t.lan.ip("addr add fd00:1::abcd:1234/64 dev eth0 nodad");
+        let mut w = wan("isp2", "wan2", 0x2_0000, true);
+        w.nat6 = Nat6::Prefix {
+            lan: "fd00:1::/64".parse().unwrap(),
+            wan: "2001:db8:a2::/64".parse().unwrap(),
+        };
+        t.router
+            .block_on(|| async { apply(&[w], 0x00ff_0000, &[], None).await })
+            .unwrap();
+        for (host, mapped) in [
+            ("fd00:1::2", "2001:db8:a2::2"),
+            ("fd00:1::abcd:1234", "2001:db8:a2::abcd:1234"),
+        ] {
+            let seen = udp_seen(
+                &t.lan,
+                &format!("[{host}]:0"),
+                "[2001:db8:ff::10]:5000",
+                &t.server,
+                "[2001:db8:ff::10]:5000",
+            );
+            assert_eq!(seen.to_string(), mapped, "outbound from {host}");
+            let seen = udp_seen(
+                &t.server,
+                "[2001:db8:ff::10]:0",
+                &format!("[{mapped}]:7000"),
+                &t.lan,
+                &format!("[{host}]:7000"),
+            );
+            assert_eq!(seen.to_string(), "2001:db8:ff::10", "inbound to {mapped}");
+        }
+        // IPv4 keeps masquerading.
+        let seen = udp_seen(
+            &t.lan,
+            "100.64.1.2:0",
+            "192.0.2.10:5000",
+            &t.server,
+            "192.0.2.10:5000",
+        );
+        assert_eq!(seen.to_string(), "203.0.113.1");
     }
 
     /// With a `snat_address`, forwarded connections leave with that source

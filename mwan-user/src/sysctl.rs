@@ -33,6 +33,11 @@ pub fn iface_key(iface: &str, name: &str) -> String {
     key(&["net", "ipv4", "conf", iface, name])
 }
 
+/// The key of a per-interface IPv6 setting, `net.ipv6.conf.<iface>.<name>`.
+pub fn iface_key6(iface: &str, name: &str) -> String {
+    key(&["net", "ipv6", "conf", iface, name])
+}
+
 fn parts(key: &str) -> Result<Vec<&str>> {
     let parts: Vec<&str> = key
         .split(if key.contains('/') { '/' } else { '.' })
@@ -139,6 +144,36 @@ pub fn router_settings(wan_ifaces: &[String]) -> Vec<(String, String)> {
     out
 }
 
+/// What mwan needs for the WANs with IPv6 (`ipv6_ifaces`; none: nothing):
+///
+/// * `net.ipv6.fib_multipath_hash_policy = 1`: the IPv6 balance route
+///   hashes on ports too;
+/// * `accept_ra = 2` on each WAN of `ra_ifaces` (`gateway6 = "auto"`): a
+///   forwarding host ignores Router Advertisements unless it is 2, and the
+///   RA's router is the WAN's gateway (and its prefix the WAN's address).
+///
+/// IPv6 forwarding itself (`net.ipv6.conf.all.forwarding`) is left to the
+/// admin: turning it on changes how every interface treats RAs, which is
+/// theirs to decide; see [`ipv6_forwarding`].
+pub fn ipv6_settings(ipv6_ifaces: &[String], ra_ifaces: &[String]) -> Vec<(String, String)> {
+    if ipv6_ifaces.is_empty() {
+        return Vec::new();
+    }
+    let mut out = vec![(
+        "net.ipv6.fib_multipath_hash_policy".to_string(),
+        "1".to_string(),
+    )];
+    for i in ra_ifaces {
+        out.push((iface_key6(i, "accept_ra"), "2".to_string()));
+    }
+    out
+}
+
+/// Whether the host forwards IPv6 (`net.ipv6.conf.all.forwarding`).
+pub fn ipv6_forwarding() -> Result<bool> {
+    Ok(read("net.ipv6.conf.all.forwarding")? != "0")
+}
+
 /// The per-interface settings of every WAN (see [`router_settings`]).
 pub const WAN_IFACE_SETTINGS: [(&str, &str); 2] = [("rp_filter", "2"), ("src_valid_mark", "1")];
 
@@ -187,6 +222,43 @@ mod tests {
                 ("net/ipv4/conf/eth0.10/src_valid_mark", "1"),
             ]
         );
+    }
+
+    #[test]
+    fn ipv6_settings_list() {
+        assert!(ipv6_settings(&[], &[]).is_empty());
+        let s = ipv6_settings(&["wan1".into(), "eth0.10".into()], &["eth0.10".into()]);
+        let s: Vec<(&str, &str)> = s.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            s,
+            [
+                ("net.ipv6.fib_multipath_hash_policy", "1"),
+                ("net/ipv6/conf/eth0.10/accept_ra", "2"),
+            ]
+        );
+    }
+
+    /// accept_ra is set in the namespace and restored, like the IPv4 keys.
+    #[test]
+    fn accept_ra_is_set_and_restored() {
+        let ns = TestNs::new("sysctl6");
+        ns.ip("link add w0 type veth peer name p0");
+        let k = iface_key6("w0", "accept_ra");
+        let saved = ns.run(|| {
+            assert!(!ipv6_forwarding().unwrap());
+            let before = read(&k).unwrap();
+            assert_ne!(before, "2");
+            let mut saved = SavedSysctls::default();
+            for (k, v) in ipv6_settings(&["w0".into()], &["w0".into()]) {
+                set(&mut saved, &k, &v).unwrap();
+            }
+            assert_eq!(read(&k).unwrap(), "2");
+            assert_eq!(saved.values.get(&k), Some(&before));
+            assert!(restore(&saved).is_empty());
+            assert_eq!(read(&k).unwrap(), before);
+            saved
+        });
+        assert_eq!(saved.values.len(), 2, "{saved:?}");
     }
 
     #[test]

@@ -471,9 +471,11 @@ fn snapshot_of(r: &Netns, pin_dir: &Path) -> String {
     for cmd in [
         "ip rule show",
         "ip route show table all | grep -v '^local\\|^broadcast\\|table local'",
+        "ip -6 rule show",
+        "ip -6 route show table all | grep -v '^local\\|^anycast\\|^multicast\\|table local'",
         "nft list ruleset",
         "for d in $(ls /sys/class/net); do echo \"== $d\"; tc qdisc show dev $d; tc filter show dev $d ingress; done",
-        "sysctl net.ipv4.ip_forward net.ipv4.fib_multipath_hash_policy net.ipv4.conf.all.rp_filter; for d in $(ls /sys/class/net); do sysctl net.ipv4.conf.$d.rp_filter; done",
+        "sysctl net.ipv4.ip_forward net.ipv4.fib_multipath_hash_policy net.ipv4.conf.all.rp_filter; for d in $(ls /sys/class/net); do sysctl net.ipv4.conf.$d.rp_filter net.ipv6.conf.$d.accept_ra; done; sysctl net.ipv6.fib_multipath_hash_policy",
     ] {
         out += &format!("$ {cmd}\n{}\n", r.sh(cmd).unwrap_or_else(|e| e.to_string()));
     }

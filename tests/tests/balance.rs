@@ -349,13 +349,21 @@ fn the_routers_own_traffic_uses_every_wan() {
 #[test]
 fn sigterm_removes_everything_mwan_added() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    // IPv6 on the uplinks (this lab is IPv4-only): mwan's IPv6 rules,
+    // tables and sysctls must go too.
+    lab.router()
+        .sh("sysctl -qw net.ipv6.conf.wan1.disable_ipv6=0 net.ipv6.conf.wan2.disable_ipv6=0 && ip addr add 2001:db8:1::1/64 dev wan1 nodad")
+        .unwrap();
     let before = router_snapshot(&lab);
     // A state_dir mwan creates itself (as /run/mwan).
     let state = lab.state_dir().join("mwan");
     let text = config_with(
         &lab,
         "sticky = \"host\"",
-        &|_| String::new(),
+        &|i| match i {
+            1 => "gateway6 = \"fe80::1\"".into(),
+            _ => "gateway6 = \"auto\"".into(),
+        },
         "\n[[rule]]\ndst_ports = [25]\nwans = [\"isp2\"]\n",
     );
     let text = with_state_dir(&lab, &text, &state);
@@ -363,12 +371,28 @@ fn sigterm_removes_everything_mwan_added() {
     mwan.wait_all_up(UP).unwrap();
     let during = router_snapshot(&lab);
     assert_ne!(before, during);
-    for needle in ["proto 109", "table ip mwan", "mwan_lan_eth", "FLOWS"] {
+    for needle in ["proto 109", "table inet mwan", "mwan_lan_eth", "FLOWS"] {
         assert!(
             during.contains(needle),
             "{needle} missing while running:\n{during}"
         );
     }
+    let rules6 = lab.router().sh("ip -6 rule show").unwrap();
+    assert!(
+        rules6.contains("from 2001:db8:1::1 lookup 1000 proto 109")
+            && rules6.contains("fwmark 0x20000/0xff0000 lookup 1001 proto 109"),
+        "{rules6}"
+    );
+    let table6 = lab.router().sh("ip -6 route show table 1000").unwrap();
+    assert!(
+        table6.contains("default via fe80::1 dev wan1 proto 109"),
+        "{table6}"
+    );
+    let ra = lab
+        .router()
+        .sh("sysctl -n net.ipv6.conf.wan2.accept_ra")
+        .unwrap();
+    assert_eq!(ra.trim(), "2", "gateway6 = auto takes RAs while forwarding");
     lab.host(0).tcp_whoami(TCP_WHOAMI).unwrap();
     let log = mwan.stop_with(libc::SIGTERM).unwrap();
     assert!(log.contains("everything mwan added was removed"), "{log}");

@@ -314,7 +314,7 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     );
     let nft = lab
         .router()
-        .exec(&["nft", "list", "table", "ip", "mwan"])
+        .exec(&["nft", "list", "table", "inet", "mwan"])
         .unwrap();
     let nft = String::from_utf8_lossy(&nft.stdout);
     assert!(

@@ -13,8 +13,15 @@ const CTA_TIMEOUT: u16 = 7;
 const CTA_PROTO_ICMP_TYPE: u16 = 5;
 const CTA_PROTO_ICMP_CODE: u16 = 6;
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
+}
+
+fn octets(a: IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
 }
 
 /// An attribute as the kernel encodes it.
@@ -35,8 +42,22 @@ fn tuple(t: &CtTuple) -> Vec<u8> {
     let addrs = nest(
         CTA_TUPLE_IP,
         &[
-            nla(CTA_IP_V4_SRC, &t.src.octets()),
-            nla(CTA_IP_V4_DST, &t.dst.octets()),
+            nla(
+                if t.src.is_ipv4() {
+                    CTA_IP_V4_SRC
+                } else {
+                    CTA_IP_V6_SRC
+                },
+                &octets(t.src),
+            ),
+            nla(
+                if t.dst.is_ipv4() {
+                    CTA_IP_V4_DST
+                } else {
+                    CTA_IP_V6_DST
+                },
+                &octets(t.dst),
+            ),
         ],
     );
     let proto = nest(
@@ -68,9 +89,15 @@ fn dump_request_bytes() {
     want.extend_from_slice(&0x0301u16.to_ne_bytes()); // REQUEST | DUMP
     want.extend_from_slice(&7u32.to_ne_bytes());
     want.extend_from_slice(&0u32.to_ne_bytes());
-    want.extend_from_slice(&[2, 0, 0, 0]);
+    want.extend_from_slice(&[0, 0, 0, 0]); // AF_UNSPEC: both families
     assert_eq!(
-        request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 7, &[]),
+        request(
+            IPCTNL_MSG_CT_GET,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            7,
+            AF_UNSPEC,
+            &[]
+        ),
         want
     );
 }
@@ -92,11 +119,12 @@ fn entries_decode_and_are_deleted_by_their_dumped_identity() {
     ]
     .concat();
     // Two messages in one datagram, as a dump sends them.
-    let mut datagram = request(IPCTNL_MSG_CT_NEW, NLM_F_MULTI, 3, &attrs);
+    let mut datagram = request(IPCTNL_MSG_CT_NEW, NLM_F_MULTI, 3, AF_INET, &attrs);
     datagram.extend(request(
         IPCTNL_MSG_CT_NEW,
         NLM_F_MULTI | NLM_F_DUMP_INTR,
         3,
+        AF_INET,
         &attrs,
     ));
     let msgs: Vec<Message> = messages(&datagram).collect();
@@ -109,7 +137,14 @@ fn entries_decode_and_are_deleted_by_their_dumped_identity() {
     let e = parse_entry(msgs[0].payload).unwrap();
     assert_eq!((&e.orig, &e.reply, e.mark), (&orig, &reply, 0x1_0000));
     assert_eq!(e.key, [orig_attr, id, zone].concat());
-    let del = request(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, 9, &e.key);
+    let del = request(
+        IPCTNL_MSG_CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        9,
+        e.family,
+        &e.key,
+    );
+    assert_eq!(del[16], AF_INET);
     assert_eq!(
         &del[4..8],
         [0x0102u16.to_ne_bytes(), 0x0005u16.to_ne_bytes()].concat()
@@ -128,8 +163,8 @@ fn icmp_tuples_hold_the_echo_id() {
         nest(
             CTA_TUPLE_IP,
             &[
-                nla(CTA_IP_V4_SRC, &ip(src).octets()),
-                nla(CTA_IP_V4_DST, &ip(dst).octets()),
+                nla(CTA_IP_V4_SRC, &octets(ip(src))),
+                nla(CTA_IP_V4_DST, &octets(ip(dst))),
             ],
         )
         .into_iter()
@@ -154,12 +189,68 @@ fn icmp_tuples_hold_the_echo_id() {
     let e = parse_entry(&payload).unwrap();
     assert_eq!((e.orig.proto, e.orig.sport, e.orig.dport), (1, 0x1234, 0));
     assert_eq!(e.mark, 0);
-    // Not IPv4, or without a reply tuple: skipped.
-    payload[0] = 10;
+    // Neither IPv4 nor IPv6, or without a reply tuple: skipped.
+    payload[0] = 7;
     assert!(parse_entry(&payload).is_none());
     let mut payload = vec![2, 0, 0, 0];
     payload.extend(nest(CTA_TUPLE_ORIG, &[icmp("100.64.1.2", "192.0.2.10", 8)]));
     assert!(parse_entry(&payload).is_none());
+}
+
+/// IPv6 entries: 16-byte addresses, the ICMPv6 echo id, and the family
+/// in the requests that name them.
+#[test]
+fn ipv6_entries_decode() {
+    let orig = CtTuple {
+        proto: 6,
+        src: ip("fd00:1::2"),
+        dst: ip("2001:db8:ff::10"),
+        sport: 40000,
+        dport: 443,
+    };
+    let reply = CtTuple {
+        proto: 6,
+        src: ip("2001:db8:ff::10"),
+        dst: ip("2001:db8:a2::2"),
+        sport: 443,
+        dport: 40000,
+    };
+    let mut payload = vec![AF_INET6, 0, 0, 0];
+    payload.extend(nest(CTA_TUPLE_ORIG, &[tuple(&orig)]));
+    payload.extend(nest(CTA_TUPLE_REPLY, &[tuple(&reply)]));
+    let e = parse_entry(&payload).unwrap();
+    assert_eq!((&e.orig, &e.reply), (&orig, &reply));
+    assert!(e.is_ipv6());
+    let echo = |src: &str, dst: &str| {
+        [
+            nest(
+                CTA_TUPLE_IP,
+                &[
+                    nla(CTA_IP_V6_SRC, &octets(ip(src))),
+                    nla(CTA_IP_V6_DST, &octets(ip(dst))),
+                ],
+            ),
+            nest(
+                CTA_TUPLE_PROTO,
+                &[
+                    nla(CTA_PROTO_NUM, &[58]),
+                    nla(CTA_PROTO_ICMPV6_ID, &0x4321u16.to_be_bytes()),
+                ],
+            ),
+        ]
+        .concat()
+    };
+    let mut payload = vec![AF_INET6, 0, 0, 0];
+    payload.extend(nest(
+        CTA_TUPLE_ORIG,
+        &[echo("fd00:1::2", "2001:db8:ff::10")],
+    ));
+    payload.extend(nest(
+        CTA_TUPLE_REPLY,
+        &[echo("2001:db8:ff::10", "fd00:1::2")],
+    ));
+    let e = parse_entry(&payload).unwrap();
+    assert_eq!((e.orig.proto, e.orig.sport, e.orig.dport), (58, 0x4321, 0));
 }
 
 #[test]
@@ -196,6 +287,7 @@ fn deletes_only_matching_entries_of_real_traffic() {
         mark: 0x2_0000,
         nat: true,
         snat: None,
+        nat6: crate::nft::Nat6::None,
     }];
     t.router
         .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })
@@ -307,7 +399,9 @@ fn large_tables() {
     ns.run(|| {
         let items: Vec<Vec<u8>> = (0..N)
             .map(|i| {
-                let src = Ipv4Addr::from(u32::from(ip("100.64.0.0")) + i / 50_000);
+                let src = IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i / 50_000,
+                ));
                 let sport = 1024 + (i % 50_000) as u16;
                 let orig = CtTuple {
                     src,
@@ -328,7 +422,7 @@ fn large_tables() {
                 .concat()
             })
             .collect();
-        let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        let refs: Vec<(u8, &[u8])> = items.iter().map(|i| (AF_INET, i.as_slice())).collect();
         let mut socket = CtSocket::open().unwrap();
         let created = socket
             .send_all(IPCTNL_MSG_CT_NEW, NLM_F_CREATE | NLM_F_EXCL, &refs, |i| {
@@ -348,4 +442,67 @@ fn large_tables() {
         assert!(left.iter().all(|e| e.mark == 0));
         eprintln!("{N} entries: dump {dumped:?}, dump + delete half {total:?}");
     });
+}
+
+/// Real IPv6 connections through a NAT66 router: dumped beside the IPv4
+/// ones with their translated reply tuple, marked, and deleted alone.
+#[test]
+fn ipv6_entries_of_real_traffic_are_marked_and_deleted() {
+    let t = wan_lab("ct6").with_ipv6();
+    let nat = [crate::nft::NftWan {
+        name: "isp2".into(),
+        interface: "wan2".into(),
+        mark: 0x2_0000,
+        nat: true,
+        snat: None,
+        nat6: crate::nft::Nat6::Masquerade,
+    }];
+    t.router
+        .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })
+        .unwrap();
+    let server6 = t
+        .server
+        .run(|| UdpSocket::bind("[2001:db8:ff::10]:5000").unwrap());
+    let server4 = t.server.run(|| UdpSocket::bind("192.0.2.10:5000").unwrap());
+    let (p6, p4) = t.lan.run(|| {
+        let s6 = UdpSocket::bind("[fd00:1::2]:0").unwrap();
+        s6.send_to(b"6", "[2001:db8:ff::10]:5000").unwrap();
+        let s4 = UdpSocket::bind("100.64.1.2:0").unwrap();
+        s4.send_to(b"4", "192.0.2.10:5000").unwrap();
+        (
+            s6.local_addr().unwrap().port(),
+            s4.local_addr().unwrap().port(),
+        )
+    });
+    let mut buf = [0; 4];
+    for s in [&server6, &server4] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.recv_from(&mut buf).expect("datagram through the router");
+    }
+    let entries = t.router.run(dump).unwrap();
+    let e6 = entries
+        .iter()
+        .find(|e| e.orig.sport == p6 && e.is_ipv6())
+        .expect("IPv6 entry");
+    assert_eq!(
+        (e6.orig.src, e6.reply.dst),
+        (ip("fd00:1::2"), ip("2001:db8:2::1"))
+    );
+    assert_eq!(e6.mark, 0x2_0000, "the ct mark record covers IPv6");
+    assert!(entries.iter().any(|e| e.orig.sport == p4 && !e.is_ipv6()));
+    // Marks set through ctnetlink on an IPv6 entry.
+    let marked = t
+        .router
+        .run(|| mark_where(0xff, |e| (e.orig.sport == p6).then_some(0x42)))
+        .unwrap();
+    assert_eq!(marked, 1);
+    let deleted = t
+        .router
+        .run(|| delete_where(|e| e.is_ipv6() && e.mark == 0x2_0042))
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let left = t.router.run(dump).unwrap();
+    assert!(!left.iter().any(|e| e.orig.sport == p6 && e.is_ipv6()));
+    assert!(left.iter().any(|e| e.orig.sport == p4), "IPv4 entry kept");
 }

@@ -101,7 +101,7 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
         }
     }
     if let Err(e) = nft::delete().await {
-        errors.push(e.context("deleting nftables table ip mwan"));
+        errors.push(e.context("deleting nftables table inet mwan"));
     }
     let tables = cfg.table_base..=cfg.table_base + mwan_common::MAX_WANS;
     if let Err(e) = net.remove_all_mwan(tables).await {

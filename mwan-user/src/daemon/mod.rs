@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use mwan_common::{FlowValue, WanEntry, MAX_WANS, WAN_NONE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -26,7 +26,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::config::{AllDown, Config, Failback, Family};
+use crate::config::{AllDown, Config, Failback, Family, Gateway6, Ipv6Mode};
 use crate::control::{Event, Request, Response};
 use crate::datapath::{self, AnyFlowKey, Datapath, Tuple5};
 use crate::health::{RoundReport, State, Transition};
@@ -75,11 +75,13 @@ struct Daemon {
     /// per family (indexed by `wan::fam`).
     last_default: [Vec<(u8, u32)>; 2],
     balance_written: Option<(Vec<(Nexthop, u32)>, bool)>,
+    balance6_written: Option<(Vec<(Nexthop, u32)>, bool)>,
     /// Per family: no WAN takes new flows.
     all_down: [bool; 2],
     /// `refusing()` as the rules and nftables were last written for.
     refusing_written: bool,
     bypass_written: Vec<Ipv4Net>,
+    bypass6_written: Vec<Ipv6Net>,
     /// With `ha_address`: whether this router holds it (is the HA pair's
     /// active router), from the addresses seen at the last refresh.
     ha_active: Option<bool>,
@@ -161,9 +163,11 @@ impl Daemon {
             rules_written: None,
             last_default: [Vec::new(), Vec::new()],
             balance_written: None,
+            balance6_written: None,
             all_down: [false; 2],
             refusing_written: false,
             bypass_written: Vec::new(),
+            bypass6_written: Vec::new(),
             ha_active: None,
             events: VecDeque::new(),
             rounds_tx,
@@ -296,10 +300,11 @@ impl Daemon {
     /// left alone.
     async fn adopt_connections(&self) {
         let mask = self.cfg.mark_mask;
-        let wans: Vec<(Ipv4Addr, u32)> = self
+        let wans: Vec<(WanAddrs, u32)> = self
             .wans
             .iter()
-            .filter_map(|w| Some((w.link.address()?, w.mark)))
+            .map(|w| (WanAddrs::of(w), w.mark))
+            .filter(|(a, _)| !a.is_empty())
             .collect();
         if wans.is_empty() {
             return;
@@ -309,9 +314,7 @@ impl Daemon {
                 if e.mark & mask != 0 {
                     return None;
                 }
-                let uses =
-                    |a: Ipv4Addr| [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst].contains(&a);
-                wans.iter().find(|(a, _)| uses(*a)).map(|(_, m)| *m)
+                wans.iter().find(|(a, _)| a.used_by(e)).map(|(_, m)| *m)
             })
         })
         .await;
@@ -328,7 +331,17 @@ impl Daemon {
 
     fn apply_sysctls(&mut self) -> Result<()> {
         let ifaces: Vec<String> = self.cfg.wans.iter().map(|w| w.interface.clone()).collect();
-        let per_iface: HashSet<String> = ifaces
+        let ipv6 = |ra_only: bool| -> Vec<String> {
+            self.cfg
+                .wans
+                .iter()
+                .filter(|w| w.ipv6 != Ipv6Mode::Off)
+                .filter(|w| !ra_only || w.gateway6 == Some(Gateway6::Auto))
+                .map(|w| w.interface.clone())
+                .collect()
+        };
+        let (ifaces6, ra_ifaces) = (ipv6(false), ipv6(true));
+        let mut per_iface: HashSet<String> = ifaces
             .iter()
             .flat_map(|i| {
                 sysctl::WAN_IFACE_SETTINGS
@@ -336,7 +349,17 @@ impl Daemon {
                     .map(move |(name, _)| sysctl::iface_key(i, name))
             })
             .collect();
-        for (k, v) in sysctl::router_settings(&ifaces) {
+        per_iface.extend(ra_ifaces.iter().map(|i| sysctl::iface_key6(i, "accept_ra")));
+        if !ifaces6.is_empty() && !sysctl::ipv6_forwarding().unwrap_or(true) {
+            warn!(
+                wans = ?ifaces6,
+                "IPv6 forwarding is off (net.ipv6.conf.all.forwarding = 0): the LAN's IPv6 is not routed through the WANs with IPv6; enabling it is the admin's choice"
+            );
+        }
+        let settings = sysctl::router_settings(&ifaces)
+            .into_iter()
+            .chain(sysctl::ipv6_settings(&ifaces6, &ra_ifaces));
+        for (k, v) in settings {
             if let Err(e) = sysctl::set(&mut self.host.sysctls, &k, &v) {
                 if per_iface.contains(&k) {
                     // A WAN interface that does not exist yet gets its
@@ -424,6 +447,7 @@ impl Daemon {
     async fn refresh_links(&mut self, force: bool) -> Result<()> {
         let exclude = self.cfg.table_base..=self.cfg.table_base + MAX_WANS;
         let mut rules_dirty = force;
+        let mut nft_dirty = false;
         for i in 0..self.wans.len() {
             let iface = self.wans[i].cfg.interface.clone();
             let mut info = LinkInfo::default();
@@ -434,45 +458,56 @@ impl Daemon {
                 info.addr = self.net.ipv4_addrs(l.index).await?.into_iter().next();
                 info.nexthop = match self.wans[i].cfg.gateway {
                     crate::config::Gateway::Fixed(gw) => Some(Nexthop {
-                        gateway: Some(gw),
+                        gateway: Some(gw.into()),
                         ifindex: l.index,
                     }),
                     crate::config::Gateway::Auto => {
                         self.net.learned_default(l.index, exclude.clone()).await?
                     }
                 };
+                if self.wans[i].cfg.ipv6 != Ipv6Mode::Off {
+                    info.addrs6 = self.net.ipv6_addrs(l.index).await?;
+                    info.nexthop6 = match self.wans[i].cfg.gateway6 {
+                        Some(Gateway6::Fixed(gw)) => Some(Nexthop {
+                            gateway: Some(gw.into()),
+                            ifindex: l.index,
+                        }),
+                        Some(Gateway6::Auto) => {
+                            self.net
+                                .learned_default_of(Family::Ipv6, l.index, exclude.clone())
+                                .await?
+                        }
+                        None => None,
+                    };
+                }
             }
             let old = std::mem::replace(&mut self.wans[i].link, info.clone());
             let w = &self.wans[i];
-            // The kernel deletes the table's route, without a notification,
-            // when the interface goes administratively down or loses its
-            // last address, and refuses it meanwhile: while the link is
-            // usable, the route is checked and put back if it is gone.
             let usable_now = info.unusable_reason(&w.cfg).is_none();
-            let mut install = force || old.nexthop != info.nexthop;
-            if !install && usable_now && info.nexthop.is_some() {
-                install = self.net.table_default(w.table).await? != info.nexthop;
-                if install {
-                    info!(wan = %w.cfg.name, table = w.table, "the WAN's table route was gone (interface set down, address removed?); putting it back");
+            let changed = self
+                .sync_table_route(i, Family::Ipv4, old.nexthop, usable_now, force)
+                .await?;
+            if changed && !force {
+                info!(wan = %w.cfg.name, gateway = shown(info.gateway_text(&w.cfg)), "gateway changed");
+            }
+            let usable6 = usable_now && info.ipv6_ready(&w.cfg);
+            let changed6 = self
+                .sync_table_route(i, Family::Ipv6, old.nexthop6, usable6, force)
+                .await?;
+            let w = &self.wans[i];
+            if changed6 && !force {
+                info!(wan = %w.cfg.name, gateway6 = shown(info.nexthop6.and_then(|n| n.gateway)), "IPv6 gateway changed");
+            }
+            if old.addrs6 != info.addrs6 {
+                rules_dirty = true;
+                if !force {
+                    info!(wan = %w.cfg.name, addresses6 = ?info.addrs6, "IPv6 addresses changed");
                 }
             }
-            if install {
-                match info.nexthop {
-                    Some(nh) => {
-                        let set = self.net.set_table_default(w.table, nh).await;
-                        match set {
-                            Err(e) if !usable_now => {
-                                warn!(wan = %w.cfg.name, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
-                            }
-                            r => r.with_context(|| {
-                                format!("WAN {}: setting table {}", w.cfg.name, w.table)
-                            })?,
-                        }
-                    }
-                    None => self.net.flush_table(w.table).await?,
-                }
-                if !force && old.nexthop != info.nexthop {
-                    info!(wan = %w.cfg.name, gateway = shown(info.gateway_text(&w.cfg)), "gateway changed");
+            if old.nat6(&w.cfg) != info.nat6(&w.cfg) {
+                nft_dirty = true;
+                if !force {
+                    info!(wan = %w.cfg.name, prefix6 = shown(info.prefix6(&w.cfg)), "IPv6 prefix changed");
                 }
             }
             if old.addr != info.addr {
@@ -505,8 +540,62 @@ impl Daemon {
         if rules_dirty {
             self.sync_rules().await?;
         }
+        if nft_dirty && !force {
+            // (start and reload apply the table after this.)
+            self.sync_nft().await?;
+        }
         self.sync_bypass().await?;
         self.sync_policies().await
+    }
+
+    /// Puts WAN `i`'s default route of `family` in its table (the link's
+    /// next hop of that family, as just read), or empties the table when it
+    /// has none; `old`: the next hop before. Returns whether the next hop
+    /// changed. The kernel deletes the table's route, without a
+    /// notification, when the interface goes administratively down or
+    /// loses its last address, and refuses it meanwhile: while the link is
+    /// `usable`, the route is checked and put back if it is gone.
+    async fn sync_table_route(
+        &self,
+        i: usize,
+        family: Family,
+        old: Option<Nexthop>,
+        usable: bool,
+        force: bool,
+    ) -> Result<bool> {
+        let w = &self.wans[i];
+        let nexthop = match family {
+            Family::Ipv4 => w.link.nexthop,
+            Family::Ipv6 => w.link.nexthop6,
+        };
+        let changed = old != nexthop;
+        let mut install = force || changed;
+        if !install && usable && nexthop.is_some() {
+            install = self.net.table_default_of(family, w.table).await? != nexthop;
+            if install {
+                info!(wan = %w.cfg.name, table = w.table, ?family, "the WAN's table route was gone (interface set down, address removed?); putting it back");
+            }
+        }
+        if !install {
+            return Ok(false);
+        }
+        match nexthop {
+            Some(nh) => match self.net.set_table_default(w.table, nh).await {
+                Err(e) if !usable => {
+                    warn!(wan = %w.cfg.name, ?family, error = %format!("{e:#}"), "table route not set while the link is unusable; set when it is usable")
+                }
+                // A WAN's IPv6 never stops its IPv4: the route is tried
+                // again at the next check.
+                Err(e) if family == Family::Ipv6 => {
+                    error!(wan = %w.cfg.name, error = %format!("{e:#}"), "IPv6 table route not set (gateway6 unreachable?); IPv4 is not affected");
+                }
+                r => r.with_context(|| {
+                    format!("WAN {}: setting table {} ({family:?})", w.cfg.name, w.table)
+                })?,
+            },
+            None => self.net.flush_table_of(family, w.table).await?,
+        }
+        Ok(changed)
     }
 
     /// Every WAN is down and `all_down = "unreachable"`: new connections
@@ -550,13 +639,32 @@ impl Daemon {
             .map(|w| (w.id, w.mark, w.link.address()))
             .collect();
         let refuse = self.refusing();
-        let want = routing::wanted_rules(
+        let mut want = routing::wanted_rules(
             self.cfg.rule_priority,
             self.cfg.table_base,
             self.cfg.mark_mask,
             &wans,
             refuse,
         );
+        let wans6: Vec<(u8, u32, Vec<std::net::Ipv6Addr>)> = self
+            .wans
+            .iter()
+            .filter(|w| w.cfg.ipv6 != Ipv6Mode::Off)
+            .map(|w| {
+                (
+                    w.id,
+                    w.mark,
+                    w.link.addrs6.iter().map(|a| a.addr()).collect(),
+                )
+            })
+            .collect();
+        want.extend(routing::wanted_rules6(
+            self.cfg.rule_priority,
+            self.cfg.table_base,
+            self.cfg.mark_mask,
+            &wans6,
+            refuse,
+        ));
 
         self.net
             .sync_rules(&want)
@@ -574,6 +682,7 @@ impl Daemon {
                 mark: w.mark,
                 nat: w.cfg.nat,
                 snat: w.cfg.snat_address,
+                nat6: w.link.nat6(&w.cfg),
             })
             .collect();
         let refuse: &[String] = if self.refusing() {
@@ -583,7 +692,7 @@ impl Daemon {
         };
         nft::apply(&wans, self.cfg.mark_mask, refuse, self.divert.as_ref())
             .await
-            .context("applying nftables table ip mwan")
+            .context("applying nftables table inet mwan")
     }
 
     /// An HA pair's role follows keepalived: the router holding the
@@ -626,6 +735,30 @@ impl Daemon {
         if prefixes != self.bypass_written {
             self.dp.maps.write_bypass(&prefixes)?;
             self.bypass_written = prefixes;
+        }
+        // IPv6: the router's own addresses and on-link prefixes, loopback,
+        // link-local and multicast never leave through a WAN.
+        let mut prefixes6: Vec<Ipv6Net> = self
+            .net
+            .all_ipv6_addrs()
+            .await?
+            .into_iter()
+            .flat_map(|(_, a)| {
+                [
+                    a.trunc(),
+                    Ipv6Net::new(a.addr(), 128).expect("128 is a valid prefix"),
+                ]
+            })
+            .filter(|n| n.prefix_len() > 0)
+            .collect();
+        for fixed in ["::1/128", "fe80::/10", "ff00::/8"] {
+            prefixes6.push(fixed.parse().expect("valid"));
+        }
+        prefixes6.sort();
+        prefixes6.dedup();
+        if prefixes6 != self.bypass6_written {
+            self.dp.maps.write_bypass6(&prefixes6)?;
+            self.bypass6_written = prefixes6;
         }
         Ok(())
     }
@@ -670,6 +803,29 @@ impl Daemon {
                 .await
                 .context("setting the balance route")?;
             self.balance_written = Some(want);
+        }
+        // The router's own IPv6: the IPv6 default policy's WANs.
+        let nexthops6: Vec<(Nexthop, u32)> = compiled[fam(Family::Ipv6)]
+            .default_members
+            .iter()
+            .filter_map(|(id, weight)| {
+                let w = self.wans.iter().find(|w| w.id == *id)?;
+                Some((w.link.nexthop6?, *weight))
+            })
+            .collect();
+        let has_ipv6 = self.wans.iter().any(|w| w.cfg.ipv6 != Ipv6Mode::Off);
+        let want6 = (nexthops6, self.refusing() && has_ipv6);
+        if self.balance6_written.as_ref() != Some(&want6) {
+            self.net
+                .set_balance_of(
+                    Family::Ipv6,
+                    self.cfg.table_base + MAX_WANS,
+                    &want6.0,
+                    want6.1,
+                )
+                .await
+                .context("setting the IPv6 balance route")?;
+            self.balance6_written = Some(want6);
         }
         for (f, id) in died {
             self.flush_conntrack(id, f);
@@ -772,24 +928,24 @@ impl Daemon {
             .unwrap_or_else(|| format!("#{id}"))
     }
 
-    /// Deletes the conntrack entries of a dead WAN's connections (and only
-    /// those), so applications see a reset at once instead of hanging on a
-    /// NAT binding to a dead link: connections masqueraded to its address,
-    /// inbound ones it marked, and every flow pinned to it.
+    /// Deletes the conntrack entries of family `f` of a dead WAN's
+    /// connections (and only those), so applications see a reset at once
+    /// instead of hanging on a NAT binding to a dead link: connections
+    /// masqueraded (or NPT-mapped) to its addresses, inbound ones it
+    /// marked, and every flow pinned to it. A WAN whose IPv6 died keeps its
+    /// IPv4 connections, and the reverse.
     fn flush_conntrack(&self, id: u8, f: Family) {
-        if f == Family::Ipv6 {
-            // MERGE: IPv6 conntrack entries (h-ctl6) and FLOWS6 (h-dp6).
-            return;
-        }
         if let Some(w) = self.wans.iter().find(|w| w.id == id) {
-            self.flush_conntrack_of(w);
+            self.flush_conntrack_of(w, Some(f))
         }
     }
 
-    fn flush_conntrack_of(&self, w: &WanRt) {
+    /// [`Self::flush_conntrack`] for one family (`only`) or both (a WAN
+    /// removed by a reload).
+    fn flush_conntrack_of(&self, w: &WanRt, only: Option<Family>) {
         let id = w.id;
         let name = w.cfg.name.clone();
-        let addr = w.link.address();
+        let addrs = WanAddrs::of(w);
         let mark = w.mark;
         let mask = self.cfg.mark_mask;
         let pin_dir = self.cfg.pin_dir.clone();
@@ -803,9 +959,15 @@ impl Daemon {
                 }
             };
             let result = conntrack::delete_where(|e| {
-                addr.is_some_and(|a| e.reply.dst == a)
-                    || (e.mark & mask) == mark
-                    || tuples.contains_key(&tuple_of(&e.orig))
+                let family = if e.is_ipv6() {
+                    Family::Ipv6
+                } else {
+                    Family::Ipv4
+                };
+                only.is_none_or(|f| f == family)
+                    && (addrs.reply_to(e)
+                        || (e.mark & mask) == mark
+                        || tuples.contains_key(&tuple_of(&e.orig)))
             });
             match result {
                 Ok(n) => {
@@ -845,7 +1007,7 @@ impl Daemon {
         let name = self.wan_name(id);
         let pin_dir = self.cfg.pin_dir.clone();
         tokio::task::spawn_blocking(move || {
-            let res = (|| -> Result<usize> {
+            let res = (|| -> Result<(usize, usize)> {
                 let mut moved = Vec::new();
                 datapath::read_flows(&pin_dir, 4096, |k, v| {
                     if v.moved_from == id && k.family() == f {
@@ -861,12 +1023,12 @@ impl Daemon {
                     flows.insert(&k, v)?;
                     tuples.insert(k.tuple());
                 }
-                conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
-                Ok(tuples.len())
+                let deleted = conntrack::delete_where(|e| tuples.contains(&tuple_of(&e.orig)))?;
+                Ok((tuples.len(), deleted))
             })();
             match res {
-                Ok(n) => {
-                    info!(wan = %name, family = %f, flows = n, "failback: moved flows reset to their WAN")
+                Ok((n, deleted)) => {
+                    info!(wan = %name, family = %f, flows = n, conntrack_deleted = deleted, "failback: moved flows reset to their WAN")
                 }
                 Err(e) => warn!(wan = %name, error = %e, "failback reset"),
             }
@@ -1117,11 +1279,13 @@ impl Daemon {
         for w in removed {
             summary.push(format!("removed {}", w.cfg.name));
             info!(wan = %w.cfg.name, "WAN removed by reload; its flows move");
-            self.dp.maps.write_wan(w.id, WanEntry::default())?;
+            for f in Family::BOTH {
+                self.write_alive(f, w.id, WanEntry::default())?;
+            }
             self.dp.maps.write_name(w.id, None)?;
             self.net.flush_table(w.table).await?;
             // Its pins are no longer alive; delete its connections.
-            self.flush_conntrack_of(&w);
+            self.flush_conntrack_of(&w, None);
         }
         for (wcfg, id) in new.wans.iter().cloned().zip(ids) {
             let mark = new.wan_mark(id);
@@ -1190,6 +1354,7 @@ impl Daemon {
         self.host.lan_interfaces = self.cfg.lan_interfaces.clone();
         self.host.save(&self.cfg.state_file())?;
         self.balance_written = None;
+        self.balance6_written = None;
         self.refresh_links(true).await?;
         self.sync_nft().await?;
         self.attach_lans().await?;
@@ -1277,6 +1442,7 @@ impl Daemon {
                     // the balance route is rewritten too.
                     net_dirty = true;
                     self.balance_written = None;
+                    self.balance6_written = None;
                     let _ = self.flow_counts.refresh_if_stale();
                 }
             }
@@ -1416,6 +1582,44 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<(Request, oneshot:
                 }
             }
         });
+    }
+}
+
+/// The addresses by which a WAN's connections are known in conntrack
+/// (NAT to its address, inbound to it, NPT to its prefix).
+struct WanAddrs {
+    addrs: Vec<IpAddr>,
+    prefix6: Option<ipnet::Ipv6Net>,
+}
+
+impl WanAddrs {
+    fn of(w: &WanRt) -> WanAddrs {
+        WanAddrs {
+            addrs: w.link.own_addresses(),
+            prefix6: w.link.prefix6(&w.cfg),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.addrs.is_empty() && self.prefix6.is_none()
+    }
+
+    fn is_ours(&self, a: &IpAddr) -> bool {
+        self.addrs.contains(a)
+            || matches!((a, self.prefix6), (IpAddr::V6(a), Some(p)) if p.contains(a))
+    }
+
+    /// The reply comes back to the WAN: a connection masqueraded (or
+    /// NPT-mapped) to it, or one made to it from outside.
+    fn reply_to(&self, e: &conntrack::CtEntry) -> bool {
+        self.is_ours(&e.reply.dst)
+    }
+
+    /// Any address of the connection is the WAN's (adoption at start).
+    fn used_by(&self, e: &conntrack::CtEntry) -> bool {
+        [e.orig.src, e.orig.dst, e.reply.src, e.reply.dst]
+            .iter()
+            .any(|a| self.is_ours(a))
     }
 }
 

@@ -305,9 +305,17 @@ fn family_status(
         judged_by: judge.to_string(),
         alive: w.family(f).alive,
         share: shares.get(&w.id).copied().unwrap_or(0.0),
-        // MERGE: the IPv6 address and gateway (h-ctl6's link info).
-        address: None,
-        gateway: None,
+        address: (!w.link.addrs6.is_empty()).then(|| {
+            let a: Vec<String> = w.link.addrs6.iter().map(|a| a.to_string()).collect();
+            a.join(" ")
+        }),
+        gateway: w.link.nexthop6.and_then(|n| n.gateway).map(|g| match g {
+            // A link-local gateway is reached through the WAN's interface.
+            std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => {
+                format!("{g}%{}", w.cfg.interface)
+            }
+            _ => g.to_string(),
+        }),
         rtt_ms: m.rtt_ms,
         jitter_ms: m.jitter_ms,
         loss_pct: m.loss_pct,

@@ -2,15 +2,16 @@
 //! its health (a machine and a prober per address family) and the admin
 //! overrides.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Instant, SystemTime};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use mwan_common::MAX_WANS;
 use tokio::sync::mpsc;
 
-use crate::config::{self, Family, Gateway};
+use crate::config::{self, Family, Gateway, Ipv6Mode, Prefix6};
 use crate::health::{HealthStats, Machine, ProbeSpec, Prober, RoundReport, State, Transition};
+use crate::nft::Nat6;
 use crate::policy::{Health, WanView};
 use crate::routing::Nexthop;
 
@@ -71,6 +72,11 @@ pub struct LinkInfo {
     pub carrier: bool,
     pub addr: Option<Ipv4Net>,
     pub nexthop: Option<Nexthop>,
+    /// The global IPv6 addresses of the link (read only for a WAN whose
+    /// `ipv6` is not "off"; empty otherwise).
+    pub addrs6: Vec<Ipv6Net>,
+    /// The IPv6 next hop: `gateway6`, or the router learned from RAs.
+    pub nexthop6: Option<Nexthop>,
 }
 
 impl LinkInfo {
@@ -105,6 +111,60 @@ impl LinkInfo {
 
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.addr.map(|a| a.addr())
+    }
+
+    /// The WAN's prefix of NPT: `prefix6`, or with "auto" the prefix of
+    /// the link's first global address at `lan_prefix6`'s length.
+    pub fn prefix6(&self, cfg: &config::Wan) -> Option<Ipv6Net> {
+        match cfg.ipv6 {
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Fixed(p),
+                ..
+            } => Some(p),
+            Ipv6Mode::Npt {
+                prefix: Prefix6::Auto,
+                lan_prefix,
+            } => self
+                .addrs6
+                .first()
+                .and_then(|a| Ipv6Net::new(a.addr(), lan_prefix.prefix_len()).ok())
+                .map(|p| p.trunc()),
+            _ => None,
+        }
+    }
+
+    /// Whether the link has what IPv6 through the WAN needs: `ipv6` on, a
+    /// next hop, an address, and for NPT the prefix.
+    pub fn ipv6_ready(&self, cfg: &config::Wan) -> bool {
+        cfg.ipv6 != Ipv6Mode::Off
+            && self.nexthop6.is_some()
+            && !self.addrs6.is_empty()
+            && (!matches!(cfg.ipv6, Ipv6Mode::Npt { .. }) || self.prefix6(cfg).is_some())
+    }
+
+    /// The WAN's IPv6 NAT in mwan's nftables table.
+    pub fn nat6(&self, cfg: &config::Wan) -> Nat6 {
+        match cfg.ipv6 {
+            Ipv6Mode::Off => Nat6::None,
+            Ipv6Mode::Nat => Nat6::Masquerade,
+            Ipv6Mode::Npt { lan_prefix, .. } => match self.prefix6(cfg) {
+                Some(wan) => Nat6::Prefix {
+                    lan: lan_prefix,
+                    wan,
+                },
+                None => Nat6::None,
+            },
+        }
+    }
+
+    /// The addresses of the WAN's connections in conntrack: its IPv4
+    /// address and global IPv6 addresses.
+    pub fn own_addresses(&self) -> Vec<IpAddr> {
+        self.address()
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.addrs6.iter().map(|a| IpAddr::V6(a.addr())))
+            .collect()
     }
 
     /// The next hop as status and the logs show it: the gateway's address,
@@ -144,8 +204,11 @@ impl WanRt {
         &mut self.health[fam(f)]
     }
 
+    /// Whether family `f` has probe targets here: a WAN without IPv6
+    /// ignores the IPv6 targets of a top-level list.
     fn has_targets(&self, f: Family) -> bool {
-        self.cfg.health.targets.iter().any(|t| t.family() == f)
+        (f == Family::Ipv4 || self.has_ipv6())
+            && self.cfg.health.targets.iter().any(|t| t.family() == f)
     }
 
     /// The family whose machine judges family `f`: `f` itself, or the
@@ -172,16 +235,15 @@ impl WanRt {
         self.state(Family::Ipv4) == State::Disabled
     }
 
-    /// Whether the WAN carries IPv6 at all. (Until the IPv6 routing part
-    /// says more: a WAN with IPv6 probe targets.)
+    /// Whether the WAN carries IPv6 at all (`ipv6` is not "off").
     pub fn has_ipv6(&self) -> bool {
-        self.has_targets(Family::Ipv6)
+        self.cfg.ipv6 != Ipv6Mode::Off
     }
 
     pub fn probe_spec(&self, f: Family) -> Option<ProbeSpec> {
         let h = &self.cfg.health;
         let (targets, quorum) = h.targets_of(f);
-        if targets.is_empty() {
+        if !self.has_targets(f) {
             return None;
         }
         Some(ProbeSpec {
@@ -263,10 +325,11 @@ impl WanRt {
             .collect()
     }
 
-    /// The WAN as family `f`'s policy compiler sees it. A WAN without IPv6
-    /// never takes IPv6 flows.
+    /// The WAN as family `f`'s policy compiler sees it. A WAN without IPv6,
+    /// or whose link is not ready for it (no address or gateway yet), takes
+    /// no IPv6 flows.
     pub fn view(&self, f: Family) -> WanView {
-        let carries = f == Family::Ipv4 || self.has_ipv6();
+        let carries = f == Family::Ipv4 || self.link.ipv6_ready(&self.cfg);
         WanView {
             id: self.id,
             name: self.cfg.name.clone(),
@@ -344,6 +407,55 @@ pub fn assign_ids(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wan6(extra: &str) -> config::Wan {
+        let text = format!(
+            "lan_interfaces = [\"lan0\"]\nprobe_targets = [\"192.0.2.1\"]\n[[wan]]\nname = \"a\"\ninterface = \"w0\"\ngateway = \"auto\"\n{extra}\n"
+        );
+        config::Config::parse(&text).unwrap().wans.remove(0)
+    }
+
+    /// What the daemon derives from a WAN's IPv6 link state: the NPT
+    /// prefix (fixed, or the address's at lan_prefix6's length), the NAT
+    /// of the nftables table, and readiness.
+    #[test]
+    fn ipv6_link_state() {
+        let npt_auto = wan6(
+            "gateway6 = \"auto\"\nipv6 = \"npt\"\nprefix6 = \"auto\"\nlan_prefix6 = \"fd00:1::/56\"",
+        );
+        let mut link = LinkInfo::default();
+        assert_eq!(link.prefix6(&npt_auto), None);
+        assert_eq!(link.nat6(&npt_auto), Nat6::None);
+        link.addrs6 = vec!["2001:db8:a2:5:1::9/64".parse().unwrap()];
+        assert_eq!(
+            link.prefix6(&npt_auto),
+            Some("2001:db8:a2::/56".parse().unwrap())
+        );
+        assert_eq!(
+            link.nat6(&npt_auto),
+            Nat6::Prefix {
+                lan: "fd00:1::/56".parse().unwrap(),
+                wan: "2001:db8:a2::/56".parse().unwrap()
+            }
+        );
+        assert!(!link.ipv6_ready(&npt_auto), "no next hop yet");
+        link.nexthop6 = Some(Nexthop {
+            gateway: Some("fe80::1".parse().unwrap()),
+            ifindex: 3,
+        });
+        assert!(link.ipv6_ready(&npt_auto));
+        assert_eq!(
+            link.own_addresses(),
+            vec!["2001:db8:a2:5:1::9".parse::<IpAddr>().unwrap()]
+        );
+
+        let nat = wan6("gateway6 = \"fe80::1\"");
+        assert_eq!(link.nat6(&nat), Nat6::Masquerade);
+        assert!(link.ipv6_ready(&nat));
+        let off = wan6("");
+        assert_eq!(link.nat6(&off), Nat6::None);
+        assert!(!link.ipv6_ready(&off), "no IPv6 configured");
+    }
 
     #[test]
     fn ids_are_stable_across_restarts_and_reloads() {

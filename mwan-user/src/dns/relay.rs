@@ -477,12 +477,17 @@ fn receive_loop(sock: UdpSocket, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
 fn server_of(client: SocketAddrV4, local: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
     let reply = crate::conntrack::CtTuple {
         proto: 17,
-        src: *local.ip(),
-        dst: *client.ip(),
+        src: (*local.ip()).into(),
+        dst: (*client.ip()).into(),
         sport: local.port(),
         dport: client.port(),
     };
-    Ok(crate::conntrack::by_reply(&reply)?.map(|e| SocketAddrV4::new(e.orig.dst, e.orig.dport)))
+    Ok(
+        crate::conntrack::by_reply(&reply)?.and_then(|e| match e.orig.dst {
+            std::net::IpAddr::V4(dst) => Some(SocketAddrV4::new(dst, e.orig.dport)),
+            std::net::IpAddr::V6(_) => None,
+        }),
+    )
 }
 
 /// Relays one query: ask, learn, write, answer.

@@ -1,5 +1,5 @@
-//! Change notifications: link, IPv4 address and IPv4 route multicast
-//! groups on a socket of their own.
+//! Change notifications: link, address and route multicast groups of both
+//! families on a socket of their own.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -12,7 +12,7 @@ use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
-use super::msg::{parse_addr, parse_link, route_nexthops, route_table};
+use super::msg::{parse_addr, parse_addr6, parse_link, route_nexthops, route_table};
 use super::{force_rcvbuf, Net, NetEvent, RT_TABLE_LOCAL};
 use crate::RTPROT_MWAN;
 
@@ -20,6 +20,8 @@ use crate::RTPROT_MWAN;
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 /// Receive buffer of the event socket: room for the notifications of a few
 /// thousand route changes (a flapping PPP link with a full table) before the
@@ -27,7 +29,9 @@ const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const EVENT_RCVBUF: usize = 8 << 20;
 
 impl Net {
-    /// Notifications of link, IPv4 address and IPv4 route changes, from a
+    /// Notifications of link, address and route changes (IPv4 and IPv6:
+    /// global IPv6 addresses, and IPv6 routes such as those Router
+    /// Advertisements install), from a
     /// socket of its own opened in the calling thread's network namespace
     /// (call inside a tokio runtime). The stream ends only if the socket
     /// fails (logged).
@@ -37,7 +41,13 @@ impl Net {
         let s = socket.socket_mut();
         s.bind_auto()
             .context("binding the rtnetlink event socket")?;
-        for group in [RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE] {
+        for group in [
+            RTNLGRP_LINK,
+            RTNLGRP_IPV4_IFADDR,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV6_IFADDR,
+            RTNLGRP_IPV6_ROUTE,
+        ] {
             s.add_membership(group)
                 .with_context(|| format!("joining rtnetlink group {group}"))?;
         }
@@ -110,14 +120,19 @@ fn net_event(m: RouteNetlinkMessage) -> Option<NetEvent> {
 }
 
 fn addr_event(a: &AddressMessage, added: bool) -> Option<NetEvent> {
-    let (index, _, addr) = parse_addr(a)?;
+    let (index, addr) = match parse_addr(a) {
+        Some((index, _, addr)) => (index, addr.into()),
+        None => parse_addr6(a).map(|(index, addr)| (index, addr.into()))?,
+    };
     Some(NetEvent::Addr { index, addr, added })
 }
 
 fn route_event(r: &RouteMessage) -> Option<NetEvent> {
     let table = route_table(r);
-    if r.header.address_family != AddressFamily::Inet
-        || table == RT_TABLE_LOCAL
+    if !matches!(
+        r.header.address_family,
+        AddressFamily::Inet | AddressFamily::Inet6
+    ) || table == RT_TABLE_LOCAL
         || u8::from(r.header.protocol) == RTPROT_MWAN
     {
         return None;

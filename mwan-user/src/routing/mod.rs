@@ -10,13 +10,13 @@
 
 use std::fmt;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::os::fd::RawFd;
 
 use anyhow::{anyhow, Context, Result};
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
@@ -24,15 +24,15 @@ use netlink_packet_core::{
 use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteNextHop, RouteScope, RouteType,
+    RouteAttribute, RouteMessage, RouteNextHop, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::RTPROT_MWAN;
 use msg::{
-    is_mwan_rule, mwan_route, parse_addr, parse_link, parse_rule, route_dst, route_metric,
-    route_nexthops, route_table, rule_message, rule_priority,
+    is_mwan_rule, mwan_route, parse_addr, parse_addr6, parse_link, parse_rule, route_dst,
+    route_metric, route_nexthops, route_table, rule_message, rule_priority,
 };
 
 mod events;
@@ -65,12 +65,34 @@ pub struct Link {
     pub l2: bool,
 }
 
+pub use crate::config::Family;
+
+/// The netlink address family of routes and rules of a family.
+pub(crate) fn af(f: Family) -> AddressFamily {
+    match f {
+        Family::Ipv4 => AddressFamily::Inet,
+        Family::Ipv6 => AddressFamily::Inet6,
+    }
+}
+
 /// Where a route sends packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Nexthop {
-    /// `None`: a point-to-point link, the route goes via the device.
-    pub gateway: Option<Ipv4Addr>,
+    /// `None`: a point-to-point link, the route goes via the device
+    /// (IPv4 only: an IPv6 nexthop always has a gateway, usually the
+    /// router's link-local address).
+    pub gateway: Option<IpAddr>,
     pub ifindex: u32,
+}
+
+impl Nexthop {
+    /// The family of the routes through it (a device route: IPv4).
+    pub fn family(&self) -> Family {
+        match self.gateway {
+            Some(IpAddr::V6(_)) => Family::Ipv6,
+            _ => Family::Ipv4,
+        }
+    }
 }
 
 impl fmt::Display for Nexthop {
@@ -91,13 +113,13 @@ pub enum NetEvent {
         index: u32,
         name: String,
     },
-    /// An IPv4 address was added or removed.
+    /// An IPv4 or IPv6 address was added or removed.
     Addr {
         index: u32,
-        addr: Ipv4Net,
+        addr: IpNet,
         added: bool,
     },
-    /// An IPv4 route was added, changed or removed in `table`. Routes of the
+    /// An IPv4 or IPv6 route was added, changed or removed in `table`. Routes of the
     /// `local` table and mwan's own routes (its echo) are not reported.
     /// Note that the kernel does not notify the routes it drops when a link
     /// goes down; watch `Link` events for that.
@@ -111,9 +133,11 @@ pub enum NetEvent {
     Overrun,
 }
 
-/// One of mwan's ip rules: `priority: from <selector> lookup <table>`.
+/// One of mwan's ip rules: `priority: from <selector> lookup <table>`, of
+/// one family (`ip rule` or `ip -6 rule`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RuleSpec {
+    pub family: Family,
     pub priority: u32,
     pub selector: Selector,
     pub table: u32,
@@ -129,7 +153,8 @@ pub enum Selector {
         mark: u32,
         mask: u32,
     },
-    From(Ipv4Addr),
+    /// From one address (of the rule's family).
+    From(IpAddr),
     /// `iif lo`: packets the router itself sends.
     Local,
 }
@@ -137,6 +162,9 @@ pub enum Selector {
 /// In `ip rule` syntax, for messages.
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.family == Family::Ipv6 {
+            f.write_str("-6 ")?;
+        }
         write!(f, "{} ", self.priority)?;
         match self.selector {
             Selector::All | Selector::AllSuppressDefault => f.write_str("from all")?,
@@ -174,14 +202,67 @@ pub fn wanted_rules(
     wans: &[(u8, u32, Option<Ipv4Addr>)],
     refuse_forwarded: bool,
 ) -> Vec<RuleSpec> {
+    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
+        .iter()
+        .map(|(id, mark, a)| (*id, *mark, a.iter().map(|a| IpAddr::V4(*a)).collect()))
+        .collect();
+    family_rules(
+        Family::Ipv4,
+        rule_priority,
+        table_base,
+        mark_mask,
+        &wans,
+        refuse_forwarded,
+    )
+}
+
+/// The IPv6 rule set: the layout of [`wanted_rules`] with `ip -6 rule`s,
+/// for the WANs with IPv6 (`(id, mark, global addresses)`), one
+/// `from` rule per address (SLAAC gives several: stable, temporary,
+/// deprecated ones of an old prefix). No WAN with IPv6: no rule at all (the
+/// host's IPv6 is left alone).
+pub fn wanted_rules6(
+    rule_priority: u32,
+    table_base: u32,
+    mark_mask: u32,
+    wans: &[(u8, u32, Vec<Ipv6Addr>)],
+    refuse_forwarded: bool,
+) -> Vec<RuleSpec> {
+    if wans.is_empty() {
+        return Vec::new();
+    }
+    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
+        .iter()
+        .map(|(id, mark, a)| (*id, *mark, a.iter().map(|a| IpAddr::V6(*a)).collect()))
+        .collect();
+    family_rules(
+        Family::Ipv6,
+        rule_priority,
+        table_base,
+        mark_mask,
+        &wans,
+        refuse_forwarded,
+    )
+}
+
+fn family_rules(
+    family: Family,
+    rule_priority: u32,
+    table_base: u32,
+    mark_mask: u32,
+    wans: &[(u8, u32, Vec<IpAddr>)],
+    refuse_forwarded: bool,
+) -> Vec<RuleSpec> {
     let p = rule_priority;
     let mut rules = vec![
         RuleSpec {
+            family,
             priority: p,
             selector: Selector::AllSuppressDefault,
             table: RT_TABLE_MAIN,
         },
         RuleSpec {
+            family,
             priority: p + 200,
             selector: Selector::Local,
             table: balance_table(table_base),
@@ -189,14 +270,16 @@ pub fn wanted_rules(
     ];
     if refuse_forwarded {
         rules.push(RuleSpec {
+            family,
             priority: p + 199,
             selector: Selector::All,
             table: balance_table(table_base),
         });
     }
-    for &(id, mark, addr) in wans {
-        let id = u32::from(id);
+    for (id, mark, addrs) in wans {
+        let (id, mark) = (u32::from(*id), *mark);
         rules.push(RuleSpec {
+            family,
             priority: p + 10 + id,
             selector: Selector::Fwmark {
                 mark,
@@ -204,15 +287,17 @@ pub fn wanted_rules(
             },
             table: table_base + id,
         });
-        if let Some(a) = addr {
+        for a in addrs {
             rules.push(RuleSpec {
+                family,
                 priority: p + 100 + id,
-                selector: Selector::From(a),
+                selector: Selector::From(*a),
                 table: table_base + id,
             });
         }
     }
     rules.sort_by_key(|r| r.priority);
+    rules.dedup();
     rules
 }
 
@@ -383,16 +468,64 @@ impl Net {
             .collect())
     }
 
-    /// The gateway of `gateway = "auto"`: a default route through `ifindex`
-    /// in any table but the local table, mwan's own routes and the tables in
-    /// `exclude`. The main table wins, then the lowest metric. A default
-    /// route via the device alone (PPP) gives a nexthop without gateway.
+    /// The global IPv6 addresses of a link (SLAAC, DHCPv6 or static; not
+    /// link-local ones), in the kernel's order.
+    pub async fn ipv6_addrs(&self, ifindex: u32) -> Result<Vec<Ipv6Net>> {
+        Ok(self
+            .addresses6(ifindex)
+            .await?
+            .into_iter()
+            .filter(|(index, _)| *index == ifindex)
+            .map(|(_, net)| net)
+            .collect())
+    }
+
+    /// Every global IPv6 address of the host with its link.
+    pub async fn all_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Net)>> {
+        self.addresses6(0).await
+    }
+
+    async fn addresses6(&self, ifindex: u32) -> Result<Vec<(u32, Ipv6Net)>> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.index = ifindex;
+        let answer = self
+            .dump(RouteNetlinkMessage::GetAddress(m))
+            .await
+            .map_err(|e| op_error("listing IPv6 addresses", &e))?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => parse_addr6(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The gateway of `gateway = "auto"`: see [`Net::learned_default_of`].
     pub async fn learned_default(
         &self,
         ifindex: u32,
         exclude: RangeInclusive<u32>,
     ) -> Result<Option<Nexthop>> {
-        let routes = match self.routes(None, Some(ifindex)).await {
+        self.learned_default_of(Family::Ipv4, ifindex, exclude)
+            .await
+    }
+
+    /// The gateway of `gateway = "auto"` (IPv4) or `gateway6 = "auto"`
+    /// (IPv6: the router learned from Router Advertisements, a `proto ra`
+    /// route of the main table, or a DHCPv6 client's route): a default
+    /// route through `ifindex` in any table but the local table, mwan's own
+    /// routes and the tables in `exclude`. The main table wins, then the
+    /// lowest metric. A default route via the device alone (PPP) gives a
+    /// nexthop without gateway.
+    pub async fn learned_default_of(
+        &self,
+        family: Family,
+        ifindex: u32,
+        exclude: RangeInclusive<u32>,
+    ) -> Result<Option<Nexthop>> {
+        let routes = match self.routes(family, None, Some(ifindex)).await {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
             Err(e) => return Err(op_error(format!("listing routes of ifindex {ifindex}"), &e)),
@@ -422,11 +555,9 @@ impl Net {
     /// `default via <gw> dev <if> table <table> proto mwan` (replacing
     /// whatever default route the table had).
     pub async fn set_table_default(&self, table: u32, nh: Nexthop) -> Result<()> {
-        let mut m = mwan_route(table, RouteType::Unicast);
+        let mut m = mwan_route(nh.family(), table, RouteType::Unicast);
         match nh.gateway {
-            Some(gw) => m
-                .attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw))),
+            Some(gw) => m.attributes.push(RouteAttribute::Gateway(gw.into())),
             None => m.header.scope = RouteScope::Link,
         }
         m.attributes.push(RouteAttribute::Oif(nh.ifindex));
@@ -439,7 +570,12 @@ impl Net {
     /// kernel deletes it without a notification when its interface goes
     /// administratively down or loses its last address.
     pub async fn table_default(&self, table: u32) -> Result<Option<Nexthop>> {
-        let routes = match self.routes(Some(table), None).await {
+        self.table_default_of(Family::Ipv4, table).await
+    }
+
+    /// [`Net::table_default`] of either family.
+    pub async fn table_default_of(&self, family: Family, table: u32) -> Result<Option<Nexthop>> {
+        let routes = match self.routes(family, Some(table), None).await {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(op_error(format!("listing routes of table {table}"), &e)),
@@ -463,11 +599,23 @@ impl Net {
         nexthops: &[(Nexthop, u32)],
         unreachable: bool,
     ) -> Result<()> {
+        self.set_balance_of(Family::Ipv4, table, nexthops, unreachable)
+            .await
+    }
+
+    /// [`Net::set_balance`] of either family (the nexthops are of `family`).
+    pub async fn set_balance_of(
+        &self,
+        family: Family,
+        table: u32,
+        nexthops: &[(Nexthop, u32)],
+        unreachable: bool,
+    ) -> Result<()> {
         if nexthops.is_empty() && !unreachable {
-            return self.delete_default(table).await;
+            return self.delete_default(family, table).await;
         }
         let m = if nexthops.is_empty() {
-            mwan_route(table, RouteType::Unreachable)
+            mwan_route(family, table, RouteType::Unreachable)
         } else {
             let weights: Vec<u32> = nexthops.iter().map(|(_, w)| *w).collect();
             let hops = nexthops
@@ -478,13 +626,12 @@ impl Net {
                     hop.interface_index = nh.ifindex;
                     hop.hops = (weight - 1) as u8;
                     if let Some(gw) = nh.gateway {
-                        hop.attributes
-                            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+                        hop.attributes.push(RouteAttribute::Gateway(gw.into()));
                     }
                     hop
                 })
                 .collect();
-            let mut m = mwan_route(table, RouteType::Unicast);
+            let mut m = mwan_route(family, table, RouteType::Unicast);
             m.attributes.push(RouteAttribute::MultiPath(hops));
             m
         };
@@ -515,8 +662,8 @@ impl Net {
     }
 
     /// Deletes mwan's default route of `table`, whatever its type, if any.
-    async fn delete_default(&self, table: u32) -> Result<()> {
-        let mut m = mwan_route(table, RouteType::Unspec);
+    async fn delete_default(&self, family: Family, table: u32) -> Result<()> {
+        let mut m = mwan_route(family, table, RouteType::Unspec);
         m.header.scope = RouteScope::NoWhere;
         match self
             .request(RouteNetlinkMessage::DelRoute(m), NLM_F_ACK)
@@ -580,12 +727,23 @@ impl Net {
         }
     }
 
-    /// Deletes every route of `table`.
+    /// Deletes every route of `table`, IPv4 and IPv6.
     pub async fn flush_table(&self, table: u32) -> Result<()> {
-        let routes = match self.routes(Some(table), None).await {
+        for family in Family::BOTH {
+            self.flush_table_of(family, table).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every route of `family` in `table`.
+    pub async fn flush_table_of(&self, family: Family, table: u32) -> Result<()> {
+        let routes = match self.routes(family, Some(table), None).await {
             Ok(r) => r,
-            // The kernel has no such table: nothing to flush.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            // The kernel has no such table (or no IPv6 at all): nothing to
+            // flush.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EAFNOSUPPORT)) => {
+                return Ok(())
+            }
             Err(e) => return Err(op_error(format!("listing routes of table {table}"), &e)),
         };
         for r in routes.iter().filter(|r| route_table(r) == table) {
@@ -620,10 +778,16 @@ impl Net {
         Ok(())
     }
 
-    /// IPv4 routes, filtered by the kernel by table and output interface.
-    async fn routes(&self, table: Option<u32>, oif: Option<u32>) -> io::Result<Vec<RouteMessage>> {
+    /// Routes of `family`, filtered by the kernel by table and output
+    /// interface.
+    async fn routes(
+        &self,
+        family: Family,
+        table: Option<u32>,
+        oif: Option<u32>,
+    ) -> io::Result<Vec<RouteMessage>> {
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
+        m.header.address_family = af(family);
         if let Some(t) = table {
             m.attributes.push(RouteAttribute::Table(t));
         }
@@ -635,9 +799,7 @@ impl Net {
             .await?
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r)
-                    if r.header.address_family == AddressFamily::Inet =>
-                {
+                RouteNetlinkMessage::NewRoute(r) if r.header.address_family == af(family) => {
                     Some(r)
                 }
                 _ => None,
@@ -645,22 +807,29 @@ impl Net {
             .collect())
     }
 
-    /// IPv4 rules with mwan's protocol, with their spec when they have the
-    /// shape of an mwan rule.
+    /// IPv4 and IPv6 rules with mwan's protocol, with their spec when they
+    /// have the shape of an mwan rule.
     async fn owned_rules(&self) -> Result<Vec<(Option<RuleSpec>, RuleMessage)>> {
-        let mut m = RuleMessage::default();
-        m.header.family = AddressFamily::Inet;
-        let answer = self
-            .dump(RouteNetlinkMessage::GetRule(m))
-            .await
-            .map_err(|e| op_error("listing rules", &e))?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRule(r) if is_mwan_rule(&r) => Some((parse_rule(&r), r)),
+        let mut out = Vec::new();
+        for family in Family::BOTH {
+            let mut m = RuleMessage::default();
+            m.header.family = af(family);
+            let answer = match self.dump(RouteNetlinkMessage::GetRule(m)).await {
+                Ok(a) => a,
+                // A kernel without IPv6 has no IPv6 rules.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
+                Err(e) => return Err(op_error("listing rules", &e)),
+            };
+            out.extend(answer.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r)
+                    if r.header.family == af(family) && is_mwan_rule(&r) =>
+                {
+                    Some((parse_rule(&r), r))
+                }
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(out)
     }
 
     /// mwan's current rules (those mwan could have made).
@@ -673,9 +842,9 @@ impl Net {
             .collect())
     }
 
-    /// Makes mwan's rules exactly `want`: adds the missing ones first, then
-    /// deletes the other rules with mwan's protocol. Other rules are left
-    /// alone.
+    /// Makes mwan's rules of both families exactly `want`: adds the missing
+    /// ones first, then deletes the other rules with mwan's protocol. Other
+    /// rules are left alone.
     pub async fn sync_rules(&self, want: &[RuleSpec]) -> Result<()> {
         let have = self.owned_rules().await?;
         for spec in want {
@@ -716,7 +885,8 @@ impl Net {
         }
     }
 
-    /// Removes every rule with mwan's protocol and every route of `tables`.
+    /// Removes every rule with mwan's protocol and every route of `tables`,
+    /// both families.
     /// Tries everything and reports all failures.
     pub async fn remove_all_mwan(&self, tables: RangeInclusive<u32>) -> Result<()> {
         let mut errors = Vec::new();

@@ -3,9 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::route::{
@@ -14,7 +14,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::AddressFamily;
 
-use super::{Link, Nexthop, RuleSpec, Selector};
+use super::{af, Family, Link, Nexthop, RuleSpec, Selector};
 use crate::RTPROT_MWAN;
 
 pub(super) fn parse_link(m: &LinkMessage) -> Option<Link> {
@@ -58,10 +58,28 @@ pub(super) fn parse_addr(m: &AddressMessage) -> Option<(u32, bool, Ipv4Net)> {
     ))
 }
 
+/// `(ifindex, address/prefix)` of a global IPv6 address message (not
+/// link-local, host or site scope).
+pub(super) fn parse_addr6(m: &AddressMessage) -> Option<(u32, Ipv6Net)> {
+    if m.header.family != AddressFamily::Inet6 || m.header.scope != AddressScope::Universe {
+        return None;
+    }
+    let addr = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(IpAddr::V6(ip)) | AddressAttribute::Address(IpAddr::V6(ip)) => {
+            Some(*ip)
+        }
+        _ => None,
+    })?;
+    Some((
+        m.header.index,
+        Ipv6Net::new(addr, m.header.prefix_len).ok()?,
+    ))
+}
+
 /// A route of mwan in `table`: `default proto mwan`, to be completed.
-pub(super) fn mwan_route(table: u32, kind: RouteType) -> RouteMessage {
+pub(super) fn mwan_route(family: Family, table: u32, kind: RouteType) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
+    m.header.address_family = af(family);
     m.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     m.header.protocol = RouteProtocol::from(RTPROT_MWAN);
     m.header.scope = RouteScope::Universe;
@@ -102,9 +120,10 @@ pub(super) fn route_dst(r: &RouteMessage) -> Option<Ipv4Net> {
     Ipv4Net::new(addr, r.header.destination_prefix_length).ok()
 }
 
-fn gateway_of(attrs: &[RouteAttribute]) -> Option<Ipv4Addr> {
+fn gateway_of(attrs: &[RouteAttribute]) -> Option<IpAddr> {
     attrs.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(IpAddr::V4(*gw)),
+        RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => Some(IpAddr::V6(*gw)),
         _ => None,
     })
 }
@@ -139,7 +158,7 @@ pub(super) fn route_nexthops(r: &RouteMessage) -> Vec<Nexthop> {
 
 pub(super) fn rule_message(spec: &RuleSpec) -> RuleMessage {
     let mut m = RuleMessage::default();
-    m.header.family = AddressFamily::Inet;
+    m.header.family = af(spec.family);
     // Without FR_ACT_TO_TBL the rule matches but looks nothing up.
     m.header.action = RuleAction::ToTable;
     m.header.table = u8::try_from(spec.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
@@ -155,8 +174,8 @@ pub(super) fn rule_message(spec: &RuleSpec) -> RuleMessage {
             m.attributes.push(RuleAttribute::FwMask(mask));
         }
         Selector::From(a) => {
-            m.header.src_len = 32;
-            m.attributes.push(RuleAttribute::Source(IpAddr::V4(a)));
+            m.header.src_len = if a.is_ipv4() { 32 } else { 128 };
+            m.attributes.push(RuleAttribute::Source(a));
         }
         Selector::Local => m.attributes.push(RuleAttribute::Iifname("lo".into())),
     }
@@ -182,11 +201,12 @@ pub(super) fn rule_priority(m: &RuleMessage) -> u32 {
 /// The spec of a rule if it is exactly of a shape `rule_message` makes.
 pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
     let h = &m.header;
-    if h.family != AddressFamily::Inet
-        || h.action != RuleAction::ToTable
-        || h.dst_len != 0
-        || h.tos != 0
-    {
+    let family = match h.family {
+        AddressFamily::Inet => Family::Ipv4,
+        AddressFamily::Inet6 => Family::Ipv6,
+        _ => return None,
+    };
+    if h.action != RuleAction::ToTable || h.dst_len != 0 || h.tos != 0 {
         return None;
     }
     let (mut priority, mut table) = (0, u32::from(h.table));
@@ -198,7 +218,8 @@ pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::FwMark(v) => mark = Some(*v),
             RuleAttribute::FwMask(v) => mask = *v,
-            RuleAttribute::Source(IpAddr::V4(a)) if h.src_len == 32 => source = Some(*a),
+            RuleAttribute::Source(a @ IpAddr::V4(_)) if h.src_len == 32 => source = Some(*a),
+            RuleAttribute::Source(a @ IpAddr::V6(_)) if h.src_len == 128 => source = Some(*a),
             RuleAttribute::Iifname(n) if n == "lo" => local = true,
             // The kernel reports "unset" as -1.
             RuleAttribute::SuppressPrefixLen(n) if *n != u32::MAX => suppress = Some(*n),
@@ -216,6 +237,7 @@ pub(super) fn parse_rule(m: &RuleMessage) -> Option<RuleSpec> {
         _ => return None,
     };
     Some(RuleSpec {
+        family,
         priority,
         selector,
         table,

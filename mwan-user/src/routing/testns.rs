@@ -164,3 +164,32 @@ pub fn wan_lab(tag: &str) -> WanLab {
         .exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"]);
     t
 }
+
+impl WanLab {
+    /// Adds IPv6 to the lab (no DAD, so addresses are usable at once): the
+    /// LAN fd00:1::/64 (host fd00:1::2, router fd00:1::1), wan1
+    /// 2001:db8:1::/64 (router ::1, server ::2), wan2 2001:db8:2::/64
+    /// (likewise; the router's main default route), the server's remote
+    /// address 2001:db8:ff::10, and the router's "delegated" prefixes
+    /// 2001:db8:a1::/64 (via wan1) and 2001:db8:a2::/64 (via wan2) routed
+    /// to it by the server. The router forwards IPv6.
+    pub fn with_ipv6(self) -> WanLab {
+        let t = &self;
+        t.lan.ip("addr add fd00:1::2/64 dev eth0 nodad");
+        t.lan.ip("route add default via fd00:1::1");
+        t.router.ip("addr add fd00:1::1/64 dev lan0 nodad");
+        t.router.ip("addr add 2001:db8:1::1/64 dev wan1 nodad");
+        t.router.ip("addr add 2001:db8:2::1/64 dev wan2 nodad");
+        t.router.ip("-6 route add default via 2001:db8:2::2");
+        t.router
+            .exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        t.server.ip("addr add 2001:db8:1::2/64 dev s1 nodad");
+        t.server.ip("addr add 2001:db8:2::2/64 dev s2 nodad");
+        t.server.ip("addr add 2001:db8:ff::10/128 dev lo");
+        t.server
+            .ip("-6 route add 2001:db8:a1::/64 via 2001:db8:1::1");
+        t.server
+            .ip("-6 route add 2001:db8:a2::/64 via 2001:db8:2::1");
+        self
+    }
+}

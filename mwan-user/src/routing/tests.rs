@@ -1,4 +1,4 @@
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use futures::Stream;
@@ -16,8 +16,14 @@ fn a(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
+/// An IPv4 or IPv6 address as a nexthop's gateway.
+fn gw(s: &str) -> Option<IpAddr> {
+    Some(s.parse().unwrap())
+}
+
 fn spec(priority: u32, selector: Selector, table: u32) -> RuleSpec {
     RuleSpec {
+        family: Family::Ipv4,
         priority,
         selector,
         table,
@@ -42,7 +48,7 @@ fn wanted_rules_follow_the_layout() {
             spec(1000, Selector::AllSuppressDefault, RT_TABLE_MAIN),
             spec(1010, fw(0x1_0000), 1000),
             spec(1012, fw(0x3_0000), 1002),
-            spec(1100, Selector::From(a("198.51.100.2")), 1000),
+            spec(1100, Selector::From(IpAddr::V4(a("198.51.100.2"))), 1000),
             spec(1200, Selector::Local, 1032),
         ]
     );
@@ -70,7 +76,7 @@ fn rules_display_like_ip_rule() {
             "1010 fwmark 0x10000/0xff0000 lookup 1000",
         ),
         (
-            spec(1100, Selector::From(a("192.0.2.1")), 1000),
+            spec(1100, Selector::From(IpAddr::V4(a("192.0.2.1"))), 1000),
             "1100 from 192.0.2.1 lookup 1000",
         ),
         (spec(1200, Selector::All, 1032), "1200 from all lookup 1032"),
@@ -149,10 +155,10 @@ fn notifications_become_events() {
     addr.header.prefix_len = 24;
     addr.attributes
         .push(AddressAttribute::Local(IpAddr::V4(a("198.51.100.2"))));
-    let mut route = mwan_route(254, RouteType::Unicast);
+    let mut route = mwan_route(Family::Ipv4, 254, RouteType::Unicast);
     route.header.protocol = RouteProtocol::Dhcp;
     route.attributes.push(RouteAttribute::Oif(7));
-    let own = mwan_route(1000, RouteType::Unicast);
+    let own = mwan_route(Family::Ipv4, 1000, RouteType::Unicast);
 
     let mut buf = Vec::new();
     for m in [
@@ -219,11 +225,11 @@ fn tables_and_rules_route_marked_packets() {
         let net = Net::connect().await.unwrap();
         let (w0, w1) = (index(&net, "w0").await, index(&net, "w1").await);
         let nh0 = Nexthop {
-            gateway: Some(a("198.51.100.1")),
+            gateway: gw("198.51.100.1"),
             ifindex: w0,
         };
         let nh1 = Nexthop {
-            gateway: Some(a("203.0.113.1")),
+            gateway: gw("203.0.113.1"),
             ifindex: w1,
         };
         net.set_table_default(1000, nh0).await.unwrap();
@@ -348,7 +354,7 @@ fn a_table_route_dropped_by_the_kernel_is_seen() {
         let net = Net::connect().await.unwrap();
         let w0 = index(&net, "w0").await;
         let nh0 = Nexthop {
-            gateway: Some(a("198.51.100.1")),
+            gateway: gw("198.51.100.1"),
             ifindex: w0,
         };
         assert_eq!(net.table_default(1000).await.unwrap(), None);
@@ -381,7 +387,7 @@ fn errors_name_the_operation_and_object() {
         let net = Net::connect().await.unwrap();
         let w0 = index(&net, "w0").await;
         let nh = Nexthop {
-            gateway: Some(a("192.0.2.1")),
+            gateway: gw("192.0.2.1"),
             ifindex: w0,
         };
         let e = net
@@ -491,14 +497,14 @@ fn links_addresses_and_learned_gateways() {
         assert_eq!(
             learned(w0.index).await.unwrap(),
             Some(Nexthop {
-                gateway: Some(a("198.51.100.1")),
+                gateway: gw("198.51.100.1"),
                 ifindex: w0.index
             })
         );
         let w1 = index(&net, "w1").await;
         assert_eq!(
             learned(w1).await.unwrap().unwrap().gateway,
-            Some(a("203.0.113.5"))
+            gw("203.0.113.5")
         );
         assert_eq!(
             learned(tun.index).await.unwrap(),
@@ -513,7 +519,7 @@ fn links_addresses_and_learned_gateways() {
         ns.ip("route del default via 198.51.100.1 dev w0");
         assert_eq!(
             learned(w0.index).await.unwrap().unwrap().gateway,
-            Some(a("198.51.100.3"))
+            gw("198.51.100.3")
         );
 
         // A default route via a point-to-point device, in a WAN table.
@@ -532,7 +538,7 @@ fn links_addresses_and_learned_gateways() {
         );
         // And as a path of the balance route.
         let via_w0 = Nexthop {
-            gateway: Some(a("198.51.100.1")),
+            gateway: gw("198.51.100.1"),
             ifindex: w0.index,
         };
         let ppp = Nexthop {
@@ -590,7 +596,7 @@ fn events_report_carrier_addresses_and_default_routes() {
         peer.ip("link set wb up");
         expect_event(&mut events, "carrier", |e| matches!(e, NetEvent::Link(l) if l.name == "wa" && l.carrier)).await;
 
-        let addr: Ipv4Net = "100.64.0.1/24".parse().unwrap();
+        let addr: IpNet = "100.64.0.1/24".parse().unwrap();
         ns.ip("addr add 100.64.0.1/24 dev wa");
         expect_event(&mut events, "address added", |e| {
             matches!(e, NetEvent::Addr { index, addr: x, added: true } if *index == a_index && *x == addr)
@@ -607,7 +613,7 @@ fn events_report_carrier_addresses_and_default_routes() {
         net.set_table_default(
             1000,
             Nexthop {
-                gateway: Some(a("100.64.0.2")),
+                gateway: gw("100.64.0.2"),
                 ifindex: a_index,
             },
         )
@@ -635,5 +641,333 @@ fn events_report_carrier_addresses_and_default_routes() {
             matches!(e, NetEvent::LinkRemoved { index, name } if *index == a_index && name == "wa")
         })
         .await;
+    });
+}
+
+#[test]
+fn wanted_rules6_follow_the_ipv4_layout() {
+    let v6 = |s: &str| -> Ipv6Addr { s.parse().unwrap() };
+    assert!(wanted_rules6(1000, 1000, MASK, &[], false).is_empty());
+    let rules = wanted_rules6(
+        1000,
+        1000,
+        MASK,
+        &[
+            (0, 0x1_0000, vec![v6("2001:db8:1::2"), v6("2001:db8:1::99")]),
+            (2, 0x3_0000, vec![]),
+        ],
+        true,
+    );
+    let shown: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "-6 1000 from all lookup main suppress_prefixlength 0",
+            "-6 1010 fwmark 0x10000/0xff0000 lookup 1000",
+            "-6 1012 fwmark 0x30000/0xff0000 lookup 1002",
+            "-6 1100 from 2001:db8:1::2 lookup 1000",
+            "-6 1100 from 2001:db8:1::99 lookup 1000",
+            "-6 1199 from all lookup 1032",
+            "-6 1200 from all iif lo lookup 1032",
+        ]
+    );
+    assert!(rules.iter().all(|r| r.family == Family::Ipv6));
+    // The messages round-trip, so sync_rules recognises its own rules.
+    for r in &rules {
+        assert_eq!(msg::parse_rule(&msg::rule_message(r)).as_ref(), Some(r));
+    }
+}
+
+/// IPv6 tables (link-local gateways), rules from marks and from every
+/// global address, the IPv6 balance route, and their removal; the IPv4
+/// rules and foreign rules of both families stay as they are.
+#[test]
+fn ipv6_tables_rules_and_balance_route_marked_packets() {
+    let ns = two_wans("rules6");
+    ns.ip("addr add 2001:db8:1::2/64 dev w0 nodad");
+    ns.ip("addr add 2001:db8:1::99/64 dev w0 nodad");
+    ns.ip("addr add 2001:db8:2::2/64 dev w1 nodad");
+    ns.ip("-6 rule add pref 1051 from 2001:db8:9::9 lookup 100");
+    ns.ip("-6 rule add pref 1015 fwmark 0x90000/0xff0000 lookup 1009 proto 109");
+    ns.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let (w0, w1) = (index(&net, "w0").await, index(&net, "w1").await);
+        let nh0 = Nexthop {
+            gateway: gw("fe80::1"),
+            ifindex: w0,
+        };
+        let nh1 = Nexthop {
+            gateway: gw("fe80::2"),
+            ifindex: w1,
+        };
+        assert_eq!(nh0.family(), Family::Ipv6);
+        net.set_table_default(1000, nh0).await.unwrap();
+        net.set_table_default(1001, nh1).await.unwrap();
+        net.set_table_default(1001, nh1).await.unwrap();
+        assert_eq!(
+            net.table_default_of(Family::Ipv6, 1000).await.unwrap(),
+            Some(nh0)
+        );
+        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        net.set_balance_of(Family::Ipv6, 1032, &[(nh0, 3), (nh1, 1)], false)
+            .await
+            .unwrap();
+        let addrs0: Vec<Ipv6Addr> = net
+            .ipv6_addrs(w0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|a| a.addr())
+            .collect();
+        let mut sorted = addrs0.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            ["2001:db8:1::2", "2001:db8:1::99"].map(|s| s.parse::<Ipv6Addr>().unwrap()),
+            "global addresses only"
+        );
+        let mut want = wanted_rules(
+            1000,
+            1000,
+            MASK,
+            &[
+                (0, 0x1_0000, Some(a("198.51.100.2"))),
+                (1, 0x2_0000, Some(a("203.0.113.2"))),
+            ],
+            false,
+        );
+        want.extend(wanted_rules6(
+            1000,
+            1000,
+            MASK,
+            &[
+                (0, 0x1_0000, addrs0),
+                (1, 0x2_0000, vec!["2001:db8:2::2".parse().unwrap()]),
+            ],
+            false,
+        ));
+        net.sync_rules(&want).await.unwrap();
+        let rules6 = ns.ip("-6 rule show");
+        for line in [
+            "1000:\tfrom all lookup main suppress_prefixlength 0 proto 109",
+            "1010:\tfrom all fwmark 0x10000/0xff0000 lookup 1000 proto 109",
+            "1011:\tfrom all fwmark 0x20000/0xff0000 lookup 1001 proto 109",
+            "1100:\tfrom 2001:db8:1::2 lookup 1000 proto 109",
+            "1100:\tfrom 2001:db8:1::99 lookup 1000 proto 109",
+            "1101:\tfrom 2001:db8:2::2 lookup 1001 proto 109",
+            "1200:\tfrom all iif lo lookup 1032 proto 109",
+            "1051:\tfrom 2001:db8:9::9 lookup 100",
+        ] {
+            assert!(
+                rules6.lines().any(|l| l.trim_end() == line),
+                "missing {line:?} in\n{rules6}"
+            );
+        }
+        assert!(!rules6.contains("1015:"), "stale rule kept:\n{rules6}");
+        assert!(
+            ns.ip("rule show")
+                .contains("1100:\tfrom 198.51.100.2 lookup 1000 proto 109"),
+            "IPv4 rules beside"
+        );
+        let key = |r: &RuleSpec| (r.family, r.priority, r.to_string());
+        let mut have = net.mwan_rules().await.unwrap();
+        have.sort_by_key(key);
+        want.sort_by_key(key);
+        assert_eq!(have, want);
+        net.sync_rules(&want).await.unwrap();
+        assert_eq!(ns.ip("-6 rule show"), rules6, "idempotent");
+
+        // Marks and source addresses pick the WAN's table.
+        assert_eq!(route_dev(&ns, "2001:db8:ff::1 mark 0x10000"), "w0");
+        assert_eq!(route_dev(&ns, "2001:db8:ff::1 mark 0x20000"), "w1");
+        assert_eq!(route_dev(&ns, "2001:db8:ff::1 from 2001:db8:1::99"), "w0");
+        assert_eq!(route_dev(&ns, "2001:db8:ff::1 from 2001:db8:2::2"), "w1");
+        // Connected destinations stay on the main table.
+        assert_eq!(route_dev(&ns, "2001:db8:2::77 mark 0x10000"), "w1");
+        let t0 = ns.ip("-6 route show table 1000");
+        assert!(
+            t0.starts_with("default via fe80::1 dev w0 proto 109"),
+            "{t0}"
+        );
+        let balance = ns.ip("-6 route show table 1032");
+        assert!(
+            balance.contains("nexthop via fe80::1 dev w0 weight 3")
+                && balance.contains("nexthop via fe80::2 dev w1 weight 1"),
+            "{balance}"
+        );
+        // The router's own traffic (no default in main) uses the balance.
+        ns.ip("-6 route get 2001:db8:ff::1");
+        // One nexthop, unreachable, none, and back to two: replace works
+        // between every shape.
+        net.set_balance_of(Family::Ipv6, 1032, &[(nh1, 5)], false)
+            .await
+            .unwrap();
+        assert_eq!(route_dev(&ns, "2001:db8:ff::1"), "w1");
+        net.set_balance_of(Family::Ipv6, 1032, &[], true)
+            .await
+            .unwrap();
+        let shown = ns.ip("-6 route show table 1032");
+        assert!(shown.starts_with("unreachable default"), "{shown}");
+        assert!(!ns
+            .exec_output(&["ip", "-6", "route", "get", "2001:db8:ff::1"])
+            .status
+            .success());
+        net.set_balance_of(Family::Ipv6, 1032, &[], false)
+            .await
+            .unwrap();
+        assert_eq!(ns.ip("-6 route show table 1032").trim(), "");
+        net.set_balance_of(Family::Ipv6, 1032, &[(nh0, 1), (nh1, 1)], false)
+            .await
+            .unwrap();
+        assert!(ns
+            .ip("-6 route show table 1032")
+            .contains("nexthop via fe80::2"));
+
+        // No IPv6 any more: mwan's IPv6 rules go, IPv4's and foreign stay.
+        net.sync_rules(
+            &want
+                .iter()
+                .filter(|r| r.family == Family::Ipv4)
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+        let rules6 = ns.ip("-6 rule show");
+        assert!(
+            !rules6.contains("proto 109") && rules6.contains("1051:"),
+            "{rules6}"
+        );
+        assert!(ns.ip("rule show").contains("proto 109"));
+
+        // Teardown: every IPv6 rule and route of mwan's tables.
+        net.sync_rules(&want).await.unwrap();
+        net.remove_all_mwan(1000..=1032).await.unwrap();
+        assert_eq!(ns.ip("-6 route show table all proto 109").trim(), "");
+        for t in [1000, 1001, 1032] {
+            assert_eq!(
+                ns.ip(&format!("-6 route show table {t}")).trim(),
+                "",
+                "table {t}"
+            );
+        }
+        for fam in ["-4", "-6"] {
+            let rules = ns.ip(&format!("{fam} rule show"));
+            assert!(!rules.contains("proto 109"), "{rules}");
+        }
+        assert!(ns.ip("-6 rule show").contains("1051:"));
+    });
+}
+
+/// A dnsmasq sending Router Advertisements in its own namespace.
+struct RaServer(std::process::Child);
+
+impl RaServer {
+    fn start(ns: &TestNs, iface: &str, prefix: &str) -> RaServer {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "dnsmasq", "--keep-in-foreground"])
+            .args(["--no-resolv", "--no-hosts", "--port=0", "--bind-interfaces"])
+            .arg(format!("--interface={iface}"))
+            .args([
+                "--enable-ra",
+                "--pid-file=",
+                "--log-facility=-",
+                "--conf-file=/dev/null",
+            ])
+            .arg(format!("--dhcp-range={prefix},ra-only,64"))
+            .arg(format!("--ra-param={iface},3,1800"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq (dnsmasq-base) is needed for the RA tests");
+        RaServer(child)
+    }
+}
+
+impl Drop for RaServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gateway6 = "auto"`: the router an RA announces (its link-local
+/// address, on the WAN's interface) is what `learned_default_of` finds,
+/// with the SLAAC address, both announced by netlink events; mwan's own
+/// tables are not mistaken for it.
+#[test]
+fn gateway6_auto_is_the_router_of_router_advertisements() {
+    let rtr = TestNs::new("ra-rtr");
+    let isp = TestNs::new("ra-isp");
+    rtr.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    rtr.ip(&format!(
+        "link add w0 type veth peer name p0 netns {}",
+        isp.name
+    ));
+    // While forwarding, the kernel takes RAs only with accept_ra = 2.
+    rtr.exec(&["sysctl", "-qw", "net.ipv6.conf.w0.accept_ra=2"]);
+    // One link-local address (no automatic one): the RAs come from it.
+    isp.ip("link set p0 addrgenmode none");
+    isp.ip("addr add 2001:db8:1::1/64 dev p0 nodad");
+    isp.ip("addr add fe80::1/64 dev p0 nodad");
+    isp.ip("link set p0 up");
+    rtr.block_on(|| async {
+        let net = Net::connect().await.unwrap();
+        let mut events = net.events().unwrap();
+        rtr.ip("link set w0 up");
+        let w0 = index(&net, "w0").await;
+        let _ra = RaServer::start(&isp, "p0", "2001:db8:1::");
+        // The RA's route and the SLAAC address arrive as events: wait on
+        // them (the RA comes once the ISP's link-local address is past
+        // DAD), re-reading the kernel's state at each.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let slaac: ipnet::Ipv6Net = "2001:db8:1::/64".parse().unwrap();
+        let (mut route_event, mut addr_event) = (false, false);
+        let learned = loop {
+            let nh = net
+                .learned_default_of(Family::Ipv6, w0, 1000..=1032)
+                .await
+                .unwrap();
+            let addrs = net.ipv6_addrs(w0).await.unwrap();
+            if let (Some(nh), true) = (nh, addrs.iter().any(|a| slaac.contains(&a.addr()))) {
+                if route_event && addr_event {
+                    break nh;
+                }
+            }
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(NetEvent::Route { default: true, ifindex: Some(i), .. })) if i == w0 => {
+                    route_event = true
+                }
+                Ok(Some(NetEvent::Addr { index, addr: IpNet::V6(a), added: true }))
+                    if index == w0 && slaac.contains(&a.addr()) =>
+                {
+                    addr_event = true
+                }
+                Ok(Some(_)) => {}
+                _ => panic!(
+                    "no RA route and SLAAC address on w0 (events: route {route_event}, address {addr_event}):\n{}\n{}",
+                    rtr.ip("-6 route show"),
+                    rtr.ip("-6 addr show dev w0")
+                ),
+            }
+        };
+        assert_eq!(
+            learned,
+            Nexthop {
+                gateway: gw("fe80::1"),
+                ifindex: w0
+            }
+        );
+        assert!(rtr.ip("-6 route show default").contains("proto ra"));
+        // mwan's own table routes via the same router are not "learned".
+        net.set_table_default(1000, learned).await.unwrap();
+        rtr.ip("-6 route del default proto ra dev w0");
+        assert_eq!(
+            net.learned_default_of(Family::Ipv6, w0, 1000..=1032)
+                .await
+                .unwrap(),
+            None
+        );
+        net.remove_all_mwan(1000..=1032).await.unwrap();
     });
 }
