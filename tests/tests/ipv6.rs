@@ -457,7 +457,8 @@ fn a_renumbered_ipv6_uplink_is_followed_within_a_second() {
     );
     assert!(
         late.iter().any(|a| a.result == Ok(new)),
-        "nothing via ISP 1's new address"
+        "nothing via ISP 1's new address {new}: {late:?}\n{}",
+        mwan.log()
     );
 }
 

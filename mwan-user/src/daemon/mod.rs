@@ -498,10 +498,14 @@ impl Daemon {
             if changed6 && !force {
                 info!(wan = %w.cfg.name, gateway6 = shown(info.nexthop6.and_then(|n| n.gateway)), "IPv6 gateway changed");
             }
+            let mut renewed = Vec::new();
             if old.addrs6 != info.addrs6 {
                 rules_dirty = true;
                 if !force {
                     info!(wan = %w.cfg.name, addresses6 = ?info.addrs6, "IPv6 addresses changed");
+                }
+                if info.addrs6.iter().any(|a| !old.addrs6.contains(a)) {
+                    renewed.push((Family::Ipv6, "a new IPv6 address"));
                 }
             }
             if old.nat6(&w.cfg) != info.nat6(&w.cfg) {
@@ -514,6 +518,9 @@ impl Daemon {
                 rules_dirty = true;
                 if !force {
                     info!(wan = %w.cfg.name, address = shown(info.addr), "address changed");
+                }
+                if old.addr.is_some() && info.addr.is_some() {
+                    renewed.push((Family::Ipv4, "a new address"));
                 }
             }
             if info.ifindex.is_some() && old.ifindex != info.ifindex {
@@ -535,6 +542,13 @@ impl Daemon {
                 let reason = reason.unwrap_or_else(|| format!("interface {iface} usable"));
                 let ts = self.wans[i].on_link(usable, &reason, Instant::now());
                 self.record(i, ts);
+            }
+            if !force {
+                // Failures seen before a new address say nothing of it.
+                for (f, why) in renewed {
+                    let ts = self.wans[i].renew(f, why, Instant::now());
+                    self.record(i, ts);
+                }
             }
         }
         if rules_dirty {

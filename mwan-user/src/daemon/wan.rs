@@ -297,6 +297,18 @@ impl WanRt {
         self.each_machine(|m| m.on_link(usable, reason, now))
     }
 
+    /// Family `f`'s path changed (a new address): see [`Machine::renew`].
+    pub fn renew(&mut self, f: Family, reason: &str, now: Instant) -> Vec<(Family, Transition)> {
+        if self.judged_by(f) != f {
+            return Vec::new();
+        }
+        self.family_mut(f)
+            .machine
+            .renew(reason, now)
+            .map(|t| vec![(f, t)])
+            .unwrap_or_default()
+    }
+
     /// Disables or enables the WAN (both families).
     pub fn set_disabled(&mut self, disabled: bool, now: Instant) -> Vec<(Family, Transition)> {
         self.each_machine(|m| m.set_disabled(disabled, now))

@@ -152,6 +152,9 @@ pub struct Machine {
     since: Instant,
     /// Why the link is unusable, while it is.
     link_down: Option<String>,
+    /// Set by [`Machine::renew`]: rounds sent before it probed the old
+    /// path and are ignored.
+    renewed_at: Option<Instant>,
     good_streak: u32,
     bad_streak: u32,
     rounds: u64,
@@ -168,6 +171,7 @@ impl Machine {
             state: initial,
             since: now,
             link_down: None,
+            renewed_at: None,
             good_streak: 0,
             bad_streak: 0,
             rounds: 0,
@@ -188,6 +192,9 @@ impl Machine {
     /// the round it names.
     pub fn on_round(&mut self, report: &RoundReport, now: Instant) -> Option<Transition> {
         if self.state == State::Disabled {
+            return None;
+        }
+        if self.renewed_at.is_some_and(|at| report.sent_at < at) {
             return None;
         }
         if report.update {
@@ -250,6 +257,23 @@ impl Machine {
             State::Disabled | State::Down => None,
             _ => self.go(State::Down, reason.to_string(), now),
         }
+    }
+
+    /// The path changed under the machine (the WAN got a new address: a
+    /// renumbered uplink, a new lease): the failures seen before say
+    /// nothing about it. A WAN down for failed probes (not for its link)
+    /// starts afresh in `unknown`, so its first good round brings it up
+    /// without waiting `hold_down`; its pins stay valid meanwhile.
+    pub fn renew(&mut self, reason: &str, now: Instant) -> Option<Transition> {
+        if self.state != State::Down || self.link_down.is_some() {
+            return None;
+        }
+        self.good_streak = 0;
+        self.bad_streak = 0;
+        self.window.clear();
+        // Rounds still in flight were sent the old way.
+        self.renewed_at = Some(now);
+        self.go(State::Unknown, reason.to_string(), now)
     }
 
     /// Disables (admin or config) or enables the WAN. Enabling starts
@@ -482,7 +506,8 @@ mod tests {
 
         fn round(&mut self, rtts: &[Option<f64>]) -> Option<Transition> {
             self.now += self.cfg.interval;
-            let r = report(self.seq, rtts, self.cfg.quorum);
+            let mut r = report(self.seq, rtts, self.cfg.quorum);
+            r.sent_at = self.now;
             self.seq += 1;
             self.m.on_round(&r, self.now)
         }
@@ -641,6 +666,35 @@ mod tests {
         let t = s.good().unwrap();
         assert_eq!(t.to, State::Up);
         assert_eq!(t.measurements.good_streak, DEFAULT_UP_AFTER);
+    }
+
+    /// A new address (renumbered uplink) restarts a WAN that probes took
+    /// down: its first good round brings it up, without `hold_down`. Not a
+    /// WAN whose link is down, nor one that is up.
+    #[test]
+    fn a_new_address_restarts_a_down_wan_without_hold_down() {
+        let mut s = Sim::up(defaults());
+        assert!(
+            s.m.renew("a new address", s.now).is_none(),
+            "up: nothing to do"
+        );
+        s.rounds(4, Sim::bad);
+        assert_eq!(s.m.state(), State::Down);
+        let renewed = s.now;
+        let t = s.m.renew("a new IPv6 address", renewed).expect("restarted");
+        assert_eq!((t.from, t.to), (State::Down, State::Unknown));
+        // A failed round sent before the new address does not count.
+        let mut stale = report(99, &[None, None], 1);
+        stale.sent_at = renewed - Duration::from_millis(50);
+        for _ in 0..4 {
+            assert!(s.m.on_round(&stale, renewed).is_none());
+        }
+        let t = s.good().expect("up on the first good round");
+        assert_eq!((t.from, t.to), (State::Unknown, State::Up));
+        // Down because of the link: a new address changes nothing.
+        s.m.on_link(false, "no carrier", s.now);
+        assert!(s.m.renew("a new address", s.now).is_none());
+        assert_eq!(s.m.state(), State::Down);
     }
 
     #[test]

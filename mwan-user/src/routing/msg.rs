@@ -59,9 +59,24 @@ pub(super) fn parse_addr(m: &AddressMessage) -> Option<(u32, bool, Ipv4Net)> {
 }
 
 /// `(ifindex, address/prefix)` of a global IPv6 address message (not
-/// link-local, host or site scope).
+/// link-local, host or site scope) that can be used: not still tentative
+/// (duplicate address detection running: packets cannot come from it) and
+/// not a duplicate. A renumbered link's new address counts from the moment
+/// it is usable (see the daemon's `renew`).
 pub(super) fn parse_addr6(m: &AddressMessage) -> Option<(u32, Ipv6Net)> {
     if m.header.family != AddressFamily::Inet6 || m.header.scope != AddressScope::Universe {
+        return None;
+    }
+    let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed;
+    let flags = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(m.header.flags.bits())));
+    if flags.intersects(unusable) {
         return None;
     }
     let addr = m.attributes.iter().find_map(|a| match a {
