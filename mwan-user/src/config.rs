@@ -273,6 +273,13 @@ pub enum Family {
 
 impl Family {
     pub const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    pub fn of(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
 }
 
 impl fmt::Display for Family {

@@ -327,6 +327,49 @@ fn a_silent_ipv6_blackhole_moves_new_ipv6_flows_and_leaves_ipv4_balanced() {
     println!("IPv4 during ISP 1's IPv6 blackhole: {got:?}");
 }
 
+/// An IPv6 download on a WAN whose IPv6 dies is reset at once (its
+/// conntrack entry deleted, the client nudged in the server's name), not
+/// left hanging; the WAN's IPv4 stays up, and `mwan status` shows its IPv6
+/// down on its own.
+#[test]
+fn an_ipv6_download_on_a_dead_wan_is_reset_at_once_and_its_ipv4_stays_up() {
+    let lab = build(1);
+    let mwan = start(&lab, &cfg(&lab, "nat", "", &none, ""));
+    mwan.cli_ok(&["drain", "isp2"]).unwrap();
+    let download = lab.host(0).open_stream(STREAM6).unwrap();
+    assert_eq!(isp6(&lab, download.source()), 1);
+    mwan.cli_ok(&["enable", "isp2"]).unwrap();
+    flowing(&download, "the download before the failure");
+
+    lab.isp(1).set_blackhole6(true).unwrap();
+    let t0 = Instant::now();
+    let ended = wait_until(Duration::from_secs(4), || download.end().is_some());
+    assert!(
+        ended,
+        "the IPv6 download still hangs 4 s after its WAN's IPv6 died:\n{}",
+        mwan.log()
+    );
+    match download.end() {
+        Some(StreamEnd::Error(kind, msg)) => {
+            assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "{msg}")
+        }
+        other => panic!("the download ended with {other:?}, not a reset"),
+    }
+    println!("IPv6 download reset {:?} after the blackhole", t0.elapsed());
+    let log = mwan.log();
+    assert!(log.contains("nudged to reconnect"), "{log}");
+    let isp1 = mwan.wan("isp1");
+    assert_eq!(isp1.state, "up", "ISP 1's IPv4 is untouched");
+    assert_eq!(
+        isp1.ipv6.as_ref().map(|v6| v6.state.as_str()),
+        Some("down"),
+        "ISP 1's IPv6 is down on its own"
+    );
+    // The application reconnects at once, through ISP 2.
+    let again = lab.host(0).open_stream(STREAM6).unwrap();
+    assert_eq!(isp6(&lab, again.source()), 2);
+}
+
 /// `sticky = "host"` keyed by MAC: a host's IPv4 connections, its static
 /// IPv6 address and two temporary ones all leave through one WAN.
 #[test]

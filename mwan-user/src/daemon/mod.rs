@@ -997,11 +997,8 @@ impl Daemon {
                 .filter(|((proto, ..), seen)| {
                     *proto == 6 && now.saturating_sub(**seen) < NUDGE_RECENT_NS
                 })
-                // Nudges are IPv4 packets (IPv6 flows are not nudged yet).
-                .filter_map(|((_, src, dst, sport, dport), _)| match (src, dst) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => Some(nudge::conn(*s, *sport, *d, *dport)),
-                    _ => None,
-                })
+                .filter(|((_, src, ..), _)| only.is_none_or(|f| f == Family::of(src)))
+                .map(|((_, src, dst, sport, dport), _)| nudge::conn(*src, *sport, *dst, *dport))
                 .take(MAX_NUDGES)
                 .collect();
             match nudge::nudge(&conns) {

@@ -564,7 +564,7 @@ impl Rig {
             .ok_or_else(|| anyhow!("no DOMAIN_DST"))?;
         let base = u32::from(Ipv4Addr::new(100, 96, 0, 0));
         for i in 0..learned {
-            map.insert(
+            map.v4.insert(
                 u32::from_ne_bytes(Ipv4Addr::from(base + i).octets()),
                 bit,
                 0,
