@@ -44,9 +44,9 @@
 //!   arriving on the WAN for an address of its prefix are mapped back onto
 //!   the LAN prefix (`dnat ip6 prefix to`), the interface identifier kept.
 //!
-//! The ct mark record and restore, and the refusal while every WAN is down,
-//! cover both families; the DNS divert is IPv4's only (the relay listens on
-//! IPv4).
+//! The ct mark record and restore, the refusal while every WAN is down and
+//! the DNS divert cover both families (the relay listens on IPv4 and IPv6,
+//! each family's sockets on the same ports).
 //!
 //! nft 1.0.6 (Debian 12) cannot OR two non-constant expressions, so a
 //! restore dispatches on `ct mark & mask` with a verdict map to one chain
@@ -107,7 +107,10 @@ pub enum Nat6 {
 /// delivery (on a bridged LAN with `br_netfilter`, prerouting runs before
 /// `ip_rcv`, which orphans the socket tproxy assigned, so tproxy alone
 /// cannot deliver; the redirect can). `tproxy ip` is valid in `ip` and
-/// `inet` tables alike.
+/// `inet` tables alike; `tproxy ip6` is its IPv6 twin (the kernel's
+/// `nft_tproxy_eval_v6` ends the rule the same way when no transparent
+/// socket is found), and IPv6 queries are redirected to an address of the
+/// incoming interface of the query's scope.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Divert {
     pub lans: Vec<String>,
@@ -187,7 +190,7 @@ pub fn ruleset(
             .join(", ");
         let _ = write!(
             s,
-            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} meta nfproto ipv4 udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv4 tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
+            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} meta nfproto ipv4 udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv4 tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t\tiifname {{ {lans} }} meta nfproto ipv6 udp dport 53 tproxy ip6 to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv6 tcp dport 53 tproxy ip6 to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
             port = d.port,
             tcp_port = d.tcp_port
         );
@@ -347,6 +350,9 @@ pub async fn divert_ports() -> Result<Vec<u16>> {
             ports.extend(udp_divert_ports(&chain));
         }
     }
+    // The IPv4 and IPv6 rules name the same port.
+    ports.sort_unstable();
+    ports.dedup();
     Ok(ports)
 }
 
@@ -546,6 +552,12 @@ table inet mwan {
             assert!(
                 text.contains(
                     "iifname \"lan0\" meta nfproto ipv4 udp dport 53 tproxy ip to :40053 counter packets 0 bytes 0 redirect to :40053"
+                ),
+                "{text}"
+            );
+            assert!(
+                text.contains(
+                    "iifname \"lan0\" meta nfproto ipv6 tcp dport 53 tproxy ip6 to :40054 counter packets 0 bytes 0 redirect to :40054"
                 ),
                 "{text}"
             );

@@ -139,9 +139,18 @@ impl Netns {
     /// CNAME chains followed by the server. An answer without addresses or
     /// with another ID is an error.
     pub fn dns_lookup(&self, server: impl Into<SocketAddr>, name: &str) -> Result<Vec<Ipv4Addr>> {
-        let server = server.into();
+        self.dns_lookup_of(server.into(), name)
+    }
+
+    /// [`Netns::dns_lookup`] of type AAAA (over either family, as `server`
+    /// is): the IPv6 addresses of the answer.
+    pub fn dns_lookup6(&self, server: impl Into<SocketAddr>, name: &str) -> Result<Vec<Ipv6Addr>> {
+        self.dns_lookup_of(server.into(), name)
+    }
+
+    fn dns_lookup_of<R: DnsRecord>(&self, server: SocketAddr, name: &str) -> Result<Vec<R>> {
         let id = unique_id();
-        let answer = self.udp_exchange(server, &dns::query(id, name))?;
+        let answer = self.udp_exchange(server, &dns::query_type(id, name, R::QTYPE))?;
         answer_addresses(&answer, id, server, name)
     }
 
@@ -252,21 +261,51 @@ impl Netns {
     }
 }
 
-/// The addresses of a DNS answer to query `id` for `name` from `server`:
-/// an error if it is malformed, answers another query or has none.
-fn answer_addresses(
+/// An address a DNS record gives: A (IPv4) or AAAA (IPv6).
+trait DnsRecord: Sized {
+    const QTYPE: u16;
+    fn of(ip: IpAddr) -> Option<Self>;
+}
+
+impl DnsRecord for Ipv4Addr {
+    const QTYPE: u16 = 1;
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl DnsRecord for Ipv6Addr {
+    const QTYPE: u16 = 28;
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+/// The addresses (of `R`'s type) of a DNS answer to query `id` for `name`
+/// from `server`: an error if it is malformed, answers another query or
+/// has none.
+fn answer_addresses<R: DnsRecord>(
     answer: &[u8],
     id: u16,
     server: SocketAddr,
     name: &str,
-) -> Result<Vec<Ipv4Addr>> {
+) -> Result<Vec<R>> {
     let reply =
         dns::parse_reply(answer).ok_or_else(|| anyhow!("malformed DNS reply from {server}"))?;
     if reply.id != id {
         bail!("DNS reply id {} does not match query id {id}", reply.id);
     }
-    let addrs = dns::addresses(answer)
-        .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?;
+    let addrs: Vec<R> = dns::addresses(answer)
+        .ok_or_else(|| anyhow!("malformed answer section from {server} for {name}"))?
+        .into_iter()
+        .filter_map(R::of)
+        .collect();
     if addrs.is_empty() {
         bail!(
             "{server} gave no address for {name} (rcode {})",

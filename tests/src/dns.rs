@@ -17,6 +17,11 @@ pub struct DnsReply {
 
 /// A recursive query for `name`, type A, class IN.
 pub(crate) fn query(id: u16, name: &str) -> Vec<u8> {
+    query_type(id, name, 1)
+}
+
+/// A recursive query for `name`, type `qtype` (1 A, 28 AAAA), class IN.
+pub(crate) fn query_type(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut msg = Vec::with_capacity(HEADER + name.len() + 6);
     msg.extend_from_slice(&id.to_be_bytes());
     msg.extend_from_slice(&[0x01, 0x00]); // RD
@@ -26,7 +31,8 @@ pub(crate) fn query(id: u16, name: &str) -> Vec<u8> {
         msg.extend_from_slice(&label.as_bytes()[..label.len().min(63)]);
     }
     msg.push(0);
-    msg.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+    msg.extend_from_slice(&qtype.to_be_bytes());
+    msg.extend_from_slice(&[0, 1]); // IN
     msg
 }
 
@@ -72,9 +78,9 @@ pub(crate) fn parse_reply(msg: &[u8]) -> Option<DnsReply> {
 }
 
 /// End offset of the first question (uncompressed name, type, class).
-/// The IPv4 addresses of the A records in a response's answer section
+/// The addresses of the A and AAAA records in a response's answer section
 /// (whatever their owner: the end of a CNAME chain too), in order.
-pub(crate) fn addresses(msg: &[u8]) -> Option<Vec<std::net::Ipv4Addr>> {
+pub(crate) fn addresses(msg: &[u8]) -> Option<Vec<std::net::IpAddr>> {
     let answers = u16::from_be_bytes([*msg.get(6)?, *msg.get(7)?]);
     let mut pos = question_end(msg)?;
     let mut out = Vec::new();
@@ -95,9 +101,10 @@ pub(crate) fn addresses(msg: &[u8]) -> Option<Vec<std::net::Ipv4Addr>> {
         let rdlen = usize::from(u16::from_be_bytes([*msg.get(pos + 8)?, *msg.get(pos + 9)?]));
         let rdata = msg.get(pos + 10..pos + 10 + rdlen)?;
         if rtype == 1 && rdlen == 4 {
-            out.push(std::net::Ipv4Addr::new(
-                rdata[0], rdata[1], rdata[2], rdata[3],
-            ));
+            out.push(std::net::Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]).into());
+        } else if rtype == 28 && rdlen == 16 {
+            let octets: [u8; 16] = rdata.try_into().ok()?;
+            out.push(std::net::Ipv6Addr::from(octets).into());
         }
         pos += 10 + rdlen;
     }

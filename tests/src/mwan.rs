@@ -327,6 +327,14 @@ impl<'l> Mwan<'l> {
         })
     }
 
+    /// Waits until every WAN's IPv6 side is up too (a dual-stack lab).
+    pub fn wait_all_up6(&self, timeout: Duration) -> Result<()> {
+        self.wait_wans("WANs' IPv6 not up", timeout, |w| {
+            w.iter()
+                .all(|w| w.ipv6.as_ref().is_some_and(|f| f.state == "up"))
+        })
+    }
+
     /// Waits until `cond` holds for the WANs of `mwan status`; on timeout
     /// the error shows the states and the daemon's log.
     fn wait_wans(

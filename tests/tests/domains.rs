@@ -5,10 +5,10 @@
 //! client got them: every connection to a name of the rule leaves through
 //! the rule's WAN, none through another.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config_with, shares, Mwan};
+use lab::mwan::{config_with, shares, wan6, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -31,6 +31,40 @@ const OTHER: [Ipv4Addr; 2] = [
 /// `portal.example` is a CNAME of `edge.cdn.example`, which has this address.
 const CDN: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 120);
 
+/// dnsmasq's IPv6 address (dual-stack labs).
+const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x54);
+/// What `*.gov.example` resolves to over AAAA (dual-stack labs).
+const GOV6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x100),
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x101),
+];
+/// What `*.other.example` resolves to over AAAA.
+const OTHER6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x110),
+    Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x111),
+];
+/// The AAAA record of `edge.cdn.example`.
+const CDN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x120);
+
+/// The zone asked of resolver `k` of [`SERVERS`] (dual-stack labs): its
+/// names have addresses of their own (see [`zone_addrs`]), so each
+/// resolver's path is proven by its own first connection, not by
+/// addresses another one taught.
+fn zone(k: usize) -> String {
+    format!("s{k}.gov.example")
+}
+
+/// The A and AAAA records of [`zone`]`(k)`, and the A record of
+/// `s{k}.tcponly.example` (asked over TCP only).
+fn zone_addrs(k: usize) -> (Ipv4Addr, Ipv6Addr, Ipv4Addr) {
+    let k = k as u8;
+    (
+        Ipv4Addr::new(203, 0, 113, 130 + k),
+        Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x130 + u16::from(k)),
+        Ipv4Addr::new(203, 0, 113, 140 + k),
+    )
+}
+
 const RULES: &str = r#"
 [[rule]]
 name = "gov"
@@ -40,26 +74,44 @@ wans = ["isp2", "isp1"]
 
 /// dnsmasq answering from its own records only, in the foreground (the lab
 /// kills it with the namespace), plus TCP whoami servers on every address
-/// it gives.
+/// it gives. In a dual-stack lab it also listens on [`RESOLVER6`] and has
+/// AAAA records ([`GOV6`], [`OTHER6`], [`CDN6`]).
 fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
-    let all: Vec<Ipv4Addr> = [RESOLVER]
+    let v4 = [RESOLVER]
         .iter()
         .chain(&GOV)
         .chain(&[GOV_TCP])
         .chain(&OTHER)
         .chain(&[CDN])
-        .copied()
-        .collect();
+        .map(|a| IpAddr::from(*a));
+    let v6: Vec<IpAddr> = if lab.is_dual_stack() {
+        [RESOLVER6]
+            .iter()
+            .chain(&GOV6)
+            .chain(&OTHER6)
+            .chain(&[CDN6])
+            .map(|a| IpAddr::from(*a))
+            .chain((0..SERVERS.len()).flat_map(|k| {
+                let (a, aaaa, tcp) = zone_addrs(k);
+                [a.into(), aaaa.into(), tcp.into()]
+            }))
+            .collect()
+    } else {
+        vec![]
+    };
+    let resolvers = [IpAddr::from(RESOLVER), RESOLVER6.into()];
+    let all: Vec<IpAddr> = v4.chain(v6.iter().copied()).collect();
     let cmds: String = all
         .iter()
         .map(|a| format!("addr add {a}/32 dev lo\n"))
         .collect();
     lab.inet().ip(&cmds).unwrap();
-    let servers = all[1..]
+    let servers = all
         .iter()
+        .filter(|a| !resolvers.contains(a))
         .map(|a| {
             lab.inet()
-                .tcp_whoami_server(SocketAddrV4::new(*a, TCP_WHOAMI_PORT))
+                .tcp_whoami_server(SocketAddr::new(*a, TCP_WHOAMI_PORT))
                 .unwrap()
         })
         .collect();
@@ -72,12 +124,29 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
         "--port=53",
         "--pid-file=",
         "--cache-size=0",
-        "--host-record=edge.cdn.example,203.0.113.120",
         "--cname=portal.example,edge.cdn.example",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if v6.is_empty() {
+        args.push(format!("--host-record=edge.cdn.example,{CDN}"));
+    } else {
+        args.push(format!("--host-record=edge.cdn.example,{CDN},{CDN6}"));
+        args.push(format!("--listen-address={RESOLVER6}"));
+        args.extend(GOV6.iter().map(|a| format!("--address=/gov.example/{a}")));
+        args.extend(
+            OTHER6
+                .iter()
+                .map(|a| format!("--address=/other.example/{a}")),
+        );
+        for k in 0..SERVERS.len() {
+            let (a, aaaa, tcp) = zone_addrs(k);
+            args.push(format!("--address=/{}/{a}", zone(k)));
+            args.push(format!("--address=/{}/{aaaa}", zone(k)));
+            args.push(format!("--address=/s{k}.tcponly.example/{tcp}"));
+        }
+    }
     args.push(format!("--listen-address={RESOLVER}"));
     args.push(format!("--local-ttl={ttl}"));
     args.extend(GOV.iter().map(|a| format!("--address=/gov.example/{a}")));
@@ -105,6 +174,18 @@ fn resolver(lab: &Lab, ttl: u32) -> (Proc, Vec<ServerHandle>) {
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
+    }
+    if !v6.is_empty() {
+        let ready = wait_until(Duration::from_secs(5), || {
+            lab.inet()
+                .dns_lookup6(SocketAddrV6::new(RESOLVER6, 53, 0, 0), "ready.gov.example")
+                .is_ok_and(|a| a.len() == GOV6.len())
+        });
+        assert!(
+            ready,
+            "dnsmasq does not answer AAAA over IPv6\n{}",
+            proc.output_so_far()
+        );
     }
     (proc, servers)
 }
@@ -156,16 +237,18 @@ fn lookup_and_connect(lab: &Lab, name: &str, pick: usize) -> (Ipv4Addr, usize) {
     lookup_and_connect_via(lab, RESOLVER, name, pick)
 }
 
-/// [`lookup_and_connect`], asking the resolver at `server`.
+/// [`lookup_and_connect`], asking the resolver at `server` (over IPv4 or
+/// IPv6).
 fn lookup_and_connect_via(
     lab: &Lab,
-    server: Ipv4Addr,
+    server: impl Into<IpAddr>,
     name: &str,
     pick: usize,
 ) -> (Ipv4Addr, usize) {
+    let server = server.into();
     let addrs = lab
         .host(0)
-        .dns_lookup(SocketAddrV4::new(server, 53), name)
+        .dns_lookup(SocketAddr::new(server, 53), name)
         .unwrap_or_else(|e| panic!("looking up {name} at {server}: {e:#}"));
     let addr = addrs[pick % addrs.len()];
     let seen = lab
@@ -177,6 +260,52 @@ fn lookup_and_connect_via(
         .unwrap_or_else(|| panic!("{addr} saw {seen}, not a WAN address"));
     (addr, isp)
 }
+
+/// Resolves `name` (AAAA) from LAN host 0 at `server` (over IPv4 or IPv6),
+/// connects over IPv6 at once to the `pick`-th address of the answer, and
+/// returns it with the source the server saw.
+fn lookup6_and_connect(
+    lab: &Lab,
+    server: impl Into<IpAddr>,
+    name: &str,
+    pick: usize,
+) -> (Ipv6Addr, SocketAddrV6) {
+    let server = SocketAddr::new(server.into(), 53);
+    let addrs = lab
+        .host(0)
+        .dns_lookup6(server, name)
+        .unwrap_or_else(|e| panic!("looking up AAAA {name} at {server}: {e:#}"));
+    let addr = addrs[pick % addrs.len()];
+    let seen = lab
+        .host(0)
+        .tcp_whoami(SocketAddrV6::new(addr, TCP_WHOAMI_PORT, 0, 0))
+        .unwrap_or_else(|e| panic!("connecting to {addr} ({name}): {e:#}"));
+    (addr, seen)
+}
+
+/// A 2-ISP dual-stack lab, both WANs with NAT66, the internet's resolver
+/// and the router's; mwan running with [`RULES`], both families up.
+fn dual_stack_lab() -> Lab {
+    Lab::builder()
+        .lan_hosts(1)
+        .isps(2)
+        .dual_stack()
+        .build()
+        .expect("dual-stack lab builds")
+}
+
+fn dual_stack_config(lab: &Lab) -> String {
+    config_with(lab, "", &|i| wan6(lab, i, "nat"), RULES)
+}
+
+/// Every resolver a LAN client of the dual-stack lab may ask: the
+/// internet's and the router's, each over IPv4 and IPv6.
+const SERVERS: [IpAddr; 4] = [
+    IpAddr::V4(RESOLVER),
+    IpAddr::V4(LAN0_ROUTER),
+    IpAddr::V6(RESOLVER6),
+    IpAddr::V6(LAN0_ROUTER6),
+];
 
 #[test]
 fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
@@ -426,21 +555,129 @@ fn names_asked_of_the_routers_own_resolver_are_steered() {
     );
 }
 
+/// AAAA answers steer IPv6 (dual stack, NAT66 on both WANs): names of the
+/// rule answered with AAAA records, asked over IPv4 or IPv6, of the
+/// internet's resolver or the router's, each followed at once by an IPv6
+/// connection, all leave through ISP 2 from the first connection; so does
+/// an IPv6 address at the end of a CNAME chain, and an A answer asked over
+/// IPv6 TCP. Names no rule lists are balanced.
+#[test]
+fn aaaa_answers_and_dns_over_ipv6_steer_from_the_first_connection() {
+    let lab = dual_stack_lab();
+    let (_dnsmasq, _servers) = resolver(&lab, 300);
+    let _local = router_resolver(&lab);
+    let mwan = Mwan::start(&lab, &dual_stack_config(&lab)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    mwan.wait_all_up6(UP).unwrap();
+
+    // Per resolver and transport, 200 distinct names, AAAA, each IPv6
+    // connection made the moment its answer arrived; then 50 A lookups,
+    // each IPv4 connection at once: all through ISP 2.
+    let t = Instant::now();
+    let mut wrong = Vec::new();
+    for (k, server) in SERVERS.into_iter().enumerate() {
+        let (a, aaaa, _) = zone_addrs(k);
+        for i in 0..200 {
+            let name = format!("v6-{i}.{}", zone(k));
+            let (addr, seen) = lookup6_and_connect(&lab, server, &name, i);
+            assert_eq!(addr, aaaa);
+            let isp = lab.wan_of(*seen.ip()).unwrap_or(0);
+            if isp != 2 {
+                wrong.push((server, name, IpAddr::from(addr), isp));
+            }
+        }
+        for i in 0..50 {
+            let name = format!("v4-{i}.{}", zone(k));
+            let (addr, isp) = lookup_and_connect_via(&lab, server, &name, i);
+            assert_eq!(addr, a);
+            if isp != 2 {
+                wrong.push((server, name, addr.into(), isp));
+            }
+        }
+    }
+    println!(
+        "4 x (200 AAAA + 50 A) lookups + connections in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} left by another ISP: {wrong:?}",
+        wrong.len()
+    );
+
+    // A CNAME chain: portal.example (not listed) -> edge.cdn.example.
+    let (addr, seen) = lookup6_and_connect(&lab, RESOLVER6, "portal.example", 0);
+    assert_eq!((addr, lab.wan_of(*seen.ip())), (CDN6, Some(2)));
+
+    // Over TCP on IPv6, names whose address no UDP answer gave.
+    for (k, server) in SERVERS.into_iter().enumerate().filter(|(_, s)| s.is_ipv6()) {
+        let (_, _, tcp) = zone_addrs(k);
+        for i in 0..20 {
+            let name = format!("t{i}.s{k}.tcponly.example");
+            let addrs = lab
+                .host(0)
+                .dns_lookup_tcp(SocketAddr::new(server, 53), &name)
+                .unwrap_or_else(|e| panic!("looking up {name} over TCP at {server}: {e:#}"));
+            assert_eq!(addrs, [tcp]);
+            let seen = lab
+                .host(0)
+                .tcp_whoami(SocketAddrV4::new(tcp, TCP_WHOAMI_PORT))
+                .unwrap();
+            assert_eq!(
+                lab.wan_of(*seen.ip()),
+                Some(2),
+                "{name} over TCP at {server}"
+            );
+        }
+    }
+
+    // `mwan domains` lists the IPv6 addresses learned.
+    let json = mwan
+        .cli_ok(&["domains", "--json", "--name", "gov.example"])
+        .unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let learned: Vec<IpAddr> = entries
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().parse().unwrap())
+        .collect();
+    for k in 0..SERVERS.len() {
+        let aaaa = zone_addrs(k).1;
+        assert!(learned.contains(&aaaa.into()), "{aaaa} not in {json}");
+    }
+
+    // 400 names no rule lists, AAAA over IPv6: balanced.
+    let seen: Vec<SocketAddrV6> = (0..400)
+        .map(|i| {
+            let server = [RESOLVER6, LAN0_ROUTER6][i % 2];
+            lookup6_and_connect(&lab, server, &format!("v6-{i}.other.example"), i).1
+        })
+        .collect();
+    let s = shares(&lab, &seen);
+    println!("other.example IPv6 shares: {s:?}");
+    assert!(
+        s.len() == 2 && s.values().all(|v| (0.3..0.7).contains(v)),
+        "{s:?}"
+    );
+}
+
 /// The divert fails open: with the daemon killed (SIGKILL, no cleanup; its
-/// nftables table stays), the LAN's lookups are answered at once, by the
-/// internet's resolver and by the router's, over UDP and TCP: the divert's
+/// nftables table stays), the LAN's lookups (A and AAAA) are answered at
+/// once, by the internet's resolver and by the router's, over IPv4 and
+/// IPv6, UDP and TCP: the divert's
 /// `tproxy` finds no relay socket and lets them pass. Once a daemon runs
 /// again, names are steered again, also for a client whose query flow the
 /// dead relay had diverted (its conntrack entry is forgotten at the start).
 #[test]
 fn dns_keeps_working_while_the_daemon_is_dead() {
-    let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
+    let lab = dual_stack_lab();
     let (_dnsmasq, _servers) = resolver(&lab, 300);
     let _local = router_resolver(&lab);
-    let mut mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    let mut mwan = Mwan::start(&lab, &dual_stack_config(&lab)).unwrap();
     mwan.wait_all_up(UP).unwrap();
-    for server in [RESOLVER, LAN0_ROUTER] {
-        let (_, isp) = lookup_and_connect_via(&lab, server, "before.gov.example", 0);
+    mwan.wait_all_up6(UP).unwrap();
+    for (k, server) in SERVERS.into_iter().enumerate() {
+        let name = format!("before.{}", zone(k));
+        let (_, isp) = lookup_and_connect_via(&lab, server, &name, 0);
         assert_eq!(isp, 2, "steered before the kill ({server})");
     }
     // A client that always asks from the same source port: its conntrack
@@ -460,40 +697,48 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
     );
     let nft = lab
         .router()
-        .exec(&["nft", "list", "chain", "ip", "mwan", "dns_divert"])
+        .exec(&["nft", "list", "chain", "inet", "mwan", "dns_divert"])
         .unwrap();
+    let divert = String::from_utf8_lossy(&nft.stdout);
     assert!(
-        String::from_utf8_lossy(&nft.stdout).contains("redirect"),
+        divert.contains("tproxy ip to") && divert.contains("tproxy ip6 to"),
         "the divert is gone, nothing to test: {nft:?}"
     );
     // Answered on the first try: a lost query would be retried by the
     // client only after a third of its 3 s timeout.
     for i in 0..50 {
-        for server in [RESOLVER, LAN0_ROUTER] {
+        for server in SERVERS {
             let name = format!("dead{i}.gov.example");
+            let server = SocketAddr::new(server, 53);
             let t = Instant::now();
             let addrs = lab
                 .host(0)
-                .dns_lookup(SocketAddrV4::new(server, 53), &name)
+                .dns_lookup(server, &name)
                 .unwrap_or_else(|e| panic!("{name} at {server} with mwan dead: {e:#}"));
             assert!(GOV.contains(&addrs[0]), "{addrs:?}");
+            let addrs = lab
+                .host(0)
+                .dns_lookup6(server, &name)
+                .unwrap_or_else(|e| panic!("AAAA {name} at {server} with mwan dead: {e:#}"));
+            assert!(GOV6.contains(&addrs[0]), "{addrs:?}");
             assert!(
                 t.elapsed() < Duration::from_millis(500),
-                "{name} at {server} took {:?}",
+                "{name} (A and AAAA) at {server} took {:?}",
                 t.elapsed()
             );
         }
     }
-    for server in [RESOLVER, LAN0_ROUTER] {
+    for server in SERVERS {
         let addrs = lab
             .host(0)
-            .dns_lookup_tcp(SocketAddrV4::new(server, 53), "dead.tcponly.example")
+            .dns_lookup_tcp(SocketAddr::new(server, 53), "dead.tcponly.example")
             .unwrap_or_else(|e| panic!("TCP lookup at {server} with mwan dead: {e:#}"));
         assert_eq!(addrs, [GOV_TCP]);
     }
 
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
+    mwan.wait_all_up6(UP).unwrap();
     let addrs = fixed
         .dns_lookup("fixed-after.gov.example")
         .expect("the fixed-port client after the restart");
@@ -502,11 +747,18 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
         .tcp_whoami(SocketAddrV4::new(addrs[0], TCP_WHOAMI_PORT))
         .unwrap();
     assert_eq!(lab.wan_of(*seen.ip()), Some(2), "the fixed-port client");
+    // Each resolver's own zone: its first connection proves its path.
     for i in 0..50 {
-        for server in [RESOLVER, LAN0_ROUTER] {
-            let name = format!("again{i}.gov.example");
+        for (k, server) in SERVERS.into_iter().enumerate() {
+            let name = format!("again{i}.{}", zone(k));
             let (addr, isp) = lookup_and_connect_via(&lab, server, &name, i);
             assert_eq!(isp, 2, "{name} ({addr}) at {server} after the restart");
+            let (addr, seen) = lookup6_and_connect(&lab, server, &name, i);
+            assert_eq!(
+                lab.wan_of(*seen.ip()),
+                Some(2),
+                "AAAA {name} ({addr}) at {server} after the restart"
+            );
         }
     }
 }

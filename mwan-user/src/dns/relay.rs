@@ -1,7 +1,9 @@
-//! The DNS relay for rules by domain name (UDP and TCP).
+//! The DNS relay for rules by domain name (UDP and TCP, IPv4 and IPv6).
 //!
 //! mwan's nftables table redirects the LAN's DNS queries (port 53, to any
-//! address) to [`Relay`]'s UDP socket and TCP listener (see `nft::Divert`).
+//! address, over either family) to [`Relay`]'s UDP sockets and TCP
+//! listeners (one of each per family, on the same ports; see
+//! `nft::Divert`). The server is asked over the query's family.
 //! For each UDP query
 //! the relay learns the server the client addressed from the query's
 //! conntrack entry (looked up by its reply direction: this socket's address
@@ -27,7 +29,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -205,11 +207,8 @@ impl Relay {
         grace: Duration,
     ) -> Result<Relay> {
         let map = crate::datapath::DomainMaps::open_pinned(pin_dir)?;
-        let sock = relay_socket().context("opening the DNS relay's socket")?;
-        sock.set_read_timeout(Some(Duration::from_millis(250)))?;
-        let port = sock.local_addr()?.port();
-        let listener = tcp_listener().context("opening the DNS relay's TCP listener")?;
-        let tcp_port = listener.local_addr()?.port();
+        let sockets = Sockets::open()?;
+        let (port, tcp_port) = (sockets.port, sockets.tcp_port);
         let learner = Arc::new(Mutex::new(
             Learner::new(matcher).with_lifetime(floor, grace),
         ));
@@ -224,7 +223,7 @@ impl Relay {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        {
+        for sock in sockets.udp {
             let (shared, stop) = (shared.clone(), stop.clone());
             threads.push(
                 thread::Builder::new()
@@ -232,7 +231,7 @@ impl Relay {
                     .spawn(move || receive_loop(sock, shared, stop))?,
             );
         }
-        {
+        for listener in sockets.tcp {
             let (shared, stop) = (shared.clone(), stop.clone());
             threads.push(
                 thread::Builder::new()
@@ -340,39 +339,112 @@ impl Drop for Relay {
     }
 }
 
-/// The relay's UDP socket, on a free port of every address, asking for each
-/// datagram's (post-NAT) destination: the address the query was redirected
-/// to, which is the source of the query's conntrack reply direction.
-/// Transparent (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN`): the mark the
-/// divert looks for.
-fn relay_socket() -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    {
-        let one: libc::c_int = 1;
-        // SAFETY: `one` outlives the call and its length is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_IP,
-                libc::IP_RECVORIGDSTADDR,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
+/// The relay's sockets: UDP and TCP, for IPv4 and IPv6 (IPv6-only
+/// sockets), each family's on the same port, so one port pair names the
+/// relay in the divert's rules of both families. IPv4's only on a kernel
+/// without IPv6 (`ipv6.disable=1`).
+struct Sockets {
+    port: u16,
+    tcp_port: u16,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+}
+
+impl Sockets {
+    /// Free ports for IPv4 (chosen by the kernel), then the same for IPv6;
+    /// tried again (bounded) when IPv6 has one of them taken.
+    fn open() -> Result<Sockets> {
+        const TRIES: usize = 16;
+        let any6 = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let mut last = None;
+        for _ in 0..TRIES {
+            let udp4 = relay_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                .context("opening the DNS relay's socket")?;
+            let tcp4 = tcp_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                .context("opening the DNS relay's TCP listener")?;
+            let (port, tcp_port) = (udp4.local_addr()?.port(), tcp4.local_addr()?.port());
+            match (relay_socket(any6(port)), tcp_listener(any6(tcp_port))) {
+                (Ok(udp6), Ok(tcp6)) => {
+                    return Ok(Sockets {
+                        port,
+                        tcp_port,
+                        udp: vec![udp4, udp6],
+                        tcp: vec![tcp4, tcp6],
+                    })
+                }
+                (Err(e), _) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    warn!("no IPv6 in this kernel: the DNS relay serves IPv4 only");
+                    return Ok(Sockets {
+                        port,
+                        tcp_port,
+                        udp: vec![udp4],
+                        tcp: vec![tcp4],
+                    });
+                }
+                (Err(e), _) | (_, Err(e)) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+                (Err(e), _) | (_, Err(e)) => {
+                    return Err(e).context("opening the DNS relay's IPv6 sockets")
+                }
+            }
         }
+        Err(last.expect("tried")).context(format!(
+            "no port free for the DNS relay on both IPv4 and IPv6 in {TRIES} tries"
+        ))
     }
-    // The divert's `tproxy` finds only transparent sockets: while this one
-    // exists, queries are diverted; once it is gone, they pass (`nft::Divert`).
-    s.set_ip_transparent_v4(true)?;
-    s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
+}
+
+/// Sets the integer socket option `opt` of `level` to 1.
+fn set_flag(s: &Socket, level: libc::c_int, opt: libc::c_int) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` outlives the call and its length is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `s` transparent (`IP_TRANSPARENT`/`IPV6_TRANSPARENT`, which need
+/// `CAP_NET_ADMIN`): the divert's `tproxy` finds only transparent sockets,
+/// so while this one exists, queries are diverted; once it is gone, they
+/// pass (`nft::Divert`). An IPv6 socket is IPv6-only (IPv4 has its own).
+fn family_options(s: &Socket, bind: SocketAddr) -> io::Result<()> {
+    if bind.is_ipv6() {
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)
+    } else {
+        s.set_ip_transparent_v4(true)
+    }
+}
+
+/// The relay's UDP socket of `bind`'s family, on `bind`'s port of every
+/// address, asking for each datagram's (post-NAT) destination: the address
+/// the query was redirected to, which is the source of the query's
+/// conntrack reply direction.
+fn relay_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if bind.is_ipv6() {
+        set_flag(&s, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR)?;
+    } else {
+        set_flag(&s, libc::SOL_IP, libc::IP_RECVORIGDSTADDR)?;
+    }
+    family_options(&s, bind)?;
+    s.bind(&SockAddr::from(bind))?;
+    s.set_read_timeout(Some(Duration::from_millis(250)))?;
     Ok(s.into())
 }
 
 /// Receives one datagram with its source and original destination.
-fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
-    let mut src: MaybeUninit<libc::sockaddr_in> = MaybeUninit::zeroed();
+fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, SocketAddr)> {
+    let mut src: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
     let mut cmsg = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -382,7 +454,7 @@ fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV
     // length for the duration of the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = src.as_mut_ptr().cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.as_mut_ptr().cast();
@@ -391,15 +463,22 @@ fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let from = sockaddr_v4(unsafe { &src.assume_init() });
+    // SAFETY: zeroed, then filled by the kernel.
+    let from = socket_addr(unsafe { &src.assume_init() })
+        .ok_or_else(|| io::Error::other("a datagram from no IP address"))?;
     let mut orig = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`.
+    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`; the
+    // original destination is a sockaddr_in (IPv4) or sockaddr_in6 (IPv6).
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_IP && (*c).cmsg_type == libc::IP_ORIGDSTADDR {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::SOL_IP && kind == libc::IP_ORIGDSTADDR {
                 let sa = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
-                orig = Some(sockaddr_v4(&sa));
+                orig = Some(SocketAddr::V4(sockaddr_v4(&sa)));
+            } else if level == libc::SOL_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
+                let sa = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in6);
+                orig = Some(SocketAddr::V6(sockaddr_v6(&sa)));
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
@@ -408,10 +487,34 @@ fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV
     Ok((n as usize, from, orig))
 }
 
+/// The IP socket address in `ss`, if it holds one.
+fn socket_addr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    // SAFETY: sockaddr_storage is large and aligned enough for both, and
+    // `ss_family` says which one it holds.
+    match libc::c_int::from(ss.ss_family) {
+        libc::AF_INET => Some(SocketAddr::V4(sockaddr_v4(unsafe {
+            &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+        }))),
+        libc::AF_INET6 => Some(SocketAddr::V6(sockaddr_v6(unsafe {
+            &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+        }))),
+        _ => None,
+    }
+}
+
 fn sockaddr_v4(sa: &libc::sockaddr_in) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
         u16::from_be(sa.sin_port),
+    )
+}
+
+fn sockaddr_v6(sa: &libc::sockaddr_in6) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+        sa.sin6_flowinfo,
+        sa.sin6_scope_id,
     )
 }
 
@@ -458,7 +561,7 @@ fn receive_loop(sock: UdpSocket, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
             .name("mwan-dns-q".into())
             .spawn(move || {
                 match server_of(client, local) {
-                    Ok(Some(server)) => relay_one(&s, &out, &query, client, server),
+                    Ok(Some(server)) => relay_one(&s, &out, &query, client, local, server),
                     Ok(None) => {
                         warn!(%client, "DNS relay: no conntrack entry for a redirected query, dropped")
                     }
@@ -474,20 +577,15 @@ fn receive_loop(sock: UdpSocket, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
 }
 
 /// The server a query from `client` redirected to `local` was sent to.
-fn server_of(client: SocketAddrV4, local: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
+fn server_of(client: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>> {
     let reply = crate::conntrack::CtTuple {
         proto: 17,
-        src: (*local.ip()).into(),
-        dst: (*client.ip()).into(),
+        src: local.ip(),
+        dst: client.ip(),
         sport: local.port(),
         dport: client.port(),
     };
-    Ok(
-        crate::conntrack::by_reply(&reply)?.and_then(|e| match e.orig.dst {
-            std::net::IpAddr::V4(dst) => Some(SocketAddrV4::new(dst, e.orig.dport)),
-            std::net::IpAddr::V6(_) => None,
-        }),
-    )
+    Ok(crate::conntrack::by_reply(&reply)?.map(|e| SocketAddr::new(e.orig.dst, e.orig.dport)))
 }
 
 /// Relays one query: ask, learn, write, answer.
@@ -495,8 +593,9 @@ fn relay_one(
     shared: &Shared,
     out: &UdpSocket,
     query: &[u8],
-    client: SocketAddrV4,
-    server: SocketAddrV4,
+    client: SocketAddr,
+    local: SocketAddr,
+    server: SocketAddr,
 ) {
     let q = question(query);
     let answer = match ask(query, server, q.as_ref()) {
@@ -508,7 +607,7 @@ fn relay_one(
         Err(e) => {
             warn!(%client, %server, error = %e, "DNS relay: the server cannot be asked; answering SERVFAIL");
             if let Some(a) = servfail(query, q.as_ref()) {
-                reply(out, &a, client, server);
+                reply(out, &a, client, local, server);
             }
             return;
         }
@@ -516,13 +615,17 @@ fn relay_one(
     if let Some(q) = &q {
         shared.learn(q, &answer);
     }
-    reply(out, &answer, client, server);
+    reply(out, &answer, client, local, server);
 }
 
 /// Sends `query` to `server` from the router and waits for its answer (one
 /// whose ID is the query's; other datagrams are ignored).
-fn ask(query: &[u8], server: SocketAddrV4, q: Option<&Question>) -> io::Result<Option<Vec<u8>>> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn ask(query: &[u8], server: SocketAddr, q: Option<&Question>) -> io::Result<Option<Vec<u8>>> {
+    let any: IpAddr = match server {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((any, 0))?;
     sock.connect(server)?;
     sock.send(query)?;
     let deadline = Instant::now() + UPSTREAM_TIMEOUT;
@@ -555,13 +658,64 @@ fn ask(query: &[u8], server: SocketAddrV4, q: Option<&Question>) -> io::Result<O
     }
 }
 
-/// Sends `answer` to `client` from the relay's socket (the kernel picks the
-/// address of the client's interface, the one the query was redirected to;
-/// conntrack turns it back into `server`'s).
-fn reply(out: &UdpSocket, answer: &[u8], client: SocketAddrV4, server: SocketAddrV4) {
-    if let Err(e) = out.send_to(answer, client) {
+/// Sends `answer` to `client` from the relay's socket. Over IPv4 the
+/// kernel picks the address of the client's interface, the one the query
+/// was redirected to; over IPv6 an interface often has several (ULA and
+/// global, link-local), so the answer is sent from `local`, the redirect's
+/// address, explicitly (`IPV6_PKTINFO`). Conntrack turns it back into
+/// `server`'s.
+fn reply(
+    out: &UdpSocket,
+    answer: &[u8],
+    client: SocketAddr,
+    local: SocketAddr,
+    server: SocketAddr,
+) {
+    let sent = match (client, local) {
+        (SocketAddr::V6(c), SocketAddr::V6(l)) => send_from6(out, answer, c, *l.ip()),
+        _ => out.send_to(answer, client).map(|_| ()),
+    };
+    if let Err(e) = sent {
         warn!(%client, %server, error = %e, "DNS relay: sending the answer");
     }
+}
+
+/// Sends `data` to `to` with source address `from` (`IPV6_PKTINFO`).
+fn send_from6(sock: &UdpSocket, data: &[u8], to: SocketAddrV6, from: Ipv6Addr) -> io::Result<()> {
+    let dst = SockAddr::from(to);
+    let info = libc::in6_pktinfo {
+        ipi6_addr: libc::in6_addr {
+            s6_addr: from.octets(),
+        },
+        ipi6_ifindex: 0,
+    };
+    let mut cmsg = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: every pointer in `msg` points into a live buffer of the given
+    // length for the duration of the call; the control buffer holds one
+    // `in6_pktinfo` message (CMSG_SPACE of it is well under 64 bytes).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = dst.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = dst.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen =
+            libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_IPV6;
+        (*c).cmsg_type = libc::IPV6_PKTINFO;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// TCP connections relayed at once; more are closed at once (the client
@@ -570,13 +724,13 @@ pub const MAX_TCP: usize = 64;
 /// A TCP connection idle this long (either side) is closed.
 const TCP_IDLE: Duration = Duration::from_secs(30);
 
-/// The relay's TCP listener on a free port of every address (a short
-/// accept timeout, to notice `stop`).
-fn tcp_listener() -> io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// The relay's TCP listener of `bind`'s family on `bind`'s port of every
+/// address (a short accept timeout, to notice `stop`).
+fn tcp_listener(bind: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.set_ip_transparent_v4(true)?; // see `relay_socket`
-    s.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))?;
+    family_options(&s, bind)?;
+    s.bind(&SockAddr::from(bind))?;
     s.listen(128)?;
     s.set_read_timeout(Some(Duration::from_millis(250)))?;
     Ok(s.into())
@@ -613,25 +767,31 @@ fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>, stop: Arc<A
     }
 }
 
-/// The destination a redirected TCP connection had (`SO_ORIGINAL_DST`).
-fn original_dst(s: &std::net::TcpStream) -> io::Result<SocketAddrV4> {
+/// The destination a redirected TCP connection had (`SO_ORIGINAL_DST`,
+/// `IP6T_SO_ORIGINAL_DST` over IPv6: the same number).
+fn original_dst(s: &std::net::TcpStream) -> io::Result<SocketAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: `sa` and `len` outlive the call; `len` is its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if s.local_addr()?.is_ipv6() {
+        libc::SOL_IPV6
+    } else {
+        libc::SOL_IP
+    };
+    // SAFETY: `ss` and `len` outlive the call; `len` is its size.
     let r = unsafe {
         libc::getsockopt(
             s.as_raw_fd(),
-            libc::SOL_IP,
+            level,
             SO_ORIGINAL_DST,
-            (&mut sa as *mut libc::sockaddr_in).cast(),
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
             &mut len,
         )
     };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(sockaddr_v4(&sa))
+    socket_addr(&ss).ok_or_else(|| io::Error::other("no original destination"))
 }
 
 /// Relays one TCP connection: queries from the client go to the server it
@@ -641,7 +801,7 @@ fn original_dst(s: &std::net::TcpStream) -> io::Result<SocketAddrV4> {
 fn relay_tcp(shared: &Shared, client: std::net::TcpStream) -> Result<()> {
     use std::io::{Read, Write};
     let server = original_dst(&client).context("reading the original destination")?;
-    let upstream = std::net::TcpStream::connect_timeout(&server.into(), UPSTREAM_TIMEOUT)
+    let upstream = std::net::TcpStream::connect_timeout(&server, UPSTREAM_TIMEOUT)
         .with_context(|| format!("connecting to {server}"))?;
     for s in [&client, &upstream] {
         s.set_read_timeout(Some(TCP_IDLE))?;
