@@ -529,6 +529,19 @@ impl<A: Endpoint> Stream<A> {
         lock(&self.state).end.clone()
     }
 
+    /// Waits up to `within` for the stream to be reset by its peer (what
+    /// a client of a dead WAN sees once mwan has nudged it); an error says
+    /// what happened instead.
+    pub fn wait_reset(&self, within: Duration) -> Result<()> {
+        if !crate::wait_until(within, || self.end().is_some()) {
+            bail!("the stream still runs {within:?} later");
+        }
+        match self.end() {
+            Some(StreamEnd::Error(std::io::ErrorKind::ConnectionReset, _)) => Ok(()),
+            other => bail!("the stream ended with {other:?}, not a reset"),
+        }
+    }
+
     /// Closes the connection and returns the final numbers.
     pub fn close(mut self) -> StreamReport<A> {
         self.shut();

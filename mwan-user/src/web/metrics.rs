@@ -6,6 +6,7 @@
 use std::fmt::Write;
 
 use super::Snapshot;
+use crate::control::WanStatus;
 use crate::health::stats::HealthStats;
 use crate::web::history::unix_secs;
 
@@ -112,6 +113,29 @@ impl Out {
         for (i, w) in s.status.wans.iter().enumerate() {
             if let Some(v) = value(i) {
                 self.sample(name, &[("wan", &w.name), ("interface", &w.interface)], v);
+            }
+        }
+    }
+
+    /// A gauge family with one sample per WAN (those `state` gives one
+    /// for) and state: 1 for its current state, 0 for the others.
+    fn state_family(
+        &mut self,
+        wans: &[WanStatus],
+        name: &str,
+        help: &str,
+        state: impl Fn(&WanStatus) -> Option<&str>,
+    ) {
+        self.family(name, "gauge", help);
+        for w in wans {
+            let Some(current) = state(w) else { continue };
+            for st in STATES {
+                let labels = [
+                    ("wan", w.name.as_str()),
+                    ("interface", &w.interface),
+                    ("state", st),
+                ];
+                self.sample(name, &labels, f64::from(u8::from(current == st)));
             }
         }
     }
@@ -265,25 +289,12 @@ pub fn render(s: &Snapshot) -> String {
         o.sample(name, &[], st.counters.get(key).copied().unwrap_or(0) as f64);
     }
 
-    o.family(
+    o.state_family(
+        wans,
         "mwan_wan_state",
-        "gauge",
         "1 for the WAN's current state, 0 for the others.",
+        |w| Some(w.state.as_str()),
     );
-    for w in wans {
-        for state in STATES {
-            let labels = [
-                ("wan", w.name.as_str()),
-                ("interface", &w.interface),
-                ("state", state),
-            ];
-            o.sample(
-                "mwan_wan_state",
-                &labels,
-                f64::from(u8::from(w.state == state)),
-            );
-        }
-    }
     let flag = |b: bool| Some(f64::from(u8::from(b)));
     o.per_wan(
         s,
@@ -293,26 +304,12 @@ pub fn render(s: &Snapshot) -> String {
         |i| flag(wans[i].state == "up" || wans[i].state == "degraded"),
     );
     // The IPv6 side of the WANs that carry IPv6 (its own health).
-    o.family(
+    o.state_family(
+        wans,
         "mwan_wan_ipv6_state",
-        "gauge",
         "1 for the current state of the WAN's IPv6, 0 for the others (WANs with IPv6 only).",
+        |w| Some(w.ipv6.as_ref()?.state.as_str()),
     );
-    for w in wans {
-        let Some(v6) = &w.ipv6 else { continue };
-        for state in STATES {
-            let labels = [
-                ("wan", w.name.as_str()),
-                ("interface", &w.interface),
-                ("state", state),
-            ];
-            o.sample(
-                "mwan_wan_ipv6_state",
-                &labels,
-                f64::from(u8::from(v6.state == state)),
-            );
-        }
-    }
     o.per_wan(
         s,
         "mwan_wan_ipv6_up",
