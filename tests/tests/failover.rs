@@ -192,12 +192,12 @@ fn tcp_udp_to(table: &[CtEntry], addr: Ipv4Addr) -> Vec<&CtEntry> {
 }
 
 /// The entry of the connection a server saw coming from `seen`.
-fn entry_of<'a>(
-    table: &'a [CtEntry],
+fn entry_of(
+    table: &[CtEntry],
     proto: u8,
     server: SocketAddrV4,
     seen: SocketAddrV4,
-) -> Option<&'a CtEntry> {
+) -> Option<&CtEntry> {
     table.iter().find(|e| {
         e.reply.proto == proto
             && (e.reply.src, e.reply.sport) == ((*server.ip()).into(), server.port())

@@ -1635,7 +1635,7 @@ impl WanAddrs {
 }
 
 fn tuple_of(t: &conntrack::CtTuple) -> Tuple5 {
-    (t.proto, t.src.into(), t.dst.into(), t.sport, t.dport)
+    (t.proto, t.src, t.dst, t.sport, t.dport)
 }
 
 /// Flows of both families' flow maps that `pred` selects, with their last
