@@ -247,11 +247,13 @@ pub enum Failback {
 }
 
 /// A WAN's gateway: fixed, or learned from the kernel's routes on the
-/// interface (DHCP, PPPoE).
+/// interface (DHCP, PPPoE); `None` for an uplink without IPv4 (no
+/// `gateway`, only `gateway6`: DS-Lite, 464XLAT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gateway {
     Fixed(Ipv4Addr),
     Auto,
+    None,
 }
 
 impl fmt::Display for Gateway {
@@ -259,6 +261,7 @@ impl fmt::Display for Gateway {
         match self {
             Gateway::Fixed(a) => write!(f, "{a}"),
             Gateway::Auto => write!(f, "auto"),
+            Gateway::None => write!(f, "none (no IPv4)"),
         }
     }
 }
@@ -1705,10 +1708,12 @@ impl Config {
                 ));
             }
             let gateway = match w.gateway.as_deref() {
+                // An uplink with only IPv6.
+                None if w.gateway6.is_some() => Gateway::None,
                 None => {
                     return Err(err(
                         at.key("gateway"),
-                        "missing: an IPv4 address or \"auto\"",
+                        "missing: an IPv4 address or \"auto\" (an uplink without IPv4 sets gateway6 alone)",
                     ))
                 }
                 Some("auto") => Gateway::Auto,
@@ -1727,6 +1732,14 @@ impl Config {
             let weight = int_in(at.key("weight"), w.weight.unwrap_or(1), 1, 1000)? as u32;
             let tier = int_in(at.key("tier"), w.tier.unwrap_or(1), 1, 16)? as u32;
             let health = defaults.resolve(&w.health, &at)?;
+            if gateway == Gateway::None
+                && !health.targets.iter().any(|t| t.family() == Family::Ipv6)
+            {
+                return Err(err(
+                    at.key("probe_targets"),
+                    "this uplink has no IPv4 (no gateway): list IPv6 probe targets to judge it by",
+                ));
+            }
             let id = match w.id {
                 None => None,
                 Some(v) => {
@@ -2260,6 +2273,22 @@ gateway = "auto"
         assert!("example.com".parse::<ProbeTarget>().is_err());
     }
 
+    /// An uplink with only IPv6: `gateway6` without `gateway`.
+    #[test]
+    fn an_uplink_may_have_ipv6_only() {
+        let c = Config::parse(&MIN.replace(
+            "gateway = \"auto\"",
+            "gateway6 = \"auto\"\nprobe_targets = [\"2001:db8::1\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.wans[1].gateway, Gateway::None);
+        assert_eq!(c.wans[1].ipv6, Ipv6Mode::Nat);
+        assert_eq!(
+            c.wans[0].gateway,
+            Gateway::Fixed("100.64.1.1".parse().unwrap())
+        );
+    }
+
     #[test]
     fn ipv6_probe_targets_parse_and_print_back() {
         for (text, target) in [
@@ -2586,7 +2615,13 @@ gateway = "auto"
             (
                 "gateway = \"auto\"",
                 "",
-                "line 11: wan[1] (isp2).gateway: missing: an IPv4 address or \"auto\"",
+                "line 11: wan[1] (isp2).gateway: missing: an IPv4 address or \"auto\" (an uplink without IPv4 sets gateway6 alone)",
+            ),
+            // An uplink without IPv4 is judged by IPv6 targets.
+            (
+                "gateway = \"auto\"",
+                "gateway6 = \"auto\"",
+                "line 11: wan[1] (isp2).probe_targets: this uplink has no IPv4 (no gateway): list IPv6 probe targets to judge it by",
             ),
             // Rules (lines 16 [[rule]], 17 name, 18 dst_ports, 19 wans).
             (

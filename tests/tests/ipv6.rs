@@ -327,6 +327,41 @@ fn a_silent_ipv6_blackhole_moves_new_ipv6_flows_and_leaves_ipv4_balanced() {
     println!("IPv4 during ISP 1's IPv6 blackhole: {got:?}");
 }
 
+/// An uplink with only IPv6 (no `gateway`, as with DS-Lite or 464XLAT):
+/// it takes IPv6 flows and no IPv4 ones, is judged by its IPv6 probes
+/// alone, and fails over like any other.
+#[test]
+fn an_uplink_with_only_ipv6_carries_ipv6_and_no_ipv4() {
+    let lab = build(2);
+    let text = cfg(&lab, "nat", "", &none, "");
+    let isp2_v4 = format!("gateway = \"{}\"\n", lab.isp(2).gateway());
+    assert_eq!(text.matches(&isp2_v4).count(), 1, "{text}");
+    let mwan = start(&lab, &text.replace(&isp2_v4, ""));
+    let isp2 = mwan.wan("isp2");
+    assert!(!isp2.alive, "no IPv4 pins to ISP 2");
+    assert_eq!(isp2.ipv6.as_ref().map(|v6| v6.state.as_str()), Some("up"));
+    let v4 = connections(&lab, TCP_WHOAMI, 100);
+    assert_eq!(
+        shares(&lab, &v4),
+        BTreeMap::from([(1, 1.0)]),
+        "IPv4 only via ISP 1"
+    );
+    let v6 = connections(&lab, TCP_WHOAMI6, 100);
+    assert_eq!(shares(&lab, &v6).len(), 2, "IPv6 over both");
+
+    // ISP 2's IPv6 dies: its IPv6 flows move to ISP 1 within a second.
+    lab.isp(2).set_blackhole6(true).unwrap();
+    let t0 = Instant::now();
+    let tries = attempts(lab.host(1), TCP_WHOAMI6, t0, FAILOVER * 3);
+    let wan1 = IpAddr::from(lab.isp(1).router_addr6());
+    assert_late(
+        &tries,
+        |r| r.as_ref() == Ok(&wan1),
+        "the IPv6-only uplink's failure (want ISP 1)",
+        &mwan.log(),
+    );
+}
+
 /// An IPv6 download on a WAN whose IPv6 dies is reset at once (its
 /// conntrack entry deleted, the client nudged in the server's name), not
 /// left hanging; the WAN's IPv4 stays up, and `mwan status` shows its IPv6

@@ -464,6 +464,7 @@ impl Daemon {
                     crate::config::Gateway::Auto => {
                         self.net.learned_default(l.index, exclude.clone()).await?
                     }
+                    crate::config::Gateway::None => None,
                 };
                 if self.wans[i].cfg.ipv6 != Ipv6Mode::Off {
                     info.addrs6 = self.net.ipv6_addrs(l.index).await?;

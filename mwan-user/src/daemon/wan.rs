@@ -94,6 +94,16 @@ impl LinkInfo {
         if !self.carrier {
             return Some(format!("interface {} has no carrier", cfg.interface));
         }
+        if cfg.gateway == Gateway::None {
+            // An uplink with only IPv6 is usable once it is ready for it.
+            if !self.ipv6_ready(cfg) {
+                return Some(format!(
+                    "no IPv6 address or gateway6 on {} yet (an uplink without IPv4)",
+                    cfg.interface
+                ));
+            }
+            return None;
+        }
         if self.addr.is_none() {
             return Some(format!("interface {} has no IPv4 address", cfg.interface));
         }
@@ -104,6 +114,7 @@ impl LinkInfo {
                     cfg.interface
                 ),
                 Gateway::Fixed(g) => format!("gateway {g} unusable"),
+                Gateway::None => unreachable!("handled above"),
             });
         }
         None
@@ -204,11 +215,18 @@ impl WanRt {
         &mut self.health[fam(f)]
     }
 
-    /// Whether family `f` has probe targets here: a WAN without IPv6
-    /// ignores the IPv6 targets of a top-level list.
+    /// Whether family `f` has probe targets here: a WAN without IPv6 (or
+    /// without IPv4) ignores that family's targets of a top-level list.
     fn has_targets(&self, f: Family) -> bool {
-        (f == Family::Ipv4 || self.has_ipv6())
-            && self.cfg.health.targets.iter().any(|t| t.family() == f)
+        self.carries(f) && self.cfg.health.targets.iter().any(|t| t.family() == f)
+    }
+
+    /// Whether the WAN has family `f` at all (by its config).
+    pub fn carries(&self, f: Family) -> bool {
+        match f {
+            Family::Ipv4 => self.cfg.gateway != Gateway::None,
+            Family::Ipv6 => self.has_ipv6(),
+        }
     }
 
     /// The family whose machine judges family `f`: `f` itself, or the
@@ -341,7 +359,10 @@ impl WanRt {
     /// or whose link is not ready for it (no address or gateway yet), takes
     /// no IPv6 flows.
     pub fn view(&self, f: Family) -> WanView {
-        let carries = f == Family::Ipv4 || self.link.ipv6_ready(&self.cfg);
+        let carries = match f {
+            Family::Ipv4 => self.carries(f),
+            Family::Ipv6 => self.link.ipv6_ready(&self.cfg),
+        };
         WanView {
             id: self.id,
             name: self.cfg.name.clone(),
