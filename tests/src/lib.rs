@@ -60,6 +60,28 @@ pub use proc::{Proc, ProcOutput};
 pub use servers::ServerHandle;
 pub use topology::*;
 
+/// Runs `attempt` once every 10 ms from `t0` until `window` after it, at
+/// most 300 times (a failover's new connections, say); returns each result
+/// with when it started and ended, measured from `t0`.
+pub fn paced_attempts<T>(
+    t0: Instant,
+    window: Duration,
+    mut attempt: impl FnMut() -> T,
+) -> Vec<(Duration, Duration, T)> {
+    let mut out = Vec::new();
+    let mut next = t0;
+    while t0.elapsed() < window && out.len() < 300 {
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        next += Duration::from_millis(10);
+        let started = t0.elapsed();
+        let result = attempt();
+        out.push((started, t0.elapsed(), result));
+    }
+    out
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it
 /// held. Polls every few milliseconds at first, then every 50 ms.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {

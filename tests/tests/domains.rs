@@ -307,6 +307,25 @@ const SERVERS: [IpAddr; 4] = [
     IpAddr::V6(LAN0_ROUTER6),
 ];
 
+/// `count` names `{prefix}{i}.tcponly.example`, looked up over TCP at
+/// `resolver` (only a TCP answer gives their address, [`GOV_TCP`]), each
+/// followed by a connection: every one leaves through ISP 2.
+fn tcp_lookups_steer(lab: &Lab, resolver: Ipv4Addr, prefix: &str, count: usize) {
+    for i in 0..count {
+        let name = format!("{prefix}{i}.tcponly.example");
+        let addrs = lab
+            .host(0)
+            .dns_lookup_tcp(SocketAddrV4::new(resolver, 53), &name)
+            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
+        assert_eq!(addrs, [GOV_TCP]);
+        let seen = lab
+            .host(0)
+            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
+            .unwrap();
+        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
+    }
+}
+
 #[test]
 fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
@@ -341,19 +360,7 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
     );
 
     // Over TCP: 100 names whose address no UDP answer gave.
-    for i in 0..100 {
-        let name = format!("t{i}.tcponly.example");
-        let addrs = lab
-            .host(0)
-            .dns_lookup_tcp(SocketAddrV4::new(RESOLVER, 53), &name)
-            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
-        assert_eq!(addrs, [GOV_TCP]);
-        let seen = lab
-            .host(0)
-            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
-            .unwrap();
-        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
-    }
+    tcp_lookups_steer(&lab, RESOLVER, "t", 100);
 
     // 1000 names no rule lists: balanced.
     let seen: Vec<SocketAddrV4> = (0..1000)
@@ -522,19 +529,7 @@ fn names_asked_of_the_routers_own_resolver_are_steered() {
     );
 
     // Over TCP, names whose address no UDP answer gave.
-    for i in 0..20 {
-        let name = format!("lt{i}.tcponly.example");
-        let addrs = lab
-            .host(0)
-            .dns_lookup_tcp(SocketAddrV4::new(LAN0_ROUTER, 53), &name)
-            .unwrap_or_else(|e| panic!("looking up {name} over TCP: {e:#}"));
-        assert_eq!(addrs, [GOV_TCP]);
-        let seen = lab
-            .host(0)
-            .tcp_whoami(SocketAddrV4::new(GOV_TCP, TCP_WHOAMI_PORT))
-            .unwrap();
-        assert_eq!(lab.wan_of(*seen.ip()), Some(2), "{name} over TCP");
-    }
+    tcp_lookups_steer(&lab, LAN0_ROUTER, "lt", 20);
 
     // A CNAME chain through the router's cache.
     let (addr, isp) = lookup_and_connect_via(&lab, LAN0_ROUTER, "portal.example", 0);

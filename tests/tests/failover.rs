@@ -293,22 +293,16 @@ struct Attempt {
 /// `timeout`) until `window` after `t0`, at most 300.
 fn attempts_until(lab: &Lab, host: &Netns, t0: Instant, window: Duration) -> Vec<Attempt> {
     let timeout = Duration::from_millis(300);
-    let mut out = Vec::new();
-    let mut next = t0;
-    while t0.elapsed() < window && out.len() < 300 {
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
-        next += Duration::from_millis(10);
-        let started = t0.elapsed();
-        let result = connect_isp(lab, host, timeout).map_err(|e| format!("{e:#}"));
-        out.push(Attempt {
-            started,
-            ended: t0.elapsed(),
-            result,
-        });
-    }
-    out
+    paced_attempts(t0, window, || {
+        connect_isp(lab, host, timeout).map_err(|e| format!("{e:#}"))
+    })
+    .into_iter()
+    .map(|(started, ended, result)| Attempt {
+        started,
+        ended,
+        result,
+    })
+    .collect()
 }
 
 /// A silent blackhole beyond ISP 1's gateway: every new connection started

@@ -150,21 +150,14 @@ struct Attempt {
 /// New TCP connections from `ns` to `server`, one every 10 ms (each
 /// bounded by 300 ms), until `window` after `t0`, at most 300.
 fn attempts<A: Endpoint>(ns: &Netns, server: A, t0: Instant, window: Duration) -> Vec<Attempt> {
-    let mut out = Vec::new();
-    let mut next = t0;
-    while t0.elapsed() < window && out.len() < 300 {
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
-        next += Duration::from_millis(10);
-        let started = t0.elapsed();
-        let result = ns
-            .tcp_whoami_within(server, Duration::from_millis(300))
+    paced_attempts(t0, window, || {
+        ns.tcp_whoami_within(server, Duration::from_millis(300))
             .map(|seen| Into::<std::net::SocketAddr>::into(seen).ip())
-            .map_err(|e| format!("{e:#}"));
-        out.push(Attempt { started, result });
-    }
-    out
+            .map_err(|e| format!("{e:#}"))
+    })
+    .into_iter()
+    .map(|(started, _, result)| Attempt { started, result })
+    .collect()
 }
 
 /// Asserts that every attempt started after `FAILOVER` is `good`, and
