@@ -674,6 +674,20 @@ fn ha_pair_topology_moves_the_gateway_between_routers() {
     lab.isp(1).set_carrier(true).unwrap();
     // A power cut ends every process of a router.
     let sleeper = lab.ha_router(1).spawn("sleep", &["60"], &[]).unwrap();
+    // `ip netns exec` enters the namespace after the spawn returns: wait
+    // until the process is in it, or the power cut could miss it.
+    let pids = |ns: &Netns| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "pids", ns.name()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.split_whitespace()
+            .any(|p| p == sleeper.pid().to_string())
+    };
+    assert!(wait_until(Duration::from_secs(5), || pids(
+        lab.ha_router(1)
+    )));
     lab.ha_router(1).kill_all();
     assert!(sleeper.wait_timeout(Duration::from_secs(5)).is_some());
     assert!(lab
