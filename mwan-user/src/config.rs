@@ -266,33 +266,7 @@ impl fmt::Display for Gateway {
     }
 }
 
-/// An address family: each WAN's health and eligibility are judged per
-/// family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl Family {
-    pub const BOTH: [Family; 2] = [Family::Ipv4, Family::Ipv6];
-
-    pub fn of(addr: &IpAddr) -> Family {
-        match addr {
-            IpAddr::V4(_) => Family::Ipv4,
-            IpAddr::V6(_) => Family::Ipv6,
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
-        })
-    }
-}
+pub use crate::family::Family;
 
 /// A WAN's IPv6 gateway (`gateway6`): fixed (a global or link-local
 /// address; a link-local one is reached through the WAN's interface), or

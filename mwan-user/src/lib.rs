@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod family;
 pub mod health;
 pub mod hooks;
 pub mod logfield;
