@@ -245,7 +245,7 @@ pub const POLICY_MAIN: u32 = 2;
 
 /// A compiled policy: what a new flow that selects it gets.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// `POLICY_BALANCE` (weighted, host stickiness applies), `POLICY_ORDERED`
     /// (first eligible WAN of an ordered list) or `POLICY_MAIN` (no mark).

@@ -108,6 +108,39 @@ pub struct Status {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Most recent state changes, newest last.
     pub events: Vec<Event>,
+    /// How this daemon started.
+    #[serde(default)]
+    pub start: StartFacts,
+}
+
+/// How the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartFacts {
+    /// It took over a running datapath (pinned maps and filters of a
+    /// previous daemon), keeping every connection.
+    pub took_over: bool,
+    /// Connections older than mwan's nftables table whose WAN it recorded
+    /// in conntrack.
+    pub adopted_connections: u64,
+}
+
+/// What mwan did to a WAN's connections since the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WanFacts {
+    /// Times its connections were cleaned up when it died (a family, or
+    /// both when the WAN was removed).
+    pub cleanups: u64,
+    /// Conntrack entries deleted by those cleanups.
+    pub conntrack_deleted: u64,
+    /// TCP clients nudged to reconnect.
+    pub nudged: u64,
+    /// RFC 3339 time of the last cleanup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cleanup: Option<String>,
+    /// `failback = "reset"`: times the flows that had moved away were
+    /// reset to it when it came back, and how many flows in all.
+    pub failback_resets: u64,
+    pub failback_flows: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -145,6 +178,9 @@ pub struct WanStatus {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
+    /// What mwan did to its connections.
+    #[serde(default)]
+    pub connections: WanFacts,
     /// The WAN's IPv6 side, when it carries IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<FamilyStatus>,

@@ -22,10 +22,11 @@ use aya::programs::links::Link;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::*;
 
 use crate::config::{Config, Sticky, StickyKey};
+use crate::family::Family;
 use crate::policy::CompiledRules;
 
 mod migrate;
@@ -182,26 +183,26 @@ impl Maps {
         self.settings.set(0, s, 0).context("writing SETTINGS")
     }
 
-    pub fn write_wan(&mut self, id: u8, entry: WanEntry) -> Result<()> {
-        self.wans
-            .set(id as u32, entry, 0)
-            .with_context(|| format!("writing WANS[{id}]"))
+    fn wans_of(&self, f: Family) -> (&Array<MapData, WanEntry>, &'static str) {
+        match f {
+            Family::Ipv4 => (&self.wans, MAP_WANS),
+            Family::Ipv6 => (&self.wans6, MAP_WANS6),
+        }
     }
 
-    pub fn wan(&self, id: u8) -> Result<WanEntry> {
-        Ok(self.wans.get(&(id as u32), 0)?)
+    /// Family `f`'s entry of a WAN (`WANS`, `WANS6`): `alive` says whether
+    /// the WAN's family is usable, the mark is the WAN's one mark.
+    pub fn write_wan(&mut self, f: Family, id: u8, entry: WanEntry) -> Result<()> {
+        let map = match f {
+            Family::Ipv4 => &mut self.wans,
+            Family::Ipv6 => &mut self.wans6,
+        };
+        map.set(id as u32, entry, 0)
+            .with_context(|| format!("writing {}[{id}]", self.wans_of(f).1))
     }
 
-    /// The WAN's IPv6 entry: `alive` says whether its IPv6 is usable, the
-    /// mark is the WAN's one mark.
-    pub fn write_wan6(&mut self, id: u8, entry: WanEntry) -> Result<()> {
-        self.wans6
-            .set(id as u32, entry, 0)
-            .with_context(|| format!("writing {MAP_WANS6}[{id}]"))
-    }
-
-    pub fn wan6(&self, id: u8) -> Result<WanEntry> {
-        Ok(self.wans6.get(&(id as u32), 0)?)
+    pub fn wan(&self, f: Family, id: u8) -> Result<WanEntry> {
+        Ok(self.wans_of(f).0.get(&(id as u32), 0)?)
     }
 
     /// WAN names by id, as the daemon that owns the pins recorded them.
@@ -229,22 +230,21 @@ impl Maps {
             .with_context(|| format!("writing WAN_NAMES[{id}]"))
     }
 
-    pub fn write_policies(&mut self, policies: &[Policy]) -> Result<()> {
-        write_policy_array(&mut self.policies, policies, MAP_POLICIES)
+    /// Family `f`'s policies (`POLICIES`, `POLICIES6`): the same ids for
+    /// both, slots from the WANs eligible for the family.
+    pub fn write_policies(&mut self, f: Family, policies: &[Policy]) -> Result<()> {
+        match f {
+            Family::Ipv4 => write_policy_array(&mut self.policies, policies, MAP_POLICIES),
+            Family::Ipv6 => write_policy_array(&mut self.policies6, policies, MAP_POLICIES6),
+        }
     }
 
-    pub fn policy(&self, i: u32) -> Result<Policy> {
-        Ok(self.policies.get(&i, 0)?)
-    }
-
-    /// The IPv6 policies: the ids of `write_policies`, slots from the
-    /// WANs eligible for IPv6.
-    pub fn write_policies6(&mut self, policies: &[Policy]) -> Result<()> {
-        write_policy_array(&mut self.policies6, policies, MAP_POLICIES6)
-    }
-
-    pub fn policy6(&self, i: u32) -> Result<Policy> {
-        Ok(self.policies6.get(&i, 0)?)
+    pub fn policy(&self, f: Family, i: u32) -> Result<Policy> {
+        let map = match f {
+            Family::Ipv4 => &self.policies,
+            Family::Ipv6 => &self.policies6,
+        };
+        Ok(map.get(&i, 0)?)
     }
 
     /// Writes the rule maps. `previous` (what the maps hold now, if known)
@@ -344,22 +344,32 @@ impl Maps {
         self.write_settings(&settings(cfg, rules, rules.count))
     }
 
-    /// Makes the bypass trie hold exactly `prefixes`.
-    pub fn write_bypass(&mut self, prefixes: &[Ipv4Net]) -> Result<()> {
-        sync_trie(
-            &mut self.bypass,
-            prefixes.iter().map(|p| (p.trunc(), 1u8)).collect(),
-            MAP_BYPASS,
-        )
-    }
-
-    /// Makes the IPv6 bypass trie hold exactly `prefixes`.
-    pub fn write_bypass6(&mut self, prefixes: &[Ipv6Net]) -> Result<()> {
-        sync_trie(
-            &mut self.bypass6,
-            prefixes.iter().map(|p| (p.trunc(), 1u8)).collect(),
-            MAP_BYPASS6,
-        )
+    /// Makes family `f`'s bypass trie (`BYPASS`, `BYPASS6`) hold exactly
+    /// `prefixes` (all of family `f`).
+    pub fn write_bypass(&mut self, f: Family, prefixes: &[IpNet]) -> Result<()> {
+        let wrong = || anyhow!("a bypass prefix of the wrong family for {f}");
+        match f {
+            Family::Ipv4 => {
+                let want = prefixes
+                    .iter()
+                    .map(|p| match p {
+                        IpNet::V4(p) => Ok((p.trunc(), 1u8)),
+                        IpNet::V6(_) => Err(wrong()),
+                    })
+                    .collect::<Result<_>>()?;
+                sync_trie(&mut self.bypass, want, MAP_BYPASS)
+            }
+            Family::Ipv6 => {
+                let want = prefixes
+                    .iter()
+                    .map(|p| match p {
+                        IpNet::V6(p) => Ok((p.trunc(), 1u8)),
+                        IpNet::V4(_) => Err(wrong()),
+                    })
+                    .collect::<Result<_>>()?;
+                sync_trie(&mut self.bypass6, want, MAP_BYPASS6)
+            }
+        }
     }
 
     /// Applies changes of the learned-address table

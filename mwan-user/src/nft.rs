@@ -809,10 +809,11 @@ table inet mwan {
             .await
             .unwrap();
             net.sync_rules(&wanted_rules(
+                crate::family::Family::Ipv4,
                 1000,
                 1000,
                 0x00ff_0000,
-                &[(0, 0x1_0000, None)],
+                &[(0, 0x1_0000, vec![])],
                 false,
             ))
             .await

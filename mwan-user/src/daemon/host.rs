@@ -14,7 +14,7 @@ use crate::routing::Net;
 use crate::sysctl::{self, SavedSysctls};
 use crate::{datapath, nft};
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostState {
     /// Original values of the sysctls mwan changed.
     pub sysctls: SavedSysctls,

@@ -10,13 +10,15 @@ use anyhow::Result;
 use mwan_common::WAN_NONE;
 use tracing::warn;
 
-use super::wan::{fam, WanRt};
+use super::apply::Applied;
+use super::wan::WanRt;
 use super::Daemon;
-use crate::config::Family;
+use crate::config::Config;
 use crate::control::{FamilyStatus, Status, WanStatus};
 use crate::datapath;
+use crate::family::Family;
 use crate::policy;
-use crate::web::Snapshot;
+use crate::web::{Snapshot, Web};
 
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -151,10 +153,44 @@ fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
         .collect()
 }
 
+/// What the daemon reports beyond its inputs: counts, times, the metrics
+/// listener.
+pub struct Report {
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    pub flow_counts: FlowCounts,
+    /// The metrics and status page listener (`metrics_listen`).
+    pub web: Option<Web>,
+    /// Something changed that the listener's snapshot should show now.
+    pub dirty: bool,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// This daemon took over a running datapath.
+    pub took_over: bool,
+    /// Connections older than mwan's table that the start adopted.
+    pub adopted: u64,
+}
+
+impl Report {
+    pub fn new(cfg: &Config, web: Option<Web>, took_over: bool) -> Report {
+        Report {
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            flow_counts: FlowCounts::new(cfg.pin_dir.clone()),
+            web,
+            dirty: true,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            took_over,
+            adopted: 0,
+        }
+    }
+}
+
 impl Daemon {
     pub(super) async fn status(&mut self) -> Result<Status> {
-        let task = self.flow_counts.refresh_if_stale();
-        if self.flow_counts.worth_waiting() {
+        let task = self.report.flow_counts.refresh_if_stale();
+        if self.report.flow_counts.worth_waiting() {
             // A blocking task: the event loop waits for it only the first
             // time, or for a few milliseconds.
             if let Some(t) = task {
@@ -167,22 +203,24 @@ impl Daemon {
     /// The status from what is at hand: the last flow count, the maps'
     /// counters. Never waits.
     fn build_status(&self) -> Result<Status> {
-        let (by_wan, total, counted_ago) = self.flow_counts.get();
+        let (by_wan, total, counted_ago) = self.report.flow_counts.get();
         let counters = self.dp.maps.wan_counters()?;
         let global = self.dp.maps.global_counters()?;
-        let shares: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(0)?)
-            .into_iter()
-            .collect();
-        let shares6: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy6(0)?)
-            .into_iter()
-            .collect();
+        let shares = |f| -> BTreeMap<u8, f64> {
+            self.applied
+                .default_policy(f)
+                .map(policy::shares)
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        };
+        let (shares, shares6) = (shares(Family::Ipv4), shares(Family::Ipv6));
         let ifstats = interface_counters();
         let now = SystemTime::now();
         let wans = self
             .wans
             .iter()
             .map(|w| {
-                let v4 = w.family(Family::Ipv4);
                 let m = w.family(w.judged_by(Family::Ipv4)).machine.measurements();
                 let c = counters.get(w.id as usize).copied().unwrap_or_default();
                 let (rxb, rxp, txb, txp) =
@@ -200,11 +238,11 @@ impl Daemon {
                     share: shares.get(&w.id).copied().unwrap_or(0.0),
                     drained: w.drained,
                     enabled: !w.disabled(),
-                    alive: v4.alive,
+                    alive: self.applied.alive(Family::Ipv4, w.id),
                     ipv6: w
                         .has_ipv6()
-                        .then(|| family_status(w, Family::Ipv6, &shares6, now)),
-                    address: w.link.addr.map(|a| a.to_string()),
+                        .then(|| family_status(w, &self.applied, Family::Ipv6, &shares6, now)),
+                    address: w.link.addrs[Family::Ipv4].first().map(|a| a.to_string()),
                     gateway: w.link.gateway_text(&w.cfg),
                     rtt_ms: m.rtt_ms,
                     jitter_ms: m.jitter_ms,
@@ -217,6 +255,7 @@ impl Daemon {
                     rx_packets: rxp,
                     tx_bytes: txb,
                     tx_packets: txp,
+                    connections: self.facts.of(&w.cfg.name),
                 }
             })
             .collect();
@@ -224,10 +263,10 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             config: self.opts.config.display().to_string(),
-            uptime_secs: self.started.elapsed().as_secs_f64(),
+            uptime_secs: self.report.started.elapsed().as_secs_f64(),
             sticky: format!("{:?}", self.cfg.sticky).to_lowercase(),
-            all_down: self.all_down[fam(Family::Ipv4)],
-            all_down6: self.all_down[fam(Family::Ipv6)],
+            all_down: self.applied.all_down(Family::Ipv4),
+            all_down6: self.applied.all_down(Family::Ipv6),
             ha_role: self
                 .ha_active
                 .map(|a| if a { "active" } else { "standby" }.to_string()),
@@ -248,6 +287,10 @@ impl Daemon {
                 c
             },
             events: self.events.iter().cloned().collect(),
+            start: crate::control::StartFacts {
+                took_over: self.report.took_over,
+                adopted_connections: self.report.adopted,
+            },
         })
     }
 
@@ -255,11 +298,11 @@ impl Daemon {
     /// sample). The flow count it shows is the background one, started here
     /// when stale and never waited for.
     pub(super) fn publish(&mut self, sample: bool) {
-        self.web_dirty = false;
-        let Some(web) = &self.web else {
+        self.report.dirty = false;
+        if self.report.web.is_none() {
             return;
-        };
-        let _ = self.flow_counts.refresh_if_stale();
+        }
+        let _ = self.report.flow_counts.refresh_if_stale();
         let status = match self.build_status() {
             Ok(s) => s,
             Err(e) => {
@@ -268,14 +311,17 @@ impl Daemon {
             }
         };
         let (hook_runs, hook_failures) = crate::hooks::counts();
+        let Some(web) = &self.report.web else {
+            return;
+        };
         web.publish(
             Snapshot {
                 status,
                 health: self.wans.iter().map(|w| w.stats.clone()).collect(),
                 taken: SystemTime::now(),
-                start_time: self.started_wall,
-                reloads_ok: self.reloads_ok,
-                reloads_failed: self.reloads_failed,
+                start_time: self.report.started_wall,
+                reloads_ok: self.report.reloads_ok,
+                reloads_failed: self.report.reloads_failed,
                 hook_runs,
                 hook_failures,
                 max_flows: self.cfg.max_flows,
@@ -288,6 +334,7 @@ impl Daemon {
 /// Family `f`'s side of a WAN for `mwan status`.
 fn family_status(
     w: &WanRt,
+    applied: &Applied,
     f: Family,
     shares: &BTreeMap<u8, f64>,
     now: SystemTime,
@@ -303,13 +350,13 @@ fn family_status(
             .unwrap_or_default()
             .as_secs_f64(),
         judged_by: judge.to_string(),
-        alive: w.family(f).alive,
+        alive: applied.alive(f, w.id),
         share: shares.get(&w.id).copied().unwrap_or(0.0),
-        address: (!w.link.addrs6.is_empty()).then(|| {
-            let a: Vec<String> = w.link.addrs6.iter().map(|a| a.to_string()).collect();
+        address: (!w.link.addrs[f].is_empty()).then(|| {
+            let a: Vec<String> = w.link.addrs[f].iter().map(|a| a.to_string()).collect();
             a.join(" ")
         }),
-        gateway: w.link.nexthop6.and_then(|n| n.gateway).map(|g| match g {
+        gateway: w.link.nexthop[f].and_then(|n| n.gateway).map(|g| match g {
             // A link-local gateway is reached through the WAN's interface.
             std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => {
                 format!("{g}%{}", w.cfg.interface)

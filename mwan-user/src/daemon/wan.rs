@@ -5,15 +5,14 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Instant, SystemTime};
 
-use ipnet::{Ipv4Net, Ipv6Net};
-use mwan_common::MAX_WANS;
-use tokio::sync::mpsc;
-
-use crate::config::{self, Family, Gateway, Ipv6Mode, Prefix6};
-use crate::health::{HealthStats, Machine, ProbeSpec, Prober, RoundReport, State, Transition};
+use crate::config::{self, Gateway, Ipv6Mode, Prefix6};
+use crate::family::{Family, PerFamily};
+use crate::health::{HealthStats, Machine, ProbeSpec, State, Transition};
 use crate::nft::Nat6;
 use crate::policy::{Health, WanView};
 use crate::routing::Nexthop;
+use ipnet::{IpNet, Ipv6Net};
+use mwan_common::MAX_WANS;
 
 pub struct WanRt {
     pub cfg: config::Wan,
@@ -22,12 +21,13 @@ pub struct WanRt {
     pub table: u32,
     /// What netlink reported last.
     pub link: LinkInfo,
-    /// Health per family, indexed by [`fam`]: IPv4's judged by the IPv4
-    /// probe targets, IPv6's by the IPv6 ones. A family without targets
-    /// follows the other family's state (see [`WanRt::state`]).
-    pub health: [FamilyHealth; 2],
-    /// Runtime overrides (`mwan set-weight`, `drain`, `disable`), reset by a
-    /// reload to what the config says.
+    /// Health per family: IPv4's judged by the IPv4 probe targets, IPv6's
+    /// by the IPv6 ones. A family without targets follows the other
+    /// family's state (see [`WanRt::state`]).
+    pub health: PerFamily<FamilyHealth>,
+    /// Runtime overrides (`mwan set-weight`, `drain`), reset by a reload to
+    /// what the config says. (`mwan disable` is the machines' `disabled`
+    /// state.)
     pub weight: u32,
     pub drained: bool,
     /// Probe and state-change totals for the metrics (both families).
@@ -37,28 +37,14 @@ pub struct WanRt {
 /// One family's health of a WAN.
 pub struct FamilyHealth {
     pub machine: Machine,
-    /// Running while the WAN is enabled and has targets of the family.
-    pub prober: Option<Prober>,
-    /// The family's `alive` flag as last written to the datapath (`WANS`
-    /// or `WANS6`).
-    pub alive: bool,
+    /// The wall-clock time of the machine's last transition (status).
     pub since: SystemTime,
-}
-
-/// The index of a family in [`WanRt::health`].
-pub fn fam(f: Family) -> usize {
-    match f {
-        Family::Ipv4 => 0,
-        Family::Ipv6 => 1,
-    }
 }
 
 impl FamilyHealth {
     fn new(cfg: &config::HealthConfig, initial: State) -> FamilyHealth {
         FamilyHealth {
             machine: Machine::new(cfg, initial, Instant::now()),
-            prober: None,
-            alive: false,
             since: SystemTime::now(),
         }
     }
@@ -70,13 +56,13 @@ pub struct LinkInfo {
     pub ifindex: Option<u32>,
     pub admin_up: bool,
     pub carrier: bool,
-    pub addr: Option<Ipv4Net>,
-    pub nexthop: Option<Nexthop>,
-    /// The global IPv6 addresses of the link (read only for a WAN whose
-    /// `ipv6` is not "off"; empty otherwise).
-    pub addrs6: Vec<Ipv6Net>,
-    /// The IPv6 next hop: `gateway6`, or the router learned from RAs.
-    pub nexthop6: Option<Nexthop>,
+    /// The WAN's addresses: IPv4, its primary address (at most one); IPv6,
+    /// the link's global addresses (read only for a WAN whose `ipv6` is
+    /// not "off").
+    pub addrs: PerFamily<Vec<IpNet>>,
+    /// The next hop: `gateway` (fixed, or learned from the kernel), and
+    /// `gateway6` (fixed, or the router learned from RAs).
+    pub nexthop: PerFamily<Option<Nexthop>>,
 }
 
 impl LinkInfo {
@@ -104,10 +90,10 @@ impl LinkInfo {
             }
             return None;
         }
-        if self.addr.is_none() {
+        if self.addrs[Family::Ipv4].is_empty() {
             return Some(format!("interface {} has no IPv4 address", cfg.interface));
         }
-        if self.nexthop.is_none() {
+        if self.nexthop[Family::Ipv4].is_none() {
             return Some(match cfg.gateway {
                 Gateway::Auto => format!(
                     "no default route learned on {} yet (gateway = \"auto\")",
@@ -120,8 +106,20 @@ impl LinkInfo {
         None
     }
 
+    /// The primary IPv4 address.
     pub fn address(&self) -> Option<Ipv4Addr> {
-        self.addr.map(|a| a.addr())
+        self.addrs[Family::Ipv4].first().and_then(|a| match a {
+            IpNet::V4(a) => Some(a.addr()),
+            IpNet::V6(_) => None,
+        })
+    }
+
+    /// The global IPv6 addresses.
+    pub fn addrs6(&self) -> impl Iterator<Item = Ipv6Net> + '_ {
+        self.addrs[Family::Ipv6].iter().filter_map(|a| match a {
+            IpNet::V6(a) => Some(*a),
+            IpNet::V4(_) => None,
+        })
     }
 
     /// The WAN's prefix of NPT: `prefix6`, or with "auto" the prefix of
@@ -136,8 +134,8 @@ impl LinkInfo {
                 prefix: Prefix6::Auto,
                 lan_prefix,
             } => self
-                .addrs6
-                .first()
+                .addrs6()
+                .next()
                 .and_then(|a| Ipv6Net::new(a.addr(), lan_prefix.prefix_len()).ok())
                 .map(|p| p.trunc()),
             _ => None,
@@ -148,8 +146,8 @@ impl LinkInfo {
     /// next hop, an address, and for NPT the prefix.
     pub fn ipv6_ready(&self, cfg: &config::Wan) -> bool {
         cfg.ipv6 != Ipv6Mode::Off
-            && self.nexthop6.is_some()
-            && !self.addrs6.is_empty()
+            && self.nexthop[Family::Ipv6].is_some()
+            && !self.addrs[Family::Ipv6].is_empty()
             && (!matches!(cfg.ipv6, Ipv6Mode::Npt { .. }) || self.prefix6(cfg).is_some())
     }
 
@@ -171,17 +169,13 @@ impl LinkInfo {
     /// The addresses of the WAN's connections in conntrack: its IPv4
     /// address and global IPv6 addresses.
     pub fn own_addresses(&self) -> Vec<IpAddr> {
-        self.address()
-            .map(IpAddr::V4)
-            .into_iter()
-            .chain(self.addrs6.iter().map(|a| IpAddr::V6(a.addr())))
-            .collect()
+        self.addrs.values().flatten().map(|a| a.addr()).collect()
     }
 
     /// The next hop as status and the logs show it: the gateway's address,
     /// or `dev IFACE` for a point-to-point link without one.
     pub fn gateway_text(&self, cfg: &config::Wan) -> Option<String> {
-        self.nexthop.map(|n| match n.gateway {
+        self.nexthop[Family::Ipv4].map(|n| match n.gateway {
             Some(g) => g.to_string(),
             None => format!("dev {}", cfg.interface),
         })
@@ -191,12 +185,18 @@ impl LinkInfo {
 impl WanRt {
     /// `initial[f]`: the state each family starts in (see the daemon's
     /// start).
-    pub fn new(cfg: config::Wan, id: u8, mark: u32, table_base: u32, initial: [State; 2]) -> WanRt {
+    pub fn new(
+        cfg: config::Wan,
+        id: u8,
+        mark: u32,
+        table_base: u32,
+        initial: PerFamily<State>,
+    ) -> WanRt {
         assert!((id as u32) < MAX_WANS);
-        let initial = initial.map(|s| if cfg.enabled { s } else { State::Disabled });
+        let initial = initial.map(|_, s| if cfg.enabled { s } else { State::Disabled });
         WanRt {
             stats: HealthStats::new(&cfg.health.targets),
-            health: initial.map(|s| FamilyHealth::new(&cfg.health, s)),
+            health: initial.map(|_, s| FamilyHealth::new(&cfg.health, s)),
             weight: cfg.weight,
             cfg,
             id,
@@ -208,11 +208,11 @@ impl WanRt {
     }
 
     pub fn family(&self, f: Family) -> &FamilyHealth {
-        &self.health[fam(f)]
+        &self.health[f]
     }
 
     pub fn family_mut(&mut self, f: Family) -> &mut FamilyHealth {
-        &mut self.health[fam(f)]
+        &mut self.health[f]
     }
 
     /// Whether family `f` has probe targets here: a WAN without IPv6 (or
@@ -232,12 +232,8 @@ impl WanRt {
     /// The family whose machine judges family `f`: `f` itself, or the
     /// other family when the WAN has no probe target of `f`.
     pub fn judged_by(&self, f: Family) -> Family {
-        let other = match f {
-            Family::Ipv4 => Family::Ipv6,
-            Family::Ipv6 => Family::Ipv4,
-        };
-        if !self.has_targets(f) && self.has_targets(other) {
-            other
+        if !self.has_targets(f) && self.has_targets(f.other()) {
+            f.other()
         } else {
             f
         }
@@ -277,32 +273,16 @@ impl WanRt {
         })
     }
 
-    /// (Re)starts the probers of an enabled WAN: every family it has
-    /// targets of; `restart` replaces running ones (new targets, a
-    /// re-created interface).
-    pub fn start_probers(&mut self, tx: &mpsc::Sender<RoundReport>, restart: bool) {
-        for f in Family::BOTH {
-            let spec = if self.cfg.enabled {
-                self.probe_spec(f)
-            } else {
-                None
-            };
-            let h = self.family_mut(f);
-            match spec {
-                None => h.prober = None,
-                Some(spec) => {
-                    if restart || h.prober.is_none() {
-                        h.prober = Some(Prober::spawn(spec, tx.clone()));
-                    }
-                }
-            }
+    /// The probers the WAN should run: one per family it has targets of,
+    /// while it is enabled.
+    pub fn probers(&self) -> Vec<ProbeSpec> {
+        if self.disabled() {
+            return Vec::new();
         }
-    }
-
-    pub fn stop_probers(&mut self) {
-        for h in self.health.iter_mut() {
-            h.prober = None;
-        }
+        Family::BOTH
+            .into_iter()
+            .filter_map(|f| self.probe_spec(f))
+            .collect()
     }
 
     /// Feeds a link change to both families' machines.
@@ -333,7 +313,7 @@ impl WanRt {
     }
 
     pub fn set_health_config(&mut self, cfg: &config::HealthConfig) {
-        for h in self.health.iter_mut() {
+        for (_, h) in self.health.iter_mut() {
             h.machine.set_config(cfg);
         }
         self.stats.set_targets(&cfg.targets);
@@ -459,7 +439,7 @@ mod tests {
         let mut link = LinkInfo::default();
         assert_eq!(link.prefix6(&npt_auto), None);
         assert_eq!(link.nat6(&npt_auto), Nat6::None);
-        link.addrs6 = vec!["2001:db8:a2:5:1::9/64".parse().unwrap()];
+        link.addrs[Family::Ipv6] = vec!["2001:db8:a2:5:1::9/64".parse().unwrap()];
         assert_eq!(
             link.prefix6(&npt_auto),
             Some("2001:db8:a2::/56".parse().unwrap())
@@ -472,7 +452,7 @@ mod tests {
             }
         );
         assert!(!link.ipv6_ready(&npt_auto), "no next hop yet");
-        link.nexthop6 = Some(Nexthop {
+        link.nexthop[Family::Ipv6] = Some(Nexthop {
             gateway: Some("fe80::1".parse().unwrap()),
             ifindex: 3,
         });

@@ -33,7 +33,7 @@ use crate::config::{Family, ProbeTarget};
 
 /// What a prober probes, and how. A WAN has a prober per family it has
 /// targets of.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProbeSpec {
     /// The WAN's id, copied into every report.
     pub wan: usize,

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::os::fd::RawFd;
 
@@ -183,69 +183,24 @@ impl fmt::Display for RuleSpec {
     }
 }
 
-/// The rule set of a config, with `P = rule_priority`:
+/// The rule set of family `family` for a config, with
+/// `P = rule_priority`, and `wans` (id, mark, addresses of the family):
 ///
 /// * `P`: all → main, ignoring its default routes;
 /// * `P+10+i`: fwmark mark(i)/mask → `table_base+i` for each WAN id `i`;
-/// * `P+100+i`: from the address of WAN `i` → `table_base+i`, for each WAN
-///   whose address is known;
+/// * `P+100+i`: from each address of WAN `i` → `table_base+i` (IPv4: its
+///   address; IPv6: SLAAC gives several: stable, temporary, deprecated
+///   ones of an old prefix);
 /// * `P+199`: all → the balance table, only when `refuse_forwarded` (every
 ///   WAN down under `all_down = "unreachable"`: the table then holds an
 ///   unreachable route, so forwarded connections are refused too);
 /// * `P+200`: `iif lo` → the balance table `table_base + MAX_WANS`: the
 ///   router's own traffic. Forwarded traffic without a mark (a `main = true`
 ///   rule) is routed by the main table.
+///
+/// IPv6 without any WAN that has IPv6: no rule at all (the host's IPv6 is
+/// left alone).
 pub fn wanted_rules(
-    rule_priority: u32,
-    table_base: u32,
-    mark_mask: u32,
-    wans: &[(u8, u32, Option<Ipv4Addr>)],
-    refuse_forwarded: bool,
-) -> Vec<RuleSpec> {
-    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
-        .iter()
-        .map(|(id, mark, a)| (*id, *mark, a.iter().map(|a| IpAddr::V4(*a)).collect()))
-        .collect();
-    family_rules(
-        Family::Ipv4,
-        rule_priority,
-        table_base,
-        mark_mask,
-        &wans,
-        refuse_forwarded,
-    )
-}
-
-/// The IPv6 rule set: the layout of [`wanted_rules`] with `ip -6 rule`s,
-/// for the WANs with IPv6 (`(id, mark, global addresses)`), one
-/// `from` rule per address (SLAAC gives several: stable, temporary,
-/// deprecated ones of an old prefix). No WAN with IPv6: no rule at all (the
-/// host's IPv6 is left alone).
-pub fn wanted_rules6(
-    rule_priority: u32,
-    table_base: u32,
-    mark_mask: u32,
-    wans: &[(u8, u32, Vec<Ipv6Addr>)],
-    refuse_forwarded: bool,
-) -> Vec<RuleSpec> {
-    if wans.is_empty() {
-        return Vec::new();
-    }
-    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
-        .iter()
-        .map(|(id, mark, a)| (*id, *mark, a.iter().map(|a| IpAddr::V6(*a)).collect()))
-        .collect();
-    family_rules(
-        Family::Ipv6,
-        rule_priority,
-        table_base,
-        mark_mask,
-        &wans,
-        refuse_forwarded,
-    )
-}
-
-fn family_rules(
     family: Family,
     rule_priority: u32,
     table_base: u32,
@@ -253,6 +208,9 @@ fn family_rules(
     wans: &[(u8, u32, Vec<IpAddr>)],
     refuse_forwarded: bool,
 ) -> Vec<RuleSpec> {
+    if family == Family::Ipv6 && wans.is_empty() {
+        return Vec::new();
+    }
     let p = rule_priority;
     let mut rules = vec![
         RuleSpec {
@@ -502,16 +460,6 @@ impl Net {
             .collect())
     }
 
-    /// The gateway of `gateway = "auto"`: see [`Net::learned_default_of`].
-    pub async fn learned_default(
-        &self,
-        ifindex: u32,
-        exclude: RangeInclusive<u32>,
-    ) -> Result<Option<Nexthop>> {
-        self.learned_default_of(Family::Ipv4, ifindex, exclude)
-            .await
-    }
-
     /// The gateway of `gateway = "auto"` (IPv4) or `gateway6 = "auto"`
     /// (IPv6: the router learned from Router Advertisements, a `proto ra`
     /// route of the main table, or a DHCPv6 client's route): a default
@@ -519,7 +467,7 @@ impl Net {
     /// routes and the tables in `exclude`. The main table wins, then the
     /// lowest metric. A default route via the device alone (PPP) gives a
     /// nexthop without gateway.
-    pub async fn learned_default_of(
+    pub async fn learned_default(
         &self,
         family: Family,
         ifindex: u32,
@@ -566,15 +514,10 @@ impl Net {
             .map_err(|e| op_error(format!("setting default {nh} table {table}"), &e))
     }
 
-    /// The nexthop of mwan's default route in `table`, if it has one. The
-    /// kernel deletes it without a notification when its interface goes
-    /// administratively down or loses its last address.
-    pub async fn table_default(&self, table: u32) -> Result<Option<Nexthop>> {
-        self.table_default_of(Family::Ipv4, table).await
-    }
-
-    /// [`Net::table_default`] of either family.
-    pub async fn table_default_of(&self, family: Family, table: u32) -> Result<Option<Nexthop>> {
+    /// The nexthop of mwan's default route of `family` in `table`, if it
+    /// has one. The kernel deletes it without a notification when its
+    /// interface goes administratively down or loses its last address.
+    pub async fn table_default(&self, family: Family, table: u32) -> Result<Option<Nexthop>> {
         let routes = match self.routes(family, Some(table), None).await {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
@@ -590,21 +533,11 @@ impl Net {
             .and_then(|r| route_nexthops(r).into_iter().next()))
     }
 
-    /// Sets the balance table: a weighted multipath default route over
-    /// `nexthops` (config weights, scaled by [`kernel_weights`]); when empty,
-    /// an `unreachable default` route if `unreachable`, else no route.
+    /// Sets the balance table of `family`: a weighted multipath default
+    /// route over `nexthops` (config weights, scaled by
+    /// [`kernel_weights`]; next hops of `family`); when empty, an
+    /// `unreachable default` route if `unreachable`, else no route.
     pub async fn set_balance(
-        &self,
-        table: u32,
-        nexthops: &[(Nexthop, u32)],
-        unreachable: bool,
-    ) -> Result<()> {
-        self.set_balance_of(Family::Ipv4, table, nexthops, unreachable)
-            .await
-    }
-
-    /// [`Net::set_balance`] of either family (the nexthops are of `family`).
-    pub async fn set_balance_of(
         &self,
         family: Family,
         table: u32,
@@ -727,16 +660,8 @@ impl Net {
         }
     }
 
-    /// Deletes every route of `table`, IPv4 and IPv6.
-    pub async fn flush_table(&self, table: u32) -> Result<()> {
-        for family in Family::BOTH {
-            self.flush_table_of(family, table).await?;
-        }
-        Ok(())
-    }
-
     /// Deletes every route of `family` in `table`.
-    pub async fn flush_table_of(&self, family: Family, table: u32) -> Result<()> {
+    pub async fn flush_table(&self, family: Family, table: u32) -> Result<()> {
         let routes = match self.routes(family, Some(table), None).await {
             Ok(r) => r,
             // The kernel has no such table (or no IPv6 at all): nothing to
@@ -899,7 +824,9 @@ impl Net {
             Err(e) => errors.push(e),
         }
         for t in tables {
-            errors.extend(self.flush_table(t).await.err());
+            for f in Family::BOTH {
+                errors.extend(self.flush_table(f, t).await.err());
+            }
         }
         match errors.len() {
             0 => Ok(()),

@@ -1,4 +1,4 @@
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use futures::Stream;
@@ -32,9 +32,39 @@ fn spec(priority: u32, selector: Selector, table: u32) -> RuleSpec {
 
 const MASK: u32 = 0x00ff_0000;
 
+/// [`wanted_rules`] of IPv4 for WANs with at most one address.
+fn rules4(
+    p: u32,
+    base: u32,
+    mask: u32,
+    wans: &[(u8, u32, Option<Ipv4Addr>)],
+    refuse: bool,
+) -> Vec<RuleSpec> {
+    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
+        .iter()
+        .map(|(id, m, a)| (*id, *m, a.iter().map(|a| IpAddr::V4(*a)).collect()))
+        .collect();
+    wanted_rules(Family::Ipv4, p, base, mask, &wans, refuse)
+}
+
+/// [`wanted_rules`] of IPv6.
+fn rules6(
+    p: u32,
+    base: u32,
+    mask: u32,
+    wans: &[(u8, u32, Vec<Ipv6Addr>)],
+    refuse: bool,
+) -> Vec<RuleSpec> {
+    let wans: Vec<(u8, u32, Vec<IpAddr>)> = wans
+        .iter()
+        .map(|(id, m, a)| (*id, *m, a.iter().map(|a| IpAddr::V6(*a)).collect()))
+        .collect();
+    wanted_rules(Family::Ipv6, p, base, mask, &wans, refuse)
+}
+
 #[test]
 fn wanted_rules_follow_the_layout() {
-    let rules = wanted_rules(
+    let rules = rules4(
         1000,
         1000,
         MASK,
@@ -52,8 +82,8 @@ fn wanted_rules_follow_the_layout() {
             spec(1200, Selector::Local, 1032),
         ]
     );
-    assert_eq!(wanted_rules(5, 7, MASK, &[], false).len(), 2);
-    let refusing = wanted_rules(1000, 1000, MASK, &[], true);
+    assert_eq!(rules4(5, 7, MASK, &[], false).len(), 2);
+    let refusing = rules4(1000, 1000, MASK, &[], true);
     assert_eq!(refusing[1], spec(1199, Selector::All, 1032));
 }
 
@@ -92,7 +122,7 @@ fn rules_display_like_ip_rule() {
 
 #[test]
 fn rule_messages_round_trip_and_look_up_a_table() {
-    for s in wanted_rules(
+    for s in rules4(
         1000,
         1000,
         MASK,
@@ -236,14 +266,14 @@ fn tables_and_rules_route_marked_packets() {
         net.set_table_default(1001, nh1).await.unwrap();
         // Replacing is idempotent.
         net.set_table_default(1001, nh1).await.unwrap();
-        net.set_balance(1032, &[(nh0, 3), (nh1, 1)], false)
+        net.set_balance(Family::Ipv4, 1032, &[(nh0, 3), (nh1, 1)], false)
             .await
             .unwrap();
         let wans = [
             (0, 0x1_0000, Some(a("198.51.100.2"))),
             (1, 0x2_0000, Some(a("203.0.113.2"))),
         ];
-        let want = wanted_rules(1000, 1000, MASK, &wans, false);
+        let want = rules4(1000, 1000, MASK, &wans, false);
         net.sync_rules(&want).await.unwrap();
 
         let rules = ns.ip("rule show");
@@ -291,7 +321,7 @@ fn tables_and_rules_route_marked_packets() {
         assert_eq!(ns.ip("rule show"), rules);
 
         // A WAN losing its address loses its `from` rule only.
-        let want2 = wanted_rules(1000, 1000, MASK, &[wans[0], (1, 0x2_0000, None)], false);
+        let want2 = rules4(1000, 1000, MASK, &[wans[0], (1, 0x2_0000, None)], false);
         net.sync_rules(&want2).await.unwrap();
         let rules2 = ns.ip("rule show");
         assert!(
@@ -300,7 +330,7 @@ fn tables_and_rules_route_marked_packets() {
         );
 
         // Weights beyond the kernel's range are scaled.
-        net.set_balance(1032, &[(nh0, 1000), (nh1, 250)], false)
+        net.set_balance(Family::Ipv4, 1032, &[(nh0, 1000), (nh1, 250)], false)
             .await
             .unwrap();
         let balance = ns.ip("route show table 1032");
@@ -308,23 +338,33 @@ fn tables_and_rules_route_marked_packets() {
             balance.contains("dev w0 weight 256") && balance.contains("dev w1 weight 64"),
             "{balance}"
         );
-        net.set_balance(1032, &[(nh1, 5)], false).await.unwrap();
+        net.set_balance(Family::Ipv4, 1032, &[(nh1, 5)], false)
+            .await
+            .unwrap();
         assert_eq!(route_dev(&ns, "192.0.2.50"), "w1");
-        net.set_balance(1032, &[], true).await.unwrap();
+        net.set_balance(Family::Ipv4, 1032, &[], true)
+            .await
+            .unwrap();
         assert_eq!(
             ns.ip("route show table 1032").trim(),
             "unreachable default proto 109"
         );
         let unreachable = ns.exec_output(&["ip", "route", "get", "192.0.2.50"]);
         assert!(!unreachable.status.success());
-        net.set_balance(1032, &[], false).await.unwrap();
-        net.set_balance(1032, &[], false).await.unwrap();
+        net.set_balance(Family::Ipv4, 1032, &[], false)
+            .await
+            .unwrap();
+        net.set_balance(Family::Ipv4, 1032, &[], false)
+            .await
+            .unwrap();
         assert_eq!(ns.ip("route show table 1032").trim(), "");
 
         // A foreign route in mwan's range goes with the tables, the foreign
         // rule stays.
         ns.ip("route add 192.0.2.0/24 via 198.51.100.1 table 1005");
-        net.set_balance(1032, &[(nh0, 1)], false).await.unwrap();
+        net.set_balance(Family::Ipv4, 1032, &[(nh0, 1)], false)
+            .await
+            .unwrap();
         net.remove_all_mwan(1000..=1032).await.unwrap();
         assert_eq!(ns.ip("route show table all proto 109").trim(), "");
         for t in [1000, 1001, 1005, 1032] {
@@ -340,7 +380,7 @@ fn tables_and_rules_route_marked_packets() {
             "{rules}"
         );
         net.remove_all_mwan(1000..=1032).await.unwrap();
-        net.flush_table(1000).await.unwrap();
+        net.flush_table(Family::Ipv4, 1000).await.unwrap();
     });
 }
 
@@ -357,26 +397,32 @@ fn a_table_route_dropped_by_the_kernel_is_seen() {
             gateway: gw("198.51.100.1"),
             ifindex: w0,
         };
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
         // Not mwan's: a foreign default route in the table.
         ns.ip("route add default via 198.51.100.1 dev w0 table 1000");
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
         net.set_table_default(1000, nh0).await.unwrap();
-        assert_eq!(net.table_default(1000).await.unwrap(), Some(nh0));
+        assert_eq!(
+            net.table_default(Family::Ipv4, 1000).await.unwrap(),
+            Some(nh0)
+        );
 
         ns.ip("link set dev w0 down");
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
         assert!(net.set_table_default(1000, nh0).await.is_err());
         ns.ip("link set dev w0 up");
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
         net.set_table_default(1000, nh0).await.unwrap();
-        assert_eq!(net.table_default(1000).await.unwrap(), Some(nh0));
+        assert_eq!(
+            net.table_default(Family::Ipv4, 1000).await.unwrap(),
+            Some(nh0)
+        );
 
         ns.ip("addr del 198.51.100.2/24 dev w0");
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
         ns.ip("addr add 198.51.100.2/24 dev w0");
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
-        net.flush_table(1000).await.unwrap();
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
+        net.flush_table(Family::Ipv4, 1000).await.unwrap();
     });
 }
 
@@ -491,7 +537,7 @@ fn links_addresses_and_learned_gateways() {
         );
 
         let exclude = 1000..=1032;
-        let learned = |i| net.learned_default(i, exclude.clone());
+        let learned = |i| net.learned_default(Family::Ipv4, i, exclude.clone());
         // The main table wins over a lower metric elsewhere; mwan's range is
         // ignored.
         assert_eq!(
@@ -545,7 +591,7 @@ fn links_addresses_and_learned_gateways() {
             gateway: None,
             ifindex: tun.index,
         };
-        net.set_balance(1032, &[(ppp, 1), (via_w0, 2)], false)
+        net.set_balance(Family::Ipv4, 1032, &[(ppp, 1), (via_w0, 2)], false)
             .await
             .unwrap();
         let balance = ns.ip("route show table 1032");
@@ -647,8 +693,8 @@ fn events_report_carrier_addresses_and_default_routes() {
 #[test]
 fn wanted_rules6_follow_the_ipv4_layout() {
     let v6 = |s: &str| -> Ipv6Addr { s.parse().unwrap() };
-    assert!(wanted_rules6(1000, 1000, MASK, &[], false).is_empty());
-    let rules = wanted_rules6(
+    assert!(rules6(1000, 1000, MASK, &[], false).is_empty());
+    let rules = rules6(
         1000,
         1000,
         MASK,
@@ -705,11 +751,11 @@ fn ipv6_tables_rules_and_balance_route_marked_packets() {
         net.set_table_default(1001, nh1).await.unwrap();
         net.set_table_default(1001, nh1).await.unwrap();
         assert_eq!(
-            net.table_default_of(Family::Ipv6, 1000).await.unwrap(),
+            net.table_default(Family::Ipv6, 1000).await.unwrap(),
             Some(nh0)
         );
-        assert_eq!(net.table_default(1000).await.unwrap(), None);
-        net.set_balance_of(Family::Ipv6, 1032, &[(nh0, 3), (nh1, 1)], false)
+        assert_eq!(net.table_default(Family::Ipv4, 1000).await.unwrap(), None);
+        net.set_balance(Family::Ipv6, 1032, &[(nh0, 3), (nh1, 1)], false)
             .await
             .unwrap();
         let addrs0: Vec<Ipv6Addr> = net
@@ -726,7 +772,7 @@ fn ipv6_tables_rules_and_balance_route_marked_packets() {
             ["2001:db8:1::2", "2001:db8:1::99"].map(|s| s.parse::<Ipv6Addr>().unwrap()),
             "global addresses only"
         );
-        let mut want = wanted_rules(
+        let mut want = rules4(
             1000,
             1000,
             MASK,
@@ -736,7 +782,7 @@ fn ipv6_tables_rules_and_balance_route_marked_packets() {
             ],
             false,
         );
-        want.extend(wanted_rules6(
+        want.extend(rules6(
             1000,
             1000,
             MASK,
@@ -799,11 +845,11 @@ fn ipv6_tables_rules_and_balance_route_marked_packets() {
         ns.ip("-6 route get 2001:db8:ff::1");
         // One nexthop, unreachable, none, and back to two: replace works
         // between every shape.
-        net.set_balance_of(Family::Ipv6, 1032, &[(nh1, 5)], false)
+        net.set_balance(Family::Ipv6, 1032, &[(nh1, 5)], false)
             .await
             .unwrap();
         assert_eq!(route_dev(&ns, "2001:db8:ff::1"), "w1");
-        net.set_balance_of(Family::Ipv6, 1032, &[], true)
+        net.set_balance(Family::Ipv6, 1032, &[], true)
             .await
             .unwrap();
         let shown = ns.ip("-6 route show table 1032");
@@ -812,11 +858,11 @@ fn ipv6_tables_rules_and_balance_route_marked_packets() {
             .exec_output(&["ip", "-6", "route", "get", "2001:db8:ff::1"])
             .status
             .success());
-        net.set_balance_of(Family::Ipv6, 1032, &[], false)
+        net.set_balance(Family::Ipv6, 1032, &[], false)
             .await
             .unwrap();
         assert_eq!(ns.ip("-6 route show table 1032").trim(), "");
-        net.set_balance_of(Family::Ipv6, 1032, &[(nh0, 1), (nh1, 1)], false)
+        net.set_balance(Family::Ipv6, 1032, &[(nh0, 1), (nh1, 1)], false)
             .await
             .unwrap();
         assert!(ns
@@ -892,7 +938,7 @@ impl Drop for RaServer {
 }
 
 /// `gateway6 = "auto"`: the router an RA announces (its link-local
-/// address, on the WAN's interface) is what `learned_default_of` finds,
+/// address, on the WAN's interface) is what `learned_default` finds,
 /// with the SLAAC address, both announced by netlink events; mwan's own
 /// tables are not mistaken for it.
 #[test]
@@ -925,7 +971,7 @@ fn gateway6_auto_is_the_router_of_router_advertisements() {
         let (mut route_event, mut addr_event) = (false, false);
         let learned = loop {
             let nh = net
-                .learned_default_of(Family::Ipv6, w0, 1000..=1032)
+                .learned_default(Family::Ipv6, w0, 1000..=1032)
                 .await
                 .unwrap();
             let addrs = net.ipv6_addrs(w0).await.unwrap();
@@ -963,7 +1009,7 @@ fn gateway6_auto_is_the_router_of_router_advertisements() {
         net.set_table_default(1000, learned).await.unwrap();
         rtr.ip("-6 route del default proto ra dev w0");
         assert_eq!(
-            net.learned_default_of(Family::Ipv6, w0, 1000..=1032)
+            net.learned_default(Family::Ipv6, w0, 1000..=1032)
                 .await
                 .unwrap(),
             None

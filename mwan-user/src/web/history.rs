@@ -210,6 +210,7 @@ pub(crate) mod tests_support {
             tx_bytes: 0,
             rx_packets: 0,
             tx_packets: 0,
+            connections: Default::default(),
         }
     }
 }

@@ -420,6 +420,7 @@ pub(crate) mod tests {
                 flow_capacity: 262_144,
                 counters,
                 events: Vec::new(),
+                start: Default::default(),
             },
             health: vec![h.clone(), h],
             taken: SystemTime::now(),

@@ -7,10 +7,12 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::{TestRun, TestRunOptions};
+use ipnet::IpNet;
 use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
 use mwan::config::{Config, Sticky, StickyKey};
 use mwan::datapath::{self, AnyFlowKey, Datapath, COUNTER_NAMES};
 use mwan::dns::AddressTable;
+use mwan::family::Family;
 use mwan::policy::{self, CompiledRules, Health, WanView};
 use mwan_common::*;
 
@@ -92,8 +94,9 @@ impl Rig {
         )?;
         self.rules_written = Some(rules);
         for id in self.cfg.wans.len() as u32..MAX_WANS {
-            self.dp.maps.write_wan(id as u8, WanEntry::default())?;
-            self.dp.maps.write_wan6(id as u8, WanEntry::default())?;
+            for f in Family::BOTH {
+                self.dp.maps.write_wan(f, id as u8, WanEntry::default())?;
+            }
         }
         self.health = vec![Health::Good; self.cfg.wans.len()];
         self.health6 = vec![Health::Good; self.cfg.wans.len()];
@@ -101,18 +104,20 @@ impl Rig {
         self.last_default6.clear();
         self.sync_policies()?;
         // The router's connected subnets and addresses, and loopback.
-        let bypass: Vec<Ipv4Net> = [
+        let bypass: Vec<IpNet> = [
             LAN0,
             LAN1,
             "100.64.1.0/24".parse()?,
             Ipv4Net::new(TUNNEL_ROUTER, 32)?,
             "127.0.0.0/8".parse()?,
         ]
+        .map(IpNet::V4)
         .to_vec();
-        self.dp.maps.write_bypass(&bypass)?;
-        self.dp
-            .maps
-            .write_bypass6(&[LAN6.parse()?, "fe80::/10".parse()?, "::1/128".parse()?])?;
+        self.dp.maps.write_bypass(Family::Ipv4, &bypass)?;
+        self.dp.maps.write_bypass(
+            Family::Ipv6,
+            &[LAN6.parse()?, "fe80::/10".parse()?, "::1/128".parse()?],
+        )?;
         let keys: Vec<FlowKey> = self.dp.maps.flows.keys().collect::<Result<_, _>>()?;
         for k in keys {
             self.dp.maps.flows.remove(&k)?;
@@ -209,8 +214,8 @@ impl Rig {
                 *last = c.default_members.clone();
             }
             match v6 {
-                false => self.dp.maps.write_policies(&c.policies)?,
-                true => self.dp.maps.write_policies6(&c.policies)?,
+                false => self.dp.maps.write_policies(Family::Ipv4, &c.policies)?,
+                true => self.dp.maps.write_policies(Family::Ipv6, &c.policies)?,
             }
             for (id, alive) in c.alive {
                 let entry = WanEntry {
@@ -218,8 +223,8 @@ impl Rig {
                     alive: alive as u32,
                 };
                 match v6 {
-                    false => self.dp.maps.write_wan(id, entry)?,
-                    true => self.dp.maps.write_wan6(id, entry)?,
+                    false => self.dp.maps.write_wan(Family::Ipv4, id, entry)?,
+                    true => self.dp.maps.write_wan(Family::Ipv6, id, entry)?,
                 }
             }
         }
