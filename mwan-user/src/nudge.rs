@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::checksum::internet as checksum;
+use crate::family::{Family, PerFamily};
 
 pub use crate::nft::NUDGE_MARK;
 
@@ -97,14 +98,14 @@ fn v6(a: IpAddr) -> std::net::Ipv6Addr {
 /// TCP window is smaller than 2^31, so at least one is outside it. Returns
 /// how many connections were nudged.
 pub fn nudge(conns: &[Conn]) -> Result<usize> {
-    let mut sockets: [Option<Socket>; 2] = [None, None];
+    let mut sockets: PerFamily<Option<Socket>> = PerFamily::default();
     let base: u32 = rand_u32();
     let mut sent = 0;
     for c in conns {
-        let v6 = c.client.is_ipv6();
-        let s = match &mut sockets[usize::from(v6)] {
+        let f = Family::of(&c.client.ip());
+        let s = match &mut sockets[f] {
             Some(s) => s,
-            slot => slot.insert(raw_socket(v6)?),
+            slot => slot.insert(raw_socket(f)?),
         };
         let to = SockAddr::from(SocketAddr::new(c.client.ip(), 0));
         let mut ok = false;
@@ -118,8 +119,11 @@ pub fn nudge(conns: &[Conn]) -> Result<usize> {
 
 /// A raw socket that sends whole IP packets (`IPPROTO_RAW`: the header is
 /// ours, for IPv6 too) with [`NUDGE_MARK`].
-fn raw_socket(v6: bool) -> Result<Socket> {
-    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+fn raw_socket(f: Family) -> Result<Socket> {
+    let domain = match f {
+        Family::Ipv4 => Domain::IPV4,
+        Family::Ipv6 => Domain::IPV6,
+    };
     let s = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
         .context("opening a raw socket for nudges")?;
     s.set_mark(NUDGE_MARK).context("marking nudges")?;

@@ -2,7 +2,7 @@
 //! its health (a machine and a prober per address family) and the admin
 //! overrides.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Instant, SystemTime};
 
 use crate::config::{self, Gateway, Ipv6Mode, Prefix6};
@@ -104,14 +104,6 @@ impl LinkInfo {
             });
         }
         None
-    }
-
-    /// The primary IPv4 address.
-    pub fn address(&self) -> Option<Ipv4Addr> {
-        self.addrs[Family::Ipv4].first().and_then(|a| match a {
-            IpNet::V4(a) => Some(a.addr()),
-            IpNet::V6(_) => None,
-        })
     }
 
     /// The global IPv6 addresses.
