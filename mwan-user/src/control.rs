@@ -111,6 +111,13 @@ pub struct Status {
     /// How this daemon started.
     #[serde(default)]
     pub start: StartFacts,
+    #[serde(default)]
+    pub reloads: ReloadFacts,
+    /// The LAN interfaces the classifier is attached to.
+    #[serde(default)]
+    pub lans: Vec<LanStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayStatus>,
 }
 
 /// How the daemon started.
@@ -122,6 +129,60 @@ pub struct StartFacts {
     /// Connections older than mwan's nftables table whose WAN it recorded
     /// in conntrack.
     pub adopted_connections: u64,
+    /// Inherited maps it replaced or repaired (see `datapath::migrate`).
+    #[serde(default)]
+    pub maps: Vec<MapMigration>,
+    /// What it warned of (the config against the system, the pins).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// What a start did with one inherited map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapMigration {
+    pub map: String,
+    /// `resized` (another size: a new map, entries copied), `reset`
+    /// (counters of another layout: counting from zero), `put back` (a
+    /// start that died while replacing it left only its old pin), `merged`
+    /// (it left both: the old entries were copied into the new map),
+    /// `adopted` (the pre-IPv6 `HOSTS` copied into `HOST_PINS`).
+    pub action: String,
+    /// The old and new number of entries (`resized`, `reset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// Entries copied before the filter swap, entries that found no room.
+    pub migrated: u64,
+    pub dropped: u64,
+    /// Entries the old datapath wrote during the takeover, copied after
+    /// the filter swap.
+    pub caught_up: u64,
+}
+
+/// Reloads since the start.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadFacts {
+    pub ok: u64,
+    pub failed: u64,
+    /// Why the last refused reload was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A LAN interface the classifier is attached to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanStatus {
+    pub interface: String,
+    /// The Ethernet program (`mwan_lan_eth`), or the L3 one (tun, PPP).
+    pub l2: bool,
+}
+
+/// The DNS relay of rules by domain name, while it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    pub port: u16,
+    pub tcp_port: u16,
 }
 
 /// What mwan did to a WAN's connections since the daemon started.

@@ -593,6 +593,8 @@ pub struct Datapath {
     /// Maps replaced at this start (another size): their old maps stay
     /// until the new program has replaced the old filter.
     migration: migrate::Migration,
+    /// What the load warned of (pins without a layout version).
+    pub warnings: Vec<String>,
 }
 
 impl Datapath {
@@ -609,8 +611,10 @@ impl Datapath {
         let want = migrate::expected(EBPF_OBJ, &map_sizes(max_flows, max_hosts))?;
         // Read-only: refuse incompatible pins before the loader reuses them.
         let plan = migrate::Plan::read(pin_dir, &want)?;
+        let mut warnings = Vec::new();
         if let Some(w) = plan.check(pin_dir)? {
             tracing::warn!("{w}");
+            warnings.push(w);
         }
         let inherited = plan.inherited();
         let mut migration = migrate::Migration::prepare(pin_dir, &plan)?;
@@ -635,6 +639,7 @@ impl Datapath {
             inherited,
             flow_capacity,
             migration,
+            warnings,
         })
     }
 
@@ -668,6 +673,11 @@ impl Datapath {
     /// the replaced maps' old pins.
     pub fn finish_migration(&mut self) {
         self.migration.finish();
+    }
+
+    /// What this start did with the inherited maps, map by map.
+    pub fn migrations(&self) -> &[crate::control::MapMigration] {
+        &self.migration.report
     }
 
     /// A failed start: the replaced maps' old pins are put back, so the old

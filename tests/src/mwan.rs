@@ -15,7 +15,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-pub use mwan::control::{FlowRecord, Status, WanStatus};
+pub use mwan::control::{FlowRecord, MapMigration, Status, WanStatus};
 
 use crate::client::Endpoint;
 use crate::ns::Netns;
@@ -290,8 +290,12 @@ impl<'l> Mwan<'l> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The daemon's status (asked on its socket: the config file may be
+    /// one a test broke on purpose).
     fn try_status(&self) -> Result<Status> {
-        let out = self.cli(&["status", "--json"])?;
+        let socket = self.socket();
+        let socket = socket.to_string_lossy();
+        let out = self.cli(&["--socket", &socket, "status", "--json"])?;
         // Exit codes 4 and 5 report WANs down; the JSON is still printed.
         serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
@@ -312,6 +316,12 @@ impl<'l> Mwan<'l> {
             .into_iter()
             .find(|w| w.name == name)
             .unwrap_or_else(|| panic!("no WAN {name} in status"))
+    }
+
+    /// What this daemon's start did with the inherited map `map` (see
+    /// `datapath::migrate`), if anything.
+    pub fn migration(&self, map: &str) -> Option<MapMigration> {
+        self.status().start.maps.into_iter().find(|m| m.map == map)
     }
 
     /// Waits until WAN `name` is in `state`.

@@ -119,10 +119,10 @@ fn a_point_to_point_lan_is_balanced_and_pinned() {
         .unwrap();
     let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
     mwan.wait_all_up(UP).unwrap();
+    let lans = mwan.status().lans;
     assert!(
-        mwan.log().contains("interface=tun0 l2=false"),
-        "{}",
-        mwan.log()
+        lans.iter().any(|l| l.interface == "tun0" && !l.l2),
+        "tun0 not attached with the L3 program: {lans:?}"
     );
     let host = lab.tunnel_host().unwrap();
     // 4000 connections, as in the other share tests: 3 points is then

@@ -84,10 +84,10 @@ fn count(isps: &[usize], isp: usize) -> usize {
     isps.iter().filter(|i| **i == isp).count()
 }
 
-/// A "wan state changed" line of the daemon's log.
+/// A state change, as `mwan status` lists it.
 #[derive(Debug, Clone)]
 struct Change {
-    /// Seconds since the epoch (the log line's stamp).
+    /// Seconds since the epoch.
     at: f64,
     wan: String,
     from: String,
@@ -95,30 +95,18 @@ struct Change {
     reason: String,
 }
 
-/// The state changes the daemon logged so far, oldest first.
+/// The state changes the daemon made so far, oldest first.
 fn changes(mwan: &Mwan) -> Vec<Change> {
-    mwan.log()
-        .lines()
-        .filter(|l| l.contains("wan state changed"))
-        .filter_map(|l| {
-            let at = parse_rfc3339(l.split_whitespace().next()?)?;
-            let field = |key: &str| -> Option<String> {
-                let start = l.find(&format!(" {key}="))? + key.len() + 2;
-                let rest = &l[start..];
-                // `reason` is free text up to the next ` key=`.
-                let end = if key == "reason" {
-                    rest.find(" loss_pct=").unwrap_or(rest.len())
-                } else {
-                    rest.find(' ').unwrap_or(rest.len())
-                };
-                Some(rest[..end].trim_matches('"').to_string())
-            };
+    mwan.status()
+        .events
+        .into_iter()
+        .filter_map(|e| {
             Some(Change {
-                at,
-                wan: field("wan")?,
-                from: field("from")?,
-                to: field("to")?,
-                reason: field("reason").unwrap_or_default(),
+                at: parse_rfc3339(&e.time)?,
+                wan: e.wan,
+                from: e.from,
+                to: e.to,
+                reason: e.reason,
             })
         })
         .collect()
@@ -959,7 +947,16 @@ fn a_download_on_the_dead_wan_is_reset_at_once_not_left_hanging() {
     }
     let took = t0.elapsed();
     println!("download reset {took:?} after the blackhole");
-    assert!(mwan.log().contains("nudged to reconnect"), "{}", mwan.log());
+    assert!(
+        wait_until(Duration::from_secs(2), || mwan
+            .wan("isp1")
+            .connections
+            .nudged
+            > 0),
+        "no TCP client nudged: {:?}\n{}",
+        mwan.wan("isp1").connections,
+        mwan.log()
+    );
     // The application reconnects at once, through ISP 2.
     let again = lab.host(0).open_stream(STREAM).unwrap();
     assert_eq!(isp_of(&lab, again.source()), 2);
@@ -1045,16 +1042,18 @@ fn failback(mode: &str) -> (usize, usize) {
     let moved = udp_exchange(&socket).expect("the UDP flow continues");
     assert_eq!(isp_of(&lab, moved), 2, "after the failure");
 
-    // The start logs a reset too (every WAN comes up): wait for a new one.
-    const RESET: &str = "moved flows reset to their WAN";
-    let resets = mwan.log().matches(RESET).count();
+    // The start resets too (every WAN comes up): wait for a new one.
+    let resets = mwan.wan("isp1").connections.failback_resets;
     lab.isp(1).set_blackhole(false).unwrap();
     wait_change(&mwan, "isp1", "up", t0, Duration::from_secs(10));
     if mode == "reset" {
         assert!(
-            wait_until(Duration::from_secs(3), || mwan.log().matches(RESET).count()
+            wait_until(Duration::from_secs(3), || mwan
+                .wan("isp1")
+                .connections
+                .failback_resets
                 > resets),
-            "no failback reset logged:\n{}",
+            "no failback reset:\n{}",
             mwan.log()
         );
     }

@@ -5,7 +5,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use lab::mwan::{config, config_with, router_snapshot, shares, with_state_dir, Mwan};
+use lab::mwan::{config, config_with, router_snapshot, shares, with_state_dir, MapMigration, Mwan};
 use lab::*;
 
 const UP: Duration = Duration::from_secs(5);
@@ -53,11 +53,7 @@ fn still_forwarding(lab: &Lab, streams: &[Stream], what: &str) {
 fn take_over(mwan: &mut Mwan) {
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
-    assert!(
-        mwan.log().contains("taking over the running datapath"),
-        "{}",
-        mwan.log()
-    );
+    assert!(mwan.status().start.took_over, "{}", mwan.log());
 }
 
 fn open_streams(lab: &Lab, per_host: usize) -> Vec<Stream> {
@@ -383,10 +379,12 @@ fn an_invalid_reload_is_refused_and_the_old_config_keeps_running() {
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     assert!(
         wait_until(Duration::from_secs(5), || mwan
-            .log()
-            .lines()
-            .any(|l| l.contains("reload refused") && l.contains(&want))),
-        "{}",
+            .status()
+            .reloads
+            .last_error
+            .is_some_and(|e| e.contains(&want))),
+        "{:?}\n{}",
+        mwan.status().reloads,
         mwan.log()
     );
     // A restart-only setting is refused on reload.
@@ -508,7 +506,11 @@ fn a_link_that_is_not_dialled_yet_is_down_until_it_appears() {
     let mwan = Mwan::start(&lab, &text).unwrap();
     mwan.wait_state("isp1", "up", UP).unwrap();
     mwan.wait_state("isp2", "down", UP).unwrap();
-    assert!(mwan.log().contains("does not exist yet"), "{}", mwan.log());
+    let warnings = mwan.status().start.warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("does not exist yet")),
+        "{warnings:?}"
+    );
     let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 50, 8)
         .into_iter()
         .map(|r| r.unwrap())
@@ -643,23 +645,16 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     until("STOPPING=1");
 }
 
-/// The last `FLOWS resized from {from} to {to} entries, N pins migrated…`
-/// line of the daemon's log, and N.
-fn resized(mwan: &Mwan, from: u32, to: u32) -> (String, u64) {
-    let log = mwan.log();
-    let what = format!("FLOWS resized from {from} to {to} entries, ");
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains(&what))
-        .unwrap_or_else(|| panic!("no `{what}` in the log:\n{log}"))
-        .to_string();
-    let n = line[line.find(&what).unwrap() + what.len()..]
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {line}"));
-    (line, n)
+/// What the start did with FLOWS: resized from `from` to `to` entries.
+fn resized(mwan: &Mwan, from: u32, to: u32) -> MapMigration {
+    let start = mwan.status().start;
+    let m = start
+        .maps
+        .iter()
+        .find(|m| m.map == mwan_common::MAP_FLOWS && m.action == "resized")
+        .unwrap_or_else(|| panic!("FLOWS not resized: {start:?}"));
+    assert_eq!((m.from, m.to), (Some(from), Some(to)), "{m:?}");
+    m.clone()
 }
 
 /// The max_entries of the map pinned as `name` in the lab, from the kernel.
@@ -772,22 +767,16 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
         "{} connections opened during the takeover have no pin (or another WAN's): {unpinned:?}",
         unpinned.len()
     );
-    let (line, migrated) = resized(&mwan, 8192, 65_536);
-    println!("grow: {line}");
-    if let Some(l) = mwan
-        .log()
-        .lines()
-        .find(|l| l.contains("during the takeover ("))
-    {
-        println!("{l}");
-    }
-    assert!(migrated >= 3, "{line}");
-    assert!(!line.contains("dropped"), "{line}");
+    let m = resized(&mwan, 8192, 65_536);
+    println!("grow: {m:?}");
+    assert!(m.migrated >= 3, "{m:?}");
+    assert_eq!(m.dropped, 0, "{m:?}");
+    let hosts = mwan.migration(mwan_common::MAP_HOST_PINS);
     assert!(
-        mwan.log()
-            .contains("HOST_PINS resized from 4096 to 32768 entries, 0 host pins migrated"),
-        "{}",
-        mwan.log()
+        hosts.as_ref().is_some_and(|h| h.action == "resized"
+            && (h.from, h.to) == (Some(4096), Some(32_768))
+            && h.migrated == 0),
+        "{hosts:?}"
     );
     assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOST_PINS), 32_768);
     assert_eq!(pinned_entries(&lab, mwan_common::MAP_FLOWS6), 65_536);
@@ -813,16 +802,10 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     stop_by_cli(&mut mwan, &["stop"]);
     std::fs::write(&mwan.config, text(1024)).unwrap();
     take_over(&mut mwan);
-    let (line, migrated) = resized(&mwan, 65_536, 1024);
-    println!("shrink from {pinned} pins: {line}");
-    assert!(migrated <= 1024 && migrated > 512, "{line}");
-    assert!(
-        line.contains(&format!(
-            "{} least recently used dropped",
-            pinned - migrated
-        )),
-        "{line}"
-    );
+    let m = resized(&mwan, 65_536, 1024);
+    println!("shrink from {pinned} pins: {m:?}");
+    assert!(m.migrated <= 1024 && m.migrated > 512, "{m:?}");
+    assert_eq!(m.dropped, pinned - m.migrated, "{m:?}");
     assert_eq!(mwan.status().flow_capacity, 1024);
     assert_eq!(pinned_entries(&lab, MAP_FLOWS), 1024);
     all_flowing(&streams, "after shrinking");
@@ -964,7 +947,7 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
 
 /// Counters of another geometry (a version with more `GLOBAL_STATS`
 /// counters, another `WanCounters`): a longer array keeps the inherited
-/// counters, another value layout starts from zero; both are logged. A map
+/// counters, another value layout starts from zero; both are reported. A map
 /// the older version did not have (`DOMAIN_DST`) is created.
 #[test]
 fn counters_of_another_geometry_are_migrated_or_reset() {
@@ -1005,8 +988,11 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     std::fs::remove_file(lab.pin_dir().join(MAP_DOMAIN_DST)).unwrap();
 
     take_over(&mut mwan);
-    let log = mwan.log();
-    assert!(!log.contains("no layout version"), "{log}");
+    let warnings = mwan.status().start.warnings;
+    assert!(
+        !warnings.iter().any(|w| w.contains("no layout version")),
+        "{warnings:?}"
+    );
     assert!(
         aya::maps::MapData::from_pin(lab.pin_dir().join(MAP_DOMAIN_DST)).is_ok(),
         "{MAP_DOMAIN_DST} was not created on takeover"
@@ -1014,15 +1000,18 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     let abi = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
     let abi: Array<MapData, u32> = Array::try_from(Map::Array(abi)).unwrap();
     assert_eq!(abi.get(&0, 0).unwrap(), ABI_VERSION);
+    let maps = mwan.status().start.maps;
+    let of = |name: &str| maps.iter().find(|m| m.map == name);
+    let gs = of(MAP_GLOBAL_STATS);
     assert!(
-        log.contains(&format!(
-            "GLOBAL_STATS resized from {short} to {GS_COUNT} entries, {short} counters migrated"
-        )),
-        "{log}"
+        gs.is_some_and(|m| m.action == "resized"
+            && (m.from, m.to) == (Some(short), Some(GS_COUNT))
+            && m.migrated == u64::from(short)),
+        "{maps:?}"
     );
     assert!(
-        log.contains("WAN_STATS changed layout (per-CPU array, key 4 B, value 16 B, 32 entries → per-CPU array, key 4 B, value 24 B, 32 entries): its counters start again from zero"),
-        "{log}"
+        of(MAP_WAN_STATS).is_some_and(|m| m.action == "reset"),
+        "{maps:?}"
     );
     let counters = mwan.status().counters;
     // The first counters are the inherited ones (summed over CPUs), plus
@@ -1068,13 +1057,14 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
     std::fs::rename(lab.pin_dir().join(MAP_FLOWS), &old).unwrap();
     std::fs::write(&mwan.config, text(16_384)).unwrap();
     take_over(&mut mwan);
+    let maps = mwan.status().start.maps;
     assert!(
-        mwan.log().contains("its old pin is put back"),
-        "{}",
-        mwan.log()
+        maps.iter()
+            .any(|m| m.map == MAP_FLOWS && m.action == "put back"),
+        "{maps:?}"
     );
-    let (line, n) = resized(&mwan, 8192, 16_384);
-    assert!(n >= 4, "{line}");
+    let m = resized(&mwan, 8192, 16_384);
+    assert!(m.migrated >= 4, "{m:?}");
     assert!(!old.exists());
     assert!(pinned(&mwan), "a stream's pin was lost");
     all_flowing(&streams, "after the first interrupted resize");
@@ -1084,10 +1074,11 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
     replace_pin(&lab, MAP_FLOWS, "FLOWS_OLD", (9, 16, 40, 32_768));
     std::fs::write(&mwan.config, text(32_768)).unwrap();
     take_over(&mut mwan);
+    let maps = mwan.status().start.maps;
     assert!(
-        mwan.log().contains("merging its old entries"),
-        "{}",
-        mwan.log()
+        maps.iter()
+            .any(|m| m.map == MAP_FLOWS && m.action == "merged"),
+        "{maps:?}"
     );
     assert!(!old.exists());
     assert_eq!(pinned_entries(&lab, MAP_FLOWS), 32_768);
@@ -1140,11 +1131,12 @@ fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
     drop(hosts);
 
     take_over(&mut mwan);
+    let adopted = mwan.migration(MAP_HOSTS);
     assert!(
-        mwan.log()
-            .contains("1 host pins of HOSTS adopted into HOST_PINS as IPv4 address keys"),
-        "{}",
-        mwan.log()
+        adopted
+            .as_ref()
+            .is_some_and(|m| m.action == "adopted" && m.migrated == 1),
+        "{adopted:?}"
     );
     assert!(
         !lab.pin_dir().join(MAP_HOSTS).exists(),

@@ -134,19 +134,15 @@ fn flows_lists_a_million_pins_while_forwarding_continues() {
     let t = Instant::now();
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(Duration::from_secs(30)).unwrap();
-    let log = mwan.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("FLOWS resized from 1200000 to 2000000 entries, "))
-        .unwrap_or_else(|| panic!("{log}"));
-    println!("takeover in {:?}: {line}", t.elapsed());
-    let migrated: u64 = line
-        .split("entries, ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
-    assert!(migrated >= FLOWS as u64, "{line}");
+    let m = mwan
+        .migration(mwan_common::MAP_FLOWS)
+        .unwrap_or_else(|| panic!("FLOWS not migrated: {:?}", mwan.status().start));
+    println!("takeover in {:?}: {m:?}", t.elapsed());
+    assert_eq!(
+        (m.action.as_str(), m.from, m.to),
+        ("resized", Some(1_200_000), Some(2_000_000))
+    );
+    assert!(m.migrated >= FLOWS as u64, "{m:?}");
     assert_eq!(mwan.status().flow_capacity, 2_000_000);
     lab.host(1).tcp_whoami(TCP_WHOAMI).unwrap();
 }

@@ -132,6 +132,17 @@ impl Applied {
         self.policies[f].as_ref().and_then(|p| p.first())
     }
 
+    /// The LAN interfaces the classifier is attached to.
+    pub fn lans(&self) -> Vec<crate::control::LanStatus> {
+        self.lans
+            .iter()
+            .map(|(name, l)| crate::control::LanStatus {
+                interface: name.clone(),
+                l2: l.l2,
+            })
+            .collect()
+    }
+
     pub fn relay(&self) -> Option<&Relay> {
         self.relay.as_ref().map(|(_, r)| r)
     }

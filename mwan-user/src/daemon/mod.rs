@@ -114,7 +114,8 @@ impl Daemon {
     async fn start(cfg: Config, opts: RunOptions) -> Result<Daemon> {
         let net = Net::connect().await.context("opening rtnetlink")?;
         let links = net.links().await.context("listing interfaces")?;
-        for w in cfg.check_system(&|n| links.iter().any(|l| l.name == n))? {
+        let warnings = cfg.check_system(&|n| links.iter().any(|l| l.name == n))?;
+        for w in &warnings {
             warn!("{w}");
         }
         let web = match cfg.metrics_listen {
@@ -134,8 +135,11 @@ impl Daemon {
         };
         let inherited = dp.inherited;
         let (rounds_tx, rounds_rx) = mpsc::channel(256);
+        let mut report = status::Report::new(&cfg, web, inherited);
+        report.start.warnings = warnings;
+        report.start.warnings.extend(dp.warnings.iter().cloned());
         let mut d = Daemon {
-            report: status::Report::new(&cfg, web, inherited),
+            report,
             cfg,
             opts,
             wans: Vec::new(),
@@ -221,6 +225,7 @@ impl Daemon {
         // The old program is gone from every LAN: the maps it used and this
         // start replaced (another size) can go.
         self.dp.finish_migration();
+        self.report.start.maps = self.dp.migrations().to_vec();
         Ok(())
     }
 
@@ -282,7 +287,7 @@ impl Daemon {
             }
         }
         if let Some(n) = fx.adopted {
-            self.report.adopted = n;
+            self.report.start.adopted_connections = n;
         }
     }
 

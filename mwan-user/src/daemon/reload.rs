@@ -19,9 +19,12 @@ use crate::health::State;
 impl Daemon {
     pub(super) async fn reload(&mut self) -> Result<String> {
         let r = self.apply_reload().await;
-        match r {
-            Ok(_) => self.report.reloads_ok += 1,
-            Err(_) => self.report.reloads_failed += 1,
+        match &r {
+            Ok(_) => self.report.reloads.ok += 1,
+            Err(e) => {
+                self.report.reloads.failed += 1;
+                self.report.reloads.last_error = Some(format!("{e:#}"));
+            }
         }
         self.report.dirty = true;
         r

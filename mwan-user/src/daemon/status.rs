@@ -14,7 +14,7 @@ use super::apply::Applied;
 use super::wan::WanRt;
 use super::Daemon;
 use crate::config::Config;
-use crate::control::{FamilyStatus, Status, WanStatus};
+use crate::control::{FamilyStatus, RelayStatus, ReloadFacts, StartFacts, Status, WanStatus};
 use crate::datapath;
 use crate::family::Family;
 use crate::policy;
@@ -163,12 +163,9 @@ pub struct Report {
     pub web: Option<Web>,
     /// Something changed that the listener's snapshot should show now.
     pub dirty: bool,
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
-    /// This daemon took over a running datapath.
-    pub took_over: bool,
-    /// Connections older than mwan's table that the start adopted.
-    pub adopted: u64,
+    pub reloads: ReloadFacts,
+    /// How this daemon started.
+    pub start: StartFacts,
 }
 
 impl Report {
@@ -179,10 +176,11 @@ impl Report {
             flow_counts: FlowCounts::new(cfg.pin_dir.clone()),
             web,
             dirty: true,
-            reloads_ok: 0,
-            reloads_failed: 0,
-            took_over,
-            adopted: 0,
+            reloads: ReloadFacts::default(),
+            start: StartFacts {
+                took_over,
+                ..StartFacts::default()
+            },
         }
     }
 }
@@ -287,10 +285,13 @@ impl Daemon {
                 c
             },
             events: self.events.iter().cloned().collect(),
-            start: crate::control::StartFacts {
-                took_over: self.report.took_over,
-                adopted_connections: self.report.adopted,
-            },
+            start: self.report.start.clone(),
+            reloads: self.report.reloads.clone(),
+            lans: self.applied.lans(),
+            relay: self.applied.relay().map(|r| RelayStatus {
+                port: r.port,
+                tcp_port: r.tcp_port,
+            }),
         })
     }
 
@@ -320,8 +321,8 @@ impl Daemon {
                 health: self.wans.iter().map(|w| w.stats.clone()).collect(),
                 taken: SystemTime::now(),
                 start_time: self.report.started_wall,
-                reloads_ok: self.report.reloads_ok,
-                reloads_failed: self.report.reloads_failed,
+                reloads_ok: self.report.reloads.ok,
+                reloads_failed: self.report.reloads.failed,
                 hook_runs,
                 hook_failures,
                 max_flows: self.cfg.max_flows,

@@ -37,6 +37,7 @@ use super::raw::{
     lookup, read_batched, read_keyed, update, write_all, Entries, BPF_EXIST, BPF_NOEXIST,
 };
 use super::PINNED_MAPS;
+use crate::control::MapMigration;
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -390,6 +391,16 @@ pub struct Migration {
     /// The `HOSTS` map of an mwan before IPv6 (host pins by IPv4 address),
     /// adopted into `HOST_PINS` as address keys.
     legacy_hosts: Option<(MapData, Geometry)>,
+    /// What was done, map by map (for `mwan status`).
+    pub report: Vec<MapMigration>,
+}
+
+fn record(map: &str, action: &str) -> MapMigration {
+    MapMigration {
+        map: map.to_string(),
+        action: action.to_string(),
+        ..MapMigration::default()
+    }
 }
 
 impl Migration {
@@ -397,6 +408,7 @@ impl Migration {
     /// moves aside the pins of the maps `plan` replaces (`<name>_OLD`). Call after
     /// [`Plan::check`]; the loader then creates the new maps.
     pub fn prepare(pin_dir: &Path, plan: &Plan) -> Result<Migration> {
+        let mut report = Vec::new();
         for name in PINNED_MAPS {
             let pin = pin_dir.join(name);
             let aside = aside_path(pin_dir, name);
@@ -409,6 +421,7 @@ impl Migration {
                     "a previous start died while replacing this map; its old pin is put back"
                 );
                 move_pin(&aside, &pin)?;
+                report.push(record(name, "put back"));
                 continue;
             }
             // Both pins: the new map may be in use already, or not yet.
@@ -420,9 +433,11 @@ impl Migration {
             let old = MapData::from_pin(&aside).map_err(|e| anyhow!("{}: {e}", aside.display()))?;
             let new = MapData::from_pin(&pin).map_err(|e| anyhow!("{}: {e}", pin.display()))?;
             let (og, ng) = (geometry_of(&old.info()?)?, geometry_of(&new.info()?)?);
+            let mut r = record(name, "merged");
             if og.same_layout(&ng) {
-                catch_up(name, &old, og, &new, ng, 0)?;
+                r.migrated = catch_up(name, &old, og, &new, ng, 0)?;
             }
+            report.push(r);
             std::fs::remove_file(&aside)
                 .with_context(|| format!("removing {}", aside.display()))?;
         }
@@ -431,6 +446,7 @@ impl Migration {
             asides: Vec::new(),
             copied_at_ns: 0,
             legacy_hosts: legacy_hosts(pin_dir)?,
+            report,
         };
         for (name, verdict) in &plan.maps {
             if !verdict.replaces_map() {
@@ -480,6 +496,9 @@ impl Migration {
         if let Some((old, og)) = &self.legacy_hosts {
             let n = adopt_hosts(&self.pin_dir, old, *og, 0)?;
             info!("{n} host pins of {MAP_HOSTS} adopted into {MAP_HOST_PINS} as IPv4 address keys");
+            let mut r = record(MAP_HOSTS, "adopted");
+            r.migrated = n;
+            self.report.push(r);
         }
         for a in &self.asides {
             let pin = self.pin_dir.join(a.name);
@@ -506,12 +525,20 @@ impl Migration {
                         a.name,
                         t.elapsed().as_millis()
                     );
+                    self.report.push(MapMigration {
+                        from: Some(*from),
+                        to: Some(*to),
+                        migrated: kept,
+                        dropped,
+                        ..record(a.name, "resized")
+                    });
                 }
                 Verdict::Reset { from, to } => {
                     info!(
                         "{} changed layout ({from} → {to}): its counters start again from zero",
                         a.name
-                    )
+                    );
+                    self.report.push(record(a.name, "reset"));
                 }
                 _ => {}
             }
@@ -545,11 +572,16 @@ impl Migration {
                         catch_up(a.name, &a.old, a.old_geometry, &new, ng, since)
                     });
                 match res {
-                    Ok(n) => info!(
-                        map = a.name,
-                        "{n} entries the old datapath wrote during the takeover ({} ms from the first copy to the filter swap) copied too",
-                        super::ktime_now_ns().saturating_sub(self.copied_at_ns) / 1_000_000
-                    ),
+                    Ok(n) => {
+                        info!(
+                            map = a.name,
+                            "{n} entries the old datapath wrote during the takeover ({} ms from the first copy to the filter swap) copied too",
+                            super::ktime_now_ns().saturating_sub(self.copied_at_ns) / 1_000_000
+                        );
+                        if let Some(r) = self.report.iter_mut().find(|r| r.map == a.name) {
+                            r.caught_up = n;
+                        }
+                    }
                     Err(e) => {
                         warn!(map = a.name, error = %format!("{e:#}"), "copying the takeover's last entries")
                     }
