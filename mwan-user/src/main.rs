@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mwan::config::Config;
 use mwan::control::{self, FlowRecord, HostRecord, Request, Response};
 use mwan::{datapath, output};
-use mwan_common::{HostKey, HostValue, MAP_HOST_PINS, WAN_NONE};
+use mwan_common::{map, HostKey, HostValue, WAN_NONE};
 
 const DEFAULT_CONFIG: &str = "/etc/mwan/mwan.toml";
 
@@ -578,7 +578,7 @@ fn read_hosts(cfg: &Config) -> Result<Vec<HostRecord>> {
     let names = wan_names(&cfg.pin_dir)?;
     let now = datapath::ktime_now_ns();
     let ttl = cfg.host_ttl.as_secs_f64();
-    let map = datapath::open_pinned_map(&cfg.pin_dir, MAP_HOST_PINS)?;
+    let map = datapath::open_pinned_map(&cfg.pin_dir, map::HOST_PINS)?;
     let mut out = Vec::new();
     datapath::read_hash_batched::<HostKey, HostValue>(&map, 4096, |k, v| {
         let idle = now.saturating_sub(v.last_seen_ns) as f64 / 1e9;

@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::{FlowValue, WanEntry, MAX_WANS, WAN_NONE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -213,10 +213,7 @@ impl Daemon {
         if inherited {
             // The last default policies keep balancing continuous.
             for f in Family::BOTH {
-                let p = match f {
-                    Family::Ipv4 => self.dp.maps.policy(0)?,
-                    Family::Ipv6 => self.dp.maps.policy6(0)?,
-                };
+                let p = self.dp.maps.policy(f, 0)?;
                 self.last_default[fam(f)] = policy::shares(&p)
                     .into_iter()
                     .map(|(id, s)| (id, ((s * 1000.0).round() as u32).max(1)))
@@ -427,19 +424,13 @@ impl Daemon {
 
     /// A WAN's `alive` flag of family `f` as the datapath holds it.
     fn read_alive(&self, f: Family, id: u8) -> Result<bool> {
-        let e = match f {
-            Family::Ipv4 => self.dp.maps.wan(id)?,
-            Family::Ipv6 => self.dp.maps.wan6(id)?,
-        };
+        let e = self.dp.maps.wan(f, id)?;
         Ok(e.alive != 0)
     }
 
     /// Writes a WAN's entry of family `f` (`WANS` or `WANS6`).
     fn write_alive(&mut self, f: Family, id: u8, entry: WanEntry) -> Result<()> {
-        match f {
-            Family::Ipv4 => self.dp.maps.write_wan(id, entry),
-            Family::Ipv6 => self.dp.maps.write_wan6(id, entry),
-        }
+        self.dp.maps.write_wan(f, id, entry)
     }
 
     /// Re-reads every WAN's link, address and gateway from the kernel and
@@ -748,7 +739,8 @@ impl Daemon {
         prefixes.sort();
         prefixes.dedup();
         if prefixes != self.bypass_written {
-            self.dp.maps.write_bypass(&prefixes)?;
+            let nets: Vec<IpNet> = prefixes.iter().map(|&p| p.into()).collect();
+            self.dp.maps.write_bypass(Family::Ipv4, &nets)?;
             self.bypass_written = prefixes;
         }
         // IPv6: the router's own addresses and on-link prefixes, loopback,
@@ -772,7 +764,8 @@ impl Daemon {
         prefixes6.sort();
         prefixes6.dedup();
         if prefixes6 != self.bypass6_written {
-            self.dp.maps.write_bypass6(&prefixes6)?;
+            let nets: Vec<IpNet> = prefixes6.iter().map(|&p| p.into()).collect();
+            self.dp.maps.write_bypass(Family::Ipv6, &nets)?;
             self.bypass6_written = prefixes6;
         }
         Ok(())
@@ -908,10 +901,7 @@ impl Daemon {
         for &(i, _) in changed.iter().filter(|(_, alive)| *alive) {
             write_alive(self, i, true)?;
         }
-        match f {
-            Family::Ipv4 => self.dp.maps.write_policies(&c.policies)?,
-            Family::Ipv6 => self.dp.maps.write_policies6(&c.policies)?,
-        }
+        self.dp.maps.write_policies(f, &c.policies)?;
         for &(i, _) in changed.iter().filter(|(_, alive)| !*alive) {
             write_alive(self, i, false)?;
         }

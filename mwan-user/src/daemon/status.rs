@@ -170,10 +170,10 @@ impl Daemon {
         let (by_wan, total, counted_ago) = self.flow_counts.get();
         let counters = self.dp.maps.wan_counters()?;
         let global = self.dp.maps.global_counters()?;
-        let shares: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(0)?)
+        let shares: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(Family::Ipv4, 0)?)
             .into_iter()
             .collect();
-        let shares6: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy6(0)?)
+        let shares6: BTreeMap<u8, f64> = policy::shares(&self.dp.maps.policy(Family::Ipv6, 0)?)
             .into_iter()
             .collect();
         let ifstats = interface_counters();
@@ -236,10 +236,10 @@ impl Daemon {
             flows_counted_secs_ago: counted_ago,
             flow_capacity: self.dp.flow_capacity,
             counters: {
-                let mut c: BTreeMap<String, u64> = datapath::COUNTER_NAMES
+                let mut c: BTreeMap<String, u64> = mwan_common::COUNTERS
                     .iter()
                     .zip(global)
-                    .map(|(n, v)| (n.to_string(), v))
+                    .map(|(c, v)| (c.name.to_string(), v))
                     .collect();
                 // The LRU map evicts silently: pins made that the map no
                 // longer holds (as of the flow count's time).
