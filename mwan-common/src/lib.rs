@@ -14,6 +14,14 @@
 //!
 //! Addresses and ports in keys are stored exactly as they appear in the packet
 //! (network byte order); use [`FlowKey::src`] and friends to read them.
+//!
+//! **Adding a map** (a shared one, or one per family such as per-WAN
+//! passive-health counters for each family) is one entry in
+//! [`for_each_map!`], plus its value type here with its layout assertions;
+//! the datapath's static, userspace's handle, pinning, removal, sizing and
+//! migration follow from it ([`maps`] says how). **Adding a counter** is one
+//! entry appended to the table in [`counters`]: its `GS_*` index, status
+//! name, metric and help; status, `/metrics` and the tests follow.
 #![no_std]
 
 pub mod counters;

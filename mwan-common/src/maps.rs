@@ -27,7 +27,7 @@
 //! (`maps.field`, `maps.v4.field`). Tests compare the object's maps with
 //! [`MAPS`] and docs/ARCHITECTURE.md's map table with the names.
 //!
-//! **A counter** is one entry of [`crate::for_each_counter!`].
+//! **A counter** is one entry of the table in [`crate::counters`].
 //!
 //! A callback (`macro_rules!` taking the two lists) expands where
 //! `mwan_common::*` is in scope: the entries name the shared types

@@ -9,6 +9,10 @@
 //! removed (`Datapath::attach`). Pinned maps are compared with the object
 //! before they are reused; a map of another size is replaced and its entries
 //! migrated, another layout is refused ([`migrate`]).
+//!
+//! Which maps there are comes from mwan-common's registry
+//! (`for_each_map!`): the typed handles ([`Maps`], a [`FamilyMaps`] per
+//! address family), the pins made and removed, the sizes the loader sets.
 
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
