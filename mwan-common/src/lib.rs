@@ -1,20 +1,36 @@
 //! Types shared by the eBPF datapath (`mwan-ebpf`) and userspace (`mwan-user`).
 //!
-//! Every type here is `#[repr(C)]`, has explicit padding and is stored in a BPF
-//! map whose name is given by the `MAP_*` constants. Userspace writes the
-//! configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`, `BYPASS`)
-//! and the layout marker (`ABI`);
-//! the datapath writes the state maps (`FLOWS`, `HOST_PINS`, `WAN_STATS`,
-//! `GLOBAL_STATS`). IPv6 has its own flow, WAN, policy, address-rule and
-//! bypass maps (`*6`); the port, protocol, interface and action rule maps,
-//! `SETTINGS`, the counters and the host pins serve both families.
+//! The boundary between them is declared once: the maps in
+//! [`for_each_map!`] ([`maps`]: names, kinds, key and value types,
+//! capacities), the counters in [`counters`]. Every type here is
+//! `#[repr(C)]`, has explicit padding and layout assertions. Userspace
+//! writes the configuration maps (`WANS`, `POLICIES`, `SETTINGS`, `RULE_*`,
+//! `BYPASS`, `DOMAIN_DST`) and the layout marker (`ABI`); the datapath
+//! writes the state maps (`FLOWS`, `HOST_PINS`, `WAN_STATS`,
+//! `GLOBAL_STATS`). IPv6 has its own flow, WAN, policy, address-rule,
+//! bypass and learned-destination maps (`*6`, the per-family maps); the
+//! port, protocol, interface and action rule maps, `SETTINGS`, the counters
+//! and the host pins serve both families.
 //!
 //! Addresses and ports in keys are stored exactly as they appear in the packet
 //! (network byte order); use [`FlowKey::src`] and friends to read them.
+//!
+//! **Adding a map** (a shared one, or one per family such as per-WAN
+//! passive-health counters for each family) is one entry in
+//! [`for_each_map!`], plus its value type here with its layout assertions;
+//! the datapath's static, userspace's handle, pinning, removal, sizing and
+//! migration follow from it ([`maps`] says how). **Adding a counter** is one
+//! entry appended to the table in [`counters`]: its `GS_*` index, status
+//! name, metric and help; status, `/metrics` and the tests follow.
 #![no_std]
 
+pub mod counters;
+pub mod maps;
+pub use counters::*;
+pub use maps::*;
+
 /// The version of the layout and meaning of the pinned maps' keys and values,
-/// stored in the [`MAP_ABI`] map when the maps are created (and, for older
+/// stored in the `ABI` map when the maps are created (and, for older
 /// daemons, in `Settings::abi_version`). Bump it whenever a key or value type
 /// changes (size, field order, meaning): a daemon that finds pins of another
 /// version refuses to take them over. A change of a map's size alone
@@ -48,49 +64,6 @@ pub const SLOTS: usize = 1024;
 /// is not mwan's business.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 
-/// `ABI`: an array of one `u32`, [`ABI_VERSION`] of the maps pinned beside
-/// it. Its own layout never changes, so any daemon can read it.
-pub const MAP_ABI: &str = "ABI";
-pub const MAP_FLOWS: &str = "FLOWS";
-/// The pre-IPv6 per-host pins (IPv4 address → [`HostValue`]). No longer in
-/// the object: a daemon that inherits it copies its entries into
-/// [`MAP_HOST_PINS`] as address keys and removes the pin.
-pub const MAP_HOSTS: &str = "HOSTS";
-/// Per-host pins (`sticky = "host"`): [`HostKey`] → [`HostValue`], one
-/// entry per host for both families.
-pub const MAP_HOST_PINS: &str = "HOST_PINS";
-pub const MAP_WANS: &str = "WANS";
-pub const MAP_WAN_NAMES: &str = "WAN_NAMES";
-pub const MAP_POLICIES: &str = "POLICIES";
-pub const MAP_SETTINGS: &str = "SETTINGS";
-pub const MAP_WAN_STATS: &str = "WAN_STATS";
-pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
-pub const MAP_RULE_SRC: &str = "RULE_SRC";
-pub const MAP_RULE_DST: &str = "RULE_DST";
-pub const MAP_RULE_SPORT: &str = "RULE_SPORT";
-pub const MAP_RULE_DPORT: &str = "RULE_DPORT";
-pub const MAP_RULE_PROTO: &str = "RULE_PROTO";
-pub const MAP_RULE_IFACE: &str = "RULE_IFACE";
-pub const MAP_RULE_ACTION: &str = "RULE_ACTION";
-pub const MAP_BYPASS: &str = "BYPASS";
-/// `DOMAIN_DST`: hash, IPv4 destination (u32, network byte order) → u64
-/// mask of the rules by domain name (bit *i* for rule *i*, as in the
-/// `RULE_*` maps) whose names resolved to it in a DNS answer mwan relayed.
-/// Written and expired by userspace only; read by the classifier on a
-/// flow-map miss, ORed with `RULE_DST`'s mask.
-pub const MAP_DOMAIN_DST: &str = "DOMAIN_DST";
-/// IPv6 counterparts of the maps above: the same values, IPv6 keys
-/// ([`FlowKey6`], `[u8; 16]` addresses). `WANS6[id].alive` says whether
-/// the WAN's IPv6 is usable (its `mark` is the WAN's one mark);
-/// `POLICIES6` has the ids of `POLICIES`, its slots filled from the
-/// IPv6-eligible WANs. `DOMAIN_DST6` holds [`DOMAIN_DST_CAPACITY`] entries.
-pub const MAP_FLOWS6: &str = "FLOWS6";
-pub const MAP_WANS6: &str = "WANS6";
-pub const MAP_POLICIES6: &str = "POLICIES6";
-pub const MAP_RULE_SRC6: &str = "RULE_SRC6";
-pub const MAP_RULE_DST6: &str = "RULE_DST6";
-pub const MAP_BYPASS6: &str = "BYPASS6";
-pub const MAP_DOMAIN_DST6: &str = "DOMAIN_DST6";
 /// Capacity of `DOMAIN_DST`: learned addresses at once. A plain hash, not
 /// an LRU: an entry must stay exactly as long as its TTL (userspace deletes
 /// it), never be evicted by the kernel while a client still connects to
@@ -305,46 +278,6 @@ pub struct WanCounters {
     /// New flows pinned to this WAN (including re-pins).
     pub flows: u64,
 }
-
-/// Indices of `GLOBAL_STATS` (per-CPU u64 counters of events off the hot
-/// path; per-packet totals are in `WAN_STATS`). Indices are only ever
-/// appended: a daemon with a larger `GS_COUNT` keeps the inherited counters.
-/// New pins.
-pub const GS_NEW_FLOWS: u32 = 0;
-/// Pins moved because their WAN was no longer alive.
-pub const GS_REPINS: u32 = 1;
-/// New flows that reused their host's pin.
-pub const GS_HOST_HITS: u32 = 2;
-/// Packets to local or connected destinations (never pinned).
-pub const GS_BYPASS: u32 = 3;
-/// First packets of TCP flows that were not a SYN (replies to inbound
-/// connections, flows older than mwan): left to the main table.
-pub const GS_MIDSTREAM: u32 = 4;
-/// New flows while no WAN was eligible.
-pub const GS_NO_WAN: u32 = 5;
-/// Failed map inserts.
-pub const GS_INSERT_ERRORS: u32 = 6;
-/// Packets that are not mwan's business, left untouched: not IP (ARP,
-/// VLAN-tagged frames on the parent interface), ICMP and ICMPv6 other than
-/// echo requests (Neighbour Discovery, MLD, errors), IPv6 packets whose
-/// next header is not TCP, UDP or ICMPv6 after at most
-/// `MAX_IPV6_EXT_HEADERS` extension headers (ESP, AH, no next header,
-/// unknown ones), and packets whose headers could not be pulled into the
-/// linear area.
-pub const GS_PASS: u32 = 7;
-/// Packets that already carried an mwan mark (restored from conntrack for
-/// a reply of an inbound connection, where br_netfilter runs nftables
-/// before tc ingress): left as they are.
-pub const GS_PREMARKED: u32 = 8;
-/// IP frames the kernel drops later (IPv4: version not 4, header length
-/// under 20, total length shorter than the header or longer than the frame;
-/// IPv6: version not 6, payload length beyond the frame, an extension
-/// header cut short; either: an L4 header cut short): no pin, no mark.
-pub const GS_MALFORMED: u32 = 9;
-/// Non-first IPv4 and IPv6 fragments: no pin, no mark (conntrack
-/// reassembles them with the first fragment, which is classified).
-pub const GS_FRAGMENTS: u32 = 10;
-pub const GS_COUNT: u32 = 11;
 
 /// A WAN name as stored in the `WAN_NAMES` array (NUL padded), so that a
 /// restarted daemon maps names to the same ids as the flows it inherits.

@@ -7,7 +7,8 @@
 //! The two families share the classification logic ([`classify_flow`],
 //! generic over [`Family`]); each has its own flow, WAN, policy, address
 //! rule, bypass and learned-destination maps. Host pins (`HOST_PINS`)
-//! serve both families.
+//! serve both families. The maps are mwan-common's registry
+//! (`for_each_map!`): this file names none of them itself.
 //!
 //! Per packet: parse, look the flow up in the LRU flow map, and on a hit whose
 //! WAN is still alive, count and mark. Everything else (rule matching, the
@@ -25,60 +26,66 @@ use aya_ebpf::{
 };
 use mwan_common::*;
 
-/// The layout version of the maps beside it (written by userspace when the
-/// maps are created, read by the next daemon before it takes them over).
-#[map(name = "ABI")]
-static ABI: Array<u32> = Array::pinned(1, 0);
-// Sizes of FLOWS, FLOWS6 and HOST_PINS are set by the loader from the
-// config; the values here are the defaults.
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(262_144, 0);
-#[map(name = "FLOWS6")]
-static FLOWS6: LruHashMap<FlowKey6, FlowValue> = LruHashMap::pinned(262_144, 0);
-#[map(name = "HOST_PINS")]
-static HOST_PINS: LruHashMap<HostKey, HostValue> = LruHashMap::pinned(65_536, 0);
-#[map(name = "WANS")]
-static WANS: Array<WanEntry> = Array::pinned(MAX_WANS, 0);
-#[map(name = "WANS6")]
-static WANS6: Array<WanEntry> = Array::pinned(MAX_WANS, 0);
-#[map(name = "WAN_NAMES")]
-static WAN_NAMES: Array<WanName> = Array::pinned(MAX_WANS, 0);
-#[map(name = "POLICIES")]
-static POLICIES: Array<Policy> = Array::pinned(MAX_POLICIES, 0);
-#[map(name = "POLICIES6")]
-static POLICIES6: Array<Policy> = Array::pinned(MAX_POLICIES, 0);
-#[map(name = "SETTINGS")]
-static SETTINGS: Array<Settings> = Array::pinned(1, 0);
-#[map(name = "WAN_STATS")]
-static WAN_STATS: PerCpuArray<WanCounters> = PerCpuArray::pinned(MAX_WANS, 0);
-#[map(name = "GLOBAL_STATS")]
-static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(GS_COUNT, 0);
-#[map(name = "RULE_SRC")]
-static RULE_SRC: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(4096, 0);
-#[map(name = "RULE_DST")]
-static RULE_DST: LpmTrie<[u8; 4], u64> = LpmTrie::pinned(4096, 0);
-#[map(name = "RULE_SRC6")]
-static RULE_SRC6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(4096, 0);
-#[map(name = "RULE_DST6")]
-static RULE_DST6: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(4096, 0);
-#[map(name = "RULE_SPORT")]
-static RULE_SPORT: Array<u64> = Array::pinned(65_536, 0);
-#[map(name = "RULE_DPORT")]
-static RULE_DPORT: Array<u64> = Array::pinned(65_536, 0);
-#[map(name = "RULE_PROTO")]
-static RULE_PROTO: Array<u64> = Array::pinned(256, 0);
-#[map(name = "RULE_IFACE")]
-static RULE_IFACE: HashMap<u32, u64> = HashMap::pinned(256, 0);
-#[map(name = "RULE_ACTION")]
-static RULE_ACTION: Array<u32> = Array::pinned(MAX_RULES, 0);
-#[map(name = "BYPASS")]
-static BYPASS: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(4096, 0);
-#[map(name = "BYPASS6")]
-static BYPASS6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(4096, 0);
-#[map(name = "DOMAIN_DST")]
-static DOMAIN_DST: HashMap<u32, u64> = HashMap::pinned(DOMAIN_DST_CAPACITY, 0);
-#[map(name = "DOMAIN_DST6")]
-static DOMAIN_DST6: HashMap<[u8; 16], u64> = HashMap::pinned(DOMAIN_DST_CAPACITY, 0);
+/// The maps of the registry ([`for_each_map!`]): a `#[map]` static for
+/// each (named as it is pinned), and [`FamilyMaps`], each family's own.
+macro_rules! ebpf_maps {
+    (
+        shared { $(
+            $(#[$sattr:meta])*
+            $sfield:ident: $sname:ident = $skind:ident<$($sp:ty),+> [$scap:expr]
+                $(sized by $ssz:ident)? since $ssince:ident;
+        )* }
+        per_family { $(
+            $(#[$attr:meta])*
+            $field:ident: $name4:ident, $name6:ident = $kind:ident<$($p:ty),+> [$cap:expr]
+                $(sized by $sz:ident)? since $since:ident;
+        )* }
+    ) => {
+        // Capacities sized by the config are the loader's to set; the
+        // registry's are the defaults.
+        $( $(#[$sattr])* #[map] static $sname: $skind<$($sp),+> = $skind::pinned($scap, 0); )*
+
+        /// The type of each per-family map, for family `F`.
+        #[allow(non_camel_case_types)]
+        trait MapTypes {
+            $( type $field; )*
+        }
+
+        impl<F: FamilyKeys> MapTypes for F {
+            $( type $field = $kind<$($p),+>; )*
+        }
+
+        $(
+            $(#[$attr])* #[map] static $name4: <V4 as MapTypes>::$field = $kind::pinned($cap, 0);
+            $(#[$attr])* #[map] static $name6: <V6 as MapTypes>::$field = $kind::pinned($cap, 0);
+        )*
+
+        /// A family's own maps (`FLOWS` or `FLOWS6`, …).
+        trait FamilyMaps: FamilyKeys {
+            $( fn $field() -> &'static <Self as MapTypes>::$field; )*
+        }
+
+        impl FamilyMaps for V4 {
+            $(
+                #[inline(always)]
+                fn $field() -> &'static <Self as MapTypes>::$field {
+                    &$name4
+                }
+            )*
+        }
+
+        impl FamilyMaps for V6 {
+            $(
+                #[inline(always)]
+                fn $field() -> &'static <Self as MapTypes>::$field {
+                    &$name6
+                }
+            )*
+        }
+    };
+}
+
+for_each_map!(ebpf_maps);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -439,7 +446,7 @@ fn classify_family<const L3: usize, F: Family>(ctx: &TcContext) {
 /// partly in paged data, pulls them into the linear area (which may copy a
 /// cloned skb) once and parses again. Only such packets pay for it.
 #[inline(always)]
-fn parse_pulled<const L3: usize, F: Family>(ctx: &TcContext) -> Result<Packet<F::Key>, Skip> {
+fn parse_pulled<const L3: usize, F: Family>(ctx: &TcContext) -> Result<Packet<F::FlowKey>, Skip> {
     match F::parse::<L3>(ctx) {
         Err(Skip::Nonlinear) => {
             let want = (L3 + F::MAX_HDRS + TCP_HLEN).min(ctx.len() as usize) as u32;
@@ -452,56 +459,37 @@ fn parse_pulled<const L3: usize, F: Family>(ctx: &TcContext) -> Result<Packet<F:
     }
 }
 
-/// What differs between IPv4 and IPv6 for classification: the key, and the
-/// maps keyed or filled per family.
-trait Family {
-    type Key: 'static;
+/// What differs between IPv4 and IPv6 for classification: the key types
+/// and the maps of each family ([`FamilyMaps`]), and how packets and keys
+/// are read.
+trait Family: FamilyMaps {
     /// The most the L3 headers take (what a pull copies beyond `L3`).
     const MAX_HDRS: usize;
-    fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<Self::Key>, Skip>;
-    fn flows() -> &'static LruHashMap<Self::Key, FlowValue>;
-    fn wans() -> &'static Array<WanEntry>;
+    fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<Self::FlowKey>, Skip>;
     /// The other family's WANs (a host pin stays on a WAN alive there).
     fn other_wans() -> &'static Array<WanEntry>;
-    fn policies() -> &'static Array<Policy>;
-    fn proto(k: &Self::Key) -> u8;
-    fn sport(k: &Self::Key) -> u16;
-    fn dport(k: &Self::Key) -> u16;
-    fn bypassed(k: &Self::Key) -> bool;
+    fn proto(k: &Self::FlowKey) -> u8;
+    fn sport(k: &Self::FlowKey) -> u16;
+    fn dport(k: &Self::FlowKey) -> u16;
+    fn bypassed(k: &Self::FlowKey) -> bool;
     /// The rules whose `src` allows the source.
-    fn src_rules(k: &Self::Key) -> u64;
+    fn src_rules(k: &Self::FlowKey) -> u64;
     /// The rules whose `dst` allows the destination, or whose domains
     /// resolved to it.
-    fn dst_rules(k: &Self::Key) -> u64;
+    fn dst_rules(k: &Self::FlowKey) -> u64;
     /// The host by address: its IPv4 address or IPv6 /64.
-    fn host_by_address(k: &Self::Key) -> HostKey;
+    fn host_by_address(k: &Self::FlowKey) -> HostKey;
 }
 
-struct V4;
-struct V6;
-
 impl Family for V4 {
-    type Key = FlowKey;
     const MAX_HDRS: usize = MAX_IP_HLEN;
     #[inline(always)]
     fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey>, Skip> {
         parse4::<L3>(ctx)
     }
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey, FlowValue> {
-        &FLOWS
-    }
-    #[inline(always)]
-    fn wans() -> &'static Array<WanEntry> {
-        &WANS
-    }
-    #[inline(always)]
     fn other_wans() -> &'static Array<WanEntry> {
-        &WANS6
-    }
-    #[inline(always)]
-    fn policies() -> &'static Array<Policy> {
-        &POLICIES
+        V6::wans()
     }
     #[inline(always)]
     fn proto(k: &FlowKey) -> u8 {
@@ -517,23 +505,25 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn bypassed(k: &FlowKey) -> bool {
-        BYPASS.get(Key::new(32, k.daddr.to_ne_bytes())).is_some()
+        Self::bypass()
+            .get(Key::new(32, k.daddr.to_ne_bytes()))
+            .is_some()
     }
     #[inline(always)]
     fn src_rules(k: &FlowKey) -> u64 {
-        match RULE_SRC.get(Key::new(32, k.saddr.to_ne_bytes())) {
+        match Self::rule_src().get(Key::new(32, k.saddr.to_ne_bytes())) {
             Some(v) => *v,
             None => 0,
         }
     }
     #[inline(always)]
     fn dst_rules(k: &FlowKey) -> u64 {
-        let learned = match DOMAIN_DST.get_ptr(&k.daddr) {
+        let learned = match Self::domain_dst().get_ptr(&k.daddr) {
             Some(v) => unsafe { *v },
             None => 0,
         };
         learned
-            | match RULE_DST.get(Key::new(32, k.daddr.to_ne_bytes())) {
+            | match Self::rule_dst().get(Key::new(32, k.daddr.to_ne_bytes())) {
                 Some(v) => *v,
                 None => 0,
             }
@@ -551,27 +541,14 @@ impl Family for V4 {
 }
 
 impl Family for V6 {
-    type Key = FlowKey6;
     const MAX_HDRS: usize = MAX_IPV6_HDRS;
     #[inline(always)]
     fn parse<const L3: usize>(ctx: &TcContext) -> Result<Packet<FlowKey6>, Skip> {
         parse6::<L3>(ctx)
     }
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey6, FlowValue> {
-        &FLOWS6
-    }
-    #[inline(always)]
-    fn wans() -> &'static Array<WanEntry> {
-        &WANS6
-    }
-    #[inline(always)]
     fn other_wans() -> &'static Array<WanEntry> {
-        &WANS
-    }
-    #[inline(always)]
-    fn policies() -> &'static Array<Policy> {
-        &POLICIES6
+        V4::wans()
     }
     #[inline(always)]
     fn proto(k: &FlowKey6) -> u8 {
@@ -587,23 +564,23 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn bypassed(k: &FlowKey6) -> bool {
-        BYPASS6.get(Key::new(128, k.daddr)).is_some()
+        Self::bypass().get(Key::new(128, k.daddr)).is_some()
     }
     #[inline(always)]
     fn src_rules(k: &FlowKey6) -> u64 {
-        match RULE_SRC6.get(Key::new(128, k.saddr)) {
+        match Self::rule_src().get(Key::new(128, k.saddr)) {
             Some(v) => *v,
             None => 0,
         }
     }
     #[inline(always)]
     fn dst_rules(k: &FlowKey6) -> u64 {
-        let learned = match DOMAIN_DST6.get_ptr(&k.daddr) {
+        let learned = match Self::domain_dst().get_ptr(&k.daddr) {
             Some(v) => unsafe { *v },
             None => 0,
         };
         learned
-            | match RULE_DST6.get(Key::new(128, k.daddr)) {
+            | match Self::rule_dst().get(Key::new(128, k.daddr)) {
                 Some(v) => *v,
                 None => 0,
             }
@@ -626,7 +603,7 @@ impl Family for V6 {
 #[inline(always)]
 fn host_key<const L3: usize, F: Family>(
     ctx: &TcContext,
-    k: &F::Key,
+    k: &F::FlowKey,
     settings: &Settings,
 ) -> HostKey {
     if L3 == ETH_HLEN && settings.sticky_host == STICKY_MAC {
@@ -645,7 +622,7 @@ fn host_key<const L3: usize, F: Family>(
 
 /// Per packet of a flow of family `F`: follow its pin, or place it.
 #[inline(always)]
-fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Key>) {
+fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::FlowKey>) {
     let settings = match SETTINGS.get(0) {
         Some(s) => s,
         None => return,
@@ -832,7 +809,7 @@ fn refresh_host(host: &HostKey, wan: u8, now: u64) {
 #[inline(always)]
 fn choose<const L3: usize, F: Family>(
     ctx: &TcContext,
-    k: &F::Key,
+    k: &F::FlowKey,
     policy_id: u32,
     settings: &Settings,
     now: u64,
@@ -933,7 +910,7 @@ fn host_pin<F: Family>(h: &HostValue, policy: &Policy, settings: &Settings, now:
 /// the set of rules it allows, the lowest set bit of their intersection is
 /// the first matching rule.
 #[inline(always)]
-fn match_rules<F: Family>(pkt: &Packet<F::Key>, settings: &Settings) -> u32 {
+fn match_rules<F: Family>(pkt: &Packet<F::FlowKey>, settings: &Settings) -> u32 {
     let k = &pkt.key;
     let proto = F::proto(k);
     let mut m = match RULE_PROTO.get(proto as u32) {

@@ -9,28 +9,30 @@
 //! removed (`Datapath::attach`). Pinned maps are compared with the object
 //! before they are reused; a map of another size is replaced and its entries
 //! migrated, another layout is refused ([`migrate`]).
+//!
+//! Which maps there are comes from mwan-common's registry
+//! (`for_each_map!`): the typed handles ([`Maps`], a [`FamilyMaps`] per
+//! address family), the pins made and removed, the sizes the loader sets.
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::MapData;
 use aya::programs::links::Link;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::*;
 
 use crate::config::{Config, Sticky, StickyKey};
-use crate::family::Family;
 use crate::policy::CompiledRules;
 
+mod maps;
 mod migrate;
 mod raw;
+pub use maps::{DomainMaps, FamilyMaps, FlowMap, MapFamily, Maps, Named, TrieNet};
 pub use migrate::{pinned_geometry, Geometry};
 
 /// The datapath object, built from `mwan-ebpf` by build.rs.
@@ -45,393 +47,6 @@ pub fn object() -> &'static [u8] {
 pub const TC_PRIORITIES: [u16; 2] = [0x6d00, 0x6d01];
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// Typed handles on every map, whether taken from a loaded object (daemon) or
-/// opened from the pins (CLI).
-pub struct Maps {
-    pub flows: HashMap<MapData, FlowKey, FlowValue>,
-    pub flows6: HashMap<MapData, FlowKey6, FlowValue>,
-    pub host_pins: HashMap<MapData, HostKey, HostValue>,
-    pub wans: Array<MapData, WanEntry>,
-    pub wans6: Array<MapData, WanEntry>,
-    pub names: Array<MapData, WanName>,
-    pub policies: Array<MapData, Policy>,
-    pub policies6: Array<MapData, Policy>,
-    pub settings: Array<MapData, Settings>,
-    pub wan_stats: PerCpuArray<MapData, WanCounters>,
-    pub global_stats: PerCpuArray<MapData, u64>,
-    pub rule_src: LpmTrie<MapData, [u8; 4], u64>,
-    pub rule_dst: LpmTrie<MapData, [u8; 4], u64>,
-    pub rule_src6: LpmTrie<MapData, [u8; 16], u64>,
-    pub rule_dst6: LpmTrie<MapData, [u8; 16], u64>,
-    pub rule_sport: Array<MapData, u64>,
-    pub rule_dport: Array<MapData, u64>,
-    pub rule_proto: Array<MapData, u64>,
-    pub rule_iface: HashMap<MapData, u32, u64>,
-    pub rule_action: Array<MapData, u32>,
-    pub bypass: LpmTrie<MapData, [u8; 4], u8>,
-    pub bypass6: LpmTrie<MapData, [u8; 16], u8>,
-    /// Learned destinations of rules by domain name. `None` only in the
-    /// CLI, for pins made by an mwan older than this map.
-    /// `DOMAIN_DST` and `DOMAIN_DST6` (absent in pins of older daemons).
-    pub domain_dst: Option<DomainMaps>,
-}
-
-fn typed<T: TryFrom<Map>>(map: Map, name: &str) -> Result<T>
-where
-    T::Error: std::fmt::Display,
-{
-    T::try_from(map).map_err(|e| anyhow!("map {name}: {e}"))
-}
-
-impl Maps {
-    fn build(mut take: impl FnMut(&str) -> Result<Option<Map>>) -> Result<Maps> {
-        macro_rules! m {
-            ($name:expr) => {
-                typed(
-                    take($name)?.ok_or_else(|| anyhow!("map {} missing", $name))?,
-                    $name,
-                )?
-            };
-        }
-        Ok(Maps {
-            flows: m!(MAP_FLOWS),
-            flows6: m!(MAP_FLOWS6),
-            host_pins: m!(MAP_HOST_PINS),
-            wans: m!(MAP_WANS),
-            wans6: m!(MAP_WANS6),
-            names: m!(MAP_WAN_NAMES),
-            policies: m!(MAP_POLICIES),
-            policies6: m!(MAP_POLICIES6),
-            settings: m!(MAP_SETTINGS),
-            wan_stats: m!(MAP_WAN_STATS),
-            global_stats: m!(MAP_GLOBAL_STATS),
-            rule_src: m!(MAP_RULE_SRC),
-            rule_dst: m!(MAP_RULE_DST),
-            rule_src6: m!(MAP_RULE_SRC6),
-            rule_dst6: m!(MAP_RULE_DST6),
-            rule_sport: m!(MAP_RULE_SPORT),
-            rule_dport: m!(MAP_RULE_DPORT),
-            rule_proto: m!(MAP_RULE_PROTO),
-            rule_iface: m!(MAP_RULE_IFACE),
-            rule_action: m!(MAP_RULE_ACTION),
-            bypass: m!(MAP_BYPASS),
-            bypass6: m!(MAP_BYPASS6),
-            domain_dst: match (take(MAP_DOMAIN_DST)?, take(MAP_DOMAIN_DST6)?) {
-                (Some(v4), Some(v6)) => Some(DomainMaps {
-                    v4: typed(v4, MAP_DOMAIN_DST)?,
-                    v6: typed(v6, MAP_DOMAIN_DST6)?,
-                }),
-                _ => None,
-            },
-        })
-    }
-
-    /// Opens the maps pinned by a daemon (for the CLI: no program is loaded).
-    pub fn open_pinned(pin_dir: &Path) -> Result<Maps> {
-        let maps = Maps::build(|name| {
-            let path = pin_dir.join(name);
-            if name == MAP_DOMAIN_DST && !path.exists() {
-                // Pinned by an mwan older than domain rules.
-                return Ok(None);
-            }
-            if IPV6_MAPS.contains(&name) && !path.exists() {
-                bail!(
-                    "the maps in {} were pinned by an mwan without IPv6 (no {name}); \
-                     restart the daemon with this mwan",
-                    pin_dir.display()
-                );
-            }
-            let data = MapData::from_pin(&path).with_context(|| {
-                format!(
-                    "opening {} (is mwan running with pin_dir = {}?)",
-                    path.display(),
-                    pin_dir.display()
-                )
-            })?;
-            Map::from_map_data(data)
-                .map(Some)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))
-        })?;
-        maps.check_abi(pin_dir)?;
-        Ok(maps)
-    }
-
-    /// For the CLI: refuses maps of another layout version (the daemon
-    /// checks every map's geometry too, see [`migrate`]).
-    fn check_abi(&self, pin_dir: &Path) -> Result<()> {
-        let want = migrate::expected(EBPF_OBJ, &[])?;
-        let plan = migrate::Plan::read(pin_dir, &want)?;
-        if let migrate::Stored::Marker(v) | migrate::Stored::Settings(v) = plan.stored {
-            if v != ABI_VERSION {
-                bail!(
-                    "the maps pinned in {} were made by an mwan with map layout {v} (this one uses {}); \
-                     use the mwan that made them, or run `mwan stop --teardown` first",
-                    pin_dir.display(),
-                    ABI_VERSION
-                );
-            }
-        }
-        Ok(())
-    }
-
-    pub fn settings(&self) -> Result<Settings> {
-        Ok(self.settings.get(&0, 0)?)
-    }
-
-    pub fn write_settings(&mut self, s: &Settings) -> Result<()> {
-        self.settings.set(0, s, 0).context("writing SETTINGS")
-    }
-
-    fn wans_of(&self, f: Family) -> (&Array<MapData, WanEntry>, &'static str) {
-        match f {
-            Family::Ipv4 => (&self.wans, MAP_WANS),
-            Family::Ipv6 => (&self.wans6, MAP_WANS6),
-        }
-    }
-
-    /// Family `f`'s entry of a WAN (`WANS`, `WANS6`): `alive` says whether
-    /// the WAN's family is usable, the mark is the WAN's one mark.
-    pub fn write_wan(&mut self, f: Family, id: u8, entry: WanEntry) -> Result<()> {
-        let map = match f {
-            Family::Ipv4 => &mut self.wans,
-            Family::Ipv6 => &mut self.wans6,
-        };
-        map.set(id as u32, entry, 0)
-            .with_context(|| format!("writing {}[{id}]", self.wans_of(f).1))
-    }
-
-    pub fn wan(&self, f: Family, id: u8) -> Result<WanEntry> {
-        Ok(self.wans_of(f).0.get(&(id as u32), 0)?)
-    }
-
-    /// WAN names by id, as the daemon that owns the pins recorded them.
-    pub fn names(&self) -> Result<Vec<Option<String>>> {
-        (0..MAX_WANS)
-            .map(|i| {
-                let n = self.names.get(&i, 0)?;
-                let len = n.name.iter().position(|b| *b == 0).unwrap_or(WAN_NAME_LEN);
-                Ok((len > 0).then(|| String::from_utf8_lossy(&n.name[..len]).into_owned()))
-            })
-            .collect()
-    }
-
-    pub fn write_name(&mut self, id: u8, name: Option<&str>) -> Result<()> {
-        let mut n = WanName::default();
-        if let Some(name) = name {
-            let b = name.as_bytes();
-            if b.len() >= WAN_NAME_LEN {
-                bail!("WAN name `{name}` is too long");
-            }
-            n.name[..b.len()].copy_from_slice(b);
-        }
-        self.names
-            .set(id as u32, n, 0)
-            .with_context(|| format!("writing WAN_NAMES[{id}]"))
-    }
-
-    /// Family `f`'s policies (`POLICIES`, `POLICIES6`): the same ids for
-    /// both, slots from the WANs eligible for the family.
-    pub fn write_policies(&mut self, f: Family, policies: &[Policy]) -> Result<()> {
-        match f {
-            Family::Ipv4 => write_policy_array(&mut self.policies, policies, MAP_POLICIES),
-            Family::Ipv6 => write_policy_array(&mut self.policies6, policies, MAP_POLICIES6),
-        }
-    }
-
-    pub fn policy(&self, f: Family, i: u32) -> Result<Policy> {
-        let map = match f {
-            Family::Ipv4 => &self.policies,
-            Family::Ipv6 => &self.policies6,
-        };
-        Ok(map.get(&i, 0)?)
-    }
-
-    /// Writes the rule maps. `previous` (what the maps hold now, if known)
-    /// limits the port arrays to the entries that change. The caller then
-    /// sets `Settings::rule_count`, which switches matching on.
-    pub fn write_rules(
-        &mut self,
-        rules: &CompiledRules,
-        previous: Option<&CompiledRules>,
-        ifindex: &dyn Fn(&str) -> Option<u32>,
-    ) -> Result<()> {
-        let arrays: [(&mut Array<MapData, u64>, &Vec<u64>, Option<&Vec<u64>>, &str); 3] = [
-            (
-                &mut self.rule_proto,
-                &rules.proto,
-                previous.map(|p| &p.proto),
-                MAP_RULE_PROTO,
-            ),
-            (
-                &mut self.rule_sport,
-                &rules.sport,
-                previous.map(|p| &p.sport),
-                MAP_RULE_SPORT,
-            ),
-            (
-                &mut self.rule_dport,
-                &rules.dport,
-                previous.map(|p| &p.dport),
-                MAP_RULE_DPORT,
-            ),
-        ];
-        for (map, want, before, name) in arrays {
-            for (i, v) in want.iter().enumerate() {
-                if before.map(|b| b[i] == *v).unwrap_or(false) {
-                    continue;
-                }
-                map.set(i as u32, *v, 0)
-                    .with_context(|| format!("writing {name}[{i}]"))?;
-            }
-        }
-        for (trie, want, name) in [
-            (&mut self.rule_src, &rules.src, MAP_RULE_SRC),
-            (&mut self.rule_dst, &rules.dst, MAP_RULE_DST),
-        ] {
-            sync_trie(trie, want.iter().map(|(n, m)| (*n, *m)).collect(), name)?;
-        }
-        for (trie, want, name) in [
-            (&mut self.rule_src6, &rules.src6, MAP_RULE_SRC6),
-            (&mut self.rule_dst6, &rules.dst6, MAP_RULE_DST6),
-        ] {
-            sync_trie(trie, want.iter().map(|(n, m)| (*n, *m)).collect(), name)?;
-        }
-        let mut want_iface = BTreeMap::new();
-        for (name, mask) in &rules.iface {
-            if let Some(idx) = ifindex(name) {
-                want_iface.insert(idx, *mask);
-            }
-        }
-        let stale: Vec<u32> = self
-            .rule_iface
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !want_iface.contains_key(k))
-            .collect();
-        for k in stale {
-            let _ = self.rule_iface.remove(&k);
-        }
-        for (k, v) in want_iface {
-            self.rule_iface
-                .insert(k, v, 0)
-                .with_context(|| format!("writing {MAP_RULE_IFACE}[{k}]"))?;
-        }
-        for (i, a) in rules.actions.iter().enumerate() {
-            self.rule_action
-                .set(i as u32, *a, 0)
-                .with_context(|| format!("writing {MAP_RULE_ACTION}[{i}]"))?;
-        }
-        Ok(())
-    }
-
-    /// Writes SETTINGS for `cfg` and the rule maps for `rules` (compiled from
-    /// `cfg`). `previous` is what the rule maps hold now, if known: equal
-    /// rules are not written again. Rules are written with matching switched
-    /// off (`rule_count` 0), then switched on: a half-written rule set is
-    /// never used.
-    pub fn write_rules_and_settings(
-        &mut self,
-        cfg: &Config,
-        rules: &CompiledRules,
-        previous: Option<&CompiledRules>,
-        ifindex: &dyn Fn(&str) -> Option<u32>,
-    ) -> Result<()> {
-        if previous != Some(rules) {
-            self.write_settings(&settings(cfg, rules, 0))?;
-            self.write_rules(rules, previous, ifindex)?;
-        }
-        self.write_settings(&settings(cfg, rules, rules.count))
-    }
-
-    /// Makes family `f`'s bypass trie (`BYPASS`, `BYPASS6`) hold exactly
-    /// `prefixes` (all of family `f`).
-    pub fn write_bypass(&mut self, f: Family, prefixes: &[IpNet]) -> Result<()> {
-        let wrong = || anyhow!("a bypass prefix of the wrong family for {f}");
-        match f {
-            Family::Ipv4 => {
-                let want = prefixes
-                    .iter()
-                    .map(|p| match p {
-                        IpNet::V4(p) => Ok((p.trunc(), 1u8)),
-                        IpNet::V6(_) => Err(wrong()),
-                    })
-                    .collect::<Result<_>>()?;
-                sync_trie(&mut self.bypass, want, MAP_BYPASS)
-            }
-            Family::Ipv6 => {
-                let want = prefixes
-                    .iter()
-                    .map(|p| match p {
-                        IpNet::V6(p) => Ok((p.trunc(), 1u8)),
-                        IpNet::V4(_) => Err(wrong()),
-                    })
-                    .collect::<Result<_>>()?;
-                sync_trie(&mut self.bypass6, want, MAP_BYPASS6)
-            }
-        }
-    }
-
-    /// Applies changes of the learned-address table
-    /// ([`crate::dns::learned`]) to `DOMAIN_DST`: a new mask, or a deletion.
-    /// Each write is one `bpf()` call; when it returns, the classifier's next
-    /// lookup sees it (so a DNS answer may be released).
-    pub fn write_domain_dst(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
-        self.domain_dst
-            .as_mut()
-            .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?
-            .write(changes)
-    }
-
-    /// Empties `DOMAIN_DST` and `DOMAIN_DST6` (a start: what another daemon
-    /// learned has no expiry record here, and its masks index that daemon's
-    /// rules).
-    pub fn clear_domain_dst(&mut self) -> Result<()> {
-        if let Some(maps) = self.domain_dst.as_mut() {
-            maps.clear();
-        }
-        Ok(())
-    }
-
-    /// Per-WAN counters summed over CPUs, by WAN id.
-    pub fn wan_counters(&self) -> Result<Vec<WanCounters>> {
-        (0..MAX_WANS)
-            .map(|i| {
-                let per_cpu = self.wan_stats.get(&i, 0)?;
-                Ok(per_cpu
-                    .iter()
-                    .fold(WanCounters::default(), |a, c| WanCounters {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                        flows: a.flows + c.flows,
-                    }))
-            })
-            .collect()
-    }
-
-    /// `GLOBAL_STATS` summed over CPUs, by index (see [`COUNTER_NAMES`]).
-    pub fn global_counters(&self) -> Result<Vec<u64>> {
-        (0..GS_COUNT)
-            .map(|i| Ok(self.global_stats.get(&i, 0)?.iter().sum()))
-            .collect()
-    }
-}
-
-/// The names of the `GLOBAL_STATS` counters, by index, as `mwan status`
-/// shows them.
-pub const COUNTER_NAMES: [&str; GS_COUNT as usize] = [
-    "new_flows",
-    "repins",
-    "host_pin_hits",
-    "bypass",
-    "midstream_unpinned",
-    "no_wan",
-    "insert_errors",
-    "not_ipv4",
-    "premarked",
-    "malformed",
-    "fragments",
-];
 
 /// The `SETTINGS` entry for `cfg`, whose rules compiled to `rules`;
 /// `rule_count` 0 switches rule matching off.
@@ -450,135 +65,6 @@ pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Setting
         rule_any_sport: rules.any_sport,
         rule_any_dport: rules.any_dport,
     }
-}
-
-/// The learned destinations of rules by domain name: `DOMAIN_DST`
-/// (IPv4, from A records) and `DOMAIN_DST6` (IPv6, from AAAA records).
-pub struct DomainMaps {
-    pub v4: HashMap<MapData, u32, u64>,
-    pub v6: HashMap<MapData, [u8; 16], u64>,
-}
-
-impl DomainMaps {
-    /// Opens the pair pinned in `pin_dir` (the DNS relay's own handles).
-    pub fn open_pinned(pin_dir: &Path) -> Result<DomainMaps> {
-        let open =
-            |name: &str| -> Result<Map> { Ok(Map::HashMap(open_pinned_map(pin_dir, name)?)) };
-        Ok(DomainMaps {
-            v4: HashMap::try_from(open(MAP_DOMAIN_DST)?)
-                .map_err(|e| anyhow!("{MAP_DOMAIN_DST}: {e}"))?,
-            v6: HashMap::try_from(open(MAP_DOMAIN_DST6)?)
-                .map_err(|e| anyhow!("{MAP_DOMAIN_DST6}: {e}"))?,
-        })
-    }
-
-    /// Writes learned-address changes ([`crate::dns::learned`]): a new
-    /// mask, or a deletion; one `bpf()` call each, so when it returns the
-    /// classifier's next lookup sees it.
-    pub fn write(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
-        for (addr, mask) in changes {
-            let done = match addr {
-                IpAddr::V4(a) => set_or_remove(&mut self.v4, u32::from_ne_bytes(a.octets()), *mask),
-                IpAddr::V6(a) => set_or_remove(&mut self.v6, a.octets(), *mask),
-            };
-            let name = if addr.is_ipv4() {
-                MAP_DOMAIN_DST
-            } else {
-                MAP_DOMAIN_DST6
-            };
-            done.with_context(|| format!("writing {name}[{addr}]"))?;
-        }
-        Ok(())
-    }
-
-    pub fn clear(&mut self) {
-        let keys: Vec<u32> = self.v4.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = self.v4.remove(&k);
-        }
-        let keys: Vec<[u8; 16]> = self.v6.keys().filter_map(|k| k.ok()).collect();
-        for k in keys {
-            let _ = self.v6.remove(&k);
-        }
-    }
-}
-
-/// Inserts `key` with `mask`, or (`None`) removes it if present.
-fn set_or_remove<K: aya::Pod>(
-    map: &mut HashMap<MapData, K, u64>,
-    key: K,
-    mask: Option<u64>,
-) -> Result<()> {
-    match mask {
-        Some(m) => Ok(map.insert(key, m, 0)?),
-        None => match map.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        },
-    }
-}
-
-/// A prefix as an LPM trie of its family keys it.
-trait TrieNet: Ord + Copy + std::fmt::Display {
-    type Data: aya::Pod;
-    fn key(&self) -> Key<Self::Data>;
-    fn from_key(k: &Key<Self::Data>) -> Option<Self>;
-}
-
-impl TrieNet for Ipv4Net {
-    type Data = [u8; 4];
-    fn key(&self) -> Key<[u8; 4]> {
-        Key::new(self.prefix_len() as u32, self.network().octets())
-    }
-    fn from_key(k: &Key<[u8; 4]>) -> Option<Self> {
-        Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8).ok()
-    }
-}
-
-impl TrieNet for Ipv6Net {
-    type Data = [u8; 16];
-    fn key(&self) -> Key<[u8; 16]> {
-        Key::new(self.prefix_len() as u32, self.network().octets())
-    }
-    fn from_key(k: &Key<[u8; 16]>) -> Option<Self> {
-        Ipv6Net::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8).ok()
-    }
-}
-
-/// Makes `trie` hold exactly `want`.
-fn sync_trie<N: TrieNet, V: aya::Pod + PartialEq>(
-    trie: &mut LpmTrie<MapData, N::Data, V>,
-    want: BTreeMap<N, V>,
-    name: &str,
-) -> Result<()> {
-    let present: Vec<Key<N::Data>> = trie.keys().filter_map(|k| k.ok()).collect();
-    for k in present {
-        if N::from_key(&k)
-            .map(|n| !want.contains_key(&n))
-            .unwrap_or(true)
-        {
-            let _ = trie.remove(&k);
-        }
-    }
-    for (net, v) in want {
-        trie.insert(&net.key(), v, 0)
-            .with_context(|| format!("writing {name}[{net}]"))?;
-    }
-    Ok(())
-}
-
-/// Writes every entry of a policy array (`POLICIES` or `POLICIES6`).
-fn write_policy_array(
-    map: &mut Array<MapData, Policy>,
-    policies: &[Policy],
-    name: &str,
-) -> Result<()> {
-    for i in 0..MAX_POLICIES {
-        let p = policies.get(i as usize).copied().unwrap_or(Policy::EMPTY);
-        map.set(i, p, 0)
-            .with_context(|| format!("writing {name}[{i}]"))?;
-    }
-    Ok(())
 }
 
 /// The loaded datapath (daemon side).
@@ -630,7 +116,7 @@ impl Datapath {
                 return Err(e);
             }
         };
-        let flow_capacity = pinned_geometry(&pin_dir.join(MAP_FLOWS))?
+        let flow_capacity = pinned_geometry(&pin_dir.join(map::FLOWS))?
             .map(|g| g.max_entries)
             .unwrap_or(max_flows);
         Ok(Datapath {
@@ -660,11 +146,7 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifying program {name}"))?;
         }
-        let maps = Maps::build(|name| {
-            ebpf.take_map(name)
-                .map(Some)
-                .ok_or_else(|| anyhow!("map {name} missing from the object"))
-        })?;
+        let maps = Maps::take_from(&mut ebpf)?;
         Ok((ebpf, maps))
     }
 
@@ -765,66 +247,25 @@ pub fn detach(iface: &str) -> bool {
         .fold(false, |any, p| detach_filter(iface, *p) | any)
 }
 
-/// The maps sized from the config: the flow maps of both families hold
-/// `max_flows` each, the host pins `max_hosts`.
-fn map_sizes(max_flows: u32, max_hosts: u32) -> [(&'static str, u32); 3] {
-    [
-        (MAP_FLOWS, max_flows),
-        (MAP_FLOWS6, max_flows),
-        (MAP_HOST_PINS, max_hosts),
-    ]
+/// The maps sized from the config (`max_flows`, `max_hosts`), with their
+/// sizes.
+fn map_sizes(max_flows: u32, max_hosts: u32) -> Vec<(&'static str, u32)> {
+    MAPS.iter()
+        .filter_map(|m| {
+            let size = match m.sized_by? {
+                Sizing::MaxFlows => max_flows,
+                Sizing::MaxHosts => max_hosts,
+            };
+            Some((m.name, size))
+        })
+        .collect()
 }
-
-/// The maps added for IPv6 (and host pins for both families): a CLI
-/// finding pins without them is talking to an older daemon.
-const IPV6_MAPS: [&str; 7] = [
-    MAP_FLOWS6,
-    MAP_HOST_PINS,
-    MAP_WANS6,
-    MAP_POLICIES6,
-    MAP_RULE_SRC6,
-    MAP_RULE_DST6,
-    MAP_BYPASS6,
-];
-
-/// Maps older versions pinned that this one no longer has: taken over
-/// (`HOSTS` into `HOST_PINS`, see [`migrate`]) and removed by teardown.
-pub const LEGACY_MAPS: [&str; 1] = [MAP_HOSTS];
-
-/// Every map mwan pins, by name.
-pub const PINNED_MAPS: [&str; 25] = [
-    MAP_ABI,
-    MAP_FLOWS,
-    MAP_FLOWS6,
-    MAP_HOST_PINS,
-    MAP_WANS,
-    MAP_WANS6,
-    MAP_WAN_NAMES,
-    MAP_POLICIES,
-    MAP_POLICIES6,
-    MAP_SETTINGS,
-    MAP_WAN_STATS,
-    MAP_GLOBAL_STATS,
-    MAP_RULE_SRC,
-    MAP_RULE_DST,
-    MAP_RULE_SRC6,
-    MAP_RULE_DST6,
-    MAP_RULE_SPORT,
-    MAP_RULE_DPORT,
-    MAP_RULE_PROTO,
-    MAP_RULE_IFACE,
-    MAP_RULE_ACTION,
-    MAP_BYPASS,
-    MAP_BYPASS6,
-    MAP_DOMAIN_DST,
-    MAP_DOMAIN_DST6,
-];
 
 /// Deletes mwan's pins in `pin_dir` (maps are freed when no program uses
 /// them any more) and the directory when it is empty. Anything else there
 /// (other programs' pins, the kernel's `maps.debug` in a bpffs root) stays.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    for name in PINNED_MAPS.into_iter().chain(LEGACY_MAPS) {
+    for name in MAPS.iter().map(|m| m.name).chain(map::LEGACY) {
         // `<name>_OLD`: a map being replaced when a daemon died.
         for p in [pin_dir.join(name), migrate::aside_path(pin_dir, name)] {
             match std::fs::remove_file(&p) {
@@ -944,7 +385,7 @@ pub fn ktime_now_ns() -> u64 {
 /// `BPF_MAP_LOOKUP_BATCH`: one syscall per `chunk` entries instead of two per
 /// entry, so listing a million flows takes a fraction of a second and never
 /// involves the daemon.
-pub fn read_hash_batched<K: aya::Pod + Default, V: aya::Pod + Default>(
+pub fn read_hash_batched<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
     chunk: u32,
     mut each: impl FnMut(&K, &V) -> bool,
@@ -1031,44 +472,45 @@ pub fn read_flows(
     chunk: u32,
     mut each: impl FnMut(AnyFlowKey, &FlowValue) -> bool,
 ) -> Result<()> {
-    let mut go_on = true;
-    read_hash_batched::<FlowKey, FlowValue>(
-        &open_pinned_map(pin_dir, MAP_FLOWS)?,
-        chunk,
-        |k, v| {
-            go_on = each(AnyFlowKey::V4(*k), v);
-            go_on
-        },
-    )?;
-    if !go_on || !pin_dir.join(MAP_FLOWS6).exists() {
-        return Ok(());
+    fn read<F: MapFamily>(
+        pin_dir: &Path,
+        chunk: u32,
+        each: &mut impl FnMut(AnyFlowKey, &FlowValue) -> bool,
+    ) -> Result<bool> {
+        let name = map::names::<F>().flows;
+        if maps::predates(pin_dir, name) {
+            return Ok(true);
+        }
+        let mut go_on = true;
+        read_hash_batched::<F::FlowKey, FlowValue>(
+            &open_pinned_map(pin_dir, name)?,
+            chunk,
+            |k, v| {
+                go_on = each(F::any_flow(*k), v);
+                go_on
+            },
+        )?;
+        Ok(go_on)
     }
-    read_hash_batched::<FlowKey6, FlowValue>(
-        &open_pinned_map(pin_dir, MAP_FLOWS6)?,
-        chunk,
-        |k, v| each(AnyFlowKey::V6(*k), v),
-    )
+    if read::<V4>(pin_dir, chunk, &mut each)? {
+        read::<V6>(pin_dir, chunk, &mut each)?;
+    }
+    Ok(())
 }
 
 /// The pinned flow maps of both families, to rewrite pins from outside
 /// the datapath.
 pub struct FlowMaps {
-    v4: HashMap<MapData, FlowKey, FlowValue>,
-    v6: Option<HashMap<MapData, FlowKey6, FlowValue>>,
+    v4: FlowMap<V4>,
+    v6: Option<FlowMap<V6>>,
 }
 
 impl FlowMaps {
     pub fn open(pin_dir: &Path) -> Result<FlowMaps> {
-        let open =
-            |name: &str| -> Result<Map> { Ok(Map::LruHashMap(open_pinned_map(pin_dir, name)?)) };
-        let v6 = if pin_dir.join(MAP_FLOWS6).exists() {
-            Some(typed(open(MAP_FLOWS6)?, MAP_FLOWS6)?)
-        } else {
-            None
-        };
         Ok(FlowMaps {
-            v4: typed(open(MAP_FLOWS)?, MAP_FLOWS)?,
-            v6,
+            v4: maps::open_flows::<V4>(pin_dir)?
+                .ok_or_else(|| anyhow!("{} is not pinned", map::FLOWS))?,
+            v6: maps::open_flows::<V6>(pin_dir)?,
         })
     }
 
@@ -1078,7 +520,7 @@ impl FlowMaps {
             AnyFlowKey::V6(k) => self
                 .v6
                 .as_mut()
-                .ok_or_else(|| anyhow!("{MAP_FLOWS6} is not pinned"))?
+                .ok_or_else(|| anyhow!("{} is not pinned", map::FLOWS6))?
                 .insert(k, value, 0)?,
         }
         Ok(())

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mwan::config::Config;
 use mwan::control::{self, FlowRecord, HostRecord, Request, Response};
 use mwan::{datapath, output};
-use mwan_common::{HostKey, HostValue, MAP_HOST_PINS, WAN_NONE};
+use mwan_common::{map, HostKey, HostValue, WAN_NONE};
 
 const DEFAULT_CONFIG: &str = "/etc/mwan/mwan.toml";
 
@@ -276,7 +276,7 @@ fn dispatch(cli: Cli) -> Result<u8> {
             let mut flows = read_flows(&pin_dir, wan.as_deref(), *host)?;
             match sort {
                 FlowSort::Recent => flows.sort_by(|a, b| a.idle_secs.total_cmp(&b.idle_secs)),
-                FlowSort::Bytes => flows.sort_by(|a, b| b.bytes.cmp(&a.bytes)),
+                FlowSort::Bytes => flows.sort_by_key(|f| std::cmp::Reverse(f.bytes)),
                 FlowSort::Age => flows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs)),
             }
             if let Some(n) = limit {
@@ -578,7 +578,7 @@ fn read_hosts(cfg: &Config) -> Result<Vec<HostRecord>> {
     let names = wan_names(&cfg.pin_dir)?;
     let now = datapath::ktime_now_ns();
     let ttl = cfg.host_ttl.as_secs_f64();
-    let map = datapath::open_pinned_map(&cfg.pin_dir, MAP_HOST_PINS)?;
+    let map = datapath::open_pinned_map(&cfg.pin_dir, map::HOST_PINS)?;
     let mut out = Vec::new();
     datapath::read_hash_batched::<HostKey, HostValue>(&map, 4096, |k, v| {
         let idle = now.saturating_sub(v.last_seen_ns) as f64 / 1e9;

@@ -381,8 +381,8 @@ impl<'l> Mwan<'l> {
     /// back, as an admin with bpftool could and as an LRU eviction does;
     /// returns how many there were.
     pub fn delete_pins(&self) -> Result<usize> {
-        use mwan_common::{FlowKey, FlowValue, MAP_FLOWS};
-        let data = mwan::datapath::open_pinned_map(&self.lab.ha_pin_dir(self.node), MAP_FLOWS)?;
+        use mwan_common::{map, FlowKey, FlowValue};
+        let data = mwan::datapath::open_pinned_map(&self.lab.ha_pin_dir(self.node), map::FLOWS)?;
         let mut map: aya::maps::HashMap<_, FlowKey, FlowValue> =
             aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
         let keys: Vec<FlowKey> = map.keys().collect::<Result<_, _>>()?;

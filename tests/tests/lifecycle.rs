@@ -651,7 +651,7 @@ fn resized(mwan: &Mwan, from: u32, to: u32) -> MapMigration {
     let m = start
         .maps
         .iter()
-        .find(|m| m.map == mwan_common::MAP_FLOWS && m.action == "resized")
+        .find(|m| m.map == mwan_common::map::FLOWS && m.action == "resized")
         .unwrap_or_else(|| panic!("FLOWS not resized: {start:?}"));
     assert_eq!((m.from, m.to), (Some(from), Some(to)), "{m:?}");
     m.clone()
@@ -670,7 +670,7 @@ fn pinned_entries(lab: &Lab, name: &str) -> u32 {
 /// a connection; a smaller one keeps the most recently used pins.
 #[test]
 fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream() {
-    use mwan_common::MAP_FLOWS;
+    use mwan_common::map;
     let lab = Lab::builder().lan_hosts(3).isps(2).build().unwrap();
     // The host map (unused here: sticky = "connection") is resized alike.
     let text = |n: u32| {
@@ -680,7 +680,7 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
     mwan.wait_all_up(UP).unwrap();
     assert_eq!(mwan.status().flow_capacity, 8192);
-    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 8192);
+    assert_eq!(pinned_entries(&lab, map::FLOWS), 8192);
     let streams = open_streams(&lab, 1);
     let sources: Vec<SocketAddrV4> = streams.iter().map(|s| s.source()).collect();
     all_flowing(&streams, "before the restart");
@@ -771,17 +771,17 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     println!("grow: {m:?}");
     assert!(m.migrated >= 3, "{m:?}");
     assert_eq!(m.dropped, 0, "{m:?}");
-    let hosts = mwan.migration(mwan_common::MAP_HOST_PINS);
+    let hosts = mwan.migration(mwan_common::map::HOST_PINS);
     assert!(
         hosts.as_ref().is_some_and(|h| h.action == "resized"
             && (h.from, h.to) == (Some(4096), Some(32_768))
             && h.migrated == 0),
         "{hosts:?}"
     );
-    assert_eq!(pinned_entries(&lab, mwan_common::MAP_HOST_PINS), 32_768);
-    assert_eq!(pinned_entries(&lab, mwan_common::MAP_FLOWS6), 65_536);
+    assert_eq!(pinned_entries(&lab, mwan_common::map::HOST_PINS), 32_768);
+    assert_eq!(pinned_entries(&lab, mwan_common::map::FLOWS6), 65_536);
     assert_eq!(mwan.status().flow_capacity, 65_536);
-    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 65_536);
+    assert_eq!(pinned_entries(&lab, map::FLOWS), 65_536);
     assert!(
         !lab.pin_dir().join("FLOWS_OLD").exists(),
         "the old map's pin is left"
@@ -807,7 +807,7 @@ fn a_restart_with_another_max_flows_resizes_the_flow_map_without_moving_a_stream
     assert!(m.migrated <= 1024 && m.migrated > 512, "{m:?}");
     assert_eq!(m.dropped, pinned - m.migrated, "{m:?}");
     assert_eq!(mwan.status().flow_capacity, 1024);
-    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 1024);
+    assert_eq!(pinned_entries(&lab, map::FLOWS), 1024);
     all_flowing(&streams, "after shrinking");
     assert_eq!(pins(&mwan, "after shrinking"), wans);
 
@@ -880,7 +880,7 @@ fn run_refused(lab: &Lab, mwan: &Mwan) -> String {
 #[test]
 fn pins_of_another_layout_are_refused_before_anything_changes() {
     use aya::maps::{Array, Map, MapData};
-    use mwan_common::{ABI_VERSION, MAP_ABI, MAP_SETTINGS};
+    use mwan_common::{map, ABI_VERSION};
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
     let clean = router_snapshot(&lab);
     let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
@@ -890,14 +890,14 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
     stop_by_cli(&mut mwan, &["stop"]);
 
     let write_abi = |v: u32| {
-        let data = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
+        let data = MapData::from_pin(lab.pin_dir().join(map::ABI)).unwrap();
         let mut abi: Array<MapData, u32> = Array::try_from(Map::Array(data)).unwrap();
         abi.set(0, v, 0).unwrap();
     };
 
     // A map of another value size under the same marker (a layout change
     // without a version bump).
-    let _settings = replace_pin(&lab, MAP_SETTINGS, "SETTINGS_SAVED", (2, 4, 56, 1));
+    let _settings = replace_pin(&lab, map::SETTINGS, "SETTINGS_SAVED", (2, 4, 56, 1));
     let before = router_snapshot(&lab);
     let out = run_refused(&lab, &mwan);
     println!("another value size:\n{out}");
@@ -911,7 +911,7 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
         "a refused start changed the router"
     );
     still_forwarding(&lab, &streams, "after a refused start");
-    restore_pin(&lab, MAP_SETTINGS);
+    restore_pin(&lab, map::SETTINGS);
 
     // Another version's marker.
     let other = ABI_VERSION + 1;
@@ -952,9 +952,7 @@ fn pins_of_another_layout_are_refused_before_anything_changes() {
 #[test]
 fn counters_of_another_geometry_are_migrated_or_reset() {
     use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
-    use mwan_common::{
-        ABI_VERSION, GS_COUNT, MAP_ABI, MAP_DOMAIN_DST, MAP_GLOBAL_STATS, MAP_WAN_STATS,
-    };
+    use mwan_common::{map, ABI_VERSION, GS_COUNT};
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     let mut mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
     mwan.wait_all_up(UP).unwrap();
@@ -965,7 +963,7 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     let short = GS_COUNT - 2;
     let gs = replace_pin(
         &lab,
-        MAP_GLOBAL_STATS,
+        map::GLOBAL_STATS,
         "GLOBAL_STATS_SAVED",
         (6, 4, 8, short),
     );
@@ -975,17 +973,17 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
         let v = PerCpuValues::try_from(vec![1000 + i as u64; cpus]).unwrap();
         gs.set(i, v, 0).unwrap();
     }
-    replace_pin(&lab, MAP_WAN_STATS, "WAN_STATS_SAVED", (6, 4, 16, 32));
+    replace_pin(&lab, map::WAN_STATS, "WAN_STATS_SAVED", (6, 4, 16, 32));
     // The maps they replaced, used by nothing after the takeover.
-    for name in [MAP_GLOBAL_STATS, MAP_WAN_STATS] {
+    for name in [map::GLOBAL_STATS, map::WAN_STATS] {
         std::fs::remove_file(lab.pin_dir().join(format!("{name}_SAVED"))).unwrap();
     }
     // Pins of the release before the ABI map: the version is read from
     // SETTINGS, and the marker is created.
-    std::fs::remove_file(lab.pin_dir().join(MAP_ABI)).unwrap();
+    std::fs::remove_file(lab.pin_dir().join(map::ABI)).unwrap();
     // Pins of a release before rules by domain name: the new map is
     // created, the layout version stays.
-    std::fs::remove_file(lab.pin_dir().join(MAP_DOMAIN_DST)).unwrap();
+    std::fs::remove_file(lab.pin_dir().join(map::DOMAIN_DST)).unwrap();
 
     take_over(&mut mwan);
     let warnings = mwan.status().start.warnings;
@@ -994,15 +992,16 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
         "{warnings:?}"
     );
     assert!(
-        aya::maps::MapData::from_pin(lab.pin_dir().join(MAP_DOMAIN_DST)).is_ok(),
-        "{MAP_DOMAIN_DST} was not created on takeover"
+        aya::maps::MapData::from_pin(lab.pin_dir().join(map::DOMAIN_DST)).is_ok(),
+        "{} was not created on takeover",
+        map::DOMAIN_DST
     );
-    let abi = MapData::from_pin(lab.pin_dir().join(MAP_ABI)).unwrap();
+    let abi = MapData::from_pin(lab.pin_dir().join(map::ABI)).unwrap();
     let abi: Array<MapData, u32> = Array::try_from(Map::Array(abi)).unwrap();
     assert_eq!(abi.get(&0, 0).unwrap(), ABI_VERSION);
     let maps = mwan.status().start.maps;
     let of = |name: &str| maps.iter().find(|m| m.map == name);
-    let gs = of(MAP_GLOBAL_STATS);
+    let gs = of(map::GLOBAL_STATS);
     assert!(
         gs.is_some_and(|m| m.action == "resized"
             && (m.from, m.to) == (Some(short), Some(GS_COUNT))
@@ -1010,7 +1009,7 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
         "{maps:?}"
     );
     assert!(
-        of(MAP_WAN_STATS).is_some_and(|m| m.action == "reset"),
+        of(map::WAN_STATS).is_some_and(|m| m.action == "reset"),
         "{maps:?}"
     );
     let counters = mwan.status().counters;
@@ -1018,7 +1017,7 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
     // whatever the new datapath counted since.
     assert!(counters["new_flows"] >= 1000 * cpus as u64, "{counters:?}");
     assert!(counters["repins"] >= 1001 * cpus as u64, "{counters:?}");
-    assert_eq!(pinned_entries(&lab, MAP_GLOBAL_STATS), GS_COUNT);
+    assert_eq!(pinned_entries(&lab, map::GLOBAL_STATS), GS_COUNT);
     let seen: Vec<_> = many_tcp_whoami(lab.host(0), TCP_WHOAMI, 100, 8)
         .into_iter()
         .map(|r| r.unwrap())
@@ -1034,7 +1033,7 @@ fn counters_of_another_geometry_are_migrated_or_reset() {
 /// daemon finishes the job without losing a pin or moving a stream.
 #[test]
 fn an_interrupted_resize_is_finished_by_the_next_daemon() {
-    use mwan_common::MAP_FLOWS;
+    use mwan_common::map;
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
     let text = |n: u32| config_with(&lab, &format!("max_flows = {n}"), &|_| String::new(), "");
     let mut mwan = Mwan::start(&lab, &text(8192)).unwrap();
@@ -1054,13 +1053,13 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
 
     // Died right after moving the pin aside.
     stop_by_cli(&mut mwan, &["stop"]);
-    std::fs::rename(lab.pin_dir().join(MAP_FLOWS), &old).unwrap();
+    std::fs::rename(lab.pin_dir().join(map::FLOWS), &old).unwrap();
     std::fs::write(&mwan.config, text(16_384)).unwrap();
     take_over(&mut mwan);
     let maps = mwan.status().start.maps;
     assert!(
         maps.iter()
-            .any(|m| m.map == MAP_FLOWS && m.action == "put back"),
+            .any(|m| m.map == map::FLOWS && m.action == "put back"),
         "{maps:?}"
     );
     let m = resized(&mwan, 8192, 16_384);
@@ -1071,17 +1070,17 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
 
     // Died after the loader pinned the new map, before copying into it.
     stop_by_cli(&mut mwan, &["stop"]);
-    replace_pin(&lab, MAP_FLOWS, "FLOWS_OLD", (9, 16, 40, 32_768));
+    replace_pin(&lab, map::FLOWS, "FLOWS_OLD", (9, 16, 40, 32_768));
     std::fs::write(&mwan.config, text(32_768)).unwrap();
     take_over(&mut mwan);
     let maps = mwan.status().start.maps;
     assert!(
         maps.iter()
-            .any(|m| m.map == MAP_FLOWS && m.action == "merged"),
+            .any(|m| m.map == map::FLOWS && m.action == "merged"),
         "{maps:?}"
     );
     assert!(!old.exists());
-    assert_eq!(pinned_entries(&lab, MAP_FLOWS), 32_768);
+    assert_eq!(pinned_entries(&lab, map::FLOWS), 32_768);
     assert!(pinned(&mwan), "a stream's pin was lost");
     all_flowing(&streams, "after the second interrupted resize");
     for (s, was) in streams.into_iter().zip(sources) {
@@ -1101,7 +1100,7 @@ fn an_interrupted_resize_is_finished_by_the_next_daemon() {
 #[test]
 fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
     use aya::maps::{HashMap, Map, MapData};
-    use mwan_common::{HostValue, MAP_HOSTS, MAP_HOST_PINS};
+    use mwan_common::{map, HostValue};
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
     // isp1 holds 1023 of 1024 slots: a host whose connections all leave
     // through isp2 is there by its pin.
@@ -1113,10 +1112,10 @@ fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
     assert!(msg.contains("keeps forwarding"), "{msg}");
     // The pins as an mwan before IPv6 leaves them: no HOST_PINS, and a
     // HOSTS map pinning the host to isp2 (id 1).
-    std::fs::remove_file(lab.pin_dir().join(MAP_HOST_PINS)).unwrap();
+    std::fs::remove_file(lab.pin_dir().join(map::HOST_PINS)).unwrap();
     let def = aya_obj::Map::new_from_params(9, 4, 16, 1024, 0);
-    let map = MapData::create(def, MAP_HOSTS, None).unwrap();
-    map.pin(lab.pin_dir().join(MAP_HOSTS)).unwrap();
+    let map = MapData::create(def, map::HOSTS, None).unwrap();
+    map.pin(lab.pin_dir().join(map::HOSTS)).unwrap();
     let mut hosts: HashMap<MapData, u32, HostValue> =
         HashMap::try_from(Map::LruHashMap(map)).unwrap();
     let host = lab.host(0).addr();
@@ -1131,7 +1130,7 @@ fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
     drop(hosts);
 
     take_over(&mut mwan);
-    let adopted = mwan.migration(MAP_HOSTS);
+    let adopted = mwan.migration(map::HOSTS);
     assert!(
         adopted
             .as_ref()
@@ -1139,7 +1138,7 @@ fn host_pins_of_an_mwan_before_ipv6_are_adopted() {
         "{adopted:?}"
     );
     assert!(
-        !lab.pin_dir().join(MAP_HOSTS).exists(),
+        !lab.pin_dir().join(map::HOSTS).exists(),
         "the old HOSTS pin is left"
     );
     let listed = mwan.cli_ok(&["hosts"]).unwrap();

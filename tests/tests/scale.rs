@@ -135,7 +135,7 @@ fn flows_lists_a_million_pins_while_forwarding_continues() {
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(Duration::from_secs(30)).unwrap();
     let m = mwan
-        .migration(mwan_common::MAP_FLOWS)
+        .migration(mwan_common::map::FLOWS)
         .unwrap_or_else(|| panic!("FLOWS not migrated: {:?}", mwan.status().start));
     println!("takeover in {:?}: {m:?}", t.elapsed());
     assert_eq!(

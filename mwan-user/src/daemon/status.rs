@@ -273,10 +273,10 @@ impl Daemon {
             flows_counted_secs_ago: counted_ago,
             flow_capacity: self.dp.flow_capacity,
             counters: {
-                let mut c: BTreeMap<String, u64> = datapath::COUNTER_NAMES
+                let mut c: BTreeMap<String, u64> = mwan_common::COUNTERS
                     .iter()
                     .zip(global)
-                    .map(|(n, v)| (n.to_string(), v))
+                    .map(|(c, v)| (c.name.to_string(), v))
                     .collect();
                 // The LRU map evicts silently: pins made that the map no
                 // longer holds (as of the flow count's time).

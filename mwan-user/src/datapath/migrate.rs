@@ -4,7 +4,7 @@
 //! object it loads, so before loading, every pinned map's geometry (type,
 //! key size, value size, max_entries, from `bpf_obj_get_info_by_fd`) is
 //! compared with what the embedded object declares (parsed from its ELF,
-//! with the configured sizes of `FLOWS` and `HOSTS`), and the layout
+//! with the sizes the config sets, `max_flows` and `max_hosts`), and the layout
 //! version in the `ABI` map with [`ABI_VERSION`]:
 //!
 //! * same geometry: the map is reused as it is;
@@ -36,19 +36,21 @@ use tracing::{info, warn};
 use super::raw::{
     lookup, read_batched, read_keyed, update, write_all, Entries, BPF_EXIST, BPF_NOEXIST,
 };
-use super::PINNED_MAPS;
 use crate::control::MapMigration;
 
-const BPF_MAP_TYPE_HASH: u32 = 1;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_HASH: u32 = MapKind::HashMap.map_type();
+const BPF_MAP_TYPE_ARRAY: u32 = MapKind::Array.map_type();
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
-const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = MapKind::PerCpuArray.map_type();
+const BPF_MAP_TYPE_LRU_HASH: u32 = MapKind::LruHashMap.map_type();
 const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
-const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = MapKind::LpmTrie.map_type();
 
-/// Per-CPU counters: a value layout change resets them instead of refusing.
-const COUNTER_MAPS: [&str; 2] = [MAP_WAN_STATS, MAP_GLOBAL_STATS];
+/// Per-CPU counters (`WAN_STATS`, `GLOBAL_STATS`): a value layout change
+/// resets them instead of refusing.
+fn is_counter_map(name: &str) -> bool {
+    MapSpec::of(name).is_some_and(|m| m.kind.per_cpu())
+}
 
 /// The shape of a map as the kernel knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,20 +107,20 @@ impl std::fmt::Display for Geometry {
 /// the loader is told to override (`max_flows`, `max_hosts`).
 pub fn expected(elf: &[u8], sizes: &[(&str, u32)]) -> Result<BTreeMap<&'static str, Geometry>> {
     let obj = aya_obj::Object::parse(elf).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
-    PINNED_MAPS
-        .iter()
-        .map(|name| {
+    MAPS.iter()
+        .map(|spec| {
+            let name = spec.name;
             let m = obj
                 .maps
-                .get(*name)
+                .get(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
             let max_entries = sizes
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| *n == name)
                 .map(|(_, v)| *v)
                 .unwrap_or(m.max_entries());
             Ok((
-                *name,
+                name,
                 Geometry {
                     map_type: m.map_type(),
                     key_size: m.key_size(),
@@ -196,7 +198,7 @@ impl Verdict {
                 from: h.max_entries,
                 to: want.max_entries,
             },
-            Some(h) if COUNTER_MAPS.contains(&name) && h.per_cpu() && want.per_cpu() => {
+            Some(h) if is_counter_map(name) && h.per_cpu() && want.per_cpu() => {
                 Verdict::Reset { from: h, to: want }
             }
             Some(h) => Verdict::Incompatible { have: h, want },
@@ -244,7 +246,7 @@ impl Plan {
     pub fn inherited(&self) -> bool {
         self.maps
             .iter()
-            .any(|(n, v)| *n != MAP_ABI && *v != Verdict::Missing)
+            .any(|(n, v)| *n != map::ABI && *v != Verdict::Missing)
     }
 
     /// Refuses pins this mwan cannot take over, with what to do about them.
@@ -331,11 +333,11 @@ fn read_stored(pin_dir: &Path, have: &BTreeMap<&'static str, Option<Geometry>>) 
         .with_context(|| format!("reading {}", path.display()))?;
         Ok(u32::from_ne_bytes(value[..4].try_into().expect("4 bytes")))
     };
-    match have.get(MAP_ABI).copied().flatten() {
+    match have.get(map::ABI).copied().flatten() {
         Some(g) if g == abi_geometry => {
             // 0: created, never written (a start that failed): the legacy
             // field below may still tell.
-            let v = read_u32(MAP_ABI)?;
+            let v = read_u32(map::ABI)?;
             if v != 0 {
                 return Ok(Stored::Marker(v));
             }
@@ -343,14 +345,14 @@ fn read_stored(pin_dir: &Path, have: &BTreeMap<&'static str, Option<Geometry>>) 
         Some(g) => bail!(
             "{} is {g}, not the layout marker mwan expects ({abi_geometry}): \
              pins of another program? Nothing was changed.",
-            pin_dir.join(MAP_ABI).display()
+            pin_dir.join(map::ABI).display()
         ),
         None => {}
     }
     // `Settings::abi_version` is its first field since layout 1.
-    match have.get(MAP_SETTINGS).copied().flatten() {
+    match have.get(map::SETTINGS).copied().flatten() {
         Some(g) if g.map_type == BPF_MAP_TYPE_ARRAY && g.key_size == 4 && g.value_size >= 4 => {
-            Ok(match read_u32(MAP_SETTINGS)? {
+            Ok(match read_u32(map::SETTINGS)? {
                 0 => Stored::Unknown,
                 v => Stored::Settings(v),
             })
@@ -361,7 +363,7 @@ fn read_stored(pin_dir: &Path, have: &BTreeMap<&'static str, Option<Geometry>>) 
 
 /// Writes this mwan's layout version into the `ABI` map.
 pub fn write_marker(pin_dir: &Path) -> Result<()> {
-    let path = pin_dir.join(MAP_ABI);
+    let path = pin_dir.join(map::ABI);
     let map = MapData::from_pin(&path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     update(
         map.fd().as_fd().as_raw_fd(),
@@ -409,7 +411,7 @@ impl Migration {
     /// [`Plan::check`]; the loader then creates the new maps.
     pub fn prepare(pin_dir: &Path, plan: &Plan) -> Result<Migration> {
         let mut report = Vec::new();
-        for name in PINNED_MAPS {
+        for name in MAPS.iter().map(|m| m.name) {
             let pin = pin_dir.join(name);
             let aside = aside_path(pin_dir, name);
             if !aside.exists() {
@@ -495,8 +497,12 @@ impl Migration {
         self.copied_at_ns = super::ktime_now_ns();
         if let Some((old, og)) = &self.legacy_hosts {
             let n = adopt_hosts(&self.pin_dir, old, *og, 0)?;
-            info!("{n} host pins of {MAP_HOSTS} adopted into {MAP_HOST_PINS} as IPv4 address keys");
-            let mut r = record(MAP_HOSTS, "adopted");
+            info!(
+                "{n} host pins of {} adopted into {} as IPv4 address keys",
+                map::HOSTS,
+                map::HOST_PINS
+            );
+            let mut r = record(map::HOSTS, "adopted");
             r.migrated = n;
             self.report.push(r);
         }
@@ -509,9 +515,9 @@ impl Migration {
                     let t = std::time::Instant::now();
                     let (old_count, kept) = copy_entries(a.name, &a.old, a.old_geometry, &new, ng)?;
                     let unit = match a.name {
-                        MAP_FLOWS | MAP_FLOWS6 => "pins",
-                        MAP_HOST_PINS => "host pins",
-                        n if COUNTER_MAPS.contains(&n) => "counters",
+                        map::FLOWS | map::FLOWS6 => "pins",
+                        map::HOST_PINS => "host pins",
+                        n if is_counter_map(n) => "counters",
                         _ => "entries",
                     };
                     let dropped = old_count.saturating_sub(kept);
@@ -556,7 +562,7 @@ impl Migration {
             if let Err(e) = adopt_hosts(&self.pin_dir, &old, og, since) {
                 warn!(error = %format!("{e:#}"), "adopting the takeover's last host pins");
             }
-            let pin = self.pin_dir.join(MAP_HOSTS);
+            let pin = self.pin_dir.join(map::HOSTS);
             if let Err(e) = std::fs::remove_file(&pin) {
                 warn!(error = %e, "removing {}", pin.display());
             }
@@ -598,7 +604,7 @@ impl Migration {
 /// The `HOSTS` map pinned by an mwan before IPv6, if any, when its layout
 /// is the one that version used (IPv4 address → `HostValue`).
 fn legacy_hosts(pin_dir: &Path) -> Result<Option<(MapData, Geometry)>> {
-    let pin = pin_dir.join(MAP_HOSTS);
+    let pin = pin_dir.join(map::HOSTS);
     let Some(g) = pinned_geometry(&pin)? else {
         return Ok(None);
     };
@@ -620,7 +626,7 @@ fn legacy_hosts(pin_dir: &Path) -> Result<Option<(MapData, Geometry)>> {
 /// into `HOST_PINS` as IPv4 address keys, where there is no pin yet.
 /// Returns how many were copied.
 fn adopt_hosts(pin_dir: &Path, old: &MapData, og: Geometry, since_ns: u64) -> Result<u64> {
-    let pin = pin_dir.join(MAP_HOST_PINS);
+    let pin = pin_dir.join(map::HOST_PINS);
     let new = MapData::from_pin(&pin).map_err(|e| anyhow!("{}: {e}", pin.display()))?;
     let nfd = new.fd().as_fd().as_raw_fd();
     let off = std::mem::offset_of!(HostValue, last_seen_ns);
@@ -716,7 +722,7 @@ fn catch_up(
         let write = match lookup(nfd, k, &mut current) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Some((v.to_vec(), BPF_NOEXIST)),
             Err(e) => return Err(anyhow!("reading {name}: {e}")),
-            Ok(()) if name == MAP_FLOWS || name == MAP_FLOWS6 => {
+            Ok(()) if name == map::FLOWS || name == map::FLOWS6 => {
                 merge_flow(v, &current).map(|m| (m, BPF_EXIST))
             }
             Ok(()) => None,
@@ -760,8 +766,8 @@ fn merge_flow(old: &[u8], new: &[u8]) -> Option<Vec<u8>> {
 /// Where the state maps keep `last_seen_ns` in their values.
 fn recency_offset(name: &str) -> Option<usize> {
     match name {
-        MAP_FLOWS | MAP_FLOWS6 => Some(std::mem::offset_of!(FlowValue, last_seen_ns)),
-        MAP_HOST_PINS => Some(std::mem::offset_of!(HostValue, last_seen_ns)),
+        map::FLOWS | map::FLOWS6 => Some(std::mem::offset_of!(FlowValue, last_seen_ns)),
+        map::HOST_PINS => Some(std::mem::offset_of!(HostValue, last_seen_ns)),
         _ => None,
     }
 }
@@ -816,27 +822,44 @@ mod tests {
 
     #[test]
     fn the_embedded_object_declares_every_pinned_map() {
-        let want = expected(super::super::EBPF_OBJ, &[(MAP_FLOWS, 1000)]).unwrap();
-        assert_eq!(want.len(), PINNED_MAPS.len());
+        let want = expected(super::super::EBPF_OBJ, &[(map::FLOWS, 1000)]).unwrap();
+        assert_eq!(want.len(), MAPS.len());
+        // The object has exactly the registry's maps (no other name), each
+        // as the registry declares it.
+        let obj = aya_obj::Object::parse(super::super::EBPF_OBJ).unwrap();
+        let mut in_object: Vec<&str> = obj.maps.keys().map(|k| k.as_str()).collect();
+        let mut in_registry: Vec<&str> = MAPS.iter().map(|m| m.name).collect();
+        in_object.sort();
+        in_registry.sort();
+        assert_eq!(in_object, in_registry);
+        for m in MAPS.iter().filter(|m| m.name != map::FLOWS) {
+            let declared = Geometry {
+                map_type: m.kind.map_type(),
+                key_size: m.key_size,
+                value_size: m.value_size,
+                max_entries: m.max_entries,
+            };
+            assert_eq!(want[m.name], declared, "{}", m.name);
+        }
         assert_eq!(
-            want[MAP_FLOWS],
+            want[map::FLOWS],
             Geometry {
                 max_entries: 1000,
                 ..FLOWS_8K
             }
         );
-        assert_eq!(want[MAP_HOST_PINS].max_entries, 65_536);
+        assert_eq!(want[map::HOST_PINS].max_entries, 65_536);
         assert_eq!(
-            want[MAP_HOST_PINS].value_size as usize,
+            want[map::HOST_PINS].value_size as usize,
             size_of::<HostValue>()
         );
         assert_eq!(
-            want[MAP_SETTINGS].value_size as usize,
+            want[map::SETTINGS].value_size as usize,
             size_of::<Settings>()
         );
-        assert_eq!(want[MAP_GLOBAL_STATS].max_entries, GS_COUNT);
+        assert_eq!(want[map::GLOBAL_STATS].max_entries, GS_COUNT);
         assert_eq!(
-            want[MAP_ABI],
+            want[map::ABI],
             Geometry {
                 map_type: BPF_MAP_TYPE_ARRAY,
                 key_size: 4,
@@ -853,22 +876,22 @@ mod tests {
             ..FLOWS_8K
         };
         assert_eq!(
-            Verdict::compare(MAP_FLOWS, Some(FLOWS_8K), FLOWS_8K),
+            Verdict::compare(map::FLOWS, Some(FLOWS_8K), FLOWS_8K),
             Verdict::Keep
         );
         assert_eq!(
-            Verdict::compare(MAP_FLOWS, None, FLOWS_8K),
+            Verdict::compare(map::FLOWS, None, FLOWS_8K),
             Verdict::Missing
         );
         assert_eq!(
-            Verdict::compare(MAP_FLOWS, Some(FLOWS_8K), big),
+            Verdict::compare(map::FLOWS, Some(FLOWS_8K), big),
             Verdict::Resize {
                 from: 8192,
                 to: 65_536
             }
         );
         assert_eq!(
-            Verdict::compare(MAP_FLOWS, Some(big), FLOWS_8K),
+            Verdict::compare(map::FLOWS, Some(big), FLOWS_8K),
             Verdict::Resize {
                 from: 65_536,
                 to: 8192
@@ -890,7 +913,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                Verdict::compare(MAP_FLOWS, Some(have), FLOWS_8K),
+                Verdict::compare(map::FLOWS, Some(have), FLOWS_8K),
                 Verdict::Incompatible {
                     have,
                     want: FLOWS_8K
@@ -906,11 +929,11 @@ mod tests {
             max_entries: n,
         };
         assert_eq!(
-            Verdict::compare(MAP_GLOBAL_STATS, Some(gs(9, 8)), gs(11, 8)),
+            Verdict::compare(map::GLOBAL_STATS, Some(gs(9, 8)), gs(11, 8)),
             Verdict::Resize { from: 9, to: 11 }
         );
         assert_eq!(
-            Verdict::compare(MAP_WAN_STATS, Some(gs(32, 24)), gs(32, 32)),
+            Verdict::compare(map::WAN_STATS, Some(gs(32, 24)), gs(32, 32)),
             Verdict::Reset {
                 from: gs(32, 24),
                 to: gs(32, 32)
@@ -918,7 +941,7 @@ mod tests {
         );
         // …but only counters.
         assert!(matches!(
-            Verdict::compare(MAP_POLICIES, Some(gs(65, 1040)), gs(65, 1048)),
+            Verdict::compare(map::POLICIES, Some(gs(65, 1040)), gs(65, 1048)),
             Verdict::Incompatible { .. }
         ));
     }
@@ -928,18 +951,18 @@ mod tests {
         let dir = Path::new("/run/mwan/pins");
         let resize = vec![
             (
-                MAP_FLOWS,
+                map::FLOWS,
                 Verdict::Resize {
                     from: 8192,
                     to: 65_536,
                 },
             ),
-            (MAP_HOST_PINS, Verdict::Keep),
+            (map::HOST_PINS, Verdict::Keep),
         ];
         let bad = vec![
-            (MAP_FLOWS, Verdict::Keep),
+            (map::FLOWS, Verdict::Keep),
             (
-                MAP_SETTINGS,
+                map::SETTINGS,
                 Verdict::Incompatible {
                     have: Geometry {
                         map_type: BPF_MAP_TYPE_ARRAY,
@@ -971,7 +994,7 @@ mod tests {
         );
         // Another version is refused even when every geometry matches.
         let other = ABI_VERSION + 1;
-        let e = plan(Stored::Marker(other), vec![(MAP_FLOWS, Verdict::Keep)])
+        let e = plan(Stored::Marker(other), vec![(map::FLOWS, Verdict::Keep)])
             .check(dir)
             .unwrap_err()
             .to_string();
@@ -997,14 +1020,14 @@ mod tests {
         // Nothing pinned: a fresh start.
         let fresh = plan(
             Stored::Unknown,
-            vec![(MAP_ABI, Verdict::Missing), (MAP_FLOWS, Verdict::Missing)],
+            vec![(map::ABI, Verdict::Missing), (map::FLOWS, Verdict::Missing)],
         );
         assert!(!fresh.inherited());
         assert_eq!(fresh.check(dir).unwrap(), None);
         // …also beside a stray marker of another version.
         let stray = plan(
             Stored::Marker(other),
-            vec![(MAP_ABI, Verdict::Keep), (MAP_FLOWS, Verdict::Missing)],
+            vec![(map::ABI, Verdict::Keep), (map::FLOWS, Verdict::Missing)],
         );
         assert_eq!(stray.check(dir).unwrap(), None);
     }

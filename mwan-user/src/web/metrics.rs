@@ -5,71 +5,14 @@
 
 use std::fmt::Write;
 
+use mwan_common::COUNTERS;
+
 use super::Snapshot;
 use crate::control::WanStatus;
 use crate::health::stats::HealthStats;
 use crate::web::history::unix_secs;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The datapath's global counters (`Status::counters` keys) as families.
-const DATAPATH: [(&str, &str, &str); 11] = [
-    (
-        "new_flows",
-        "mwan_datapath_new_pins_total",
-        "New flows the datapath placed (their first packet; re-pins are counted apart).",
-    ),
-    (
-        "repins",
-        "mwan_datapath_repins_total",
-        "Pinned flows moved to another WAN because theirs was no longer alive.",
-    ),
-    (
-        "host_pin_hits",
-        "mwan_datapath_host_pin_hits_total",
-        "New flows that reused their LAN host's pin (sticky = \"host\").",
-    ),
-    (
-        "bypass",
-        "mwan_datapath_bypass_packets_total",
-        "Packets to local or connected destinations, never pinned.",
-    ),
-    (
-        "midstream_unpinned",
-        "mwan_datapath_midstream_unpinned_total",
-        "First packets of TCP flows that were not a SYN, left to the WAN recorded in conntrack or the main table.",
-    ),
-    (
-        "no_wan",
-        "mwan_datapath_no_wan_total",
-        "New flows while no WAN was eligible (left to the main table or refused by all_down).",
-    ),
-    (
-        "insert_errors",
-        "mwan_datapath_insert_errors_total",
-        "Failed flow or host map inserts.",
-    ),
-    (
-        "not_ipv4",
-        "mwan_datapath_not_ipv4_packets_total",
-        "Packets the classifier leaves alone: not IPv4 (IPv6, ARP, VLAN-tagged), or ICMP other than echo requests.",
-    ),
-    (
-        "premarked",
-        "mwan_datapath_premarked_packets_total",
-        "First packets of flows that already carried an mwan mark (br_netfilter: restored from conntrack).",
-    ),
-    (
-        "malformed",
-        "mwan_datapath_malformed_packets_total",
-        "IPv4 frames with invalid or truncated headers (never pinned).",
-    ),
-    (
-        "fragments",
-        "mwan_datapath_fragments_total",
-        "Non-first IPv4 fragments (never pinned; conntrack reassembles them).",
-    ),
-];
 
 const STATES: [&str; 5] = ["unknown", "up", "degraded", "down", "disabled"];
 
@@ -284,9 +227,11 @@ pub fn render(s: &Snapshot) -> String {
             (age * 1000.0).round() / 1000.0,
         );
     }
-    for (key, name, help) in DATAPATH {
-        o.family(name, "counter", help);
-        o.sample(name, &[], st.counters.get(key).copied().unwrap_or(0) as f64);
+    // The datapath's global counters (`Status::counters` keys).
+    for c in COUNTERS {
+        o.family(c.metric, "counter", c.help);
+        let value = st.counters.get(c.name).copied().unwrap_or(0);
+        o.sample(c.metric, &[], value as f64);
     }
 
     o.state_family(
@@ -541,6 +486,32 @@ mod tests {
         assert!(text
             .contains("mwan_wan_ipv6_state{wan=\"isp2\",interface=\"wan2\",state=\"down\"} 1\n"));
         assert!(!text.contains("mwan_wan_ipv6_up{wan=\"isp1\""));
+    }
+
+    /// docs/METRICS.md names every family the exporter can emit (the
+    /// datapath's counters among them) as `` `name` `` or `` `name{…}` ``.
+    #[test]
+    fn metrics_md_lists_every_family() {
+        let doc = include_str!("../../../docs/METRICS.md");
+        let listed =
+            |name: &str| doc.contains(&format!("`{name}`")) || doc.contains(&format!("`{name}{{"));
+        for c in COUNTERS {
+            assert!(listed(c.metric), "docs/METRICS.md lacks {}", c.metric);
+        }
+        // With every optional family present.
+        let mut s = snapshot();
+        s.status.ha_role = Some("active".into());
+        s.status.flows_counted_secs_ago = Some(1.0);
+        let text = render(&s);
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(families.contains(&"mwan_ha_active"), "{families:?}");
+        assert!(families.contains(&"mwan_flows_count_age_seconds"));
+        let missing: Vec<&&str> = families.iter().filter(|f| !listed(f)).collect();
+        assert!(missing.is_empty(), "docs/METRICS.md lacks {missing:?}");
     }
 
     #[test]

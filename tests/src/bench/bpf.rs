@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use lab::Lab;
-use mwan_common::{FlowKey, FlowValue, MAP_FLOWS, PROG_LAN_ETH};
+use mwan_common::{map, FlowKey, FlowValue, PROG_LAN_ETH};
 
 /// BPF run-time statistics, enabled with `BPF_ENABLE_STATS` for as long as
 /// this value lives (fd-scoped: no sysctl is changed, and the kernel stops
@@ -73,7 +73,7 @@ pub struct MapFacts {
 }
 
 pub fn flow_map_facts(pin_dir: &Path) -> Result<MapFacts> {
-    let map = mwan::datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
+    let map = mwan::datapath::open_pinned_map(pin_dir, map::FLOWS)?;
     let fd = map.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     let field = |name: &str| -> Result<u64> {
@@ -89,7 +89,7 @@ pub fn flow_map_facts(pin_dir: &Path) -> Result<MapFacts> {
 
 /// Entries in the pinned flow map (batched reads).
 pub fn count_flows(pin_dir: &Path) -> Result<u64> {
-    let map = mwan::datapath::open_pinned_map(pin_dir, MAP_FLOWS)?;
+    let map = mwan::datapath::open_pinned_map(pin_dir, map::FLOWS)?;
     let mut n = 0u64;
     mwan::datapath::read_hash_batched::<FlowKey, FlowValue>(&map, 8192, |_, _| {
         n += 1;

@@ -32,7 +32,7 @@ fn load(obj: &[u8], pin_dir: &Path) -> Result<Ebpf> {
         .ok_or_else(|| anyhow!("no {PROG_LAN_ETH}"))?
         .try_into()?;
     prog.load()?;
-    let mut settings: Array<_, Settings> = Array::try_from(ebpf.map_mut(MAP_SETTINGS).unwrap())?;
+    let mut settings: Array<_, Settings> = Array::try_from(ebpf.map_mut(map::SETTINGS).unwrap())?;
     settings.set(
         0,
         Settings {
@@ -48,7 +48,7 @@ fn load(obj: &[u8], pin_dir: &Path) -> Result<Ebpf> {
         wan_mask: 1,
         slots: [0; SLOTS],
     };
-    for (wans, policies) in [(MAP_WANS, MAP_POLICIES), (MAP_WANS6, MAP_POLICIES6)] {
+    for (wans, policies) in [(map::WANS, map::POLICIES), (map::WANS6, map::POLICIES6)] {
         let Some(m) = ebpf.map_mut(wans) else {
             continue;
         };
@@ -80,8 +80,8 @@ fn clear<K: Pod>(ebpf: &mut Ebpf, name: &str) -> Result<()> {
 
 /// ns per packet of `ack` after `syn` pinned its flow.
 fn per_packet(ebpf: &mut Ebpf, syn: &[u8], ack: &[u8]) -> Result<f64> {
-    clear::<FlowKey>(ebpf, MAP_FLOWS)?;
-    clear::<FlowKey6>(ebpf, MAP_FLOWS6)?;
+    clear::<FlowKey>(ebpf, map::FLOWS)?;
+    clear::<FlowKey6>(ebpf, map::FLOWS6)?;
     let prog: &SchedClassifier = ebpf.program(PROG_LAN_ETH).unwrap().try_into()?;
     let run = |frame: &[u8], repeat: u32| {
         prog.test_run(TestRunOptions {
@@ -112,7 +112,7 @@ pub fn measure(obj: &[u8], pin_dir: &Path) -> Result<(f64, Option<f64>)> {
                 .into(),
         ),
     )?;
-    let v6 = match ebpf.map(MAP_FLOWS6) {
+    let v6 = match ebpf.map(map::FLOWS6) {
         None => None,
         Some(_) => Some(per_packet(
             &mut ebpf,

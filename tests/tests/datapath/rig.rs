@@ -10,7 +10,7 @@ use aya::{TestRun, TestRunOptions};
 use ipnet::IpNet;
 use lab::{Ipv4Net, LAN0, LAN1, TUNNEL_IFACE, TUNNEL_ROUTER};
 use mwan::config::{Config, Sticky, StickyKey};
-use mwan::datapath::{self, AnyFlowKey, Datapath, COUNTER_NAMES};
+use mwan::datapath::{self, AnyFlowKey, Datapath};
 use mwan::dns::AddressTable;
 use mwan::family::Family;
 use mwan::policy::{self, CompiledRules, Health, WanView};
@@ -111,21 +111,14 @@ impl Rig {
             Ipv4Net::new(TUNNEL_ROUTER, 32)?,
             "127.0.0.0/8".parse()?,
         ]
-        .map(IpNet::V4)
+        .map(IpNet::from)
         .to_vec();
         self.dp.maps.write_bypass(Family::Ipv4, &bypass)?;
         self.dp.maps.write_bypass(
             Family::Ipv6,
             &[LAN6.parse()?, "fe80::/10".parse()?, "::1/128".parse()?],
         )?;
-        let keys: Vec<FlowKey> = self.dp.maps.flows.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.dp.maps.flows.remove(&k)?;
-        }
-        let keys: Vec<FlowKey6> = self.dp.maps.flows6.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            self.dp.maps.flows6.remove(&k)?;
-        }
+        self.dp.maps.clear_flows();
         let hosts: Vec<HostKey> = self.dp.maps.host_pins.keys().collect::<Result<_, _>>()?;
         for h in hosts {
             self.dp.maps.host_pins.remove(&h)?;
@@ -213,19 +206,14 @@ impl Rig {
             if !c.all_down {
                 *last = c.default_members.clone();
             }
-            match v6 {
-                false => self.dp.maps.write_policies(Family::Ipv4, &c.policies)?,
-                true => self.dp.maps.write_policies(Family::Ipv6, &c.policies)?,
-            }
+            let f = if v6 { Family::Ipv6 } else { Family::Ipv4 };
+            self.dp.maps.write_policies(f, &c.policies)?;
             for (id, alive) in c.alive {
                 let entry = WanEntry {
                     mark: self.cfg.wan_mark(id),
                     alive: alive as u32,
                 };
-                match v6 {
-                    false => self.dp.maps.write_wan(Family::Ipv4, id, entry)?,
-                    true => self.dp.maps.write_wan(Family::Ipv6, id, entry)?,
-                }
+                self.dp.maps.write_wan(f, id, entry)?;
             }
         }
         Ok(())
@@ -276,17 +264,8 @@ impl Rig {
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
-        let mut flows = HashMap::new();
-        for kv in self.dp.maps.flows.iter() {
-            let (k, v) = kv?;
-            flows.insert(AnyFlowKey::V4(k), v);
-        }
-        for kv in self.dp.maps.flows6.iter() {
-            let (k, v) = kv?;
-            flows.insert(AnyFlowKey::V6(k), v);
-        }
         Ok(Snapshot {
-            flows,
+            flows: self.dp.maps.flows()?.into_iter().collect(),
             hosts: self.dp.maps.host_pins.iter().collect::<Result<_, _>>()?,
             counters: self.dp.maps.global_counters()?,
         })
@@ -520,18 +499,11 @@ impl Rig {
             v
         };
         let missing = "aging a pin that does not exist";
-        match p.key() {
-            Some(AnyFlowKey::V4(k)) => {
-                let v = self.dp.maps.flows.get(&k, 0).context(missing)?;
-                self.dp.maps.flows.insert(k, back(v), 0)?;
-            }
-            Some(AnyFlowKey::V6(k)) => {
-                let v = self.dp.maps.flows6.get(&k, 0).context(missing)?;
-                self.dp.maps.flows6.insert(k, back(v), 0)?;
-            }
-            None => bail!("aging a frame that is not IP"),
-        }
-        Ok(())
+        let Some(k) = p.key() else {
+            bail!("aging a frame that is not IP");
+        };
+        let v = self.dp.maps.flow(&k).context(missing)?;
+        self.dp.maps.write_flow(&k, back(v))
     }
 
     /// The classifier's average time (ns, as `BPF_PROG_TEST_RUN` measures
@@ -561,15 +533,10 @@ impl Rig {
             .position(|r| !r.domains.is_empty())
             .map(|i| 1u64 << i)
             .unwrap_or(1);
-        let map = self
-            .dp
-            .maps
-            .domain_dst
-            .as_mut()
-            .ok_or_else(|| anyhow!("no DOMAIN_DST"))?;
+        let map = &mut self.dp.maps.v4.domain_dst;
         let base = u32::from(Ipv4Addr::new(100, 96, 0, 0));
         for i in 0..learned {
-            map.v4.insert(
+            map.insert(
                 u32::from_ne_bytes(Ipv4Addr::from(base + i).octets()),
                 bit,
                 0,
@@ -610,7 +577,7 @@ impl Rig {
                 .zip(&all_before)
                 .enumerate()
                 .filter(|(_, (a, b))| a != b)
-                .map(|(i, (a, b))| format!("{} +{}", COUNTER_NAMES[i], a - b))
+                .map(|(i, (a, b))| format!("{} +{}", COUNTERS[i].name, a - b))
                 .collect::<Vec<_>>()
         );
         self.dp.maps.clear_domain_dst()?;
@@ -666,7 +633,7 @@ fn check_counters(before: &Snapshot, after: &Snapshot, want: &[(u32, u64)]) -> R
             .iter()
             .enumerate()
             .filter(|(_, n)| **n != 0)
-            .map(|(i, n)| format!("{} +{n}", COUNTER_NAMES[i]))
+            .map(|(i, n)| format!("{} +{n}", COUNTERS[i].name))
             .collect();
         if v.is_empty() {
             "none".to_string()
