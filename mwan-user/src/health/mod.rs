@@ -10,6 +10,7 @@
 mod dns;
 mod icmp;
 pub mod machine;
+pub mod passive;
 pub mod probe;
 pub mod stats;
 mod tcp;
