@@ -8,6 +8,7 @@
 #[path = "../../mwan-user/build_support/bpf_toolchain.rs"]
 #[allow(dead_code)]
 mod bpf_toolchain;
+mod deb;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ commands:
   bench [--quick]  measure mwan against plain routing, multipath and an nftables balancer; writes
                    BENCHMARKS.md (root; about 8 minutes, --quick about 2 and writes target/BENCHMARKS-quick.md)
   install [--prefix DIR]  install the binary, the systemd unit and an example config
+  deb [--bin MWAN] [--out DIR] [--no-lintian]
+                   build target/debian/mwan_<version>_<arch>.deb (and check it with lintian);
+                   --bin packages that binary instead of building one
 ";
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
+        Some("deb") => deb(&args[1..]),
         Some("-h") | Some("--help") | Some("help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -381,6 +386,16 @@ fn cargo_test(
     }
     let st = child.wait()?;
     Ok((counts, st.success()))
+}
+
+fn deb(args: &[String]) -> Result<()> {
+    let o = deb::Options::parse(&root(), args)?;
+    ensure_tools(&deb::DEB_TOOLS)?;
+    let bin = match &o.bin {
+        Some(b) => b.clone(),
+        None => build()?,
+    };
+    deb::build(&root(), &bin, &o).map(|_| ())
 }
 
 fn run(args: &[String]) -> Result<()> {
