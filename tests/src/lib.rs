@@ -37,6 +37,7 @@ mod servers;
 mod stop;
 mod sys;
 mod topology;
+pub mod unit;
 
 use std::sync::{Mutex, MutexGuard};
 use std::thread;

@@ -180,12 +180,16 @@ const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), (
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
 /// Chromium, for the metrics endpoint and status page tests; dnsmasq (the
 /// binary alone, `dnsmasq-base`: no service) as the resolver of the domain
-/// rules test and the ISPs' Router Advertisement server in dual-stack labs.
-const TEST_TOOLS: [(&str, &str); 4] = [
+/// rules test and the ISPs' Router Advertisement server in dual-stack labs;
+/// `systemd-analyze`, which rates the unit's sandbox (no systemd needs to
+/// run), and `setpriv`, which applies the unit's capabilities by hand.
+const TEST_TOOLS: [(&str, &str); 6] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("dnsmasq", "dnsmasq-base"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
 ];
 
 /// The dual-stack lab's RA server, for the bench's IPv6 section.
@@ -303,6 +307,7 @@ fn test(args: &[String]) -> Result<()> {
     ensure_runtime_tools()?;
     ensure_tools(&TEST_TOOLS)?;
     ensure_tools(&HA_TOOLS)?;
+    ensure_tools(&deb::DEB_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut total = Counts::default();
@@ -363,6 +368,8 @@ fn cargo_test(
         .arg("--")
         .args(args)
         .env("MWAN_BIN", bin)
+        // The package test builds the package with this xtask.
+        .env("MWAN_XTASK", std::env::current_exe()?)
         .env("MWAN_LAB_ROUTER", kind)
         .stdout(std::process::Stdio::piped())
         .spawn()
