@@ -5,11 +5,14 @@
 //! Applied: `CapabilityBoundingSet` (mwan runs as root, so the bounding set
 //! is what it gets, as under systemd) and `NoNewPrivileges` with `setpriv`;
 //! in a private mount namespace (`unshare`): `ProtectSystem=strict` (every
-//! mount read-only but /dev, /proc and /sys), `ProtectKernelTunables`
-//! (/proc/sys and /sys read-only), `ReadWritePaths`, `RuntimeDirectory`,
-//! `PrivateTmp`, `PrivateDevices` and `ProtectHome`. Not applied: the
-//! seccomp filters (`SystemCallFilter`, `RestrictAddressFamilies`,
-//! `MemoryDenyWriteExecute`...), which need systemd itself.
+//! mount read-only but /dev, /proc and /sys), `ReadOnlyPaths`,
+//! `ReadWritePaths`, `RuntimeDirectory`, `PrivateTmp`, `PrivateDevices`,
+//! `ProtectHome`, and `ProtectKernelTunables` as systemd 252 does it
+//! (/proc/sys and /sys read-only, including a mount under /sys that
+//! `ReadWritePaths` names, such as /sys/fs/bpf). Not applied: the seccomp
+//! filters (`SystemCallFilter`, `RestrictAddressFamilies`,
+//! `MemoryDenyWriteExecute`...), which need systemd itself: the container
+//! test in tests/tests/package.rs runs the unit under a real systemd.
 //!
 //! A lab's daemon keeps its pins and state in the lab's directories, not in
 //! /sys/fs/bpf and /run/mwan: [`UnitSandbox::wrapper`] is told where each
@@ -27,6 +30,8 @@ pub struct UnitSandbox {
     pub no_new_privileges: bool,
     pub protect_system_strict: bool,
     pub protect_kernel_tunables: bool,
+    /// `ReadOnlyPaths` (a leading `-`: ignored when missing).
+    pub read_only_paths: Vec<PathBuf>,
     pub read_write_paths: Vec<PathBuf>,
     /// `RuntimeDirectory`, as paths under /run.
     pub runtime_dirs: Vec<PathBuf>,
@@ -79,6 +84,7 @@ impl UnitSandbox {
                 "NoNewPrivileges" => s.no_new_privileges = yes(value),
                 "ProtectSystem" => s.protect_system_strict = value == "strict",
                 "ProtectKernelTunables" => s.protect_kernel_tunables = yes(value),
+                "ReadOnlyPaths" => s.read_only_paths.extend(words().map(PathBuf::from)),
                 "ReadWritePaths" => s.read_write_paths.extend(words().map(PathBuf::from)),
                 "RuntimeDirectory" => {
                     s.runtime_dirs
@@ -122,6 +128,21 @@ impl UnitSandbox {
                  mount -n -o remount,bind,ro \"$m\" ;; esac; done"
             ));
         }
+        for p in &self.read_only_paths {
+            let (optional, p) = match p.to_str().and_then(|s| s.strip_prefix('-')) {
+                Some(rest) => (true, PathBuf::from(rest)),
+                None => (false, p.clone()),
+            };
+            let ro = format!(
+                "mount -n --bind '{0}' '{0}' && mount -n -o remount,bind,ro '{0}'",
+                p.display()
+            );
+            script.push(if optional {
+                format!("if [ -e '{}' ]; then {ro}; fi", p.display())
+            } else {
+                ro
+            });
+        }
         if self.private_tmp {
             script.push("mount -n -t tmpfs -o mode=1777 tmpfs /tmp".into());
             script.push("mount -n -t tmpfs -o mode=1777 tmpfs /var/tmp".into());
@@ -141,12 +162,17 @@ impl UnitSandbox {
                     .into(),
             );
         }
-        for p in self.read_write_paths.iter().chain(&self.runtime_dirs) {
-            let p = lab_path(p);
+        for unit_path in self.read_write_paths.iter().chain(&self.runtime_dirs) {
+            let p = lab_path(unit_path);
             script.push(format!(
                 "mount -n --bind '{0}' '{0}' && mount -n -o remount,bind,rw '{0}'",
                 p.display()
             ));
+            // systemd 252 leaves a mount under /sys read-only with
+            // ProtectKernelTunables, whatever ReadWritePaths says.
+            if self.protect_kernel_tunables && unit_path.starts_with("/sys") {
+                script.push(format!("mount -n -o remount,bind,ro '{}'", p.display()));
+            }
         }
         let caps: String = self.caps.iter().map(|c| format!(",+{c}")).collect();
         let nnp = if self.no_new_privileges {
@@ -182,7 +208,11 @@ mod tests {
         let unit = include_str!("../../mwan-user/packaging/mwan.service");
         let s = UnitSandbox::parse(unit).unwrap();
         assert!(s.caps.contains(&"net_admin".to_string()), "{s:?}");
-        assert!(s.no_new_privileges && s.protect_system_strict && s.protect_kernel_tunables);
+        assert!(s.no_new_privileges && s.protect_system_strict);
+        assert!(
+            s.read_only_paths.contains(&PathBuf::from("/proc/sys")),
+            "{s:?}"
+        );
         assert_eq!(s.runtime_dirs, [PathBuf::from("/run/mwan")]);
         assert!(s.read_write_paths.contains(&PathBuf::from("/proc/sys/net")));
         let w = s.without_cap("net_admin").wrapper(&|p| p.to_path_buf());
