@@ -19,7 +19,9 @@
 //! ```
 
 mod client;
+pub mod container;
 mod ctx;
+pub mod deb;
 mod dns;
 mod dual;
 pub mod ha;

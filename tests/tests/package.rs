@@ -227,25 +227,6 @@ fn runs_and_forwards(lab: &Lab, sandbox: &UnitSandbox) -> bool {
     works
 }
 
-/// The xtask binary (`cargo xtask test` sets `MWAN_XTASK` to itself; a
-/// relative path is from the workspace root), else the workspace's debug
-/// build of it.
-fn xtask() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    if let Some(p) = std::env::var_os("MWAN_XTASK") {
-        return root.join(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let p = target.join("debug/xtask");
-    assert!(
-        p.is_file(),
-        "no xtask binary: run `cargo xtask test` (or set MWAN_XTASK)"
-    );
-    p
-}
-
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -359,29 +340,9 @@ fn installed_config(lab: &Lab) -> String {
 #[test]
 fn the_package_builds_passes_lintian_and_installs() {
     let lab = Lab::builder().lan_hosts(1).isps(2).build().unwrap();
-    let out_dir = lab.dir().join("deb");
-    let bin = lab::mwan::binary();
-    let build = std::process::Command::new(xtask())
-        .args(["deb", "--no-lintian", "--bin"])
-        .arg(&bin)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(build.status.success(), "cargo xtask deb: {}", text(&build));
-    let debs: Vec<PathBuf> = std::fs::read_dir(&out_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    assert_eq!(debs.len(), 1, "{debs:?}");
-    let deb = &debs[0];
+    let deb = &lab::deb::build(&lab);
+    let out_dir = deb.parent().unwrap().to_path_buf();
     let name = deb.file_name().unwrap().to_str().unwrap().to_string();
-    assert!(
-        name.starts_with(&format!("mwan_{}_", env!("CARGO_PKG_VERSION"))),
-        "{name}"
-    );
     check_contents(deb);
     check_lintian(deb);
     install_and_remove(&lab, &out_dir, &name);

@@ -182,14 +182,18 @@ const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), (
 /// binary alone, `dnsmasq-base`: no service) as the resolver of the domain
 /// rules test and the ISPs' Router Advertisement server in dual-stack labs;
 /// `systemd-analyze`, which rates the unit's sandbox (no systemd needs to
-/// run), and `setpriv`, which applies the unit's capabilities by hand.
-const TEST_TOOLS: [(&str, &str); 6] = [
+/// run), `setpriv`, which applies the unit's capabilities by hand, and
+/// `systemd-nspawn` and `mmdebstrap`, which boot a fresh Debian in a
+/// container to run the package's unit under a real systemd.
+const TEST_TOOLS: [(&str, &str); 8] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("dnsmasq", "dnsmasq-base"),
     ("systemd-analyze", "systemd"),
     ("setpriv", "util-linux"),
+    ("systemd-nspawn", "systemd-container"),
+    ("mmdebstrap", "mmdebstrap"),
 ];
 
 /// The dual-stack lab's RA server, for the bench's IPv6 section.
