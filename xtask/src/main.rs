@@ -401,7 +401,11 @@ fn cargo_test(
 
 fn deb(args: &[String]) -> Result<()> {
     let o = deb::Options::parse(&root(), args)?;
-    ensure_tools(&deb::DEB_TOOLS)?;
+    let tools: Vec<(&str, &str)> = deb::DEB_TOOLS
+        .into_iter()
+        .filter(|(bin, _)| o.lintian || *bin != "lintian")
+        .collect();
+    ensure_tools(&tools)?;
     let bin = match &o.bin {
         Some(b) => b.clone(),
         None => build()?,
