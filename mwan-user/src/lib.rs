@@ -2,6 +2,7 @@
 //!
 //! See docs/ARCHITECTURE.md for how the pieces fit.
 pub mod checksum;
+pub mod cli;
 pub mod config;
 pub mod conntrack;
 pub mod control;

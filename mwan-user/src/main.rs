@@ -7,123 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
+use mwan::cli::{exit, Cli, Cmd, FlowSort};
 use mwan::config::Config;
 use mwan::control::{self, FlowRecord, HostRecord, Request, Response};
 use mwan::{datapath, output};
 use mwan_common::{map, HostKey, HostValue, WAN_NONE};
-
-const DEFAULT_CONFIG: &str = "/etc/mwan/mwan.toml";
-
-/// Exit codes (documented in docs/CLI.md).
-mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const NOT_RUNNING: u8 = 3;
-    pub const SOME_DOWN: u8 = 4;
-    pub const ALL_DOWN: u8 = 5;
-    pub const DENIED: u8 = 6;
-}
-
-#[derive(Parser)]
-#[command(
-    name = "mwan",
-    version,
-    about = "Multi-WAN load balancing and failover with an eBPF datapath"
-)]
-struct Cli {
-    /// The config file (also tells the CLI where the daemon's socket and pins are).
-    #[arg(short, long, global = true, default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// Talk to the daemon on this socket instead of the config's.
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the daemon in the foreground.
-    Run {
-        /// On SIGTERM/SIGINT leave the datapath running (for restarts and
-        /// upgrades); by default everything mwan added is removed.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// Validate the config (syntax, values, interfaces); exit 0 or 1.
-    Check,
-    /// WAN states, shares, health and counters.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Pinned flows (read from the pinned maps; works without the daemon).
-    Flows {
-        #[arg(long)]
-        json: bool,
-        /// Only flows pinned to this WAN ("main" for unbalanced flows).
-        #[arg(long)]
-        wan: Option<String>,
-        /// Only flows from this LAN address (IPv4 or IPv6).
-        #[arg(long)]
-        host: Option<IpAddr>,
-        /// At most this many flows (after sorting).
-        #[arg(long)]
-        limit: Option<usize>,
-        #[arg(long, value_enum, default_value_t = FlowSort::Recent)]
-        sort: FlowSort,
-    },
-    /// Per-host pins (sticky = "host").
-    Hosts {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Addresses learned from DNS answers for rules by domain name.
-    Domains {
-        #[arg(long)]
-        json: bool,
-        /// Only names equal to this domain or under it.
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Change a WAN's weight at once (new flows only; until reload).
-    SetWeight { wan: String, weight: u32 },
-    /// No new flows through a WAN; its existing flows stay.
-    Drain { wan: String },
-    /// Undo `drain` and `disable`.
-    Enable { wan: String },
-    /// Take a WAN out completely: its flows move to other WANs.
-    Disable { wan: String },
-    /// Re-read the config (same as SIGHUP); an invalid config is refused.
-    Reload,
-    /// Stop the daemon. The datapath keeps forwarding (restart/upgrade)
-    /// unless --teardown, which removes everything mwan added (also when
-    /// no daemon runs).
-    Stop {
-        #[arg(long)]
-        teardown: bool,
-    },
-    /// Install this binary, the systemd unit and an example config.
-    Install {
-        /// Install under this directory instead of / (for packaging).
-        #[arg(long, default_value = "/")]
-        root: PathBuf,
-        /// Also install an HA pair's keepalived and conntrackd configs
-        /// (commented examples) and mwan's notify and track scripts.
-        #[arg(long)]
-        ha: bool,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum FlowSort {
-    /// Most recently active first.
-    Recent,
-    /// Most bytes first.
-    Bytes,
-    /// Oldest first.
-    Age,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -333,6 +222,22 @@ fn dispatch(cli: Cli) -> Result<u8> {
 const UNIT: &str = include_str!("../packaging/mwan.service");
 const EXAMPLE_CONFIG: &str = include_str!("../packaging/mwan.example.toml");
 
+/// The packaged files name the Debian package's paths; a source install
+/// (`mwan install`) puts the binary and the hooks under /usr/local instead,
+/// and its copies of the unit and the HA configs say so.
+const LOCAL_PATHS: [(&str, &str); 2] = [
+    ("/usr/sbin/mwan", "/usr/local/sbin/mwan"),
+    ("/usr/lib/mwan/", "/usr/local/lib/mwan/"),
+];
+
+fn local_paths(text: &str) -> String {
+    LOCAL_PATHS
+        .iter()
+        .fold(text.to_string(), |t, (package, local)| {
+            t.replace(package, local)
+        })
+}
+
 /// `install --ha`: the HA pair's files (docs/HA.md), as (path under the
 /// root, text, mode); configs are kept when they exist (the example goes
 /// beside them as `NAME.mwan-example`).
@@ -378,7 +283,11 @@ fn install(root: &Path, ha: bool) -> Result<u8> {
     };
     let exe = std::fs::read(std::env::current_exe()?).context("reading this binary")?;
     put("usr/local/sbin/mwan", &exe, 0o755)?;
-    put("etc/systemd/system/mwan.service", UNIT.as_bytes(), 0o644)?;
+    put(
+        "etc/systemd/system/mwan.service",
+        local_paths(UNIT).as_bytes(),
+        0o644,
+    )?;
     let config = root.join("etc/mwan/mwan.toml");
     if config.exists() {
         put(
@@ -392,10 +301,11 @@ fn install(root: &Path, ha: bool) -> Result<u8> {
     }
     if ha {
         for (rel, text) in HA_SCRIPTS {
-            put(rel, text.as_bytes(), 0o755)?;
+            put(rel, local_paths(text).as_bytes(), 0o755)?;
         }
         for (rel, text) in HA_CONFIGS {
             let p = root.join(rel);
+            let text = local_paths(text);
             if p.exists() {
                 put(&format!("{rel}.mwan-example"), text.as_bytes(), 0o644)?;
                 println!("kept the existing {}", p.display());

@@ -19,7 +19,9 @@
 //! ```
 
 mod client;
+pub mod container;
 mod ctx;
+pub mod deb;
 mod dns;
 mod dual;
 pub mod ha;
@@ -37,6 +39,7 @@ mod servers;
 mod stop;
 mod sys;
 mod topology;
+pub mod unit;
 
 use std::sync::{Mutex, MutexGuard};
 use std::thread;

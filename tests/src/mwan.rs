@@ -153,6 +153,8 @@ pub struct Mwan<'l> {
     proc: Option<Proc>,
     /// Extra environment of the daemon (besides `MWAN_LOG`).
     env: Vec<(String, String)>,
+    /// A command the daemon is started through (its argv comes after).
+    via: Vec<String>,
 }
 
 impl<'l> Mwan<'l> {
@@ -202,8 +204,27 @@ impl<'l> Mwan<'l> {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            via: Vec::new(),
         };
         m.launch(run_args)?;
+        Ok(m)
+    }
+
+    /// Like [`Mwan::start`], the daemon started through the command `via`
+    /// (e.g. [`crate::unit::UnitSandbox::wrapper`]), also on later
+    /// [`Mwan::launch`]es.
+    pub fn start_via(lab: &'l Lab, config_text: &str, via: &[String]) -> Result<Mwan<'l>> {
+        let config = lab.dir().join("mwan.toml");
+        std::fs::write(&config, config_text)?;
+        let mut m = Mwan {
+            lab,
+            node: 0,
+            config,
+            proc: None,
+            env: Vec::new(),
+            via: via.to_vec(),
+        };
+        m.launch(&[])?;
         Ok(m)
     }
 
@@ -211,13 +232,17 @@ impl<'l> Mwan<'l> {
     pub fn launch(&mut self, run_args: &[&str]) -> Result<()> {
         let bin = binary();
         let config = self.config.display().to_string();
-        let mut args = vec!["--config", &config, "run"];
-        args.extend_from_slice(run_args);
+        let mut argv: Vec<&str> = self.via.iter().map(String::as_str).collect();
+        argv.extend([
+            bin.to_str().expect("utf-8 path"),
+            "--config",
+            &config,
+            "run",
+        ]);
+        argv.extend_from_slice(run_args);
         let mut env = vec![("MWAN_LOG", "info")];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let proc = self
-            .router()
-            .spawn(bin.to_str().expect("utf-8 path"), &args, &env)?;
+        let proc = self.router().spawn(argv[0], &argv[1..], &env)?;
         let socket = self.socket();
         let ready = wait_until(Duration::from_secs(15), || {
             !proc.is_running() || (socket.exists() && self.try_status().is_ok())

@@ -8,6 +8,7 @@
 #[path = "../../mwan-user/build_support/bpf_toolchain.rs"]
 #[allow(dead_code)]
 mod bpf_toolchain;
+mod deb;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ commands:
   bench [--quick]  measure mwan against plain routing, multipath and an nftables balancer; writes
                    BENCHMARKS.md (root; about 8 minutes, --quick about 2 and writes target/BENCHMARKS-quick.md)
   install [--prefix DIR]  install the binary, the systemd unit and an example config
+  deb [--bin MWAN] [--out DIR] [--no-lintian]
+                   build target/debian/mwan_<version>_<arch>.deb (and check it with lintian);
+                   --bin packages that binary instead of building one
 ";
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
+        Some("deb") => deb(&args[1..]),
         Some("-h") | Some("--help") | Some("help") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -175,12 +180,20 @@ const LAB_TOOLS: [(&str, &str); 3] = [("nft", "nftables"), ("ip", "iproute2"), (
 /// Programs only the tests need: Prometheus (`promtool` and the server) and
 /// Chromium, for the metrics endpoint and status page tests; dnsmasq (the
 /// binary alone, `dnsmasq-base`: no service) as the resolver of the domain
-/// rules test and the ISPs' Router Advertisement server in dual-stack labs.
-const TEST_TOOLS: [(&str, &str); 4] = [
+/// rules test and the ISPs' Router Advertisement server in dual-stack labs;
+/// `systemd-analyze`, which rates the unit's sandbox (no systemd needs to
+/// run), `setpriv`, which applies the unit's capabilities by hand, and
+/// `systemd-nspawn` and `mmdebstrap`, which boot a fresh Debian in a
+/// container to run the package's unit under a real systemd.
+const TEST_TOOLS: [(&str, &str); 8] = [
     ("promtool", "prometheus"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("dnsmasq", "dnsmasq-base"),
+    ("systemd-analyze", "systemd"),
+    ("setpriv", "util-linux"),
+    ("systemd-nspawn", "systemd-container"),
+    ("mmdebstrap", "mmdebstrap"),
 ];
 
 /// The dual-stack lab's RA server, for the bench's IPv6 section.
@@ -298,6 +311,7 @@ fn test(args: &[String]) -> Result<()> {
     ensure_runtime_tools()?;
     ensure_tools(&TEST_TOOLS)?;
     ensure_tools(&HA_TOOLS)?;
+    ensure_tools(&deb::DEB_TOOLS)?;
     let bin = build()?;
     let t = Instant::now();
     let mut total = Counts::default();
@@ -358,6 +372,8 @@ fn cargo_test(
         .arg("--")
         .args(args)
         .env("MWAN_BIN", bin)
+        // The package test builds the package with this xtask.
+        .env("MWAN_XTASK", std::env::current_exe()?)
         .env("MWAN_LAB_ROUTER", kind)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -381,6 +397,20 @@ fn cargo_test(
     }
     let st = child.wait()?;
     Ok((counts, st.success()))
+}
+
+fn deb(args: &[String]) -> Result<()> {
+    let o = deb::Options::parse(&root(), args)?;
+    let tools: Vec<(&str, &str)> = deb::DEB_TOOLS
+        .into_iter()
+        .filter(|(bin, _)| o.lintian || *bin != "lintian")
+        .collect();
+    ensure_tools(&tools)?;
+    let bin = match &o.bin {
+        Some(b) => b.clone(),
+        None => build()?,
+    };
+    deb::build(&root(), &bin, &o).map(|_| ())
 }
 
 fn run(args: &[String]) -> Result<()> {
