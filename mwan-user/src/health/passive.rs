@@ -164,9 +164,7 @@ impl Detector {
     /// when the probes should confirm now (at most once per
     /// [`BURST_SPACING`]).
     pub fn on_read(&mut self, c: Counters, now: Instant) -> Option<Suspicion> {
-        let Some(last) = self.last.replace(c) else {
-            return None;
-        };
+        let last = self.last.replace(c)?;
         if c.syns < last.syns || c.answered < last.answered {
             // The datapath's counters restarted (a new map).
             self.reset();
