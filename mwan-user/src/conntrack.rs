@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{bail, Context, Result};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
-use crate::routing::{force_rcvbuf, op_error};
+use crate::netlink::{force_rcvbuf, op_error};
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
