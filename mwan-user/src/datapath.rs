@@ -26,6 +26,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use mwan_common::*;
 
 use crate::config::{Config, Sticky, StickyKey};
+use crate::dns::learned::{Change, LearnedSink};
 use crate::policy::CompiledRules;
 
 mod migrate;
@@ -363,24 +364,26 @@ impl Maps {
     }
 
     /// Applies changes of the learned-address table
-    /// ([`crate::dns::learned`]) to `DOMAIN_DST`: a new mask, or a deletion.
-    /// Each write is one `bpf()` call; when it returns, the classifier's next
-    /// lookup sees it (so a DNS answer may be released).
-    pub fn write_domain_dst(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+    /// ([`crate::dns::learned`]) to `DOMAIN_DST` (tests; the daemon lends
+    /// the maps to the DNS relay, see [`DomainMaps`]).
+    pub fn write_domain_dst(&mut self, changes: &[Change]) -> Result<()> {
         self.domain_dst
             .as_mut()
-            .ok_or_else(|| anyhow!("map {MAP_DOMAIN_DST} is not pinned"))?
-            .write(changes)
+            .ok_or_else(|| {
+                anyhow!("map {MAP_DOMAIN_DST} is not here (not pinned, or lent to the DNS relay)")
+            })?
+            .apply(changes)
     }
 
     /// Empties `DOMAIN_DST` and `DOMAIN_DST6` (a start: what another daemon
     /// learned has no expiry record here, and its masks index that daemon's
-    /// rules).
+    /// rules). Nothing to do while the maps are lent to the relay, which
+    /// emptied them when it started.
     pub fn clear_domain_dst(&mut self) -> Result<()> {
-        if let Some(maps) = self.domain_dst.as_mut() {
-            maps.clear();
+        match self.domain_dst.as_mut() {
+            Some(maps) => maps.clear(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Per-WAN counters summed over CPUs, by WAN id.
@@ -444,28 +447,18 @@ pub fn settings(cfg: &Config, rules: &CompiledRules, rule_count: u32) -> Setting
 
 /// The learned destinations of rules by domain name: `DOMAIN_DST`
 /// (IPv4, from A records) and `DOMAIN_DST6` (IPv6, from AAAA records).
+/// The daemon has one handle on the pair ([`Maps::domain_dst`]) and lends
+/// it to the DNS relay while one runs (the relay's [`LearnedSink`]): one
+/// writer, which learns and expires what it wrote.
 pub struct DomainMaps {
     pub v4: HashMap<MapData, u32, u64>,
     pub v6: HashMap<MapData, [u8; 16], u64>,
 }
 
-impl DomainMaps {
-    /// Opens the pair pinned in `pin_dir` (the DNS relay's own handles).
-    pub fn open_pinned(pin_dir: &Path) -> Result<DomainMaps> {
-        let open =
-            |name: &str| -> Result<Map> { Ok(Map::HashMap(open_pinned_map(pin_dir, name)?)) };
-        Ok(DomainMaps {
-            v4: HashMap::try_from(open(MAP_DOMAIN_DST)?)
-                .map_err(|e| anyhow!("{MAP_DOMAIN_DST}: {e}"))?,
-            v6: HashMap::try_from(open(MAP_DOMAIN_DST6)?)
-                .map_err(|e| anyhow!("{MAP_DOMAIN_DST6}: {e}"))?,
-        })
-    }
-
-    /// Writes learned-address changes ([`crate::dns::learned`]): a new
-    /// mask, or a deletion; one `bpf()` call each, so when it returns the
-    /// classifier's next lookup sees it.
-    pub fn write(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+impl LearnedSink for DomainMaps {
+    /// A new mask, or a deletion; one `bpf()` call each, so when it returns
+    /// the classifier's next lookup sees it.
+    fn apply(&mut self, changes: &[Change]) -> Result<()> {
         for (addr, mask) in changes {
             let done = match addr {
                 IpAddr::V4(a) => set_or_remove(&mut self.v4, u32::from_ne_bytes(a.octets()), *mask),
@@ -481,7 +474,7 @@ impl DomainMaps {
         Ok(())
     }
 
-    pub fn clear(&mut self) {
+    fn clear(&mut self) -> Result<()> {
         let keys: Vec<u32> = self.v4.keys().filter_map(|k| k.ok()).collect();
         for k in keys {
             let _ = self.v4.remove(&k);
@@ -490,6 +483,7 @@ impl DomainMaps {
         for k in keys {
             let _ = self.v6.remove(&k);
         }
+        Ok(())
     }
 }
 

@@ -98,7 +98,7 @@ struct Daemon {
     reloads_ok: u64,
     reloads_failed: u64,
     /// The DNS relay of rules by domain name, while a rule has domains.
-    relay: Option<crate::dns::relay::Relay>,
+    relay: Option<crate::dns::relay::Relay<datapath::DomainMaps>>,
     /// The nftables divert of LAN DNS queries to `relay`.
     divert: Option<nft::Divert>,
     _lock: std::fs::File,
@@ -624,7 +624,10 @@ impl Daemon {
     /// nftables divert follows `self.divert` in `sync_nft`). What was
     /// learned is forgotten: its masks index the rules as they were.
     fn sync_relay(&mut self) -> Result<()> {
-        self.relay = None;
+        if let Some(relay) = self.relay.take() {
+            // The relay had the one handle on DOMAIN_DST: back to the maps.
+            self.dp.maps.domain_dst = Some(relay.stop());
+        }
         if let Some(d) = self.divert.take() {
             forget_diverted(d.port);
         }
@@ -632,12 +635,22 @@ impl Daemon {
         if !self.cfg.has_domain_rules() {
             return Ok(());
         }
+        let sink = self
+            .dp
+            .maps
+            .domain_dst
+            .take()
+            .context("no DOMAIN_DST map")?;
         let relay = crate::dns::relay::Relay::start(
-            &self.cfg.pin_dir,
+            sink,
             self.cfg.domain_matcher(),
             self.cfg.domain_ttl_floor,
             self.cfg.domain_ttl_grace,
-        )?;
+        )
+        .map_err(|e| {
+            self.dp.maps.domain_dst = Some(e.sink);
+            e.error
+        })?;
         self.divert = Some(nft::Divert {
             lans: self.cfg.lan_interfaces.clone(),
             port: relay.port,
