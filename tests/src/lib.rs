@@ -21,6 +21,7 @@
 mod client;
 mod ctx;
 mod dns;
+pub mod dnsperf;
 mod dual;
 pub mod ha;
 pub mod http;

@@ -88,13 +88,21 @@ pub(super) async fn receive<S: LearnedSink>(sock: Arc<UdpSocket>, shared: Arc<Sh
     }
 }
 
-/// Starts the queued queries there are places for, clients in turn.
+/// Starts the queued queries there are places for, clients in turn: a
+/// task each, so that the runtime's threads share the work (sending a
+/// query carries it through the router's stack to the next hop).
 pub(super) fn serve<S: LearnedSink>(shared: &Arc<Shared<S>>) {
     loop {
         let next = shared.fair.lock().expect("fair lock").next_to_run();
         let Some((client, p)) = next else { return };
-        if !start(shared, p) {
-            shared.fair.lock().expect("fair lock").done(client);
+        let s = shared.clone();
+        let spawned = shared.spawn(async move {
+            exchange(&s, p).await;
+            s.fair.lock().expect("fair lock").done(client);
+            serve(&s);
+        });
+        if !spawned {
+            return;
         }
     }
 }
@@ -126,44 +134,32 @@ fn server_of(client: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>
     })
 }
 
-/// Starts the exchange of `p`: finds its server, sends the query from a
-/// socket of its own, and spawns the wait for the answer. `false` when it
-/// ended here (its place is to be given back).
-fn start<S: LearnedSink>(shared: &Arc<Shared<S>>, p: Pending) -> bool {
+/// Relays `p`: finds its server, sends the query from a socket of its
+/// own, waits for the answer, learns from it, writes, then answers.
+async fn exchange<S: LearnedSink>(shared: &Shared<S>, p: Pending) {
     if p.arrived.elapsed() > STALE {
         debug!(client = %p.client, "DNS relay: a query waited too long for a place, dropped");
-        return false;
+        return;
     }
     let server = match server_of(p.client, p.local) {
         Ok(Some(s)) => s,
         Ok(None) => {
             warn!(client = %p.client, "DNS relay: no conntrack entry for a redirected query, dropped");
-            return false;
+            return;
         }
         Err(e) => {
             warn!(client = %p.client, error = %format!("{e:#}"), "DNS relay: looking up a query's server, dropped");
-            return false;
+            return;
         }
     };
     let q = question(&p.query);
-    let upstream = match send_upstream(&p.query, server) {
-        Ok(u) => u,
+    match send_upstream(&p.query, server) {
+        Ok(upstream) => finish(shared, &p, q, upstream, server).await,
         Err(e) => {
             warn!(client = %p.client, %server, error = %format!("{e:#}"), "DNS relay: the server cannot be asked; answering SERVFAIL");
-            let s = shared.clone();
-            return shared.spawn(async move {
-                answer_servfail(&p, q.as_ref(), server).await;
-                s.fair.lock().expect("fair lock").done(p.client.ip());
-                serve(&s);
-            });
+            answer_servfail(&p, q.as_ref(), server).await;
         }
-    };
-    let s = shared.clone();
-    shared.spawn(async move {
-        finish(&s, &p, q, upstream, server).await;
-        s.fair.lock().expect("fair lock").done(p.client.ip());
-        serve(&s);
-    })
+    }
 }
 
 /// A socket of its own (an ephemeral port) connected to `server`, the
