@@ -57,6 +57,12 @@ pub struct Figures {
     pub p99: f64,
     /// Answered share of the queries sent.
     pub success: f64,
+    /// CPU time of the mwan daemon (every thread, user and system: the
+    /// packets its system calls carry through the router included) per
+    /// answer, seconds.
+    pub mwan_cpu: f64,
+    /// The same of the resolver (dnsmasq).
+    pub resolver_cpu: f64,
 }
 
 impl From<&Report> for Figures {
@@ -66,6 +72,8 @@ impl From<&Report> for Figures {
             median: r.latency_percentile(50.0),
             p99: r.latency_percentile(99.0),
             success: r.success(),
+            mwan_cpu: f64::NAN,
+            resolver_cpu: f64::NAN,
         }
     }
 }
@@ -100,7 +108,7 @@ impl Params {
 pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<DnsRelay> {
     dnsperf::check_dnsperf()?;
     let lab = Lab::builder().lan_hosts(2).isps(2).build()?;
-    let _resolver = dnsperf::start_resolver(
+    let resolver = dnsperf::start_resolver(
         &lab,
         &[
             (LISTED, Ipv4Addr::new(203, 0, 113, 200)),
@@ -135,6 +143,7 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<DnsRelay> {
                 "relay running: {relay}, side {which}"
             );
             let side = &mut sides[which];
+            let pids = [mwan.pid().context("mwan pid")?, resolver.pid()];
             for (i, rate) in p.loads().into_iter().enumerate() {
                 let load = Load {
                     rate,
@@ -143,8 +152,13 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<DnsRelay> {
                     duration: p.run,
                     timeout: TIMEOUT,
                 };
+                let before = [cpu_secs(pids[0])?, cpu_secs(pids[1])?];
                 let r = dnsperf::start(lab.host(0), server, &names, &load)?.finish()?;
-                side.loads[i].push(Figures::from(&r));
+                let after = [cpu_secs(pids[0])?, cpu_secs(pids[1])?];
+                let per = |k: usize| (after[k] - before[k]) / r.completed.max(1) as f64;
+                let mut f = Figures::from(&r);
+                (f.mwan_cpu, f.resolver_cpu) = (per(0), per(1));
+                side.loads[i].push(f);
             }
             let (victim, flood) = flood(&lab, server, &names, p)?;
             side.victim.push(victim);
@@ -188,6 +202,18 @@ fn flood(
     let victim = dnsperf::start(lab.host(1), server, names, &paced)?.finish()?;
     let flood = flooding.finish()?;
     Ok((Figures::from(&victim), Figures::from(&flood)))
+}
+
+/// CPU time (user and system, all threads) of process `pid`, seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name in parentheses: fields 3 on; utime and stime
+    // are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("/proc/pid/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
 }
 
 fn round_line(p: &Params, round: usize, sides: &[Side; 2]) -> String {

@@ -365,9 +365,9 @@ pub fn table(r: &Results) -> String {
             let _ =
                 writeln!(
                 o,
-                "  {:<28} {} vs {} answers/s (ratio {}), median {} vs {} (+{}), p99 {} vs {} (+{})",
+                "  {:<24} {} vs {} answers/s (ratio {}), median {} vs {} (+{}), p99 {} vs {} (+{}); mwan CPU/answer {}",
                 row.load, row.off_qps, row.on_qps, row.ratio, row.off_median, row.on_median,
-                row.added_median, row.off_p99, row.on_p99, row.added_p99
+                row.added_median, row.off_p99, row.on_p99, row.added_p99, row.cpu
             );
         }
         let f = flood_figures(d);
@@ -410,6 +410,10 @@ struct DnsRow {
     off_p99: String,
     on_p99: String,
     added_p99: String,
+    /// mwan's CPU per answer, off / on.
+    cpu: String,
+    /// dnsmasq's CPU per answer (relay on).
+    resolver_cpu: String,
 }
 
 fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
@@ -422,11 +426,11 @@ fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
             let qps = |v: &[Figures]| v.iter().map(|f| f.qps).collect::<Vec<_>>();
             DnsRow {
                 load: match rate {
-                    Some(r) => format!("{} q/s", si(*r as f64, "").trim()),
+                    Some(r) => format!("{r} q/s"),
                     None => format!("unpaced ({} in flight)", super::dns::OUTSTANDING),
                 },
-                off_qps: value_text(&qps(off), ""),
-                on_qps: value_text(&qps(on), ""),
+                off_qps: value_text(&qps(off), "").replace("  ", " "),
+                on_qps: value_text(&qps(on), "").replace("  ", " "),
                 ratio: ratio_text(summary(&ratios(&qps(on), &qps(off)))),
                 off_median: micros(med(off, |f| f.median)),
                 on_median: micros(med(on, |f| f.median)),
@@ -434,6 +438,12 @@ fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
                 off_p99: micros(med(off, |f| f.p99)),
                 on_p99: micros(med(on, |f| f.p99)),
                 added_p99: micros(added(on, off, |f| f.p99)),
+                cpu: format!(
+                    "{} / {}",
+                    micros(med(off, |f| f.mwan_cpu)),
+                    micros(med(on, |f| f.mwan_cpu))
+                ),
+                resolver_cpu: micros(med(on, |f| f.resolver_cpu)),
             }
         })
         .collect()
@@ -492,12 +502,12 @@ fn markdown_dns(o: &mut String, d: &DnsRelay) {
     );
     let _ = writeln!(
         o,
-        "| load | relay off: answers/s | relay on: answers/s | ratio | median off / on | added | p99 off / on | added |\n|---|---|---|---|---|---|---|---|"
+        "| load | relay off: answers/s | relay on: answers/s | ratio | median off / on | added | p99 off / on | added | mwan CPU per answer off / on | dnsmasq's |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in dns_rows(d) {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} / {} | {} | {} / {} | {} |",
+            "| {} | {} | {} | {} | {} / {} | {} | {} / {} | {} | {} | {} |",
             r.load,
             r.off_qps,
             r.on_qps,
@@ -507,9 +517,19 @@ fn markdown_dns(o: &mut String, d: &DnsRelay) {
             r.added_median,
             r.off_p99,
             r.on_p99,
-            r.added_p99
+            r.added_p99,
+            r.cpu,
+            r.resolver_cpu
         );
     }
+    let _ = writeln!(
+        o,
+        "\nmwan's CPU per answer is the daemon's user and system time (all threads; the packets its \
+         system calls carry through the router's stack included) during the run, divided by the \
+         answers; dnsmasq's likewise, for scale. The lab's client, resolver and router share the \
+         machine's CPUs, so the unpaced rate is what is left when all three have their share: the \
+         relay's cost per query, beside the resolver's and dnsperf's, sets the ratio."
+    );
     let f = flood_figures(d);
     let _ = writeln!(
         o,

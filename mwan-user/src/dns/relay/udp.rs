@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,18 +162,18 @@ async fn exchange<S: LearnedSink>(shared: &Shared<S>, p: Pending) {
     }
 }
 
-/// A socket of its own (an ephemeral port) connected to `server`, the
-/// query sent.
+/// A socket of its own (an ephemeral port, chosen by the kernel at the
+/// connect) connected to `server`, the query sent: three system calls.
 fn send_upstream(query: &[u8], server: SocketAddr) -> Result<UdpSocket> {
-    let any: IpAddr = match server {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let sock = std::net::UdpSocket::bind((any, 0)).context("opening a socket")?;
-    sock.set_nonblocking(true)?;
-    sock.connect(server).context("connecting")?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(server),
+        socket2::Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )
+    .context("opening a socket")?;
+    sock.connect(&server.into()).context("connecting")?;
     sock.send(query).context("sending the query")?;
-    Ok(UdpSocket::from_std(sock)?)
+    Ok(UdpSocket::from_std(sock.into())?)
 }
 
 /// Waits for the answer of `p` on `upstream`; learns from it, writes what
