@@ -52,13 +52,15 @@ mod tcp;
 mod udp;
 
 /// The bounds of the UDP relay: a client (source address) holds at most
-/// 128 queries at once (admitted, not yet answered or timed out), all
+/// 64 queries at once (admitted, not yet answered or timed out), all
 /// clients together 1024, and at most 512 exchanges with servers run at
 /// once (one socket each; the others wait, clients in turn). A query
 /// beyond a bound is dropped, as a full queue would drop it: the client
-/// retries.
+/// retries. When the relay is busy, another client's query waits behind
+/// the work of at most this many of a flooding client's: the per-client
+/// bound is also the latency a flood can add (some 25 µs a query).
 pub const LIMITS: Limits = Limits {
-    per_client: 128,
+    per_client: 64,
     held: 1024,
     in_flight: 512,
 };
