@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use anyhow::{bail, Context, Result};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
-use crate::routing::{force_rcvbuf, op_error};
+use crate::netlink::{force_rcvbuf, op_error};
 
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
@@ -151,9 +151,81 @@ pub fn mark_where(mask: u32, mark_of: impl Fn(&CtEntry) -> Option<u32>) -> Resul
 }
 
 /// The entry whose reply direction is `reply`, if conntrack has one: the
-/// connection as the client made it, before NAT (the DNS relay learns from
-/// it which server a redirected query was for).
+/// connection as the client made it, before NAT.
 pub fn by_reply(reply: &CtTuple) -> Result<Option<CtEntry>> {
+    Lookup::open()?.by_reply(reply)
+}
+
+/// A ctnetlink socket kept open for lookups of single entries by their
+/// reply direction: the DNS relay learns from it, per query, which server
+/// a redirected query was for. A lookup is one request and its answer,
+/// which the kernel queues before the request's `send` returns.
+pub struct Lookup {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Lookup {
+    pub fn open() -> Result<Lookup> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
+        socket.bind_auto().context("binding the ctnetlink socket")?;
+        Ok(Lookup {
+            socket,
+            seq: 0,
+            buf: vec![0; 16 * 1024],
+        })
+    }
+
+    /// The entry whose reply direction is `reply`, if conntrack has one.
+    pub fn by_reply(&mut self, reply: &CtTuple) -> Result<Option<CtEntry>> {
+        let (family, attrs) = reply_attrs(reply)?;
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        self.socket
+            .send(
+                &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, family, &attrs),
+                0,
+            )
+            .context("asking conntrack")?;
+        loop {
+            // SAFETY: `buf` outlives the call and its length is passed.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return Err(op_error("reading conntrack's answer", &e));
+            }
+            // Answers to earlier lookups that gave up are skipped.
+            for m in messages(&self.buf[..n as usize]).filter(|m| m.seq == seq) {
+                match m.kind {
+                    NLMSG_ERROR => match error_code(m.payload) {
+                        0 => {}
+                        libc::ENOENT => return Ok(None),
+                        code => {
+                            return Err(op_error(
+                                "looking up a conntrack entry",
+                                &io::Error::from_raw_os_error(code),
+                            ))
+                        }
+                    },
+                    k if k == msg_type(IPCTNL_MSG_CT_NEW) => return Ok(parse_entry(m.payload)),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The family and attributes of a request for the entry whose reply
+/// direction is `reply`.
+fn reply_attrs(reply: &CtTuple) -> Result<(u8, Vec<u8>)> {
     const NLA_F_NESTED: u16 = 0x8000;
     let mut ip = Vec::new();
     let family = match (reply.src, reply.dst) {
@@ -178,32 +250,7 @@ pub fn by_reply(reply: &CtTuple) -> Result<Option<CtEntry>> {
     push_attr(&mut tuple, CTA_TUPLE_PROTO | NLA_F_NESTED, &proto);
     let mut attrs = Vec::new();
     push_attr(&mut attrs, CTA_TUPLE_REPLY | NLA_F_NESTED, &tuple);
-    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
-    socket.bind_auto().context("binding the ctnetlink socket")?;
-    socket
-        .send(
-            &request(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, 1, family, &attrs),
-            0,
-        )
-        .context("asking conntrack")?;
-    let data = socket.recv_from_full().context("reading from ctnetlink")?.0;
-    for m in messages(&data) {
-        match m.kind {
-            NLMSG_ERROR => match error_code(m.payload) {
-                0 => {}
-                code if code == -libc::ENOENT || code == libc::ENOENT => return Ok(None),
-                code => {
-                    return Err(op_error(
-                        "looking up a conntrack entry",
-                        &io::Error::from_raw_os_error(code.abs()),
-                    ))
-                }
-            },
-            k if k == msg_type(IPCTNL_MSG_CT_NEW) => return Ok(parse_entry(m.payload)),
-            _ => {}
-        }
-    }
-    Ok(None)
+    Ok((family, attrs))
 }
 
 /// Appends a netlink attribute (header, value, padding).

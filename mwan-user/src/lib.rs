@@ -13,6 +13,7 @@ pub mod family;
 pub mod health;
 pub mod hooks;
 pub mod logfield;
+pub mod netlink;
 pub mod nft;
 pub mod nudge;
 pub mod output;

@@ -23,6 +23,7 @@ pub mod container;
 mod ctx;
 pub mod deb;
 mod dns;
+pub mod dnsperf;
 mod dual;
 pub mod ha;
 pub mod http;

@@ -752,3 +752,70 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
         }
     }
 }
+
+/// One LAN host floods the relay with dnsperf (as fast as answers come,
+/// far more queries in flight than the relay holds for one client) while
+/// another does paced lookups with dnsperf: the relay refuses the flood's
+/// excess at the door, and the other host's lookups keep being answered.
+#[test]
+fn a_flooding_host_does_not_starve_the_others_lookups() {
+    use lab::dnsperf::{self, Load, PERF_RESOLVER};
+    dnsperf::check_dnsperf().unwrap();
+    let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
+    let zones = [("gov.example", GOV[0]), ("other.example", OTHER[0])];
+    let _dnsmasq = dnsperf::start_resolver(&lab, &zones).unwrap();
+    let names = lab.dir().join("names.txt");
+    dnsperf::names_file(&names, 1000, "gov.example", "other.example", 10).unwrap();
+    let mwan = Mwan::start(&lab, &config_with(&lab, "", &|_| String::new(), RULES)).unwrap();
+    mwan.wait_all_up(UP).unwrap();
+    let server = SocketAddrV4::new(PERF_RESOLVER, 53);
+    let flood = Load {
+        rate: None,
+        outstanding: 10_000,
+        clients: 32,
+        duration: Duration::from_secs(6),
+        timeout: Duration::from_secs(1),
+    };
+    let paced = Load {
+        rate: Some(50),
+        outstanding: 10,
+        clients: 1,
+        duration: Duration::from_secs(4),
+        timeout: Duration::from_secs(1),
+    };
+    let flooding = dnsperf::start(lab.host(0), server, &names, &flood).unwrap();
+    // The flood is under way (the relay refuses its excess) before the
+    // paced lookups start.
+    let refusing = wait_until(Duration::from_secs(5), || {
+        mwan.log().contains("DNS relay: a client holds")
+    });
+    assert!(refusing, "the flood was never bounded\n{}", mwan.log());
+    let other = dnsperf::start(lab.host(1), server, &names, &paced)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let flood = flooding.finish().unwrap();
+    println!(
+        "flood: {} sent, {:.0} answers/s; paced host: {}/{} answered, median {:.2} ms, p99 {:.2} ms",
+        flood.sent,
+        flood.qps,
+        other.completed,
+        other.sent,
+        other.latency_percentile(50.0) * 1e3,
+        other.latency_percentile(99.0) * 1e3
+    );
+    assert!(
+        flood.sent > 10 * other.sent,
+        "no flood: {} sent",
+        flood.sent
+    );
+    // 200 lookups; without the per-client bound the flood holds every
+    // place the relay has and most of them are refused.
+    assert!(other.sent >= 150, "{} paced lookups sent", other.sent);
+    assert!(
+        other.success() >= 0.95,
+        "{}/{} of the paced lookups answered during the flood",
+        other.completed,
+        other.sent
+    );
+}

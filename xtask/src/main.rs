@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         Some("demo") => build().and_then(|bin| demo::demo(&root(), &bin, &args[1..])),
         Some("bench") => ensure_tools(&HA_TOOLS)
             .and_then(|()| ensure_tools(&DUAL_STACK_TOOLS))
+            .and_then(|()| ensure_tools(&DNS_LOAD_TOOLS))
             .and_then(|()| build())
             .and_then(|bin| demo::bench(&root(), &bin, &args[1..])),
         Some("install") => build().and_then(|bin| install(&bin, &args[1..])),
@@ -196,6 +197,10 @@ const TEST_TOOLS: [(&str, &str); 8] = [
     ("mmdebstrap", "mmdebstrap"),
 ];
 
+/// The DNS load tool and the resolver it loads, for the bench's DNS relay
+/// section and the relay's flood test.
+const DNS_LOAD_TOOLS: [(&str, &str); 2] = [("dnsperf", "dnsperf"), ("dnsmasq", "dnsmasq-base")];
+
 /// The dual-stack lab's RA server, for the bench's IPv6 section.
 const DUAL_STACK_TOOLS: [(&str, &str); 1] = [("dnsmasq", "dnsmasq-base")];
 
@@ -310,6 +315,7 @@ fn test(args: &[String]) -> Result<()> {
     }
     ensure_runtime_tools()?;
     ensure_tools(&TEST_TOOLS)?;
+    ensure_tools(&DNS_LOAD_TOOLS)?;
     ensure_tools(&HA_TOOLS)?;
     ensure_tools(&deb::DEB_TOOLS)?;
     let bin = build()?;

@@ -31,7 +31,7 @@ use super::desired::{
 };
 use super::host::HostState;
 use crate::config::Config;
-use crate::datapath::Datapath;
+use crate::datapath::{Datapath, DomainMaps};
 use crate::dns::relay::Relay;
 use crate::family::{Family, PerFamily};
 use crate::health::{Prober, RoundReport};
@@ -61,7 +61,7 @@ pub struct Applied {
     ip_rules: Option<Vec<RuleSpec>>,
     nft: Option<(NftSpec, Option<nft::Divert>)>,
     sysctls: Option<SysctlSpec>,
-    relay: Option<(RelaySpec, Relay)>,
+    relay: Option<(RelaySpec, Relay<DomainMaps>)>,
     probers: BTreeMap<(u8, Family), (ProberSpec, Prober)>,
     lans: BTreeMap<String, LanLink>,
     conns: BTreeMap<u8, WanConns>,
@@ -143,7 +143,7 @@ impl Applied {
             .collect()
     }
 
-    pub fn relay(&self) -> Option<&Relay> {
+    pub fn relay(&self) -> Option<&Relay<DomainMaps>> {
         self.relay.as_ref().map(|(_, r)| r)
     }
 
@@ -292,7 +292,7 @@ impl Applied {
         }
         if let Some((_, relay)) = self.relay.take() {
             let port = relay.port;
-            drop(relay);
+            k.dp.maps.give_back_domain_dst(relay.stop());
             super::cleanup::forget_diverted(port);
         }
         k.dp.maps.clear_domain_dst()?;
@@ -300,7 +300,14 @@ impl Applied {
             return Ok(());
         };
         let matcher = crate::dns::DomainMatcher::from_rules(spec.domains.iter());
-        let relay = Relay::start(&k.cfg.pin_dir, matcher, spec.ttl_floor, spec.ttl_grace)?;
+        let sink = k.dp.maps.lend_domain_dst(&k.cfg.pin_dir)?;
+        let relay = match Relay::start(sink, matcher, spec.ttl_floor, spec.ttl_grace) {
+            Ok(r) => r,
+            Err(e) => {
+                k.dp.maps.give_back_domain_dst(e.sink);
+                return Err(e.error);
+            }
+        };
         self.relay = Some((spec.clone(), relay));
         Ok(())
     }

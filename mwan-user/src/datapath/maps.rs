@@ -22,6 +22,7 @@ use mwan_common::*;
 
 use super::{migrate, open_pinned_map, AnyFlowKey, EBPF_OBJ};
 use crate::config::Config;
+use crate::dns::learned::{Change, LearnedSink};
 use crate::family::Family;
 use crate::policy::CompiledRules;
 
@@ -137,6 +138,10 @@ macro_rules! user_maps {
             $( $(#[$sattr])* pub $sfield: Named<handle!($skind<$($sp),+>)>, )*
             pub v4: FamilyMaps<V4>,
             pub v6: FamilyMaps<V6>,
+            /// `DOMAIN_DST`/`DOMAIN_DST6` are lent to their writer (the
+            /// DNS relay): these handles write nothing until they are given
+            /// back.
+            domain_lent: bool,
         }
 
         /// Typed handles on one family's own maps.
@@ -152,6 +157,7 @@ macro_rules! user_maps {
                     $( $sfield: typed(take(map::$sname)?, map::$sname)?, )*
                     v4: FamilyMaps::build(&mut take)?,
                     v6: FamilyMaps::build(&mut take)?,
+                    domain_lent: false,
                 })
             }
         }
@@ -369,10 +375,12 @@ impl Maps {
 
     /// Applies changes of the learned-address table
     /// ([`crate::dns::learned`]) to `DOMAIN_DST` and `DOMAIN_DST6`: a new
-    /// mask, or a deletion. Each write is one `bpf()` call; when it returns,
-    /// the classifier's next lookup sees it (so a DNS answer may be
-    /// released).
-    pub fn write_domain_dst(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+    /// mask, or a deletion (tests; the daemon lends the maps to the DNS
+    /// relay, see [`Maps::lend_domain_dst`]).
+    pub fn write_domain_dst(&mut self, changes: &[Change]) -> Result<()> {
+        if self.domain_lent {
+            bail!("DOMAIN_DST is lent to the DNS relay");
+        }
         for (addr, mask) in changes {
             match Family::of(addr) {
                 Family::Ipv4 => write_domain::<V4>(&mut self.v4.domain_dst, addr, *mask)?,
@@ -384,11 +392,33 @@ impl Maps {
 
     /// Empties `DOMAIN_DST` and `DOMAIN_DST6` (a start: what another daemon
     /// learned has no expiry record here, and its masks index that daemon's
-    /// rules).
+    /// rules). Nothing to do while they are lent: their writer emptied them
+    /// when it took them.
     pub fn clear_domain_dst(&mut self) -> Result<()> {
-        clear_hash(&mut self.v4.domain_dst);
-        clear_hash(&mut self.v6.domain_dst);
+        if !self.domain_lent {
+            clear_hash(&mut self.v4.domain_dst);
+            clear_hash(&mut self.v6.domain_dst);
+        }
         Ok(())
+    }
+
+    /// Lends the learned destinations to their one writer while it runs
+    /// (the DNS relay, which learns and expires them): until
+    /// [`Maps::give_back_domain_dst`], these handles neither write nor
+    /// clear them. `pin_dir`: where they are pinned.
+    pub fn lend_domain_dst(&mut self, pin_dir: &Path) -> Result<DomainMaps> {
+        if self.domain_lent {
+            bail!("DOMAIN_DST is lent already");
+        }
+        let d = DomainMaps::open_pinned(pin_dir)?;
+        self.domain_lent = true;
+        Ok(d)
+    }
+
+    /// The learned destinations are this handle's again.
+    pub fn give_back_domain_dst(&mut self, d: DomainMaps) {
+        drop(d);
+        self.domain_lent = false;
     }
 
     /// Per-WAN counters summed over CPUs, by WAN id.
@@ -530,8 +560,8 @@ pub type FlowMap<F> = Named<HashMap<MapData, <F as FamilyKeys>::FlowKey, FlowVal
 /// Family `F`'s learned destinations (`FamilyMaps::domain_dst`).
 pub type DomainMap<F> = Named<HashMap<MapData, <F as FamilyKeys>::DomainKey, u64>>;
 
-/// The learned destinations of rules by domain name, the DNS relay's own
-/// handles: `DOMAIN_DST` (IPv4, from A records) and `DOMAIN_DST6` (IPv6,
+/// The learned destinations of rules by domain name, lent to the DNS
+/// relay while it runs ([`Maps::lend_domain_dst`]): `DOMAIN_DST` (IPv4, from A records) and `DOMAIN_DST6` (IPv6,
 /// from AAAA records).
 pub struct DomainMaps {
     v4: DomainMap<V4>,
@@ -550,17 +580,25 @@ impl DomainMaps {
             v6: open::<V6>(pin_dir)?,
         })
     }
+}
 
-    /// Writes learned-address changes ([`crate::dns::learned`]): a new
-    /// mask, or a deletion; one `bpf()` call each, so when it returns the
-    /// classifier's next lookup sees it.
-    pub fn write(&mut self, changes: &[crate::dns::learned::Change]) -> Result<()> {
+/// The relay's sink: a new mask, or a deletion; one `bpf()` call each, so
+/// when it returns the classifier's next lookup sees it (and the answer
+/// may be released).
+impl LearnedSink for DomainMaps {
+    fn apply(&mut self, changes: &[Change]) -> Result<()> {
         for (addr, mask) in changes {
             match Family::of(addr) {
                 Family::Ipv4 => write_domain::<V4>(&mut self.v4, addr, *mask)?,
                 Family::Ipv6 => write_domain::<V6>(&mut self.v6, addr, *mask)?,
             }
         }
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Result<()> {
+        clear_hash(&mut self.v4);
+        clear_hash(&mut self.v6);
         Ok(())
     }
 }

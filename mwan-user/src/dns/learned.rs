@@ -52,6 +52,17 @@ pub fn lifetime_with(ttl: u32, floor: Duration, grace: Duration) -> Duration {
 /// to delete it.
 pub type Change = (IpAddr, Option<u64>);
 
+/// Where learned-address changes go: the datapath's `DOMAIN_DST` and
+/// `DOMAIN_DST6` (`datapath::DomainMaps`), whose one handle the daemon
+/// lends to the relay while it runs.
+pub trait LearnedSink: Send + 'static {
+    /// Writes `changes`; when it returns, the classifier's next lookup sees
+    /// them (so the answer that taught them may be released).
+    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()>;
+    /// Forgets every learned address.
+    fn clear(&mut self) -> anyhow::Result<()>;
+}
+
 /// What is learned, per address and rule (bit index), with expiry times
 /// (nanoseconds of the caller's monotonic clock).
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Type};
 use tokio::net::UdpSocket;
 
-use super::probe::{random_u16, Outcome, NO_ANSWER};
+use super::outcome::{random_u16, Outcome, NO_ANSWER};
 
 /// Asks the resolver at `addr` with `mark` through `interface` only.
 pub async fn probe(interface: &str, mark: u32, addr: SocketAddr, deadline: Instant) -> Outcome {

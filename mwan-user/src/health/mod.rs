@@ -10,6 +10,7 @@
 mod dns;
 mod icmp;
 pub mod machine;
+mod outcome;
 pub mod passive;
 pub mod probe;
 pub mod stats;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
-use super::probe::NO_ANSWER;
+use super::outcome::NO_ANSWER;
 use super::{ProbeSpec, Prober, RoundReport};
 use crate::config::{Family, ProbeTarget};
 

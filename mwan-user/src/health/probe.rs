@@ -17,9 +17,7 @@
 //! answered or timed out, an *update* report with the same `seq` carries
 //! the round's final results (for the loss and RTT statistics only).
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -28,6 +26,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tracing::debug;
 
+use super::outcome::{random_u16, Outcome, NO_ANSWER};
 use super::{dns, icmp, tcp};
 use crate::config::{Family, ProbeTarget};
 
@@ -79,12 +78,6 @@ pub struct RoundReport {
     pub update: bool,
 }
 
-/// The error of a probe that got no answer in time.
-pub(super) const NO_ANSWER: &str = "no answer in time";
-
-/// A probe's outcome: the RTT, or why it failed.
-pub(super) type Outcome = Result<Duration, String>;
-
 /// A running prober; dropping it stops its probing.
 pub struct Prober {
     spec: ProbeSpec,
@@ -121,11 +114,6 @@ impl Drop for Prober {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// A random number for echo ids and DNS ids (not cryptographic).
-pub(super) fn random_u16() -> u16 {
-    RandomState::new().build_hasher().finish() as u16
 }
 
 /// A round in progress.

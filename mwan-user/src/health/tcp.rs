@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 use tokio::net::TcpSocket;
 
-use super::probe::{Outcome, NO_ANSWER};
+use super::outcome::{Outcome, NO_ANSWER};
 
 /// Connects to `addr` with `mark` through `interface` only. Success is a
 /// connection or an active refusal (RST): both prove the path works. The

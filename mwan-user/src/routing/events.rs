@@ -13,7 +13,8 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use super::msg::{parse_addr, parse_addr6, parse_link, route_nexthops, route_table};
-use super::{force_rcvbuf, Net, NetEvent, RT_TABLE_LOCAL};
+use super::{Net, NetEvent, RT_TABLE_LOCAL};
+use crate::netlink::force_rcvbuf;
 use crate::RTPROT_MWAN;
 
 // Multicast groups (include/uapi/linux/rtnetlink.h).

@@ -4,6 +4,7 @@
 //! `cargo xtask bench` (see BENCHMARKS.md for what it measures and how).
 
 pub mod bpf;
+pub mod dns;
 pub mod domains;
 pub mod failover;
 pub mod footprint;

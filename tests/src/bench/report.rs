@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::dns::{DnsRelay, Figures};
 use super::domains::Domains;
 use super::failover::{self, ms, Failover};
 use super::footprint::Footprint;
@@ -27,6 +28,8 @@ pub struct Results {
     pub footprint_scraped: Option<Footprint>,
     pub ha: Option<HaFailover>,
     pub domains: Option<Domains>,
+    /// The DNS relay under load.
+    pub dns: Option<DnsRelay>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -355,7 +358,206 @@ pub fn table(r: &Results) -> String {
             secs(summary(&d.matcher_secs).median),
         );
     }
+    if let Some(d) = &r.dns {
+        let rows = dns_rows(d);
+        let _ = writeln!(o, "\nDNS relay (dnsperf), relay on vs off:");
+        for row in &rows {
+            let _ =
+                writeln!(
+                o,
+                "  {:<24} {} vs {} answers/s (ratio {}), median {} vs {} (+{}), p99 {} vs {} (+{}); mwan CPU/answer {}",
+                row.load, row.off_qps, row.on_qps, row.ratio, row.off_median, row.on_median,
+                row.added_median, row.off_p99, row.on_p99, row.added_p99, row.cpu
+            );
+        }
+        let f = flood_figures(d);
+        let _ = writeln!(
+            o,
+            "  during a flood from another host: {} q/s lookups answered {} (off) vs {} (on), p99 {} vs {}",
+            d.params.victim_rate, f.off_success, f.on_success, f.off_p99, f.on_p99
+        );
+    }
     o
+}
+
+/// A microsecond figure from seconds: "212 µs".
+fn micros(v: f64) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    format!("{:.0} µs", v * 1e6)
+}
+
+/// The median of `f` over rounds.
+fn med(v: &[Figures], f: impl Fn(&Figures) -> f64) -> f64 {
+    summary(&v.iter().map(f).collect::<Vec<_>>()).median
+}
+
+/// Per-round differences `on - off` of `f`, their median.
+fn added(on: &[Figures], off: &[Figures], f: impl Fn(&Figures) -> f64) -> f64 {
+    let d: Vec<f64> = on.iter().zip(off).map(|(a, b)| f(a) - f(b)).collect();
+    summary(&d).median
+}
+
+struct DnsRow {
+    load: String,
+    off_qps: String,
+    on_qps: String,
+    ratio: String,
+    off_median: String,
+    on_median: String,
+    added_median: String,
+    off_p99: String,
+    on_p99: String,
+    added_p99: String,
+    /// mwan's CPU per answer, off / on.
+    cpu: String,
+    /// dnsmasq's CPU per answer (relay on).
+    resolver_cpu: String,
+}
+
+fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
+    d.params
+        .loads()
+        .iter()
+        .enumerate()
+        .map(|(i, rate)| {
+            let (off, on) = (&d.off.loads[i], &d.on.loads[i]);
+            let qps = |v: &[Figures]| v.iter().map(|f| f.qps).collect::<Vec<_>>();
+            DnsRow {
+                load: match rate {
+                    Some(r) => format!("{r} q/s"),
+                    None => format!("unpaced ({} in flight)", super::dns::OUTSTANDING),
+                },
+                off_qps: value_text(&qps(off), "").replace("  ", " "),
+                on_qps: value_text(&qps(on), "").replace("  ", " "),
+                ratio: ratio_text(summary(&ratios(&qps(on), &qps(off)))),
+                off_median: micros(med(off, |f| f.median)),
+                on_median: micros(med(on, |f| f.median)),
+                added_median: micros(added(on, off, |f| f.median)),
+                off_p99: micros(med(off, |f| f.p99)),
+                on_p99: micros(med(on, |f| f.p99)),
+                added_p99: micros(added(on, off, |f| f.p99)),
+                cpu: format!(
+                    "{} / {}",
+                    micros(med(off, |f| f.mwan_cpu)),
+                    micros(med(on, |f| f.mwan_cpu))
+                ),
+                resolver_cpu: micros(med(on, |f| f.resolver_cpu)),
+            }
+        })
+        .collect()
+}
+
+struct FloodFigures {
+    off_success: String,
+    on_success: String,
+    off_median: String,
+    on_median: String,
+    off_p99: String,
+    on_p99: String,
+    off_flood: String,
+    on_flood: String,
+}
+
+fn flood_figures(d: &DnsRelay) -> FloodFigures {
+    let pct = |v: &[Figures]| {
+        let s = summary(&v.iter().map(|f| f.success * 100.0).collect::<Vec<_>>());
+        format!("{:.1} % ({:.1}–{:.1})", s.median, s.min, s.max)
+    };
+    let qps = |v: &[Figures]| value_text(&v.iter().map(|f| f.qps).collect::<Vec<_>>(), "");
+    FloodFigures {
+        off_success: pct(&d.off.victim),
+        on_success: pct(&d.on.victim),
+        off_median: micros(med(&d.off.victim, |f| f.median)),
+        on_median: micros(med(&d.on.victim, |f| f.median)),
+        off_p99: micros(med(&d.off.victim, |f| f.p99)),
+        on_p99: micros(med(&d.on.victim, |f| f.p99)),
+        off_flood: qps(&d.off.flood),
+        on_flood: qps(&d.on.flood),
+    }
+}
+
+fn markdown_dns(o: &mut String, d: &DnsRelay) {
+    let p = &d.params;
+    let _ = writeln!(o, "## 8. The DNS relay under load (dnsperf)\n");
+    let _ = writeln!(
+        o,
+        "dnsperf on a LAN host asks a dnsmasq in the internet (answering from its own records, \
+         no cache) through the router, {} s per run, {} sockets, at most {} queries in flight, \
+         a query lost after {} s. mwan with a domain rule (every LAN query is diverted to the relay, \
+         which asks the server itself, learns and answers) against the same mwan without domain \
+         rules (the kernel forwards the queries), alternating over {} rounds; ratios and added \
+         latencies are paired by round, figures are medians over the rounds. One query in {} is \
+         for a name the rule lists. dnsperf keeps one source port per socket, so without the relay \
+         its queries reuse {} conntrack entries, while the relay asks each query from a socket of \
+         its own (a random port, as stub resolvers do).\n",
+        p.run.as_secs_f64(),
+        super::dns::CLIENTS,
+        super::dns::OUTSTANDING,
+        super::dns::TIMEOUT.as_secs_f64(),
+        p.rounds,
+        10,
+        super::dns::CLIENTS,
+    );
+    let _ = writeln!(
+        o,
+        "| load | relay off: answers/s | relay on: answers/s | ratio | median off / on | added | p99 off / on | added | mwan CPU per answer off / on | dnsmasq's |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in dns_rows(d) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} / {} | {} | {} / {} | {} | {} | {} |",
+            r.load,
+            r.off_qps,
+            r.on_qps,
+            r.ratio,
+            r.off_median,
+            r.on_median,
+            r.added_median,
+            r.off_p99,
+            r.on_p99,
+            r.added_p99,
+            r.cpu,
+            r.resolver_cpu
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nmwan's CPU per answer is the daemon's user and system time (all threads; the packets its \
+         system calls carry through the router's stack included) during the run, divided by the \
+         answers; dnsmasq's likewise, for scale. The lab's client, resolver and router share the \
+         machine's CPUs, so the unpaced rate is what is left when all three have their share: the \
+         relay's cost per query, beside the resolver's and dnsperf's, sets the ratio."
+    );
+    let f = flood_figures(d);
+    let _ = writeln!(
+        o,
+        "\n**A flood from one host.** One LAN host asks as fast as it can ({} sockets, {} queries in \
+         flight); another does {} lookups a second meanwhile. The relay holds at most {} queries of \
+         one client and serves the clients' queued queries in turn (docs/ARCHITECTURE.md).\n",
+        super::dns::FLOOD_CLIENTS,
+        super::dns::FLOOD_OUTSTANDING,
+        p.victim_rate,
+        mwan::dns::relay::LIMITS.per_client,
+    );
+    let _ = writeln!(o, "| | relay off | relay on |\n|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| the other host's lookups answered | {} | {} |",
+        f.off_success, f.on_success
+    );
+    let _ = writeln!(
+        o,
+        "| their latency, median | {} | {} |",
+        f.off_median, f.on_median
+    );
+    let _ = writeln!(o, "| their latency, p99 | {} | {} |", f.off_p99, f.on_p99);
+    let _ = writeln!(
+        o,
+        "| the flooding host's answers/s | {} | {} |\n",
+        f.off_flood, f.on_flood
+    );
 }
 
 struct DomainFigures {
@@ -560,6 +762,9 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(d) = &r.domains {
         markdown_domains(&mut o, d);
+    }
+    if let Some(d) = &r.dns {
+        markdown_dns(&mut o, d);
     }
     o += CHANGES;
     o += METHOD;
@@ -1097,6 +1302,7 @@ const METHOD: &str = "## Method
   arithmetic, not measurements, and leave out the time those tools then need to rewrite
   rules (mwan3's hotplug scripts, pfSense's filter reload).
 * **Scale**: see section 4. **Footprint**: see section 5. **Rules by domain name**: see
-  section 7 (`mwan-bench --only domains` runs it alone).
+  section 7 (`mwan-bench --only domains` runs it alone). **The DNS relay under load**: see
+  section 8 (`mwan-bench --only dns`; Debian's `dnsperf`, latencies from its `-v` lines).
 * Benchmarks are never tests: no timing assertion exists in the test suite.
 ";

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
 use bench::{
-    domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
+    dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
 };
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
@@ -23,7 +23,7 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
-                   lab), failover, scale, footprint, ha, domains
+                   lab), failover, scale, footprint, ha, domains, dns
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -37,7 +37,7 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "forwarding",
     "forwarding6",
     "failover",
@@ -45,6 +45,7 @@ const SECTIONS: [&str; 7] = [
     "footprint",
     "ha",
     "domains",
+    "dns",
 ];
 
 fn parse_args() -> Result<Option<Args>> {
@@ -149,6 +150,7 @@ fn run() -> Result<()> {
         footprint_scraped: None,
         ha: None,
         domains: None,
+        dns: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -229,6 +231,18 @@ fn run() -> Result<()> {
                 udp_flows: 256,
                 cps_threads: 2,
                 names: 50_000,
+            },
+            &log,
+        )?);
+    }
+    if want("dns") {
+        println!("\n8. The DNS relay under load (dnsperf)");
+        results.dns = Some(dns::run(
+            &dns::Params {
+                rounds: if q { 2 } else { 5 },
+                run: Duration::from_secs(if q { 2 } else { 4 }),
+                rates: vec![1_000, 10_000],
+                victim_rate: 200,
             },
             &log,
         )?);
