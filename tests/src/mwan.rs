@@ -153,6 +153,9 @@ pub struct Mwan<'l> {
     proc: Option<Proc>,
     /// Extra environment of the daemon (besides `MWAN_LOG`).
     env: Vec<(String, String)>,
+    /// The mwan binary run for the daemon and the CLI ([`binary`] unless
+    /// [`Mwan::start_bin`] named another).
+    bin: PathBuf,
 }
 
 impl<'l> Mwan<'l> {
@@ -178,11 +181,33 @@ impl<'l> Mwan<'l> {
         Self::start_on(lab, 0, config_text, run_args, env)
     }
 
+    /// Like [`Mwan::start_with`] with the binary `bin` (another build, for
+    /// an A/B comparison) for the daemon and its CLI.
+    pub fn start_bin(
+        lab: &'l Lab,
+        bin: &Path,
+        config_text: &str,
+        run_args: &[&str],
+    ) -> Result<Mwan<'l>> {
+        Self::start_full(lab, 0, bin.to_path_buf(), config_text, run_args, &[])
+    }
+
     /// Like [`Mwan::start_env`] on router `node` of an HA pair (config
     /// from [`for_ha_router`]), with the config file `mwan-{node}.toml`.
     pub fn start_on(
         lab: &'l Lab,
         node: usize,
+        config_text: &str,
+        run_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Mwan<'l>> {
+        Self::start_full(lab, node, binary(), config_text, run_args, env)
+    }
+
+    fn start_full(
+        lab: &'l Lab,
+        node: usize,
+        bin: PathBuf,
         config_text: &str,
         run_args: &[&str],
         env: &[(&str, &str)],
@@ -202,6 +227,7 @@ impl<'l> Mwan<'l> {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            bin,
         };
         m.launch(run_args)?;
         Ok(m)
@@ -209,7 +235,7 @@ impl<'l> Mwan<'l> {
 
     /// Starts another daemon on the same config (after a keep-mode stop).
     pub fn launch(&mut self, run_args: &[&str]) -> Result<()> {
-        let bin = binary();
+        let bin = self.bin.clone();
         let config = self.config.display().to_string();
         let mut args = vec!["--config", &config, "run"];
         args.extend_from_slice(run_args);
@@ -264,7 +290,7 @@ impl<'l> Mwan<'l> {
 
     /// `mwan --config <config> ARGS` run through the command `via`.
     fn cli_via(&self, via: &[&str], args: &[&str]) -> Result<Output> {
-        let bin = binary();
+        let bin = &self.bin;
         let config = self.config.display().to_string();
         let mut argv = via.to_vec();
         argv.extend([bin.to_str().expect("utf-8 path"), "--config", &config]);
