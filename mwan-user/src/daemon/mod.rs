@@ -945,7 +945,9 @@ impl Daemon {
 
     /// Deletes the conntrack entries of family `f` of a dead WAN's
     /// connections (and only those), so applications see a reset at once
-    /// instead of hanging on a NAT binding to a dead link: connections
+    /// instead of hanging on a NAT binding to a dead link: those whose ct
+    /// mark records the WAN (all but a few; the kernel flushes them in one
+    /// request, `conntrack::flush_marked`), then, from a dump, connections
     /// masqueraded (or NPT-mapped) to its addresses, inbound ones it
     /// marked, and every flow pinned to it. A WAN whose IPv6 died keeps its
     /// IPv4 connections, and the reverse.
@@ -966,6 +968,13 @@ impl Daemon {
         let pin_dir = self.cfg.pin_dir.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
+            // The WAN's connections by their record, in one request the
+            // kernel carries out itself; then what the record may miss
+            // (connections without a mark, pinned flows).
+            if let Err(e) = conntrack::flush_marked(only, mark, mask) {
+                warn!(wan = %name, error = %e, "flushing the conntrack entries of the dead WAN");
+            }
+            let flushed_ms = started.elapsed().as_millis() as u64;
             let tuples = match pinned_flows(&pin_dir, |_, v| v.wan == id || v.moved_from == id) {
                 Ok(t) => t,
                 Err(e) => {
@@ -986,7 +995,7 @@ impl Daemon {
             });
             match result {
                 Ok(n) => {
-                    info!(wan = %name, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted")
+                    info!(wan = %name, flushed_ms, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted")
                 }
                 Err(e) => warn!(wan = %name, error = %e, "deleting conntrack entries"),
             }
