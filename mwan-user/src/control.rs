@@ -191,7 +191,9 @@ pub struct WanFacts {
     /// Times its connections were cleaned up when it died (a family, or
     /// both when the WAN was removed).
     pub cleanups: u64,
-    /// Conntrack entries deleted by those cleanups.
+    /// Conntrack entries those cleanups deleted one by one (the entries
+    /// recording the WAN in their ct mark go first, in one flush the
+    /// kernel does not count).
     pub conntrack_deleted: u64,
     /// TCP clients nudged to reconnect.
     pub nudged: u64,

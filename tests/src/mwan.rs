@@ -155,6 +155,9 @@ pub struct Mwan<'l> {
     env: Vec<(String, String)>,
     /// A command the daemon is started through (its argv comes after).
     via: Vec<String>,
+    /// The mwan binary run for the daemon and the CLI ([`binary`] unless
+    /// [`Mwan::start_bin`] named another).
+    bin: PathBuf,
 }
 
 impl<'l> Mwan<'l> {
@@ -180,11 +183,33 @@ impl<'l> Mwan<'l> {
         Self::start_on(lab, 0, config_text, run_args, env)
     }
 
+    /// Like [`Mwan::start_with`] with the binary `bin` (another build, for
+    /// an A/B comparison) for the daemon and its CLI.
+    pub fn start_bin(
+        lab: &'l Lab,
+        bin: &Path,
+        config_text: &str,
+        run_args: &[&str],
+    ) -> Result<Mwan<'l>> {
+        Self::start_full(lab, 0, bin.to_path_buf(), config_text, run_args, &[])
+    }
+
     /// Like [`Mwan::start_env`] on router `node` of an HA pair (config
     /// from [`for_ha_router`]), with the config file `mwan-{node}.toml`.
     pub fn start_on(
         lab: &'l Lab,
         node: usize,
+        config_text: &str,
+        run_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Mwan<'l>> {
+        Self::start_full(lab, node, binary(), config_text, run_args, env)
+    }
+
+    fn start_full(
+        lab: &'l Lab,
+        node: usize,
+        bin: PathBuf,
         config_text: &str,
         run_args: &[&str],
         env: &[(&str, &str)],
@@ -205,6 +230,7 @@ impl<'l> Mwan<'l> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             via: Vec::new(),
+            bin,
         };
         m.launch(run_args)?;
         Ok(m)
@@ -223,6 +249,7 @@ impl<'l> Mwan<'l> {
             proc: None,
             env: Vec::new(),
             via: via.to_vec(),
+            bin: binary(),
         };
         m.launch(&[])?;
         Ok(m)
@@ -230,7 +257,7 @@ impl<'l> Mwan<'l> {
 
     /// Starts another daemon on the same config (after a keep-mode stop).
     pub fn launch(&mut self, run_args: &[&str]) -> Result<()> {
-        let bin = binary();
+        let bin = self.bin.clone();
         let config = self.config.display().to_string();
         let mut argv: Vec<&str> = self.via.iter().map(String::as_str).collect();
         argv.extend([
@@ -289,7 +316,7 @@ impl<'l> Mwan<'l> {
 
     /// `mwan --config <config> ARGS` run through the command `via`.
     fn cli_via(&self, via: &[&str], args: &[&str]) -> Result<Output> {
-        let bin = binary();
+        let bin = &self.bin;
         let config = self.config.display().to_string();
         let mut argv = via.to_vec();
         argv.extend([bin.to_str().expect("utf-8 path"), "--config", &config]);

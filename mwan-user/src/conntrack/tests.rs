@@ -506,3 +506,90 @@ fn ipv6_entries_of_real_traffic_are_marked_and_deleted() {
     assert!(!left.iter().any(|e| e.orig.sport == p6 && e.is_ipv6()));
     assert!(left.iter().any(|e| e.orig.sport == p4), "IPv4 entry kept");
 }
+
+/// A flush by mark: the kernel deletes exactly the entries of the family
+/// asked whose mark has the value in the mask's bits (other bits set or
+/// not), in one request, however many there are.
+#[test]
+fn flush_by_mark_deletes_exactly_the_marked_entries_of_a_family() {
+    const N: u32 = 100_000;
+    const MASK: u32 = 0x00ff_0000;
+    let ns = TestNs::new("ct-flush");
+    // Entry i: IPv4 (IPv6 for every 1000th), mark WAN 1 or 2 in the mask,
+    // every third also a bit outside it.
+    let mark = |i: u32| ((1 + i % 2) << 16) | if i % 3 == 0 { 0x42 } else { 0 };
+    let v6 = |i: u32| i % 1000 == 0;
+    ns.run(|| {
+        let items: Vec<(u8, Vec<u8>)> = (0..N)
+            .map(|i| {
+                let sport = 1024 + (i % 50_000) as u16;
+                let (src, dst) = if v6(i) {
+                    (
+                        ip(&format!("fd00::{:x}", i / 50_000 + 1)),
+                        ip("2001:db8::10"),
+                    )
+                } else {
+                    let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i / 50_000);
+                    (IpAddr::V4(src), ip("192.0.2.10"))
+                };
+                let orig = CtTuple {
+                    src,
+                    sport,
+                    ..udp("0.0.0.0", 0, "0.0.0.0", 5000)
+                };
+                let orig = CtTuple { dst, ..orig };
+                let reply = CtTuple {
+                    src: dst,
+                    dst: src,
+                    sport: 5000,
+                    dport: sport,
+                    proto: 17,
+                };
+                let attrs = [
+                    nest(CTA_TUPLE_ORIG, &[tuple(&orig)]),
+                    nest(CTA_TUPLE_REPLY, &[tuple(&reply)]),
+                    nla(CTA_TIMEOUT, &600u32.to_be_bytes()),
+                    nla(CTA_MARK, &mark(i).to_be_bytes()),
+                ]
+                .concat();
+                (if v6(i) { AF_INET6 } else { AF_INET }, attrs)
+            })
+            .collect();
+        let refs: Vec<(u8, &[u8])> = items.iter().map(|(f, a)| (*f, a.as_slice())).collect();
+        let created = CtSocket::open()
+            .unwrap()
+            .send_all(IPCTNL_MSG_CT_NEW, NLM_F_CREATE | NLM_F_EXCL, &refs, |i| {
+                format!("creating {i}")
+            })
+            .unwrap();
+        assert_eq!(created, N as usize);
+
+        let started = Instant::now();
+        flush_marked(Some(Family::Ipv4), 0x1_0000, MASK).unwrap();
+        let took = started.elapsed();
+        let left = dump().unwrap();
+        let want = (0..N)
+            .filter(|i| v6(*i) || mark(*i) & MASK != 0x1_0000)
+            .count();
+        assert_eq!(left.len(), want);
+        assert!(
+            left.iter()
+                .all(|e| e.is_ipv6() || e.mark & MASK == 0x2_0000),
+            "an IPv4 entry of WAN 1 is left"
+        );
+        let v6_wan1 = left
+            .iter()
+            .filter(|e| e.is_ipv6() && e.mark & MASK == 0x1_0000)
+            .count();
+        assert_eq!(v6_wan1, 100, "the IPv6 entries of WAN 1 are kept");
+        // Both families; nothing of the other WAN.
+        flush_marked(None, 0x1_0000, MASK).unwrap();
+        let left = dump().unwrap();
+        assert_eq!(left.len(), want - 100);
+        assert!(left.iter().all(|e| e.mark & MASK == 0x2_0000));
+        eprintln!(
+            "{N} entries: flushed the {} of one WAN in {took:?}",
+            N as usize - want
+        );
+    });
+}

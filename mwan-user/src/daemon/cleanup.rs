@@ -66,7 +66,9 @@ impl WanConns {
 
 /// Deletes the conntrack entries of family `only` (both: `None`) of a dead
 /// WAN's connections, and only those, so applications see a reset at once
-/// instead of hanging on a NAT binding to a dead link: connections
+/// instead of hanging on a NAT binding to a dead link: those whose ct mark
+/// records the WAN (all but a few; the kernel flushes them in one request,
+/// `conntrack::flush_marked`), then, from a dump, connections
 /// masqueraded (or NPT-mapped) to its addresses, inbound ones it marked,
 /// and every flow pinned to it (`id`). Then nudges its TCP clients that
 /// were active lately, so the server's reset reaches them now (see
@@ -83,6 +85,13 @@ pub fn flush_conntrack(
     let id = w.id;
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
+        // The WAN's connections by their record, in one request the kernel
+        // carries out itself; then what the record may miss (connections
+        // without a mark, pinned flows), from a dump.
+        if let Err(e) = conntrack::flush_marked(only, w.mark, mask) {
+            warn!(wan = %w.name, error = %e, "flushing the conntrack entries of the dead WAN");
+        }
+        let flushed_ms = started.elapsed().as_millis() as u64;
         let tuples = match pinned_flows(&pin_dir, |_, v| v.wan == id || v.moved_from == id) {
             Ok(t) => t,
             Err(e) => {
@@ -103,7 +112,7 @@ pub fn flush_conntrack(
         });
         match result {
             Ok(n) => {
-                info!(wan = %w.name, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted");
+                info!(wan = %w.name, flushed_ms, deleted = n, pinned_flows = tuples.len(), ms = started.elapsed().as_millis() as u64, "conntrack entries of the dead WAN deleted");
                 facts.update(&w.name, |f| {
                     f.cleanups += 1;
                     f.conntrack_deleted += n as u64;

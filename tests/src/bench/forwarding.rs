@@ -1,7 +1,13 @@
 //! Sections 1 and 2: forwarding cost (TCP bulk, small-packet UDP) and new
 //! connections per second through the router, for the four variants,
-//! interleaved over several rounds; then the classifier's own cost from
-//! the kernel's BPF statistics.
+//! interleaved over several rounds, with mwan's pieces one at a time
+//! beside them (UDP and new connections; section 1c); then the
+//! classifier's own cost from the kernel's BPF statistics, and where the
+//! kernel spends its time per packet (`perf`, [`profile`]).
+//!
+//! Two identical labs: the variants without ip rules run in one whose
+//! router never had a rule, the others in a second one (see
+//! [`variants`]).
 
 use std::net::SocketAddrV4;
 
@@ -9,8 +15,8 @@ use anyhow::Result;
 use lab::{Lab, Netns, SERVER, SERVER2};
 
 use super::traffic::{self, CpsServer, TcpSink, UdpCounter, Window};
-use super::variants::{self, Variant, ALL};
-use super::{bpf, sig};
+use super::variants::{self, Variant, ALL, EVERY, PARTS};
+use super::{bpf, profile, sig};
 
 /// UDP port of the packet-rate tests (counted and dropped in the internet).
 pub const UDP_PORT: u16 = 9999;
@@ -59,57 +65,136 @@ pub struct Forwarding {
     /// Classifier runs per established connection in the new-connection
     /// test (SYN, ACK, RST: about 3).
     pub runs_per_conn: f64,
+    /// Kernel time per packet by component during the UDP test, per
+    /// profiled variant (empty when `perf` is missing).
+    pub profiles: Vec<(Variant, profile::Profile)>,
 }
 
-#[derive(Clone, Copy)]
+/// Whether the LAN bridge passes its frames through netfilter
+/// (`br_netfilter`'s `bridge-nf-call-iptables`). Off, as on a router
+/// without Docker; kernels with br_netfilter built in (or loaded) turn it
+/// on in every namespace, and the lab leaves that default alone.
+pub const BRIDGE_NETFILTER: bool = false;
+
+/// Sets `bridge-nf-call-iptables` and `-ip6tables` in the router of `lab`
+/// (nothing to do where the kernel has no br_netfilter).
+pub fn bridge_netfilter(lab: &Lab, on: bool) -> Result<()> {
+    if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+        return Ok(());
+    }
+    let v = if on { "1" } else { "0" };
+    lab.router().sysctls(&[
+        ("net.bridge.bridge-nf-call-iptables", v),
+        ("net.bridge.bridge-nf-call-ip6tables", v),
+    ])
+}
+
+/// One lab with the servers and clients the tests need.
+struct Site<'l> {
+    lab: &'l Lab,
+    hosts: Vec<&'l Netns>,
+    sink: TcpSink,
+    sink_addr: SocketAddrV4,
+    counter: UdpCounter<'l>,
+    cps_server: CpsServer,
+    dsts: [std::net::SocketAddr; 2],
+}
+
+impl<'l> Site<'l> {
+    fn new(lab: &'l Lab) -> Result<Site<'l>> {
+        bridge_netfilter(lab, BRIDGE_NETFILTER)?;
+        for h in lab.hosts() {
+            h.sysctls(&[("net.ipv4.ip_local_port_range", "1024 65535")])?;
+        }
+        let inet = lab.inet();
+        let sink_addr = SocketAddrV4::new(SERVER, SINK_PORT);
+        Ok(Site {
+            lab,
+            hosts: lab.hosts().iter().map(|h| &**h).collect(),
+            sink: TcpSink::start(inet, sink_addr)?,
+            sink_addr,
+            counter: UdpCounter::install(inet, UDP_PORT)?,
+            cps_server: CpsServer::start(inet, &[SERVER, SERVER2], CPS_PORTS)?,
+            dsts: [
+                SocketAddrV4::new(SERVER, UDP_PORT).into(),
+                SocketAddrV4::new(SERVER2, UDP_PORT).into(),
+            ],
+        })
+    }
+
+    fn udp(&self, p: &Params) -> Result<traffic::UdpRate> {
+        self.udp_over(p, p.window)
+    }
+
+    fn udp_over(&self, p: &Params, w: Window) -> Result<traffic::UdpRate> {
+        traffic::udp_flood(&self.hosts, &self.dsts, p.udp_flows, &self.counter, w)
+    }
+
+    fn tcp(&self, p: &Params) -> Result<f64> {
+        traffic::tcp_bulk(
+            &self.hosts,
+            &self.sink,
+            self.sink_addr,
+            p.tcp_streams,
+            p.window,
+        )
+    }
+
+    fn cps(&self, p: &Params) -> Result<traffic::Cps> {
+        traffic::cps(&self.hosts, &self.cps_server, p.cps_threads, p.window)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Test {
     Udp,
     Tcp,
     Cps,
 }
 
-pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
-    let lab = Lab::builder().lan_hosts(2).isps(2).build()?;
-    for h in lab.hosts() {
-        h.sysctls(&[("net.ipv4.ip_local_port_range", "1024 65535")])?;
+impl Test {
+    /// The variants a test runs: TCP bulk only those compared in section 1.
+    fn variants(self) -> Vec<Variant> {
+        let mut v = match self {
+            Test::Tcp => ALL.to_vec(),
+            Test::Udp | Test::Cps => ALL.iter().chain(&PARTS).copied().collect(),
+        };
+        if variants::base_bin().is_some() {
+            v.push(Variant::MwanBase);
+        }
+        v
     }
-    let inet = lab.inet();
-    let sink_addr = SocketAddrV4::new(SERVER, SINK_PORT);
-    let sink = TcpSink::start(inet, sink_addr)?;
-    let counter = UdpCounter::install(inet, UDP_PORT)?;
-    let cps_server = CpsServer::start(inet, &[SERVER, SERVER2], CPS_PORTS)?;
-    let hosts: Vec<&Netns> = lab.hosts().iter().map(|h| &**h).collect();
-    let dsts = [
-        SocketAddrV4::new(SERVER, UDP_PORT).into(),
-        SocketAddrV4::new(SERVER2, UDP_PORT).into(),
-    ];
-    let mut samples = vec![Samples::default(); ALL.len()];
+}
+
+pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
+    let pristine = Lab::builder().lan_hosts(2).isps(2).build()?;
+    let ruled = Lab::builder().lan_hosts(2).isps(2).build()?;
+    variants::add_a_rule_once(&ruled)?;
+    let sites = [Site::new(&pristine)?, Site::new(&ruled)?];
+    let site = |v: Variant| &sites[usize::from(!v.pristine())];
+    let mut samples = vec![Samples::default(); EVERY.len()];
     for round in 0..p.rounds {
         // One test at a time over all variants, so the measurements a ratio
         // compares are seconds apart; the order of the variants rotates
         // from round to round, so none always runs first (or after the
         // same neighbour).
         for test in [Test::Udp, Test::Tcp, Test::Cps] {
-            for k in 0..ALL.len() {
+            let list = test.variants();
+            for k in 0..list.len() {
                 sig::check()?;
-                let v = ALL[(round + k) % ALL.len()];
-                let active = variants::setup(&lab, v, None)?;
+                let v = list[(round + k) % list.len()];
+                let site = site(v);
+                let active = variants::setup(site.lab, v, None)?;
                 let s = &mut samples[v.index()];
                 match test {
                     Test::Udp => {
-                        let r = traffic::udp_flood(&hosts, &dsts, p.udp_flows, &counter, p.window)?;
+                        let r = site.udp(p)?;
                         s.udp.push(r.received);
                         s.udp_sent.push(r.sent);
                     }
-                    Test::Tcp => s.tcp.push(traffic::tcp_bulk(
-                        &hosts,
-                        &sink,
-                        sink_addr,
-                        p.tcp_streams,
-                        p.window,
-                    )?),
+                    Test::Tcp => s.tcp.push(site.tcp(p)?),
                     Test::Cps => {
-                        let r = traffic::cps(&hosts, &cps_server, p.cps_threads, p.window)?;
+                        let r = site.cps(p)?;
                         s.cps.push(r.rate);
                         s.cps_failed += r.failed;
                     }
@@ -118,8 +203,11 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
             }
         }
         let mut line = format!("  round {}/{}:", round + 1, p.rounds);
-        for v in ALL {
+        for v in EVERY {
             let s = &samples[v.index()];
+            if s.udp.is_empty() && s.tcp.is_empty() && s.cps.is_empty() {
+                continue;
+            }
             line += &format!(
                 "  ({}) {} {} {}",
                 v.letter(),
@@ -135,19 +223,14 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
     // add two clock reads per run, so they stay off while the variants are
     // compared).
     sig::check()?;
-    let active = variants::setup(&lab, Variant::Mwan, None)?;
-    let id = bpf::lan_prog_id(&lab)?;
-    let (ns, runs, _) = bpf::cost_during(id, || {
-        traffic::udp_flood(&hosts, &dsts, p.udp_flows, &counter, p.window)
-    })?;
+    let mwan_site = site(Variant::Mwan);
+    let active = variants::setup(mwan_site.lab, Variant::Mwan, None)?;
+    let id = bpf::lan_prog_id(mwan_site.lab)?;
+    let (ns, runs, _) = bpf::cost_during(id, || mwan_site.udp(p))?;
     let bpf_udp = BpfCost { ns, runs };
-    let (ns, runs, _) = bpf::cost_during(id, || {
-        traffic::tcp_bulk(&hosts, &sink, sink_addr, p.tcp_streams, p.window)
-    })?;
+    let (ns, runs, _) = bpf::cost_during(id, || mwan_site.tcp(p))?;
     let bpf_tcp = BpfCost { ns, runs };
-    let (ns, runs, c) = bpf::cost_during(id, || {
-        traffic::cps(&hosts, &cps_server, p.cps_threads, p.window)
-    })?;
+    let (ns, runs, c) = bpf::cost_during(id, || mwan_site.cps(p))?;
     let bpf_cps = BpfCost { ns, runs };
     let runs_per_conn = runs as f64 / c.total.max(1) as f64;
     active.teardown()?;
@@ -155,14 +238,54 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
         "  eBPF mwan_lan_eth: {:.0} ns/run (UDP flood), {:.0} ns/run (TCP bulk), {:.0} ns/run (new connections)",
         bpf_udp.ns, bpf_tcp.ns, bpf_cps.ns
     ));
+
+    let profiles = if profile::available() {
+        profiles(p, &|v| site(v), log)?
+    } else {
+        log("  perf not found: no kernel profile".into());
+        Vec::new()
+    };
     Ok(Forwarding {
         params: p.clone(),
-        hosts: hosts.len(),
-        isps: lab.isp_count(),
+        hosts: sites[0].hosts.len(),
+        isps: pristine.isp_count(),
         samples,
         bpf_udp,
         bpf_tcp,
         bpf_cps,
         runs_per_conn,
+        profiles,
     })
+}
+
+/// [`profile::REPEATS`] interleaved profiles of each of
+/// [`profile::PROFILED`] during the UDP test; their medians.
+fn profiles<'s>(
+    p: &Params,
+    site: &dyn Fn(Variant) -> &'s Site<'s>,
+    log: &dyn Fn(String),
+) -> Result<Vec<(Variant, profile::Profile)>> {
+    let mut list = profile::PROFILED.to_vec();
+    if variants::base_bin().is_some() {
+        list.push(Variant::MwanBase);
+    }
+    let mut all: Vec<Vec<profile::Profile>> = vec![Vec::new(); list.len()];
+    for _ in 0..profile::REPEATS {
+        for (i, &v) in list.iter().enumerate() {
+            sig::check()?;
+            let site = site(v);
+            let active = variants::setup(site.lab, v, None)?;
+            let prof = profile::during(p.window, &|| site.counter.packets(), |w| {
+                site.udp_over(p, w)
+            })?;
+            active.teardown()?;
+            log(format!("  perf ({}): {}", v.letter(), prof.brief()));
+            all[i].push(prof);
+        }
+    }
+    Ok(list
+        .into_iter()
+        .zip(all)
+        .map(|(v, ps)| (v, profile::Profile::median(&ps)))
+        .collect())
 }

@@ -242,6 +242,7 @@ pub fn table(r: &Results) -> String {
             "mwan's classifier (kernel BPF run-time stats): {:.0} ns/packet in the UDP test, {:.0} ns/packet in the TCP test, {:.0} ns/packet while opening connections",
             f.bpf_udp.ns, f.bpf_tcp.ns, f.bpf_cps.ns
         );
+        super::cost_table::table(&mut o, f, r.machine.cpus);
     }
     if let Some(f) = &r.forwarding6 {
         let _ = writeln!(
@@ -747,6 +748,10 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(f) = &r.forwarding6 {
         markdown_forwarding6(&mut o, f);
+        super::cost_table::markdown6(&mut o, f, r.machine.cpus);
+    }
+    if let Some(f) = &r.forwarding {
+        super::cost_table::markdown(&mut o, f, r.machine.cpus);
     }
     if let Some(f) = &r.failover {
         markdown_failover(&mut o, f);
@@ -1279,7 +1284,14 @@ const METHOD: &str = "## Method
   a mark gets `numgen random mod 2` → a WAN mark; every packet saves `ct mark set meta
   mark`; `ip rule` fwmark → per-WAN table with a default route; `masquerade` per WAN
   (plus `lookup main suppress_prefixlength 0` first, so replies reach the LAN);
-  (d) the real `mwan` binary with the lab's config (both ISPs, weight 1, every default).
+  (d) the real `mwan` binary with the lab's config (both ISPs, weight 1, every default);
+  (e)–(i) mwan's pieces one at a time (section 1c): mwan is started with `--keep` and
+  stopped, everything but the piece is removed (its nftables table, its ip rules, its
+  `clsact` qdisc), and plain routing through ISP 1 is added. Variants (a) and (b) run in a
+  lab whose router never had an ip rule, all others in a second, identical lab whose router
+  has (the kernel routes through the rule list for good once a namespace has had one).
+  The LAN bridge does not pass frames to netfilter (`bridge-nf-call-iptables = 0`, as on a
+  router without `br_netfilter`; kernels with it built in turn it on in every namespace).
 * **Interleaving**: in each round, for one test after the other (UDP, TCP, new
   connections), every variant is set up, measured after a warm-up and torn down, in an order rotated from round to round; so the measurements a ratio compares are
   seconds apart. Ratios are taken within a round; the median over rounds is reported with
@@ -1294,6 +1306,13 @@ const METHOD: &str = "## Method
   accepted it; when that reset reaches the client before the client has looked at its
   completed `connect`, the kernel reports `ECONNRESET`, which (unlike `ECONNREFUSED`) only
   happens after the handshake, so it is counted as an established connection.
+* **Kernel profiles** (section 1c): `perf record -a -g -e cpu-clock` (a software clock; no
+  hardware counters needed) for 3 s of the UDP test, per variant, 3 times interleaved;
+  `perf script` gives every sample's call stack, and each of the bench's own samples is put
+  in the first component of the table whose functions are on it. Time per packet is the
+  samples over the sampling rate and the packets counted in the internet meanwhile.
+  `MWAN_BENCH_BASE_BIN` adds mwan built from another revision as variant (d0) to the same
+  rounds and profiles (an A/B of two builds).
 * **eBPF cost**: `BPF_ENABLE_STATS` (fd-scoped, no sysctl changed) only around dedicated
   runs; `run_time_ns` and `run_cnt` of the `mwan_lan_eth` program attached to `lan0`, read with
   `BPF_OBJ_GET_INFO_BY_FD` (aya's program info).

@@ -9,6 +9,21 @@
 //!   `numgen random`; save the mark to conntrack; fwmark rules send each
 //!   mark to a per-WAN routing table; masquerade per WAN;
 //! * (d) mwan itself (the real binary, through the test harness).
+//!
+//! And mwan taken apart, to see what each of its pieces costs (section 1c):
+//! every piece is exactly what mwan installs (it is started with `--keep`,
+//! stopped, and everything but the piece removed), added to plain routing:
+//!
+//! * (e) plain routing in a namespace that has had ip rules: once a rule
+//!   is added, the kernel looks every route up through the rule list for
+//!   the namespace's life (`fib_has_custom_rules` is never cleared, and
+//!   the local and main tables stay unmerged), so (a) and (b) run in a
+//!   namespace that never had one, and every variant from (c) on in another;
+//! * (f) (e) + mwan's ip rules and tables (packets unmarked);
+//! * (g) (e) + mwan's nftables table (the ct-mark record and restore, NAT);
+//! * (h) (e) + mwan's classifier on the LAN (its marks route nothing);
+//! * (i) mwan without its nftables table: classifier and ip rules (the
+//!   marks route), NAT by a plain masquerade.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -23,14 +38,52 @@ pub enum Variant {
     Multipath,
     NftCtMark,
     Mwan,
+    PlainRuled,
+    Rules,
+    NftTable,
+    Classifier,
+    NoNft,
+    /// mwan built from another revision (`MWAN_BENCH_BASE_BIN`), for an
+    /// A/B comparison of the datapath in the same rounds.
+    MwanBase,
 }
 
+/// The ways compared in sections 1 and 2.
 pub const ALL: [Variant; 4] = [
     Variant::Plain,
     Variant::Multipath,
     Variant::NftCtMark,
     Variant::Mwan,
 ];
+
+/// mwan's pieces, one at a time (section 1c).
+pub const PARTS: [Variant; 5] = [
+    Variant::PlainRuled,
+    Variant::Rules,
+    Variant::NftTable,
+    Variant::Classifier,
+    Variant::NoNft,
+];
+
+/// Every variant, in the order of [`Variant::index`].
+pub const EVERY: [Variant; 10] = [
+    Variant::Plain,
+    Variant::Multipath,
+    Variant::NftCtMark,
+    Variant::Mwan,
+    Variant::PlainRuled,
+    Variant::Rules,
+    Variant::NftTable,
+    Variant::Classifier,
+    Variant::NoNft,
+    Variant::MwanBase,
+];
+
+/// The mwan binary of the A/B variant ([`Variant::MwanBase`]), if one is
+/// given.
+pub fn base_bin() -> Option<std::path::PathBuf> {
+    std::env::var_os("MWAN_BENCH_BASE_BIN").map(Into::into)
+}
 
 impl Variant {
     pub fn letter(self) -> &'static str {
@@ -39,6 +92,12 @@ impl Variant {
             Variant::Multipath => "b",
             Variant::NftCtMark => "c",
             Variant::Mwan => "d",
+            Variant::PlainRuled => "e",
+            Variant::Rules => "f",
+            Variant::NftTable => "g",
+            Variant::Classifier => "h",
+            Variant::NoNft => "i",
+            Variant::MwanBase => "d0",
         }
     }
 
@@ -48,12 +107,54 @@ impl Variant {
             Variant::Multipath => "multipath route",
             Variant::NftCtMark => "nftables ct-mark balancer (mwan3/VyOS style)",
             Variant::Mwan => "mwan",
+            Variant::PlainRuled => "plain routing + NAT, in a namespace that has had ip rules",
+            Variant::Rules => "(e) + mwan's ip rules (packets unmarked)",
+            Variant::NftTable => "(e) + mwan's nftables table",
+            Variant::Classifier => "(e) + mwan's classifier (marks unused)",
+            Variant::NoNft => "mwan without its nftables table (classifier + ip rules)",
+            Variant::MwanBase => "mwan, base build (MWAN_BENCH_BASE_BIN)",
         }
     }
 
     pub fn index(self) -> usize {
-        ALL.iter().position(|v| *v == self).expect("listed")
+        EVERY.iter().position(|v| *v == self).expect("listed")
     }
+
+    /// Whether the variant runs in a namespace that never had an ip rule
+    /// (see the module's documentation).
+    pub fn pristine(self) -> bool {
+        matches!(self, Variant::Plain | Variant::Multipath)
+    }
+
+    /// The pieces of mwan the variant keeps, for the variants made of
+    /// mwan's pieces.
+    fn pieces(self) -> Option<Pieces> {
+        let p = |rules, nft, classifier| {
+            Some(Pieces {
+                rules,
+                nft,
+                classifier,
+            })
+        };
+        match self {
+            Variant::Rules => p(true, false, false),
+            Variant::NftTable => p(false, true, false),
+            Variant::Classifier => p(false, false, true),
+            Variant::NoNft => p(true, false, true),
+            _ => None,
+        }
+    }
+}
+
+/// Which of what mwan installs a variant keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Pieces {
+    /// Its ip rules (both families) and routing tables.
+    pub rules: bool,
+    /// Its nftables table `inet mwan` (ct-mark record and restore, NAT).
+    pub nft: bool,
+    /// Its classifier on the LAN interfaces.
+    pub classifier: bool,
 }
 
 /// Routing tables and rule priorities the bench uses in the router
@@ -86,7 +187,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
     let n = lab.isp_count();
     let r = lab.router();
     match v {
-        Variant::Plain => {
+        Variant::Plain | Variant::PlainRuled => {
             r.ip(&format!(
                 "route replace default via {} dev wan1 proto static metric 10",
                 lab.isp(1).gateway()
@@ -127,14 +228,29 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
             r.ip(&ip)?;
             nft(lab, &ct_mark_balancer(n))?;
         }
-        Variant::Mwan => {
+        Variant::Mwan | Variant::MwanBase => {
             let text = match mwan_config {
                 Some(t) => t.to_string(),
                 None => config(lab, ""),
             };
-            let m = Mwan::start(lab, &text)?;
+            let m = match (v, base_bin()) {
+                (Variant::MwanBase, Some(bin)) => Mwan::start_bin(lab, &bin, &text, &[])?,
+                (Variant::MwanBase, None) => bail!("no MWAN_BENCH_BASE_BIN"),
+                _ => Mwan::start(lab, &text)?,
+            };
             m.wait_all_up(Duration::from_secs(15))?;
             active.mwan = Some(m);
+        }
+        Variant::Rules | Variant::NftTable | Variant::Classifier | Variant::NoNft => {
+            let pieces = v.pieces().expect("a variant of pieces");
+            active.mwan = Some(start_pieces(lab, pieces, mwan_config)?);
+            r.ip(&format!(
+                "route replace default via {} dev wan1 proto static metric 10",
+                lab.isp(1).gateway()
+            ))?;
+            if !pieces.nft {
+                nft(lab, &masquerade(1..=n))?;
+            }
         }
     }
     // Every host reaches the internet through the variant.
@@ -143,6 +259,46 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
             .with_context(|| format!("variant ({}) does not forward", v.letter()))?;
     }
     Ok(active)
+}
+
+/// Starts mwan (`--keep`), waits for its WANs, stops it (the datapath
+/// stays) and removes what `keep` does not name. Returns the stopped
+/// daemon's handle, whose `stop --teardown` removes the rest.
+pub fn start_pieces<'l>(lab: &'l Lab, keep: Pieces, mwan_config: Option<&str>) -> Result<Mwan<'l>> {
+    let text = match mwan_config {
+        Some(t) => t.to_string(),
+        None => config(lab, ""),
+    };
+    let mut m = Mwan::start_with(lab, &text, &["--keep"])?;
+    m.wait_all_up(Duration::from_secs(15))?;
+    m.stop_with(libc::SIGTERM)?;
+    let r = lab.router();
+    if !keep.nft {
+        r.exec(&["nft", "delete", "table", "inet", "mwan"])?;
+    }
+    if !keep.rules {
+        r.exec(&["ip", "rule", "flush", "protocol", "109"])?;
+        r.exec(&["ip", "-6", "rule", "flush", "protocol", "109"])?;
+    }
+    if !keep.classifier {
+        for lan in ["lan0", "lan1"] {
+            let _ = r.exec(&["tc", "qdisc", "del", "dev", lan, "clsact"]);
+        }
+    }
+    Ok(m)
+}
+
+/// Marks an ip rule as ever added in the router of `lab`: the kernel then
+/// looks routes up through the rule list for good (see the module's
+/// documentation), as it does wherever a variant with rules ran.
+pub fn add_a_rule_once(lab: &Lab) -> Result<()> {
+    let r = lab.router();
+    let pref = RULE_PREF.to_string();
+    for family in ["-4", "-6"] {
+        r.exec(&["ip", family, "rule", "add", "pref", &pref, "lookup", "main"])?;
+        r.exec(&["ip", family, "rule", "del", "pref", &pref])?;
+    }
+    Ok(())
 }
 
 fn mark(isp: usize) -> u32 {
@@ -205,7 +361,12 @@ impl Active<'_> {
         let n = lab.isp_count();
         let mut errors = Vec::new();
         if let Some(mut m) = self.mwan.take() {
-            if let Err(e) = m.stop_with(libc::SIGTERM) {
+            let stopped = if m.is_running() {
+                m.stop_with(libc::SIGTERM).map(drop)
+            } else {
+                m.cli_ok(&["stop", "--teardown"]).map(drop)
+            };
+            if let Err(e) = stopped {
                 errors.push(e);
             }
             // mwan's teardown removes its tc filters but leaves the clsact
@@ -216,7 +377,13 @@ impl Active<'_> {
             }
         }
         match self.variant {
-            Variant::Plain | Variant::Multipath => {
+            Variant::Plain
+            | Variant::Multipath
+            | Variant::PlainRuled
+            | Variant::Rules
+            | Variant::NftTable
+            | Variant::Classifier
+            | Variant::NoNft => {
                 let _ = r.ip("route del default proto static metric 10");
             }
             Variant::NftCtMark => {
@@ -232,7 +399,7 @@ impl Active<'_> {
                     errors.push(e);
                 }
             }
-            Variant::Mwan => {}
+            Variant::Mwan | Variant::MwanBase => {}
         }
         if let Some(old) = self.multipath_policy.take() {
             if let Err(e) = r.sysctls(&[("net.ipv4.fib_multipath_hash_policy", &old)]) {

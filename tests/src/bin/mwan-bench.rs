@@ -22,6 +22,7 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    report goes to target/BENCHMARKS-quick.md unless --out is given
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
+  --rounds N       rounds of the interleaved forwarding sections (default 10, --quick 3)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
                    lab), failover, scale, footprint, ha, domains, dns
 
@@ -30,6 +31,7 @@ network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it)."
 
 struct Args {
     quick: bool,
+    rounds: Option<usize>,
     out: PathBuf,
     sections: Vec<String>,
 }
@@ -51,12 +53,20 @@ const SECTIONS: [&str; 8] = [
 fn parse_args() -> Result<Option<Args>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut quick = false;
+    let mut rounds = None;
     let mut out = None;
     let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--rounds" => {
+                let n = it.next().unwrap_or_default();
+                rounds =
+                    Some(n.parse().map_err(|_| {
+                        anyhow::anyhow!("--rounds: `{n}` is not a number\n\n{USAGE}")
+                    })?);
+            }
             "--out" => out = Some(PathBuf::from(it.next().unwrap_or_default())),
             "--only" => {
                 sections = it
@@ -86,6 +96,7 @@ fn parse_args() -> Result<Option<Args>> {
     });
     Ok(Some(Args {
         quick,
+        rounds,
         out,
         sections,
     }))
@@ -169,7 +180,7 @@ fn run() -> Result<()> {
         println!("\n1-2. Forwarding cost and new connections per second");
         results.forwarding = Some(forwarding::run(
             &forwarding::Params {
-                rounds: if q { 3 } else { 10 },
+                rounds: args.rounds.unwrap_or(if q { 3 } else { 10 }),
                 window,
                 tcp_streams: 4,
                 udp_flows: 256,
@@ -182,7 +193,7 @@ fn run() -> Result<()> {
         println!("\n1b. IPv6 forwarding cost (mwan vs plain IPv6 routing with NAT66)");
         results.forwarding6 = Some(forwarding6::run(
             &forwarding::Params {
-                rounds: if q { 3 } else { 10 },
+                rounds: args.rounds.unwrap_or(if q { 3 } else { 10 }),
                 window,
                 tcp_streams: 4,
                 udp_flows: 256,
