@@ -106,15 +106,17 @@ impl Netns {
         let bind = bind.into();
         let listener: TcpListener = self
             .run(|| -> io::Result<TcpListener> {
-                let socket = Socket::new(Domain::for_address(bind), Type::STREAM, None)?;
-                if bind.is_ipv6() {
-                    socket.set_only_v6(true)?;
-                }
-                socket.set_reuse_address(true)?;
-                socket.bind(&bind.into())?;
-                socket.listen(1024)?;
-                socket.set_nonblocking(true)?;
-                Ok(socket.into())
+                until_address_usable(|| {
+                    let socket = Socket::new(Domain::for_address(bind), Type::STREAM, None)?;
+                    if bind.is_ipv6() {
+                        socket.set_only_v6(true)?;
+                    }
+                    socket.set_reuse_address(true)?;
+                    socket.bind(&bind.into())?;
+                    socket.listen(1024)?;
+                    socket.set_nonblocking(true)?;
+                    Ok(socket.into())
+                })
             })
             .with_context(|| format!("TCP listen on {bind} in {}", self.name()))?;
         let addr = listener.local_addr()?;
@@ -125,9 +127,11 @@ impl Netns {
         let bind = bind.into();
         let socket = self
             .run(|| -> io::Result<UdpSocket> {
-                let socket = UdpSocket::bind(bind)?;
-                socket.set_nonblocking(true)?;
-                Ok(socket)
+                until_address_usable(|| {
+                    let socket = UdpSocket::bind(bind)?;
+                    socket.set_nonblocking(true)?;
+                    Ok(socket)
+                })
             })
             .with_context(|| format!("UDP bind on {bind} in {}", self.name()))?;
         let addr = socket.local_addr()?;
@@ -219,6 +223,25 @@ fn stream_to(mut conn: TcpStream, peer: SocketAddr, pace: Option<u64>, stop: &St
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             Err(_) => return,
+        }
+    }
+}
+
+/// Runs `bind` again while it fails with EADDRNOTAVAIL, for at most 2 s:
+/// an address the lab has just added (in the same `ip` batch that enabled
+/// the interface) is now and then not yet usable by the time the servers
+/// start.
+fn until_address_usable<T>(mut bind: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match bind() {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                    && std::time::Instant::now() < deadline =>
+            {
+                thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r => return r,
         }
     }
 }
