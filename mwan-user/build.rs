@@ -7,6 +7,9 @@
 #[path = "build_support/bpf_toolchain.rs"]
 #[allow(dead_code)]
 mod bpf_toolchain;
+#[path = "build_support/kfunc.rs"]
+#[allow(dead_code)]
+mod kfunc;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", Path::new(&obj).display());
         std::fs::copy(&obj, &dest)
             .unwrap_or_else(|e| panic!("MWAN_EBPF_OBJ={}: {e}", Path::new(&obj).display()));
+        mark_kfunc_calls(&dest);
         return;
     }
     let ebpf_dir = manifest_dir.join("../mwan-ebpf");
@@ -56,6 +60,18 @@ fn main() {
     }
     let obj = bpf_toolchain::Toolchain::object_path(&target_dir);
     std::fs::copy(&obj, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", obj.display()));
+    mark_kfunc_calls(&dest);
+}
+
+/// Turns the object's calls of kernel functions into kfunc calls (see
+/// build_support/kfunc.rs).
+fn mark_kfunc_calls(obj: &Path) {
+    let mut bytes = std::fs::read(obj).unwrap_or_else(|e| panic!("reading {}: {e}", obj.display()));
+    if let Err(e) = kfunc::mark_calls(&mut bytes) {
+        eprintln!("error: marking the kfunc calls of {}: {e}", obj.display());
+        std::process::exit(1);
+    }
+    std::fs::write(obj, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", obj.display()));
 }
 
 /// `<cargo target dir>/bpf`: shared by all profiles so the eBPF crate is built

@@ -82,6 +82,11 @@ counters! {
     /// classified.
     GS_FRAGMENTS = 10, fragments, "mwan_datapath_fragments_total":
         "Non-first IPv4 and IPv6 fragments (never pinned; conntrack reassembles them).";
+    /// A lost pin (evicted, deleted, a connection older than mwan or
+    /// replicated by an HA pair) is made again from the WAN its connection
+    /// records in conntrack.
+    GS_CT_PINS = 11, pins_from_conntrack, "mwan_datapath_pins_from_conntrack_total":
+        "Flows the flow map did not know whose WAN was read from their conntrack entry (lost pins, connections older than mwan, an HA pair's replicated connections).";
 }
 
 // The table is indexed by `GS_*`: entry `i` has index `i`.

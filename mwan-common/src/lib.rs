@@ -77,6 +77,14 @@ pub const DOMAIN_DST_CAPACITY: u32 = 262_144;
 pub const PROG_LAN_ETH: &str = "mwan_lan_eth";
 /// tc program for LAN interfaces without a link-layer header (tun, WireGuard).
 pub const PROG_LAN_L3: &str = "mwan_lan_l3";
+/// tc program for the WAN interfaces (ingress; any link type).
+pub const PROG_WAN: &str = "mwan_wan";
+
+/// The offset the datapath reads `struct nf_conn`'s `mark` at, as
+/// compiled: the loader puts the running kernel's offset in its place
+/// (from the kernel's BTF). Word-aligned, and far beyond the struct's real
+/// size, so that no other load of the program has it.
+pub const CT_MARK_OFFSET_MARKER: i16 = 0x7ff4;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -283,6 +291,18 @@ pub struct WanCounters {
 /// restarted daemon maps names to the same ids as the flows it inherits.
 pub const WAN_NAME_LEN: usize = 32;
 
+/// A WAN interface, the value of `WAN_IFACES` (by ifindex): the datapath
+/// gives every packet arriving on it the WAN's mark, so that a reply's
+/// reverse-path check finds the WAN's table (`src_valid_mark`), and the
+/// first packet of an inbound connection carries its WAN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WanIface {
+    pub mark: u32,
+    /// The WAN's id.
+    pub id: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WanName {
@@ -363,6 +383,10 @@ const _: () = {
     assert!(offset_of!(WanCounters, bytes) == 8);
     assert!(offset_of!(WanCounters, flows) == 16);
 
+    assert!(size_of::<WanIface>() == 8);
+    assert!(offset_of!(WanIface, mark) == 0);
+    assert!(offset_of!(WanIface, id) == 4);
+
     assert!(size_of::<WanName>() == WAN_NAME_LEN);
     assert!(offset_of!(WanName, name) == 0);
 };
@@ -380,6 +404,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for WanCounters {}
     unsafe impl aya::Pod for WanName {}
+    unsafe impl aya::Pod for WanIface {}
 }
 
 #[cfg(test)]

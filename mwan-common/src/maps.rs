@@ -86,6 +86,9 @@ macro_rules! for_each_map {
                 rule_iface: RULE_IFACE = HashMap<u32, u64> [256] since First;
                 /// Rule → the policy its action names.
                 rule_action: RULE_ACTION = Array<u32> [MAX_RULES] since First;
+                /// WAN ifindex → its [`WanIface`]: the WAN-side program
+                /// gives every packet arriving on a WAN that WAN's mark.
+                wan_ifaces: WAN_IFACES = HashMap<u32, WanIface> [MAX_WANS] since WanSide;
             }
             per_family {
                 /// The pins ([`FlowKey`], [`FlowKey6`] → [`FlowValue`]),
@@ -207,6 +210,8 @@ pub enum Since {
     DomainRules,
     /// IPv6 (the `*6` maps) and host pins for both families.
     Ipv6,
+    /// The program on the WAN interfaces (`WAN_IFACES`).
+    WanSide,
 }
 
 impl Since {
@@ -217,6 +222,7 @@ impl Since {
             Since::AbiMarker => "a layout marker",
             Since::DomainRules => "rules by domain name",
             Since::Ipv6 => "IPv6",
+            Since::WanSide => "the program on the WAN interfaces",
         }
     }
 

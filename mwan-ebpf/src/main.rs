@@ -119,6 +119,36 @@ const HOST_REFRESH_NS: u64 = 1_000_000_000;
 const STALE_NS: u64 = 180_000_000_000;
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
+/// `bpf_ct_opts::netns_id`: the packet's own network namespace.
+const BPF_F_CURRENT_NETNS: i32 = -1;
+/// The size of `struct bpf_ct_opts` every kernel with the kfuncs accepts.
+const CT_OPTS_SZ: u32 = 12;
+
+/// `struct bpf_ct_opts` (its first 12 bytes).
+#[repr(C)]
+struct CtOpts {
+    netns_id: i32,
+    error: i32,
+    l4proto: u8,
+    dir: u8,
+    reserved: [u8; 2],
+}
+
+// The kernel's conntrack lookup for tc programs (kfuncs, Linux 5.18 and
+// later). Their calls are compiled as calls of undefined functions; the
+// build marks them as kfunc calls and the loader writes in the running
+// kernel's BTF ids, or, on a kernel without them, turns each call into
+// `r0 = 0` (no entry found): see mwan-user's `datapath::kfunc`.
+extern "C" {
+    fn bpf_skb_ct_lookup(
+        skb: *mut aya_ebpf::bindings::__sk_buff,
+        tuple: *mut u8,
+        tuple_sz: u32,
+        opts: *mut CtOpts,
+        opts_sz: u32,
+    ) -> *mut u8;
+    fn bpf_ct_release(ct: *mut u8);
+}
 
 // Both programs return TC_ACT_UNSPEC: the packet continues to any later tc
 // filter (a shaper's classifier, say) and then up the stack unchanged apart
@@ -133,6 +163,21 @@ pub fn mwan_lan_eth(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mwan_lan_l3(ctx: TcContext) -> i32 {
     classify::<0>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+/// On the WAN interfaces' ingress: every packet arriving on a WAN gets the
+/// WAN's mark (within the mark mask). The reverse-path check of a reply
+/// then looks the route back up in the WAN's own table (`src_valid_mark`):
+/// a router without a default route in its main table would drop it
+/// otherwise. The first packet of an inbound connection carries its WAN
+/// too, which nftables records in its conntrack entry.
+#[classifier]
+pub fn mwan_wan(ctx: TcContext) -> i32 {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if let (Some(w), Some(settings)) = (WAN_IFACES.get_ptr(&ifindex), SETTINGS.get(0)) {
+        set_mark(&ctx, settings, unsafe { (*w).mark });
+    }
     TC_ACT_UNSPEC
 }
 
@@ -479,6 +524,9 @@ trait Family: FamilyMaps {
     fn dst_rules(k: &Self::FlowKey) -> u64;
     /// The host by address: its IPv4 address or IPv6 /64.
     fn host_by_address(k: &Self::FlowKey) -> HostKey;
+    /// The packet's connection as conntrack keeps it: `ct_lookup(tuple,
+    /// its size)` with `struct bpf_sock_tuple`'s member of the family.
+    fn ct_mark(ctx: &TcContext, k: &Self::FlowKey) -> Option<u32>;
 }
 
 impl Family for V4 {
@@ -538,6 +586,17 @@ impl Family for V4 {
         h.bytes[..4].copy_from_slice(&k.saddr.to_ne_bytes());
         h
     }
+    #[inline(always)]
+    fn ct_mark(ctx: &TcContext, k: &FlowKey) -> Option<u32> {
+        // `bpf_sock_tuple.ipv4`: addresses and ports in network order, as
+        // the key holds them.
+        let mut t = [0u8; 12];
+        t[0..4].copy_from_slice(&k.saddr.to_ne_bytes());
+        t[4..8].copy_from_slice(&k.daddr.to_ne_bytes());
+        t[8..10].copy_from_slice(&k.sport.to_ne_bytes());
+        t[10..12].copy_from_slice(&k.dport.to_ne_bytes());
+        ct_lookup(ctx, &mut t, k.proto)
+    }
 }
 
 impl Family for V6 {
@@ -595,6 +654,49 @@ impl Family for V6 {
         h.bytes[..8].copy_from_slice(&k.saddr[..8]);
         h
     }
+    #[inline(always)]
+    fn ct_mark(ctx: &TcContext, k: &FlowKey6) -> Option<u32> {
+        // `bpf_sock_tuple.ipv6`.
+        let mut t = [0u8; 36];
+        t[0..16].copy_from_slice(&k.saddr);
+        t[16..32].copy_from_slice(&k.daddr);
+        t[32..34].copy_from_slice(&k.sport.to_ne_bytes());
+        t[34..36].copy_from_slice(&k.dport.to_ne_bytes());
+        ct_lookup(ctx, &mut t, k.proto)
+    }
+}
+
+/// The mark of the conntrack entry of a TCP or UDP connection, if
+/// conntrack has one (the kfuncs only look these two protocols up).
+#[inline(always)]
+fn ct_lookup<const N: usize>(ctx: &TcContext, tuple: &mut [u8; N], proto: u8) -> Option<u32> {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let mut opts = CtOpts {
+        netns_id: BPF_F_CURRENT_NETNS,
+        error: 0,
+        l4proto: proto,
+        dir: 0,
+        reserved: [0; 2],
+    };
+    let ct = unsafe {
+        bpf_skb_ct_lookup(
+            ctx.skb.skb,
+            tuple.as_mut_ptr(),
+            N as u32,
+            &mut opts,
+            CT_OPTS_SZ,
+        )
+    };
+    if ct.is_null() {
+        return None;
+    }
+    // `ct->mark`, at the offset the loader writes in for this kernel.
+    let mark =
+        unsafe { core::ptr::read_volatile(ct.offset(CT_MARK_OFFSET_MARKER as isize) as *const u32) };
+    unsafe { bpf_ct_release(ct) };
+    Some(mark)
 }
 
 /// The host a packet comes from (`sticky = "host"`): its source MAC on an
@@ -693,23 +795,46 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
         count(GS_BYPASS);
         return;
     }
-    if proto == PROTO_TCP && !opening {
-        // Not a connection opening: a reply of a connection that came in
-        // through a WAN (nftables restores its mark from conntrack) or a
-        // connection older than mwan. Leave it to the routing tables.
-        count(GS_MIDSTREAM);
-        return;
-    }
     let policy = if settings.rule_count == 0 {
         DEFAULT_POLICY
     } else {
         match_rules::<F>(pkt, settings)
     };
-    let wan = choose::<L3, F>(ctx, &pkt.key, policy, settings, now);
-    if wan == WAN_NONE && !is_main_policy::<F>(policy) {
-        count(GS_NO_WAN);
-        return;
-    }
+    // The flow may be older than its pin (evicted, deleted, older than
+    // mwan, replicated to this router by an HA pair): conntrack's record
+    // of its connection names the WAN it keeps.
+    let recorded = match F::ct_mark(ctx, &pkt.key) {
+        Some(mark) => recorded_wan::<F>(mark, settings),
+        None => Recorded::Nothing,
+    };
+    let wan = match recorded {
+        Recorded::Wan(id) if !opening || offers::<F>(policy, id) => {
+            count(GS_CT_PINS);
+            id
+        }
+        Recorded::Main if !opening => {
+            // A connection of the main table (a `main = true` rule, older
+            // than mwan): it stays there.
+            count(GS_CT_PINS);
+            WAN_NONE
+        }
+        _ if proto == PROTO_TCP && !opening => {
+            // Not a connection opening, and no WAN to keep: a connection
+            // older than mwan, or one whose WAN died (its entry is being
+            // deleted). Leave it to the routing tables.
+            count(GS_MIDSTREAM);
+            return;
+        }
+        _ => {
+            let wan = choose::<L3, F>(ctx, &pkt.key, policy, settings, now);
+            if wan == WAN_NONE && !is_main_policy::<F>(policy) {
+                count(GS_NO_WAN);
+                return;
+            }
+            count(GS_NEW_FLOWS);
+            wan
+        }
+    };
     let value = FlowValue {
         first_seen_ns: now,
         last_seen_ns: now,
@@ -723,13 +848,50 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
     if F::flows().insert(&pkt.key, &value, 0).is_err() {
         count(GS_INSERT_ERRORS);
     }
-    count(GS_NEW_FLOWS);
     if wan == WAN_NONE {
         return;
     }
     if let Some(entry) = F::wans().get(wan as u32) {
         account(wan, pkt.len, true);
         set_mark(ctx, settings, entry.mark);
+    }
+}
+
+/// What conntrack recorded of a connection's WAN.
+enum Recorded {
+    /// Its ct mark names a WAN alive in the packet's family.
+    Wan(u8),
+    /// No WAN in its ct mark: the main table's.
+    Main,
+    /// No entry, or a WAN that is not alive.
+    Nothing,
+}
+
+/// The WAN a ct mark names: mark(i) = (i + 1) << shift within the mask.
+#[inline(always)]
+fn recorded_wan<F: Family>(mark: u32, settings: &Settings) -> Recorded {
+    let bits = mark & settings.mark_mask;
+    if bits == 0 {
+        return Recorded::Main;
+    }
+    let shift = lowest_bit(settings.mark_mask as u64);
+    let id = (bits >> shift).wrapping_sub(1);
+    if id >= MAX_WANS {
+        return Recorded::Nothing;
+    }
+    match F::wans().get(id) {
+        Some(w) if w.alive != 0 && w.mark & settings.mark_mask == bits => Recorded::Wan(id as u8),
+        _ => Recorded::Nothing,
+    }
+}
+
+/// Whether `policy` (or the default it falls back to) gives new flows to
+/// WAN `id`.
+#[inline(always)]
+fn offers<F: Family>(policy: u32, id: u8) -> bool {
+    match F::policies().get(policy) {
+        Some(p) => p.wan_mask & (1u64 << (id & 63)) != 0,
+        None => false,
     }
 }
 

@@ -135,6 +135,12 @@ pub struct StartFacts {
     /// What it warned of (the config against the system, the pins).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// How the datapath reads a connection's recorded WAN: `kfuncs` (the
+    /// classifier asks conntrack itself, for the flows it does not know)
+    /// or `nftables` (a kernel without the kfuncs: nftables restores every
+    /// LAN packet's mark).
+    #[serde(default)]
+    pub conntrack: String,
 }
 
 /// What a start did with one inherited map.

@@ -28,7 +28,9 @@ use mwan_common::*;
 
 use crate::config::{Config, Sticky, StickyKey};
 use crate::policy::CompiledRules;
+pub use kfunc::ConntrackAccess;
 
+pub mod kfunc;
 mod maps;
 mod migrate;
 mod raw;
@@ -38,9 +40,34 @@ pub use migrate::{pinned_geometry, Geometry};
 /// The datapath object, built from `mwan-ebpf` by build.rs.
 static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mwan.bpf.o"));
 
-/// The embedded datapath object (for measurements that load it alone).
+/// The embedded datapath object as built (its kfunc calls marked, not
+/// resolved: see [`object_for_this_kernel`]).
 pub fn object() -> &'static [u8] {
     EBPF_OBJ
+}
+
+/// The embedded object resolved for the running kernel (see [`kfunc`]),
+/// and how its classifier reads conntrack. The environment variable
+/// `MWAN_CONNTRACK_ACCESS=nftables` forces the way of a kernel without the
+/// kfuncs (for tests). Why the kfuncs are not used goes to `warnings`.
+pub fn object_for_this_kernel(warnings: &mut Vec<String>) -> Result<(Vec<u8>, ConntrackAccess)> {
+    let forced = std::env::var("MWAN_CONNTRACK_ACCESS").is_ok_and(|v| v == "nftables");
+    let support = if forced {
+        Err("MWAN_CONNTRACK_ACCESS=nftables".to_string())
+    } else {
+        kfunc::kernel_support(Path::new("/sys/kernel/btf/vmlinux"))
+    };
+    match support {
+        Ok(s) => Ok((kfunc::resolve(EBPF_OBJ, Some(&s))?, ConntrackAccess::Kfuncs)),
+        Err(why) => {
+            let w = format!(
+                "the datapath cannot read conntrack itself ({why}): nftables restores each LAN packet's WAN instead, at some cost per packet"
+            );
+            tracing::info!("{w}");
+            warnings.push(w);
+            Ok((kfunc::resolve(EBPF_OBJ, None)?, ConntrackAccess::Nftables))
+        }
+    }
 }
 
 /// The two tc priorities mwan alternates between when it replaces its filter.
@@ -79,8 +106,11 @@ pub struct Datapath {
     /// Maps replaced at this start (another size): their old maps stay
     /// until the new program has replaced the old filter.
     migration: migrate::Migration,
-    /// What the load warned of (pins without a layout version).
+    /// What the load warned of (pins without a layout version, kfuncs
+    /// the kernel lacks).
     pub warnings: Vec<String>,
+    /// How the classifier reads a connection's recorded WAN.
+    pub conntrack: ConntrackAccess,
 }
 
 impl Datapath {
@@ -104,12 +134,14 @@ impl Datapath {
         }
         let inherited = plan.inherited();
         let mut migration = migrate::Migration::prepare(pin_dir, &plan)?;
-        let loaded = Self::load_object(pin_dir, max_flows, max_hosts).and_then(|(ebpf, maps)| {
-            migration.copy()?;
-            migrate::write_marker(pin_dir)?;
-            Ok((ebpf, maps))
-        });
-        let (ebpf, maps) = match loaded {
+        let loaded = Self::load_for_kernel(pin_dir, max_flows, max_hosts, &mut warnings).and_then(
+            |(ebpf, maps, conntrack)| {
+                migration.copy()?;
+                migrate::write_marker(pin_dir)?;
+                Ok((ebpf, maps, conntrack))
+            },
+        );
+        let (ebpf, maps, conntrack) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 migration.abort();
@@ -126,19 +158,49 @@ impl Datapath {
             flow_capacity,
             migration,
             warnings,
+            conntrack,
         })
     }
 
-    fn load_object(pin_dir: &Path, max_flows: u32, max_hosts: u32) -> Result<(Ebpf, Maps)> {
+    /// Loads the object resolved for this kernel: with the conntrack
+    /// kfuncs where it has them (and verifies them), else without.
+    fn load_for_kernel(
+        pin_dir: &Path,
+        max_flows: u32,
+        max_hosts: u32,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Ebpf, Maps, ConntrackAccess)> {
+        let (obj, access) = object_for_this_kernel(warnings)?;
+        match Self::load_object(&obj, pin_dir, max_flows, max_hosts) {
+            Err(e) if access == ConntrackAccess::Kfuncs => {
+                let w = format!(
+                    "the datapath with conntrack kfuncs did not load ({e:#}); nftables restores each LAN packet's WAN instead"
+                );
+                tracing::warn!("{w}");
+                warnings.push(w);
+                let obj = kfunc::resolve(EBPF_OBJ, None)?;
+                let (ebpf, maps) = Self::load_object(&obj, pin_dir, max_flows, max_hosts)?;
+                Ok((ebpf, maps, ConntrackAccess::Nftables))
+            }
+            r => r.map(|(ebpf, maps)| (ebpf, maps, access)),
+        }
+    }
+
+    fn load_object(
+        obj: &[u8],
+        pin_dir: &Path,
+        max_flows: u32,
+        max_hosts: u32,
+    ) -> Result<(Ebpf, Maps)> {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         for (name, size) in map_sizes(max_flows, max_hosts) {
             loader.map_max_entries(name, size);
         }
-        let mut ebpf = loader.load(EBPF_OBJ).with_context(|| {
+        let mut ebpf = loader.load(obj).with_context(|| {
             format!("loading the eBPF datapath (maps in {})", pin_dir.display())
         })?;
-        for name in [PROG_LAN_ETH, PROG_LAN_L3] {
+        for name in [PROG_LAN_ETH, PROG_LAN_L3, PROG_WAN] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -183,7 +245,16 @@ impl Datapath {
     /// filter stays in the kernel after this process exits. Returns whether
     /// mwan had to add the `clsact` qdisc (teardown removes it again).
     pub fn attach(&mut self, iface: &str, l2: bool) -> Result<bool> {
-        let name = if l2 { PROG_LAN_ETH } else { PROG_LAN_L3 };
+        self.attach_program(iface, if l2 { PROG_LAN_ETH } else { PROG_LAN_L3 })
+    }
+
+    /// Attaches the WAN-side program at tc ingress of WAN interface
+    /// `iface`, like [`Datapath::attach`].
+    pub fn attach_wan(&mut self, iface: &str) -> Result<bool> {
+        self.attach_program(iface, PROG_WAN)
+    }
+
+    fn attach_program(&mut self, iface: &str, name: &str) -> Result<bool> {
         let added_qdisc = match tc::qdisc_add_clsact(iface) {
             Ok(()) => true,
             // EEXIST: the qdisc is there already.

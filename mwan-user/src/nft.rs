@@ -125,34 +125,46 @@ pub struct Divert {
 /// The packet mark of mwan's own nudge segments ("mnud").
 pub const NUDGE_MARK: u32 = 0x6d6e_7564;
 
-pub fn ruleset(
-    wans: &[NftWan],
-    mark_mask: u32,
-    refuse_from: &[String],
-    divert: Option<&Divert>,
-) -> String {
+/// Everything the table holds.
+#[derive(Clone, Copy, Debug)]
+pub struct Table<'a> {
+    pub wans: &'a [NftWan],
+    pub mark_mask: u32,
+    /// The LAN interfaces whose new connections to unreachable destinations
+    /// are refused (empty unless every WAN is down under `all_down =
+    /// "unreachable"`).
+    pub refuse_from: &'a [String],
+    pub divert: Option<&'a Divert>,
+    /// Every packet gets the mark its connection's ct mark records, in
+    /// prerouting: only for a datapath that cannot read conntrack itself
+    /// (`datapath::ConntrackAccess::Nftables`).
+    pub restore: bool,
+}
+
+pub fn ruleset(t: &Table) -> String {
+    let (wans, mark_mask) = (t.wans, t.mark_mask);
     let keep = !mark_mask;
     let mut s = format!("{DELETE}table inet mwan {{\n");
-    s.push_str(
-        "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
-    );
-    if !wans.is_empty() {
-        let inbound = join(wans, |w| {
-            format!("\"{}\" : jump conn_{}", w.interface, w.name)
-        });
-        let _ = writeln!(s, "\t\tct state new iifname vmap {{ {inbound} }}");
+    let restore = t.restore && !wans.is_empty();
+    if restore || !t.refuse_from.is_empty() {
+        s.push_str(
+            "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
+        );
+    }
+    if restore {
         let restore = join(wans, |w| {
             format!("{:#010x} : goto route_{}", w.mark, w.name)
         });
         let _ = writeln!(s, "\t\tct mark and {mark_mask:#010x} vmap {{ {restore} }}");
     }
-    if !refuse_from.is_empty() {
+    if !t.refuse_from.is_empty() {
         // `fib daddr oif missing`: the route lookup (as the router's own
         // traffic, which mwan's rules send to the same table) fails, i.e.
         // hits the `unreachable` route. Only unicast destinations: the
         // router's own addresses (for which the lookup reports no
         // interface either), broadcasts and multicast are left alone.
-        let lans = refuse_from
+        let lans = t
+            .refuse_from
             .iter()
             .map(|l| format!("\"{l}\""))
             .collect::<Vec<_>>()
@@ -163,17 +175,26 @@ pub fn ruleset(
         let _ = writeln!(s, "\t\t{doomed} meta l4proto tcp reject with tcp reset");
         let _ = writeln!(s, "\t\t{doomed} reject with icmpx type host-unreachable");
     }
-    s.push_str("\t}\n");
+    if restore || !t.refuse_from.is_empty() {
+        s.push_str("\t}\n");
+    }
     // conn_X: this connection uses WAN X; route_X: route this packet
     // through WAN X.
     for w in wans {
         let _ = write!(
             s,
-            "\tchain conn_{name} {{\n\t\tct mark set ct mark and {keep:#010x} or {mark:#010x}\n\t}}\n\
-             \tchain route_{name} {{\n\t\tmeta mark set meta mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
+            "\tchain conn_{name} {{\n\t\tct mark set ct mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
             name = w.name,
             mark = w.mark
         );
+        if restore {
+            let _ = write!(
+                s,
+                "\tchain route_{name} {{\n\t\tmeta mark set meta mark and {keep:#010x} or {mark:#010x}\n\t}}\n",
+                name = w.name,
+                mark = w.mark
+            );
+        }
     }
     // The segments mwan sends to wake up LAN clients whose TCP connections
     // died with their WAN (see `nudge`) must not create conntrack entries.
@@ -181,7 +202,7 @@ pub fn ruleset(
         s,
         "\tchain output {{\n\t\ttype filter hook output priority raw; policy accept;\n\t\tmeta mark {NUDGE_MARK:#010x} notrack\n\t}}\n"
     );
-    if let Some(d) = divert {
+    if let Some(d) = t.divert {
         let lans = d
             .lans
             .iter()
@@ -215,14 +236,25 @@ pub fn ruleset(
         }
         s.push_str("\t}\n");
     }
+    // A connection's WAN is recorded by the nat chains, which see the
+    // first packet of each connection only: inbound ones by the WAN they
+    // arrive on (forwarded: postrouting; to the router itself: input),
+    // outbound ones by the WAN they leave through.
+    let by_wan = join(wans, |w| {
+        format!("\"{}\" : jump conn_{}", w.interface, w.name)
+    });
+    if !wans.is_empty() {
+        let _ = writeln!(
+            s,
+            "\tchain input {{\n\t\ttype nat hook input priority 100; policy accept;\n\t\tiifname vmap {{ {by_wan} }}\n\t}}"
+        );
+    }
     s.push_str(
         "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n",
     );
     if !wans.is_empty() {
-        let outbound = join(wans, |w| {
-            format!("\"{}\" : jump conn_{}", w.interface, w.name)
-        });
-        let _ = writeln!(s, "\t\toifname vmap {{ {outbound} }}");
+        let _ = writeln!(s, "\t\tiifname vmap {{ {by_wan} }}");
+        let _ = writeln!(s, "\t\toifname vmap {{ {by_wan} }}");
     }
     for w in wans.iter().filter(|w| w.nat) {
         if let Some(addr) = w.snat {
@@ -302,22 +334,14 @@ fn check(wans: &[NftWan], lans: &[String]) -> Result<()> {
 /// `refuse_from`: the LAN interfaces whose new connections to unreachable
 /// destinations are refused (empty unless every WAN is down under
 /// `all_down = "unreachable"`).
-pub async fn apply(
-    wans: &[NftWan],
-    mark_mask: u32,
-    refuse_from: &[String],
-    divert: Option<&Divert>,
-) -> Result<()> {
-    check(wans, refuse_from)?;
-    if let Some(d) = divert {
+pub async fn apply(t: &Table<'_>) -> Result<()> {
+    check(t.wans, t.refuse_from)?;
+    if let Some(d) = t.divert {
         check(&[], &d.lans)?;
     }
-    nft(
-        &["-f", "-"],
-        Some(&ruleset(wans, mark_mask, refuse_from, divert)),
-    )
-    .await
-    .context("replacing nftables table inet mwan")?;
+    nft(&["-f", "-"], Some(&ruleset(t)))
+        .await
+        .context("replacing nftables table inet mwan")?;
     Ok(())
 }
 
@@ -435,55 +459,74 @@ mod tests {
         }
     }
 
+    /// With a datapath that reads conntrack itself, no chain sees every
+    /// packet: the nat chains (first packets only) record each
+    /// connection's WAN.
     #[test]
     fn ruleset_text() {
         let wans = [
             wan("isp1", "wan1", 0x1_0000, true),
             wan("lte.2", "ppp0", 0x2_0000, false),
         ];
+        let table = |restore| Table {
+            wans: &wans,
+            mark_mask: 0x00ff_0000,
+            refuse_from: &[],
+            divert: None,
+            restore,
+        };
         assert_eq!(
-            ruleset(&wans, 0x00ff_0000, &[], None),
+            ruleset(&table(false)),
             "add table inet mwan
 delete table inet mwan
 add table ip mwan
 delete table ip mwan
 table inet mwan {
-\tchain prerouting {
-\t\ttype filter hook prerouting priority mangle; policy accept;
-\t\tct state new iifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
-\t\tct mark and 0x00ff0000 vmap { 0x00010000 : goto route_isp1, 0x00020000 : goto route_lte.2 }
-\t}
 \tchain conn_isp1 {
 \t\tct mark set ct mark and 0xff00ffff or 0x00010000
 \t}
-\tchain route_isp1 {
-\t\tmeta mark set meta mark and 0xff00ffff or 0x00010000
-\t}
 \tchain conn_lte.2 {
 \t\tct mark set ct mark and 0xff00ffff or 0x00020000
-\t}
-\tchain route_lte.2 {
-\t\tmeta mark set meta mark and 0xff00ffff or 0x00020000
 \t}
 \tchain output {
 \t\ttype filter hook output priority raw; policy accept;
 \t\tmeta mark 0x6d6e7564 notrack
 \t}
+\tchain input {
+\t\ttype nat hook input priority 100; policy accept;
+\t\tiifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
+\t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tiifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
 \t\toifname vmap { \"wan1\" : jump conn_isp1, \"ppp0\" : jump conn_lte.2 }
 \t\toifname \"wan1\" meta nfproto ipv4 masquerade
 \t}
 }
 "
         );
+        // A datapath that cannot: every packet's mark restored.
+        let legacy = ruleset(&table(true));
+        for part in [
+            "\tchain prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\tct mark and 0x00ff0000 vmap { 0x00010000 : goto route_isp1, 0x00020000 : goto route_lte.2 }\n\t}\n",
+            "\tchain route_isp1 {\n\t\tmeta mark set meta mark and 0xff00ffff or 0x00010000\n\t}\n",
+            "\tchain route_lte.2 {\n\t\tmeta mark set meta mark and 0xff00ffff or 0x00020000\n\t}\n",
+        ] {
+            assert!(legacy.contains(part), "{part} missing in\n{legacy}");
+        }
     }
 
     #[test]
     fn refusing_adds_the_reject_rules_for_the_lans_only() {
         let wans = [wan("isp1", "wan1", 0x1_0000, true)];
         let lans = ["lan0".to_string(), "br-guest".to_string()];
-        let text = ruleset(&wans, 0x00ff_0000, &lans, None);
+        let text = ruleset(&Table {
+            wans: &wans,
+            mark_mask: 0x00ff_0000,
+            refuse_from: &lans,
+            divert: None,
+            restore: true,
+        });
         let doomed = "iifname { \"lan0\", \"br-guest\" } ct state new fib daddr type unicast fib daddr oif missing";
         assert!(
             text.contains(&format!(
@@ -493,12 +536,25 @@ table inet mwan {
             )),
             "{text}"
         );
-        assert!(!ruleset(&wans, 0x00ff_0000, &[], None).contains("reject"));
+        assert!(!ruleset(&Table {
+            wans: &wans,
+            mark_mask: 0x00ff_0000,
+            refuse_from: &[],
+            divert: None,
+            restore: true
+        })
+        .contains("reject"));
     }
 
     #[test]
     fn ruleset_without_wans_is_valid_and_empty() {
-        let text = ruleset(&[], 0xff, &[], None);
+        let text = ruleset(&Table {
+            wans: &[],
+            mark_mask: 0xff,
+            refuse_from: &[],
+            divert: None,
+            restore: true,
+        });
         assert!(
             !text.contains("vmap") && !text.contains("masquerade"),
             "{text}"
@@ -532,7 +588,7 @@ table inet mwan {
                 wan("isp-1", "wan1", 0x1_0000, true),
                 wan("isp.2", "wan2", 0x2_0000, true),
             ];
-            apply(&wans, 0x00ff_0000, &[], None).await.unwrap();
+            apply(&Table { wans: &wans, mark_mask: 0x00ff_0000, refuse_from: &[], divert: None, restore: true }).await.unwrap();
             assert!(present().await.unwrap());
             let text = list();
             assert!(!text.contains("table ip mwan"), "{text}");
@@ -547,7 +603,7 @@ table inet mwan {
                 port: 40053,
                 tcp_port: 40054,
             };
-            apply(&wans, 0x00ff_0000, &[], Some(&divert)).await.unwrap();
+            apply(&Table { wans: &wans, mark_mask: 0x00ff_0000, refuse_from: &[], divert: Some(&divert), restore: true }).await.unwrap();
             let text = list();
             assert!(
                 text.contains(
@@ -562,14 +618,14 @@ table inet mwan {
                 "{text}"
             );
             assert_eq!(divert_ports().await.unwrap(), [40053]);
-            apply(&wans[..1], 0x00ff_0000, &[], None).await.unwrap();
+            apply(&Table { wans: &wans[..1], mark_mask: 0x00ff_0000, refuse_from: &[], divert: None, restore: true }).await.unwrap();
             assert!(divert_ports().await.unwrap().is_empty());
             let text = list();
             assert!(
                 text.contains("oifname \"wan1\" meta nfproto ipv4 masquerade") && !text.contains("wan2"),
                 "{text}"
             );
-            apply(&[], 0x00ff_0000, &[], None).await.unwrap();
+            apply(&Table { wans: &[], mark_mask: 0x00ff_0000, refuse_from: &[], divert: None, restore: true }).await.unwrap();
             delete().await.unwrap();
             assert!(!present().await.unwrap());
             assert_eq!(list().trim(), "");
@@ -587,12 +643,13 @@ table inet mwan {
         let t = wan_lab("masq");
         t.router
             .block_on(|| async {
-                apply(
-                    &[wan("isp1", "wan2", 0x1_0000, true)],
-                    0x00ff_0000,
-                    &[],
-                    None,
-                )
+                apply(&Table {
+                    wans: &[wan("isp1", "wan2", 0x1_0000, true)],
+                    mark_mask: 0x00ff_0000,
+                    refuse_from: &[],
+                    divert: None,
+                    restore: true,
+                })
                 .await
             })
             .unwrap();
@@ -622,7 +679,13 @@ table inet mwan {
             lan: "fd00:1::/48".parse().unwrap(),
             wan: "2001:db8:a2::/48".parse().unwrap(),
         };
-        let text = ruleset(&[a, b], 0x00ff_0000, &[], None);
+        let text = ruleset(&Table {
+            wans: &[a, b],
+            mark_mask: 0x00ff_0000,
+            refuse_from: &[],
+            divert: None,
+            restore: true,
+        });
         for line in [
             "\tchain dstnat {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname \"wan2\" ip6 daddr 2001:db8:a2::/48 dnat ip6 prefix to ip6 daddr map { 2001:db8:a2::/48 : fd00:1::/48 }\n\t}\n",
             "\t\toifname \"wan1\" meta nfproto ipv4 masquerade\n",
@@ -633,12 +696,13 @@ table inet mwan {
         }
         // nat = false and no IPv6: neither family is translated.
         assert!(!text.contains("\"wan2\" meta nfproto"), "{text}");
-        let plain = ruleset(
-            &[wan("isp1", "wan1", 0x1_0000, true)],
-            0x00ff_0000,
-            &[],
-            None,
-        );
+        let plain = ruleset(&Table {
+            wans: &[wan("isp1", "wan1", 0x1_0000, true)],
+            mark_mask: 0x00ff_0000,
+            refuse_from: &[],
+            divert: None,
+            restore: true,
+        });
         assert!(
             !plain.contains("ipv6") && !plain.contains("dstnat"),
             "{plain}"
@@ -697,7 +761,16 @@ table inet mwan {
         ] {
             w.nat6 = nat6;
             t.router
-                .block_on(|| async { apply(&[w.clone()], 0x00ff_0000, &[], None).await })
+                .block_on(|| async {
+                    apply(&Table {
+                        wans: &[w.clone()],
+                        mark_mask: 0x00ff_0000,
+                        refuse_from: &[],
+                        divert: None,
+                        restore: true,
+                    })
+                    .await
+                })
                 .unwrap();
             assert_eq!(send6(), want6, "{nat6:?}");
             assert_eq!(send4(), "203.0.113.1", "{nat6:?}");
@@ -717,7 +790,16 @@ table inet mwan {
             wan: "2001:db8:a2::/64".parse().unwrap(),
         };
         t.router
-            .block_on(|| async { apply(&[w], 0x00ff_0000, &[], None).await })
+            .block_on(|| async {
+                apply(&Table {
+                    wans: &[w],
+                    mark_mask: 0x00ff_0000,
+                    refuse_from: &[],
+                    divert: None,
+                    restore: true,
+                })
+                .await
+            })
             .unwrap();
         for (host, mapped) in [
             ("fd00:1::2", "2001:db8:a2::2"),
@@ -760,7 +842,16 @@ table inet mwan {
         let mut w = wan("isp1", "wan2", 0x1_0000, true);
         w.snat = Some("203.0.113.9".parse().unwrap());
         t.router
-            .block_on(|| async { apply(&[w], 0x00ff_0000, &[], None).await })
+            .block_on(|| async {
+                apply(&Table {
+                    wans: &[w],
+                    mark_mask: 0x00ff_0000,
+                    refuse_from: &[],
+                    divert: None,
+                    restore: true,
+                })
+                .await
+            })
             .unwrap();
         let server = t
             .server
@@ -839,12 +930,13 @@ table inet mwan {
 
         t.router
             .block_on(|| async {
-                apply(
-                    &[wan("isp1", "wan1", 0x1_0000, false)],
-                    0x00ff_0000,
-                    &[],
-                    None,
-                )
+                apply(&Table {
+                    wans: &[wan("isp1", "wan1", 0x1_0000, false)],
+                    mark_mask: 0x00ff_0000,
+                    refuse_from: &[],
+                    divert: None,
+                    restore: true,
+                })
                 .await
             })
             .unwrap();

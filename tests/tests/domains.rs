@@ -449,7 +449,7 @@ fn names_of_a_rule_leave_through_its_wan_from_the_first_connection() {
         .unwrap();
     let nft = String::from_utf8_lossy(&nft.stdout);
     assert!(
-        !nft.contains("dns_divert") && nft.contains("prerouting"),
+        !nft.contains("dns_divert") && nft.contains("postrouting"),
         "{nft}"
     );
     lab.host(0)

@@ -290,7 +290,16 @@ fn deletes_only_matching_entries_of_real_traffic() {
         nat6: crate::nft::Nat6::None,
     }];
     t.router
-        .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })
+        .block_on(|| async {
+            crate::nft::apply(&crate::nft::Table {
+                wans: &nat,
+                mark_mask: 0x00ff_0000,
+                refuse_from: &[],
+                divert: None,
+                restore: true,
+            })
+            .await
+        })
         .unwrap();
     let listener = t.server.run(|| TcpListener::bind("192.0.2.10:80").unwrap());
     let (ports, _tcp) = t.lan.run(|| {
@@ -458,7 +467,16 @@ fn ipv6_entries_of_real_traffic_are_marked_and_deleted() {
         nat6: crate::nft::Nat6::Masquerade,
     }];
     t.router
-        .block_on(|| async { crate::nft::apply(&nat, 0x00ff_0000, &[], None).await })
+        .block_on(|| async {
+            crate::nft::apply(&crate::nft::Table {
+                wans: &nat,
+                mark_mask: 0x00ff_0000,
+                refuse_from: &[],
+                divert: None,
+                restore: true,
+            })
+            .await
+        })
         .unwrap();
     let server6 = t
         .server

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use ipnet::IpNet;
-use mwan_common::{Policy, Settings, WanEntry, MAX_WANS};
+use mwan_common::{Policy, Settings, WanEntry, WanIface, MAX_WANS};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -64,6 +64,7 @@ pub struct Applied {
     relay: Option<(RelaySpec, Relay<DomainMaps>)>,
     probers: BTreeMap<(u8, Family), (ProberSpec, Prober)>,
     lans: BTreeMap<String, LanLink>,
+    wan_filters: BTreeMap<String, (u32, WanIface)>,
     conns: BTreeMap<u8, WanConns>,
     host_saved: Option<HostState>,
 }
@@ -112,6 +113,7 @@ impl Applied {
             relay: None,
             probers: BTreeMap::new(),
             lans: BTreeMap::new(),
+            wan_filters: BTreeMap::new(),
             conns: BTreeMap::new(),
             host_saved: None,
         })
@@ -167,7 +169,7 @@ impl Applied {
         if divert.is_some() {
             // Without the relay, diverted queries would be lost: the LAN's
             // DNS goes direct (unlearned) until the next daemon diverts it.
-            nft::apply(&spec.wans, spec.mark_mask, &spec.refuse_from, None).await?;
+            nft::apply(&table(&spec, None)).await?;
         }
         self.relay = None;
         Ok(port)
@@ -194,6 +196,9 @@ impl Applied {
                 .context("installing ip rules")?;
             self.ip_rules = Some(d.ip_rules.clone());
         }
+        // Before the table: a table that no longer restores marks relies
+        // on the WAN-side program for what arrives on the WANs.
+        self.apply_wan_filters(k, d)?;
         if self.apply_nft(d).await? {
             // Before the classifier is attached: an old UDP flow must not
             // be pinned afresh before its WAN is recorded.
@@ -372,8 +377,7 @@ impl Applied {
         if self.nft.as_ref() == Some(&want) {
             return Ok(false);
         }
-        let s = &want.0;
-        nft::apply(&s.wans, s.mark_mask, &s.refuse_from, want.1.as_ref())
+        nft::apply(&table(&want.0, want.1.as_ref()))
             .await
             .context("applying nftables table inet mwan")?;
         let first = self.nft.is_none();
@@ -482,6 +486,42 @@ impl Applied {
         Ok(())
     }
 
+    /// The WAN-side program on each WAN interface (again when the interface
+    /// was re-created) and its `WAN_IFACES` entry; off interfaces the
+    /// config no longer has.
+    fn apply_wan_filters(&mut self, k: &mut Kernel<'_>, d: &Desired) -> Result<()> {
+        let gone: Vec<String> = self
+            .wan_filters
+            .keys()
+            .filter(|w| !d.wan_filters.contains_key(*w))
+            .cloned()
+            .collect();
+        for w in gone {
+            let (ifindex, _) = self.wan_filters.remove(&w).expect("listed");
+            crate::datapath::detach(&w);
+            k.dp.maps.remove_wan_iface(ifindex)?;
+        }
+        for (name, want) in &d.wan_filters {
+            let had = self.wan_filters.get(name).copied();
+            if had == Some(*want) {
+                continue;
+            }
+            if let Some((old, _)) = had.filter(|(i, _)| *i != want.0) {
+                k.dp.maps.remove_wan_iface(old)?;
+            }
+            k.dp.maps.write_wan_iface(want.0, want.1)?;
+            if had.is_none_or(|(i, _)| i != want.0) {
+                if k.dp.attach_wan(name)? && !k.host.clsact_added.contains(name) {
+                    k.host.clsact_added.push(name.clone());
+                }
+                info!(interface = %name, "WAN-side filter attached");
+            }
+            self.wan_filters.insert(name.clone(), *want);
+        }
+        k.host.wan_interfaces = d.wan_filters.keys().cloned().collect();
+        Ok(())
+    }
+
     /// Starts the probers wanted and not running (or running with another
     /// spec: new targets, a re-created interface); stops the others.
     fn apply_probers(&mut self, k: &mut Kernel<'_>, d: &Desired) {
@@ -493,6 +533,17 @@ impl Applied {
                 self.probers.insert(*key, (spec.clone(), p));
             }
         }
+    }
+}
+
+/// The nftables table of `spec`, with the relay's divert.
+fn table<'a>(spec: &'a NftSpec, divert: Option<&'a nft::Divert>) -> nft::Table<'a> {
+    nft::Table {
+        wans: &spec.wans,
+        mark_mask: spec.mark_mask,
+        refuse_from: &spec.refuse_from,
+        divert,
+        restore: spec.restore,
     }
 }
 

@@ -10,11 +10,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv6Net};
-use mwan_common::{Policy, Settings, WanEntry, MAX_WANS};
+use mwan_common::{Policy, Settings, WanEntry, WanIface, MAX_WANS};
 
 use super::wan::WanRt;
 use crate::config::{AllDown, Config, Gateway6, Ipv6Mode};
-use crate::datapath;
+use crate::datapath::{self, ConntrackAccess};
 use crate::family::{Family, PerFamily};
 use crate::health::ProbeSpec;
 use crate::nft::NftWan;
@@ -50,6 +50,8 @@ pub struct Inputs<'a> {
     /// Per family, the default policy's members when some WAN last took
     /// new flows (`all_down = "last"` keeps them).
     pub last_default: &'a PerFamily<Vec<(u8, u32)>>,
+    /// How the loaded datapath reads a connection's recorded WAN.
+    pub conntrack: ConntrackAccess,
 }
 
 /// Everything mwan puts in the kernel and runs.
@@ -76,6 +78,9 @@ pub struct Desired {
     /// The LAN interfaces the classifier is attached to: name → link
     /// (`None`: the interface does not exist, which refuses the start).
     pub lans: BTreeMap<String, Option<LanLink>>,
+    /// The WAN interfaces that exist, with the program that marks what
+    /// arrives on them: name → (ifindex, `WAN_IFACES` entry).
+    pub wan_filters: BTreeMap<String, (u32, WanIface)>,
     /// How each WAN's connections are known in conntrack (for the cleanup
     /// when it dies), by id.
     pub conns: BTreeMap<u8, WanConns>,
@@ -127,6 +132,9 @@ pub struct NftSpec {
     pub refuse_from: Vec<String>,
     /// LAN interfaces whose DNS queries go to the relay (while it runs).
     pub divert_from: Option<Vec<String>>,
+    /// nftables restores every packet's mark from its connection's
+    /// (a datapath that cannot read conntrack itself).
+    pub restore: bool,
 }
 
 /// The sysctls mwan sets, and the interfaces they depend on: a WAN
@@ -205,7 +213,7 @@ pub fn desired(inputs: &Inputs) -> Desired {
         settings,
         tables: tables(inputs.wans),
         ip_rules: ip_rules(cfg, inputs.wans, refusing),
-        nft: nft(cfg, inputs.wans, refusing),
+        nft: nft(cfg, inputs.wans, refusing, inputs.conntrack),
         sysctls: sysctls(inputs.wans),
         relay: cfg.has_domain_rules().then(|| RelaySpec {
             domains: cfg.rules.iter().map(|r| r.domains.clone()).collect(),
@@ -218,6 +226,17 @@ pub fn desired(inputs: &Inputs) -> Desired {
             .lan_interfaces
             .iter()
             .map(|n| (n.clone(), inputs.host.lans.get(n).copied()))
+            .collect(),
+        wan_filters: inputs
+            .wans
+            .iter()
+            .filter_map(|w| {
+                let entry = WanIface {
+                    mark: w.mark,
+                    id: w.id.into(),
+                };
+                Some((w.cfg.interface.clone(), (w.link.ifindex?, entry)))
+            })
             .collect(),
         conns: inputs
             .wans
@@ -360,7 +379,7 @@ fn ip_rules(cfg: &Config, wans: &[WanRt], refusing: bool) -> Vec<RuleSpec> {
         .collect()
 }
 
-fn nft(cfg: &Config, wans: &[WanRt], refusing: bool) -> NftSpec {
+fn nft(cfg: &Config, wans: &[WanRt], refusing: bool, ct: ConntrackAccess) -> NftSpec {
     NftSpec {
         wans: wans
             .iter()
@@ -380,6 +399,7 @@ fn nft(cfg: &Config, wans: &[WanRt], refusing: bool) -> NftSpec {
             Vec::new()
         },
         divert_from: cfg.has_domain_rules().then(|| cfg.lan_interfaces.clone()),
+        restore: ct == ConntrackAccess::Nftables,
     }
 }
 

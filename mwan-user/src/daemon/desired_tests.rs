@@ -99,6 +99,7 @@ fn compute(cfg: &Config, wans: &[WanRt], last: &PerFamily<Vec<(u8, u32)>>) -> De
         host: &host(),
         rule_policies: &policies,
         last_default: last,
+        conntrack: ConntrackAccess::Kfuncs,
     })
 }
 

@@ -22,7 +22,10 @@ pub struct HostState {
     pub bpffs_mount: Option<PathBuf>,
     /// LAN interfaces that carry mwan's tc filter.
     pub lan_interfaces: Vec<String>,
-    /// LAN interfaces on which mwan added the `clsact` qdisc.
+    /// WAN interfaces that carry mwan's WAN-side tc filter.
+    #[serde(default)]
+    pub wan_interfaces: Vec<String>,
+    /// LAN and WAN interfaces on which mwan added the `clsact` qdisc.
     #[serde(default)]
     pub clsact_added: Vec<String>,
     pub pin_dir: PathBuf,
@@ -80,7 +83,9 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
     let mut lans: Vec<&String> = cfg
         .lan_interfaces
         .iter()
-        .chain(host.lan_interfaces.iter())
+        .chain(&host.lan_interfaces)
+        .chain(cfg.wans.iter().map(|w| &w.interface))
+        .chain(&host.wan_interfaces)
         .collect();
     lans.sort();
     lans.dedup();

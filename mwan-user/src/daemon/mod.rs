@@ -138,6 +138,11 @@ impl Daemon {
         let mut report = status::Report::new(&cfg, web, inherited);
         report.start.warnings = warnings;
         report.start.warnings.extend(dp.warnings.iter().cloned());
+        report.start.conntrack = match dp.conntrack {
+            datapath::ConntrackAccess::Kfuncs => "kfuncs",
+            datapath::ConntrackAccess::Nftables => "nftables",
+        }
+        .to_string();
         let mut d = Daemon {
             report,
             cfg,
@@ -239,6 +244,7 @@ impl Daemon {
             host: &self.host_view,
             rule_policies: &self.host.rule_policies,
             last_default: &self.last_default,
+            conntrack: self.dp.conntrack,
         });
         for (f, fd) in d.families.iter() {
             if !fd.all_down {

@@ -280,7 +280,8 @@ impl Daemon {
                     .collect();
                 // The LRU map evicts silently: pins made that the map no
                 // longer holds (as of the flow count's time).
-                let made = c.get("new_flows").copied().unwrap_or(0);
+                let made = c.get("new_flows").copied().unwrap_or(0)
+                    + c.get("pins_from_conntrack").copied().unwrap_or(0);
                 c.insert("evicted_pins".into(), made.saturating_sub(total));
                 c
             },

@@ -263,6 +263,24 @@ impl Maps {
     }
 
     /// WAN names by id, as the daemon that owns the pins recorded them.
+    /// WAN interface `ifindex`'s entry of `WAN_IFACES`.
+    pub fn write_wan_iface(&mut self, ifindex: u32, w: WanIface) -> Result<()> {
+        let name = self.wan_ifaces.name;
+        self.wan_ifaces
+            .insert(ifindex, w, 0)
+            .with_context(|| format!("writing {name}[{ifindex}]"))
+    }
+
+    /// Removes WAN interface `ifindex` from `WAN_IFACES` (no error if it is
+    /// not there).
+    pub fn remove_wan_iface(&mut self, ifindex: u32) -> Result<()> {
+        let name = self.wan_ifaces.name;
+        match self.wan_ifaces.remove(&ifindex) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(anyhow!("removing {name}[{ifindex}]: {e}")),
+        }
+    }
+
     pub fn names(&self) -> Result<Vec<Option<String>>> {
         (0..MAX_WANS)
             .map(|i| {

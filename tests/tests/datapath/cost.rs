@@ -101,7 +101,8 @@ fn per_packet(ebpf: &mut Ebpf, syn: &[u8], ack: &[u8]) -> Result<f64> {
 
 /// (IPv4 ns, IPv6 ns if the object has IPv6) per established packet.
 pub fn measure(obj: &[u8], pin_dir: &Path) -> Result<(f64, Option<f64>)> {
-    let mut ebpf = load(obj, pin_dir)?;
+    let obj = mwan::datapath::kfunc::resolve_for_this_kernel(obj)?;
+    let mut ebpf = load(&obj, pin_dir)?;
     let frame = |b: Body| b.frame();
     let v4 = per_packet(
         &mut ebpf,

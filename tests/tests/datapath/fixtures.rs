@@ -78,6 +78,17 @@ impl Expect {
         }
     }
 
+    /// A flow the map did not know, pinned to the WAN its conntrack entry
+    /// records.
+    pub fn recorded(wan: &'static str) -> Expect {
+        Expect {
+            mark: Mark::Wan(W::Named(wan)),
+            flow: Flow::New(Some(W::Named(wan))),
+            host: HostPin::Unchanged,
+            counters: vec![(GS_CT_PINS, 1)],
+        }
+    }
+
     /// Left alone: no pin, no mark, one counter.
     pub fn untouched(counter: u32) -> Expect {
         Expect {
@@ -137,6 +148,10 @@ pub enum Step {
     /// The learned addresses' clock moves on by this many seconds; what
     /// expired is deleted from `DOMAIN_DST`.
     Advance(u64),
+    /// Conntrack holds the packet's connection (TCP or UDP), recorded on
+    /// this WAN (its mark; `None`: no mark, the main table's), as nftables
+    /// records it (written with the `conntrack` tool).
+    Record(Body, Option<&'static str>),
 }
 
 pub struct Fixture {
@@ -185,6 +200,11 @@ pub fn health6(changes: &[(&'static str, Health)]) -> Step {
 
 pub fn learn(chain: &[&'static str], addr: Ipv4Addr, ttl: u32) -> Step {
     Step::Learn(chain.to_vec(), addr, ttl)
+}
+
+/// Conntrack records the connection of `p` on `wan` (`None`: no WAN).
+pub fn record(p: impl Into<Body>, wan: Option<&'static str>) -> Step {
+    Step::Record(p.into(), wan)
 }
 
 pub fn health(changes: &[(&'static str, Health)]) -> Step {
@@ -360,6 +380,54 @@ pub fn fixtures() -> Vec<Fixture> {
                     Pkt::tcp(HOST, 40000, SERVER, 443, FIN | ACK),
                     Expect::untouched(GS_MIDSTREAM),
                 ),
+            ],
+        },
+        Fixture {
+            name: "a lost pin is made again from the WAN conntrack records (TCP mid-stream, a LAN server's reply, UDP, no WAN)",
+            config: plain.clone(),
+            steps: vec![
+                // Recorded on isp3 (the default policy would say isp1).
+                record(ack.clone(), Some("isp3")),
+                send(ack.clone().payload(1000), Expect::recorded("isp3")),
+                send(ack.clone(), Expect::follows("isp3")),
+                // An inbound connection's reply from a LAN server: found by
+                // its reply direction.
+                record(Pkt::tcp(SERVER, 40000, HOST, 22, SYN), Some("isp2")),
+                send(
+                    Pkt::tcp(HOST, 22, SERVER, 40000, SYN | ACK),
+                    Expect::recorded("isp2"),
+                ),
+                record(udp.clone(), Some("isp4")),
+                send(udp.clone(), Expect::recorded("isp4")),
+                // A main-table connection stays there.
+                record(Pkt::udp(HOST, 40002, SERVER, 8081), None),
+                send(
+                    Pkt::udp(HOST, 40002, SERVER, 8081),
+                    Expect {
+                        mark: Mark::Kept,
+                        flow: Flow::New(None),
+                        host: HostPin::Unchanged,
+                        counters: vec![(GS_CT_PINS, 1)],
+                    },
+                ),
+            ],
+        },
+        Fixture {
+            name: "a record of a dead WAN, or one the policy does not offer to a SYN, is not followed",
+            config: plain.clone(),
+            steps: vec![
+                health(&[("isp3", Bad)]),
+                record(udp.clone(), Some("isp3")),
+                send(udp.clone(), Expect::pin("isp1")),
+                record(ack.clone(), Some("isp3")),
+                send(ack.clone(), Expect::untouched(GS_MIDSTREAM)),
+                // A SYN of a 5-tuple recorded on isp4 (alive, but the
+                // default policy offers isp1 only): placed anew.
+                record(Pkt::tcp(HOST, 40005, SERVER, 443, SYN), Some("isp4")),
+                send(Pkt::tcp(HOST, 40005, SERVER, 443, SYN), Expect::pin("isp1")),
+                // One recorded on isp1 is followed, and counted as such.
+                record(Pkt::tcp(HOST, 40006, SERVER, 443, SYN), Some("isp1")),
+                send(Pkt::tcp(HOST, 40006, SERVER, 443, SYN), Expect::recorded("isp1")),
             ],
         },
         Fixture {

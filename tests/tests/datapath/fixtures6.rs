@@ -61,6 +61,17 @@ pub fn fixtures6() -> Vec<Fixture> {
     let syn_from = |sport: u16| Pkt6::tcp(HOST6, sport, SERVER6, 443, SYN);
     vec![
         Fixture {
+            name: "IPv6: a lost pin is made again from the WAN conntrack records",
+            config: plain.clone(),
+            steps: vec![
+                record(ack.clone(), Some("isp2")),
+                send6(ack.clone(), Expect::recorded("isp2")),
+                send6(ack.clone().payload(100), Expect::follows("isp2")),
+                record(udp.clone(), Some("isp3")),
+                send6(udp.clone(), Expect::recorded("isp3")),
+            ],
+        },
+        Fixture {
             name: "IPv6 TCP: SYN pinned and marked, the connection follows, mid-stream left alone",
             config: plain.clone(),
             steps: vec![

@@ -100,6 +100,9 @@ impl Rig {
         }
         self.health = vec![Health::Good; self.cfg.wans.len()];
         self.health6 = vec![Health::Good; self.cfg.wans.len()];
+        // No connection recorded by an earlier fixture.
+        let flushed = std::process::Command::new("conntrack").arg("-F").output()?;
+        ensure!(flushed.status.success(), "conntrack -F failed");
         self.last_default.clear();
         self.last_default6.clear();
         self.sync_policies()?;
@@ -493,6 +496,45 @@ impl Rig {
     }
 
     /// Moves the pin of `p`'s flow `secs` into the past.
+    /// Writes a conntrack entry for the connection of `p` with `wan`'s
+    /// mark (none: 0), with the `conntrack` tool, in this namespace.
+    fn record(&mut self, p: &Body, wan: Option<&str>) -> Result<()> {
+        let Some(k) = p.key() else {
+            bail!("recording a frame that is not IP");
+        };
+        let proto = match k.proto() {
+            PROTO_TCP => "tcp",
+            PROTO_UDP => "udp",
+            other => bail!("conntrack entries of protocol {other} are not recorded"),
+        };
+        let mark = match wan {
+            Some(w) => {
+                let id = self.wan_id(w)?;
+                self.cfg.wan_mark(id)
+            }
+            None => 0,
+        };
+        let (src, dst) = (k.src().to_string(), k.dst().to_string());
+        let (sport, dport) = (k.src_port().to_string(), k.dst_port().to_string());
+        let mut args = vec!["-I", "-p", proto, "-s", &src, "-d", &dst, "--sport", &sport];
+        args.extend(["--dport", &dport, "-t", "120"]);
+        if proto == "tcp" {
+            args.extend(["--state", "ESTABLISHED"]);
+        }
+        let mark = mark.to_string();
+        // The mark last: conntrack-tools 1.4.7 misreads it before `-u`.
+        args.extend(["-m", &mark]);
+        let out = std::process::Command::new("conntrack")
+            .args(&args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "conntrack {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     fn age(&mut self, p: &Body, secs: u64) -> Result<()> {
         let back = |mut v: FlowValue| {
             v.last_seen_ns = v.last_seen_ns.saturating_sub(secs * 1_000_000_000);
@@ -602,6 +644,7 @@ impl Rig {
                 Step::Age(p, secs) => self.age(p, *secs),
                 Step::Learn(chain, addr, ttl) => self.learn(chain, *addr, *ttl),
                 Step::Advance(secs) => self.advance(*secs),
+                Step::Record(p, wan) => self.record(p, *wan),
             };
             res?;
         }
