@@ -734,18 +734,31 @@ impl LiveConnections {
 /// packet, so it survives its pin. Ten rounds of deleting every pin: a UDP
 /// flow whose next packet were placed afresh would pick the other WAN half
 /// the time (eight flows, ten rounds: all staying by chance is 2^-80).
+/// The classifier reads the record itself (conntrack kfuncs) and pins the
+/// flow again on its WAN.
 #[test]
 fn connections_keep_their_wan_when_their_pins_are_deleted() {
+    pins_deleted("kfuncs", &[]);
+}
+
+/// The same on a datapath that cannot read conntrack (a kernel without the
+/// kfuncs): nftables restores every LAN packet's recorded mark.
+#[test]
+fn connections_keep_their_wan_when_their_pins_are_deleted_without_kfuncs() {
+    pins_deleted("nftables", &[("MWAN_CONNTRACK_ACCESS", "nftables")]);
+}
+
+fn pins_deleted(access: &str, env: &[(&str, &str)]) {
     let lab = Lab::builder().lan_hosts(2).isps(2).build().unwrap();
-    let mwan = Mwan::start(&lab, &config(&lab, "")).unwrap();
+    let mwan = Mwan::start_env(&lab, &config(&lab, ""), &[], env).unwrap();
     mwan.wait_all_up(UP).unwrap();
+    assert_eq!(mwan.status().start.conntrack, access);
     let live = LiveConnections::open(&lab, 4, 8);
     live.check(&lab, "start");
     for round in 0..10 {
-        // Both hook orders: with br_netfilter, nftables gives the packets
-        // their recorded mark before the classifier sees them (no new pin
-        // is made); without it, the classifier pins a UDP flow afresh and
-        // nftables overrides its choice with the recorded WAN.
+        // Both hook orders: with br_netfilter, nftables prerouting runs at
+        // the bridge port, before the classifier at tc ingress of the
+        // bridge (which, without kfuncs, then finds the packets marked).
         let br_nf = if round % 2 == 0 { "0" } else { "1" };
         lab.router()
             .sysctls(&[("net.bridge.bridge-nf-call-iptables", br_nf)])
@@ -756,6 +769,10 @@ fn connections_keep_their_wan_when_their_pins_are_deleted() {
             &lab,
             &format!("deleting the pins (round {round}, br_netfilter {br_nf})"),
         );
+    }
+    if access == "kfuncs" {
+        let restored = mwan.status().counters["pins_from_conntrack"];
+        assert!(restored >= 12 * 10, "{restored} pins made from conntrack");
     }
     live.close(&lab);
 }
