@@ -11,7 +11,7 @@ use mwan_common::WAN_NONE;
 use tracing::warn;
 
 use super::apply::Applied;
-use super::wan::WanRt;
+use super::wan::{WanRt, WeightSource};
 use super::Daemon;
 use crate::config::Config;
 use crate::control::{FamilyStatus, RelayStatus, ReloadFacts, StartFacts, Status, WanStatus};
@@ -215,6 +215,17 @@ impl Daemon {
         let (shares, shares6) = (shares(Family::Ipv4), shares(Family::Ipv6));
         let ifstats = interface_counters();
         let now = SystemTime::now();
+        let week = crate::clock::LocalTime::now().week_secs();
+        let allowances = self.meter.allowances(&self.wans);
+        let views: Vec<policy::WanView> = self
+            .wans
+            .iter()
+            .map(|w| {
+                let a = allowances.get(&w.id).copied().unwrap_or_default();
+                w.view(Family::Ipv4, week, a)
+            })
+            .collect();
+        let held = policy::held_back(&views);
         let wans = self
             .wans
             .iter()
@@ -224,6 +235,7 @@ impl Daemon {
                 let (rxb, rxp, txb, txp) =
                     ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
                 let since = w.family(w.judged_by(Family::Ipv4)).since;
+                let (weight, source) = w.weight_at(week);
                 WanStatus {
                     name: w.cfg.name.clone(),
                     id: w.id,
@@ -232,7 +244,23 @@ impl Daemon {
                     since: rfc3339(since),
                     since_secs: now.duration_since(since).unwrap_or_default().as_secs_f64(),
                     tier: w.cfg.tier,
-                    weight: w.weight,
+                    weight,
+                    weight_source: match &source {
+                        WeightSource::Config => "config",
+                        WeightSource::Schedule(_) => "schedule",
+                        WeightSource::Override => "set-weight",
+                    }
+                    .to_string(),
+                    weight_schedule: match source {
+                        WeightSource::Schedule(s) => Some(s),
+                        _ => None,
+                    },
+                    usage: self.usage_status(w, held.contains(&w.id)),
+                    failback: format!("{:?}", w.cfg.failback).to_lowercase(),
+                    failback_due_secs: self
+                        .outages
+                        .pending(w.id)
+                        .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
                     share: shares.get(&w.id).copied().unwrap_or(0.0),
                     drained: w.drained,
                     enabled: !w.disabled(),
@@ -292,6 +320,8 @@ impl Daemon {
                 port: r.port,
                 tcp_port: r.tcp_port,
             }),
+            rules: self.rule_status(),
+            clock: self.clock_status(),
         })
     }
 
