@@ -215,6 +215,28 @@ pub fn epoch_of(date: Date, secs: u32) -> i64 {
     t as i64
 }
 
+/// The first second after `from` and up to `to` at which the system's
+/// time zone's offset from UTC changes (a daylight saving change), if it
+/// does.
+pub fn offset_change(from: i64, to: i64) -> Option<i64> {
+    let offset = |t: i64| LocalTime::at(t).utc_offset;
+    let start = offset(from);
+    if to <= from || offset(to) == start {
+        return None;
+    }
+    // The offset at `lo` is the start's, at `hi` another: halve.
+    let (mut lo, mut hi) = (from, to);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if offset(mid) == start {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Some(hi)
+}
+
 /// [`epoch_of`] in UTC.
 pub fn utc_epoch_of(date: Date, secs: u32) -> i64 {
     date.days() * i64::from(DAY) + i64::from(secs)

@@ -7,7 +7,8 @@
 //! A flow is moved as `failback = "reset"` moves it: its pin is pointed at
 //! the WAN it goes to and its conntrack entry deleted, so its next packet
 //! leaves through that WAN with a new NAT binding; a TCP server answers
-//! with a reset and the application reconnects, a UDP flow goes on from
+//! with a reset and the application reconnects (a TCP client is nudged so
+//! that it sends at once, as when its WAN dies), a UDP flow goes on from
 //! the new address. The moves are spread over `failback_spread`, a batch
 //! at a time, so applications reconnect gradually. Flows of a LAN host
 //! pinned (`sticky = "host"`) to a WAN that is still up stay, unless
@@ -32,7 +33,7 @@ use super::status::rfc3339;
 use crate::config::StickyKey;
 use crate::datapath::{self, AnyFlowKey};
 use crate::family::{Family, PerFamily};
-use crate::{conntrack, datapath::Tuple5};
+use crate::{conntrack, datapath::Tuple5, nudge};
 
 /// The WANs each policy offers new flows now, by policy id (bit *i*: WAN
 /// *i*): its slots' WANs, or the default policy's when it has none (the
@@ -314,6 +315,18 @@ fn move_spread(pin_dir: &std::path::Path, moves: Vec<Move>, spread: Duration) ->
                 e.orig.dport,
             ))
         })?;
+        // A TCP client that only receives (a download) would send nothing:
+        // the server's next segment finds no NAT binding and dies at the
+        // router. Nudged, the client answers through its new WAN and gets
+        // the server's reset (see `nudge`).
+        let tcp: Vec<nudge::Conn> = batch
+            .iter()
+            .filter(|m| m.key.proto() == mwan_common::PROTO_TCP)
+            .map(|m| nudge::conn(m.key.src(), m.key.src_port(), m.key.dst(), m.key.dst_port()))
+            .collect();
+        if let Err(e) = nudge::nudge(&tcp) {
+            warn!(error = %e, "nudging the TCP clients of drained flows");
+        }
         moved += batch.len() as u64;
     }
     Ok(moved)

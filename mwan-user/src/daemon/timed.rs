@@ -50,10 +50,22 @@ impl Daemon {
     fn next_boundary(&self) -> Option<Instant> {
         let secs = next_schedule_change(&self.cfg, &self.clock)?;
         let (date, at) = self.clock.civil_after(secs);
-        let target = UNIX_EPOCH + Duration::from_secs(clock::epoch_of(date, at).max(0) as u64);
+        let mut target = clock::epoch_of(date, at);
+        if target <= self.clock.epoch {
+            // A time the clock shows twice (the autumn hour), already
+            // passed once: it comes again after the wall clock's seconds.
+            target = self.clock.epoch + i64::from(secs);
+        }
+        // A daylight saving change before it moves the wall clock: wake
+        // then, and compute the boundary afresh.
+        if let Some(change) = clock::offset_change(self.clock.epoch, target) {
+            target = change;
+        }
+        // Fixed until the next computation (which moves the clock on): a
+        // wake a moment early finds the old state and waits again.
+        let target = UNIX_EPOCH + Duration::from_secs(target.max(0) as u64);
         let wait = target.duration_since(SystemTime::now()).unwrap_or_default();
-        // Never a busy loop on a boundary the clock shows twice.
-        Some(Instant::now() + wait.max(Duration::from_millis(200)))
+        Some(Instant::now() + wait + Duration::from_millis(5))
     }
 
     /// A boundary or a drain is due: schedules are computed afresh, due
