@@ -326,6 +326,33 @@ pub fn domains(entries: &[crate::dns::relay::LearnedEntry]) -> String {
 mod tests {
     use super::*;
 
+    /// A metered WAN's line: its usage, allowance, reset and effect; a
+    /// scheduled rule's state.
+    #[test]
+    fn status_shows_usage_and_schedules() {
+        let mut s = crate::web::tests::snapshot().status;
+        s.rules = vec![crate::control::RuleStatus {
+            name: "night".into(),
+            schedule: Some("22:00-06:00".into()),
+            active: false,
+            next_change: Some("2026-03-02T22:00:00+01:00".into()),
+        }];
+        s.clock.local_time = "2026-03-02T12:00:00+01:00".into();
+        let text = status(&s);
+        assert!(
+            text.contains("isp2: 4.2 MB of 4 MB (105.0%) this cycle (rx 4 MB, tx 200 kB), resets 2026-04-01T00:00:00+02:00: used up: no new flows while another WAN is up; its connections stay\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rule night: off (22:00-06:00), changes at 2026-03-02T22:00:00+01:00\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local time 2026-03-02T12:00:00+01:00"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn tables_align_and_right_align_numbers() {
         let t = table(&[

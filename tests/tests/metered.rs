@@ -130,9 +130,42 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
     lab.isp(2).set_rate(Some(8)).unwrap();
     let mut mwan = start(&lab, &text, &[]);
     let (isp0, used0) = (isp_total(&lab, 2), used(&mwan, "isp2"));
-    let server2 = SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT);
-    assert_eq!(isps_to(&lab, server2, 3), vec![2, 2, 2], "the rule's line");
+    assert_eq!(
+        isps_to(&lab, SERVER2_WHOAMI, 3),
+        vec![2, 2, 2],
+        "the rule's line"
+    );
 
+    use_up_the_allowance(&lab, &mwan, &hooks);
+    let counted = |mwan: &Mwan, what: &str| {
+        let (m, i) = (settled(mwan, "isp2") - used0, isp_total(&lab, 2) - isp0);
+        println!("usage {what}: mwan {m} bytes, ISP 2 {i} bytes");
+        assert!(within(m, i, 1.0), "{what}: mwan {m}, ISP {i}");
+    };
+    // What mwan counted is what the ISP counted (both directions, the
+    // probes included), within 1 %.
+    counted(&mwan, "of the download");
+    a_used_up_wan_is_a_backup(&lab, &mwan);
+    let after = usage_survives_a_reload_and_a_restart(&lab, &mut mwan);
+    counted(&mwan, "across the restart");
+    // A teardown leaves the usage of the metered line.
+    mwan.cli_ok(&["stop", "--teardown"]).unwrap();
+    let proc = mwan.forget().unwrap();
+    assert!(proc
+        .wait_timeout(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    assert!(
+        used_from_file(&lab) >= after,
+        "the usage file is gone or shrank"
+    );
+}
+
+/// The second server's whoami: the rule of the quota test sends it to ISP 2.
+const SERVER2_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT);
+
+/// Downloads through ISP 2 until its 4 MB are used up: each threshold is
+/// reported once, with the usage past it (events, the hook).
+fn use_up_the_allowance(lab: &Lab, mwan: &Mwan, hooks: &std::path::Path) {
     // A download through ISP 2 until the allowance is used up: each
     // threshold is reported once, with the usage past it.
     let bulk = lab
@@ -189,16 +222,12 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
         lines,
         ["quota isp2 75 up", "quota isp2 95 up", "quota isp2 100 up"]
     );
+}
 
-    // What mwan counted is what the ISP counted (both directions, the
-    // probes included), within 1 %.
-    let (mwan_bytes, isp_bytes) = (settled(&mwan, "isp2") - used0, isp_total(&lab, 2) - isp0);
-    println!("usage: mwan {mwan_bytes} bytes, ISP 2 {isp_bytes} bytes");
-    assert!(
-        within(mwan_bytes, isp_bytes, 1.0),
-        "mwan {mwan_bytes}, ISP {isp_bytes}"
-    );
-
+/// Used up: no new flows while ISP 1 is up, the rule's included; a backup
+/// again while ISP 1 is down.
+fn a_used_up_wan_is_a_backup(lab: &Lab, mwan: &Mwan) {
+    let server2 = SERVER2_WHOAMI;
     // Used up: no new flows while ISP 1 is up, the rule's included.
     let isp2 = wan(&mwan.status(), "isp2").clone();
     let u = isp2.usage.as_ref().unwrap();
@@ -226,7 +255,13 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
     lab.isp(1).set_blackhole(false).unwrap();
     wait_state(&mwan, "isp1", "up");
     assert_eq!(isps_to(&lab, server2, 4), vec![1; 4]);
+}
 
+/// The usage survives a reload and a restart, and the bytes of the time
+/// between (the router's own download through ISP 2) count. Returns the
+/// usage after the restart.
+fn usage_survives_a_reload_and_a_restart(lab: &Lab, mwan: &mut Mwan) -> u64 {
+    let server2 = SERVER2_WHOAMI;
     // The usage survives a reload and a restart, and the bytes of the
     // time between (the router's own download through ISP 2) count.
     let before = used(&mwan, "isp2");
@@ -264,23 +299,7 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
         vec![1; 4],
         "still used up after the restart"
     );
-    let (mwan_bytes, isp_bytes) = (settled(&mwan, "isp2") - used0, isp_total(&lab, 2) - isp0);
-    println!("usage across the restart: mwan {mwan_bytes} bytes, ISP 2 {isp_bytes} bytes");
-    assert!(
-        within(mwan_bytes, isp_bytes, 1.0),
-        "mwan {mwan_bytes}, ISP {isp_bytes}"
-    );
-
-    // A teardown leaves the usage of the metered line.
-    mwan.cli_ok(&["stop", "--teardown"]).unwrap();
-    let proc = mwan.forget().unwrap();
-    assert!(proc
-        .wait_timeout(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    assert!(
-        used_from_file(&lab) >= after,
-        "the usage file is gone or shrank"
-    );
+    after
 }
 
 /// The bytes of isp2's cycle as the usage file records them.

@@ -314,6 +314,41 @@ mod tests {
         }
     }
 
+    /// The ```toml blocks of the section of `doc` under `heading`.
+    fn toml_blocks(doc: &str, heading: &str) -> Vec<String> {
+        let level = heading.split(' ').next().unwrap();
+        let start = doc.find(heading).expect("the section");
+        let rest = &doc[start + heading.len()..];
+        let end = rest.find(&format!("\n{level} ")).unwrap_or(rest.len());
+        rest[..end]
+            .split("```toml\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap().to_string())
+            .collect()
+    }
+
+    /// The fibre + LTE setups of docs/CONFIG.md and the README parse.
+    #[test]
+    fn the_documented_metered_setups_are_valid() {
+        let doc = include_str!("../../../docs/CONFIG.md");
+        let blocks = toml_blocks(doc, "## Metered and backup lines");
+        assert_eq!(blocks.len(), 2);
+        let text = format!(
+            "lan_interfaces = [\"eth0\"]\nprobe_targets = [\"198.51.100.1\"]\n{}",
+            blocks.join("\n")
+        );
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(c.wans[1].quota.is_some() && c.wans[1].weight_schedule.len() == 1);
+        assert!(c.rules[0].schedule.is_some() && c.drains());
+        let readme = include_str!("../../../README.md");
+        let blocks = toml_blocks(readme, "## A metered backup line");
+        let c = Config::parse(&blocks[0]).unwrap_or_else(|e| panic!("{e}\n{}", blocks[0]));
+        assert_eq!(
+            c.wans[1].quota.as_ref().map(|q| q.bytes),
+            Some(50_000_000_000)
+        );
+    }
+
     #[test]
     fn errors_in_a_file_name_the_file_and_line() {
         let s = Scratch::new("metered");

@@ -513,7 +513,7 @@ pub fn render(s: &Snapshot) -> String {
     o.0
 }
 
-/// Each WAN's usage in its billing cycle, its allowance, and its drains.
+/// Each WAN's usage in its billing cycle and its allowance.
 fn usage_families(o: &mut Out, s: &Snapshot) {
     let wans = &s.status.wans;
     let usage = |i: usize| wans[i].usage.as_ref();
@@ -576,6 +576,14 @@ fn usage_families(o: &mut Out, s: &Snapshot) {
             Some(f64::from(u.reached_pct.iter().copied().max().unwrap_or(0)) / 100.0)
         },
     );
+    quota_families(o, s);
+}
+
+/// Each metered WAN's allowance: used up, held back, its action; and the
+/// drains of returning WANs.
+fn quota_families(o: &mut Out, s: &Snapshot) {
+    let wans = &s.status.wans;
+    let usage = |i: usize| wans[i].usage.as_ref();
     let flag = |b: bool| Some(f64::from(u8::from(b)));
     o.per_wan(
         s,
