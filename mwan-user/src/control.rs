@@ -79,7 +79,7 @@ impl Response {
 }
 
 /// `mwan status --json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
     pub pid: u32,
@@ -118,6 +118,88 @@ pub struct Status {
     pub lans: Vec<LanStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayStatus>,
+    /// The rules, whether each matches now (its schedule).
+    #[serde(default)]
+    pub rules: Vec<RuleStatus>,
+    /// The local time schedules and billing cycles follow.
+    #[serde(default)]
+    pub clock: ClockStatus,
+}
+
+/// A rule and its schedule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub name: String,
+    /// Its `schedule`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Whether it matches new flows now (always, without a schedule).
+    pub active: bool,
+    /// When its schedule next turns it on or off (local time, RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_change: Option<String>,
+}
+
+/// The daemon's local time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// Now, in the daemon's time zone (RFC 3339 with its offset).
+    pub local_time: String,
+    /// The next moment a rule or weight schedule changes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_change: Option<String>,
+}
+
+/// A WAN's usage in its billing cycle, and its allowance.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageStatus {
+    /// The cycle: its start and when it resets (local time, RFC 3339, and
+    /// seconds since the epoch).
+    pub cycle_start: String,
+    pub next_reset: String,
+    pub cycle_start_epoch: i64,
+    pub next_reset_epoch: i64,
+    /// Bytes on the link this cycle: received, sent, both.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub bytes: u64,
+    pub ipv4: ByteCounts,
+    pub ipv6: ByteCounts,
+    /// The allowance (`quota`), and how much of it is used (percent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_pct: Option<f64>,
+    /// The warning levels, and those reached this cycle (100: used up).
+    #[serde(default)]
+    pub warn_pct: Vec<u8>,
+    #[serde(default)]
+    pub reached_pct: Vec<u8>,
+    /// `quota_action`: backup, off or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// The allowance is used up for this cycle.
+    pub exhausted: bool,
+    /// Its allowance keeps it from new flows now.
+    pub held_back: bool,
+    /// What mwan does about it, in words.
+    pub effect: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_cycle: Option<PastCycle>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteCounts {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A closed billing cycle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PastCycle {
+    pub start: String,
+    pub end: String,
+    pub bytes: u64,
 }
 
 /// How the daemon started.
@@ -210,9 +292,24 @@ pub struct WanFacts {
     /// reset to it when it came back, and how many flows in all.
     pub failback_resets: u64,
     pub failback_flows: u64,
+    /// `failback = "drain"`: times the flows that went to backup and
+    /// metered WANs while it was down were drained back to it, how many
+    /// flows in all, how many stayed because their host is pinned to a
+    /// WAN that is still up, and when the last drain ran (RFC 3339).
+    #[serde(default)]
+    pub failback_drains: u64,
+    #[serde(default)]
+    pub failback_drained_flows: u64,
+    #[serde(default)]
+    pub failback_kept_pinned: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failback_drain: Option<String>,
+    /// Flows moved off it after `max_backup_flow_age` on it as a backup.
+    #[serde(default)]
+    pub backup_age_resets: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WanStatus {
     pub name: String,
     pub id: u8,
@@ -253,6 +350,21 @@ pub struct WanStatus {
     /// The WAN's IPv6 side, when it carries IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<FamilyStatus>,
+    /// Where `weight` is from: `config`, `schedule` (a weight schedule,
+    /// `weight_schedule`) or `set-weight`.
+    #[serde(default)]
+    pub weight_source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_schedule: Option<String>,
+    /// Its usage in the billing cycle and its allowance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+    /// `failback`: keep, reset or drain; with drain, the seconds until
+    /// the pending drain is due.
+    #[serde(default)]
+    pub failback: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback_due_secs: Option<f64>,
 }
 
 /// One family's health and place in balancing (IPv6 beside the IPv4 of
@@ -278,6 +390,12 @@ pub struct FamilyStatus {
 pub struct Event {
     /// RFC 3339 UTC.
     pub time: String,
+    /// `state` (a health change: `from` and `to` are states), `quota`
+    /// (`to` is the share of the allowance reached: `75%`, `100%`; `0%`
+    /// for a new cycle) or `schedule` (a rule or weight schedule turned
+    /// on or off: `wan` is the rule or WAN).
+    #[serde(default = "state_kind")]
+    pub kind: String,
     pub wan: String,
     /// `ipv4` or `ipv6`: whose health changed.
     #[serde(default = "ipv4")]
@@ -285,6 +403,10 @@ pub struct Event {
     pub from: String,
     pub to: String,
     pub reason: String,
+}
+
+fn state_kind() -> String {
+    "state".to_string()
 }
 
 fn ipv4() -> String {

@@ -1,10 +1,13 @@
 //! `on_change` hooks: a command run through `sh -c` on every WAN state
 //! change, off the caller's path.
 //!
-//! The command gets the change in its environment (`MWAN_WAN`,
+//! The command gets the change in its environment (`MWAN_EVENT`: `state`
+//! for a health change, `quota` for a WAN's allowance; `MWAN_WAN`,
 //! `MWAN_INTERFACE`, `MWAN_FAMILY` (`ipv4` or `ipv6`), `MWAN_OLD_STATE`, `MWAN_NEW_STATE`, `MWAN_REASON`,
 //! `MWAN_LOSS` in percent, `MWAN_RTT_MS` (empty when unknown), `MWAN_TIME`
-//! in RFC 3339 UTC). Its output goes to the daemon's. It runs in its own
+//! in RFC 3339 UTC). A quota event has the WAN's state as both states and
+//! also `MWAN_QUOTA_PCT` (the level reached: a warning level, 100 when
+//! used up, 0 for a new cycle), `MWAN_USAGE_BYTES` and `MWAN_QUOTA_BYTES`. Its output goes to the daemon's. It runs in its own
 //! process group, which is killed when the command outlives its timeout.
 //!
 //! The hooks of one WAN run one at a time, in the order of the changes (a
@@ -28,6 +31,8 @@ pub const MAX_QUEUED: usize = 8;
 /// A WAN state change, as handed to the hook.
 #[derive(Clone, Debug)]
 pub struct HookEvent {
+    /// `state` or `quota` (`MWAN_EVENT`).
+    pub event: &'static str,
     pub wan: String,
     pub interface: String,
     /// `ipv4` or `ipv6`: whose health changed.
@@ -38,11 +43,14 @@ pub struct HookEvent {
     pub loss_pct: f64,
     pub rtt_ms: Option<f64>,
     pub time: SystemTime,
+    /// More variables of this kind of event (`MWAN_QUOTA_PCT`, …).
+    pub extra: Vec<(&'static str, String)>,
 }
 
 impl HookEvent {
-    fn env(&self) -> [(&'static str, String); 9] {
-        [
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("MWAN_EVENT", self.event.to_string()),
             ("MWAN_WAN", self.wan.clone()),
             ("MWAN_INTERFACE", self.interface.clone()),
             ("MWAN_FAMILY", self.family.clone()),
@@ -58,7 +66,9 @@ impl HookEvent {
                 "MWAN_TIME",
                 humantime::format_rfc3339_millis(self.time).to_string(),
             ),
-        ]
+        ];
+        env.extend(self.extra.iter().cloned());
+        env
     }
 }
 
@@ -187,6 +197,7 @@ mod tests {
 
     fn event(wan: &str, new: &str) -> HookEvent {
         HookEvent {
+            event: "state",
             wan: wan.into(),
             interface: "wan1".into(),
             family: "ipv4".into(),
@@ -196,6 +207,7 @@ mod tests {
             loss_pct: 12.5,
             rtt_ms: Some(23.26),
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            extra: Vec::new(),
         }
     }
 
@@ -236,7 +248,7 @@ mod tests {
         let dir = TempDir::new("env");
         let out = dir.0.join("env");
         let cmd = format!(
-            "echo \"$MWAN_WAN|$MWAN_INTERFACE|$MWAN_OLD_STATE|$MWAN_NEW_STATE|$MWAN_REASON|$MWAN_LOSS|$MWAN_RTT_MS|$MWAN_TIME\" > {}.tmp && mv {0}.tmp {0}",
+            "echo \"$MWAN_EVENT|$MWAN_WAN|$MWAN_INTERFACE|$MWAN_OLD_STATE|$MWAN_NEW_STATE|$MWAN_REASON|$MWAN_LOSS|$MWAN_RTT_MS|$MWAN_TIME\" > {}.tmp && mv {0}.tmp {0}",
             out.display()
         );
         let start = Instant::now();
@@ -248,7 +260,7 @@ mod tests {
         let got = wait_lines(&out, 1).await;
         assert_eq!(
             got[0],
-            "env-test|wan1|up|down|4 consecutive failed rounds|12.5|23.3|2023-11-14T22:13:20.000Z"
+            "state|env-test|wan1|up|down|4 consecutive failed rounds|12.5|23.3|2023-11-14T22:13:20.000Z"
         );
     }
 

@@ -3,6 +3,7 @@
 //! See docs/ARCHITECTURE.md for how the pieces fit.
 pub mod checksum;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod control;
@@ -19,7 +20,9 @@ pub mod nudge;
 pub mod output;
 pub mod policy;
 pub mod routing;
+pub mod schedule;
 pub mod sysctl;
+pub mod usage;
 pub mod web;
 
 /// Routing protocol number mwan tags its routes and rules with

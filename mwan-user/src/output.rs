@@ -141,6 +141,8 @@ pub fn status(s: &Status) -> String {
         }
     }
     let mut out = table(&rows);
+    out.push_str(&usage_lines(s));
+    out.push_str(&schedule_lines(s));
     if let Some(role) = &s.ha_role {
         out.push_str(&format!("\nHA role: {role}\n"));
     }
@@ -163,9 +165,10 @@ pub fn status(s: &Status) -> String {
     if !s.events.is_empty() {
         out.push_str("\nrecent events:\n");
         for e in s.events.iter().rev().take(10) {
-            let wan = match e.family.as_str() {
-                "ipv4" => e.wan.clone(),
-                f => format!("{} {f}", e.wan),
+            let wan = match (e.kind.as_str(), e.family.as_str()) {
+                ("state", "ipv4") => e.wan.clone(),
+                ("state", f) => format!("{} {f}", e.wan),
+                (kind, _) => format!("{} {kind}", e.wan),
             };
             out.push_str(&format!(
                 "  {}  {:<10} {} -> {}  ({})\n",
@@ -174,6 +177,70 @@ pub fn status(s: &Status) -> String {
         }
     }
     out
+}
+
+/// Each WAN's usage this billing cycle, its allowance and what mwan does
+/// about it; a drain waiting for a returning WAN.
+fn usage_lines(s: &Status) -> String {
+    let mut out = String::new();
+    for w in &s.wans {
+        if let Some(u) = &w.usage {
+            let of = match (u.quota_bytes, u.used_pct) {
+                (Some(q), Some(p)) => format!(" of {} ({p:.1}%)", crate::usage::show_size(q)),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "{}: {}{of} this cycle (rx {}, tx {}), resets {}: {}\n",
+                w.name,
+                crate::usage::show_size(u.bytes),
+                crate::usage::show_size(u.rx_bytes),
+                crate::usage::show_size(u.tx_bytes),
+                u.next_reset,
+                u.effect
+            ));
+        }
+        if let Some(due) = w.failback_due_secs {
+            out.push_str(&format!(
+                "{}: back; its flows on backup and metered WANs are drained back in {}\n",
+                w.name,
+                duration(due)
+            ));
+        }
+    }
+    if out.is_empty() {
+        out
+    } else {
+        format!("\n{out}")
+    }
+}
+
+/// The rules and weights that follow a schedule, and whether they are on.
+fn schedule_lines(s: &Status) -> String {
+    let mut out = String::new();
+    for r in s.rules.iter().filter(|r| r.schedule.is_some()) {
+        out.push_str(&format!(
+            "rule {}: {} ({}){}\n",
+            r.name,
+            if r.active { "on" } else { "off" },
+            r.schedule.as_deref().unwrap_or_default(),
+            r.next_change
+                .as_ref()
+                .map(|t| format!(", changes at {t}"))
+                .unwrap_or_default()
+        ));
+    }
+    for w in s.wans.iter().filter(|w| w.weight_source == "schedule") {
+        out.push_str(&format!(
+            "{}: weight {} by its schedule ({})\n",
+            w.name,
+            w.weight,
+            w.weight_schedule.as_deref().unwrap_or_default()
+        ));
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("\nlocal time {}\n{out}", s.clock.local_time)
 }
 
 pub fn flows(flows: &[FlowRecord]) -> String {
@@ -258,6 +325,33 @@ pub fn domains(entries: &[crate::dns::relay::LearnedEntry]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A metered WAN's line: its usage, allowance, reset and effect; a
+    /// scheduled rule's state.
+    #[test]
+    fn status_shows_usage_and_schedules() {
+        let mut s = crate::web::tests::snapshot().status;
+        s.rules = vec![crate::control::RuleStatus {
+            name: "night".into(),
+            schedule: Some("22:00-06:00".into()),
+            active: false,
+            next_change: Some("2026-03-02T22:00:00+01:00".into()),
+        }];
+        s.clock.local_time = "2026-03-02T12:00:00+01:00".into();
+        let text = status(&s);
+        assert!(
+            text.contains("isp2: 4.2 MB of 4 MB (105.0%) this cycle (rx 4 MB, tx 200 kB), resets 2026-04-01T00:00:00+02:00: used up: no new flows while another WAN is up; its connections stay\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rule night: off (22:00-06:00), changes at 2026-03-02T22:00:00+01:00\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local time 2026-03-02T12:00:00+01:00"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn tables_align_and_right_align_numbers() {

@@ -12,6 +12,12 @@
 //! An ordered rule (`wans = [..]`) takes the first `up` WAN of its list (or
 //! the first `degraded` one). A rule without candidates is inactive: its flows
 //! fall back to the default policy in the datapath.
+//!
+//! A WAN whose allowance is used up ([`Allowance`]) is no candidate with
+//! `quota_action = "off"`, and with `"backup"` only while no other WAN,
+//! in any policy, is a candidate. Until its cycle ends its existing flows
+//! stay, or (`quota_reset_flows`) move to the other WANs while it is kept
+//! away from new ones.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -46,11 +52,28 @@ pub struct WanView {
     pub health: Health,
     /// Administratively drained: no new flows, existing ones stay.
     pub drained: bool,
+    /// What its allowance (`quota`) still allows.
+    pub allowance: Allowance,
+}
+
+/// A WAN's allowance for this billing cycle, as balancing cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Allowance {
+    /// Within its quota, or none.
+    #[default]
+    Within,
+    /// Used up, `quota_action = "backup"`: new flows only while no other
+    /// WAN takes them. `reset`: its flows move away meanwhile.
+    Backup { reset: bool },
+    /// Used up, `quota_action = "off"`: no new flows.
+    Off { reset: bool },
 }
 
 impl WanView {
+    /// Whether the WAN can take new flows of its own (health, drain,
+    /// allowance "off"), and how well: 0 up, 1 degraded.
     fn class(&self) -> Option<u8> {
-        if self.drained {
+        if self.drained || matches!(self.allowance, Allowance::Off { .. }) {
             return None;
         }
         match self.health {
@@ -61,9 +84,33 @@ impl WanView {
     }
 }
 
-/// The WANs (id, weight) that take new flows in a set, by the rules above.
-pub fn select<'a>(set: impl IntoIterator<Item = &'a WanView>) -> Vec<(u8, u32)> {
-    let members: Vec<&WanView> = set.into_iter().filter(|w| w.class().is_some()).collect();
+/// The WANs of `wans` whose used-up allowance keeps them from new flows
+/// now: all with `"off"`, those with `"backup"` while some WAN within its
+/// allowance can take new flows.
+pub fn held_back(wans: &[WanView]) -> BTreeSet<u8> {
+    let others = wans
+        .iter()
+        .any(|w| w.allowance == Allowance::Within && w.class().is_some());
+    wans.iter()
+        .filter(|w| match w.allowance {
+            Allowance::Within => false,
+            Allowance::Backup { .. } => others,
+            Allowance::Off { .. } => true,
+        })
+        .map(|w| w.id)
+        .collect()
+}
+
+/// The WANs (id, weight) that take new flows in a set, by the rules above;
+/// `held`: those a used-up allowance keeps away ([`held_back`]).
+pub fn select<'a>(
+    set: impl IntoIterator<Item = &'a WanView>,
+    held: &BTreeSet<u8>,
+) -> Vec<(u8, u32)> {
+    let members: Vec<&WanView> = set
+        .into_iter()
+        .filter(|w| w.class().is_some() && !held.contains(&w.id))
+        .collect();
     let best_class = match members.iter().filter_map(|w| w.class()).min() {
         Some(c) => c,
         None => return vec![],
@@ -159,7 +206,8 @@ pub fn compile(
     last_default: &[(u8, u32)],
 ) -> Compiled {
     let by_name = |n: &String| wans.iter().find(|w| &w.name == n);
-    let mut default_members = select(wans);
+    let held = held_back(wans);
+    let mut default_members = select(wans, &held);
     let mut everything_down = false;
     if default_members.is_empty() {
         everything_down = true;
@@ -177,9 +225,15 @@ pub fn compile(
                 p.active = 1;
                 p
             }
-            Action::Balance(list) => balance_policy(&select(list.iter().filter_map(by_name))),
+            Action::Balance(list) => {
+                balance_policy(&select(list.iter().filter_map(by_name), &held))
+            }
             Action::Ordered(list) => {
-                let views: Vec<&WanView> = list.iter().filter_map(by_name).collect();
+                let views: Vec<&WanView> = list
+                    .iter()
+                    .filter_map(by_name)
+                    .filter(|w| !held.contains(&w.id))
+                    .collect();
                 let first = [0u8, 1]
                     .iter()
                     .find_map(|class| views.iter().find(|w| w.class() == Some(*class)));
@@ -197,9 +251,21 @@ pub fn compile(
     } else {
         BTreeSet::new()
     };
+    // A WAN kept away by its allowance with `quota_reset_flows` is not
+    // alive: its pins move and its connections are cleaned up.
+    let resets = |w: &WanView| {
+        held.contains(&w.id)
+            && matches!(
+                w.allowance,
+                Allowance::Backup { reset: true } | Allowance::Off { reset: true }
+            )
+    };
     let alive = wans
         .iter()
-        .map(|w| (w.id, w.health != Health::Bad || kept.contains(&w.id)))
+        .map(|w| {
+            let alive = (w.health != Health::Bad && !resets(w)) || kept.contains(&w.id);
+            (w.id, alive)
+        })
         .collect();
     Compiled {
         policies,
@@ -249,6 +315,10 @@ pub struct CompiledRules {
     pub any_dport: u64,
     /// Policy index of each rule.
     pub actions: Vec<u32>,
+    /// Whether each rule matches now (its schedule): an inactive rule has
+    /// no bit in any `proto` entry, so it never matches; its policy stays
+    /// (the flows it placed re-choose with it).
+    pub active: Vec<bool>,
 }
 
 /// A prefix of one family, as the rule prefixes of that family's trie.
@@ -386,13 +456,19 @@ pub fn assign_rule_policies(rules: &[Rule], previous: &BTreeMap<String, u8>) -> 
 }
 
 /// Compiles the rules' match tables; rule `i` selects policy
-/// `policy_ids[i]` (see [`assign_rule_policies`]).
-pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
+/// `policy_ids[i]` (see [`assign_rule_policies`]) and matches only while
+/// `active[i]` (its schedule is on). Bit `i` stays rule `i`'s whether it is
+/// active or not (`DOMAIN_DST` masks index the rules by position).
+pub fn compile_rules(rules: &[Rule], policy_ids: &[u8], active: &[bool]) -> CompiledRules {
     assert!(rules.len() <= 64, "config validation bounds the rule count");
     assert_eq!(rules.len(), policy_ids.len(), "one policy id per rule");
+    assert_eq!(rules.len(), active.len(), "one activity per rule");
     let bit = |i: usize| 1u64 << i;
     let mut proto = vec![0u64; 256];
     for (i, r) in rules.iter().enumerate() {
+        if !active[i] {
+            continue;
+        }
         if r.protos.is_empty() {
             proto.iter_mut().for_each(|m| *m |= bit(i));
         } else {
@@ -441,6 +517,7 @@ pub fn compile_rules(rules: &[Rule], policy_ids: &[u8]) -> CompiledRules {
         any_sport,
         any_dport,
         actions: policy_ids.iter().map(|id| *id as u32).collect(),
+        active: active.to_vec(),
     }
 }
 
@@ -457,6 +534,7 @@ mod tests {
             tier,
             health,
             drained: false,
+            allowance: Allowance::Within,
         }
     }
 
@@ -502,22 +580,24 @@ mod tests {
     #[test]
     fn lowest_tier_wins_and_backup_takes_over() {
         let mut wans = vec![view(0, 10, 1, Health::Good), view(1, 1, 2, Health::Good)];
-        assert_eq!(select(&wans), vec![(0, 10)]);
+        let none = BTreeSet::new();
+        assert_eq!(select(&wans, &none), vec![(0, 10)]);
         wans[0].health = Health::Bad;
-        assert_eq!(select(&wans), vec![(1, 1)]);
+        assert_eq!(select(&wans, &none), vec![(1, 1)]);
         wans[0].health = Health::Good;
-        assert_eq!(select(&wans), vec![(0, 10)]);
+        assert_eq!(select(&wans, &none), vec![(0, 10)]);
     }
 
     #[test]
     fn degraded_only_when_nothing_better() {
+        let none = BTreeSet::new();
         let mut wans = vec![view(0, 1, 1, Health::Degraded), view(1, 1, 1, Health::Good)];
-        assert_eq!(select(&wans), vec![(1, 1)]);
+        assert_eq!(select(&wans, &none), vec![(1, 1)]);
         // A good backup tier beats a degraded primary.
         wans[1].tier = 2;
-        assert_eq!(select(&wans), vec![(1, 1)]);
+        assert_eq!(select(&wans, &none), vec![(1, 1)]);
         wans[1].health = Health::Bad;
-        assert_eq!(select(&wans), vec![(0, 1)]);
+        assert_eq!(select(&wans, &none), vec![(0, 1)]);
     }
 
     #[test]
@@ -543,6 +623,81 @@ mod tests {
         assert!(c.default_members.is_empty());
         assert_eq!(c.policies[0].active, 0);
         assert_eq!(c.alive, vec![(0, false), (1, false)]);
+    }
+
+    /// A used-up allowance: "backup" takes new flows only while no other
+    /// WAN can, in every policy; "off" none; with `reset`, its pins move
+    /// while it is kept away.
+    #[test]
+    fn a_used_up_allowance_keeps_a_wan_back() {
+        let c = config_with_rules(
+            "[[rule]]\nname = \"lte-only\"\nwans = [\"isp2\"]\n[[rule]]\nname = \"both\"\nbalance = [\"isp1\", \"isp2\"]\n",
+        );
+        let ids = positions(&c.rules);
+        let mut wans = vec![view(0, 1, 1, Health::Good), view(1, 1, 1, Health::Good)];
+        wans[1].allowance = Allowance::Backup { reset: false };
+        let comp = compile(&wans, &c.rules, &ids, AllDown::Last, &[]);
+        assert_eq!(share_of(&comp.policies[0], 0), 1.0);
+        // The rule naming only isp2 is inactive: its flows take the default.
+        assert_eq!(comp.policies[1].active, 0);
+        assert_eq!(share_of(&comp.policies[2], 0), 1.0);
+        assert_eq!(comp.alive, vec![(0, true), (1, true)], "its flows stay");
+        assert!(!comp.all_down);
+        // The other WAN dies: the backup takes everything again.
+        wans[0].health = Health::Bad;
+        let comp = compile(&wans, &c.rules, &ids, AllDown::Last, &[]);
+        assert_eq!(share_of(&comp.policies[0], 1), 1.0);
+        assert_eq!(share_of(&comp.policies[1], 1), 1.0);
+        // A drained other WAN takes no new flows either.
+        wans[0].health = Health::Good;
+        wans[0].drained = true;
+        let comp = compile(&wans, &c.rules, &ids, AllDown::Last, &[]);
+        assert_eq!(share_of(&comp.policies[0], 1), 1.0);
+        wans[0].drained = false;
+        // With reset: held back and not alive (its flows move).
+        wans[1].allowance = Allowance::Backup { reset: true };
+        let comp = compile(&wans, &c.rules, &ids, AllDown::Last, &[]);
+        assert_eq!(comp.alive, vec![(0, true), (1, false)]);
+        // "off": no new flows even when nothing else is up.
+        wans[1].allowance = Allowance::Off { reset: false };
+        wans[0].health = Health::Bad;
+        let comp = compile(&wans, &c.rules, &ids, AllDown::Unreachable, &[]);
+        assert!(comp.all_down);
+        assert_eq!(comp.alive, vec![(0, false), (1, true)]);
+        // Two used-up backups and nothing else: both take flows.
+        let both = vec![
+            WanView {
+                allowance: Allowance::Backup { reset: true },
+                ..view(0, 1, 1, Health::Good)
+            },
+            WanView {
+                allowance: Allowance::Backup { reset: true },
+                ..view(1, 1, 1, Health::Good)
+            },
+        ];
+        assert!(held_back(&both).is_empty());
+        let comp = compile(&both, &[], &[], AllDown::Last, &[]);
+        assert_eq!(comp.alive, vec![(0, true), (1, true)]);
+    }
+
+    /// A rule outside its schedule has no bit in any protocol entry, so it
+    /// never matches; the bits of the others stay where they were.
+    #[test]
+    fn an_inactive_rule_matches_nothing_and_keeps_its_position() {
+        let c = config_with_rules(TUTORIAL);
+        let ids = positions(&c.rules);
+        let all = compile_rules(&c.rules, &ids, &[true; 4]);
+        let off = compile_rules(&c.rules, &ids, &[true, false, true, true]);
+        assert_eq!(all.proto[6] & 0b10, 0b10);
+        assert!(off.proto.iter().all(|m| m & 0b10 == 0));
+        for (a, o) in all.proto.iter().zip(&off.proto) {
+            assert_eq!(a & !0b10, *o);
+        }
+        assert_eq!(
+            (all.dport.clone(), all.actions.clone()),
+            (off.dport.clone(), off.actions.clone())
+        );
+        assert_eq!(off.active, vec![true, false, true, true]);
     }
 
     fn config_with_rules(rules: &str) -> Config {
@@ -665,7 +820,7 @@ proto = "tcp"
 wans = ["isp1"]
 "#,
         );
-        let r = compile_rules(&c.rules, &positions(&c.rules));
+        let r = compile_rules(&c.rules, &positions(&c.rules), &vec![true; c.rules.len()]);
         let dst: BTreeMap<String, u64> = r.dst.iter().map(|(n, m)| (n.to_string(), *m)).collect();
         // Rule 0 (domains only): no prefix at all; rule 1: its prefix only;
         // rule 2 (no dst, no domains): everywhere.
@@ -698,7 +853,7 @@ proto = "icmp"
 wans = ["isp1"]
 "#,
         );
-        let r = compile_rules(&c.rules, &positions(&c.rules));
+        let r = compile_rules(&c.rules, &positions(&c.rules), &vec![true; c.rules.len()]);
         let map = |v: Vec<(String, u64)>| v.into_iter().collect::<BTreeMap<String, u64>>();
         let dst4 = map(r.dst.iter().map(|(n, m)| (n.to_string(), *m)).collect());
         let dst6 = map(r.dst6.iter().map(|(n, m)| (n.to_string(), *m)).collect());

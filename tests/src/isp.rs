@@ -242,6 +242,20 @@ impl<'a> Isp<'a> {
         self.node.state().gateway
     }
 
+    /// What the ISP counted on its side of the link to the router (its
+    /// `down` interface): bytes (received, sent), as an ISP meters a line.
+    pub fn link_bytes(&self) -> Result<(u64, u64)> {
+        let out = self.node.ns.sh(
+            "cat /sys/class/net/down/statistics/rx_bytes /sys/class/net/down/statistics/tx_bytes",
+        )?;
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        ensure!(v.len() == 2, "reading the counters of down: {out:?}");
+        Ok((v[0], v[1]))
+    }
+
     /// Renumbers the link, as a new DHCP lease would: the ISP's gateway
     /// becomes `gateway`, the router's `wanI` gets `router_addr` and its
     /// `proto dhcp` default route goes via the new gateway, and the

@@ -6,7 +6,7 @@
 //! is what it gets, as under systemd) and `NoNewPrivileges` with `setpriv`;
 //! in a private mount namespace (`unshare`): `ProtectSystem=strict` (every
 //! mount read-only but /dev, /proc and /sys), `ReadOnlyPaths`,
-//! `ReadWritePaths`, `RuntimeDirectory`, `PrivateTmp`, `PrivateDevices`,
+//! `ReadWritePaths`, `RuntimeDirectory`, `StateDirectory`, `PrivateTmp`, `PrivateDevices`,
 //! `ProtectHome`, and `ProtectKernelTunables` as systemd 252 does it
 //! (/proc/sys and /sys read-only, including a mount under /sys that
 //! `ReadWritePaths` names, such as /sys/fs/bpf). Not applied: the seccomp
@@ -33,7 +33,8 @@ pub struct UnitSandbox {
     /// `ReadOnlyPaths` (a leading `-`: ignored when missing).
     pub read_only_paths: Vec<PathBuf>,
     pub read_write_paths: Vec<PathBuf>,
-    /// `RuntimeDirectory`, as paths under /run.
+    /// `RuntimeDirectory` and `StateDirectory`, as paths under /run and
+    /// /var/lib.
     pub runtime_dirs: Vec<PathBuf>,
     pub private_tmp: bool,
     pub private_devices: bool,
@@ -89,6 +90,10 @@ impl UnitSandbox {
                 "RuntimeDirectory" => {
                     s.runtime_dirs
                         .extend(words().map(|d| Path::new("/run").join(d)));
+                }
+                "StateDirectory" => {
+                    s.runtime_dirs
+                        .extend(words().map(|d| Path::new("/var/lib").join(d)));
                 }
                 "PrivateTmp" => s.private_tmp = yes(value),
                 "PrivateDevices" => s.private_devices = yes(value),
@@ -213,7 +218,10 @@ mod tests {
             s.read_only_paths.contains(&PathBuf::from("/proc/sys")),
             "{s:?}"
         );
-        assert_eq!(s.runtime_dirs, [PathBuf::from("/run/mwan")]);
+        assert_eq!(
+            s.runtime_dirs,
+            [PathBuf::from("/run/mwan"), PathBuf::from("/var/lib/mwan")]
+        );
         assert!(s.read_write_paths.contains(&PathBuf::from("/proc/sys/net")));
         let w = s.without_cap("net_admin").wrapper(&|p| p.to_path_buf());
         assert!(!w.join(" ").contains("+net_admin"), "{w:?}");

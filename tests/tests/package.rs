@@ -34,7 +34,7 @@ const METRICS: &str = "127.0.0.1:9849";
 fn lab_paths(lab: &Lab) -> impl Fn(&Path) -> PathBuf + '_ {
     move |p: &Path| match p.to_str() {
         Some("/sys/fs/bpf") => lab.pin_dir().parent().expect("pins in a bpffs").into(),
-        Some("/run/mwan") => lab.state_dir(),
+        Some("/run/mwan") | Some("/var/lib/mwan") => lab.state_dir(),
         _ => p.to_path_buf(),
     }
 }

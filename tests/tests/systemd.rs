@@ -189,6 +189,8 @@ fn a_fresh_debian_runs_the_package_from_its_unit() {
 
     c.ok("apt-get purge -y -q mwan");
     assert!(!c.root().join("etc/mwan").exists(), "purge left /etc/mwan");
-    let run = c.sh("test -e /run/mwan").unwrap();
-    assert!(!run.status.success(), "purge left /run/mwan");
+    for dir in ["/run/mwan", "/var/lib/mwan"] {
+        let left = c.sh(&format!("test -e {dir}")).unwrap();
+        assert!(!left.status.success(), "purge left {dir}");
+    }
 }

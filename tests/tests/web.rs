@@ -253,7 +253,19 @@ fn prometheus_scrapes_mwan_and_sees_isp1_fail() {
             for kv in labels.split("\",") {
                 let name = kv.split('=').next().unwrap_or_default();
                 assert!(
-                    ["wan", "interface", "state", "target", "version", "result"].contains(&name),
+                    [
+                        "wan",
+                        "interface",
+                        "state",
+                        "target",
+                        "version",
+                        "result",
+                        "direction",
+                        "family",
+                        "action",
+                        "rule"
+                    ]
+                    .contains(&name),
                     "unexpected label {name} in {series}"
                 );
             }
@@ -340,6 +352,70 @@ fn history_len(lab: &Lab) -> Vec<(String, usize)> {
             )
         })
         .collect()
+}
+
+/// A metered WAN (issue 21): its usage this cycle and its allowance are in
+/// `/metrics` (which promtool accepts) and on the status page.
+#[test]
+fn a_metered_wans_usage_is_in_the_metrics_and_on_the_page() {
+    let lab = build();
+    let per_wan = |i: usize| {
+        if i == 2 {
+            "quota = \"50GB\"\nquota_reset_day = 15\n".to_string()
+        } else {
+            String::new()
+        }
+    };
+    let text = config_with(
+        &lab,
+        &format!("metrics_listen = \"{LISTEN}\""),
+        &per_wan,
+        "",
+    );
+    let mwan = Mwan::start(&lab, &text).expect("mwan starts");
+    mwan.wait_all_up(UP).expect("WANs up");
+    for r in many_tcp_whoami(lab.host(0), TCP_WHOAMI, 20, 4) {
+        r.expect("connection through mwan");
+    }
+    let exposition = get(&lab, "/metrics").text();
+    promtool_check(&exposition).expect("promtool accepts /metrics");
+    let mut m = scrape(&lab);
+    let isp2 = |name: &str| format!("{name}{{wan=\"isp2\",interface=\"wan2\"}}");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            m = scrape(&lab);
+            m.get("mwan_wan_cycle_bytes{wan=\"isp2\",interface=\"wan2\",direction=\"receive\",family=\"ipv4\"}")
+            .is_some_and(|v| *v > 0.0)
+        }),
+        "no usage counted: {m:?}"
+    );
+    assert_eq!(m[&isp2("mwan_wan_quota_bytes")], 50e9);
+    assert_eq!(m[&isp2("mwan_wan_quota_exhausted")], 0.0);
+    assert_eq!(
+        m["mwan_wan_quota_action{wan=\"isp2\",interface=\"wan2\",action=\"backup\"}"],
+        1.0
+    );
+    assert!(!m.contains_key("mwan_wan_quota_bytes{wan=\"isp1\",interface=\"wan1\"}"));
+    let reset = m[&isp2("mwan_wan_cycle_reset_timestamp_seconds")];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(reset > now && reset < now + 32.0 * 86_400.0, "{reset}");
+
+    let url = format!("http://{LISTEN}/");
+    let dom = chromium(
+        &lab,
+        "usage",
+        &["--virtual-time-budget=5000", "--dump-dom", &url],
+    );
+    for want in [
+        "<section id=\"usage-section\">",
+        "50.00 GB",
+        "at 100%: new flows only while no other WAN is up",
+    ] {
+        assert!(dom.contains(want), "the rendered page lacks {want}:\n{dom}");
+    }
 }
 
 #[test]

@@ -822,7 +822,7 @@ mod tests {
             (top("all_down = []"), "line 1: all_down: must be \"last\" or \"unreachable\", not []"),
             (
                 top("failback = \"later\""),
-                "line 1: failback: unknown variant `later`, expected `keep` or `reset`",
+                "line 1: failback: unknown variant `later`, expected one of `keep`, `reset`, `drain`",
             ),
             (
                 top("mark_mask = true"),

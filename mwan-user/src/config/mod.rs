@@ -23,6 +23,7 @@
 mod domains;
 mod error;
 mod health;
+mod metered;
 mod raw;
 mod rules;
 mod shape;
@@ -63,7 +64,17 @@ pub struct Config {
     pub table_base: u32,
     pub rule_priority: u32,
     pub all_down: AllDown,
+    /// Every WAN's `failback` unless it sets its own.
     pub failback: Failback,
+    /// `failback = "drain"`: the flows of a returning WAN are reset over
+    /// this long, a few at a time.
+    pub failback_spread: Duration,
+    /// `failback = "drain"` also moves flows of LAN hosts pinned
+    /// (`sticky = "host"`) to a WAN that is still up.
+    pub drain_pinned_hosts: bool,
+    /// Where the WANs' usage per billing cycle is kept (`usage.json` in
+    /// `state_dir` unless set).
+    pub usage_file: Option<PathBuf>,
     /// Command run (via `sh -c`) on every WAN state change.
     pub on_change: Option<String>,
     pub hook_timeout: Duration,
@@ -238,6 +249,27 @@ impl Config {
     /// instance can restore it).
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join("state.json")
+    }
+
+    /// Where the WANs' usage per billing cycle is kept: `usage_file`, else
+    /// `<state_dir>/usage.json`. A teardown leaves it when
+    /// [`Config::keeps_usage`] (the admin's record of the ISP's bills, not
+    /// mwan's state in the kernel).
+    pub fn usage_path(&self) -> PathBuf {
+        self.usage_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("usage.json"))
+    }
+
+    /// Whether the usage file outlives a teardown: some WAN is metered (a
+    /// `quota`) or the admin chose where it goes (`usage_file`).
+    pub fn keeps_usage(&self) -> bool {
+        self.usage_file.is_some() || self.wans.iter().any(|w| w.quota.is_some())
+    }
+
+    /// Whether some WAN's flows are drained back when it returns.
+    pub fn drains(&self) -> bool {
+        self.wans.iter().any(|w| w.failback == Failback::Drain)
     }
 
     /// The first bit of `mark_mask`: WAN id `i` uses mark `(i + 1) << shift`.

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::error::{self, ConfigError, Problem};
 use super::shape::{Bool, Choice, Described, Float, Int, IntOrStr, List, OneOrMany, Str, Tables};
-use super::types::{AllDown, Failback, Sticky, StickyKey};
+use super::types::{AllDown, Failback, QuotaAction, Sticky, StickyKey};
 
 /// A key of a table: absent, or its value and where it is written.
 pub(super) struct Setting<T>(Option<Spanned<T>>);
@@ -106,6 +106,10 @@ pub(super) mod kind {
         Strings = "a string or a list of strings",
         Domains = "a domain name or a list of them",
         WanNames = "a list of WAN names",
+        Size = "a size such as \"50GB\" or \"500MB\"",
+        ResetDay = "a day of the month (1 to 31), of the week (\"Mon\") or \"daily\"",
+        Percents = "a list of percentages such as [75, 95]",
+        Schedule = "a schedule such as \"Mon-Fri 08:00-18:00\" (or a list of them)",
     }
 }
 
@@ -188,6 +192,11 @@ health_keys!(table_with_health! {
         rule_priority: Setting<Int>,
         all_down: Setting<Choice<AllDown>>,
         failback: Setting<Choice<Failback>>,
+        failback_after: Setting<Str<kind::Duration>>,
+        failback_spread: Setting<Str<kind::Duration>>,
+        drain_pinned_hosts: Setting<Bool>,
+        max_backup_flow_age: Setting<Str<kind::Duration>>,
+        usage_file: Setting<Str<kind::Path>>,
         on_change: Setting<Str<kind::Command>>,
         hook_timeout: Setting<Str<kind::Duration>>,
         metrics_listen: Setting<Str<kind::Listen>>,
@@ -217,8 +226,26 @@ health_keys!(table_with_health! {
         ipv6: Setting<Str<kind::Ipv6Mode>>,
         prefix6: Setting<Str<kind::Prefix6>>,
         lan_prefix6: Setting<Str<kind::LanPrefix6>>,
+        quota: Setting<Str<kind::Size>>,
+        quota_reset_day: Setting<IntOrStr<kind::ResetDay>>,
+        quota_warn: Setting<List<Int<kind::Percents>>>,
+        quota_action: Setting<Choice<QuotaAction>>,
+        quota_reset_flows: Setting<Bool>,
+        failback: Setting<Choice<Failback>>,
+        failback_after: Setting<Str<kind::Duration>>,
+        max_backup_flow_age: Setting<Str<kind::Duration>>,
+        #[serde(default)]
+        weight_schedule: Tables<RawWeightSchedule>,
     }
 });
+
+/// A `[[wan.weight_schedule]]`: a weight while a schedule is on.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawWeightSchedule {
+    pub(super) schedule: Setting<OneOrMany<Str<kind::Schedule>>>,
+    pub(super) weight: Setting<Int>,
+}
 
 /// A `[[rule]]`.
 #[derive(Deserialize)]
@@ -236,6 +263,7 @@ pub(super) struct RawRule {
     pub(super) wans: Setting<List<Str<kind::WanNames>>>,
     pub(super) balance: Setting<List<Str<kind::WanNames>>>,
     pub(super) main: Setting<Bool>,
+    pub(super) schedule: Setting<OneOrMany<Str<kind::Schedule>>>,
 }
 
 impl RawConfig {

@@ -8,6 +8,7 @@ use toml::Spanned;
 
 use super::domains::domains;
 use super::error::{key, Problem};
+use super::metered::schedule;
 use super::raw::{RawConfig, RawRule, Setting};
 use super::shape::{List, OneOrMany, Str};
 use super::types::{Action, Proto, Rule};
@@ -75,6 +76,7 @@ fn rule(
     }
     let lan_interfaces = r.lan_interface.read(|v| lan_interfaces(v, lan))?;
     let (domains, domains_file) = domains(r)?;
+    let schedule = r.schedule.read(schedule)?;
     Ok(Rule {
         name,
         protos,
@@ -86,6 +88,7 @@ fn rule(
         domains,
         domains_file,
         action,
+        schedule,
     })
 }
 

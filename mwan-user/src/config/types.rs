@@ -54,6 +54,82 @@ pub enum Failback {
     /// When the WAN comes back, connections that moved away from it are reset
     /// (conntrack entry and pin deleted) so they reconnect through it.
     Reset,
+    /// Once the WAN is back and stable for `failback_after`, the flows that
+    /// went to a backup or metered WAN while it was down are reset to it,
+    /// spread over `failback_spread`.
+    Drain,
+}
+
+/// What a WAN whose allowance is used up does (`quota_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaAction {
+    /// It takes new flows only while no other WAN can.
+    #[default]
+    Backup,
+    /// It takes no new flows.
+    Off,
+    /// Nothing: the usage is reported only.
+    None,
+}
+
+impl fmt::Display for QuotaAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuotaAction::Backup => "backup",
+            QuotaAction::Off => "off",
+            QuotaAction::None => "none",
+        })
+    }
+}
+
+/// When a WAN's billing cycle starts again (`quota_reset_day`), at local
+/// midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetDay {
+    /// This day of every month (a shorter month's last day for 29 to 31).
+    Monthly(u8),
+    /// This day of every week, 0 for Monday.
+    Weekly(u8),
+    Daily,
+}
+
+impl Default for ResetDay {
+    fn default() -> Self {
+        ResetDay::Monthly(1)
+    }
+}
+
+impl fmt::Display for ResetDay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResetDay::Monthly(d) => write!(f, "day {d} of the month"),
+            ResetDay::Weekly(d) => write!(f, "{}", crate::clock::WEEKDAYS[*d as usize]),
+            ResetDay::Daily => f.write_str("daily"),
+        }
+    }
+}
+
+/// A WAN's allowance per billing cycle (`quota` and its keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// Bytes per cycle, both directions and families together.
+    pub bytes: u64,
+    /// Percentages at which a warning is given (events, hooks, metrics).
+    pub warn: Vec<u8>,
+    pub action: QuotaAction,
+    /// At 100 %, the WAN's connections are reset too (they move to the
+    /// other WANs), not only new ones kept away.
+    pub reset_flows: bool,
+}
+
+pub const DEFAULT_QUOTA_WARN: [u8; 2] = [75, 95];
+
+/// A weight that applies while its schedule is on (`[[wan.weight_schedule]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightSchedule {
+    pub schedule: crate::schedule::Schedule,
+    pub weight: u32,
 }
 
 /// A WAN's gateway: fixed, or learned from the kernel's routes on the
@@ -266,6 +342,38 @@ pub struct Wan {
     pub gateway6: Option<Gateway6>,
     /// `Off` when `gateway6` is unset.
     pub ipv6: Ipv6Mode,
+    /// The allowance per billing cycle, if the line is metered.
+    pub quota: Option<Quota>,
+    /// When its billing cycle starts again (also without a quota: the
+    /// usage is shown per cycle).
+    pub reset_day: ResetDay,
+    /// What its connections do when it comes back after being down (the
+    /// top-level `failback` unless set here).
+    pub failback: Failback,
+    /// `failback = "drain"`: how long it must be up before its flows are
+    /// drained back to it.
+    pub failback_after: Duration,
+    /// A flow on this WAN while its policy offers a better one (a lower
+    /// tier is back, this one is over its allowance) is reset after this
+    /// age.
+    pub max_backup_flow_age: Option<Duration>,
+    /// Weights by time of day (non-overlapping); `weight` otherwise.
+    pub weight_schedule: Vec<WeightSchedule>,
+}
+
+impl Wan {
+    /// The weight at `week_secs` (local): the schedule's in force, else
+    /// `weight`; with the schedule that gave it.
+    pub fn weight_at(&self, week_secs: u32) -> (u32, Option<&WeightSchedule>) {
+        match self
+            .weight_schedule
+            .iter()
+            .find(|s| s.schedule.active_at(week_secs))
+        {
+            Some(s) => (s.weight, Some(s)),
+            None => (self.weight, None),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -343,6 +451,9 @@ pub struct Rule {
     /// Where part of `domains` was read from (re-read on every load).
     pub domains_file: Option<PathBuf>,
     pub action: Action,
+    /// When the rule matches (local time); always when unset. Outside it,
+    /// new flows go to the next rule that matches or the default policy.
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mwan";
@@ -354,6 +465,8 @@ pub const DEFAULT_TABLE_BASE: u32 = 1000;
 pub const DEFAULT_RULE_PRIORITY: u32 = 1000;
 pub const DEFAULT_HOST_TTL: Duration = Duration::from_secs(600);
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FAILBACK_AFTER: Duration = Duration::from_secs(30);
+pub const DEFAULT_FAILBACK_SPREAD: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

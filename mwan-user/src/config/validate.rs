@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::error::{key, Problem};
 use super::health::health;
+use super::metered::metered;
 use super::raw::{kind, Health, RawConfig, RawWan};
 use super::rules::rules;
 use super::shape::{Described, Str};
@@ -23,6 +24,8 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Problem> {
     let lan_interfaces = lan_interfaces(raw)?;
     let mark_mask = raw.mark_mask.read(mark_mask)?.unwrap_or(DEFAULT_MARK_MASK);
     let wans = wans(raw, &lan_interfaces, mark_mask)?;
+    // `failback_after` and `max_backup_flow_age` are read (and checked)
+    // with each WAN; at the top level they are only its defaults.
     let names = wans.iter().map(|w| w.name.as_str()).collect();
     let rules = rules(raw, &names, &lan_interfaces)?;
     Ok(Config {
@@ -64,6 +67,12 @@ pub(super) fn config(raw: &RawConfig) -> Result<Config, Problem> {
             .unwrap_or(DEFAULT_RULE_PRIORITY),
         all_down: raw.all_down.choice().unwrap_or_default(),
         failback: raw.failback.choice().unwrap_or_default(),
+        failback_spread: raw
+            .failback_spread
+            .read(duration)?
+            .unwrap_or(DEFAULT_FAILBACK_SPREAD),
+        drain_pinned_hosts: raw.drain_pinned_hosts.flag().unwrap_or(false),
+        usage_file: raw.usage_file.read(absolute_path)?,
         on_change: raw.on_change.read(text)?,
         hook_timeout: raw
             .hook_timeout
@@ -152,7 +161,7 @@ fn wans(raw: &RawConfig, lan: &[String], mark_mask: u32) -> Result<Vec<Wan>, Pro
     let mut wans = Vec::new();
     let top = raw.health();
     for w in list {
-        let wan = wan(w, &top, lan, max_id)?;
+        let wan = wan(w, raw, &top, lan, max_id)?;
         let at = |s: Option<Range<usize>>, what| Problem::span(s.unwrap_or(w.span()), what);
         let w = w.get_ref();
         if !names.insert(wan.name.clone()) {
@@ -175,9 +184,15 @@ fn wans(raw: &RawConfig, lan: &[String], mark_mask: u32) -> Result<Vec<Wan>, Pro
     Ok(wans)
 }
 
-/// One WAN; `top`: the top level's health keys, `max_id`: the largest id
-/// the mark mask numbers.
-fn wan(w: &Spanned<RawWan>, top: &Health, lan: &[String], max_id: u8) -> Result<Wan, Problem> {
+/// One WAN; `raw`: the top level (its defaults), `top`: its health keys,
+/// `max_id`: the largest id the mark mask numbers.
+fn wan(
+    w: &Spanned<RawWan>,
+    raw: &RawConfig,
+    top: &Health,
+    lan: &[String],
+    max_id: u8,
+) -> Result<Wan, Problem> {
     let table = w.span();
     let w = w.get_ref();
     let name = wan_name(w, table.clone())?;
@@ -215,6 +230,7 @@ fn wan(w: &Spanned<RawWan>, top: &Health, lan: &[String], max_id: u8) -> Result<
     }
     let nat = w.nat.flag().unwrap_or(true);
     let (gateway6, ipv6) = ipv6(w, table)?;
+    let m = metered(w, raw)?;
     Ok(Wan {
         weight: w.weight.ranged(1..=1000)?.unwrap_or(1),
         tier: w.tier.ranged(1..=16)?.unwrap_or(1),
@@ -228,6 +244,12 @@ fn wan(w: &Spanned<RawWan>, top: &Health, lan: &[String], max_id: u8) -> Result<
         health,
         gateway6,
         ipv6,
+        quota: m.quota,
+        reset_day: m.reset_day,
+        failback: m.failback,
+        failback_after: m.failback_after,
+        max_backup_flow_age: m.max_backup_flow_age,
+        weight_schedule: m.weight_schedule,
     })
 }
 

@@ -134,6 +134,18 @@ impl Applied {
         self.policies[f].as_ref().and_then(|p| p.first())
     }
 
+    /// Family `f`'s policies as applied, by id.
+    pub fn policies(&self, f: Family) -> Option<&Vec<Policy>> {
+        self.policies[f].as_ref()
+    }
+
+    /// Whether rule `name` of `cfg` matched new flows at the last apply
+    /// (its schedule); `None` before the first.
+    pub fn rule_active(&self, name: &str, cfg: &Config) -> Option<bool> {
+        let i = cfg.rules.iter().position(|r| r.name == name)?;
+        self.rules.as_ref()?.0.active.get(i).copied()
+    }
+
     /// The LAN interfaces the classifier is attached to.
     pub fn lans(&self) -> Vec<crate::control::LanStatus> {
         self.lans

@@ -32,7 +32,7 @@ const MAX_NUDGES: usize = 65_536;
 pub struct Facts(Arc<Mutex<BTreeMap<String, WanFacts>>>);
 
 impl Facts {
-    fn update(&self, wan: &str, f: impl FnOnce(&mut WanFacts)) {
+    pub(super) fn update(&self, wan: &str, f: impl FnOnce(&mut WanFacts)) {
         let mut m = self.0.lock().expect("not poisoned");
         f(m.entry(wan.to_string()).or_default());
     }

@@ -63,7 +63,10 @@ impl Daemon {
                     bail!("weight {weight} is out of range 1..=1000");
                 }
                 let i = self.wan_index(&wan)?;
-                let old = std::mem::replace(&mut self.wans[i].weight, weight);
+                let old = self.wans[i]
+                    .weight_at(crate::clock::LocalTime::now().week_secs())
+                    .0;
+                self.wans[i].weight_override = Some(weight);
                 info!(wan = %wan, old, new = weight, "weight changed");
                 self.reconcile(false).await?;
                 Response::ok(format!("{wan}: weight {old} -> {weight} (new flows only)"))

@@ -13,12 +13,13 @@ use ipnet::{IpNet, Ipv6Net};
 use mwan_common::{Policy, Settings, WanEntry, WanIface, MAX_WANS};
 
 use super::wan::WanRt;
+use crate::clock::LocalTime;
 use crate::config::{AllDown, Config, Gateway6, Ipv6Mode};
 use crate::datapath::{self, ConntrackAccess};
 use crate::family::{Family, PerFamily};
 use crate::health::ProbeSpec;
 use crate::nft::NftWan;
-use crate::policy::{self, CompiledRules};
+use crate::policy::{self, Allowance, CompiledRules};
 use crate::routing::{self, Nexthop, RuleSpec};
 use crate::sysctl;
 
@@ -52,6 +53,10 @@ pub struct Inputs<'a> {
     pub last_default: &'a PerFamily<Vec<(u8, u32)>>,
     /// How the loaded datapath reads a connection's recorded WAN.
     pub conntrack: ConntrackAccess,
+    /// The local time: rules and weights by schedule.
+    pub clock: &'a LocalTime,
+    /// What each WAN's allowance allows, by id (absent: within it).
+    pub allowances: &'a BTreeMap<u8, Allowance>,
 }
 
 /// Everything mwan puts in the kernel and runs.
@@ -194,7 +199,13 @@ pub fn desired(inputs: &Inputs) -> Desired {
         .iter()
         .map(|r| inputs.rule_policies[&r.name])
         .collect();
-    let rules = policy::compile_rules(&cfg.rules, &ids);
+    let week = inputs.clock.week_secs();
+    let active: Vec<bool> = cfg
+        .rules
+        .iter()
+        .map(|r| r.schedule.as_ref().is_none_or(|s| s.active_at(week)))
+        .collect();
+    let rules = policy::compile_rules(&cfg.rules, &ids, &active);
     let settings = datapath::settings(cfg, &rules, rules.count);
     let mut names = vec![None; MAX_WANS as usize];
     for w in inputs.wans {
@@ -255,6 +266,22 @@ pub fn desired(inputs: &Inputs) -> Desired {
     }
 }
 
+/// Seconds from `clock` (local wall time) to the next moment a rule's or
+/// a weight's schedule turns on or off, if any ever does.
+pub fn next_schedule_change(cfg: &Config, clock: &LocalTime) -> Option<u32> {
+    let week = clock.week_secs();
+    cfg.rules
+        .iter()
+        .filter_map(|r| r.schedule.as_ref())
+        .chain(
+            cfg.wans
+                .iter()
+                .flat_map(|w| w.weight_schedule.iter().map(|s| &s.schedule)),
+        )
+        .filter_map(|s| s.next_change(week))
+        .min()
+}
+
 fn has_ipv6(wans: &[WanRt]) -> bool {
     wans.iter().any(|w| w.cfg.ipv6 != Ipv6Mode::Off)
 }
@@ -263,7 +290,15 @@ fn has_ipv6(wans: &[WanRt]) -> bool {
 /// bypass prefixes and balance route.
 fn family(inputs: &Inputs, f: Family) -> FamilyDesired {
     let cfg = inputs.cfg;
-    let views: Vec<_> = inputs.wans.iter().map(|w| w.view(f)).collect();
+    let week = inputs.clock.week_secs();
+    let views: Vec<_> = inputs
+        .wans
+        .iter()
+        .map(|w| {
+            let a = inputs.allowances.get(&w.id).copied().unwrap_or_default();
+            w.view(f, week, a)
+        })
+        .collect();
     let ids: Vec<u8> = cfg
         .rules
         .iter()

@@ -87,6 +87,24 @@ fn host() -> Host {
 }
 
 fn compute(cfg: &Config, wans: &[WanRt], last: &PerFamily<Vec<(u8, u32)>>) -> Desired {
+    compute_at(cfg, wans, last, &monday_noon(), &BTreeMap::new())
+}
+
+/// Monday 2026-03-02, 12:00 UTC.
+fn monday_noon() -> LocalTime {
+    LocalTime::utc(crate::clock::utc_epoch_of(
+        crate::clock::Date::new(2026, 3, 2),
+        12 * 3600,
+    ))
+}
+
+fn compute_at(
+    cfg: &Config,
+    wans: &[WanRt],
+    last: &PerFamily<Vec<(u8, u32)>>,
+    clock: &LocalTime,
+    allowances: &BTreeMap<u8, Allowance>,
+) -> Desired {
     let policies: BTreeMap<String, u8> = cfg
         .rules
         .iter()
@@ -100,6 +118,8 @@ fn compute(cfg: &Config, wans: &[WanRt], last: &PerFamily<Vec<(u8, u32)>>) -> De
         rule_policies: &policies,
         last_default: last,
         conntrack: ConntrackAccess::Kfuncs,
+        clock,
+        allowances,
     })
 }
 
@@ -296,4 +316,89 @@ fn the_same_inputs_give_the_same_state() {
     assert_ne!(a.probers[&(1, Family::Ipv4)], c.probers[&(1, Family::Ipv4)]);
     assert_eq!(a.probers[&(0, Family::Ipv4)], c.probers[&(0, Family::Ipv4)]);
     assert_ne!(a.sysctls, c.sysctls);
+}
+
+/// The local time is an input: a rule outside its schedule has no bit in
+/// the protocol masks (its policy stays, for the flows it placed), a
+/// weight schedule changes the slots, and the next boundary is known.
+#[test]
+fn schedules_follow_the_clock_given() {
+    let extra = "[[wan.weight_schedule]]\nschedule = \"Mon-Fri 08:00-18:00\"\nweight = 3\n[[rule]]\nname = \"office\"\nproto = \"tcp\"\nschedule = \"Mon-Fri 09:00-17:00\"\nwans = [\"cable\"]\n";
+    let cfg = config("", &format!("{TWO}{extra}"));
+    let w = wans(&cfg, State::Up);
+    let at = |date: crate::clock::Date, secs: u32| {
+        LocalTime::utc(crate::clock::utc_epoch_of(date, secs))
+    };
+    let monday = crate::clock::Date::new(2026, 3, 2);
+    let noon = compute_at(
+        &cfg,
+        &w,
+        &PerFamily::default(),
+        &at(monday, 12 * 3600),
+        &BTreeMap::new(),
+    );
+    assert_eq!(noon.rules.active, vec![true]);
+    assert_eq!(noon.rules.proto[6] & 1, 1);
+    let v4 = &noon.families[Family::Ipv4];
+    // fibre 3, cable 3 by its schedule.
+    assert_eq!(
+        (share(&v4.policies[0], 0), share(&v4.policies[0], 1)),
+        (512, 512)
+    );
+    assert_eq!(share(&v4.policies[1], 1), 1024);
+    let evening = compute_at(
+        &cfg,
+        &w,
+        &PerFamily::default(),
+        &at(monday, 20 * 3600),
+        &BTreeMap::new(),
+    );
+    assert_eq!(evening.rules.active, vec![false]);
+    assert!(
+        evening.rules.proto.iter().all(|m| m & 1 == 0),
+        "never matches"
+    );
+    let v4 = &evening.families[Family::Ipv4];
+    assert_eq!(
+        (share(&v4.policies[0], 0), share(&v4.policies[0], 1)),
+        (768, 256)
+    );
+    assert_eq!(
+        share(&v4.policies[1], 1),
+        1024,
+        "its policy stays for its flows"
+    );
+    assert_eq!(
+        evening.families[Family::Ipv4].wans,
+        noon.families[Family::Ipv4].wans,
+        "no pin moves"
+    );
+    // Next boundaries: 17:00 (the rule) from noon, Tuesday 08:00 (the
+    // weight) from the evening.
+    assert_eq!(
+        next_schedule_change(&cfg, &at(monday, 12 * 3600)),
+        Some(5 * 3600)
+    );
+    assert_eq!(
+        next_schedule_change(&cfg, &at(monday, 20 * 3600)),
+        Some(12 * 3600)
+    );
+    assert_eq!(next_schedule_change(&config("", TWO), &at(monday, 0)), None);
+}
+
+/// A WAN's used-up allowance is an input: with "backup" it leaves the
+/// policies while another WAN is up and keeps its pins.
+#[test]
+fn a_used_up_allowance_is_an_input() {
+    let cfg = config("", TWO);
+    let w = wans(&cfg, State::Up);
+    let held: BTreeMap<u8, Allowance> = [(1, Allowance::Backup { reset: false })].into();
+    let d = compute_at(&cfg, &w, &PerFamily::default(), &monday_noon(), &held);
+    let v4 = &d.families[Family::Ipv4];
+    assert_eq!(share(&v4.policies[0], 0), 1024);
+    assert_eq!(v4.wans[1].alive, 1);
+    assert_eq!(v4.balance.nexthops.len(), 1, "the router's own traffic too");
+    let reset: BTreeMap<u8, Allowance> = [(1, Allowance::Off { reset: true })].into();
+    let d = compute_at(&cfg, &w, &PerFamily::default(), &monday_noon(), &reset);
+    assert_eq!(d.families[Family::Ipv4].wans[1].alive, 0, "its flows move");
 }

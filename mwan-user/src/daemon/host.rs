@@ -132,7 +132,23 @@ pub async fn teardown(cfg: &Config, host: &HostState, net: &Net) -> Vec<anyhow::
     ] {
         let _ = std::fs::remove_file(p);
     }
-    remove_created_dirs(&host.created_dirs);
+    // The usage of metered lines is the admin's record of the ISP's bills:
+    // it stays, and so do the directories holding it.
+    let usage = cfg.usage_path();
+    let _ = std::fs::remove_file(usage.with_extension("json.tmp"));
+    let kept = cfg.keeps_usage() && usage.exists();
+    if kept {
+        info!(file = %usage.display(), "kept the WANs' usage of their billing cycles");
+    } else {
+        let _ = std::fs::remove_file(&usage);
+    }
+    let dirs: Vec<PathBuf> = host
+        .created_dirs
+        .iter()
+        .filter(|d| !(kept && usage.starts_with(d)))
+        .cloned()
+        .collect();
+    remove_created_dirs(&dirs);
     errors
 }
 

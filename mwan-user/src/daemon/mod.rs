@@ -10,9 +10,20 @@
 //! apply changed that concerns connections (a WAN died or came back, the
 //! table appeared) is acted on last ([`cleanup`]).
 //!
+//! Inputs that follow time: the local time (rules and weights by
+//! schedule: the daemon wakes at the next boundary, and re-reads the clock
+//! every few seconds, so a clock jump is followed too), each WAN's usage in
+//! its billing cycle (`meter`: what its allowance still allows) and the
+//! outages of returning WANs (`failback`: when their flows are drained
+//! back). Schedules and allowances only change what new flows get; moving
+//! existing ones is an action on connections (`drain`, `cleanup`), recorded
+//! in the facts `mwan status` shows.
+//!
 //! Modules: `wan` (one WAN's inputs), `links` (reading netlink into the
-//! inputs), `desired` (inputs → desired state), `apply` (desired state →
-//! kernel), `cleanup` (connections of dead and returning WANs), `reload`,
+//! inputs), `meter` (usage and allowances), `failback` (drains due),
+//! `desired` (inputs → desired state), `apply` (desired state →
+//! kernel), `cleanup` (connections of dead and returning WANs), `drain`
+//! (flows moved off backup and metered WANs), `reload`,
 //! `commands` (the control socket), `status` (`mwan status`, metrics), `host`
 //! (what mwan changed on the host, and the teardown).
 
@@ -20,10 +31,14 @@ mod apply;
 mod cleanup;
 mod commands;
 mod desired;
+mod drain;
+mod failback;
 mod host;
 mod links;
+mod meter;
 mod reload;
 mod status;
+mod timed;
 mod wan;
 
 use host::{create_dirs, remove_created_dirs};
@@ -40,6 +55,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::clock::{self, LocalTime};
 use crate::config::{AllDown, Config, Failback};
 use crate::control::{Event, Request};
 use crate::datapath::{self, Datapath};
@@ -94,6 +110,14 @@ struct Daemon {
     applied: Applied,
     rounds_tx: mpsc::Sender<RoundReport>,
     rounds_rx: Option<mpsc::Receiver<RoundReport>>,
+    /// The WANs' usage per billing cycle.
+    meter: meter::Meter,
+    /// Outages of WANs whose flows are drained back when they return.
+    outages: failback::Failback,
+    /// The local time of the last computation (schedules), and what the
+    /// schedules gave then.
+    clock: LocalTime,
+    seen: timed::Seen,
     // What the daemon reports.
     facts: Facts,
     /// With `ha_address`: whether this router holds it (is the HA pair's
@@ -112,6 +136,7 @@ enum Exit {
 
 impl Daemon {
     async fn start(cfg: Config, opts: RunOptions) -> Result<Daemon> {
+        clock::init();
         let net = Net::connect().await.context("opening rtnetlink")?;
         let links = net.links().await.context("listing interfaces")?;
         let warnings = cfg.check_system(&|n| links.iter().any(|l| l.name == n))?;
@@ -143,7 +168,16 @@ impl Daemon {
             datapath::ConntrackAccess::Nftables => "nftables",
         }
         .to_string();
+        let (meter, meter_warning) = meter::Meter::load(&cfg);
+        if let Some(w) = meter_warning {
+            warn!("{w}");
+            report.start.warnings.push(w);
+        }
         let mut d = Daemon {
+            meter,
+            outages: failback::Failback::default(),
+            clock: LocalTime::now(),
+            seen: timed::Seen::default(),
             report,
             cfg,
             opts,
@@ -206,7 +240,12 @@ impl Daemon {
             let initial = PerFamily::new(|f| match (inherited, self.applied.alive(f, id)) {
                 (false, _) => State::Unknown,
                 (true, true) => State::Up,
-                (true, false) => State::Down,
+                (true, false) => {
+                    // Down when taken over: its return drains what went to
+                    // the backups whenever that was.
+                    self.outages.died(id, f, 0);
+                    State::Down
+                }
             });
             let mark = self.cfg.wan_mark(id);
             self.wans
@@ -225,6 +264,8 @@ impl Daemon {
         for port in nft::divert_ports().await.unwrap_or_default() {
             cleanup::forget_diverted(port);
         }
+        let notices = self.meter.configure(&self.cfg, &LocalTime::now());
+        self.on_notices(notices);
         self.observe(true).await?;
         self.reconcile(true).await?;
         // The old program is gone from every LAN: the maps it used and this
@@ -238,6 +279,8 @@ impl Daemon {
     /// on what changed for connections. `verify`: check what the kernel may
     /// have changed behind mwan's back (see `apply`).
     async fn reconcile(&mut self, verify: bool) -> Result<()> {
+        self.clock = LocalTime::now();
+        let allowances = self.meter.allowances(&self.wans);
         let d = desired(&Inputs {
             cfg: &self.cfg,
             wans: &self.wans,
@@ -245,7 +288,10 @@ impl Daemon {
             rule_policies: &self.host.rule_policies,
             last_default: &self.last_default,
             conntrack: self.dp.conntrack,
+            clock: &self.clock,
+            allowances: &allowances,
         });
+        self.note_schedules(&d);
         for (f, fd) in d.families.iter() {
             if !fd.all_down {
                 self.last_default[f] = fd.default_members.clone();
@@ -266,7 +312,8 @@ impl Daemon {
 
     /// What an apply changed for connections: a dead WAN's are cleaned up,
     /// a returning WAN takes back the flows that had moved
-    /// (`failback = "reset"`), and "all WANs down" is said.
+    /// (`failback = "reset"`) or has a drain due (`"drain"`), and "all WANs
+    /// down" is said.
     fn act_on(&mut self, fx: Effects) {
         let started = self
             .wans
@@ -275,6 +322,12 @@ impl Daemon {
         for (f, down) in fx.all_down {
             if started {
                 self.log_all_down(f, down);
+            }
+        }
+        let now_ns = datapath::ktime_now_ns();
+        for (only, conns) in &fx.died {
+            for f in only.map_or(Family::BOTH.to_vec(), |f| vec![f]) {
+                self.outages.died(conns.id, f, now_ns);
             }
         }
         for (only, conns) in fx.died {
@@ -286,10 +339,22 @@ impl Daemon {
                 only,
             );
         }
-        if self.cfg.failback == Failback::Reset {
-            for (f, id) in fx.revived {
-                let name = self.wan_name(id);
-                cleanup::reset_moved_flows(&self.facts, self.cfg.pin_dir.clone(), id, name, f);
+        for (f, id) in fx.revived {
+            let Some(w) = self.wans.iter().find(|w| w.id == id) else {
+                continue;
+            };
+            match w.cfg.failback {
+                Failback::Keep => {}
+                Failback::Reset => {
+                    let name = w.cfg.name.clone();
+                    cleanup::reset_moved_flows(&self.facts, self.cfg.pin_dir.clone(), id, name, f);
+                }
+                Failback::Drain => {
+                    let after = w.cfg.failback_after;
+                    if self.outages.revived(id, f, Instant::now(), now_ns, after) {
+                        info!(wan = %w.cfg.name, family = %f, after = %humantime::format_duration(after), "back: its flows on backup and metered WANs are drained back once it has been up this long");
+                    }
+                }
             }
         }
         if let Some(n) = fx.adopted {
@@ -357,6 +422,7 @@ impl Daemon {
             run_hook(
                 cmd,
                 &HookEvent {
+                    event: "state",
                     wan: w.cfg.name.clone(),
                     interface: w.cfg.interface.clone(),
                     family: f.to_string(),
@@ -366,18 +432,26 @@ impl Daemon {
                     loss_pct: m.loss_pct,
                     rtt_ms: m.rtt_ms,
                     time: SystemTime::now(),
+                    extra: Vec::new(),
                 },
                 self.cfg.hook_timeout,
             );
         }
-        self.events.push_back(Event {
+        let e = Event {
             time: status::rfc3339(SystemTime::now()),
+            kind: "state".into(),
             wan: w.cfg.name.clone(),
             family: f.to_string(),
             from: t.from.to_string(),
             to: t.to.to_string(),
             reason: t.reason,
-        });
+        };
+        self.push_event(e);
+    }
+
+    /// Keeps `e` among the last [`MAX_EVENTS`] events `mwan status` shows.
+    fn push_event(&mut self, e: Event) {
+        self.events.push_back(e);
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();
         }
@@ -412,6 +486,9 @@ impl Daemon {
         let mut web_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         web_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let web_on = self.report.web.is_some();
+        // The usage counters, once a second.
+        let mut meter_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        meter_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status::notify("READY=1");
         info!(socket = %socket.display(), "ready");
         let exit = loop {
@@ -464,7 +541,10 @@ impl Daemon {
                 _ = sigterm.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = web_tick.tick(), if web_on => self.publish(true),
+                _ = meter_tick.tick() => self.on_meter_tick().await,
+                _ = tokio::time::sleep_until(self.next_wake()) => self.on_wake().await,
                 _ = tick.tick() => {
+                    self.expire_backup_flows().await;
                     // A safety net for missed netlink events (ENOBUFS),
                     // and for routes the kernel dropped without telling
                     // (a single-nexthop balance route on a quick down/up).
@@ -487,6 +567,11 @@ impl Daemon {
             }
         };
         status::notify("STOPPING=1");
+        // The last second's bytes too.
+        let counters = meter::read_counters(&self.wans);
+        let notices = self.meter.sample(&self.cfg, &counters, &LocalTime::now());
+        self.on_notices(notices);
+        self.meter.save(true);
         self.report.web = None;
         let _ = std::fs::remove_file(&socket);
         match exit {

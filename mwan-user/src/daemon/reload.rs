@@ -53,6 +53,20 @@ impl Daemon {
         }
         self.cfg = new;
         self.host.rule_policies = rule_policies(&self.cfg, &self.host);
+        // Usage per WAN: new WANs start a cycle, a changed reset day moves
+        // the cycle's end; outages only matter to WANs that drain.
+        let notices = self
+            .meter
+            .configure(&self.cfg, &crate::clock::LocalTime::now());
+        self.on_notices(notices);
+        self.meter.save(true);
+        let draining: Vec<u8> = self
+            .wans
+            .iter()
+            .filter(|w| w.cfg.failback == crate::config::Failback::Drain)
+            .map(|w| w.id)
+            .collect();
+        self.outages.retain(|id| draining.contains(&id));
         self.observe(true).await?;
         self.reconcile(true).await?;
         let msg = if summary.is_empty() {
@@ -136,7 +150,7 @@ fn update_wan(
 ) -> Vec<(crate::family::Family, crate::health::Transition)> {
     let enabled_changed = w.cfg.enabled != wcfg.enabled;
     w.set_health_config(&wcfg.health);
-    w.weight = wcfg.weight;
+    w.weight_override = None;
     w.drained = false;
     w.cfg = wcfg;
     if enabled_changed {
@@ -148,9 +162,10 @@ fn update_wan(
 
 /// Settings a running daemon cannot change.
 fn refuse_restart_keys(cur: &Config, new: &Config) -> Result<()> {
-    let fixed: [(&str, bool); 8] = [
+    let fixed: [(&str, bool); 9] = [
         ("pin_dir", new.pin_dir != cur.pin_dir),
         ("state_dir", new.state_dir != cur.state_dir),
+        ("usage_file", new.usage_file != cur.usage_file),
         ("mark_mask", new.mark_mask != cur.mark_mask),
         ("table_base", new.table_base != cur.table_base),
         ("rule_priority", new.rule_priority != cur.rule_priority),

@@ -11,7 +11,7 @@ use mwan_common::WAN_NONE;
 use tracing::warn;
 
 use super::apply::Applied;
-use super::wan::WanRt;
+use super::wan::{WanRt, WeightSource};
 use super::Daemon;
 use crate::config::Config;
 use crate::control::{FamilyStatus, RelayStatus, ReloadFacts, StartFacts, Status, WanStatus};
@@ -215,6 +215,8 @@ impl Daemon {
         let (shares, shares6) = (shares(Family::Ipv4), shares(Family::Ipv6));
         let ifstats = interface_counters();
         let now = SystemTime::now();
+        let week = crate::clock::LocalTime::now().week_secs();
+        let held = self.held_back(week);
         let wans = self
             .wans
             .iter()
@@ -224,7 +226,7 @@ impl Daemon {
                 let (rxb, rxp, txb, txp) =
                     ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
                 let since = w.family(w.judged_by(Family::Ipv4)).since;
-                WanStatus {
+                let mut st = WanStatus {
                     name: w.cfg.name.clone(),
                     id: w.id,
                     interface: w.cfg.interface.clone(),
@@ -232,7 +234,6 @@ impl Daemon {
                     since: rfc3339(since),
                     since_secs: now.duration_since(since).unwrap_or_default().as_secs_f64(),
                     tier: w.cfg.tier,
-                    weight: w.weight,
                     share: shares.get(&w.id).copied().unwrap_or(0.0),
                     drained: w.drained,
                     enabled: !w.disabled(),
@@ -254,7 +255,10 @@ impl Daemon {
                     tx_bytes: txb,
                     tx_packets: txp,
                     connections: self.facts.of(&w.cfg.name),
-                }
+                    ..WanStatus::default()
+                };
+                self.metered_status(&mut st, w, week, &held);
+                st
             })
             .collect();
         Ok(Status {
@@ -293,7 +297,52 @@ impl Daemon {
                 port: r.port,
                 tcp_port: r.tcp_port,
             }),
+            rules: self.rule_status(),
+            clock: self.clock_status(),
         })
+    }
+
+    /// The WANs a used-up allowance keeps from new flows now.
+    fn held_back(&self, week: u32) -> std::collections::BTreeSet<u8> {
+        let allowances = self.meter.allowances(&self.wans);
+        let views: Vec<policy::WanView> = self
+            .wans
+            .iter()
+            .map(|w| {
+                let a = allowances.get(&w.id).copied().unwrap_or_default();
+                w.view(Family::Ipv4, week, a)
+            })
+            .collect();
+        policy::held_back(&views)
+    }
+
+    /// A WAN's weight and where it is from, its usage and allowance, and
+    /// its failback.
+    fn metered_status(
+        &self,
+        st: &mut WanStatus,
+        w: &WanRt,
+        week: u32,
+        held: &std::collections::BTreeSet<u8>,
+    ) {
+        let (weight, source) = w.weight_at(week);
+        st.weight = weight;
+        st.weight_source = match &source {
+            WeightSource::Config => "config",
+            WeightSource::Schedule(_) => "schedule",
+            WeightSource::Override => "set-weight",
+        }
+        .to_string();
+        st.weight_schedule = match source {
+            WeightSource::Schedule(s) => Some(s),
+            _ => None,
+        };
+        st.usage = self.usage_status(w, held.contains(&w.id));
+        st.failback = format!("{:?}", w.cfg.failback).to_lowercase();
+        st.failback_due_secs = self
+            .outages
+            .pending(w.id)
+            .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64());
     }
 
     /// Hands the listener a fresh snapshot (and, once a second, a history

@@ -9,7 +9,7 @@ use crate::config::{self, Gateway, Ipv6Mode, Prefix6};
 use crate::family::{Family, PerFamily};
 use crate::health::{HealthStats, Machine, ProbeSpec, State, Transition};
 use crate::nft::Nat6;
-use crate::policy::{Health, WanView};
+use crate::policy::{Allowance, Health, WanView};
 use crate::routing::Nexthop;
 use ipnet::{IpNet, Ipv6Net};
 use mwan_common::MAX_WANS;
@@ -27,8 +27,9 @@ pub struct WanRt {
     pub health: PerFamily<FamilyHealth>,
     /// Runtime overrides (`mwan set-weight`, `drain`), reset by a reload to
     /// what the config says. (`mwan disable` is the machines' `disabled`
-    /// state.)
-    pub weight: u32,
+    /// state.) Without a weight override, the weight is the config's (or
+    /// its weight schedule's).
+    pub weight_override: Option<u32>,
     pub drained: bool,
     /// Probe and state-change totals for the metrics (both families).
     pub stats: HealthStats,
@@ -189,7 +190,7 @@ impl WanRt {
         WanRt {
             stats: HealthStats::new(&cfg.health.targets),
             health: initial.map(|_, s| FamilyHealth::new(&cfg.health, s)),
-            weight: cfg.weight,
+            weight_override: None,
             cfg,
             id,
             mark,
@@ -327,10 +328,24 @@ impl WanRt {
             .collect()
     }
 
-    /// The WAN as family `f`'s policy compiler sees it. A WAN without IPv6,
-    /// or whose link is not ready for it (no address or gateway yet), takes
-    /// no IPv6 flows.
-    pub fn view(&self, f: Family) -> WanView {
+    /// The weight at `week_secs` (local time): `mwan set-weight`'s, else
+    /// its weight schedule's in force, else the config's; and where it is
+    /// from.
+    pub fn weight_at(&self, week_secs: u32) -> (u32, WeightSource) {
+        if let Some(w) = self.weight_override {
+            return (w, WeightSource::Override);
+        }
+        match self.cfg.weight_at(week_secs) {
+            (w, Some(s)) => (w, WeightSource::Schedule(s.schedule.to_string())),
+            (w, None) => (w, WeightSource::Config),
+        }
+    }
+
+    /// The WAN as family `f`'s policy compiler sees it at `week_secs`
+    /// (local time, for its weight schedule), with `allowance`. A WAN
+    /// without IPv6, or whose link is not ready for it (no address or
+    /// gateway yet), takes no IPv6 flows.
+    pub fn view(&self, f: Family, week_secs: u32, allowance: Allowance) -> WanView {
         let carries = match f {
             Family::Ipv4 => self.carries(f),
             Family::Ipv6 => self.link.ipv6_ready(&self.cfg),
@@ -338,7 +353,7 @@ impl WanRt {
         WanView {
             id: self.id,
             name: self.cfg.name.clone(),
-            weight: self.weight,
+            weight: self.weight_at(week_secs).0,
             tier: self.cfg.tier,
             health: match self.state(f) {
                 _ if !carries => Health::Bad,
@@ -348,8 +363,19 @@ impl WanRt {
                 State::Down | State::Disabled => Health::Bad,
             },
             drained: self.drained,
+            allowance,
         }
     }
+}
+
+/// Where a WAN's weight is from now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightSource {
+    Config,
+    /// A `[[wan.weight_schedule]]` in force (its schedule).
+    Schedule(String),
+    /// `mwan set-weight`.
+    Override,
 }
 
 /// How many WAN ids `mark_mask` can number: id `i` uses mark

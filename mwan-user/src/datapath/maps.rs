@@ -384,8 +384,19 @@ impl Maps {
         previous: Option<&CompiledRules>,
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<()> {
+        // A rule turned on or off by its schedule changes its bit in the
+        // protocol masks only: each entry is written whole, and every
+        // state in between is a valid rule set, so matching stays on.
+        let schedule_only = previous.is_some_and(|p| {
+            let mut p = p.clone();
+            p.proto.clone_from(&rules.proto);
+            p.active.clone_from(&rules.active);
+            p == *rules
+        });
         if previous != Some(rules) {
-            self.write_settings(&super::settings(cfg, rules, 0))?;
+            if !schedule_only {
+                self.write_settings(&super::settings(cfg, rules, 0))?;
+            }
             self.write_rules(rules, previous, ifindex)?;
         }
         self.write_settings(&super::settings(cfg, rules, rules.count))

@@ -383,6 +383,51 @@ impl Net {
             .collect())
     }
 
+    /// The link-layer (MAC) address of each neighbour of the links
+    /// `ifindexes`, both families, from the kernel's neighbour tables.
+    pub async fn neighbours(
+        &self,
+        ifindexes: &[u32],
+    ) -> Result<std::collections::HashMap<IpAddr, [u8; 6]>> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+        };
+        let answer = self
+            .dump(RouteNetlinkMessage::GetNeighbour(
+                NeighbourMessage::default(),
+            ))
+            .await
+            .map_err(|e| op_error("listing neighbours", &e))?;
+        let mut out = std::collections::HashMap::new();
+        for m in answer {
+            let RouteNetlinkMessage::NewNeighbour(n) = m else {
+                continue;
+            };
+            if !ifindexes.contains(&n.header.ifindex) {
+                continue;
+            }
+            let (mut ip, mut mac) = (None, None);
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        ip = Some(IpAddr::V6(*v6))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                        mac = <[u8; 6]>::try_from(&b[..]).ok()
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.insert(ip, mac);
+            }
+        }
+        Ok(out)
+    }
+
     /// The IPv4 addresses of a link, primary addresses first.
     pub async fn ipv4_addrs(&self, ifindex: u32) -> Result<Vec<Ipv4Net>> {
         let mut addrs: Vec<(bool, Ipv4Net)> = self

@@ -211,6 +211,9 @@ pub(crate) mod tests_support {
             rx_packets: 0,
             tx_packets: 0,
             connections: Default::default(),
+            weight_source: "config".into(),
+            failback: "keep".into(),
+            ..Default::default()
         }
     }
 }

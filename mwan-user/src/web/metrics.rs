@@ -420,6 +420,20 @@ pub fn render(s: &Snapshot) -> String {
         |i| Some(wans[i].tx_packets as f64),
     );
 
+    usage_families(&mut o, s);
+    o.family(
+        "mwan_rule_active",
+        "gauge",
+        "1 while the rule matches new flows, 0 while its schedule keeps it off.",
+    );
+    for r in &st.rules {
+        o.sample(
+            "mwan_rule_active",
+            &[("rule", &r.name)],
+            f64::from(u8::from(r.active)),
+        );
+    }
+
     o.per_target(
         s,
         "mwan_probe_sent_total",
@@ -442,6 +456,139 @@ pub fn render(s: &Snapshot) -> String {
         |t| t.last_rtt.map(|d| d.as_secs_f64()),
     );
     o.0
+}
+
+/// Each WAN's usage in its billing cycle and its allowance.
+fn usage_families(o: &mut Out, s: &Snapshot) {
+    let wans = &s.status.wans;
+    let usage = |i: usize| wans[i].usage.as_ref();
+    let name = "mwan_wan_cycle_bytes";
+    o.family(
+        name,
+        "gauge",
+        "Bytes on the WAN's link in the current billing cycle (the kernel's interface counters, everything the ISP meters), by direction and family; 0 again when a cycle starts.",
+    );
+    for w in wans {
+        let Some(u) = &w.usage else { continue };
+        for (family, b) in [("ipv4", &u.ipv4), ("ipv6", &u.ipv6)] {
+            for (direction, v) in [("receive", b.rx_bytes), ("transmit", b.tx_bytes)] {
+                let labels = [
+                    ("wan", w.name.as_str()),
+                    ("interface", &w.interface),
+                    ("direction", direction),
+                    ("family", family),
+                ];
+                o.sample(name, &labels, v as f64);
+            }
+        }
+    }
+    o.per_wan(
+        s,
+        "mwan_wan_cycle_start_timestamp_seconds",
+        "gauge",
+        "When the WAN's current billing cycle started, in seconds since the Unix epoch.",
+        |i| usage(i).map(|u| u.cycle_start_epoch as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_cycle_reset_timestamp_seconds",
+        "gauge",
+        "When the WAN's billing cycle resets (quota_reset_day), in seconds since the Unix epoch.",
+        |i| usage(i).map(|u| u.next_reset_epoch as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_quota_bytes",
+        "gauge",
+        "The WAN's allowance per billing cycle (quota; WANs with one only).",
+        |i| usage(i)?.quota_bytes.map(|q| q as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_quota_used_ratio",
+        "gauge",
+        "Share of the allowance used this cycle (1 and more: used up).",
+        |i| usage(i)?.used_pct.map(|p| p / 100.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_quota_reached_ratio",
+        "gauge",
+        "The highest quota_warn level reached this cycle (1: used up, 0: none yet).",
+        |i| {
+            let u = usage(i)?;
+            u.quota_bytes?;
+            Some(f64::from(u.reached_pct.iter().copied().max().unwrap_or(0)) / 100.0)
+        },
+    );
+    quota_families(o, s);
+}
+
+/// Each metered WAN's allowance: used up, held back, its action; and the
+/// drains of returning WANs.
+fn quota_families(o: &mut Out, s: &Snapshot) {
+    let wans = &s.status.wans;
+    let usage = |i: usize| wans[i].usage.as_ref();
+    let flag = |b: bool| Some(f64::from(u8::from(b)));
+    o.per_wan(
+        s,
+        "mwan_wan_quota_exhausted",
+        "gauge",
+        "1 when the WAN's allowance is used up for this cycle.",
+        |i| {
+            usage(i)
+                .filter(|u| u.quota_bytes.is_some())
+                .and_then(|u| flag(u.exhausted))
+        },
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_quota_held_back",
+        "gauge",
+        "1 while the WAN's used-up allowance keeps it from new flows (quota_action).",
+        |i| {
+            usage(i)
+                .filter(|u| u.quota_bytes.is_some())
+                .and_then(|u| flag(u.held_back))
+        },
+    );
+    let name = "mwan_wan_quota_action";
+    o.family(
+        name,
+        "gauge",
+        "Always 1; the label says what mwan does when the WAN's allowance is used up (backup, off or none).",
+    );
+    for w in wans {
+        if let Some(action) = w.usage.as_ref().and_then(|u| u.action.as_deref()) {
+            let labels = [
+                ("wan", w.name.as_str()),
+                ("interface", &w.interface),
+                ("action", action),
+            ];
+            o.sample(name, &labels, 1.0);
+        }
+    }
+    o.per_wan(
+        s,
+        "mwan_wan_failback_drains_total",
+        "counter",
+        "Times the flows that went to backup and metered WANs while the WAN was down were drained back to it (failback = \"drain\").",
+        |i| Some(wans[i].connections.failback_drains as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_failback_drained_flows_total",
+        "counter",
+        "Flows drained back to the WAN when it returned (failback = \"drain\").",
+        |i| Some(wans[i].connections.failback_drained_flows as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_backup_age_resets_total",
+        "counter",
+        "Flows moved off the WAN after max_backup_flow_age on it while their policy offered a better one.",
+        |i| Some(wans[i].connections.backup_age_resets as f64),
+    );
 }
 
 #[cfg(test)]
@@ -486,6 +633,22 @@ mod tests {
         assert!(text
             .contains("mwan_wan_ipv6_state{wan=\"isp2\",interface=\"wan2\",state=\"down\"} 1\n"));
         assert!(!text.contains("mwan_wan_ipv6_up{wan=\"isp1\""));
+        // isp2 is metered, its allowance used up; isp1 has no usage at all
+        // in the snapshot.
+        for line in [
+            "mwan_wan_cycle_bytes{wan=\"isp2\",interface=\"wan2\",direction=\"receive\",family=\"ipv4\"} 3900000\n",
+            "mwan_wan_cycle_bytes{wan=\"isp2\",interface=\"wan2\",direction=\"transmit\",family=\"ipv6\"} 50000\n",
+            "mwan_wan_quota_bytes{wan=\"isp2\",interface=\"wan2\"} 4000000\n",
+            "mwan_wan_quota_used_ratio{wan=\"isp2\",interface=\"wan2\"} 1.05\n",
+            "mwan_wan_quota_reached_ratio{wan=\"isp2\",interface=\"wan2\"} 1\n",
+            "mwan_wan_quota_exhausted{wan=\"isp2\",interface=\"wan2\"} 1\n",
+            "mwan_wan_quota_held_back{wan=\"isp2\",interface=\"wan2\"} 1\n",
+            "mwan_wan_quota_action{wan=\"isp2\",interface=\"wan2\",action=\"backup\"} 1\n",
+            "mwan_wan_cycle_reset_timestamp_seconds{wan=\"isp2\",interface=\"wan2\"} 1774994400\n",
+        ] {
+            assert!(text.contains(line), "{line}");
+        }
+        assert!(!text.contains("mwan_wan_quota_bytes{wan=\"isp1\""));
     }
 
     /// docs/METRICS.md names every family the exporter can emit (the

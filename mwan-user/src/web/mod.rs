@@ -379,6 +379,33 @@ pub(crate) mod tests {
             jitter_ms: None,
             loss_pct: 100.0,
         });
+        // isp2 is a metered line, its allowance used up.
+        w2.usage = Some(crate::control::UsageStatus {
+            cycle_start: "2026-03-01T00:00:00+01:00".into(),
+            next_reset: "2026-04-01T00:00:00+02:00".into(),
+            cycle_start_epoch: 1_772_319_600,
+            next_reset_epoch: 1_774_994_400,
+            rx_bytes: 4_000_000,
+            tx_bytes: 200_000,
+            bytes: 4_200_000,
+            ipv4: crate::control::ByteCounts {
+                rx_bytes: 3_900_000,
+                tx_bytes: 150_000,
+            },
+            ipv6: crate::control::ByteCounts {
+                rx_bytes: 100_000,
+                tx_bytes: 50_000,
+            },
+            quota_bytes: Some(4_000_000),
+            used_pct: Some(105.0),
+            warn_pct: vec![75, 95],
+            reached_pct: vec![75, 95, 100],
+            action: Some("backup".into()),
+            exhausted: true,
+            held_back: true,
+            effect: "used up: no new flows while another WAN is up; its connections stay".into(),
+            previous_cycle: None,
+        });
         let targets: Vec<crate::config::ProbeTarget> = vec![
             "198.51.100.1".parse().unwrap(),
             "198.51.100.2".parse().unwrap(),
@@ -424,6 +451,7 @@ pub(crate) mod tests {
                 reloads: Default::default(),
                 lans: Vec::new(),
                 relay: None,
+                ..Default::default()
             },
             health: vec![h.clone(), h],
             taken: SystemTime::now(),

@@ -84,7 +84,8 @@ impl Rig {
         self.cfg = Config::parse(text).map_err(|e| anyhow!("fixture config: {e}"))?;
         // Policy ids as a freshly started daemon assigns them.
         self.policy_ids = policy::assign_rule_policies(&self.cfg.rules, &Default::default());
-        let rules = policy::compile_rules(&self.cfg.rules, &self.policy_ids);
+        let active = vec![true; self.cfg.rules.len()];
+        let rules = policy::compile_rules(&self.cfg.rules, &self.policy_ids, &active);
         let ifindex = self.ifindex.clone();
         self.dp.maps.write_rules_and_settings(
             &self.cfg,
@@ -192,6 +193,7 @@ impl Rig {
                     tier: w.tier,
                     health: health[i],
                     drained: false,
+                    allowance: Default::default(),
                 })
                 .collect();
             let last = if v6 {
