@@ -4,6 +4,7 @@
 //! `cargo xtask bench` (see BENCHMARKS.md for what it measures and how).
 
 pub mod bpf;
+pub mod busy;
 pub mod cost_table;
 pub mod dns;
 pub mod domains;
@@ -12,6 +13,7 @@ pub mod footprint;
 pub mod forwarding;
 pub mod forwarding6;
 pub mod ha;
+pub mod held;
 pub mod profile;
 pub mod report;
 pub mod scale;

@@ -22,6 +22,8 @@ pub struct Results {
     /// IPv6 forwarding against plain IPv6 routing with NAT66.
     pub forwarding6: Option<Forwarding6>,
     pub failover: Option<Failover>,
+    /// A WAN with 100,000 connections fails.
+    pub busy: Option<super::busy::Busy>,
     pub scale: Option<Scale>,
     pub footprint: Option<Footprint>,
     /// The same with the metrics endpoint scraped every second.
@@ -295,6 +297,9 @@ pub fn table(r: &Results) -> String {
             o,
             "multipath route alone: never notices a silent upstream failure (∞); new connections hashed to the dead ISP keep failing"
         );
+    }
+    if let Some(b) = &r.busy {
+        super::busy::table(&mut o, b);
     }
     if let Some(s) = &r.scale {
         let plain = summary(&s.rate_plain).median;
@@ -756,6 +761,9 @@ pub fn markdown(r: &Results) -> String {
     if let Some(f) = &r.failover {
         markdown_failover(&mut o, f);
     }
+    if let Some(b) = &r.busy {
+        super::busy::markdown(&mut o, b);
+    }
     if let Some(s) = &r.scale {
         markdown_scale(&mut o, s);
     }
@@ -854,6 +862,9 @@ fn markdown_summary(o: &mut String, r: &Results) {
         }
         line += "; a multipath route never notices.\n";
         let _ = writeln!(o, "{line}");
+    }
+    if let Some(b) = &r.busy {
+        let _ = writeln!(o, "{}", super::busy::summary_line(b));
     }
     if let Some(s) = &r.scale {
         let _ = writeln!(
