@@ -14,6 +14,7 @@ pub mod forwarding;
 pub mod forwarding6;
 pub mod ha;
 pub mod held;
+pub mod loaded_table;
 pub mod profile;
 pub mod report;
 pub mod scale;

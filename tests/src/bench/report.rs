@@ -12,7 +12,7 @@ use super::ha::HaFailover;
 use super::scale::Scale;
 use super::stats::{percentile, ratios, si, summary, Summary};
 use super::sysinfo::Machine;
-use super::variants::{Variant, ALL};
+use super::variants::{Variant, ALL, LOADED};
 
 pub struct Results {
     pub date: String,
@@ -92,10 +92,20 @@ fn forwarding6_rows(f: &Forwarding6) -> Vec<[String; 5]> {
         .collect()
 }
 
+/// The variants of sections 1 and 2 that were measured: the four ways,
+/// then the loaded mwan.
+fn compared(f: &Forwarding) -> Vec<Variant> {
+    ALL.iter()
+        .chain(LOADED.iter().filter(|v| f.params.loaded.contains(v)))
+        .copied()
+        .collect()
+}
+
 fn forwarding_rows(f: &Forwarding) -> Vec<FwdRow> {
     let base = &f.samples[Variant::Plain.index()];
-    ALL.iter()
-        .map(|&v| {
+    compared(f)
+        .into_iter()
+        .map(|v| {
             let s = &f.samples[v.index()];
             FwdRow {
                 variant: v,
@@ -227,7 +237,8 @@ pub fn table(r: &Results) -> String {
             "{:<50} {tcp_head:<30} {udp_head:<30} new connections",
             "variant"
         );
-        for (row, v) in forwarding_rows(f).iter().zip(ALL) {
+        for row in forwarding_rows(f) {
+            let v = row.variant;
             let s = &f.samples[v.index()];
             let label = format!("({}) {}", v.letter(), v.label());
             let tcp = si(summary(&s.tcp).median, "bit/s");
@@ -244,6 +255,7 @@ pub fn table(r: &Results) -> String {
             "mwan's classifier (kernel BPF run-time stats): {:.0} ns/packet in the UDP test, {:.0} ns/packet in the TCP test, {:.0} ns/packet while opening connections",
             f.bpf_udp.ns, f.bpf_tcp.ns, f.bpf_cps.ns
         );
+        super::loaded_table::table(&mut o, f);
         super::cost_table::table(&mut o, f, r.machine.cpus);
     }
     if let Some(f) = &r.forwarding6 {
@@ -809,10 +821,12 @@ fn markdown_summary(o: &mut String, r: &Results) {
                 row.cps_ratio
             );
         }
+        o.push('\n');
+        super::loaded_table::markdown(o, f);
         let base = summary(&f.samples[Variant::Plain.index()].udp);
         let _ = writeln!(
             o,
-            "\nmwan's classifier costs {:.0} ns per forwarded packet (kernel BPF statistics, small-packet test).\n",
+            "mwan's classifier costs {:.0} ns per forwarded packet (kernel BPF statistics, small-packet test).\n",
             f.bpf_udp.ns
         );
         let _ = writeln!(
@@ -1001,7 +1015,7 @@ fn markdown_forwarding(o: &mut String, f: &Forwarding) {
         o,
         "| variant | TCP bit/s | UDP received pps | UDP sent pps | connections/s |\n|---|---|---|---|---|"
     );
-    for v in ALL {
+    for v in compared(f) {
         let s = &f.samples[v.index()];
         for i in 0..s.tcp.len() {
             let _ = writeln!(

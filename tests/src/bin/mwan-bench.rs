@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
+use bench::variants::{Variant, LOADED};
 use bench::{
     busy, dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig,
     sysinfo,
@@ -200,6 +201,12 @@ fn run() -> Result<()> {
                 tcp_streams: 4,
                 udp_flows: 256,
                 cps_threads: 2,
+                // --quick: only the one with everything.
+                loaded: if q {
+                    vec![Variant::MwanAll]
+                } else {
+                    LOADED.to_vec()
+                },
             },
             &log,
         )?);
@@ -213,6 +220,7 @@ fn run() -> Result<()> {
                 tcp_streams: 4,
                 udp_flows: 256,
                 cps_threads: 2,
+                loaded: Vec::new(),
             },
             &log,
         )?);
