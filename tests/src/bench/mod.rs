@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod busy;
+pub mod busy_report;
 pub mod cost_table;
 pub mod dns;
 pub mod domains;

@@ -311,7 +311,7 @@ pub fn table(r: &Results) -> String {
         );
     }
     if let Some(b) = &r.busy {
-        super::busy::table(&mut o, b);
+        super::busy_report::table(&mut o, b);
     }
     if let Some(s) = &r.scale {
         let plain = summary(&s.rate_plain).median;
@@ -774,7 +774,7 @@ pub fn markdown(r: &Results) -> String {
         markdown_failover(&mut o, f);
     }
     if let Some(b) = &r.busy {
-        super::busy::markdown(&mut o, b);
+        super::busy_report::markdown(&mut o, b);
     }
     if let Some(s) = &r.scale {
         markdown_scale(&mut o, s);
@@ -878,7 +878,7 @@ fn markdown_summary(o: &mut String, r: &Results) {
         let _ = writeln!(o, "{line}");
     }
     if let Some(b) = &r.busy {
-        let _ = writeln!(o, "{}", super::busy::summary_line(b));
+        let _ = writeln!(o, "{}", super::busy_report::summary_line(b));
     }
     if let Some(s) = &r.scale {
         let _ = writeln!(
@@ -1312,7 +1312,12 @@ const METHOD: &str = "## Method
   (d) the real `mwan` binary with the lab's config (both ISPs, weight 1, every default);
   (e)–(i) mwan's pieces one at a time (section 1c): mwan is started with `--keep` and
   stopped, everything but the piece is removed (its nftables table, its ip rules, its
-  `clsact` qdisc), and plain routing through ISP 1 is added. Variants (a) and (b) run in a
+  `clsact` qdisc), and plain routing through ISP 1 is added;
+  (d+domains), (d+sticky), (d+scrape), (d+all): mwan with what a loaded router has, in the
+  same rounds as (d): a rule whose `domains_file` lists 50,000 names (the DNS relay runs),
+  `sticky = \"host\"`, `metrics_listen` with `/metrics` fetched every second while the
+  variant is set up (its measurement included), and all three (`--quick`: (d+all) only).
+  Variants (a) and (b) run in a
   lab whose router never had an ip rule, all others in a second, identical lab whose router
   has (the kernel routes through the rule list for good once a namespace has had one).
   The LAN bridge does not pass frames to netfilter (`bridge-nf-call-iptables = 0`, as on a
@@ -1345,6 +1350,9 @@ const METHOD: &str = "## Method
   documented defaults and the algorithms of `mwan3track` and `dpinger` step by step; they are
   arithmetic, not measurements, and leave out the time those tools then need to rewrite
   rules (mwan3's hotplug scripts, pfSense's filter reload).
+* **A busy router**: see section 3b (`mwan-bench --only busy`). The servers' ends of the
+  idle TCP connections wait in their listeners' accept queues and the clients' are held by
+  child processes of the bench, so no process needs more open files than its limit.
 * **Scale**: see section 4. **Footprint**: see section 5. **Rules by domain name**: see
   section 7 (`mwan-bench --only domains` runs it alone). **The DNS relay under load**: see
   section 8 (`mwan-bench --only dns`; Debian's `dnsperf`, latencies from its `-v` lines).

@@ -300,23 +300,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
             active.mwan = Some(m);
         }
         Variant::MwanDomains | Variant::MwanSticky | Variant::MwanScrape | Variant::MwanAll => {
-            let m = Mwan::start(lab, &loaded_config(lab, v)?)?;
-            m.wait_all_up(Duration::from_secs(15))?;
-            let (domains, sticky, scrape) = v.load();
-            let relay = m
-                .log()
-                .contains("DNS relay for rules by domain name started");
-            ensure!(
-                relay == domains,
-                "({}): the DNS relay runs: {relay}",
-                v.letter()
-            );
-            let host = m.status().sticky == "host";
-            ensure!(host == sticky, "({}): host pins: {host}", v.letter());
-            active.mwan = Some(m);
-            if scrape {
-                active.scraper = Some(Scraper::start(lab)?);
-            }
+            start_loaded(&mut active)?
         }
         Variant::Rules | Variant::NftTable | Variant::Classifier | Variant::NoNft => {
             let pieces = v.pieces().expect("a variant of pieces");
@@ -514,6 +498,30 @@ impl Drop for Active<'_> {
             eprintln!("bench: {e:#}");
         }
     }
+}
+
+/// Starts mwan as the loaded variant of `active` has it (and checks that
+/// it does: the DNS relay runs, host pins are on), and the scraper.
+fn start_loaded(active: &mut Active) -> Result<()> {
+    let (lab, v) = (active.lab, active.variant);
+    let m = Mwan::start(lab, &loaded_config(lab, v)?)?;
+    m.wait_all_up(Duration::from_secs(15))?;
+    let (domains, sticky, scrape) = v.load();
+    let relay = m
+        .log()
+        .contains("DNS relay for rules by domain name started");
+    ensure!(
+        relay == domains,
+        "({}): the DNS relay runs: {relay}",
+        v.letter()
+    );
+    let host = m.status().sticky == "host";
+    ensure!(host == sticky, "({}): host pins: {host}", v.letter());
+    active.mwan = Some(m);
+    if scrape {
+        active.scraper = Some(Scraper::start(lab)?);
+    }
+    Ok(())
 }
 
 /// The config of a loaded variant: the lab's, with `sticky = "host"`,
