@@ -535,8 +535,8 @@ fn flush_by_mark_deletes_exactly_the_marked_entries_of_a_family() {
     let ns = TestNs::new("ct-flush");
     // Entry i: IPv4 (IPv6 for every 1000th), mark WAN 1 or 2 in the mask,
     // every third also a bit outside it.
-    let mark = |i: u32| ((1 + i % 2) << 16) | if i % 3 == 0 { 0x42 } else { 0 };
-    let v6 = |i: u32| i % 1000 == 0;
+    let mark = |i: u32| ((1 + i % 2) << 16) | if i.is_multiple_of(3) { 0x42 } else { 0 };
+    let v6 = |i: u32| i.is_multiple_of(1000);
     ns.run(|| {
         let items: Vec<(u8, Vec<u8>)> = (0..N)
             .map(|i| {

@@ -31,6 +31,9 @@ pub struct Params {
     pub udp_flows: usize,
     /// Connection-opening threads per LAN host.
     pub cps_threads: usize,
+    /// The loaded variants of mwan measured in every test (of
+    /// [`variants::LOADED`]).
+    pub loaded: Vec<Variant>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -153,12 +156,14 @@ enum Test {
 }
 
 impl Test {
-    /// The variants a test runs: TCP bulk only those compared in section 1.
-    fn variants(self) -> Vec<Variant> {
+    /// The variants a test runs: TCP bulk only those compared in section 1
+    /// (and the loaded ones).
+    fn variants(self, p: &Params) -> Vec<Variant> {
         let mut v = match self {
             Test::Tcp => ALL.to_vec(),
             Test::Udp | Test::Cps => ALL.iter().chain(&PARTS).copied().collect(),
         };
+        v.extend(&p.loaded);
         if variants::base_bin().is_some() {
             v.push(Variant::MwanBase);
         }
@@ -174,12 +179,13 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
     let site = |v: Variant| &sites[usize::from(!v.pristine())];
     let mut samples = vec![Samples::default(); EVERY.len()];
     for round in 0..p.rounds {
+        let started = std::time::Instant::now();
         // One test at a time over all variants, so the measurements a ratio
         // compares are seconds apart; the order of the variants rotates
         // from round to round, so none always runs first (or after the
         // same neighbour).
         for test in [Test::Udp, Test::Tcp, Test::Cps] {
-            let list = test.variants();
+            let list = test.variants(p);
             for k in 0..list.len() {
                 sig::check()?;
                 let v = list[(round + k) % list.len()];
@@ -202,7 +208,12 @@ pub fn run(p: &Params, log: &dyn Fn(String)) -> Result<Forwarding> {
                 active.teardown()?;
             }
         }
-        let mut line = format!("  round {}/{}:", round + 1, p.rounds);
+        let mut line = format!(
+            "  round {}/{} ({:.0} s):",
+            round + 1,
+            p.rounds,
+            started.elapsed().as_secs_f64()
+        );
         for v in EVERY {
             let s = &samples[v.index()];
             if s.udp.is_empty() && s.tcp.is_empty() && s.cps.is_empty() {

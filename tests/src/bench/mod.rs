@@ -4,6 +4,8 @@
 //! `cargo xtask bench` (see BENCHMARKS.md for what it measures and how).
 
 pub mod bpf;
+pub mod busy;
+pub mod busy_report;
 pub mod cost_table;
 pub mod dns;
 pub mod domains;
@@ -12,6 +14,8 @@ pub mod footprint;
 pub mod forwarding;
 pub mod forwarding6;
 pub mod ha;
+pub mod held;
+pub mod loaded_table;
 pub mod profile;
 pub mod report;
 pub mod scale;

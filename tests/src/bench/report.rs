@@ -12,7 +12,7 @@ use super::ha::HaFailover;
 use super::scale::Scale;
 use super::stats::{percentile, ratios, si, summary, Summary};
 use super::sysinfo::Machine;
-use super::variants::{Variant, ALL};
+use super::variants::{Variant, ALL, LOADED};
 
 pub struct Results {
     pub date: String,
@@ -22,6 +22,8 @@ pub struct Results {
     /// IPv6 forwarding against plain IPv6 routing with NAT66.
     pub forwarding6: Option<Forwarding6>,
     pub failover: Option<Failover>,
+    /// A WAN with 100,000 connections fails.
+    pub busy: Option<super::busy::Busy>,
     pub scale: Option<Scale>,
     pub footprint: Option<Footprint>,
     /// The same with the metrics endpoint scraped every second.
@@ -90,10 +92,20 @@ fn forwarding6_rows(f: &Forwarding6) -> Vec<[String; 5]> {
         .collect()
 }
 
+/// The variants of sections 1 and 2 that were measured: the four ways,
+/// then the loaded mwan.
+fn compared(f: &Forwarding) -> Vec<Variant> {
+    ALL.iter()
+        .chain(LOADED.iter().filter(|v| f.params.loaded.contains(v)))
+        .copied()
+        .collect()
+}
+
 fn forwarding_rows(f: &Forwarding) -> Vec<FwdRow> {
     let base = &f.samples[Variant::Plain.index()];
-    ALL.iter()
-        .map(|&v| {
+    compared(f)
+        .into_iter()
+        .map(|v| {
             let s = &f.samples[v.index()];
             FwdRow {
                 variant: v,
@@ -225,7 +237,8 @@ pub fn table(r: &Results) -> String {
             "{:<50} {tcp_head:<30} {udp_head:<30} new connections",
             "variant"
         );
-        for (row, v) in forwarding_rows(f).iter().zip(ALL) {
+        for row in forwarding_rows(f) {
+            let v = row.variant;
             let s = &f.samples[v.index()];
             let label = format!("({}) {}", v.letter(), v.label());
             let tcp = si(summary(&s.tcp).median, "bit/s");
@@ -242,6 +255,7 @@ pub fn table(r: &Results) -> String {
             "mwan's classifier (kernel BPF run-time stats): {:.0} ns/packet in the UDP test, {:.0} ns/packet in the TCP test, {:.0} ns/packet while opening connections",
             f.bpf_udp.ns, f.bpf_tcp.ns, f.bpf_cps.ns
         );
+        super::loaded_table::table(&mut o, f);
         super::cost_table::table(&mut o, f, r.machine.cpus);
     }
     if let Some(f) = &r.forwarding6 {
@@ -295,6 +309,9 @@ pub fn table(r: &Results) -> String {
             o,
             "multipath route alone: never notices a silent upstream failure (∞); new connections hashed to the dead ISP keep failing"
         );
+    }
+    if let Some(b) = &r.busy {
+        super::busy_report::table(&mut o, b);
     }
     if let Some(s) = &r.scale {
         let plain = summary(&s.rate_plain).median;
@@ -756,6 +773,9 @@ pub fn markdown(r: &Results) -> String {
     if let Some(f) = &r.failover {
         markdown_failover(&mut o, f);
     }
+    if let Some(b) = &r.busy {
+        super::busy_report::markdown(&mut o, b);
+    }
     if let Some(s) = &r.scale {
         markdown_scale(&mut o, s);
     }
@@ -801,10 +821,12 @@ fn markdown_summary(o: &mut String, r: &Results) {
                 row.cps_ratio
             );
         }
+        o.push('\n');
+        super::loaded_table::markdown(o, f);
         let base = summary(&f.samples[Variant::Plain.index()].udp);
         let _ = writeln!(
             o,
-            "\nmwan's classifier costs {:.0} ns per forwarded packet (kernel BPF statistics, small-packet test).\n",
+            "mwan's classifier costs {:.0} ns per forwarded packet (kernel BPF statistics, small-packet test).\n",
             f.bpf_udp.ns
         );
         let _ = writeln!(
@@ -854,6 +876,9 @@ fn markdown_summary(o: &mut String, r: &Results) {
         }
         line += "; a multipath route never notices.\n";
         let _ = writeln!(o, "{line}");
+    }
+    if let Some(b) = &r.busy {
+        let _ = writeln!(o, "{}", super::busy_report::summary_line(b));
     }
     if let Some(s) = &r.scale {
         let _ = writeln!(
@@ -990,7 +1015,7 @@ fn markdown_forwarding(o: &mut String, f: &Forwarding) {
         o,
         "| variant | TCP bit/s | UDP received pps | UDP sent pps | connections/s |\n|---|---|---|---|---|"
     );
-    for v in ALL {
+    for v in compared(f) {
         let s = &f.samples[v.index()];
         for i in 0..s.tcp.len() {
             let _ = writeln!(
@@ -1287,7 +1312,12 @@ const METHOD: &str = "## Method
   (d) the real `mwan` binary with the lab's config (both ISPs, weight 1, every default);
   (e)–(i) mwan's pieces one at a time (section 1c): mwan is started with `--keep` and
   stopped, everything but the piece is removed (its nftables table, its ip rules, its
-  `clsact` qdisc), and plain routing through ISP 1 is added. Variants (a) and (b) run in a
+  `clsact` qdisc), and plain routing through ISP 1 is added;
+  (d+domains), (d+sticky), (d+scrape), (d+all): mwan with what a loaded router has, in the
+  same rounds as (d): a rule whose `domains_file` lists 50,000 names (the DNS relay runs),
+  `sticky = \"host\"`, `metrics_listen` with `/metrics` fetched every second while the
+  variant is set up (its measurement included), and all three (`--quick`: (d+all) only).
+  Variants (a) and (b) run in a
   lab whose router never had an ip rule, all others in a second, identical lab whose router
   has (the kernel routes through the rule list for good once a namespace has had one).
   The LAN bridge does not pass frames to netfilter (`bridge-nf-call-iptables = 0`, as on a
@@ -1320,6 +1350,9 @@ const METHOD: &str = "## Method
   documented defaults and the algorithms of `mwan3track` and `dpinger` step by step; they are
   arithmetic, not measurements, and leave out the time those tools then need to rewrite
   rules (mwan3's hotplug scripts, pfSense's filter reload).
+* **A busy router**: see section 3b (`mwan-bench --only busy`). The servers' ends of the
+  idle TCP connections wait in their listeners' accept queues and the clients' are held by
+  child processes of the bench, so no process needs more open files than its limit.
 * **Scale**: see section 4. **Footprint**: see section 5. **Rules by domain name**: see
   section 7 (`mwan-bench --only domains` runs it alone). **The DNS relay under load**: see
   section 8 (`mwan-bench --only dns`; Debian's `dnsperf`, latencies from its `-v` lines).

@@ -24,12 +24,24 @@
 //! * (h) (e) + mwan's classifier on the LAN (its marks route nothing);
 //! * (i) mwan without its nftables table: classifier and ip rules (the
 //!   marks route), NAT by a plain masquerade.
+//!
+//! And mwan as a loaded router has it (sections 1 and 2):
+//!
+//! * (d+domains) with a rule listing 50,000 names (`domains_file`);
+//! * (d+sticky) with `sticky = "host"`;
+//! * (d+scrape) with `metrics_listen` on and `/metrics` fetched every second
+//!   while the variant is set up (so during its measurement);
+//! * (d+all) with all three.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use lab::mwan::{config, Mwan};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, ensure, Context, Result};
+use lab::mwan::{config, config_with, Mwan};
 use lab::{Lab, TCP_WHOAMI};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +58,12 @@ pub enum Variant {
     /// mwan built from another revision (`MWAN_BENCH_BASE_BIN`), for an
     /// A/B comparison of the datapath in the same rounds.
     MwanBase,
+    /// mwan with a 50,000-name domain rule, host pins, its metrics scraped,
+    /// and all three.
+    MwanDomains,
+    MwanSticky,
+    MwanScrape,
+    MwanAll,
 }
 
 /// The ways compared in sections 1 and 2.
@@ -65,8 +83,22 @@ pub const PARTS: [Variant; 5] = [
     Variant::NoNft,
 ];
 
+/// mwan with what a loaded router has (sections 1 and 2).
+pub const LOADED: [Variant; 4] = [
+    Variant::MwanDomains,
+    Variant::MwanSticky,
+    Variant::MwanScrape,
+    Variant::MwanAll,
+];
+
+/// Names in the domain rule of (d+domains) and (d+all).
+pub const DOMAIN_NAMES: usize = 50_000;
+
+/// Where (d+scrape) and (d+all) serve their metrics (in the router).
+const METRICS_LISTEN: &str = "127.0.0.1:9849";
+
 /// Every variant, in the order of [`Variant::index`].
-pub const EVERY: [Variant; 10] = [
+pub const EVERY: [Variant; 14] = [
     Variant::Plain,
     Variant::Multipath,
     Variant::NftCtMark,
@@ -77,6 +109,10 @@ pub const EVERY: [Variant; 10] = [
     Variant::Classifier,
     Variant::NoNft,
     Variant::MwanBase,
+    Variant::MwanDomains,
+    Variant::MwanSticky,
+    Variant::MwanScrape,
+    Variant::MwanAll,
 ];
 
 /// The mwan binary of the A/B variant ([`Variant::MwanBase`]), if one is
@@ -98,6 +134,10 @@ impl Variant {
             Variant::Classifier => "h",
             Variant::NoNft => "i",
             Variant::MwanBase => "d0",
+            Variant::MwanDomains => "d+domains",
+            Variant::MwanSticky => "d+sticky",
+            Variant::MwanScrape => "d+scrape",
+            Variant::MwanAll => "d+all",
         }
     }
 
@@ -113,6 +153,10 @@ impl Variant {
             Variant::Classifier => "(e) + mwan's classifier (marks unused)",
             Variant::NoNft => "mwan without its nftables table (classifier + ip rules)",
             Variant::MwanBase => "mwan, base build (MWAN_BENCH_BASE_BIN)",
+            Variant::MwanDomains => "mwan + 50,000 names (domains_file)",
+            Variant::MwanSticky => "mwan + host pins (sticky = \"host\")",
+            Variant::MwanScrape => "mwan + /metrics scraped every 1 s",
+            Variant::MwanAll => "mwan + names, host pins, scraped",
         }
     }
 
@@ -144,6 +188,18 @@ impl Variant {
             _ => None,
         }
     }
+
+    /// What a loaded variant adds to (d): a domain rule, host pins, the
+    /// metrics endpoint scraped.
+    fn load(self) -> (bool, bool, bool) {
+        match self {
+            Variant::MwanDomains => (true, false, false),
+            Variant::MwanSticky => (false, true, false),
+            Variant::MwanScrape => (false, false, true),
+            Variant::MwanAll => (true, true, true),
+            _ => (false, false, false),
+        }
+    }
 }
 
 /// Which of what mwan installs a variant keeps.
@@ -171,6 +227,7 @@ pub struct Active<'l> {
     pub variant: Variant,
     pub mwan: Option<Mwan<'l>>,
     multipath_policy: Option<String>,
+    scraper: Option<Scraper>,
     torn_down: bool,
 }
 
@@ -182,6 +239,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
         variant: v,
         mwan: None,
         multipath_policy: None,
+        scraper: None,
         torn_down: false,
     };
     let n = lab.isp_count();
@@ -240,6 +298,9 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
             };
             m.wait_all_up(Duration::from_secs(15))?;
             active.mwan = Some(m);
+        }
+        Variant::MwanDomains | Variant::MwanSticky | Variant::MwanScrape | Variant::MwanAll => {
+            start_loaded(&mut active)?
         }
         Variant::Rules | Variant::NftTable | Variant::Classifier | Variant::NoNft => {
             let pieces = v.pieces().expect("a variant of pieces");
@@ -360,6 +421,11 @@ impl Active<'_> {
         let r = lab.router();
         let n = lab.isp_count();
         let mut errors = Vec::new();
+        if let Some(s) = self.scraper.take() {
+            if let Err(e) = s.stop() {
+                errors.push(e);
+            }
+        }
         if let Some(mut m) = self.mwan.take() {
             let stopped = if m.is_running() {
                 m.stop_with(libc::SIGTERM).map(drop)
@@ -399,7 +465,12 @@ impl Active<'_> {
                     errors.push(e);
                 }
             }
-            Variant::Mwan | Variant::MwanBase => {}
+            Variant::Mwan
+            | Variant::MwanBase
+            | Variant::MwanDomains
+            | Variant::MwanSticky
+            | Variant::MwanScrape
+            | Variant::MwanAll => {}
         }
         if let Some(old) = self.multipath_policy.take() {
             if let Err(e) = r.sysctls(&[("net.ipv4.fib_multipath_hash_policy", &old)]) {
@@ -427,4 +498,125 @@ impl Drop for Active<'_> {
             eprintln!("bench: {e:#}");
         }
     }
+}
+
+/// Starts mwan as the loaded variant of `active` has it (and checks that
+/// it does: the DNS relay runs, host pins are on), and the scraper.
+fn start_loaded(active: &mut Active) -> Result<()> {
+    let (lab, v) = (active.lab, active.variant);
+    let m = Mwan::start(lab, &loaded_config(lab, v)?)?;
+    m.wait_all_up(Duration::from_secs(15))?;
+    let (domains, sticky, scrape) = v.load();
+    let relay = m
+        .log()
+        .contains("DNS relay for rules by domain name started");
+    ensure!(
+        relay == domains,
+        "({}): the DNS relay runs: {relay}",
+        v.letter()
+    );
+    let host = m.status().sticky == "host";
+    ensure!(host == sticky, "({}): host pins: {host}", v.letter());
+    active.mwan = Some(m);
+    if scrape {
+        active.scraper = Some(Scraper::start(lab)?);
+    }
+    Ok(())
+}
+
+/// The config of a loaded variant: the lab's, with `sticky = "host"`,
+/// `metrics_listen` and a rule whose `domains_file` (written to the lab's
+/// directory once) lists [`DOMAIN_NAMES`] names, as `v` has them.
+fn loaded_config(lab: &Lab, v: Variant) -> Result<String> {
+    let (domains, sticky, scrape) = v.load();
+    let mut top = String::new();
+    if sticky {
+        top += "sticky = \"host\"\n";
+    }
+    if scrape {
+        top += &format!("metrics_listen = \"{METRICS_LISTEN}\"\n");
+    }
+    let mut rule = String::new();
+    if domains {
+        let list = lab.dir().join("bench-names.list");
+        if !list.exists() {
+            std::fs::write(&list, super::domains::names_file(DOMAIN_NAMES))?;
+        }
+        rule = format!(
+            "\n[[rule]]\nname = \"by name\"\ndomains_file = \"{}\"\nwans = [\"isp2\", \"isp1\"]\n",
+            list.display()
+        );
+    }
+    Ok(config_with(lab, &top, &|_| String::new(), &rule))
+}
+
+/// Fetches `/metrics` from the daemon once a second, in the router
+/// namespace, as a Prometheus server would, until stopped.
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Scraper {
+    fn start(lab: &Lab) -> Result<Scraper> {
+        let netns = std::fs::File::open(lab.router().path())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new().name("scraper".into()).spawn({
+            let (stop, ok) = (stop.clone(), ok.clone());
+            move || scrape(&netns, &stop, &ok)
+        })?;
+        Ok(Scraper {
+            stop,
+            ok,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the scraper: an error if a scrape failed or none was made.
+    fn stop(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let res = self.thread.take().expect("running").join();
+        res.map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
+        ensure!(
+            self.ok.load(Ordering::Relaxed) > 0,
+            "/metrics was not scraped"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn scrape(netns: &std::fs::File, stop: &AtomicBool, ok: &AtomicU64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor, for this thread only.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns into the router");
+    }
+    let addr = METRICS_LISTEN.parse().expect("valid address");
+    let mut next = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) && !super::sig::stopped() {
+        let r = lab::http::http_get(addr, "/metrics")?;
+        ensure!(
+            r.status == 200,
+            "/metrics answered {}: {}",
+            r.status,
+            r.text()
+        );
+        ok.fetch_add(1, Ordering::Relaxed);
+        next += Duration::from_secs(1);
+        while std::time::Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
 }

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
+use bench::variants::{Variant, LOADED};
 use bench::{
-    dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
+    busy, dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig,
+    sysinfo,
 };
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
@@ -24,7 +26,8 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
   --rounds N       rounds of the interleaved forwarding sections (default 10, --quick 3)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
-                   lab), failover, scale, footprint, ha, domains, dns
+                   lab), failover, busy (a WAN with 100,000 connections fails), scale,
+                   footprint, ha, domains, dns
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -39,10 +42,11 @@ struct Args {
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "forwarding",
     "forwarding6",
     "failover",
+    "busy",
     "scale",
     "footprint",
     "ha",
@@ -103,6 +107,17 @@ fn parse_args() -> Result<Option<Args>> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(bench::held::CHILD_ARG) {
+        // A child holding TCP connections for the busy-router section.
+        return match bench::held::child_main(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mwan-bench {}: {e:#}", bench::held::CHILD_ARG);
+                ExitCode::FAILURE
+            }
+        };
+    }
     sig::install();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,6 +171,7 @@ fn run() -> Result<()> {
         forwarding: None,
         forwarding6: None,
         failover: None,
+        busy: None,
         scale: None,
         footprint: None,
         footprint_scraped: None,
@@ -185,6 +201,12 @@ fn run() -> Result<()> {
                 tcp_streams: 4,
                 udp_flows: 256,
                 cps_threads: 2,
+                // --quick: only the one with everything.
+                loaded: if q {
+                    vec![Variant::MwanAll]
+                } else {
+                    LOADED.to_vec()
+                },
             },
             &log,
         )?);
@@ -198,6 +220,7 @@ fn run() -> Result<()> {
                 tcp_streams: 4,
                 udp_flows: 256,
                 cps_threads: 2,
+                loaded: Vec::new(),
             },
             &log,
         )?);
@@ -207,6 +230,18 @@ fn run() -> Result<()> {
         results.failover = Some(failover::run(
             if q { 5 } else { 20 },
             if q { 2 } else { 5 },
+            &log,
+        )?);
+    }
+    if want("busy") {
+        println!("\n3b. A busy router loses a WAN (100,000 connections)");
+        results.busy = Some(busy::run(
+            &busy::Params {
+                pairs: if q { 2 } else { 5 },
+                tcp: 50_000,
+                udp: 50_000,
+                isp2: 100,
+            },
             &log,
         )?);
     }
