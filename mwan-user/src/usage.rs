@@ -303,8 +303,16 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// One interface's line of `/proc/net/dev`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetDev {
+    pub bytes: Bytes,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
 /// The link's counters of every interface (`/proc/net/dev` text).
-pub fn parse_net_dev(text: &str) -> BTreeMap<String, Bytes> {
+pub fn parse_net_dev(text: &str) -> BTreeMap<String, NetDev> {
     text.lines()
         .skip(2)
         .filter_map(|l| {
@@ -313,9 +321,23 @@ pub fn parse_net_dev(text: &str) -> BTreeMap<String, Bytes> {
                 .split_whitespace()
                 .filter_map(|x| x.parse().ok())
                 .collect();
-            (v.len() >= 9).then(|| (name.trim().to_string(), Bytes { rx: v[0], tx: v[8] }))
+            if v.len() < 10 {
+                return None;
+            }
+            let dev = NetDev {
+                bytes: Bytes { rx: v[0], tx: v[8] },
+                rx_packets: v[1],
+                tx_packets: v[9],
+            };
+            Some((name.trim().to_string(), dev))
         })
         .collect()
+}
+
+/// [`parse_net_dev`] of the kernel's `/proc/net/dev` now (empty if it cannot
+/// be read).
+pub fn net_dev() -> BTreeMap<String, NetDev> {
+    parse_net_dev(&std::fs::read_to_string("/proc/net/dev").unwrap_or_default())
 }
 
 /// The IPv6 layer's (bytes, packets) of one interface (`dev_snmp6` text).
@@ -521,12 +543,16 @@ mod tests {
         let m = parse_net_dev(dev);
         assert_eq!(
             m["wan2"],
-            Bytes {
-                rx: 9_876_543,
-                tx: 123_456
+            NetDev {
+                bytes: Bytes {
+                    rx: 9_876_543,
+                    tx: 123_456
+                },
+                rx_packets: 12_000,
+                tx_packets: 900,
             }
         );
-        assert_eq!(m["lo"], Bytes { rx: 128, tx: 128 });
+        assert_eq!(m["lo"].bytes, Bytes { rx: 128, tx: 128 });
         let snmp = "ifIndex\t5\nIp6InReceives\t7\nIp6OutRequests\t3\nIp6OutForwDatagrams\t2\nIp6InOctets\t700\nIp6OutOctets\t500\nIp6OutTransmits\t6\n";
         assert_eq!(
             parse_snmp6(snmp),

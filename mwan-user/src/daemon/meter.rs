@@ -227,12 +227,11 @@ fn check(w: &config::Wan, u: &mut WanUsage) -> Vec<Notice> {
 /// The counters of each WAN's interface now (by WAN name), with its link
 /// header length; WANs whose interface is missing have none.
 pub fn read_counters(wans: &[WanRt]) -> BTreeMap<String, (Counters, u64)> {
-    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
-    let links = usage::parse_net_dev(&dev);
+    let links = usage::net_dev();
     wans.iter()
         .filter_map(|w| {
             let iface = &w.cfg.interface;
-            let link = *links.get(iface)?;
+            let link = links.get(iface)?.bytes;
             let sys = |f: &str| std::fs::read_to_string(format!("/sys/class/net/{iface}/{f}"));
             let ifindex: u32 = sys("ifindex").ok()?.trim().parse().ok()?;
             // ARPHRD_ETHER (1): a 14-byte header on every frame.

@@ -137,22 +137,6 @@ impl FlowCounts {
 }
 
 /// rx/tx counters of every interface in this network namespace, from
-/// /proc/net/dev: (rx_bytes, rx_packets, tx_bytes, tx_packets).
-fn interface_counters() -> BTreeMap<String, (u64, u64, u64, u64)> {
-    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
-    text.lines()
-        .skip(2)
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(':')?;
-            let v: Vec<u64> = rest
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (v.len() >= 10).then(|| (name.trim().to_string(), (v[0], v[1], v[8], v[9])))
-        })
-        .collect()
-}
-
 /// What the daemon reports beyond its inputs: counts, times, the metrics
 /// listener.
 pub struct Report {
@@ -213,7 +197,7 @@ impl Daemon {
                 .collect()
         };
         let (shares, shares6) = (shares(Family::Ipv4), shares(Family::Ipv6));
-        let ifstats = interface_counters();
+        let ifstats = crate::usage::net_dev();
         let now = SystemTime::now();
         let week = crate::clock::LocalTime::now().week_secs();
         let held = self.held_back(week);
@@ -223,8 +207,7 @@ impl Daemon {
             .map(|w| {
                 let m = w.family(w.judged_by(Family::Ipv4)).machine.measurements();
                 let c = counters.get(w.id as usize).copied().unwrap_or_default();
-                let (rxb, rxp, txb, txp) =
-                    ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
+                let dev = ifstats.get(&w.cfg.interface).copied().unwrap_or_default();
                 let since = w.family(w.judged_by(Family::Ipv4)).since;
                 let mut st = WanStatus {
                     name: w.cfg.name.clone(),
@@ -250,10 +233,10 @@ impl Daemon {
                     new_flows: c.flows,
                     lan_packets: c.packets,
                     lan_bytes: c.bytes,
-                    rx_bytes: rxb,
-                    rx_packets: rxp,
-                    tx_bytes: txb,
-                    tx_packets: txp,
+                    rx_bytes: dev.bytes.rx,
+                    rx_packets: dev.rx_packets,
+                    tx_bytes: dev.bytes.tx,
+                    tx_packets: dev.tx_packets,
                     connections: self.facts.of(&w.cfg.name),
                     ..WanStatus::default()
                 };
