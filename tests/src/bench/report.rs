@@ -1270,23 +1270,31 @@ fn markdown_footprint(o: &mut String, f: &Footprint, scraped: Option<&Footprint>
 /// run, and what it did to the figures (kept by hand, with the code).
 const CHANGES: &str = "## Changes since the previous run
 
-The previous run was on another machine, about three times faster (its baseline forwarded
-657 kpps of small UDP packets, this one 223 kpps), so only the ratios compare; the
-classifier's nanoseconds (81 then, 255 now) scale with the machine.
-
-* **IPv6**: the classifier dispatches on the ethertype before parsing (IPv4 or IPv6, each
-  its own parser), every flow of both families goes through one generic classification,
-  and mwan's nftables table is now `inet mwan` (both families, NAT66 and NPT). Measured
-  against the previous run: TCP bulk 0.99 → 0.96, small UDP packets 0.89 → 0.88, new
-  connections 0.93 → 0.89. The UDP change is inside this run's noise (the baseline moved
-  -5 % to +10 % between rounds); TCP and new connections went down a few points, the way
-  the larger `inet` table (one more family check per rule on connection setup) and the
-  bigger program (3,854 instructions instead of 1,239: the second family is compiled in)
-  predict. A same-machine A/B of the per-packet path of an established IPv4 flow
-  (`BPF_PROG_TEST_RUN`, 6 alternating rounds of 5 × 1M runs, old and new object) found
-  no change: 117–123 ns before, 118–126 ns after; an IPv6 packet takes 135–144 ns there.
-* New rows: IPv6 forwarding against plain IPv6 routing with NAT66 (section 1b), and a
-  rule with 50,000 names against no domain rule (section 7).
+* **A known connection's packets are decided once** (issue 18). Before, every packet of
+  an established connection was decided twice: by the classifier's pin lookup and by
+  nftables' ct-mark restore in `prerouting`, a chain every packet passed. Now the
+  classifier reads conntrack's record itself, and only when its pin is missing (the
+  kernel's `bpf_skb_ct_lookup`/`bpf_ct_release` kfuncs; the restore chain is kept only for
+  kernels without them); replies get their WAN's mark from a small tc program on the WAN
+  side; the record is written by the nat chains, which only a connection's first packet
+  passes. The kernel profile of section 1c shows what went: nftables' share of a small UDP
+  packet fell from about 790–880 ns with the base build (d0, the previous revision, in the
+  same rounds) to about the baseline's own (its NAT chains). The classifier itself is
+  unchanged: a same-machine A/B of the per-packet path of an established IPv4 flow
+  (`BPF_PROG_TEST_RUN`, 6 alternating rounds of 5 × 1M runs, old and new object) measured
+  83–85 ns before and 84 ns after (IPv6 101–102 ns). Its floor there is the test run's own
+  27 ns, 15 ns of parsing and 29 ns for the flow map's lookup; halving it would mean not
+  looking the flow up, i.e. not pinning flows, so that goal of issue 18 is not met.
+* **What is left between mwan and plain routing is the ip rules.** Once a namespace has
+  had an ip rule, the kernel walks the rule list for every packet and checks every
+  forwarded packet's source with a full reverse lookup (section 1c: (e) against (a)); the
+  nftables balancer (c) pays the same, and no rule-based design avoids it. Small-packet
+  ratios of 0.97 of plain routing are therefore out of reach for any policy-routing
+  balancer on this kernel; mwan now pays for routing by mark what (c) pays, and less in
+  nftables.
+* New rows: mwan with 50,000 domain names, host pins and its metrics scraped every second
+  (sections 1 and 2), a busy router losing a WAN with 100,000 connections (section 3b),
+  the DNS relay under dnsperf (section 8) and passive failover (section 3c).
 
 ";
 
