@@ -172,7 +172,7 @@ fn use_up_the_allowance(lab: &Lab, mwan: &Mwan, hooks: &std::path::Path) {
         .host(0)
         .open_stream(SocketAddrV4::new(SERVER2, BULK_PORT))
         .expect("a download");
-    assert_eq!(isp_of(&lab, bulk.source()), 2);
+    assert_eq!(isp_of(lab, bulk.source()), 2);
     let mut first_seen: Vec<(u8, u64)> = Vec::new();
     let done = wait_until(Duration::from_secs(30), || {
         let s = mwan.status();
@@ -209,10 +209,10 @@ fn use_up_the_allowance(lab: &Lab, mwan: &Mwan, hooks: &std::path::Path) {
         .collect();
     assert_eq!(quota_events, ["75%", "95%", "100%"], "{:?}", s.events);
     assert!(wait_until(Duration::from_secs(5), || {
-        std::fs::read_to_string(&hooks)
+        std::fs::read_to_string(hooks)
             .is_ok_and(|t| t.lines().filter(|l| l.starts_with("quota ")).count() == 3)
     }));
-    let lines: Vec<String> = std::fs::read_to_string(&hooks)
+    let lines: Vec<String> = std::fs::read_to_string(hooks)
         .unwrap()
         .lines()
         .filter(|l| l.starts_with("quota "))
@@ -239,12 +239,12 @@ fn a_used_up_wan_is_a_backup(lab: &Lab, mwan: &Mwan) {
         u.effect
     );
     assert_eq!(isp2.share, 0.0);
-    assert_eq!(isps_to(&lab, server2, 6), vec![1; 6]);
+    assert_eq!(isps_to(lab, server2, 6), vec![1; 6]);
     // ISP 1 dies: the used-up line is the backup again.
     lab.isp(1).set_blackhole(true).unwrap();
-    wait_state(&mwan, "isp1", "down");
-    assert_eq!(isps_to(&lab, server2, 4), vec![2; 4]);
-    assert_eq!(isps_to(&lab, TCP_WHOAMI, 4), vec![2; 4]);
+    wait_state(mwan, "isp1", "down");
+    assert_eq!(isps_to(lab, server2, 4), vec![2; 4]);
+    assert_eq!(isps_to(lab, TCP_WHOAMI, 4), vec![2; 4]);
     assert!(
         !wan(&mwan.status(), "isp2")
             .usage
@@ -253,8 +253,8 @@ fn a_used_up_wan_is_a_backup(lab: &Lab, mwan: &Mwan) {
             .held_back
     );
     lab.isp(1).set_blackhole(false).unwrap();
-    wait_state(&mwan, "isp1", "up");
-    assert_eq!(isps_to(&lab, server2, 4), vec![1; 4]);
+    wait_state(mwan, "isp1", "up");
+    assert_eq!(isps_to(lab, server2, 4), vec![1; 4]);
 }
 
 /// The usage survives a reload and a restart, and the bytes of the time
@@ -264,15 +264,15 @@ fn usage_survives_a_reload_and_a_restart(lab: &Lab, mwan: &mut Mwan) -> u64 {
     let server2 = SERVER2_WHOAMI;
     // The usage survives a reload and a restart, and the bytes of the
     // time between (the router's own download through ISP 2) count.
-    let before = used(&mwan, "isp2");
+    let before = used(mwan, "isp2");
     mwan.cli_ok(&["reload"]).unwrap();
-    assert!(used(&mwan, "isp2") >= before);
+    assert!(used(mwan, "isp2") >= before);
     mwan.cli_ok(&["stop"]).unwrap();
     let proc = mwan.forget().unwrap();
     assert!(proc
         .wait_timeout(Duration::from_secs(10))
         .is_some_and(|s| s.success()));
-    let stopped_at = used_from_file(&lab);
+    let stopped_at = used_from_file(lab);
     let wan2 = IpAddr::V4(lab.isp(2).router_addr().addr());
     let own = lab
         .router()
@@ -282,7 +282,7 @@ fn usage_survives_a_reload_and_a_restart(lab: &Lab, mwan: &mut Mwan) -> u64 {
     let own = own.close();
     mwan.launch(&[]).unwrap();
     mwan.wait_all_up(UP).unwrap();
-    let after = settled(&mwan, "isp2");
+    let after = settled(mwan, "isp2");
     println!(
         "stopped at {stopped_at}, {} downloaded meanwhile, {after} after the restart",
         own.bytes
@@ -295,7 +295,7 @@ fn usage_survives_a_reload_and_a_restart(lab: &Lab, mwan: &mut Mwan) -> u64 {
     let u = wan(&mwan.status(), "isp2").usage.clone().unwrap();
     assert!(u.exhausted && u.reached_pct == [75, 95, 100], "{u:?}");
     assert_eq!(
-        isps_to(&lab, server2, 4),
+        isps_to(lab, server2, 4),
         vec![1; 4],
         "still used up after the restart"
     );
