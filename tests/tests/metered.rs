@@ -463,7 +463,11 @@ fn failback_drain_moves_what_went_to_the_backup_back_after_failback_after() {
     assert!(wait_until(Duration::from_secs(3), || early.bytes() > b + 100_000));
     assert_eq!(early.end(), None);
     assert_eq!(isp_of(&lab, early.source()), 2);
-    let f = wan(&mwan.status(), "isp1").connections.clone();
+    // The drain records its facts once its last batch has moved
+    // (`failback_spread` after its first).
+    let facts = || wan(&mwan.status(), "isp1").connections.clone();
+    assert!(wait_until(Duration::from_secs(5), || facts().failback_drains > 0));
+    let f = facts();
     println!("isp1's facts: {f:?}");
     assert_eq!(f.failback_drains, 1, "{f:?}");
     assert!(f.failback_drained_flows >= 2, "{f:?}");
