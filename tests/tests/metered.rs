@@ -466,7 +466,9 @@ fn failback_drain_moves_what_went_to_the_backup_back_after_failback_after() {
     // The drain records its facts once its last batch has moved
     // (`failback_spread` after its first).
     let facts = || wan(&mwan.status(), "isp1").connections.clone();
-    assert!(wait_until(Duration::from_secs(5), || facts().failback_drains > 0));
+    assert!(wait_until(Duration::from_secs(5), || facts()
+        .failback_drains
+        > 0));
     let f = facts();
     println!("isp1's facts: {f:?}");
     assert_eq!(f.failback_drains, 1, "{f:?}");

@@ -23,4 +23,5 @@ pub mod sig;
 pub mod stats;
 pub mod sysinfo;
 pub mod traffic;
+pub mod update;
 pub mod variants;

@@ -15,7 +15,7 @@ use bench::traffic::Window;
 use bench::variants::{Variant, LOADED};
 use bench::{
     busy, dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig,
-    sysinfo,
+    sysinfo, update,
 };
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
@@ -25,6 +25,8 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
   --out FILE       where to write the Markdown report (default: BENCHMARKS.md
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
   --rounds N       rounds of the interleaved forwarding sections (default 10, --quick 3)
+  --update FILE    with --only: put the sections measured into the report FILE in place
+                   of their old text (the header says which, and when)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
                    lab), failover, busy (a WAN with 100,000 connections fails), scale,
                    footprint, ha, domains, dns
@@ -37,6 +39,8 @@ struct Args {
     rounds: Option<usize>,
     out: PathBuf,
     sections: Vec<String>,
+    /// `--update FILE`: the measured sections go into this report.
+    update: Option<PathBuf>,
 }
 
 /// Nice value of the bench (inherited by the mwan daemons it starts).
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Option<Args>> {
     let mut quick = false;
     let mut rounds = None;
     let mut out = None;
+    let mut update = None;
     let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -72,6 +77,7 @@ fn parse_args() -> Result<Option<Args>> {
                     })?);
             }
             "--out" => out = Some(PathBuf::from(it.next().unwrap_or_default())),
+            "--update" => update = Some(PathBuf::from(it.next().unwrap_or_default())),
             "--only" => {
                 sections = it
                     .next()
@@ -103,6 +109,7 @@ fn parse_args() -> Result<Option<Args>> {
         rounds,
         out,
         sections,
+        update,
     }))
 }
 
@@ -296,7 +303,15 @@ fn run() -> Result<()> {
     results.total_secs = started.elapsed().as_secs_f64();
     results.background = sysinfo::background_share(cpu0, sysinfo::cpu_sample());
     println!("\n{}", report::table(&results));
-    let md = report::markdown(&results);
+    let mut md = report::markdown(&results);
+    if let Some(into) = &args.update {
+        let old = std::fs::read_to_string(into)
+            .map_err(|e| anyhow::anyhow!("--update {}: {e}", into.display()))?;
+        let when = sysinfo::utc_now();
+        md = update::merge(&old, &md, &when);
+        std::fs::write(into, &md)?;
+        println!("updated {}", into.display());
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }

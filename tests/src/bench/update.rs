@@ -1,0 +1,98 @@
+//! `mwan-bench --only SECTIONS --update FILE`: measures some sections again
+//! and puts them into an existing report in place of their old text, saying
+//! so in the report's header. The rest of the report stays as it was
+//! measured.
+
+/// A report's top-level blocks: the text before the first `## ` heading,
+/// then one block per heading (the heading line and what follows it).
+fn blocks(md: &str) -> (String, Vec<String>) {
+    let mut head = String::new();
+    let mut out: Vec<String> = Vec::new();
+    for line in md.split_inclusive('\n') {
+        if line.starts_with("## ") {
+            out.push(String::new());
+        }
+        match out.last_mut() {
+            Some(b) => b.push_str(line),
+            None => head.push_str(line),
+        }
+    }
+    (head, out)
+}
+
+/// The number of a numbered section's heading (`## 3c. Passive …` → `3c`).
+fn number(block: &str) -> Option<&str> {
+    let rest = block.strip_prefix("## ")?;
+    let n = rest.split(['.', ' ']).next()?;
+    n.starts_with(|c: char| c.is_ascii_digit()).then_some(n)
+}
+
+/// The line of the header that says which sections were measured later.
+const LATER: &str = "Measured again in a later run";
+
+/// `old` with the numbered sections of `new` in place of its own (a new
+/// section goes before "Changes since the previous run", or at the end),
+/// and a line in the header naming them and `when` they were measured.
+pub fn merge(old: &str, new: &str, when: &str) -> String {
+    let (mut head, mut have) = blocks(old);
+    let (_, fresh) = blocks(new);
+    let mut names = Vec::new();
+    for b in fresh.into_iter().filter(|b| number(b).is_some()) {
+        let n = number(&b).unwrap_or_default().to_string();
+        match have.iter().position(|h| number(h) == Some(n.as_str())) {
+            Some(i) => have[i] = b,
+            None => {
+                let at = have
+                    .iter()
+                    .position(|h| h.starts_with("## Changes") || h.starts_with("## Method"))
+                    .unwrap_or(have.len());
+                have.insert(at, b);
+            }
+        }
+        names.push(n);
+    }
+    let kept: String = head
+        .split_inclusive('\n')
+        .filter(|l| !l.starts_with(LATER))
+        .collect();
+    head = kept;
+    if !names.is_empty() {
+        let line = format!(
+            "{LATER} ({when}, same machine, `mwan-bench --only … --update`): section {}; every other figure is from the run above.\n\n",
+            names.join(", ")
+        );
+        // After the generated-by line and its blank line.
+        let at = head.find("\n\n").map(|i| i + 2).unwrap_or(head.len());
+        head.insert_str(at, &line);
+    }
+    head + &have.concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "# mwan benchmarks\n\nGenerated on day 1.\n\nEvery figure...\n\n## Summary\n\nold summary\n\n## 3. Failover\n\nold 3\n\n## 3b. Busy\n\nold 3b\n\n## Changes since the previous run\n\nchanges\n\n## Method\n\nmethod\n";
+
+    #[test]
+    fn replaces_and_inserts_numbered_sections_only() {
+        let new = "# mwan benchmarks\n\nGenerated on day 2.\n\n## Summary\n\nnew summary\n\n## 3b. Busy\n\nnew 3b\n\n## 3c. Passive\n\nnew 3c\n\n## Method\n\nnew method\n";
+        let m = merge(OLD, new, "day 2");
+        assert!(
+            m.contains("old summary") && !m.contains("new summary"),
+            "{m}"
+        );
+        assert!(m.contains("old 3\n") && m.contains("new 3b") && !m.contains("old 3b"));
+        assert!(m.find("new 3c").unwrap() < m.find("## Changes").unwrap());
+        assert!(m.contains("method\n") && !m.contains("new method"));
+        assert!(m.contains("Generated on day 1."));
+        assert!(
+            m.contains("(day 2, same machine, `mwan-bench --only … --update`): section 3b, 3c;")
+        );
+        // Merging again replaces the header line, not adds one.
+        let again = merge(&m, new, "day 3");
+        assert_eq!(again.matches(LATER).count(), 1, "{again}");
+        assert!(again.contains("day 3"));
+        assert_eq!(again.matches("new 3c").count(), 1);
+    }
+}
