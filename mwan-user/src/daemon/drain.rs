@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
-use mwan_common::{map,
-    FlowValue, HostKey, HostValue, Policy, DEFAULT_POLICY, HOST_KEY_IPV4, HOST_KEY_IPV6,
+use mwan_common::{
+    map, FlowValue, HostKey, HostValue, Policy, DEFAULT_POLICY, HOST_KEY_IPV4, HOST_KEY_IPV6,
     HOST_KEY_MAC, SLOTS, WAN_NONE,
 };
 use tracing::{info, warn};

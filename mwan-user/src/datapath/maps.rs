@@ -15,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::Pod;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::*;
@@ -464,6 +464,36 @@ impl Maps {
                     }))
             })
             .collect()
+    }
+
+    /// WAN `id`'s handshake counters of family `f` summed over CPUs, their
+    /// destination sets ORed; the sets are cleared (they hold what came
+    /// since the previous read). A datapath update between the read and
+    /// the clear may be lost: the counters are statistics.
+    pub fn take_passive(&mut self, f: Family, id: u8) -> Result<PassiveCounters> {
+        let i = passive_index(id as u32, f == Family::Ipv6);
+        let per_cpu = self.passive.get(&i, 0)?;
+        let mut sum = PassiveCounters::default();
+        for c in per_cpu.iter() {
+            sum.syns += c.syns;
+            sum.answered += c.answered;
+            sum.retransmits += c.retransmits;
+            sum.handshake_ns += c.handshake_ns;
+            sum.syn_dsts |= c.syn_dsts;
+            sum.answered_dsts |= c.answered_dsts;
+        }
+        if sum.syn_dsts | sum.answered_dsts != 0 {
+            let cleared: Vec<PassiveCounters> = per_cpu
+                .iter()
+                .map(|c| PassiveCounters {
+                    syn_dsts: 0,
+                    answered_dsts: 0,
+                    ..*c
+                })
+                .collect();
+            self.passive.set(i, PerCpuValues::try_from(cleared)?, 0)?;
+        }
+        Ok(sum)
     }
 
     /// `GLOBAL_STATS` summed over CPUs, by index (see [`COUNTERS`]).

@@ -57,16 +57,7 @@ pub struct Counters {
     pub answered_dsts: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PassiveConfig {
-    pub enabled: bool,
-    /// The shortest time a handshake may take before it counts as
-    /// unanswered.
-    pub timeout: Duration,
-    /// Distinct destinations with unanswered handshakes before the probes
-    /// are asked to confirm.
-    pub min_destinations: u32,
-}
+pub use crate::config::PassiveConfig;
 
 /// Why the detector suspects the WAN.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,7 +74,7 @@ impl std::fmt::Display for Suspicion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} new connections to {} destinations unanswered for {} ms",
+            "{} handshakes to {} destinations unanswered for {} ms",
             self.unanswered,
             self.destinations,
             self.waited.as_millis()
