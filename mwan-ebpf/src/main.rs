@@ -792,11 +792,9 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
             if flow.moved_from == WAN_NONE {
                 flow.moved_from = old;
             }
-            if flow.flags & (FLOW_SYN | FLOW_ANSWERED) == FLOW_SYN {
-                // An unanswered handshake tries the new WAN from now.
-                flow.first_seen_ns = unsafe { bpf_ktime_get_ns() };
-                count_syn::<F>(new, &pkt.key);
-            }
+            // An unanswered handshake is no longer timed: its time on the
+            // new WAN would include the wait on the dead one.
+            flow.flags &= !FLOW_SYN;
             if let Some(wan) = alive_wan(F::wans(), new) {
                 account(new, pkt.len, true);
                 set_mark(ctx, settings, wan.mark);

@@ -473,15 +473,7 @@ impl Maps {
     pub fn take_passive(&mut self, f: Family, id: u8) -> Result<PassiveCounters> {
         let i = passive_index(id as u32, f == Family::Ipv6);
         let per_cpu = self.passive.get(&i, 0)?;
-        let mut sum = PassiveCounters::default();
-        for c in per_cpu.iter() {
-            sum.syns += c.syns;
-            sum.answered += c.answered;
-            sum.retransmits += c.retransmits;
-            sum.handshake_ns += c.handshake_ns;
-            sum.syn_dsts |= c.syn_dsts;
-            sum.answered_dsts |= c.answered_dsts;
-        }
+        let sum = sum_passive(&per_cpu);
         if sum.syn_dsts | sum.answered_dsts != 0 {
             let cleared: Vec<PassiveCounters> = per_cpu
                 .iter()
@@ -494,6 +486,13 @@ impl Maps {
             self.passive.set(i, PerCpuValues::try_from(cleared)?, 0)?;
         }
         Ok(sum)
+    }
+
+    /// WAN `id`'s handshake counters of family `f` summed over CPUs (the
+    /// destination sets left as they are).
+    pub fn passive_counters(&self, f: Family, id: u8) -> Result<PassiveCounters> {
+        let i = passive_index(id as u32, f == Family::Ipv6);
+        Ok(sum_passive(&self.passive.get(&i, 0)?))
     }
 
     /// `GLOBAL_STATS` summed over CPUs, by index (see [`COUNTERS`]).
@@ -764,6 +763,20 @@ fn sync_trie<N: TrieNet, V: Pod + PartialEq>(
             .with_context(|| format!("writing {name}[{net}]"))?;
     }
     Ok(())
+}
+
+/// Per-CPU handshake counters summed, their destination sets ORed.
+fn sum_passive(per_cpu: &PerCpuValues<PassiveCounters>) -> PassiveCounters {
+    per_cpu
+        .iter()
+        .fold(PassiveCounters::default(), |a, c| PassiveCounters {
+            syns: a.syns + c.syns,
+            answered: a.answered + c.answered,
+            retransmits: a.retransmits + c.retransmits,
+            handshake_ns: a.handshake_ns + c.handshake_ns,
+            syn_dsts: a.syn_dsts | c.syn_dsts,
+            answered_dsts: a.answered_dsts | c.answered_dsts,
+        })
 }
 
 #[cfg(test)]
