@@ -577,6 +577,91 @@ mod tests {
         fn link(&mut self, usable: bool, reason: &str) -> Option<Transition> {
             self.m.on_link(usable, reason, self.now)
         }
+
+        /// A burst confirming a passive suspicion, answered or not.
+        fn burst(&mut self, answered: bool) -> Option<Transition> {
+            let rtt = answered.then_some(20.0);
+            let mut r = report(self.seq, &[rtt, rtt], self.cfg.quorum);
+            r.burst = Some("9 handshakes to 9 destinations unanswered for 260 ms".into());
+            self.seq += 1;
+            self.m.on_round(&r, self.now)
+        }
+    }
+
+    #[test]
+    fn a_failed_burst_takes_the_wan_down_at_once_and_an_answered_one_changes_nothing() {
+        let mut s = Sim::up(defaults());
+        s.rounds(3, Sim::good);
+        assert!(s.burst(true).is_none());
+        let m = s.m.measurements();
+        assert_eq!((m.rounds, m.bad_streak), (4, 0), "a burst is no round");
+        let t = s.burst(false).expect("down");
+        assert_eq!((t.from, t.to), (State::Up, State::Down));
+        assert!(
+            t.reason.starts_with("passive: 9 handshakes"),
+            "{}",
+            t.reason
+        );
+        assert!(
+            t.reason.ends_with("a burst of probes failed too"),
+            "{}",
+            t.reason
+        );
+        // Down already: another failed burst says nothing; the return is
+        // the usual one (up_after good rounds after hold_down).
+        assert!(s.burst(false).is_none());
+        assert!(
+            s.rounds(DEFAULT_UP_AFTER as usize, Sim::good).is_empty(),
+            "before hold_down"
+        );
+        s.now += s.cfg.hold_down;
+        assert_eq!(s.good().map(|t| t.to), Some(State::Up));
+    }
+
+    #[test]
+    fn slow_handshakes_or_syn_retransmits_degrade_like_rtt_and_loss() {
+        let cfg = HealthConfig {
+            max_rtt: Some(ms(50.0)),
+            max_loss: Some(10.0),
+            ..defaults()
+        };
+        let mut s = Sim::up(cfg);
+        let slow = PassiveMeasurements {
+            handshakes: 40,
+            syns: 40,
+            handshake_ms: Some(80.0),
+            retransmit_pct: Some(0.0),
+        };
+        // Judged at once (no probe window needed): the handshakes are enough.
+        let t = s.m.on_passive(slow, s.now).expect("degraded");
+        assert_eq!(t.to, State::Degraded);
+        assert!(
+            t.reason
+                .contains("passive: handshakes 80.0 ms above 50.0 ms"),
+            "{}",
+            t.reason
+        );
+        let fine = PassiveMeasurements {
+            handshake_ms: Some(10.0),
+            ..slow
+        };
+        assert_eq!(s.m.on_passive(fine, s.now).map(|t| t.to), Some(State::Up));
+        let lossy = PassiveMeasurements {
+            retransmit_pct: Some(30.0),
+            ..fine
+        };
+        let t = s.m.on_passive(lossy, s.now).expect("degraded");
+        assert!(
+            t.reason.contains("passive: SYN retransmits 30.0%"),
+            "{}",
+            t.reason
+        );
+        // Too few handshakes measure nothing.
+        assert_eq!(
+            s.m.on_passive(PassiveMeasurements::default(), s.now)
+                .map(|t| t.to),
+            Some(State::Up)
+        );
     }
 
     /// SplitMix64: a small seeded PRNG for reproducible random loss.
