@@ -229,7 +229,7 @@ fn a_scan_and_a_dead_destination_take_no_wan_down() {
     destinations(&lab);
     let mwan = start(&lab, &config_with(&lab, SLOW, &|_| String::new(), ""));
     let scan = |k: usize| -> SocketAddr {
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             SocketAddr::new(
                 Ipv4Addr::new(203, 0, 113, 128 + (k / 2 % 125) as u8).into(),
                 443,

@@ -12,6 +12,7 @@ pub mod footprint;
 pub mod forwarding;
 pub mod forwarding6;
 pub mod ha;
+pub mod passive;
 pub mod profile;
 pub mod report;
 pub mod scale;

@@ -30,6 +30,8 @@ pub struct Results {
     pub domains: Option<Domains>,
     /// The DNS relay under load.
     pub dns: Option<DnsRelay>,
+    /// Passive health: failover under traffic, and the soak under loss.
+    pub passive: Option<super::passive::Passive>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -377,6 +379,13 @@ pub fn table(r: &Results) -> String {
             "  during a flood from another host: {} q/s lookups answered {} (off) vs {} (on), p99 {} vs {}",
             d.params.victim_rate, f.off_success, f.on_success, f.off_p99, f.on_p99
         );
+    }
+    if let Some(p) = &r.passive {
+        let _ = writeln!(
+            o,
+            "\nPassive health: failover under traffic (p50, p95), soak under loss"
+        );
+        o.push_str(&super::passive::markdown(p));
     }
     o
 }
@@ -767,6 +776,15 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(d) = &r.domains {
         markdown_domains(&mut o, d);
+    }
+    if let Some(p) = &r.passive {
+        let _ = writeln!(o, "## 9. Passive health\n");
+        let _ = writeln!(
+            o,
+            "A silent upstream blackhole of the primary (ISP 1; ISP 2 is the backup) while a LAN host opens connections continuously (16 threads, 64 destinations, each attempt bounded by 700 ms); `hold_down = \"1s\"` in every variant. Failover: from the blackhole to the first new connection answered through ISP 2 (as in section 3). `passive = false` is the probes alone. The soak runs the defaults with the same traffic (`mwan-bench --soak-secs`).\n"
+        );
+        o.push_str(&super::passive::markdown(p));
+        o.push('\n');
     }
     if let Some(d) = &r.dns {
         markdown_dns(&mut o, d);

@@ -13,7 +13,8 @@ use anyhow::{bail, Result};
 use bench::report::Results;
 use bench::traffic::Window;
 use bench::{
-    dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig, sysinfo,
+    dns, domains, failover, footprint, forwarding, forwarding6, ha, passive, report, scale, sig,
+    sysinfo,
 };
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
@@ -24,7 +25,9 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    at the workspace root; with --quick target/BENCHMARKS-quick.md)
   --rounds N       rounds of the interleaved forwarding sections (default 10, --quick 3)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
-                   lab), failover, scale, footprint, ha, domains, dns
+                   lab), failover, scale, footprint, ha, domains, dns, passive
+  --soak-secs N    length of the passive section's soak under 10 % loss (default
+                   600, --quick 20)
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -34,12 +37,13 @@ struct Args {
     rounds: Option<usize>,
     out: PathBuf,
     sections: Vec<String>,
+    soak_secs: Option<u64>,
 }
 
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "forwarding",
     "forwarding6",
     "failover",
@@ -48,12 +52,14 @@ const SECTIONS: [&str; 8] = [
     "ha",
     "domains",
     "dns",
+    "passive",
 ];
 
 fn parse_args() -> Result<Option<Args>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut quick = false;
     let mut rounds = None;
+    let mut soak_secs = None;
     let mut out = None;
     let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
     let mut it = std::env::args().skip(1);
@@ -66,6 +72,12 @@ fn parse_args() -> Result<Option<Args>> {
                     Some(n.parse().map_err(|_| {
                         anyhow::anyhow!("--rounds: `{n}` is not a number\n\n{USAGE}")
                     })?);
+            }
+            "--soak-secs" => {
+                let n = it.next().unwrap_or_default();
+                soak_secs = Some(n.parse().map_err(|_| {
+                    anyhow::anyhow!("--soak-secs: `{n}` is not a number\n\n{USAGE}")
+                })?);
             }
             "--out" => out = Some(PathBuf::from(it.next().unwrap_or_default())),
             "--only" => {
@@ -99,6 +111,7 @@ fn parse_args() -> Result<Option<Args>> {
         rounds,
         out,
         sections,
+        soak_secs,
     }))
 }
 
@@ -162,6 +175,7 @@ fn run() -> Result<()> {
         ha: None,
         domains: None,
         dns: None,
+        passive: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -255,6 +269,15 @@ fn run() -> Result<()> {
                 rates: vec![1_000, 10_000],
                 victim_rate: 200,
             },
+            &log,
+        )?);
+    }
+    if want("passive") {
+        println!("\n9. Passive health: failover under traffic, soak under loss");
+        let soak = args.soak_secs.unwrap_or(if q { 20 } else { 600 });
+        results.passive = Some(passive::run(
+            if q { 3 } else { 20 },
+            Duration::from_secs(soak),
             &log,
         )?);
     }
