@@ -5,9 +5,10 @@
 //! suspicions to that family's prober as a burst of probes, whose failure
 //! takes the WAN down (`Machine::on_round` of a burst report).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Daemon;
 use crate::family::Family;
@@ -20,6 +21,8 @@ pub const READ_EVERY: Duration = Duration::from_millis(40);
 /// A confirming burst waits at least this long for its answers (and at
 /// least four times the WAN's mean probe RTT, at most `probe_timeout`).
 const BURST_MIN_TIMEOUT: Duration = Duration::from_millis(250);
+/// A read of the counters failed once already (warned).
+static READ_FAILED: AtomicBool = AtomicBool::new(false);
 
 impl Daemon {
     /// One read of every WAN's counters.
@@ -35,7 +38,12 @@ impl Daemon {
                 let c = match self.dp.maps.take_passive(f, w.id) {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(error = %format!("{e:#}"), "reading the passive health counters");
+                        // Every 40 ms: said once, then at debug level.
+                        if !READ_FAILED.swap(true, Ordering::Relaxed) {
+                            warn!(error = %format!("{e:#}"), "reading the passive health counters");
+                        } else {
+                            debug!(error = %format!("{e:#}"), "reading the passive health counters");
+                        }
                         return;
                     }
                 };
