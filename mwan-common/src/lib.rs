@@ -156,6 +156,10 @@ pub const FLOW_SYN: u8 = 1;
 /// [`FlowValue::flags`]: the client's first packet after its SYN that is
 /// not a SYN passed (the SYN-ACK reached it): the handshake was answered.
 pub const FLOW_ANSWERED: u8 = 2;
+/// [`FlowValue::flags`]: its SYN was retransmitted; its handshake, once
+/// answered, is not timed (its time would be the client's retransmission
+/// timeout, which is loss, not delay).
+pub const FLOW_RETRIED: u8 = 4;
 
 /// The index of WAN `id`'s counters of one family in `PASSIVE`.
 pub const fn passive_index(id: u32, ipv6: bool) -> u32 {
@@ -175,12 +179,15 @@ pub struct PassiveCounters {
     pub answered: u64,
     /// SYNs of a pinned connection not yet answered.
     pub retransmits: u64,
-    /// Total time of the answered handshakes (SYN to the client's ACK).
+    /// Total time of the timed handshakes (SYN to the client's ACK).
     pub handshake_ns: u64,
     /// Bit [`dst_bit`] of each destination a SYN went to.
     pub syn_dsts: u64,
     /// Bit [`dst_bit`] of each destination whose handshake was answered.
     pub answered_dsts: u64,
+    /// The answered handshakes whose SYN was not retransmitted: those
+    /// `handshake_ns` times.
+    pub timed: u64,
 }
 
 /// A destination's bit in the 64-bit destination sets: the top 6 bits of
@@ -385,13 +392,14 @@ const _: () = {
     assert!(offset_of!(FlowValue, flags) == 35);
     assert!(offset_of!(FlowValue, _pad) == 36);
 
-    assert!(size_of::<PassiveCounters>() == 48);
+    assert!(size_of::<PassiveCounters>() == 56);
     assert!(offset_of!(PassiveCounters, syns) == 0);
     assert!(offset_of!(PassiveCounters, answered) == 8);
     assert!(offset_of!(PassiveCounters, retransmits) == 16);
     assert!(offset_of!(PassiveCounters, handshake_ns) == 24);
     assert!(offset_of!(PassiveCounters, syn_dsts) == 32);
     assert!(offset_of!(PassiveCounters, answered_dsts) == 40);
+    assert!(offset_of!(PassiveCounters, timed) == 48);
 
     assert!(size_of::<FlowKey6>() == 40);
     assert!(offset_of!(FlowKey6, saddr) == 0);

@@ -894,11 +894,15 @@ fn handshake<F: Family>(flow: &mut FlowValue, k: &F::FlowKey, tcp_flags: u8) {
     let c = unsafe { &mut *c };
     if tcp_flags & TCP_SYN != 0 {
         c.retransmits += 1;
+        flow.flags |= FLOW_RETRIED;
     } else if tcp_flags & TCP_ACK != 0 {
         flow.flags |= FLOW_ANSWERED;
         c.answered += 1;
-        c.handshake_ns += unsafe { bpf_ktime_get_ns() }.wrapping_sub(flow.first_seen_ns);
         c.answered_dsts |= dst_bit(F::dst_fold(k));
+        if flow.flags & FLOW_RETRIED == 0 {
+            c.timed += 1;
+            c.handshake_ns += unsafe { bpf_ktime_get_ns() }.wrapping_sub(flow.first_seen_ns);
+        }
     }
 }
 

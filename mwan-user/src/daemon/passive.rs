@@ -113,5 +113,6 @@ fn counters(c: &mwan_common::PassiveCounters) -> Counters {
         handshake_ns: c.handshake_ns,
         syn_dsts: c.syn_dsts,
         answered_dsts: c.answered_dsts,
+        timed: c.timed,
     }
 }

@@ -776,6 +776,7 @@ fn sum_passive(per_cpu: &PerCpuValues<PassiveCounters>) -> PassiveCounters {
             handshake_ns: a.handshake_ns + c.handshake_ns,
             syn_dsts: a.syn_dsts | c.syn_dsts,
             answered_dsts: a.answered_dsts | c.answered_dsts,
+            timed: a.timed + c.timed,
         })
 }
 

@@ -36,7 +36,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::passive::PassiveMeasurements;
+use super::passive::{PassiveMeasurements, DEGRADE_WINDOW};
 use super::probe::{RoundReport, TargetResult};
 use crate::config::{HealthConfig, ProbeTarget};
 
@@ -265,12 +265,19 @@ impl Machine {
 
     /// The passive signals read now: a WAN whose handshakes take longer
     /// than `max_rtt`, or whose SYN retransmissions exceed `max_loss`, is
-    /// `degraded` as for its probes.
+    /// `degraded` as for its probes. They are judged only once their
+    /// window ([`DEGRADE_WINDOW`]) lies wholly within the current state:
+    /// the slow handshakes of a degraded spell do not degrade the WAN again
+    /// just after it recovered.
     pub fn on_passive(&mut self, m: PassiveMeasurements, now: Instant) -> Option<Transition> {
         if self.state == State::Disabled {
             return None;
         }
-        self.passive = m;
+        self.passive = if now.saturating_duration_since(self.since) >= DEGRADE_WINDOW {
+            m
+        } else {
+            PassiveMeasurements::default()
+        };
         match self.state {
             State::Up | State::Degraded => self.judge_quality(now),
             _ => None,
@@ -431,7 +438,7 @@ impl Machine {
             }
             if let Some(r) = p.retransmit_pct.filter(|r| *r > limit) {
                 over.push(format!(
-                    "passive: SYN retransmits {r:.1}% above {limit:.1}%"
+                    "passive: SYN loss (retransmits) {r:.1}% above {limit:.1}%"
                 ));
             }
         }
@@ -632,7 +639,11 @@ mod tests {
             handshake_ms: Some(80.0),
             retransmit_pct: Some(0.0),
         };
-        // Judged at once (no probe window needed): the handshakes are enough.
+        // Not in the first window of a state: it may hold the last state's
+        // handshakes.
+        assert!(s.m.on_passive(slow, s.now).is_none(), "judged too early");
+        s.now += DEGRADE_WINDOW;
+        // No probe window needed: the handshakes are enough.
         let t = s.m.on_passive(slow, s.now).expect("degraded");
         assert_eq!(t.to, State::Degraded);
         assert!(
@@ -645,18 +656,23 @@ mod tests {
             handshake_ms: Some(10.0),
             ..slow
         };
-        assert_eq!(s.m.on_passive(fine, s.now).map(|t| t.to), Some(State::Up));
+        // Recovery is judged by the probes alone in the first window (a
+        // fresh window, the slow handshakes gone, is judged after it).
+        assert_eq!(s.m.on_passive(slow, s.now).map(|t| t.to), Some(State::Up));
+        assert!(s.m.on_passive(slow, s.now).is_none(), "judged too early");
+        s.now += DEGRADE_WINDOW;
         let lossy = PassiveMeasurements {
             retransmit_pct: Some(30.0),
             ..fine
         };
         let t = s.m.on_passive(lossy, s.now).expect("degraded");
         assert!(
-            t.reason.contains("passive: SYN retransmits 30.0%"),
+            t.reason.contains("passive: SYN loss (retransmits) 30.0%"),
             "{}",
             t.reason
         );
         // Too few handshakes measure nothing.
+        s.now += DEGRADE_WINDOW;
         assert_eq!(
             s.m.on_passive(PassiveMeasurements::default(), s.now)
                 .map(|t| t.to),

@@ -399,10 +399,17 @@ impl Rig {
                 key.0
             );
             if exp[1] > 0 {
+                // Timed unless its SYN was retransmitted.
+                let retried = before.flows.values().any(|v| v.flags & FLOW_RETRIED != 0);
+                let timed = a.timed - b.timed;
                 ensure!(
-                    a.handshake_ns > b.handshake_ns && a.answered_dsts != 0,
-                    "an answered handshake without its time or destination: {a:?}"
+                    a.answered_dsts != 0
+                        && timed == u64::from(!retried)
+                        && (timed == 0) == (a.handshake_ns == b.handshake_ns),
+                    "an answered handshake: {b:?} became {a:?} (its SYN retransmitted: {retried})"
                 );
+            } else {
+                ensure!(a.timed == b.timed, "a handshake timed: {a:?}");
             }
             if exp[0] > 0 {
                 ensure!(a.syn_dsts != 0, "a SYN without its destination: {a:?}");
