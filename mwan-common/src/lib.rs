@@ -143,7 +143,58 @@ pub struct FlowValue {
     /// The WAN the flow was first pinned to, if it was moved because that WAN
     /// went down; [`WAN_NONE`] otherwise.
     pub moved_from: u8,
-    pub _pad: [u8; 5],
+    /// [`FLOW_SYN`], [`FLOW_ANSWERED`] (passive health). Daemons before
+    /// passive health left this byte zero (padding): their pins count
+    /// nothing.
+    pub flags: u8,
+    pub _pad: [u8; 4],
+}
+
+/// [`FlowValue::flags`]: pinned by a TCP SYN to a WAN; its handshake is
+/// counted in `PASSIVE` (`first_seen_ns` is then `bpf_ktime_get_ns()`).
+pub const FLOW_SYN: u8 = 1;
+/// [`FlowValue::flags`]: the client's first packet after its SYN that is
+/// not a SYN passed (the SYN-ACK reached it): the handshake was answered.
+pub const FLOW_ANSWERED: u8 = 2;
+/// [`FlowValue::flags`]: its SYN was retransmitted; its handshake, once
+/// answered, is not timed (its time would be the client's retransmission
+/// timeout, which is loss, not delay).
+pub const FLOW_RETRIED: u8 = 4;
+
+/// The index of WAN `id`'s counters of one family in `PASSIVE`.
+pub const fn passive_index(id: u32, ipv6: bool) -> u32 {
+    id * 2 + ipv6 as u32
+}
+
+/// What passive health needs of the LAN's TCP handshakes through one WAN
+/// in one family (per CPU), the value of `PASSIVE`. The counters are
+/// cumulative; the destination sets are cleared by userspace when it
+/// reads them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveCounters {
+    /// Connections pinned by a SYN (including re-pins of unanswered ones).
+    pub syns: u64,
+    /// Handshakes answered.
+    pub answered: u64,
+    /// SYNs of a pinned connection not yet answered.
+    pub retransmits: u64,
+    /// Total time of the timed handshakes (SYN to the client's ACK).
+    pub handshake_ns: u64,
+    /// Bit [`dst_bit`] of each destination a SYN went to.
+    pub syn_dsts: u64,
+    /// Bit [`dst_bit`] of each destination whose handshake was answered.
+    pub answered_dsts: u64,
+    /// The answered handshakes whose SYN was not retransmitted: those
+    /// `handshake_ns` times.
+    pub timed: u64,
+}
+
+/// A destination's bit in the 64-bit destination sets: the top 6 bits of
+/// a multiplicative hash of the address (folded to 32 bits for IPv6).
+#[inline(always)]
+pub const fn dst_bit(folded: u32) -> u64 {
+    1u64 << (folded.wrapping_mul(0x9e37_79b1) >> 26)
 }
 
 /// The key of a pinned IPv6 flow, as [`FlowKey`] (ICMPv6 echo requests
@@ -338,7 +389,17 @@ const _: () = {
     assert!(offset_of!(FlowValue, wan) == 32);
     assert!(offset_of!(FlowValue, policy) == 33);
     assert!(offset_of!(FlowValue, moved_from) == 34);
-    assert!(offset_of!(FlowValue, _pad) == 35);
+    assert!(offset_of!(FlowValue, flags) == 35);
+    assert!(offset_of!(FlowValue, _pad) == 36);
+
+    assert!(size_of::<PassiveCounters>() == 56);
+    assert!(offset_of!(PassiveCounters, syns) == 0);
+    assert!(offset_of!(PassiveCounters, answered) == 8);
+    assert!(offset_of!(PassiveCounters, retransmits) == 16);
+    assert!(offset_of!(PassiveCounters, handshake_ns) == 24);
+    assert!(offset_of!(PassiveCounters, syn_dsts) == 32);
+    assert!(offset_of!(PassiveCounters, answered_dsts) == 40);
+    assert!(offset_of!(PassiveCounters, timed) == 48);
 
     assert!(size_of::<FlowKey6>() == 40);
     assert!(offset_of!(FlowKey6, saddr) == 0);
@@ -405,6 +466,7 @@ mod pod {
     unsafe impl aya::Pod for WanCounters {}
     unsafe impl aya::Pod for WanName {}
     unsafe impl aya::Pod for WanIface {}
+    unsafe impl aya::Pod for PassiveCounters {}
 }
 
 #[cfg(test)]

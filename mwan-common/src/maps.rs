@@ -89,6 +89,10 @@ macro_rules! for_each_map {
                 /// WAN ifindex → its [`WanIface`]: the WAN-side program
                 /// gives every packet arriving on a WAN that WAN's mark.
                 wan_ifaces: WAN_IFACES = HashMap<u32, WanIface> [MAX_WANS] since WanSide;
+                /// Per-CPU TCP handshake counters ([`PassiveCounters`]) at
+                /// [`passive_index`]`(id, ipv6)`, written by the datapath,
+                /// read (and the destination sets cleared) by userspace.
+                passive: PASSIVE = PerCpuArray<PassiveCounters> [2 * MAX_WANS] since Passive;
             }
             per_family {
                 /// The pins ([`FlowKey`], [`FlowKey6`] → [`FlowValue`]),
@@ -212,6 +216,8 @@ pub enum Since {
     Ipv6,
     /// The program on the WAN interfaces (`WAN_IFACES`).
     WanSide,
+    /// Passive health (`PASSIVE`).
+    Passive,
 }
 
 impl Since {
@@ -223,6 +229,7 @@ impl Since {
             Since::DomainRules => "rules by domain name",
             Since::Ipv6 => "IPv6",
             Since::WanSide => "the program on the WAN interfaces",
+            Since::Passive => "passive health",
         }
     }
 

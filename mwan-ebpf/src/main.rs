@@ -19,7 +19,7 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -524,6 +524,8 @@ trait Family: FamilyMaps {
     fn dst_rules(k: &Self::FlowKey) -> u64;
     /// The host by address: its IPv4 address or IPv6 /64.
     fn host_by_address(k: &Self::FlowKey) -> HostKey;
+    /// The destination address folded to 32 bits ([`dst_bit`]).
+    fn dst_fold(k: &Self::FlowKey) -> u32;
     /// The packet's connection as conntrack keeps it: `ct_lookup(tuple,
     /// its size)` with `struct bpf_sock_tuple`'s member of the family.
     fn ct_mark(ctx: &TcContext, k: &Self::FlowKey) -> Option<u32>;
@@ -585,6 +587,10 @@ impl Family for V4 {
         };
         h.bytes[..4].copy_from_slice(&k.saddr.to_ne_bytes());
         h
+    }
+    #[inline(always)]
+    fn dst_fold(k: &FlowKey) -> u32 {
+        k.daddr
     }
     #[inline(always)]
     fn ct_mark(ctx: &TcContext, k: &FlowKey) -> Option<u32> {
@@ -653,6 +659,12 @@ impl Family for V6 {
         };
         h.bytes[..8].copy_from_slice(&k.saddr[..8]);
         h
+    }
+    #[inline(always)]
+    fn dst_fold(k: &FlowKey6) -> u32 {
+        let d = &k.daddr;
+        let w = |i: usize| u32::from_ne_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+        w(0) ^ w(4) ^ w(8) ^ w(12)
     }
     #[inline(always)]
     fn ct_mark(ctx: &TcContext, k: &FlowKey6) -> Option<u32> {
@@ -749,6 +761,10 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
             flow.last_seen_ns = now;
             flow.packets += 1;
             flow.bytes += pkt.len as u64;
+            // Passive health: the one byte the established path reads more.
+            if flow.flags & (FLOW_SYN | FLOW_ANSWERED) == FLOW_SYN {
+                handshake::<F>(flow, &pkt.key, pkt.tcp_flags);
+            }
             if flow.wan == WAN_NONE {
                 return;
             }
@@ -776,6 +792,9 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
             if flow.moved_from == WAN_NONE {
                 flow.moved_from = old;
             }
+            // An unanswered handshake is no longer timed: its time on the
+            // new WAN would include the wait on the dead one.
+            flow.flags &= !FLOW_SYN;
             if let Some(wan) = alive_wan(F::wans(), new) {
                 account(new, pkt.len, true);
                 set_mark(ctx, settings, wan.mark);
@@ -835,18 +854,24 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
             wan
         }
     };
+    // A handshake through a WAN is timed from its SYN (passive health), by
+    // the precise clock.
+    let syn = opening && wan != WAN_NONE;
     let value = FlowValue {
-        first_seen_ns: now,
+        first_seen_ns: if syn { unsafe { bpf_ktime_get_ns() } } else { now },
         last_seen_ns: now,
         packets: 1,
         bytes: pkt.len as u64,
         wan,
         policy: policy as u8,
         moved_from: WAN_NONE,
-        _pad: [0; 5],
+        flags: if syn { FLOW_SYN } else { 0 },
+        _pad: [0; 4],
     };
     if F::flows().insert(&pkt.key, &value, 0).is_err() {
         count(GS_INSERT_ERRORS);
+    } else if syn {
+        count_syn::<F>(wan, &pkt.key);
     }
     if wan == WAN_NONE {
         return;
@@ -854,6 +879,40 @@ fn classify_flow<const L3: usize, F: Family>(ctx: &TcContext, pkt: &Packet<F::Fl
     if let Some(entry) = F::wans().get(wan as u32) {
         account(wan, pkt.len, true);
         set_mark(ctx, settings, entry.mark);
+    }
+}
+
+/// A packet of a flow pinned by a SYN whose handshake is not answered
+/// yet: another SYN is a retransmission; the client's first ACK says the
+/// SYN-ACK reached it (the classifier sees only the LAN's side).
+#[inline(always)]
+fn handshake<F: Family>(flow: &mut FlowValue, k: &F::FlowKey, tcp_flags: u8) {
+    let Some(c) = PASSIVE.get_ptr_mut(passive_index(flow.wan as u32, F::IPV6)) else {
+        return;
+    };
+    // Per-CPU slot: no other writer.
+    let c = unsafe { &mut *c };
+    if tcp_flags & TCP_SYN != 0 {
+        c.retransmits += 1;
+        flow.flags |= FLOW_RETRIED;
+    } else if tcp_flags & TCP_ACK != 0 {
+        flow.flags |= FLOW_ANSWERED;
+        c.answered += 1;
+        c.answered_dsts |= dst_bit(F::dst_fold(k));
+        if flow.flags & FLOW_RETRIED == 0 {
+            c.timed += 1;
+            c.handshake_ns += unsafe { bpf_ktime_get_ns() }.wrapping_sub(flow.first_seen_ns);
+        }
+    }
+}
+
+/// A connection through `wan` opened by a SYN (passive health).
+#[inline(always)]
+fn count_syn<F: Family>(wan: u8, k: &F::FlowKey) {
+    if let Some(c) = PASSIVE.get_ptr_mut(passive_index(wan as u32, F::IPV6)) {
+        let c = unsafe { &mut *c };
+        c.syns += 1;
+        c.syn_dsts |= dst_bit(F::dst_fold(k));
     }
 }
 

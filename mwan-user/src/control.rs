@@ -365,6 +365,27 @@ pub struct WanStatus {
     pub failback: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failback_due_secs: Option<f64>,
+    /// Passive health: the IPv4 handshakes through the WAN.
+    #[serde(default)]
+    pub passive: PassiveStatus,
+}
+
+/// The passive signals of one WAN and family: the LAN's TCP handshakes
+/// through it over the last 2 s.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PassiveStatus {
+    /// `passive` in the WAN's config.
+    pub enabled: bool,
+    /// Handshakes answered and SYNs sent in the last 2 s.
+    pub handshakes: u64,
+    pub syns: u64,
+    /// Their mean time (SYN to the client's ACK) and the SYN
+    /// retransmissions in percent, once 20 handshakes were answered.
+    pub handshake_ms: Option<f64>,
+    pub retransmit_pct: Option<f64>,
+    /// The time a SYN may wait before it counts as unanswered now
+    /// (`passive_timeout`, or twice the usual handshake time).
+    pub answer_timeout_ms: f64,
 }
 
 /// One family's health and place in balancing (IPv6 beside the IPv4 of
@@ -384,6 +405,9 @@ pub struct FamilyStatus {
     pub rtt_ms: Option<f64>,
     pub jitter_ms: Option<f64>,
     pub loss_pct: f64,
+    /// Passive health: this family's handshakes through the WAN.
+    #[serde(default)]
+    pub passive: PassiveStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

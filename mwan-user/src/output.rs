@@ -78,14 +78,24 @@ pub fn duration(secs: f64) -> String {
     }
 }
 
+/// Passive health's column: handshakes answered / SYNs sent in the last
+/// 2 s, or `off`.
+fn handshakes(p: &crate::control::PassiveStatus) -> String {
+    if p.enabled {
+        format!("{}/{}", p.handshakes, p.syns)
+    } else {
+        "off".into()
+    }
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
 pub fn status(s: &Status) -> String {
     let mut rows = vec![[
-        "WAN", "STATE", "SINCE", "TIER", "WEIGHT", "SHARE", "RTT(ms)", "JITTER", "LOSS", "FLOWS",
-        "NEW", "LAN-OUT", "RX", "TX", "ADDRESS", "GATEWAY",
+        "WAN", "STATE", "SINCE", "TIER", "WEIGHT", "SHARE", "RTT(ms)", "JITTER", "LOSS", "HS/2s",
+        "FLOWS", "NEW", "LAN-OUT", "RX", "TX", "ADDRESS", "GATEWAY",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -105,6 +115,7 @@ pub fn status(s: &Status) -> String {
             opt_ms(w.rtt_ms),
             opt_ms(w.jitter_ms),
             format!("{:.1}%", w.loss_pct),
+            handshakes(&w.passive),
             w.flows.to_string(),
             human(w.new_flows),
             format!("{}B", human(w.lan_bytes)),
@@ -130,6 +141,7 @@ pub fn status(s: &Status) -> String {
                 opt_ms(v6.rtt_ms),
                 opt_ms(v6.jitter_ms),
                 format!("{:.1}%", v6.loss_pct),
+                handshakes(&v6.passive),
                 blank(),
                 blank(),
                 blank(),

@@ -306,13 +306,14 @@ fn build() -> Result<PathBuf> {
 /// The suites that run once more for each further kind of router the lab
 /// models (`MWAN_LAB_ROUTER`, see the lab's `RouterKind`): the first pass
 /// runs everything on a DHCP-like router.
-const CORE_SUITES: [&str; 6] = [
+const CORE_SUITES: [&str; 7] = [
     "balance",
     "failover",
     "policy",
     "lifecycle",
     "ipv6",
     "metered",
+    "passive",
 ];
 const MORE_ROUTER_KINDS: [&str; 1] = ["static"];
 

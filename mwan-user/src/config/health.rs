@@ -43,6 +43,17 @@ pub(super) fn health(h: &Health, table: Range<usize>) -> Result<HealthConfig, Pr
             .health_window
             .ranged(2..=10_000)?
             .unwrap_or(DEFAULT_WINDOW),
+        passive: PassiveConfig {
+            enabled: h.passive.flag().unwrap_or(true),
+            timeout: h
+                .passive_timeout
+                .read(positive_duration)?
+                .unwrap_or(DEFAULT_PASSIVE_TIMEOUT),
+            min_destinations: h
+                .passive_destinations
+                .ranged(2..=48)?
+                .unwrap_or(DEFAULT_PASSIVE_DESTINATIONS),
+        },
     })
 }
 
@@ -130,6 +141,30 @@ mod tests {
         assert_eq!(h.max_loss, Some(20.0));
         assert_eq!(h.max_rtt, Some(Duration::from_millis(150)));
         assert_eq!(c.wans[1].health.interval, DEFAULT_PROBE_INTERVAL);
+    }
+
+    #[test]
+    fn passive_is_on_by_default_and_its_keys_are_checked() {
+        let c = Config::parse(MIN).unwrap();
+        let p = c.wans[0].health.passive;
+        assert!(p.enabled);
+        assert_eq!(p.timeout, DEFAULT_PASSIVE_TIMEOUT);
+        assert_eq!(p.min_destinations, DEFAULT_PASSIVE_DESTINATIONS);
+        let c = Config::parse(&MIN.replace(
+            "weight = 3",
+            "weight = 3\npassive = false\npassive_timeout = \"2s\"\npassive_destinations = 12",
+        ))
+        .unwrap();
+        let p = c.wans[0].health.passive;
+        assert_eq!(
+            (p.enabled, p.timeout, p.min_destinations),
+            (false, Duration::from_secs(2), 12)
+        );
+        assert!(c.wans[1].health.passive.enabled);
+        let e = parse_err(&MIN.replace("weight = 3", "weight = 3\npassive_destinations = 1"));
+        assert!(e.key.ends_with(".passive_destinations"), "{e}");
+        let e = parse_err(&MIN.replace("weight = 3", "weight = 3\npassive = \"yes\""));
+        assert!(e.key.ends_with(".passive"), "{e}");
     }
 
     /// The quorum applies to each family's targets, capped at their number.

@@ -129,6 +129,9 @@ macro_rules! health_keys {
             max_loss: Float<kind::Percent>,
             max_rtt: Str<kind::Duration>,
             health_window: Int,
+            passive: Bool,
+            passive_timeout: Str<kind::Duration>,
+            passive_destinations: Int,
         }
     };
 }

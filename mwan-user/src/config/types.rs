@@ -292,6 +292,30 @@ pub struct HealthConfig {
     pub max_rtt: Option<Duration>,
     /// Rounds in the rolling loss/RTT/jitter window.
     pub window: u32,
+    /// Passive health: `passive`, `passive_timeout`,
+    /// `passive_destinations`.
+    pub passive: PassiveConfig,
+}
+
+/// Passive health of one WAN (see `health::passive`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PassiveConfig {
+    /// `passive`: on by default.
+    pub enabled: bool,
+    /// `passive_timeout`: the shortest time a handshake may take before it
+    /// counts as unanswered.
+    pub timeout: Duration,
+    /// `passive_destinations`: distinct destinations with unanswered
+    /// handshakes before the probes are asked to confirm.
+    pub min_destinations: u32,
+}
+
+impl PassiveConfig {
+    pub const DEFAULT: PassiveConfig = PassiveConfig {
+        enabled: true,
+        timeout: DEFAULT_PASSIVE_TIMEOUT,
+        min_destinations: DEFAULT_PASSIVE_DESTINATIONS,
+    };
 }
 
 impl HealthConfig {
@@ -317,6 +341,11 @@ pub const DEFAULT_DOWN_AFTER: u32 = 4;
 pub const DEFAULT_UP_AFTER: u32 = 5;
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(5);
 pub const DEFAULT_WINDOW: u32 = 50;
+/// The shortest wait for a SYN's answer before it counts as unanswered.
+pub const DEFAULT_PASSIVE_TIMEOUT: Duration = Duration::from_millis(250);
+/// Distinct destinations whose handshakes must go unanswered before the
+/// probes are asked to confirm.
+pub const DEFAULT_PASSIVE_DESTINATIONS: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Wan {

@@ -534,6 +534,11 @@ impl Applied {
         Ok(())
     }
 
+    /// The running prober of WAN `id` and family `f`.
+    pub fn prober(&self, id: u8, f: Family) -> Option<&Prober> {
+        self.probers.get(&(id, f)).map(|(_, p)| p)
+    }
+
     /// Starts the probers wanted and not running (or running with another
     /// spec: new targets, a re-created interface); stops the others.
     fn apply_probers(&mut self, k: &mut Kernel<'_>, d: &Desired) {

@@ -21,6 +21,7 @@
 //!
 //! Modules: `wan` (one WAN's inputs), `links` (reading netlink into the
 //! inputs), `meter` (usage and allowances), `failback` (drains due),
+//! `passive` (the handshake counters read into the health machines),
 //! `desired` (inputs → desired state), `apply` (desired state →
 //! kernel), `cleanup` (connections of dead and returning WANs), `drain`
 //! (flows moved off backup and metered WANs), `reload`,
@@ -36,6 +37,7 @@ mod failback;
 mod host;
 mod links;
 mod meter;
+mod passive;
 mod reload;
 mod status;
 mod timed;
@@ -486,6 +488,9 @@ impl Daemon {
         let mut web_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         web_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let web_on = self.report.web.is_some();
+        // The passive health counters.
+        let mut passive_tick = tokio::time::interval(passive::READ_EVERY);
+        passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The usage counters, once a second.
         let mut meter_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         meter_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -542,6 +547,7 @@ impl Daemon {
                 _ = sigint.recv() => break if self.opts.keep { Exit::Keep } else { Exit::Teardown },
                 _ = web_tick.tick(), if web_on => self.publish(true),
                 _ = meter_tick.tick() => self.on_meter_tick().await,
+                _ = passive_tick.tick() => self.on_passive_tick().await,
                 _ = tokio::time::sleep_until(self.next_wake()) => self.on_wake().await,
                 _ = tick.tick() => {
                     self.expire_backup_flows().await;

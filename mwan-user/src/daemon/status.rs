@@ -14,7 +14,9 @@ use super::apply::Applied;
 use super::wan::{WanRt, WeightSource};
 use super::Daemon;
 use crate::config::Config;
-use crate::control::{FamilyStatus, RelayStatus, ReloadFacts, StartFacts, Status, WanStatus};
+use crate::control::{
+    FamilyStatus, PassiveStatus, RelayStatus, ReloadFacts, StartFacts, Status, WanStatus,
+};
 use crate::datapath;
 use crate::family::Family;
 use crate::policy;
@@ -238,6 +240,7 @@ impl Daemon {
                     tx_bytes: dev.bytes.tx,
                     tx_packets: dev.tx_packets,
                     connections: self.facts.of(&w.cfg.name),
+                    passive: passive_status(w, Family::Ipv4),
                     ..WanStatus::default()
                 };
                 self.metered_status(&mut st, w, week, &held);
@@ -400,5 +403,20 @@ fn family_status(
         rtt_ms: m.rtt_ms,
         jitter_ms: m.jitter_ms,
         loss_pct: m.loss_pct,
+        passive: passive_status(w, f),
+    }
+}
+
+/// Family `f`'s handshakes through a WAN.
+fn passive_status(w: &WanRt, f: Family) -> PassiveStatus {
+    let d = &w.family(f).passive;
+    let m = d.measurements();
+    PassiveStatus {
+        enabled: w.cfg.health.passive.enabled,
+        handshakes: m.handshakes,
+        syns: m.syns,
+        handshake_ms: m.handshake_ms,
+        retransmit_pct: m.retransmit_pct,
+        answer_timeout_ms: d.answer_timeout().as_secs_f64() * 1000.0,
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::config::{self, Gateway, Ipv6Mode, Prefix6};
 use crate::family::{Family, PerFamily};
+use crate::health::passive::Detector;
 use crate::health::{HealthStats, Machine, ProbeSpec, State, Transition};
 use crate::nft::Nat6;
 use crate::policy::{Allowance, Health, WanView};
@@ -40,6 +41,9 @@ pub struct FamilyHealth {
     pub machine: Machine,
     /// The wall-clock time of the machine's last transition (status).
     pub since: SystemTime,
+    /// The passive judgment of the family's own handshakes (fed by the
+    /// daemon's passive timer).
+    pub passive: Detector,
 }
 
 impl FamilyHealth {
@@ -47,6 +51,7 @@ impl FamilyHealth {
         FamilyHealth {
             machine: Machine::new(cfg, initial, Instant::now()),
             since: SystemTime::now(),
+            passive: Detector::new(cfg.passive),
         }
     }
 }
@@ -308,6 +313,7 @@ impl WanRt {
     pub fn set_health_config(&mut self, cfg: &config::HealthConfig) {
         for (_, h) in self.health.iter_mut() {
             h.machine.set_config(cfg);
+            h.passive.set_config(cfg.passive);
         }
         self.stats.set_targets(&cfg.targets);
     }

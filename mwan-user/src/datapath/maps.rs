@@ -15,7 +15,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::Pod;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use mwan_common::*;
@@ -466,6 +466,35 @@ impl Maps {
             .collect()
     }
 
+    /// WAN `id`'s handshake counters of family `f` summed over CPUs, their
+    /// destination sets ORed; the sets are cleared (they hold what came
+    /// since the previous read). A datapath update between the read and
+    /// the clear may be lost: the counters are statistics.
+    pub fn take_passive(&mut self, f: Family, id: u8) -> Result<PassiveCounters> {
+        let i = passive_index(id as u32, f == Family::Ipv6);
+        let per_cpu = self.passive.get(&i, 0)?;
+        let sum = sum_passive(&per_cpu);
+        if sum.syn_dsts | sum.answered_dsts != 0 {
+            let cleared: Vec<PassiveCounters> = per_cpu
+                .iter()
+                .map(|c| PassiveCounters {
+                    syn_dsts: 0,
+                    answered_dsts: 0,
+                    ..*c
+                })
+                .collect();
+            self.passive.set(i, PerCpuValues::try_from(cleared)?, 0)?;
+        }
+        Ok(sum)
+    }
+
+    /// WAN `id`'s handshake counters of family `f` summed over CPUs (the
+    /// destination sets left as they are).
+    pub fn passive_counters(&self, f: Family, id: u8) -> Result<PassiveCounters> {
+        let i = passive_index(id as u32, f == Family::Ipv6);
+        Ok(sum_passive(&self.passive.get(&i, 0)?))
+    }
+
     /// `GLOBAL_STATS` summed over CPUs, by index (see [`COUNTERS`]).
     pub fn global_counters(&self) -> Result<Vec<u64>> {
         (0..GS_COUNT)
@@ -734,6 +763,21 @@ fn sync_trie<N: TrieNet, V: Pod + PartialEq>(
             .with_context(|| format!("writing {name}[{net}]"))?;
     }
     Ok(())
+}
+
+/// Per-CPU handshake counters summed, their destination sets ORed.
+fn sum_passive(per_cpu: &PerCpuValues<PassiveCounters>) -> PassiveCounters {
+    per_cpu
+        .iter()
+        .fold(PassiveCounters::default(), |a, c| PassiveCounters {
+            syns: a.syns + c.syns,
+            answered: a.answered + c.answered,
+            retransmits: a.retransmits + c.retransmits,
+            handshake_ns: a.handshake_ns + c.handshake_ns,
+            syn_dsts: a.syn_dsts | c.syn_dsts,
+            answered_dsts: a.answered_dsts | c.answered_dsts,
+            timed: a.timed + c.timed,
+        })
 }
 
 #[cfg(test)]

@@ -1051,7 +1051,8 @@ mod tests {
             wan: 1,
             policy: 0,
             moved_from: WAN_NONE,
-            _pad: [0; 5],
+            flags: 0,
+            _pad: [0; 4],
         };
         let new = FlowValue {
             first_seen_ns: 300,

@@ -36,6 +36,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::passive::{PassiveMeasurements, DEGRADE_WINDOW};
 use super::probe::{RoundReport, TargetResult};
 use crate::config::{HealthConfig, ProbeTarget};
 
@@ -159,6 +160,8 @@ pub struct Machine {
     bad_streak: u32,
     rounds: u64,
     window: VecDeque<Sample>,
+    /// The passive signals of the WAN's handshakes, as last read.
+    passive: PassiveMeasurements,
 }
 
 impl Machine {
@@ -176,6 +179,7 @@ impl Machine {
             bad_streak: 0,
             rounds: 0,
             window: VecDeque::new(),
+            passive: PassiveMeasurements::default(),
         }
     }
 
@@ -196,6 +200,9 @@ impl Machine {
         }
         if self.renewed_at.is_some_and(|at| report.sent_at < at) {
             return None;
+        }
+        if let Some(why) = &report.burst {
+            return self.on_burst(report.success, why, now);
         }
         if report.update {
             let sample = self.window.iter_mut().rev().find(|s| s.seq == report.seq)?;
@@ -241,6 +248,45 @@ impl Machine {
             State::Up | State::Degraded => self.judge_quality(now),
             _ => None,
         }
+    }
+
+    /// A burst of probes confirming a passive suspicion (`why`): failed,
+    /// it takes the WAN down at once (its return follows the usual
+    /// `up_after` and `hold_down`); answered, it changes nothing (neither
+    /// streaks nor the window: it is no round).
+    fn on_burst(&mut self, success: bool, why: &str, now: Instant) -> Option<Transition> {
+        if success || !matches!(self.state, State::Unknown | State::Up | State::Degraded) {
+            return None;
+        }
+        self.good_streak = 0;
+        let reason = format!("passive: {why}; a burst of probes failed too");
+        self.go(State::Down, reason, now)
+    }
+
+    /// The passive signals read now: a WAN whose handshakes take longer
+    /// than `max_rtt`, or whose SYN retransmissions exceed `max_loss`, is
+    /// `degraded` as for its probes. They are judged only once their
+    /// window ([`DEGRADE_WINDOW`]) lies wholly within the current state:
+    /// the slow handshakes of a degraded spell do not degrade the WAN again
+    /// just after it recovered.
+    pub fn on_passive(&mut self, m: PassiveMeasurements, now: Instant) -> Option<Transition> {
+        if self.state == State::Disabled {
+            return None;
+        }
+        self.passive = if now.saturating_duration_since(self.since) >= DEGRADE_WINDOW {
+            m
+        } else {
+            PassiveMeasurements::default()
+        };
+        match self.state {
+            State::Up | State::Degraded => self.judge_quality(now),
+            _ => None,
+        }
+    }
+
+    /// The passive signals as last read.
+    pub fn passive(&self) -> PassiveMeasurements {
+        self.passive
     }
 
     /// The WAN's interface became usable or unusable (`reason` says why:
@@ -358,17 +404,15 @@ impl Machine {
         let m = self.measurements();
         match self.state {
             State::Up => {
-                if self.window.len() < MIN_JUDGED_ROUNDS.min(self.cfg.window as usize) {
-                    return None;
-                }
-                let over = self.over_thresholds(&m, 1.0);
+                let judged = self.window.len() >= MIN_JUDGED_ROUNDS.min(self.cfg.window as usize);
+                let over = self.over_thresholds(&m, 1.0, judged);
                 if over.is_empty() {
                     None
                 } else {
                     self.go(State::Degraded, over.join(", "), now)
                 }
             }
-            State::Degraded if self.over_thresholds(&m, RECOVER_FRACTION).is_empty() => {
+            State::Degraded if self.over_thresholds(&m, RECOVER_FRACTION, true).is_empty() => {
                 let rtt = m.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
                 let reason = format!(
                     "loss {:.1}% and rtt {rtt} under {:.0}% of the thresholds",
@@ -381,20 +425,30 @@ impl Machine {
         }
     }
 
-    /// Which of loss and RTT exceed `fraction` of their thresholds, as
-    /// reason phrases.
-    fn over_thresholds(&self, m: &Measurements, fraction: f64) -> Vec<String> {
+    /// Which of loss and RTT (the probes', when `probes` says they are
+    /// enough to judge, and the passive ones) exceed `fraction` of their
+    /// thresholds, as reason phrases.
+    fn over_thresholds(&self, m: &Measurements, fraction: f64, probes: bool) -> Vec<String> {
         let mut over = Vec::new();
+        let p = &self.passive;
         if let Some(max) = self.cfg.max_loss {
             let limit = max * fraction;
-            if m.loss_pct > limit {
+            if probes && m.loss_pct > limit {
                 over.push(format!("loss {:.1}% above {limit:.1}%", m.loss_pct));
             }
+            if let Some(r) = p.retransmit_pct.filter(|r| *r > limit) {
+                over.push(format!(
+                    "passive: SYN loss (retransmits) {r:.1}% above {limit:.1}%"
+                ));
+            }
         }
-        if let (Some(max), Some(rtt)) = (self.cfg.max_rtt, m.rtt_ms) {
+        if let Some(max) = self.cfg.max_rtt {
             let limit = max.as_secs_f64() * 1000.0 * fraction;
-            if rtt > limit {
+            if let Some(rtt) = m.rtt_ms.filter(|r| probes && *r > limit) {
                 over.push(format!("rtt {rtt:.1} ms above {limit:.1} ms"));
+            }
+            if let Some(h) = p.handshake_ms.filter(|h| *h > limit) {
+                over.push(format!("passive: handshakes {h:.1} ms above {limit:.1} ms"));
             }
         }
         over
@@ -446,6 +500,7 @@ mod tests {
             max_loss: None,
             max_rtt: None,
             window: DEFAULT_WINDOW,
+            passive: PassiveConfig::DEFAULT,
         }
     }
 
@@ -471,6 +526,7 @@ mod tests {
                 })
                 .collect(),
             update: false,
+            burst: None,
         }
     }
 
@@ -528,6 +584,100 @@ mod tests {
         fn link(&mut self, usable: bool, reason: &str) -> Option<Transition> {
             self.m.on_link(usable, reason, self.now)
         }
+
+        /// A burst confirming a passive suspicion, answered or not.
+        fn burst(&mut self, answered: bool) -> Option<Transition> {
+            let rtt = answered.then_some(20.0);
+            let mut r = report(self.seq, &[rtt, rtt], self.cfg.quorum);
+            r.burst = Some("9 handshakes to 9 destinations unanswered for 260 ms".into());
+            self.seq += 1;
+            self.m.on_round(&r, self.now)
+        }
+    }
+
+    #[test]
+    fn a_failed_burst_takes_the_wan_down_at_once_and_an_answered_one_changes_nothing() {
+        let mut s = Sim::up(defaults());
+        s.rounds(3, Sim::good);
+        assert!(s.burst(true).is_none());
+        let m = s.m.measurements();
+        assert_eq!((m.rounds, m.bad_streak), (4, 0), "a burst is no round");
+        let t = s.burst(false).expect("down");
+        assert_eq!((t.from, t.to), (State::Up, State::Down));
+        assert!(
+            t.reason.starts_with("passive: 9 handshakes"),
+            "{}",
+            t.reason
+        );
+        assert!(
+            t.reason.ends_with("a burst of probes failed too"),
+            "{}",
+            t.reason
+        );
+        // Down already: another failed burst says nothing; the return is
+        // the usual one (up_after good rounds after hold_down).
+        assert!(s.burst(false).is_none());
+        assert!(
+            s.rounds(DEFAULT_UP_AFTER as usize, Sim::good).is_empty(),
+            "before hold_down"
+        );
+        s.now += s.cfg.hold_down;
+        assert_eq!(s.good().map(|t| t.to), Some(State::Up));
+    }
+
+    #[test]
+    fn slow_handshakes_or_syn_retransmits_degrade_like_rtt_and_loss() {
+        let cfg = HealthConfig {
+            max_rtt: Some(ms(50.0)),
+            max_loss: Some(10.0),
+            ..defaults()
+        };
+        let mut s = Sim::up(cfg);
+        let slow = PassiveMeasurements {
+            handshakes: 40,
+            syns: 40,
+            handshake_ms: Some(80.0),
+            retransmit_pct: Some(0.0),
+        };
+        // Not in the first window of a state: it may hold the last state's
+        // handshakes.
+        assert!(s.m.on_passive(slow, s.now).is_none(), "judged too early");
+        s.now += DEGRADE_WINDOW;
+        // No probe window needed: the handshakes are enough.
+        let t = s.m.on_passive(slow, s.now).expect("degraded");
+        assert_eq!(t.to, State::Degraded);
+        assert!(
+            t.reason
+                .contains("passive: handshakes 80.0 ms above 50.0 ms"),
+            "{}",
+            t.reason
+        );
+        let fine = PassiveMeasurements {
+            handshake_ms: Some(10.0),
+            ..slow
+        };
+        // Recovery is judged by the probes alone in the first window (a
+        // fresh window, the slow handshakes gone, is judged after it).
+        assert_eq!(s.m.on_passive(slow, s.now).map(|t| t.to), Some(State::Up));
+        assert!(s.m.on_passive(slow, s.now).is_none(), "judged too early");
+        s.now += DEGRADE_WINDOW;
+        let lossy = PassiveMeasurements {
+            retransmit_pct: Some(30.0),
+            ..fine
+        };
+        let t = s.m.on_passive(lossy, s.now).expect("degraded");
+        assert!(
+            t.reason.contains("passive: SYN loss (retransmits) 30.0%"),
+            "{}",
+            t.reason
+        );
+        // Too few handshakes measure nothing.
+        s.now += DEGRADE_WINDOW;
+        assert_eq!(
+            s.m.on_passive(PassiveMeasurements::default(), s.now)
+                .map(|t| t.to),
+            Some(State::Up)
+        );
     }
 
     /// SplitMix64: a small seeded PRNG for reproducible random loss.

@@ -49,24 +49,17 @@ pub struct Counters {
     pub syns: u64,
     pub answered: u64,
     pub retransmits: u64,
-    /// Total handshake time of the answered ones.
+    /// Total handshake time of the timed ones: the answered handshakes
+    /// whose SYN was not retransmitted (`timed` of them).
     pub handshake_ns: u64,
+    pub timed: u64,
     /// Bit `h & 63` for each destination hash `h` of a SYN (of an answered
     /// handshake), since the last read.
     pub syn_dsts: u64,
     pub answered_dsts: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PassiveConfig {
-    pub enabled: bool,
-    /// The shortest time a handshake may take before it counts as
-    /// unanswered.
-    pub timeout: Duration,
-    /// Distinct destinations with unanswered handshakes before the probes
-    /// are asked to confirm.
-    pub min_destinations: u32,
-}
+pub use crate::config::PassiveConfig;
 
 /// Why the detector suspects the WAN.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,7 +76,7 @@ impl std::fmt::Display for Suspicion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} new connections to {} destinations unanswered for {} ms",
+            "{} handshakes to {} destinations unanswered for {} ms",
             self.unanswered,
             self.destinations,
             self.waited.as_millis()
@@ -111,6 +104,7 @@ struct Delta {
     answered: u64,
     retransmits: u64,
     handshake_ns: u64,
+    timed: u64,
     syn_dsts: u64,
 }
 
@@ -177,6 +171,7 @@ impl Detector {
             answered: c.answered - last.answered,
             retransmits: c.retransmits.saturating_sub(last.retransmits),
             handshake_ns: c.handshake_ns.saturating_sub(last.handshake_ns),
+            timed: c.timed.saturating_sub(last.timed),
             syn_dsts: c.syn_dsts,
         };
         self.learn_usual(&d);
@@ -232,10 +227,10 @@ impl Detector {
     }
 
     fn learn_usual(&mut self, d: &Delta) {
-        if d.answered == 0 {
+        if d.timed == 0 {
             return;
         }
-        let mean = d.handshake_ns as f64 / d.answered as f64;
+        let mean = d.handshake_ns as f64 / d.timed as f64;
         self.usual_ns = Some(match self.usual_ns {
             None => mean,
             // Slow to move: one slow burst of handshakes is not "usual".
@@ -249,11 +244,12 @@ impl Detector {
         let syns: u64 = self.recent.iter().map(|d| d.syns).sum();
         let retransmits: u64 = self.recent.iter().map(|d| d.retransmits).sum();
         let ns: u64 = self.recent.iter().map(|d| d.handshake_ns).sum();
+        let timed: u64 = self.recent.iter().map(|d| d.timed).sum();
         let enough = handshakes >= MIN_HANDSHAKES;
         PassiveMeasurements {
             handshakes,
             syns,
-            handshake_ms: enough.then(|| ns as f64 / handshakes as f64 / 1e6),
+            handshake_ms: (timed >= MIN_HANDSHAKES).then(|| ns as f64 / timed as f64 / 1e6),
             retransmit_pct: (enough && syns > 0)
                 .then(|| 100.0 * retransmits as f64 / (syns + retransmits) as f64),
         }
@@ -295,6 +291,7 @@ mod tests {
             self.c.syns += syns;
             self.c.answered += answered;
             self.c.handshake_ns += answered * 1_000_000;
+            self.c.timed += answered;
             self.c.syn_dsts = dsts;
             self.d.on_read(self.c, self.t)
         }
@@ -354,6 +351,7 @@ mod tests {
             c.syns += 1;
             c.answered += 1;
             c.handshake_ns += 300_000_000;
+            c.timed += 1;
             d.on_read(c, t0 + Duration::from_millis(20) * i);
         }
         assert!(d.answer_timeout() >= Duration::from_millis(590));

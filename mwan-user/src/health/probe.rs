@@ -76,12 +76,25 @@ pub struct RoundReport {
     /// final results of round `seq`, which was decided while some probes
     /// were still in flight; `success` repeats the decision.
     pub update: bool,
+    /// A burst asked for by passive health ([`Prober::burst`]): why. Its
+    /// decision is reported as soon as it is known, out of the rounds'
+    /// order, and it has no update.
+    pub burst: Option<String>,
+}
+
+/// A confirming round, sent at once ([`Prober::burst`]).
+#[derive(Clone, Debug)]
+pub struct Burst {
+    pub timeout: Duration,
+    /// Why (the passive suspicion), copied into the report.
+    pub why: String,
 }
 
 /// A running prober; dropping it stops its probing.
 pub struct Prober {
     spec: ProbeSpec,
     task: AbortHandle,
+    bursts: mpsc::UnboundedSender<Burst>,
 }
 
 impl Prober {
@@ -90,7 +103,9 @@ impl Prober {
     /// (the interface does not exist yet, ...) the rounds fail with the
     /// error, and the next round tries again.
     pub fn spawn(spec: ProbeSpec, tx: mpsc::Sender<RoundReport>) -> Prober {
+        let (bursts, bursts_rx) = mpsc::unbounded_channel();
         let runner = Runner {
+            bursts: bursts_rx,
             echo_id: random_u16(),
             spec: spec.clone(),
             tx,
@@ -102,7 +117,12 @@ impl Prober {
             next_seq: 0,
         };
         let task = tokio::spawn(runner.run()).abort_handle();
-        Prober { spec, task }
+        Prober { spec, task, bursts }
+    }
+
+    /// Probes every target now, with `b.timeout`, besides the rounds.
+    pub fn burst(&self, b: Burst) {
+        let _ = self.bursts.send(b);
     }
 
     pub fn spec(&self) -> &ProbeSpec {
@@ -127,6 +147,8 @@ struct Round {
     reported: Option<bool>,
     /// Some probes were in flight when the decision was reported.
     needs_update: bool,
+    /// A burst's reason ([`RoundReport::burst`]).
+    burst: Option<String>,
 }
 
 impl Round {
@@ -167,6 +189,7 @@ impl Round {
                 })
                 .collect(),
             update,
+            burst: self.burst.clone(),
         }
     }
 }
@@ -192,6 +215,7 @@ struct Runner {
     tasks: JoinSet<(u64, usize, Outcome)>,
     rounds: VecDeque<Round>,
     next_seq: u64,
+    bursts: mpsc::UnboundedReceiver<Burst>,
 }
 
 impl Runner {
@@ -226,7 +250,8 @@ impl Runner {
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now).into()), if expiry.is_some() => {
                     self.expire(Instant::now());
                 }
-                _ = ticker.tick() => self.start_round(),
+                _ = ticker.tick() => self.start_round(self.spec.timeout, None),
+                Some(b) = self.bursts.recv() => self.start_round(b.timeout, Some(b.why)),
             }
             if self.flush().await.is_err() {
                 return; // Nobody listens any more.
@@ -234,11 +259,11 @@ impl Runner {
         }
     }
 
-    fn start_round(&mut self) {
+    fn start_round(&mut self, timeout: Duration, burst: Option<String>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let sent_at = Instant::now();
-        let deadline = sent_at + self.spec.timeout;
+        let deadline = sent_at + timeout;
         let results = (0..self.spec.targets.len())
             .map(|i| self.start_probe(seq, i, deadline))
             .collect();
@@ -249,6 +274,7 @@ impl Runner {
             results,
             reported: None,
             needs_update: false,
+            burst,
         });
     }
 
@@ -345,19 +371,22 @@ impl Runner {
         });
     }
 
-    /// Sends the decisions that are due (in order), then the updates of the
-    /// rounds that are complete, and forgets those.
+    /// Sends the decisions that are due (the rounds' in order, a burst's
+    /// as soon as it is known), then the updates of the rounds that are
+    /// complete, and forgets those.
     async fn flush(&mut self) -> Result<(), mpsc::error::SendError<RoundReport>> {
+        let mut blocked = false;
         for i in 0..self.rounds.len() {
             let r = &mut self.rounds[i];
-            if r.reported.is_some() {
+            if r.reported.is_some() || (blocked && r.burst.is_none()) {
                 continue;
             }
             let Some(success) = r.decision(self.spec.quorum) else {
-                break;
+                blocked |= r.burst.is_none();
+                continue;
             };
             r.reported = Some(success);
-            r.needs_update = r.in_flight() > 0;
+            r.needs_update = r.in_flight() > 0 && r.burst.is_none();
             let report = r.report(&self.spec, success, false);
             self.tx.send(report).await?;
         }

@@ -40,6 +40,11 @@ pub struct HealthStats {
     /// Times the WAN stopped carrying traffic while it was carrying some:
     /// `up` or `degraded` to `down` or `disabled` (its flows moved).
     pub failovers: u64,
+    /// Bursts of probes asked for by passive health, those that failed,
+    /// and the times they took the WAN down.
+    pub passive_bursts: u64,
+    pub passive_bursts_failed: u64,
+    pub passive_downs: u64,
     pub targets: Vec<TargetStats>,
     /// Rounds decided with probes still in flight: (seq, family, their
     /// indexes in the round and in `targets`).
@@ -96,9 +101,13 @@ impl HealthStats {
             }
             return;
         }
-        self.rounds += 1;
-        self.rounds_failed += u64::from(!r.success);
-        self.last_round_ok = Some(r.success);
+        if r.burst.is_some() {
+            self.passive_bursts_failed += u64::from(!r.success);
+        } else {
+            self.rounds += 1;
+            self.rounds_failed += u64::from(!r.success);
+            self.last_round_ok = Some(r.success);
+        }
         let mut in_flight = Vec::new();
         for (i, res) in r.results.iter().enumerate() {
             let name = res.target.to_string();
@@ -116,7 +125,7 @@ impl HealthStats {
                 (None, Some(_)) => {}
             }
         }
-        if !in_flight.is_empty() {
+        if !in_flight.is_empty() && r.burst.is_none() {
             self.pending.push_back((r.seq, r.family, in_flight));
             while self.pending.len() > PENDING_ROUNDS {
                 self.pending.pop_front();
@@ -129,6 +138,7 @@ impl HealthStats {
         let carried = matches!(t.from, State::Up | State::Degraded);
         let stopped = matches!(t.to, State::Down | State::Disabled);
         self.failovers += u64::from(carried && stopped);
+        self.passive_downs += u64::from(t.to == State::Down && t.reason.starts_with("passive:"));
     }
 }
 
@@ -153,6 +163,7 @@ mod tests {
             sent_at: Instant::now(),
             success: res.iter().any(|(r, _)| r.is_some()),
             update,
+            burst: None,
             results: targets()
                 .into_iter()
                 .zip(res)

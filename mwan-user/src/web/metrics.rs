@@ -365,6 +365,48 @@ pub fn render(s: &Snapshot) -> String {
     );
     o.per_wan(
         s,
+        "mwan_wan_passive_handshakes",
+        "gauge",
+        "Passive health: IPv4 TCP handshakes from the LAN answered through the WAN in the last 2 s.",
+        |i| Some(wans[i].passive.handshakes as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_passive_syns",
+        "gauge",
+        "Passive health: IPv4 TCP connections opened from the LAN through the WAN (SYNs) in the last 2 s.",
+        |i| Some(wans[i].passive.syns as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_passive_handshake_seconds",
+        "gauge",
+        "Passive health: mean time of those handshakes (absent below 20 handshakes).",
+        |i| wans[i].passive.handshake_ms.map(|m| m / 1000.0),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_passive_bursts_total",
+        "counter",
+        "Bursts of probes passive health asked for (unanswered handshakes to many destinations).",
+        |i| Some(health(s, i).passive_bursts as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_passive_bursts_failed_total",
+        "counter",
+        "Those bursts that failed.",
+        |i| Some(health(s, i).passive_bursts_failed as f64),
+    );
+    o.per_wan(
+        s,
+        "mwan_wan_passive_downs_total",
+        "counter",
+        "Times the WAN went down on passive evidence (a failed burst).",
+        |i| Some(health(s, i).passive_downs as f64),
+    );
+    o.per_wan(
+        s,
         "mwan_wan_flows",
         "gauge",
         "Flows pinned to the WAN in the flow map (background count).",

@@ -378,6 +378,7 @@ pub(crate) mod tests {
             rtt_ms: None,
             jitter_ms: None,
             loss_pct: 100.0,
+            passive: Default::default(),
         });
         // isp2 is a metered line, its allowance used up.
         w2.usage = Some(crate::control::UsageStatus {
@@ -419,6 +420,7 @@ pub(crate) mod tests {
                 sent_at: Instant::now(),
                 success: true,
                 update: false,
+                burst: None,
                 results: targets
                     .iter()
                     .map(|t| TargetResult {

@@ -16,6 +16,7 @@ pub mod forwarding6;
 pub mod ha;
 pub mod held;
 pub mod loaded_table;
+pub mod passive;
 pub mod profile;
 pub mod report;
 pub mod scale;

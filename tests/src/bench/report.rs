@@ -32,6 +32,8 @@ pub struct Results {
     pub domains: Option<Domains>,
     /// The DNS relay under load.
     pub dns: Option<DnsRelay>,
+    /// Passive health: failover under traffic, and the soak under loss.
+    pub passive: Option<super::passive::Passive>,
     pub total_secs: f64,
     /// Load average when the run started.
     pub load_at_start: f64,
@@ -394,6 +396,13 @@ pub fn table(r: &Results) -> String {
             "  during a flood from another host: {} q/s lookups answered {} (off) vs {} (on), p99 {} vs {}",
             d.params.victim_rate, f.off_success, f.on_success, f.off_p99, f.on_p99
         );
+    }
+    if let Some(p) = &r.passive {
+        let _ = writeln!(
+            o,
+            "\nPassive health: failover under traffic (p50, p95), soak under loss"
+        );
+        o.push_str(&super::passive::markdown(p));
     }
     o
 }
@@ -787,6 +796,15 @@ pub fn markdown(r: &Results) -> String {
     }
     if let Some(d) = &r.domains {
         markdown_domains(&mut o, d);
+    }
+    if let Some(p) = &r.passive {
+        let _ = writeln!(o, "## 9. Passive health\n");
+        let _ = writeln!(
+            o,
+            "A silent upstream blackhole of the primary (ISP 1; ISP 2 is the backup) while a LAN host opens connections continuously (16 threads, 64 destinations, each attempt bounded by 700 ms); `hold_down = \"1s\"` in every variant. Failover: from the blackhole to the first new connection answered through ISP 2 (as in section 3). `passive = false` is the probes alone. The soak runs the defaults with the same traffic (`mwan-bench --soak-secs`).\n"
+        );
+        o.push_str(&super::passive::markdown(p));
+        o.push('\n');
     }
     if let Some(d) = &r.dns {
         markdown_dns(&mut o, d);
@@ -1294,7 +1312,7 @@ const CHANGES: &str = "## Changes since the previous run
   nftables.
 * New rows: mwan with 50,000 domain names, host pins and its metrics scraped every second
   (sections 1 and 2), a busy router losing a WAN with 100,000 connections (section 3b),
-  the DNS relay under dnsperf (section 8) and passive failover (section 3c).
+  the DNS relay under dnsperf (section 8) and passive failover (section 9).
 
 ";
 

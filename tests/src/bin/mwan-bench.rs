@@ -14,8 +14,8 @@ use bench::report::Results;
 use bench::traffic::Window;
 use bench::variants::{Variant, LOADED};
 use bench::{
-    busy, dns, domains, failover, footprint, forwarding, forwarding6, ha, report, scale, sig,
-    sysinfo, update,
+    busy, dns, domains, failover, footprint, forwarding, forwarding6, ha, passive, report, scale,
+    sig, sysinfo, update,
 };
 
 const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
@@ -29,7 +29,9 @@ const USAGE: &str = "usage: mwan-bench [--quick] [--out FILE] [--only SECTIONS]
                    of their old text (the header says which, and when)
   --only SECTIONS  comma-separated subset of: forwarding, forwarding6 (IPv6, dual-stack
                    lab), failover, busy (a WAN with 100,000 connections fails), scale,
-                   footprint, ha, domains, dns
+                   footprint, ha, domains, dns, passive
+  --soak-secs N    length of the passive section's soak under 10 % loss (default
+                   600, --quick 20)
 
 Runs as root; builds network namespaces only (nothing on the host's own
 network changes). MWAN_BIN selects the mwan binary (cargo xtask bench sets it).";
@@ -41,12 +43,13 @@ struct Args {
     sections: Vec<String>,
     /// `--update FILE`: the measured sections go into this report.
     update: Option<PathBuf>,
+    soak_secs: Option<u64>,
 }
 
 /// Nice value of the bench (inherited by the mwan daemons it starts).
 const NICE: i32 = -10;
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "forwarding",
     "forwarding6",
     "failover",
@@ -56,12 +59,14 @@ const SECTIONS: [&str; 9] = [
     "ha",
     "domains",
     "dns",
+    "passive",
 ];
 
 fn parse_args() -> Result<Option<Args>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut quick = false;
     let mut rounds = None;
+    let mut soak_secs = None;
     let mut out = None;
     let mut update = None;
     let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
@@ -75,6 +80,12 @@ fn parse_args() -> Result<Option<Args>> {
                     Some(n.parse().map_err(|_| {
                         anyhow::anyhow!("--rounds: `{n}` is not a number\n\n{USAGE}")
                     })?);
+            }
+            "--soak-secs" => {
+                let n = it.next().unwrap_or_default();
+                soak_secs = Some(n.parse().map_err(|_| {
+                    anyhow::anyhow!("--soak-secs: `{n}` is not a number\n\n{USAGE}")
+                })?);
             }
             "--out" => out = Some(PathBuf::from(it.next().unwrap_or_default())),
             "--update" => update = Some(PathBuf::from(it.next().unwrap_or_default())),
@@ -110,6 +121,7 @@ fn parse_args() -> Result<Option<Args>> {
         out,
         sections,
         update,
+        soak_secs,
     }))
 }
 
@@ -185,6 +197,7 @@ fn run() -> Result<()> {
         ha: None,
         domains: None,
         dns: None,
+        passive: None,
         total_secs: 0.0,
         load_at_start,
         background: 0.0,
@@ -297,6 +310,15 @@ fn run() -> Result<()> {
                 rates: vec![1_000, 10_000],
                 victim_rate: 200,
             },
+            &log,
+        )?);
+    }
+    if want("passive") {
+        println!("\n9. Passive health: failover under traffic, soak under loss");
+        let soak = args.soak_secs.unwrap_or(if q { 20 } else { 600 });
+        results.passive = Some(passive::run(
+            if q { 3 } else { 20 },
+            Duration::from_secs(soak),
             &log,
         )?);
     }

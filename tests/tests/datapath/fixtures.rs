@@ -49,12 +49,27 @@ pub enum HostPin {
     Set(W),
 }
 
+/// What a packet counts in `PASSIVE` (passive health).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hs {
+    /// A connection opened by a SYN (its pin gets `FLOW_SYN`).
+    Syn,
+    /// Its handshake answered (the pin gets `FLOW_ANSWERED`).
+    Answered,
+    /// A SYN retransmitted.
+    Retransmit,
+}
+
 #[derive(Clone, Debug)]
 pub struct Expect {
     pub mark: Mark,
     pub flow: Flow,
     pub host: HostPin,
     pub counters: Vec<(u32, u64)>,
+    /// When set, exactly what the packet counts in `PASSIVE`, on which
+    /// WAN (of the packet's family); every other WAN's and family's
+    /// counters unchanged.
+    pub passive: Option<Vec<(W, Hs)>>,
 }
 
 impl Expect {
@@ -65,6 +80,7 @@ impl Expect {
             flow: Flow::New(Some(W::Named(wan))),
             host: HostPin::Unchanged,
             counters: vec![(GS_NEW_FLOWS, 1)],
+            passive: None,
         }
     }
 
@@ -75,6 +91,7 @@ impl Expect {
             flow: Flow::Counted,
             host: HostPin::Unchanged,
             counters: vec![],
+            passive: None,
         }
     }
 
@@ -86,6 +103,7 @@ impl Expect {
             flow: Flow::New(Some(W::Named(wan))),
             host: HostPin::Unchanged,
             counters: vec![(GS_CT_PINS, 1)],
+            passive: None,
         }
     }
 
@@ -96,11 +114,17 @@ impl Expect {
             flow: Flow::Unchanged,
             host: HostPin::Unchanged,
             counters: vec![(counter, 1)],
+            passive: None,
         }
     }
 
     pub fn host(mut self, h: HostPin) -> Expect {
         self.host = h;
+        self
+    }
+    /// Exactly these passive-health counts (none: `vec![]`).
+    pub fn passive(mut self, p: Vec<(W, Hs)>) -> Expect {
+        self.passive = Some(p);
         self
     }
     pub fn also(mut self, counter: u32) -> Expect {
@@ -367,6 +391,39 @@ pub fn fixtures() -> Vec<Fixture> {
             ],
         },
         Fixture {
+            name: "passive health: a SYN counts a connection, another SYN a retransmission, the client's ACK the answered handshake, the rest nothing",
+            config: plain.clone(),
+            steps: vec![
+                send(syn.clone(), Expect::pin("isp1").passive(vec![(isp1, Hs::Syn)])),
+                send(
+                    syn.clone(),
+                    Expect::follows("isp1").passive(vec![(isp1, Hs::Retransmit)]),
+                ),
+                send(
+                    ack.clone(),
+                    Expect::follows("isp1").passive(vec![(isp1, Hs::Answered)]),
+                ),
+                send(ack.clone().payload(1000), Expect::follows("isp1").passive(vec![])),
+                // A SYN on the answered connection is no retransmission.
+                send(syn.clone(), Expect::follows("isp1").passive(vec![])),
+                // UDP counts nothing.
+                send(udp.clone(), Expect::pin("isp1").passive(vec![])),
+            ],
+        },
+        Fixture {
+            name: "passive health: a retransmitted SYN whose WAN died is a new connection on the next WAN, timed there",
+            config: plain.clone(),
+            steps: vec![
+                send(syn.clone(), Expect::pin("isp1").passive(vec![(isp1, Hs::Syn)])),
+                Step::Health(vec![("isp1", Bad)]),
+                send(syn.clone(), Expect::pin("isp2").passive(vec![(isp2, Hs::Syn)])),
+                send(
+                    ack.clone(),
+                    Expect::follows("isp2").passive(vec![(isp2, Hs::Answered)]),
+                ),
+            ],
+        },
+        Fixture {
             name: "TCP mid-stream without a pin is left to the routing tables",
             config: plain.clone(),
             steps: vec![
@@ -408,6 +465,7 @@ pub fn fixtures() -> Vec<Fixture> {
                         flow: Flow::New(None),
                         host: HostPin::Unchanged,
                         counters: vec![(GS_CT_PINS, 1)],
+                        passive: None,
                     },
                 ),
             ],
@@ -661,6 +719,7 @@ pub fn fixtures() -> Vec<Fixture> {
                         },
                         host: HostPin::Unchanged,
                         counters: vec![(GS_REPINS, 1)],
+                        passive: None,
                     },
                 ),
                 send(ack.clone(), Expect::follows("isp2")),
@@ -708,6 +767,7 @@ pub fn fixtures() -> Vec<Fixture> {
                         flow: Flow::Counted,
                         host: HostPin::Unchanged,
                         counters: vec![(GS_NO_WAN, 1)],
+                        passive: None,
                     },
                 ),
             ],
@@ -748,6 +808,7 @@ pub fn fixtures() -> Vec<Fixture> {
                         flow: Flow::New(Some(W::HostPin)),
                         host: HostPin::Set(W::HostPin),
                         counters: vec![(GS_NEW_FLOWS, 1)],
+                        passive: None,
                     },
                 ),
                 // The host's WAN dies (in both families: down for IPv4
@@ -770,6 +831,7 @@ pub fn fixtures() -> Vec<Fixture> {
                         },
                         host: HostPin::Unchanged,
                         counters: vec![(GS_REPINS, 1), (GS_HOST_HITS, 1)],
+                        passive: None,
                     },
                 ),
             ],
@@ -822,6 +884,7 @@ pub fn rule_fixtures() -> Vec<Fixture> {
         flow: Flow::New(None),
         host: HostPin::Unchanged,
         counters: vec![(GS_NEW_FLOWS, 1)],
+        passive: None,
     };
     let pin = Expect::pin;
     vec![
@@ -890,6 +953,7 @@ pub fn rule_fixtures() -> Vec<Fixture> {
                         flow: Flow::Counted,
                         host: HostPin::Unchanged,
                         counters: vec![],
+                        passive: None,
                     },
                 ),
                 // "web" before "vpn".

@@ -273,6 +273,10 @@ impl Rig {
             flows: self.dp.maps.flows()?.into_iter().collect(),
             hosts: self.dp.maps.host_pins.iter().collect::<Result<_, _>>()?,
             counters: self.dp.maps.global_counters()?,
+            passive: (0..self.cfg.wans.len() as u8)
+                .flat_map(|id| Family::BOTH.map(|f| (f, id)))
+                .map(|(f, id)| Ok(((f, id), self.dp.maps.passive_counters(f, id)?)))
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -354,7 +358,81 @@ impl Rig {
             frame.len() as u64,
             want.flow,
             &resolve,
-        )
+        )?;
+        match &want.passive {
+            Some(p) => self.check_passive(&before, &after, input, p, &resolve),
+            None => Ok(()),
+        }
+    }
+
+    /// The packet counted exactly `want` in `PASSIVE` (of its family), its
+    /// pin's flags say so, and nothing else changed there.
+    fn check_passive(
+        &self,
+        before: &Snapshot,
+        after: &Snapshot,
+        input: &Input,
+        want: &[(W, Hs)],
+        resolve: &dyn Fn(W) -> Result<u8>,
+    ) -> Result<()> {
+        let family = match &input.body {
+            Body::Ip6(_) => Family::Ipv6,
+            _ => Family::Ipv4,
+        };
+        let mut expected: HashMap<(Family, u8), [u64; 3]> = HashMap::new();
+        for (w, hs) in want {
+            let e = expected.entry((family, resolve(*w)?)).or_default();
+            e[*hs as usize] += 1;
+        }
+        for (key, a) in &after.passive {
+            let b = before.passive[key];
+            let got = [
+                a.syns - b.syns,
+                a.answered - b.answered,
+                a.retransmits - b.retransmits,
+            ];
+            let exp = expected.get(key).copied().unwrap_or_default();
+            ensure!(
+                got == exp,
+                "PASSIVE of {} ({}): syns, answered, retransmits +{got:?}, expected +{exp:?}",
+                self.wan_name(key.1),
+                key.0
+            );
+            if exp[1] > 0 {
+                // Timed unless its SYN was retransmitted.
+                let retried = before.flows.values().any(|v| v.flags & FLOW_RETRIED != 0);
+                let timed = a.timed - b.timed;
+                ensure!(
+                    a.answered_dsts != 0
+                        && timed == u64::from(!retried)
+                        && (timed == 0) == (a.handshake_ns == b.handshake_ns),
+                    "an answered handshake: {b:?} became {a:?} (its SYN retransmitted: {retried})"
+                );
+            } else {
+                ensure!(a.timed == b.timed, "a handshake timed: {a:?}");
+            }
+            if exp[0] > 0 {
+                ensure!(a.syn_dsts != 0, "a SYN without its destination: {a:?}");
+            }
+        }
+        let flags = input
+            .body
+            .key()
+            .and_then(|k| after.flows.get(&k))
+            .map_or(0, |v| v.flags);
+        for (_, hs) in want {
+            let bit = match hs {
+                Hs::Syn => FLOW_SYN,
+                Hs::Answered => FLOW_ANSWERED,
+                // (A re-pin clears FLOW_SYN.)
+                Hs::Retransmit => continue,
+            };
+            ensure!(
+                flags & bit != 0,
+                "pin flags {flags:#x} lack {bit:#x} after {hs:?}"
+            );
+        }
+        Ok(())
     }
 
     /// Only the expected host pin appears or changes WAN (a refreshed
@@ -666,6 +744,7 @@ struct Snapshot {
     flows: HashMap<AnyFlowKey, FlowValue>,
     hosts: HashMap<HostKey, HostValue>,
     counters: Vec<u64>,
+    passive: HashMap<(Family, u8), PassiveCounters>,
 }
 
 /// The counters moved by exactly `want` (every other one unchanged).
