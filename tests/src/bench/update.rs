@@ -62,7 +62,11 @@ pub fn merge(old: &str, new: &str, when: &str) -> String {
             names.join(", ")
         );
         // After the generated-by line and its blank line.
-        let at = head.find("\n\n").map(|i| i + 2).unwrap_or(head.len());
+        let from = head.find("Generated").unwrap_or(0);
+        let at = head[from..]
+            .find("\n\n")
+            .map(|i| from + i + 2)
+            .unwrap_or(head.len());
         head.insert_str(at, &line);
     }
     head + &have.concat()
@@ -85,7 +89,7 @@ mod tests {
         assert!(m.contains("old 3\n") && m.contains("new 3b") && !m.contains("old 3b"));
         assert!(m.find("new 3c").unwrap() < m.find("## Changes").unwrap());
         assert!(m.contains("method\n") && !m.contains("new method"));
-        assert!(m.contains("Generated on day 1."));
+        assert!(m.find("Generated on day 1.").unwrap() < m.find(LATER).unwrap());
         assert!(
             m.contains("(day 2, same machine, `mwan-bench --only … --update`): section 3b, 3c;")
         );
