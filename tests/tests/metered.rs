@@ -522,6 +522,18 @@ fn connections_between(lab: &Lab, from: f64, to: f64) -> Vec<(f64, usize)> {
 /// (local time: the boundary is a few seconds after the daemon starts). New
 /// connections follow it within a second; a download opened before stays
 /// on ISP 1.
+/// mwan with ISP 2 as the backup tier, `rule` and the time zone `tz`.
+fn start_scheduled<'l>(lab: &'l Lab, rule: &str, tz: &str) -> Mwan<'l> {
+    let per_wan = |i: usize| {
+        if i == 2 {
+            "tier = 2\n".into()
+        } else {
+            String::new()
+        }
+    };
+    start(lab, &config_with(lab, "", &per_wan, rule), &[("TZ", tz)])
+}
+
 #[test]
 fn a_scheduled_rule_turns_on_at_its_time_for_new_connections_only() {
     let lab = build();
@@ -531,18 +543,7 @@ fn a_scheduled_rule_turns_on_at_its_time_for_new_connections_only() {
     let rule = format!(
         "[[rule]]\nname = \"noon\"\ndst = [\"{SERVER2}\"]\nschedule = \"12:00-23:00\"\nwans = [\"isp2\"]\n"
     );
-    let per_wan = |i: usize| {
-        if i == 2 {
-            "tier = 2\n".into()
-        } else {
-            String::new()
-        }
-    };
-    let mwan = start(
-        &lab,
-        &config_with(&lab, "", &per_wan, &rule),
-        &[("TZ", &tz)],
-    );
+    let mwan = start_scheduled(&lab, &rule, &tz);
     let s = mwan.status();
     let r = &s.rules[0];
     assert!(
@@ -634,18 +635,7 @@ fn a_daylight_saving_change_moves_no_live_connection() {
     let rule = format!(
         "[[rule]]\nname = \"afternoon\"\ndst = [\"{SERVER2}\"]\nschedule = \"12:30-23:00\"\nwans = [\"isp2\"]\n"
     );
-    let per_wan = |i: usize| {
-        if i == 2 {
-            "tier = 2\n".into()
-        } else {
-            String::new()
-        }
-    };
-    let mwan = start(
-        &lab,
-        &config_with(&lab, "", &per_wan, &rule),
-        &[("TZ", &tz)],
-    );
+    let mwan = start_scheduled(&lab, &rule, &tz);
     let s = mwan.status();
     assert!(s.clock.local_time.contains("T11:59:"), "{:?}", s.clock);
     assert!(!s.rules[0].active);
