@@ -36,6 +36,9 @@ pub enum Health {
     Good,
     /// Degraded: takes new flows only when no good WAN is available.
     Degraded,
+    /// Up or degraded, but passive health suspects it and a burst of
+    /// probes is confirming: new flows only when no other WAN takes them.
+    Suspected,
     /// Not proven yet (starting): existing pins stay, no new flows.
     Unknown,
     /// Down or disabled: pins move away.
@@ -79,6 +82,7 @@ impl WanView {
         match self.health {
             Health::Good => Some(0),
             Health::Degraded => Some(1),
+            Health::Suspected => Some(2),
             Health::Unknown | Health::Bad => None,
         }
     }
@@ -598,6 +602,22 @@ mod tests {
         assert_eq!(select(&wans, &none), vec![(1, 1)]);
         wans[1].health = Health::Bad;
         assert_eq!(select(&wans, &none), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn a_suspected_wan_takes_new_flows_only_when_no_other_does_and_stays_alive() {
+        let none = BTreeSet::new();
+        let mut wans = vec![
+            view(0, 1, 1, Health::Suspected),
+            view(1, 1, 2, Health::Good),
+        ];
+        assert_eq!(select(&wans, &none), vec![(1, 1)], "the backup tier");
+        wans[1].health = Health::Degraded;
+        assert_eq!(select(&wans, &none), vec![(1, 1)]);
+        wans[1].health = Health::Bad;
+        assert_eq!(select(&wans, &none), vec![(0, 1)], "alone, it keeps them");
+        let c = compile(&wans, &[], &[], AllDown::Last, &[]);
+        assert_eq!(c.alive, vec![(0, true), (1, false)], "its pins stay");
     }
 
     #[test]

@@ -342,7 +342,9 @@ pub const DEFAULT_UP_AFTER: u32 = 5;
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(5);
 pub const DEFAULT_WINDOW: u32 = 50;
 /// The shortest wait for a SYN's answer before it counts as unanswered.
-pub const DEFAULT_PASSIVE_TIMEOUT: Duration = Duration::from_millis(250);
+/// A wrong suspicion costs only a detour of new connections for one
+/// burst's timeout (never a down), so it can be short.
+pub const DEFAULT_PASSIVE_TIMEOUT: Duration = Duration::from_millis(150);
 /// Distinct destinations whose handshakes must go unanswered before the
 /// probes are asked to confirm.
 pub const DEFAULT_PASSIVE_DESTINATIONS: u32 = 8;

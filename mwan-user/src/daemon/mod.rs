@@ -465,8 +465,16 @@ impl Daemon {
         };
         self.wans[i].stats.on_round(&r);
         let now = Instant::now();
-        if let Some(t) = self.wans[i].family_mut(r.family).machine.on_round(&r, now) {
+        let m = &mut self.wans[i].family_mut(r.family).machine;
+        let suspected = m.suspected();
+        let t = m.on_round(&r, now);
+        // An answer ends a suspicion: new flows may come back.
+        let cleared = suspected && !m.suspected();
+        let changed = t.is_some() || cleared;
+        if let Some(t) = t {
             self.on_transition(i, r.family, t);
+        }
+        if changed {
             self.reconcile(false).await?;
         }
         Ok(())

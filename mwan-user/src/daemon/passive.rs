@@ -16,8 +16,10 @@ use crate::health::passive::{Counters, PassiveMeasurements, Suspicion};
 use crate::health::probe::Burst;
 use crate::health::State;
 
-/// How often the counters are read.
-pub const READ_EVERY: Duration = Duration::from_millis(40);
+/// How often the counters are read. A SYN is seen at the read after it,
+/// so a suspicion comes between `passive_timeout` and that plus two reads
+/// after the WAN stopped answering.
+pub const READ_EVERY: Duration = Duration::from_millis(20);
 /// A confirming burst waits at least this long for its answers (and at
 /// least four times the WAN's mean probe RTT, at most `probe_timeout`).
 const BURST_MIN_TIMEOUT: Duration = Duration::from_millis(250);
@@ -29,6 +31,8 @@ impl Daemon {
     pub(super) async fn on_passive_tick(&mut self) {
         let now = Instant::now();
         let mut changes = Vec::new();
+        // A suspicion steers new flows away until its burst is answered.
+        let mut suspected = false;
         for i in 0..self.wans.len() {
             for f in Family::BOTH {
                 let w = &self.wans[i];
@@ -68,11 +72,11 @@ impl Daemon {
                     }
                 }
                 if let Some(s) = suspicion {
-                    self.confirm(i, f, judge, s);
+                    suspected |= self.confirm(i, f, judge, s);
                 }
             }
         }
-        if changes.is_empty() {
+        if changes.is_empty() && !suspected {
             return;
         }
         for (i, f, t) in changes {
@@ -84,11 +88,12 @@ impl Daemon {
     }
 
     /// Asks the prober of family `judge` of WAN `i` for a burst confirming
-    /// suspicion `s` of family `f`.
-    fn confirm(&mut self, i: usize, f: Family, judge: Family, s: Suspicion) {
+    /// suspicion `s` of family `f`, and marks the judge's machine suspected
+    /// meanwhile; whether it was marked.
+    fn confirm(&mut self, i: usize, f: Family, judge: Family, s: Suspicion) -> bool {
         let w = &self.wans[i];
         let Some(prober) = self.applied.prober(w.id, judge) else {
-            return;
+            return false;
         };
         let h = &w.cfg.health;
         let rtt = w.family(judge).machine.measurements().rtt_ms.unwrap_or(0.0);
@@ -101,6 +106,9 @@ impl Daemon {
             timeout,
             why: s.to_string(),
         });
+        let m = &mut self.wans[i].family_mut(judge).machine;
+        m.suspect();
+        m.suspected()
     }
 }
 

@@ -363,6 +363,7 @@ impl WanRt {
             tier: self.cfg.tier,
             health: match self.state(f) {
                 _ if !carries => Health::Bad,
+                _ if self.family(self.judged_by(f)).machine.suspected() => Health::Suspected,
                 State::Up => Health::Good,
                 State::Degraded => Health::Degraded,
                 State::Unknown => Health::Unknown,

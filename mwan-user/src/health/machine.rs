@@ -162,6 +162,10 @@ pub struct Machine {
     window: VecDeque<Sample>,
     /// The passive signals of the WAN's handshakes, as last read.
     passive: PassiveMeasurements,
+    /// A burst confirming a passive suspicion is out ([`Machine::suspect`]):
+    /// until it or a round is answered, or the WAN changes state, new
+    /// flows go to other WANs when they can.
+    suspected: bool,
 }
 
 impl Machine {
@@ -180,6 +184,7 @@ impl Machine {
             rounds: 0,
             window: VecDeque::new(),
             passive: PassiveMeasurements::default(),
+            suspected: false,
         }
     }
 
@@ -213,6 +218,7 @@ impl Machine {
         self.window.push_back(Sample::of(report));
         self.trim_window();
         if report.success {
+            self.suspected = false;
             self.bad_streak = 0;
             if self.link_down.is_none() {
                 self.good_streak = self.good_streak.saturating_add(1);
@@ -255,6 +261,7 @@ impl Machine {
     /// `up_after` and `hold_down`); answered, it changes nothing (neither
     /// streaks nor the window: it is no round).
     fn on_burst(&mut self, success: bool, why: &str, now: Instant) -> Option<Transition> {
+        self.suspected = false;
         if success || !matches!(self.state, State::Unknown | State::Up | State::Degraded) {
             return None;
         }
@@ -343,6 +350,20 @@ impl Machine {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Passive health suspects the WAN and asked for a confirming burst:
+    /// while it is out, new flows avoid the WAN where another can take
+    /// them (a wrong suspicion costs them a detour of one burst's
+    /// timeout; only the burst's failure takes the WAN down). Nothing to
+    /// suspect in a state that takes no new flows.
+    pub fn suspect(&mut self) {
+        self.suspected = matches!(self.state, State::Up | State::Degraded);
+    }
+
+    /// Whether a suspicion's burst is out ([`Machine::suspect`]).
+    pub fn suspected(&self) -> bool {
+        self.suspected
     }
 
     /// When the current state began.
@@ -471,6 +492,7 @@ impl Machine {
         };
         self.state = to;
         self.since = now;
+        self.suspected = false;
         Some(t)
     }
 }
@@ -593,6 +615,26 @@ mod tests {
             self.seq += 1;
             self.m.on_round(&r, self.now)
         }
+    }
+
+    #[test]
+    fn a_suspicion_lasts_until_its_burst_or_a_round_is_answered_or_the_state_changes() {
+        let mut s = Sim::up(defaults());
+        s.rounds(3, Sim::good);
+        s.m.suspect();
+        assert!(s.m.suspected());
+        assert!(s.burst(true).is_none());
+        assert!(!s.m.suspected(), "an answered burst clears it");
+        s.m.suspect();
+        assert!(s.bad().is_none());
+        assert!(s.m.suspected(), "a failed round keeps it");
+        assert!(s.good().is_none());
+        assert!(!s.m.suspected(), "an answered round clears it");
+        s.m.suspect();
+        assert!(s.burst(false).is_some());
+        assert!(!s.m.suspected(), "down: nothing to suspect");
+        s.m.suspect();
+        assert!(!s.m.suspected(), "a down WAN takes no new flows to avoid");
     }
 
     #[test]
