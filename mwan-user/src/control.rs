@@ -386,6 +386,10 @@ pub struct PassiveStatus {
     /// The time a SYN may wait before it counts as unanswered now
     /// (`passive_timeout`, or twice the usual handshake time).
     pub answer_timeout_ms: f64,
+    /// A suspicion's burst of probes is out: new flows avoid the WAN
+    /// meanwhile.
+    #[serde(default)]
+    pub suspected: bool,
 }
 
 /// One family's health and place in balancing (IPv6 beside the IPv4 of

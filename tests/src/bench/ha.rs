@@ -11,7 +11,6 @@
 //! kills the other one.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -88,10 +87,12 @@ pub fn run(trials: usize, log: &dyn Fn(String)) -> Result<HaFailover> {
         ha[active].power_off()?;
         mwans[active].forget();
         let moved: Mutex<Option<Instant>> = Mutex::new(None);
-        let done = AtomicBool::new(false);
         let first = std::thread::scope(|s| {
+            // Watches until it sees the address (or 10 s): not until the
+            // first connection, which may be answered while a look that
+            // began before the address moved is still under way.
             s.spawn(|| {
-                while !done.load(Ordering::Relaxed) && died.elapsed() < Duration::from_secs(10) {
+                while died.elapsed() < Duration::from_secs(10) {
                     if holds_gateway(&lab, standby) {
                         *moved.lock().unwrap() = Some(Instant::now());
                         return;
@@ -107,14 +108,19 @@ pub fn run(trials: usize, log: &dyn Fn(String)) -> Result<HaFailover> {
                 Duration::from_secs(10),
                 &|ip| public.contains(&ip),
             );
-            done.store(true, Ordering::Relaxed);
             r
         })?;
         let (first_at, _) = first.ok_or_else(|| anyhow!("no new connection within 10 s"))?;
         let moved_at = moved
             .into_inner()
             .unwrap()
-            .ok_or_else(|| anyhow!("the standby did not take the gateway address"))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "the standby did not take the gateway address within 10 s (the first new connection was answered after {:.0} ms):\n{}",
+                    (first_at - died).as_secs_f64() * 1e3,
+                    ha[standby].logs()
+                )
+            })?;
         let flowing = wait_until(Duration::from_secs(10), || {
             stream.bytes() >= before + STREAM_PACE
         });

@@ -9,7 +9,8 @@
 //! variant). The LAN's traffic: 16 threads opening connections to 64
 //! destinations (an AnyIP range of the internet), each attempt bounded by
 //! 700 ms. The failover time is from the blackhole to the first new
-//! connection answered through ISP 2 (as in section 3).
+//! connection answered through ISP 2 (as in section 3): with passive
+//! health on, when it suspects ISP 1 and new connections avoid it.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

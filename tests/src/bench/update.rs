@@ -51,25 +51,67 @@ pub fn merge(old: &str, new: &str, when: &str) -> String {
         }
         names.push(n);
     }
-    let kept: String = head
-        .split_inclusive('\n')
-        .filter(|l| !l.starts_with(LATER))
-        .collect();
+    // Earlier runs' lines keep the sections not measured again now.
+    let mut lines = Vec::new();
+    let mut kept = String::new();
+    let mut skip_blank = false;
+    for l in head.split_inclusive('\n') {
+        if let Some(earlier) = l.strip_prefix(LATER) {
+            let (when, sections) = later_line(earlier);
+            let rest: Vec<String> = sections
+                .into_iter()
+                .filter(|s| !names.contains(s))
+                .collect();
+            if !rest.is_empty() {
+                lines.push(later(&when, &rest));
+            }
+            skip_blank = true;
+        } else if skip_blank && l == "\n" {
+            skip_blank = false;
+        } else {
+            skip_blank = false;
+            kept.push_str(l);
+        }
+    }
     head = kept;
     if !names.is_empty() {
-        let line = format!(
-            "{LATER} ({when}, same machine, `mwan-bench --only … --update`): section {}; every other figure is from the run above.\n\n",
-            names.join(", ")
-        );
+        lines.insert(0, later(when, &names));
+    }
+    if !lines.is_empty() {
         // After the generated-by line and its blank line.
         let from = head.find("Generated").unwrap_or(0);
         let at = head[from..]
             .find("\n\n")
             .map(|i| from + i + 2)
             .unwrap_or(head.len());
-        head.insert_str(at, &line);
+        head.insert_str(at, &lines.concat());
     }
     head + &have.concat()
+}
+
+/// The header line saying that `sections` were measured `when`.
+fn later(when: &str, sections: &[String]) -> String {
+    format!(
+        "{LATER} ({when}, same machine, `mwan-bench --only … --update`): section {}; every other figure is from the run above.\n\n",
+        sections.join(", ")
+    )
+}
+
+/// The time and the sections of a [`later`] line (without [`LATER`]).
+fn later_line(l: &str) -> (String, Vec<String>) {
+    let when = l
+        .trim_start()
+        .strip_prefix('(')
+        .and_then(|r| r.split(", same machine").next())
+        .unwrap_or_default()
+        .to_string();
+    let sections = l
+        .split("): section ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .map(|r| r.split(", ").map(str::to_string).collect())
+        .unwrap_or_default();
+    (when, sections)
 }
 
 #[cfg(test)]
@@ -93,10 +135,26 @@ mod tests {
         assert!(
             m.contains("(day 2, same machine, `mwan-bench --only … --update`): section 3b, 3c;")
         );
-        // Merging again replaces the header line, not adds one.
+        // Merging the same sections again replaces the header line, not
+        // adds one.
         let again = merge(&m, new, "day 3");
         assert_eq!(again.matches(LATER).count(), 1, "{again}");
         assert!(again.contains("day 3"));
         assert_eq!(again.matches("new 3c").count(), 1);
+        assert!(!again.contains("\n\n\n"), "{again}");
+        // Merging one of them keeps the other's earlier line.
+        let only = "# mwan benchmarks\n\nGenerated on day 4.\n\n## 3c. Passive\n\nnewer 3c\n";
+        let later_merge = merge(&again, only, "day 4");
+        assert!(
+            later_merge
+                .contains("(day 4, same machine, `mwan-bench --only … --update`): section 3c;"),
+            "{later_merge}"
+        );
+        assert!(
+            later_merge
+                .contains("(day 3, same machine, `mwan-bench --only … --update`): section 3b;"),
+            "{later_merge}"
+        );
+        assert!(!later_merge.contains("\n\n\n"), "{later_merge}");
     }
 }
