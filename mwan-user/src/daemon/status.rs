@@ -418,6 +418,6 @@ fn passive_status(w: &WanRt, f: Family) -> PassiveStatus {
         handshake_ms: m.handshake_ms,
         retransmit_pct: m.retransmit_pct,
         answer_timeout_ms: d.answer_timeout().as_secs_f64() * 1000.0,
-        suspected: w.family(w.judged_by(f)).machine.suspected(),
+        suspected: w.suspected(f),
     }
 }

@@ -242,6 +242,12 @@ impl WanRt {
         self.family(self.judged_by(f)).machine.state()
     }
 
+    /// Whether passive health suspects family `f` (its judge's machine):
+    /// new flows avoid the WAN while a burst confirms.
+    pub fn suspected(&self, f: Family) -> bool {
+        self.family(self.judged_by(f)).machine.suspected()
+    }
+
     /// Disabled (by the config or `mwan disable`: both families).
     pub fn disabled(&self) -> bool {
         self.state(Family::Ipv4) == State::Disabled
@@ -363,7 +369,7 @@ impl WanRt {
             tier: self.cfg.tier,
             health: match self.state(f) {
                 _ if !carries => Health::Bad,
-                _ if self.family(self.judged_by(f)).machine.suspected() => Health::Suspected,
+                _ if self.suspected(f) => Health::Suspected,
                 State::Up => Health::Good,
                 State::Degraded => Health::Degraded,
                 State::Unknown => Health::Unknown,

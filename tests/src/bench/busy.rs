@@ -25,7 +25,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use lab::mwan::{config_with, Mwan, Status};
 use lab::{Lab, Netns, LAN0, SERVER, SERVER2};
 
-use super::failover::{ms, Rng};
+use super::failover::{ms, primary_carries, Rng};
 use super::held::{self, TcpBacklog, TcpClients, UdpEcho};
 use super::sig;
 use super::stats::{percentile, summary};
@@ -259,15 +259,7 @@ fn trial(
         lab.inet().tcp_whoami_server(fail_srv)?,
     ];
     let via = |isp: usize| move |ip: Ipv4Addr| lab.wan_of(ip) == Some(isp);
-    first_success(
-        lab.host(0),
-        check,
-        Duration::from_millis(20),
-        Duration::from_millis(500),
-        Duration::from_secs(5),
-        &via(1),
-    )?
-    .ok_or_else(|| anyhow!("isp1 is up but new connections do not use it"))?;
+    primary_carries(lab, lab.host(0), check)?;
     let started = Instant::now();
     let held = if busy {
         Some(hold(lab, servers, p)?)

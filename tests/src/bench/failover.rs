@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use lab::mwan::{config_with, Mwan};
-use lab::{Lab, SERVER};
+use lab::{Lab, Netns, SERVER};
 
 use super::sig;
 use super::traffic::first_success;
@@ -102,16 +102,7 @@ pub fn run(trials: usize, long_trials: usize, log: &dyn Fn(String)) -> Result<Fa
         let long = t >= trials;
         mwan.wait_state("isp1", "up", Duration::from_secs(30))?;
         let (check, fail_srv, repair_srv) = (port(3 * t)?, port(3 * t + 1)?, port(3 * t + 2)?);
-        // The primary carries new connections.
-        first_success(
-            host,
-            check,
-            Duration::from_millis(20),
-            Duration::from_millis(500),
-            Duration::from_secs(5),
-            &via(1),
-        )?
-        .ok_or_else(|| anyhow!("isp1 is up but new connections do not use it"))?;
+        primary_carries(&lab, host, check)?;
         // A random phase against the probe rounds.
         sig::sleep(Duration::from_millis(rng.below(300)))?;
 
@@ -164,6 +155,21 @@ pub fn run(trials: usize, long_trials: usize, log: &dyn Fn(String)) -> Result<Fa
         out.trials.push(trial);
     }
     Ok(out)
+}
+
+/// Before a trial: new connections from `host` to `check` go through ISP 1
+/// (the primary), within 5 s.
+pub fn primary_carries(lab: &Lab, host: &Netns, check: SocketAddrV4) -> Result<()> {
+    first_success(
+        host,
+        check,
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+        Duration::from_secs(5),
+        &|ip: Ipv4Addr| lab.wan_of(ip) == Some(1),
+    )?
+    .ok_or_else(|| anyhow!("isp1 is up but new connections do not use it"))?;
+    Ok(())
 }
 
 pub fn ms(d: Duration) -> f64 {
