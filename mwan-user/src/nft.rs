@@ -28,7 +28,9 @@
 //!   browser's third connection would hang until its SYN retries give up.
 //! * `dns_divert` (nat, prerouting, only while a rule has domains): LAN DNS
 //!   queries (UDP and TCP) are redirected to mwan's relay while its socket
-//!   exists, and pass untouched when it does not ([`Divert`]).
+//!   exists, and pass untouched when it does not ([`Divert`]); `dns_zone`
+//!   (filter, prerouting, priority raw) tracks them in a conntrack zone of
+//!   their own meanwhile, so that none of their entries outlives the relay.
 //! * `output` (filter, priority raw): mwan's nudge segments (mark
 //!   [`NUDGE_MARK`]) are not tracked. Nothing restores marks in `output`:
 //!   the router's own sockets (and mwan's probes) choose their route
@@ -111,6 +113,19 @@ pub enum Nat6 {
 /// `nft_tproxy_eval_v6` ends the rule the same way when no transparent
 /// socket is found), and IPv6 queries are redirected to an address of the
 /// incoming interface of the query's scope.
+///
+/// Failing open must hold for a flow's later packets too, and the redirect
+/// is a NAT binding: a conntrack entry made while the relay lived keeps
+/// sending its flow's packets to the relay's port after the relay is gone
+/// (refused), for as long as the client keeps it alive: a client that asks
+/// from a fixed source port, or a stub resolver whose random port repeats
+/// one of a minute ago. So the flows diverted while the relay lives are
+/// tracked in a conntrack zone of their own ([`DIVERT_ZONE`], set in
+/// `dns_zone` before conntrack, behind the same tproxy test), in their
+/// original direction only (the relay's answers and the lookups of
+/// their entries by reply tuple find them in the default zone). Once the
+/// relay is gone, a query is tracked in the default zone: it never meets
+/// an entry of the relay's, and is forwarded and masqueraded as any other.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Divert {
     pub lans: Vec<String>,
@@ -124,6 +139,10 @@ pub struct Divert {
 /// leading `add`/`delete` make it work whether or not the table exists.
 /// The packet mark of mwan's own nudge segments ("mnud").
 pub const NUDGE_MARK: u32 = 0x6d6e_7564;
+
+/// The conntrack zone ("mw") of the LAN's DNS flows diverted to the relay,
+/// in their original direction ([`Divert`]).
+pub const DIVERT_ZONE: u16 = 0x6d77;
 
 /// Everything the table holds.
 #[derive(Clone, Copy, Debug)]
@@ -209,12 +228,28 @@ pub fn ruleset(t: &Table) -> String {
             .map(|l| format!("\"{l}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let _ = write!(
-            s,
-            "\tchain dns_divert {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tiifname {{ {lans} }} meta nfproto ipv4 udp dport 53 tproxy ip to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv4 tcp dport 53 tproxy ip to :{tcp_port} counter redirect to :{tcp_port}\n\t\tiifname {{ {lans} }} meta nfproto ipv6 udp dport 53 tproxy ip6 to :{port} counter redirect to :{port}\n\t\tiifname {{ {lans} }} meta nfproto ipv6 tcp dport 53 tproxy ip6 to :{tcp_port} counter redirect to :{tcp_port}\n\t}}\n",
-            port = d.port,
-            tcp_port = d.tcp_port
-        );
+        // Each query the relay takes: "is its socket there?" (tproxy ends
+        // the rule when not), then what each chain does with it.
+        let takes: Vec<(String, u16)> = [("ipv4", "ip"), ("ipv6", "ip6")]
+            .into_iter()
+            .flat_map(|(nfproto, tproxy)| {
+                [("udp", d.port), ("tcp", d.tcp_port)].map(|(proto, port)| {
+                    (
+                        format!("iifname {{ {lans} }} meta nfproto {nfproto} {proto} dport 53 tproxy {tproxy} to :{port}"),
+                        port,
+                    )
+                })
+            })
+            .collect();
+        s.push_str("\tchain dns_zone {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
+        for (take, _) in &takes {
+            let _ = writeln!(s, "\t\t{take} ct original zone set {DIVERT_ZONE}");
+        }
+        s.push_str("\t}\n\tchain dns_divert {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n");
+        for (take, port) in &takes {
+            let _ = writeln!(s, "\t\t{take} counter redirect to :{port}");
+        }
+        s.push_str("\t}\n");
     }
     let npt: Vec<(&NftWan, Ipv6Net, Ipv6Net)> = wans
         .iter()
@@ -615,6 +650,12 @@ table inet mwan {
                 text.contains(
                     "iifname \"lan0\" meta nfproto ipv6 tcp dport 53 tproxy ip6 to :40054 counter packets 0 bytes 0 redirect to :40054"
                 ),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!(
+                    "iifname \"lan0\" meta nfproto ipv6 udp dport 53 tproxy ip6 to :40053 ct original zone set {DIVERT_ZONE}"
+                )),
                 "{text}"
             );
             assert_eq!(divert_ports().await.unwrap(), [40053]);

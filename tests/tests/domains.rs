@@ -678,6 +678,11 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
         .udp_flow(SocketAddrV4::new(RESOLVER, 53))
         .unwrap();
     fixed.dns_lookup("fixed-before.gov.example").unwrap();
+    let fixed6 = lab
+        .host(0)
+        .udp_flow(SocketAddrV6::new(RESOLVER6, 53, 0, 0))
+        .unwrap();
+    fixed6.dns_lookup("fixed6-before.gov.example").unwrap();
 
     let proc = mwan.forget().expect("daemon process");
     proc.signal(libc::SIGKILL).unwrap();
@@ -694,6 +699,15 @@ fn dns_keeps_working_while_the_daemon_is_dead() {
         divert.contains("tproxy ip to") && divert.contains("tproxy ip6 to"),
         "the divert is gone, nothing to test: {nft:?}"
     );
+    // The fixed-port clients' next queries share their 5-tuples with the
+    // diverted ones just answered: they must not meet those conntrack
+    // entries, which still point at the dead relay.
+    fixed
+        .dns_lookup("fixed-dead.gov.example")
+        .expect("the fixed-port client with mwan dead");
+    fixed6
+        .dns_lookup("fixed6-dead.gov.example")
+        .expect("the fixed-port IPv6 client with mwan dead");
     // Answered on the first try: a lost query would be retried by the
     // client only after a third of its 3 s timeout.
     for i in 0..50 {
