@@ -241,7 +241,10 @@ pub fn ruleset(t: &Table) -> String {
                 })
             })
             .collect();
-        s.push_str("\tchain dns_zone {\n\t\ttype filter hook prerouting priority raw; policy accept;\n");
+        // Every packet passes `dns_zone` (a zone must be set before
+        // conntrack, which sees them all): all but DNS leave at its first
+        // test, one load and compare of the destination port.
+        s.push_str("\tchain dns_zone {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tth dport != 53 accept\n");
         for (take, _) in &takes {
             let _ = writeln!(s, "\t\t{take} ct original zone set {DIVERT_ZONE}");
         }
