@@ -19,11 +19,16 @@ const UP: Duration = Duration::from_secs(5);
 /// New TCP connections from every LAN host (in parallel), `per_host` each;
 /// returns the sources the server saw. Panics if any connection fails.
 fn connections(lab: &Lab, per_host: usize) -> Vec<SocketAddrV4> {
+    connections_to(lab, TCP_WHOAMI, per_host)
+}
+
+/// [`connections`] to `server` (a TCP whoami endpoint).
+fn connections_to(lab: &Lab, server: SocketAddrV4, per_host: usize) -> Vec<SocketAddrV4> {
     let results: Vec<Vec<_>> = thread::scope(|s| {
         let handles: Vec<_> = lab
             .hosts()
             .iter()
-            .map(|h| s.spawn(move || many_tcp_whoami(h, TCP_WHOAMI, per_host, 16)))
+            .map(|h| s.spawn(move || many_tcp_whoami(h, server, per_host, 16)))
             .collect();
         handles
             .into_iter()
@@ -90,9 +95,14 @@ fn new_connections_follow_the_weights() {
     // points, so 3 points is a safe bound that still catches real skew.
     let seen = connections(&lab, 1000);
     assert_shares(&lab, &mwan, &seen, &[1, 1]);
-    // Live weight change: new flows follow at once, no reload.
+    // Live weight change: new flows follow at once, no reload. To the
+    // second server: a SYN that repeats the 5-tuple of a connection just
+    // closed follows that connection's pin and conntrack record, on
+    // purpose (conntrack may still hold its NAT binding), and the kernel's
+    // port choice can repeat many of the first 1000 connections' ports
+    // (680 of 4000 in one CI run: 71 % for ISP 1, not 75 %).
     mwan.cli_ok(&["set-weight", "isp1", "3"]).unwrap();
-    let seen = connections(&lab, 1000);
+    let seen = connections_to(&lab, SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT), 1000);
     assert_shares(&lab, &mwan, &seen, &[3, 1]);
     let status = mwan.status();
     assert!(
