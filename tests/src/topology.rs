@@ -50,6 +50,8 @@ pub const TCP_PROBE_PORT: u16 = 443;
 pub const DNS_PORT: u16 = 53;
 
 pub const TCP_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER, TCP_WHOAMI_PORT);
+/// [`TCP_WHOAMI`] on [`SERVER2`].
+pub const TCP_WHOAMI2: SocketAddrV4 = SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT);
 pub const UDP_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER, UDP_WHOAMI_PORT);
 pub const STREAM: SocketAddrV4 = SocketAddrV4::new(SERVER, STREAM_PORT);
 pub const BULK: SocketAddrV4 = SocketAddrV4::new(SERVER, BULK_PORT);

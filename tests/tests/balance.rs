@@ -102,7 +102,7 @@ fn new_connections_follow_the_weights() {
     // port choice can repeat many of the first 1000 connections' ports
     // (680 of 4000 in one CI run: 71 % for ISP 1, not 75 %).
     mwan.cli_ok(&["set-weight", "isp1", "3"]).unwrap();
-    let seen = connections_to(&lab, SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT), 1000);
+    let seen = connections_to(&lab, TCP_WHOAMI2, 1000);
     assert_shares(&lab, &mwan, &seen, &[3, 1]);
     let status = mwan.status();
     assert!(

@@ -225,7 +225,7 @@ fn plain_routing_through_each_isp() {
                 (wan_addr.ip(), Some(isp))
             );
             let seen = host
-                .tcp_whoami(SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT))
+                .tcp_whoami(TCP_WHOAMI2)
                 .unwrap();
             assert_eq!(seen.ip(), wan_addr.ip());
             let seen = host.udp_whoami(UDP_WHOAMI).unwrap();

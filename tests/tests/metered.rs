@@ -131,7 +131,7 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
     let mut mwan = start(&lab, &text, &[]);
     let (isp0, used0) = (isp_total(&lab, 2), used(&mwan, "isp2"));
     assert_eq!(
-        isps_to(&lab, SERVER2_WHOAMI, 3),
+        isps_to(&lab, TCP_WHOAMI2, 3),
         vec![2, 2, 2],
         "the rule's line"
     );
@@ -159,9 +159,6 @@ fn a_quota_is_counted_as_the_isp_counts_and_a_used_up_wan_is_a_backup() {
         "the usage file is gone or shrank"
     );
 }
-
-/// The second server's whoami: the rule of the quota test sends it to ISP 2.
-const SERVER2_WHOAMI: SocketAddrV4 = SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT);
 
 /// Downloads through ISP 2 until its 4 MB are used up: each threshold is
 /// reported once, with the usage past it (events, the hook).
@@ -227,7 +224,7 @@ fn use_up_the_allowance(lab: &Lab, mwan: &Mwan, hooks: &std::path::Path) {
 /// Used up: no new flows while ISP 1 is up, the rule's included; a backup
 /// again while ISP 1 is down.
 fn a_used_up_wan_is_a_backup(lab: &Lab, mwan: &Mwan) {
-    let server2 = SERVER2_WHOAMI;
+    let server2 = TCP_WHOAMI2;
     // Used up: no new flows while ISP 1 is up, the rule's included.
     let isp2 = wan(&mwan.status(), "isp2").clone();
     let u = isp2.usage.as_ref().unwrap();
@@ -261,7 +258,7 @@ fn a_used_up_wan_is_a_backup(lab: &Lab, mwan: &Mwan) {
 /// between (the router's own download through ISP 2) count. Returns the
 /// usage after the restart.
 fn usage_survives_a_reload_and_a_restart(lab: &Lab, mwan: &mut Mwan) -> u64 {
-    let server2 = SERVER2_WHOAMI;
+    let server2 = TCP_WHOAMI2;
     // The usage survives a reload and a restart, and the bytes of the
     // time between (the router's own download through ISP 2) count.
     let before = used(mwan, "isp2");
@@ -504,7 +501,7 @@ fn humantime_parse(s: &str) -> Option<f64> {
 /// One new connection to the second server every 100 ms from `from` to
 /// `to` (epoch seconds): when each started and its ISP.
 fn connections_between(lab: &Lab, from: f64, to: f64) -> Vec<(f64, usize)> {
-    let server2 = SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT);
+    let server2 = TCP_WHOAMI2;
     while wall() < from {
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -144,7 +144,7 @@ main = true
     }
     for r in many_tcp_whoami(
         lab.host(0),
-        SocketAddrV4::new(SERVER2, TCP_WHOAMI_PORT),
+        TCP_WHOAMI2,
         50,
         8,
     ) {
