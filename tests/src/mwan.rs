@@ -238,10 +238,16 @@ impl<'l> Mwan<'l> {
 
     /// Like [`Mwan::start`], the daemon started through the command `via`
     /// (e.g. [`crate::unit::UnitSandbox::wrapper`]), also on later
-    /// [`Mwan::launch`]es.
+    /// [`Mwan::launch`]es. It runs a copy of the binary in the lab's
+    /// directory: the unit's sandbox hides /tmp, /home and /root, where a
+    /// checkout and its build may well be (an installed mwan is in
+    /// /usr/sbin), and shows /run, where the lab's directory is.
     pub fn start_via(lab: &'l Lab, config_text: &str, via: &[String]) -> Result<Mwan<'l>> {
         let config = lab.dir().join("mwan.toml");
         std::fs::write(&config, config_text)?;
+        let bin = lab.dir().join("mwan");
+        std::fs::copy(binary(), &bin)
+            .with_context(|| format!("copying {} to {}", binary().display(), bin.display()))?;
         let mut m = Mwan {
             lab,
             node: 0,
@@ -249,7 +255,7 @@ impl<'l> Mwan<'l> {
             proc: None,
             env: Vec::new(),
             via: via.to_vec(),
-            bin: binary(),
+            bin,
         };
         m.launch(&[])?;
         Ok(m)
