@@ -99,6 +99,16 @@ impl<T> Fair<T> {
         c.queue.push_back(item);
     }
 
+    /// [`admit`](Fair::admit)s one more query of `client` and, if it is
+    /// admitted, queues the item `make` makes (`make` is not called for a
+    /// refused one): both under one borrow, so a caller behind a lock takes
+    /// it once per query.
+    pub fn offer(&mut self, client: IpAddr, make: impl FnOnce() -> T) -> Result<(), Refused> {
+        self.admit(client)?;
+        self.push(client, make());
+        Ok(())
+    }
+
     /// Gives back the place of an admitted query that was never queued.
     pub fn cancel(&mut self, client: IpAddr) {
         self.release(client);
@@ -254,5 +264,21 @@ mod tests {
         f.done(host(99));
         assert_eq!(f.held(), 9);
         assert_eq!(f.held_by(host(99)), 0);
+    }
+
+    /// `offer` queues an admitted item, makes none for a refused query,
+    /// and refuses as `admit` does.
+    #[test]
+    fn an_offer_queues_only_what_is_admitted() {
+        let mut f: Fair<u32> = Fair::new(LIMITS);
+        for i in 0..4 {
+            assert_eq!(f.offer(host(1), || i), Ok(()));
+        }
+        let refused = f.offer(host(1), || panic!("made for a refused query"));
+        assert_eq!(refused, Err(Refused::Client));
+        assert_eq!(f.held_by(host(1)), 4);
+        assert_eq!(f.next_to_run(), Some((host(1), 0)));
+        assert_eq!(f.next_to_run(), Some((host(1), 1)));
+        assert_eq!(f.next_to_run(), None, "two in flight at most");
     }
 }

@@ -59,19 +59,19 @@ pub(super) async fn receive<S: LearnedSink>(sock: Arc<UdpSocket>, shared: Arc<Sh
         for _ in 0..BATCH {
             match sock.try_io(Interest::READABLE, || recv_orig(&*sock, &mut buf)) {
                 Ok((n, client, local)) => {
-                    let refused = shared.fair.lock().expect("fair lock").admit(client.ip());
-                    match refused {
-                        Ok(()) => {
-                            let p = Pending {
-                                query: buf[..n].to_vec(),
-                                client,
-                                local,
-                                sock: sock.clone(),
-                                arrived: Instant::now(),
-                            };
-                            shared.fair.lock().expect("fair lock").push(client.ip(), p);
-                        }
-                        Err(why) => refusals.note(client.ip(), why),
+                    let offered = shared
+                        .fair
+                        .lock()
+                        .expect("fair lock")
+                        .offer(client.ip(), || Pending {
+                            query: buf[..n].to_vec(),
+                            client,
+                            local,
+                            sock: sock.clone(),
+                            arrived: Instant::now(),
+                        });
+                    if let Err(why) = offered {
+                        refusals.note(client.ip(), why);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -92,18 +92,29 @@ pub(super) async fn receive<S: LearnedSink>(sock: Arc<UdpSocket>, shared: Arc<Sh
 /// task each, so that the runtime's threads share the work (sending a
 /// query carries it through the router's stack to the next hop).
 pub(super) fn serve<S: LearnedSink>(shared: &Arc<Shared<S>>) {
-    loop {
-        let next = shared.fair.lock().expect("fair lock").next_to_run();
-        let Some((client, p)) = next else { return };
+    let first = shared.fair.lock().expect("fair lock").next_to_run();
+    serve_from(shared, first);
+}
+
+/// Starts `next`, then the further queued queries there are places for.
+fn serve_from<S: LearnedSink>(shared: &Arc<Shared<S>>, mut next: Option<(IpAddr, Pending)>) {
+    while let Some((client, p)) = next {
         let s = shared.clone();
         let spawned = shared.spawn(async move {
             exchange(&s, p).await;
-            s.fair.lock().expect("fair lock").done(client);
-            serve(&s);
+            // The place this exchange held goes to the next queued query
+            // under the same lock.
+            let next = {
+                let mut fair = s.fair.lock().expect("fair lock");
+                fair.done(client);
+                fair.next_to_run()
+            };
+            serve_from(&s, next);
         });
         if !spawned {
             return;
         }
+        next = shared.fair.lock().expect("fair lock").next_to_run();
     }
 }
 
@@ -211,15 +222,26 @@ async fn finish<S: LearnedSink>(
     reply(p, &answer, server).await;
 }
 
+thread_local! {
+    /// Each runtime thread's buffer for the servers' answers: an answer is
+    /// received into it, then only its bytes are copied out.
+    static ANSWER_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_UDP].into_boxed_slice());
+}
+
 /// The first datagram from the server whose ID is `id`.
 async fn wait(upstream: &UdpSocket, id: Option<u16>) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(MAX_UDP);
     loop {
-        buf.clear();
-        let n = upstream.recv_buf(&mut buf).await?;
-        if n >= 2 && Some(u16::from_be_bytes([buf[0], buf[1]])) == id {
-            buf.truncate(n);
-            return Ok(buf);
+        upstream.readable().await?;
+        let got = ANSWER_BUF.with_borrow_mut(|buf| {
+            let n = upstream.try_recv(buf)?;
+            let ours = n >= 2 && Some(u16::from_be_bytes([buf[0], buf[1]])) == id;
+            Ok::<_, io::Error>(ours.then(|| buf[..n].to_vec()))
+        });
+        match got {
+            Ok(Some(answer)) => return Ok(answer),
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }
