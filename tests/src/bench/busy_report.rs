@@ -21,7 +21,7 @@ fn secs(v: &[&Trial], f: impl Fn(&Trial) -> Option<Duration>) -> Vec<f64> {
 }
 
 /// Busy/idle ratios of the failover, paired by pair.
-fn failover_ratios(b: &Busy) -> Vec<f64> {
+pub(super) fn failover_ratios(b: &Busy) -> Vec<f64> {
     let f = |busy| secs(&of_kind(b, busy), |t| Some(t.failover));
     ratios(&f(true), &f(false))
 }
@@ -33,10 +33,21 @@ fn status_all(v: &[&Trial]) -> (Vec<f64>, usize) {
 }
 
 /// Whether every busy trial's entries were gone within [`GOAL`].
-fn goal_met(b: &Busy) -> bool {
+pub(super) fn goal_met(b: &Busy) -> bool {
     of_kind(b, true)
         .iter()
         .all(|t| t.gone.is_some_and(|g| g <= GOAL))
+}
+
+/// The busy trials' status latencies and failed answers.
+pub(super) fn status_of_busy(b: &Busy) -> (Vec<f64>, usize) {
+    status_all(&of_kind(b, true))
+}
+
+/// "0.90 s (worst 0.92 s)": when the dead WAN's entries were gone.
+pub(super) fn worst_gone(b: &Busy) -> String {
+    let gone = summary(&secs(&of_kind(b, true), |t| t.gone));
+    format!("{} (worst {})", fmt_s(gone.median), fmt_s(gone.max))
 }
 
 fn fmt_s(v: f64) -> String {
@@ -56,15 +67,14 @@ fn dist(v: &[f64]) -> String {
 pub fn summary_line(b: &Busy) -> String {
     let busy = of_kind(b, true);
     let idle = of_kind(b, false);
-    let (lat, failed) = status_all(&busy);
+    let (lat, failed) = status_of_busy(b);
     format!(
-        "A busy router ({} connections through the WAN that fails): new connections through the other WAN after {} (median; {} on an idle router, ratio {}); all the dead WAN's conntrack entries gone after {} (worst {}; goal {} s: {}); `mwan status` answered every time it was asked meanwhile{} (p99 {:.0} ms, max {:.0} ms).\n",
+        "A busy router ({} connections through the WAN that fails): new connections through the other WAN after {} (median; {} on an idle router, ratio {}); all the dead WAN's conntrack entries gone after {}; goal {} s: {}; `mwan status` answered every time it was asked meanwhile{} (p99 {:.0} ms, max {:.0} ms).\n",
         b.params.held(),
         fmt_s(summary(&secs(&busy, |t| Some(t.failover))).median),
         fmt_s(summary(&secs(&idle, |t| Some(t.failover))).median),
         ratio(&failover_ratios(b)),
-        fmt_s(summary(&secs(&busy, |t| t.gone)).median),
-        fmt_s(summary(&secs(&busy, |t| t.gone)).max),
+        worst_gone(b),
         GOAL.as_secs(),
         if goal_met(b) { "met" } else { "missed" },
         if failed == 0 { String::new() } else { format!(" but {failed} times") },

@@ -77,7 +77,7 @@ fn ratio_text(v: &[f64]) -> String {
     format!("{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max)
 }
 
-fn profile_of(f: &Forwarding, v: Variant) -> Option<&Profile> {
+pub(super) fn profile_of(f: &Forwarding, v: Variant) -> Option<&Profile> {
     f.profiles.iter().find(|(p, _)| *p == v).map(|(_, p)| p)
 }
 

@@ -13,6 +13,7 @@ pub mod failover;
 pub mod footprint;
 pub mod forwarding;
 pub mod forwarding6;
+pub mod goals;
 pub mod ha;
 pub mod held;
 pub mod loaded_table;

@@ -443,6 +443,17 @@ struct DnsRow {
     resolver_cpu: String,
 }
 
+/// The relay's throughput against the kernel's at load `i`, paired by round.
+pub(super) fn dns_ratio(d: &DnsRelay, i: usize) -> Summary {
+    let qps = |v: &[Figures]| v.iter().map(|f| f.qps).collect::<Vec<_>>();
+    summary(&ratios(&qps(&d.on.loads[i]), &qps(&d.off.loads[i])))
+}
+
+/// The median latency the relay adds at load `i`, seconds.
+pub(super) fn dns_added_median(d: &DnsRelay, i: usize) -> f64 {
+    added(&d.on.loads[i], &d.off.loads[i], |f| f.median)
+}
+
 fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
     d.params
         .loads()
@@ -458,10 +469,10 @@ fn dns_rows(d: &DnsRelay) -> Vec<DnsRow> {
                 },
                 off_qps: value_text(&qps(off), "").replace("  ", " "),
                 on_qps: value_text(&qps(on), "").replace("  ", " "),
-                ratio: ratio_text(summary(&ratios(&qps(on), &qps(off)))),
+                ratio: ratio_text(dns_ratio(d, i)),
                 off_median: micros(med(off, |f| f.median)),
                 on_median: micros(med(on, |f| f.median)),
-                added_median: micros(added(on, off, |f| f.median)),
+                added_median: micros(dns_added_median(d, i)),
                 off_p99: micros(med(off, |f| f.p99)),
                 on_p99: micros(med(on, |f| f.p99)),
                 added_p99: micros(added(on, off, |f| f.p99)),
@@ -769,6 +780,7 @@ pub fn markdown(r: &Results) -> String {
     );
 
     markdown_summary(&mut o, r);
+    super::goals::markdown(&mut o, r);
     if let Some(f) = &r.forwarding {
         markdown_forwarding(&mut o, f);
     }
