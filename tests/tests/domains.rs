@@ -212,6 +212,9 @@ fn router_resolver(lab: &Lab) -> Proc {
                 "--interface=lan0",
                 "--local-service",
                 &server,
+                // Its readiness is asked of it alone: a router with static
+                // WANs has no route to the internet's resolver before mwan.
+                "--address=/ready.router.example/192.0.2.53",
             ],
             &[],
         )
@@ -219,7 +222,7 @@ fn router_resolver(lab: &Lab) -> Proc {
     let deadline = Instant::now() + Duration::from_secs(5);
     while let Err(e) = lab
         .router()
-        .dns_lookup(SocketAddrV4::new(LAN0_ROUTER, 53), "ready.other.example")
+        .dns_lookup(SocketAddrV4::new(LAN0_ROUTER, 53), "ready.router.example")
     {
         assert!(
             Instant::now() < deadline,

@@ -28,7 +28,7 @@ const TESTS: [(&str, Test); 3] = [
 ];
 
 /// Per round: the variant's ratio to (a) minus (d)'s, in points.
-fn points(x: &[f64], d: &[f64], a: &[f64]) -> Vec<f64> {
+pub(super) fn points(x: &[f64], d: &[f64], a: &[f64]) -> Vec<f64> {
     ratios(x, a)
         .iter()
         .zip(ratios(d, a))

@@ -416,7 +416,7 @@ fn micros(v: f64) -> String {
 }
 
 /// The median of `f` over rounds.
-fn med(v: &[Figures], f: impl Fn(&Figures) -> f64) -> f64 {
+pub(super) fn med(v: &[Figures], f: impl Fn(&Figures) -> f64) -> f64 {
     summary(&v.iter().map(f).collect::<Vec<_>>()).median
 }
 
