@@ -528,8 +528,9 @@ fn markdown_dns(o: &mut String, d: &DnsRelay) {
          rules (the kernel forwards the queries), alternating over {} rounds; ratios and added \
          latencies are paired by round, figures are medians over the rounds. One query in {} is \
          for a name the rule lists. dnsperf keeps one source port per socket, so without the relay \
-         its queries reuse {} conntrack entries, while the relay asks each query from a socket of \
-         its own (a random port, as stub resolvers do).\n",
+         its queries reuse {} conntrack entries; the relay asks from a pool of upstream sockets \
+         (32 per family on random ports, each rotated after 256 queries or 30 s, query IDs \
+         rewritten at random).\n",
         p.run.as_secs_f64(),
         super::dns::CLIENTS,
         super::dns::OUTSTANDING,

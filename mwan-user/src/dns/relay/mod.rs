@@ -6,11 +6,13 @@
 //! `nft::Divert`). The server is asked over the query's family.
 //! For each UDP query the relay learns the server the client addressed
 //! from the query's conntrack entry (looked up by its reply direction:
-//! this socket's address and the client's), asks that server itself, and
+//! this socket's address and the client's), asks that server itself (from
+//! a pool of upstream sockets, with a random ID: [`upstream`]), and
 //! when the answer comes: parses it ([`parse_response`]), and if it is the
 //! answer to that query (ID and question), writes the addresses of the
 //! names the rules list into its [`LearnedSink`] (the datapath's
-//! `DOMAIN_DST`) — *then* sends the answer, unchanged, to the client from
+//! `DOMAIN_DST`) — *then* sends the answer, unchanged but for the client's
+//! ID put back, to the client from
 //! the same socket; conntrack rewrites its source back to the server's.
 //! The client cannot connect to an address before the datapath knows it:
 //! no race. Over TCP the server is the accepted connection's original
@@ -50,11 +52,12 @@ pub mod fair;
 mod sockets;
 mod tcp;
 mod udp;
+mod upstream;
 
 /// The bounds of the UDP relay: a client (source address) holds at most
 /// 64 queries at once (admitted, not yet answered or timed out), all
 /// clients together 1024, and at most 512 exchanges with servers run at
-/// once (one socket each; the others wait, clients in turn). A query
+/// once (the others wait, clients in turn). A query
 /// beyond a bound is dropped, as a full queue would drop it: the client
 /// retries. When the relay is busy, another client's query waits behind
 /// the work of at most this many of a flooding client's: the per-client
@@ -195,6 +198,8 @@ struct Shared<S> {
     fair: Mutex<Fair<udp::Pending>>,
     /// TCP connections per client (admission only).
     connections: Mutex<Fair<()>>,
+    /// The sockets the UDP queries are asked from.
+    upstream: upstream::Pool,
     /// The tasks of queries and connections; `None` once stopped.
     tasks: Mutex<Option<JoinSet<()>>>,
     /// The clock of the learned table's expiry times.
@@ -280,6 +285,7 @@ impl<S: LearnedSink> Relay<S> {
             }),
             fair: Mutex::new(Fair::new(LIMITS)),
             connections: Mutex::new(Fair::new(TCP_LIMITS)),
+            upstream: upstream::Pool::new(upstream::POOL),
             tasks: Mutex::new(Some(JoinSet::new())),
             started: Instant::now(),
         });

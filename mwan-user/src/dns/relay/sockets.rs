@@ -1,7 +1,8 @@
 //! The relay's sockets and the system calls tokio has no word for: the
 //! original destination of a datagram (`IP_ORIGDSTADDR`), the source
 //! address of an answer (`IPV6_PKTINFO`), a connection's destination before
-//! NAT (`SO_ORIGINAL_DST`).
+//! NAT (`SO_ORIGINAL_DST`), the ICMP errors of an unconnected socket
+//! (`IP_RECVERR`).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -232,6 +233,86 @@ pub(super) fn send_from6(
         }
     }
     Ok(())
+}
+
+/// An upstream socket of `bind`'s family (IPv6-only for IPv6), bound to
+/// `bind` (port 0: a free port the kernel picks at random), non-blocking,
+/// with ICMP errors queued for [`recv_err`] (`IP_RECVERR`,
+/// `IPV6_RECVERR`): an unconnected socket hears of them no other way.
+pub(super) fn upstream_socket(bind: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let kind = Type::DGRAM.nonblocking().cloexec();
+    let s = Socket::new(Domain::for_address(bind), kind, Some(Protocol::UDP))?;
+    if bind.is_ipv6() {
+        s.set_only_v6(true)?;
+        set_int(&s, libc::SOL_IPV6, libc::IPV6_RECVERR, 1)?;
+    } else {
+        set_int(&s, libc::SOL_IP, libc::IP_RECVERR, 1)?;
+    }
+    s.bind(&SockAddr::from(bind))?;
+    Ok(s.into())
+}
+
+/// An ICMP error about a datagram this socket sent: where that datagram
+/// went, what the error says, and how many bytes of the datagram's
+/// payload the ICMP message carried (copied into the caller's buffer).
+pub(super) struct IcmpError {
+    pub to: SocketAddr,
+    pub error: io::Error,
+    pub len: usize,
+}
+
+/// Takes one error from the error queue of `sock` (non-blocking:
+/// `WouldBlock` when it is empty); `None` for an error that is not an ICMP
+/// message's (a local one, such as a send's `EMSGSIZE`).
+pub(super) fn recv_err(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<IcmpError>> {
+    let mut dst: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
+    let mut cmsg = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: every pointer in `msg` points into a live buffer of the given
+    // length for the duration of the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = dst.as_mut_ptr().cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    let flags = libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT;
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut errno = None;
+    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`; an
+    // IP_RECVERR/IPV6_RECVERR message starts with a sock_extended_err.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if (level == libc::SOL_IP && kind == libc::IP_RECVERR)
+                || (level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR)
+            {
+                let e =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sock_extended_err);
+                let icmp = e.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                    || e.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
+                if icmp {
+                    errno = Some(e.ee_errno as i32);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    // SAFETY: zeroed, then filled by the kernel.
+    let to = socket_addr(unsafe { &dst.assume_init() });
+    Ok(errno.zip(to).map(|(errno, to)| IcmpError {
+        to,
+        error: io::Error::from_raw_os_error(errno),
+        len: n as usize,
+    }))
 }
 
 /// The destination a redirected TCP connection had (`SO_ORIGINAL_DST`,

@@ -5,10 +5,10 @@
 //! part, so that the socket's queue, which serves everyone in arrival
 //! order, stays short. Then the queries are *started* in turn, one client
 //! after the other: the server the client addressed is read from the
-//! query's conntrack entry, a socket of its own (a random port, as every
-//! stub resolver uses) sends the query to it, and a task waits for the
-//! answer. When it comes: learn, write, then answer the client; then the
-//! next queued query is started.
+//! query's conntrack entry, the query is sent to it from a socket of the
+//! [`upstream`](super::upstream) pool (a random port and a random ID),
+//! and a task waits for the answer. When it comes: learn, write, then
+//! answer the client; then the next queued query is started.
 
 use std::cell::RefCell;
 use std::io;
@@ -16,14 +16,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::fair::Refused;
 use super::sockets::{recv_orig, send_from6};
-use super::{question, servfail, Question, Shared, MAX_UDP, UPSTREAM_TIMEOUT};
+use super::upstream::Failure;
+use super::{question, servfail, Question, Shared, MAX_UDP};
 use crate::conntrack::{CtTuple, Lookup};
 use crate::dns::learned::LearnedSink;
 
@@ -145,11 +146,15 @@ fn server_of(client: SocketAddr, local: SocketAddr) -> Result<Option<SocketAddr>
     })
 }
 
-/// Relays `p`: finds its server, sends the query from a socket of its
-/// own, waits for the answer, learns from it, writes, then answers.
+/// Relays `p`: finds its server, asks it through the pool of upstream
+/// sockets, learns from the answer, writes, then answers.
 async fn exchange<S: LearnedSink>(shared: &Shared<S>, p: Pending) {
     if p.arrived.elapsed() > STALE {
         debug!(client = %p.client, "DNS relay: a query waited too long for a place, dropped");
+        return;
+    }
+    if p.query.len() < HEADER {
+        debug!(client = %p.client, len = p.query.len(), "DNS relay: a query shorter than a DNS header, dropped");
         return;
     }
     let server = match server_of(p.client, p.local) {
@@ -164,87 +169,26 @@ async fn exchange<S: LearnedSink>(shared: &Shared<S>, p: Pending) {
         }
     };
     let q = question(&p.query);
-    match send_upstream(&p.query, server) {
-        Ok(upstream) => finish(shared, &p, q, upstream, server).await,
-        Err(e) => {
-            warn!(client = %p.client, %server, error = %format!("{e:#}"), "DNS relay: the server cannot be asked; answering SERVFAIL");
+    match shared.upstream.ask(&p.query, server).await {
+        Ok(answer) => {
+            if let Some(q) = &q {
+                shared.learn(q, &answer);
+            }
+            reply(&p, &answer, server).await;
+        }
+        Err(Failure::Timeout) => {
+            debug!(client = %p.client, %server, "DNS relay: no answer in time; the client will retry");
+        }
+        // A send error, an ICMP error: nobody serves DNS there.
+        Err(Failure::Unreachable(e)) => {
+            warn!(client = %p.client, %server, error = %e, "DNS relay: the server cannot be asked; answering SERVFAIL");
             answer_servfail(&p, q.as_ref(), server).await;
         }
     }
 }
 
-/// A socket of its own (an ephemeral port, chosen by the kernel at the
-/// connect) connected to `server`, the query sent: three system calls.
-fn send_upstream(query: &[u8], server: SocketAddr) -> Result<UdpSocket> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(server),
-        socket2::Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )
-    .context("opening a socket")?;
-    sock.connect(&server.into()).context("connecting")?;
-    sock.send(query).context("sending the query")?;
-    Ok(UdpSocket::from_std(sock.into())?)
-}
-
-/// Waits for the answer of `p` on `upstream`; learns from it, writes what
-/// it taught, then answers the client.
-async fn finish<S: LearnedSink>(
-    shared: &Shared<S>,
-    p: &Pending,
-    q: Option<Question>,
-    upstream: UdpSocket,
-    server: SocketAddr,
-) {
-    let id = q
-        .as_ref()
-        .map(|q| q.id)
-        .or_else(|| (p.query.len() >= 2).then(|| u16::from_be_bytes([p.query[0], p.query[1]])));
-    let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
-    let answer = match tokio::time::timeout_at(deadline, wait(&upstream, id)).await {
-        Ok(Ok(a)) => a,
-        Err(_) => {
-            debug!(client = %p.client, %server, "DNS relay: no answer in time; the client will retry");
-            return;
-        }
-        // An ICMP port unreachable: nobody serves DNS there.
-        Ok(Err(e)) => {
-            warn!(client = %p.client, %server, error = %e, "DNS relay: the server cannot be asked; answering SERVFAIL");
-            drop(upstream);
-            answer_servfail(p, q.as_ref(), server).await;
-            return;
-        }
-    };
-    drop(upstream);
-    if let Some(q) = &q {
-        shared.learn(q, &answer);
-    }
-    reply(p, &answer, server).await;
-}
-
-thread_local! {
-    /// Each runtime thread's buffer for the servers' answers: an answer is
-    /// received into it, then only its bytes are copied out.
-    static ANSWER_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_UDP].into_boxed_slice());
-}
-
-/// The first datagram from the server whose ID is `id`.
-async fn wait(upstream: &UdpSocket, id: Option<u16>) -> io::Result<Vec<u8>> {
-    loop {
-        upstream.readable().await?;
-        let got = ANSWER_BUF.with_borrow_mut(|buf| {
-            let n = upstream.try_recv(buf)?;
-            let ours = n >= 2 && Some(u16::from_be_bytes([buf[0], buf[1]])) == id;
-            Ok::<_, io::Error>(ours.then(|| buf[..n].to_vec()))
-        });
-        match got {
-            Ok(Some(answer)) => return Ok(answer),
-            Ok(None) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
+/// The length of a DNS header: a shorter query is no query.
+const HEADER: usize = 12;
 
 async fn answer_servfail(p: &Pending, q: Option<&Question>, server: SocketAddr) {
     if let Some(a) = servfail(&p.query, q) {
