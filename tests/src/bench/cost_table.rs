@@ -233,7 +233,7 @@ pub fn markdown6(o: &mut String, f: &super::forwarding6::Forwarding6, cpus: usiz
         o,
         "mwan's pieces over IPv6, small UDP packets (made and compared as in section 1c: (a6) in a \
          router that never had an ip rule, the others in one that has); the cost per packet is \
-         {cpus}/R of the variant minus that of (e6) (of (a6) for (e6) itself and for (d6)):\n"
+         {cpus}/R of the variant minus that of (e6) (of (a6) for (e6) itself, (c6) and (d6)):\n"
     );
     let _ = writeln!(
         o,
@@ -241,7 +241,10 @@ pub fn markdown6(o: &mut String, f: &super::forwarding6::Forwarding6, cpus: usiz
     );
     for v in EVERY6 {
         let x = s(v);
-        let base = if matches!(v, Variant6::PlainRuled | Variant6::Mwan) {
+        let base = if matches!(
+            v,
+            Variant6::PlainRuled | Variant6::NftCtMark | Variant6::Mwan
+        ) {
             a
         } else {
             e

@@ -1,16 +1,17 @@
 //! Section 1b: IPv6 forwarding cost — mwan (`ipv6 = "nat"` on every WAN)
-//! against plain IPv6 routing with NAT66 through ISP 1 (the baseline), in
-//! a dual-stack lab, interleaved over rounds like the IPv4 section, as a
-//! ratio beside the IPv4 rows, with mwan's pieces one at a time (small
-//! UDP packets only; see `variants` for how they are made, and why the
-//! baseline runs in a second lab whose router never had an ip rule). TCP
-//! bulk and small UDP packets; no new-connection test (its server is
-//! IPv4-only).
+//! and the nftables ct-mark balancer of the IPv4 section over IPv6 (NAT66
+//! per WAN, [`Balancer`]) against plain IPv6 routing with NAT66 through
+//! ISP 1 (the baseline), in a dual-stack lab, interleaved over rounds like
+//! the IPv4 section, as a ratio beside the IPv4 rows, with mwan's pieces
+//! one at a time (small UDP packets only; see `variants` for how they are
+//! made, and why the baseline runs in a second lab whose router never had
+//! an ip rule: every variant but (a6) runs in the other). TCP bulk and
+//! small UDP packets; no new-connection test (its server is IPv4-only).
 
 use std::net::{SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
-use super::variants::{self, Pieces};
+use super::variants::{self, Balancer, Family, Pieces};
 use anyhow::{bail, Context, Result};
 use lab::mwan::{config_with, wan6, Mwan};
 use lab::{wait_until, Lab, Netns, SERVER6, SERVER6_2, TCP_WHOAMI6};
@@ -26,6 +27,8 @@ const SINK_PORT: u16 = 9000;
 pub enum Variant6 {
     /// Plain IPv6 routing through ISP 1 with NAT66 (masquerade).
     Plain,
+    /// The ct-mark balancer of (c) over IPv6, NAT66 per WAN.
+    NftCtMark,
     /// mwan over every ISP, NAT66 per WAN.
     Mwan,
     /// Plain, in a router that has had ip rules.
@@ -39,12 +42,13 @@ pub enum Variant6 {
 }
 
 /// The ways compared in the section's main table.
-pub const ALL6: [Variant6; 2] = [Variant6::Plain, Variant6::Mwan];
+pub const ALL6: [Variant6; 3] = [Variant6::Plain, Variant6::NftCtMark, Variant6::Mwan];
 
 /// Every variant, in the order of [`Variant6::index`]; the pieces run in
 /// the UDP test only.
-pub const EVERY6: [Variant6; 6] = [
+pub const EVERY6: [Variant6; 7] = [
     Variant6::Plain,
+    Variant6::NftCtMark,
     Variant6::Mwan,
     Variant6::PlainRuled,
     Variant6::NftTable,
@@ -56,6 +60,7 @@ impl Variant6 {
     pub fn label(self) -> &'static str {
         match self {
             Variant6::Plain => "(a6) plain IPv6 routing + NAT66 (baseline)",
+            Variant6::NftCtMark => "(c6) nftables ct-mark balancer, IPv6",
             Variant6::Mwan => "(d6) mwan, IPv6 (NAT66 per WAN)",
             Variant6::PlainRuled => {
                 "(e6) plain IPv6 routing + NAT66, in a router that has had ip rules"
@@ -191,13 +196,25 @@ fn plain_routes6(lab: &Lab, masquerade: bool) -> Result<()> {
     Ok(())
 }
 
+/// A variant set up: mwan (running, or its pieces left by a stopped
+/// daemon), or the balancer; plain routing has neither.
+struct Active6<'l> {
+    mwan: Option<Mwan<'l>>,
+    balancer: Option<Balancer<'l>>,
+}
+
 /// Sets `v` up and checks that a LAN host reaches the IPv6 internet
 /// through it.
-fn setup(lab: &Lab, v: Variant6) -> Result<Option<Mwan<'_>>> {
+fn setup(lab: &Lab, v: Variant6) -> Result<Active6<'_>> {
     let text = config_with(lab, "", &|i| wan6(lab, i, "nat"), "");
+    let mut balancer = None;
     let mwan = match (v, v.pieces()) {
         (Variant6::Plain | Variant6::PlainRuled, _) => {
             lab.plain_routing_via(1)?;
+            None
+        }
+        (Variant6::NftCtMark, _) => {
+            balancer = Some(Balancer::install(lab, Family::V6)?);
             None
         }
         (Variant6::Mwan, _) => {
@@ -221,11 +238,14 @@ fn setup(lab: &Lab, v: Variant6) -> Result<Option<Mwan<'_>>> {
         let log = mwan.as_ref().map(Mwan::log).unwrap_or_default();
         bail!("{}: no IPv6 from the LAN to the internet\n{log}", v.label());
     }
-    Ok(mwan)
+    Ok(Active6 { mwan, balancer })
 }
 
-fn teardown(lab: &Lab, v: Variant6, mwan: Option<Mwan<'_>>) -> Result<()> {
-    match mwan {
+fn teardown(lab: &Lab, v: Variant6, active: Active6<'_>) -> Result<()> {
+    if let Some(b) = active.balancer {
+        b.remove()?;
+    }
+    match active.mwan {
         // Dropping the daemon stops it with SIGTERM: full teardown.
         Some(m) if m.is_running() => drop(m),
         Some(m) => {

@@ -951,9 +951,10 @@ fn markdown_forwarding6(o: &mut String, f: &Forwarding6) {
     let _ = writeln!(
         o,
         "The same measurements over IPv6 in the dual-stack lab ({} LAN hosts, {} ISPs): mwan with \
-         `ipv6 = \"nat\"` on every WAN against plain IPv6 routing through ISP 1 with NAT66 \
-         (masquerade), interleaved over {} rounds. Ratios are to (a6) in the same round; higher is \
-         better.\n",
+         `ipv6 = \"nat\"` on every WAN and the ct-mark balancer of (c) over IPv6 (an `ip6` table, \
+         `ip -6` rules, NAT66 per WAN; in the router that has had ip rules) against plain IPv6 \
+         routing through ISP 1 with NAT66 (masquerade), interleaved over {} rounds. Ratios are to \
+         (a6) in the same round; higher is better.\n",
         f.hosts, f.isps, f.params.rounds
     );
     let _ = writeln!(
@@ -1352,7 +1353,10 @@ const METHOD: &str = "## Method
   mangle) every packet gets `meta mark set ct mark`; a new connection from the LAN without
   a mark gets `numgen random mod 2` → a WAN mark; every packet saves `ct mark set meta
   mark`; `ip rule` fwmark → per-WAN table with a default route; `masquerade` per WAN
-  (plus `lookup main suppress_prefixlength 0` first, so replies reach the LAN);
+  (plus `lookup main suppress_prefixlength 0` first, so replies reach the LAN); (c6), in
+  section 1b, is the same over IPv6 (`table ip6`, `ip -6 rule`, each ISP's IPv6 default
+  route, NAT66 `masquerade` per WAN); before each measurement of (c) and (c6), 20 connections
+  from a LAN host must leave through both WANs;
   (d) the real `mwan` binary with the lab's config (both ISPs, weight 1, every default);
   (e)–(i) mwan's pieces one at a time (section 1c): mwan is started with `--keep` and
   stopped, everything but the piece is removed (its nftables table, its ip rules, its

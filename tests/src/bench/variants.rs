@@ -7,7 +7,8 @@
 //!   and VyOS install: per packet, restore the conntrack mark to the packet
 //!   mark; for a new connection from the LAN pick a WAN mark with
 //!   `numgen random`; save the mark to conntrack; fwmark rules send each
-//!   mark to a per-WAN routing table; masquerade per WAN;
+//!   mark to a per-WAN routing table; masquerade per WAN (over IPv6 too:
+//!   (c6) of section 1b, [`Balancer`] of [`Family::V6`]);
 //! * (d) mwan itself (the real binary, through the test harness).
 //!
 //! And mwan taken apart, to see what each of its pieces costs (section 1c):
@@ -34,6 +35,7 @@
 //! * (d+all) with all three.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +44,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{bail, ensure, Context, Result};
 use lab::mwan::{config, config_with, Mwan};
-use lab::{Lab, TCP_WHOAMI};
+use lab::{Lab, TCP_WHOAMI, TCP_WHOAMI6};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -228,6 +230,7 @@ pub struct Active<'l> {
     pub mwan: Option<Mwan<'l>>,
     multipath_policy: Option<String>,
     scraper: Option<Scraper>,
+    balancer: Option<Balancer<'l>>,
     torn_down: bool,
 }
 
@@ -240,6 +243,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
         mwan: None,
         multipath_policy: None,
         scraper: None,
+        balancer: None,
         torn_down: false,
     };
     let n = lab.isp_count();
@@ -250,7 +254,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
                 "route replace default via {} dev wan1 proto static metric 10",
                 lab.isp(1).gateway()
             ))?;
-            nft(lab, &masquerade(1..=1))?;
+            nft(lab, Family::V4, &masquerade(Family::V4, 1..=1))?;
         }
         Variant::Multipath => {
             let old = r.sh("cat /proc/sys/net/ipv4/fib_multipath_hash_policy")?;
@@ -265,27 +269,9 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
                 )?;
             }
             r.ip(&route)?;
-            nft(lab, &masquerade(1..=n))?;
+            nft(lab, Family::V4, &masquerade(Family::V4, 1..=n))?;
         }
-        Variant::NftCtMark => {
-            let mut ip = format!("rule add pref {RULE_PREF} lookup main suppress_prefixlength 0\n");
-            for i in 1..=n {
-                let table = TABLE_BASE + i as u32;
-                writeln!(
-                    ip,
-                    "route replace default via {} dev wan{i} proto static table {table}",
-                    lab.isp(i).gateway()
-                )?;
-                writeln!(
-                    ip,
-                    "rule add pref {} fwmark {:#x}/{MARK_MASK:#x} lookup {table}",
-                    RULE_PREF + i as u32,
-                    mark(i)
-                )?;
-            }
-            r.ip(&ip)?;
-            nft(lab, &ct_mark_balancer(n))?;
-        }
+        Variant::NftCtMark => active.balancer = Some(Balancer::install(lab, Family::V4)?),
         Variant::Mwan | Variant::MwanBase => {
             let text = match mwan_config {
                 Some(t) => t.to_string(),
@@ -310,7 +296,7 @@ pub fn setup<'l>(lab: &'l Lab, v: Variant, mwan_config: Option<&str>) -> Result<
                 lab.isp(1).gateway()
             ))?;
             if !pieces.nft {
-                nft(lab, &masquerade(1..=n))?;
+                nft(lab, Family::V4, &masquerade(Family::V4, 1..=n))?;
             }
         }
     }
@@ -366,8 +352,61 @@ fn mark(isp: usize) -> u32 {
     (isp as u32) << MARK_SHIFT
 }
 
-fn masquerade(isps: std::ops::RangeInclusive<usize>) -> String {
-    format!("table ip {NFT_TABLE} {{\n{}}}\n", postrouting(isps))
+/// An address family, for the variants that exist in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// The nftables family of the bench's table.
+    fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// `ip`'s option for the family.
+    fn ip(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    /// ISP `i`'s next hop for the router.
+    fn gateway(self, lab: &Lab, i: usize) -> IpAddr {
+        match self {
+            Family::V4 => lab.isp(i).gateway().into(),
+            Family::V6 => lab.isp(i).gateway6().into(),
+        }
+    }
+
+    /// The source address a server in the internet sees from LAN host 0.
+    fn whoami(self, lab: &Lab) -> Result<IpAddr> {
+        let h = lab.host(0);
+        Ok(match self {
+            Family::V4 => (*h.tcp_whoami(TCP_WHOAMI)?.ip()).into(),
+            Family::V6 => (*h.tcp_whoami(TCP_WHOAMI6)?.ip()).into(),
+        })
+    }
+}
+
+fn masquerade(family: Family, isps: std::ops::RangeInclusive<usize>) -> String {
+    format!(
+        "table {} {NFT_TABLE} {{\n{}}}\n",
+        family.nft(),
+        postrouting(isps)
+    )
 }
 
 /// Masquerade out of each WAN.
@@ -383,26 +422,154 @@ fn postrouting(isps: std::ops::RangeInclusive<usize>) -> String {
 
 /// What mwan3 installs (with iptables: mwan3_hook = CONNMARK
 /// --restore-mark, policy chains with `-m statistic --mode random`,
-/// CONNMARK --save-mark; VyOS load-balancing does the same), in nftables.
-pub fn ct_mark_balancer(n: usize) -> String {
+/// CONNMARK --save-mark; VyOS load-balancing does the same), in nftables,
+/// for `family` (NAT66 for IPv6, as mwan's `ipv6 = "nat"`).
+pub fn ct_mark_balancer(family: Family, n: usize) -> String {
     let choices: Vec<String> = (1..=n)
         .map(|i| format!("{} : {:#x}", i - 1, mark(i)))
         .collect();
     format!(
-        "table ip {NFT_TABLE} {{\n chain prerouting {{\n  type filter hook prerouting priority mangle; policy accept;\n\
+        "table {} {NFT_TABLE} {{\n chain prerouting {{\n  type filter hook prerouting priority mangle; policy accept;\n\
          \x20 meta mark set ct mark and {MARK_MASK:#x}\n\
          \x20 meta mark and {MARK_MASK:#x} == 0 iifname \"lan*\" ct state new meta mark set numgen random mod {n} map {{ {} }}\n\
          \x20 ct mark set meta mark and {MARK_MASK:#x}\n }}\n{}}}\n",
+        family.nft(),
         choices.join(", "),
         postrouting(1..=n)
     )
 }
 
-fn nft(lab: &Lab, table: &str) -> Result<()> {
-    let script = format!("table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n{table}");
+/// The balancer's routing, as `ip -batch` lines of `family`: replies to
+/// the LAN by the main table (without its default routes), then each WAN's
+/// mark to its table with a default route via that ISP.
+fn balancer_routes(lab: &Lab, family: Family) -> Result<String> {
+    let mut ip = format!("rule add pref {RULE_PREF} lookup main suppress_prefixlength 0\n");
+    for i in 1..=lab.isp_count() {
+        let table = TABLE_BASE + i as u32;
+        writeln!(
+            ip,
+            "route replace default via {} dev wan{i} proto static table {table}",
+            family.gateway(lab, i)
+        )?;
+        writeln!(
+            ip,
+            "rule add pref {} fwmark {:#x}/{MARK_MASK:#x} lookup {table}",
+            RULE_PREF + i as u32,
+            mark(i)
+        )?;
+    }
+    Ok(ip)
+}
+
+/// Undoes [`balancer_routes`] (every line tried: `ip -force`).
+fn balancer_routes_removal(n: usize) -> String {
+    let mut ip = format!("rule del pref {RULE_PREF}\n");
+    for i in 1..=n {
+        ip += &format!(
+            "rule del pref {}\nroute flush table {}\n",
+            RULE_PREF + i as u32,
+            TABLE_BASE + i as u32
+        );
+    }
+    ip
+}
+
+/// Runs `ip -batch` lines of `family` in the router of `lab`; with
+/// `force`, every line is tried even after one failed.
+fn ip_batch(lab: &Lab, family: Family, force: bool, batch: &str) -> Result<()> {
+    let mut argv = vec!["ip", family.ip()];
+    if force {
+        argv.push("-force");
+    }
+    argv.extend(["-batch", "-"]);
+    lab.router().exec_input(&argv, Some(batch)).map(drop)
+}
+
+/// Replaces the bench's nftables table of `family` by `table` (none if
+/// empty).
+fn nft(lab: &Lab, family: Family, table: &str) -> Result<()> {
+    let f = family.nft();
+    let script = format!("table {f} {NFT_TABLE} {{}}\ndelete table {f} {NFT_TABLE}\n{table}");
     lab.router()
         .exec_input(&["nft", "-f", "-"], Some(&script))
         .map(drop)
+}
+
+/// Connections from a LAN host through the balancer, to see that it
+/// spreads them over every WAN: with a fair random choice per connection,
+/// all of them on one of two WANs has a chance of 2^-19.
+const SPREAD_CONNECTIONS: usize = 20;
+
+/// The ct-mark balancer, (c) or (c6): its rules, tables and nftables
+/// table in the router of a lab. Removed by [`Balancer::remove`] or when
+/// dropped (so also when its setup or a measurement fails).
+pub struct Balancer<'l> {
+    lab: &'l Lab,
+    family: Family,
+    removed: bool,
+}
+
+impl<'l> Balancer<'l> {
+    /// Installs the balancer for `family` over every ISP of `lab` and
+    /// checks that a LAN host's connections leave through every WAN.
+    pub fn install(lab: &'l Lab, family: Family) -> Result<Balancer<'l>> {
+        let b = Balancer {
+            lab,
+            family,
+            removed: false,
+        };
+        ip_batch(lab, family, false, &balancer_routes(lab, family)?)?;
+        nft(lab, family, &ct_mark_balancer(family, lab.isp_count()))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..SPREAD_CONNECTIONS {
+            let src = family.whoami(lab)?;
+            seen.insert(
+                lab.wan_of(src)
+                    .with_context(|| format!("{src} is no WAN's"))?,
+            );
+        }
+        ensure!(
+            seen.len() == lab.isp_count(),
+            "the {} ct-mark balancer sent {SPREAD_CONNECTIONS} connections through WANs {seen:?} only",
+            family.name()
+        );
+        Ok(b)
+    }
+
+    /// Removes the rules, tables and nftables table, and flushes the
+    /// router's conntrack table (no connection keeps a mark or NAT
+    /// binding of the balancer).
+    pub fn remove(mut self) -> Result<()> {
+        self.take_down()
+    }
+
+    fn take_down(&mut self) -> Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        let (lab, family) = (self.lab, self.family);
+        let results = [
+            ip_batch(lab, family, true, &balancer_routes_removal(lab.isp_count())),
+            nft(lab, family, ""),
+            // The lab's plain-routing reset: deletes its (unused) table and
+            // flushes the router's conntrack table (both families).
+            lab.clear_plain_routing(),
+        ];
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>>>()
+            .map(drop)
+            .with_context(|| format!("removing the {} ct-mark balancer", family.name()))
+    }
+}
+
+impl Drop for Balancer<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.take_down() {
+            eprintln!("bench: {e:#}");
+        }
+    }
 }
 
 impl Active<'_> {
@@ -419,10 +586,14 @@ impl Active<'_> {
         self.torn_down = true;
         let lab = self.lab;
         let r = lab.router();
-        let n = lab.isp_count();
         let mut errors = Vec::new();
         if let Some(s) = self.scraper.take() {
             if let Err(e) = s.stop() {
+                errors.push(e);
+            }
+        }
+        if let Some(b) = self.balancer.take() {
+            if let Err(e) = b.remove() {
                 errors.push(e);
             }
         }
@@ -452,19 +623,7 @@ impl Active<'_> {
             | Variant::NoNft => {
                 let _ = r.ip("route del default proto static metric 10");
             }
-            Variant::NftCtMark => {
-                let mut ip = format!("rule del pref {RULE_PREF}\n");
-                for i in 1..=n {
-                    ip += &format!(
-                        "rule del pref {}\nroute flush table {}\n",
-                        RULE_PREF + i as u32,
-                        TABLE_BASE + i as u32
-                    );
-                }
-                if let Err(e) = r.ip(&ip) {
-                    errors.push(e);
-                }
-            }
+            Variant::NftCtMark => {}
             Variant::Mwan
             | Variant::MwanBase
             | Variant::MwanDomains
@@ -477,7 +636,7 @@ impl Active<'_> {
                 errors.push(e);
             }
         }
-        if let Err(e) = nft(lab, "") {
+        if let Err(e) = nft(lab, Family::V4, "") {
             errors.push(e);
         }
         // The lab's plain-routing reset: deletes its (unused) table and
