@@ -189,6 +189,24 @@ fn forwarding6_goals(f: &Forwarding6, out: &mut Vec<Goal>) {
             ruled.median
         ),
     });
+    let c = r(Variant6::NftCtMark, |s| &s.udp);
+    let d_c = summary(&ratios(
+        &f.samples[Variant6::Mwan.index()].udp,
+        &f.samples[Variant6::NftCtMark.index()].udp,
+    ));
+    out.push(Goal {
+        goal: "small UDP packets ≥ the nftables ct-mark balancer (c6), IPv6".into(),
+        figure: format!(
+            "(d6) {:.2} against (c6) {:.2}; (d6)/(c6) per round {}",
+            udp.median,
+            c.median,
+            dist(d_c)
+        ),
+        met: d_c.median >= 1.0,
+        left: "As for IPv4: the classifier and its tc hook against (c6)'s per-packet ct-mark \
+               rules."
+            .into(),
+    });
     let tcp = r(Variant6::Mwan, |s| &s.tcp);
     out.push(Goal {
         goal: "TCP bulk ≥ 0.99 of plain routing (IPv6)".into(),
