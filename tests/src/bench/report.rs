@@ -1302,36 +1302,24 @@ fn markdown_footprint(o: &mut String, f: &Footprint, scraped: Option<&Footprint>
 /// run, and what it did to the figures (kept by hand, with the code).
 const CHANGES: &str = "## Changes since the previous run
 
-* **A known connection's packets are decided once** (issue 18). Before, every packet of
-  an established connection was decided twice: by the classifier's pin lookup and by
-  nftables' ct-mark restore in `prerouting`, a chain every packet passed. Now the
-  classifier reads conntrack's record itself, and only when its pin is missing (the
-  kernel's `bpf_skb_ct_lookup`/`bpf_ct_release` kfuncs; the restore chain is kept only for
-  kernels without them); replies get their WAN's mark from a small tc program on the WAN
-  side; the record is written by the nat chains, which only a connection's first packet
-  passes. The kernel profile of section 1c shows what went: nftables' share of a small UDP
-  packet fell from about 790–880 ns with the base build (d0, the previous revision, in the
-  same rounds) to about the baseline's own (its NAT chains). The classifier itself is
-  unchanged: a same-machine A/B of the per-packet path of an established IPv4 flow
-  (`BPF_PROG_TEST_RUN`, 6 alternating rounds of 5 × 1M runs, old and new object) measured
-  83–85 ns before and 84 ns after (IPv6 101–102 ns). Its floor there is the test run's own
-  27 ns, 15 ns of parsing and 29 ns for the flow map's lookup; halving it would mean not
-  looking the flow up, i.e. not pinning flows, so that goal of issue 18 is not met.
-* **What is left between mwan and plain routing is the ip rules.** Once a namespace has
-  had an ip rule, the kernel walks the rule list for every packet and checks every
-  forwarded packet's source with a full reverse lookup (section 1c: (e) against (a)); the
-  nftables balancer (c) pays the same, and no rule-based design avoids it. Small-packet
-  ratios of 0.97 of plain routing are therefore out of reach for any policy-routing
-  balancer on this kernel; mwan now pays for routing by mark what (c) pays, and less in
-  nftables.
-* New rows: mwan with 50,000 domain names, host pins and its metrics scraped every second
-  (sections 1 and 2), a busy router losing a WAN with 100,000 connections (section 3b),
-  the DNS relay under dnsperf (section 8) and passive failover (section 9).
-* **Passive failover in a fifth of a second** (issue 19, section 9). A WAN passive health
-  suspects takes no new connections while the burst of probes confirms (it stays up; its
-  connections stay), so a wrong suspicion costs a detour, never the WAN; that allowed a
-  shorter `passive_timeout` (150 ms, was 250) and reads every 20 ms (was 40): p95 about
-  0.2 s at both probe intervals (was 0.64 s at 1 s probes, 0.67 s at the defaults).
+* **The DNS relay asks from a pool of upstream sockets** (issue 18, section 8). Before,
+  every query opened, connected and closed a socket of its own (with tokio's registration:
+  about a fifth of the relay's CPU in a profile under dnsperf). Now each family has 32
+  sockets on kernel-chosen random ports, rotated after 256 queries or 30 s; each query's
+  ID is rewritten to a random one and an answer is taken only from the server asked, with
+  that ID and the query's question byte for byte (docs/ARCHITECTURE.md weighs what this
+  gives up against a socket per query). The fair queue is locked once per query, and
+  answers are received into a per-thread buffer. A quick A/B on a busy machine (2 rounds
+  each) measured the unpaced ratio 0.39 → 0.56 and the relay's CPU per answer 53 → 34 µs;
+  section 8 has this run's figures.
+* **The DNS divert has a conntrack zone of its own** (`dns_zone`, a filter chain at raw
+  priority), so that a client repeating a diverted query's 5-tuple after the daemon died is
+  not sent to the dead relay. While a rule has domains, every LAN packet passes this one
+  more base chain; all but DNS leave at its first rule. The (d+domains) and (d+all) rows
+  include it.
+* New: the goals of issue 18, figure by figure (after the summary), and (c6), the
+  nftables ct-mark balancer over IPv6, in section 1b. The bench now checks that (c) and
+  (c6) really spread connections over both WANs before measuring them.
 
 ";
 
