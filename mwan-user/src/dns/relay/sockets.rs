@@ -142,13 +142,17 @@ fn tcp_listener(bind: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-/// Receives one datagram with its source and original destination
-/// (non-blocking: `WouldBlock` when none is queued).
-pub(super) fn recv_orig(
+/// One `recvmsg` of `sock` with `flags`: the datagram's bytes go to `buf`,
+/// each control message to `each` (level, type, a pointer to its data).
+/// Returns the length and the message's address (the source of a
+/// datagram, the destination of a queued error), if it is an IP one.
+fn recvmsg_with(
     sock: &impl AsRawFd,
     buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, SocketAddr)> {
-    let mut src: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
+    flags: libc::c_int,
+    mut each: impl FnMut(libc::c_int, libc::c_int, *const u8),
+) -> io::Result<(usize, Option<SocketAddr>)> {
+    let mut name: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
     let mut cmsg = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -157,38 +161,51 @@ pub(super) fn recv_orig(
     // SAFETY: every pointer in `msg` points into a live buffer of the given
     // length for the duration of the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = src.as_mut_ptr().cast();
+    msg.msg_name = name.as_mut_ptr().cast();
     msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&cmsg);
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: zeroed, then filled by the kernel.
-    let from = socket_addr(unsafe { &src.assume_init() })
-        .ok_or_else(|| io::Error::other("a datagram from no IP address"))?;
-    let mut orig = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`; the
-    // original destination is a sockaddr_in (IPv4) or sockaddr_in6 (IPv6).
+    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
-            if level == libc::SOL_IP && kind == libc::IP_ORIGDSTADDR {
-                let sa = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
-                orig = Some(SocketAddr::V4(sockaddr_v4(&sa)));
-            } else if level == libc::SOL_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
-                let sa = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in6);
-                orig = Some(SocketAddr::V6(sockaddr_v6(&sa)));
-            }
+            each((*c).cmsg_level, (*c).cmsg_type, libc::CMSG_DATA(c));
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
+    // SAFETY: zeroed, then filled by the kernel.
+    Ok((n as usize, socket_addr(unsafe { &name.assume_init() })))
+}
+
+/// Receives one datagram with its source and original destination
+/// (non-blocking: `WouldBlock` when none is queued).
+pub(super) fn recv_orig(
+    sock: &impl AsRawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, SocketAddr)> {
+    let mut orig = None;
+    let (n, from) = recvmsg_with(sock, buf, libc::MSG_DONTWAIT, |level, kind, data| {
+        // SAFETY: the original destination is a sockaddr_in (IPv4) or
+        // sockaddr_in6 (IPv6).
+        unsafe {
+            if level == libc::SOL_IP && kind == libc::IP_ORIGDSTADDR {
+                let sa = std::ptr::read_unaligned(data as *const libc::sockaddr_in);
+                orig = Some(SocketAddr::V4(sockaddr_v4(&sa)));
+            } else if level == libc::SOL_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
+                let sa = std::ptr::read_unaligned(data as *const libc::sockaddr_in6);
+                orig = Some(SocketAddr::V6(sockaddr_v6(&sa)));
+            }
+        }
+    })?;
+    let from = from.ok_or_else(|| io::Error::other("a datagram from no IP address"))?;
     let orig = orig.ok_or_else(|| io::Error::other("no original destination"))?;
-    Ok((n as usize, from, orig))
+    Ok((n, from, orig))
 }
 
 /// Sends `data` to `to` with source address `from` (`IPV6_PKTINFO`),
@@ -265,53 +282,24 @@ pub(super) struct IcmpError {
 /// `WouldBlock` when it is empty); `None` for an error that is not an ICMP
 /// message's (a local one, such as a send's `EMSGSIZE`).
 pub(super) fn recv_err(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<IcmpError>> {
-    let mut dst: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
-    let mut cmsg = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: every pointer in `msg` points into a live buffer of the given
-    // length for the duration of the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = dst.as_mut_ptr().cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg);
-    let flags = libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT;
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut errno = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of `cmsg`; an
-    // IP_RECVERR/IPV6_RECVERR message starts with a sock_extended_err.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
-            if (level == libc::SOL_IP && kind == libc::IP_RECVERR)
-                || (level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR)
-            {
-                let e =
-                    std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sock_extended_err);
-                let icmp = e.ee_origin == libc::SO_EE_ORIGIN_ICMP
-                    || e.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
-                if icmp {
-                    errno = Some(e.ee_errno as i32);
-                }
+    let flags = libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT;
+    let (len, to) = recvmsg_with(sock, buf, flags, |level, kind, data| {
+        if (level == libc::SOL_IP && kind == libc::IP_RECVERR)
+            || (level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR)
+        {
+            // SAFETY: an IP_RECVERR/IPV6_RECVERR message starts with a
+            // sock_extended_err.
+            let e = unsafe { std::ptr::read_unaligned(data as *const libc::sock_extended_err) };
+            if e.ee_origin == libc::SO_EE_ORIGIN_ICMP || e.ee_origin == libc::SO_EE_ORIGIN_ICMP6 {
+                errno = Some(e.ee_errno as i32);
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
         }
-    }
-    // SAFETY: zeroed, then filled by the kernel.
-    let to = socket_addr(unsafe { &dst.assume_init() });
+    })?;
     Ok(errno.zip(to).map(|(errno, to)| IcmpError {
         to,
         error: io::Error::from_raw_os_error(errno),
-        len: n as usize,
+        len,
     }))
 }
 
