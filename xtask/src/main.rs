@@ -306,7 +306,7 @@ fn build() -> Result<PathBuf> {
 /// The suites that run once more for each further kind of router the lab
 /// models (`MWAN_LAB_ROUTER`, see the lab's `RouterKind`): the first pass
 /// runs everything on a DHCP-like router.
-const CORE_SUITES: [&str; 7] = [
+const CORE_SUITES: [&str; 8] = [
     "balance",
     "failover",
     "policy",
@@ -314,6 +314,7 @@ const CORE_SUITES: [&str; 7] = [
     "ipv6",
     "metered",
     "passive",
+    "domains",
 ];
 const MORE_ROUTER_KINDS: [&str; 1] = ["static"];
 
