@@ -224,9 +224,7 @@ fn plain_routing_through_each_isp() {
                 (seen.ip(), lab.wan_of(*seen.ip())),
                 (wan_addr.ip(), Some(isp))
             );
-            let seen = host
-                .tcp_whoami(TCP_WHOAMI2)
-                .unwrap();
+            let seen = host.tcp_whoami(TCP_WHOAMI2).unwrap();
             assert_eq!(seen.ip(), wan_addr.ip());
             let seen = host.udp_whoami(UDP_WHOAMI).unwrap();
             assert_eq!(seen.ip(), wan_addr.ip());

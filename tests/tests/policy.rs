@@ -142,12 +142,7 @@ main = true
             ))
             .unwrap();
     }
-    for r in many_tcp_whoami(
-        lab.host(0),
-        TCP_WHOAMI2,
-        50,
-        8,
-    ) {
+    for r in many_tcp_whoami(lab.host(0), TCP_WHOAMI2, 50, 8) {
         assert_eq!(lab.wan_of(*r.unwrap().ip()), Some(1));
     }
     let flows = mwan.flows(&["--wan", "main"]);

@@ -7,11 +7,11 @@ use std::fmt::Write as _;
 
 use super::busy::{Busy, GOAL};
 use super::busy_report;
-use super::loaded_table;
 use super::cost_table::profile_of;
 use super::dns::DnsRelay;
 use super::forwarding::{Forwarding, Samples};
 use super::forwarding6::{Forwarding6, Variant6};
+use super::loaded_table;
 use super::report::{dns_added_median, dns_ratio, med, Results};
 use super::stats::{percentile, ratios, summary, Summary};
 use super::variants::{Variant, LOADED};
@@ -40,7 +40,10 @@ fn dist(s: Summary) -> String {
 type Test = fn(&Samples) -> &Vec<f64>;
 
 fn ratio_to(f: &Forwarding, v: Variant, base: Variant, test: Test) -> Summary {
-    summary(&ratios(test(&f.samples[v.index()]), test(&f.samples[base.index()])))
+    summary(&ratios(
+        test(&f.samples[v.index()]),
+        test(&f.samples[base.index()]),
+    ))
 }
 
 /// What the ip rules cost by themselves in this run, for the goals that
@@ -137,7 +140,12 @@ fn forwarding_goals(f: &Forwarding, out: &mut Vec<Goal>) {
     for v in LOADED.iter().filter(|v| f.params.loaded.contains(v)) {
         let points = |test: Test| {
             let s = |v: Variant| test(&f.samples[v.index()]);
-            summary(&loaded_table::points(s(*v), s(Variant::Mwan), s(Variant::Plain))).median
+            summary(&loaded_table::points(
+                s(*v),
+                s(Variant::Mwan),
+                s(Variant::Plain),
+            ))
+            .median
         };
         let (t, u, c) = (points(tcp), points(udp), points(cps));
         out.push(Goal {
@@ -277,7 +285,10 @@ fn busy_goals(b: &Busy, out: &mut Vec<Goal>) {
         left: String::new(),
     });
     out.push(Goal {
-        goal: format!("… all its conntrack entries gone within {} s", GOAL.as_secs()),
+        goal: format!(
+            "… all its conntrack entries gone within {} s",
+            GOAL.as_secs()
+        ),
         figure: busy_report::worst_gone(b),
         met: busy_report::goal_met(b),
         left: String::new(),
@@ -318,7 +329,10 @@ pub fn markdown(o: &mut String, r: &Results) {
         "What issue 18 asked of the datapath, against this run's figures (medians over the \
          rounds, range in brackets). The per-component table it asked for is section 1c.\n"
     );
-    let _ = writeln!(o, "| goal | this run | | what is left, and why |\n|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| goal | this run | | what is left, and why |\n|---|---|---|---|"
+    );
     for g in goals {
         let (mark, left) = if g.met {
             ("met", String::new())
